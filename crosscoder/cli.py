@@ -1,0 +1,157 @@
+"""The ``crosscoder`` command line: the only place that parses arguments.
+
+Subcommands share one shape: ``--config FILE.toml``, ``--run DIR`` (default ``runs/<config name>``)
+and dotted overrides of any config key (``--train.k 64`` or ``--train.k=64``). ``crosscoder run``
+with no arguments runs the embedded default configuration end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+from .config import ConfigError, RunConfig, apply_overrides, describe, load_config
+
+
+def _split_overrides(rest: list[str]) -> list[tuple[str, str]]:
+    out, i = [], 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --train.k 64")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(rest):
+                raise ConfigError(f"override {arg} needs a value")
+            key, value = arg[2:], rest[i + 1]
+            i += 2
+        out.append((key, value))
+    return out
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("crosscoder") / "configs" / "default.toml"))
+
+
+def resolve(args, rest) -> tuple[RunConfig, Path]:
+    path = args.config or (default_config_path() if args.command == "run" else None)
+    cfg = load_config(path)
+    apply_overrides(cfg, _split_overrides(rest))
+    run_dir = Path(args.run) if args.run else Path("runs") / cfg.name
+    return cfg, run_dir
+
+
+def cmd_synthetic(cfg: RunConfig, run_dir: Path, args) -> int:
+    from .synthetic import write_synthetic
+
+    output = args.output or cfg.synthetic.output or str(run_dir / "shards")
+    manifest = write_synthetic(cfg.synthetic, output)
+    print(f"wrote {len(manifest.shards)} shards, {manifest.tokens} tokens, to {output}")
+    return 0
+
+
+def training_data(cfg: RunConfig, run_dir: Path, override: str | None) -> str:
+    return override or cfg.train.data or cfg.harvest.output or cfg.synthetic.output or str(run_dir / "shards")
+
+
+def cmd_train(cfg: RunConfig, run_dir: Path, args) -> int:
+    from .trainer import train
+
+    data = training_data(cfg, run_dir, args.data)
+    result = train(cfg, run_dir, data=data, progress=not args.quiet)
+    _summary(result)
+    return 0
+
+
+def _summary(result) -> None:
+    m = result.last_metrics
+    if m:
+        fve = ", ".join(f"{k} {v:.3f}" for k, v in m["fve"].items())
+        print(f"step {result.steps}: loss {m['loss']['total']:.4g}, FVE {fve}, L0 {m['l0']:.1f}, "
+              f"dead {m['dead_fraction']:.1%}")
+    if result.export_dir:
+        print(f"crosscoder exported to {result.export_dir} (load with CrossCoder.from_pretrained)")
+
+
+def cmd_run(cfg: RunConfig, run_dir: Path, args) -> int:
+    from .shards import read_manifest
+    from .storage import Root
+    from .synthetic import write_synthetic
+    from .trainer import train
+
+    if cfg.harvest.models:
+        raise ConfigError("harvesting from models is not available in this version; use [synthetic] data")
+    data = training_data(cfg, run_dir, getattr(args, "data", None))
+    try:
+        manifest = read_manifest(Root(data))
+        print(f"shards: {data} already complete ({len(manifest.shards)} shards), skipping generation")
+    except Exception:  # noqa: BLE001 - any unreadable dataset is regenerated from the config
+        print(f"shards: writing planted synthetic activations to {data}")
+        write_synthetic(cfg.synthetic, data)
+    result = train(cfg, run_dir, data=data, progress=not args.quiet)
+    _summary(result)
+    print(f"run directory: {run_dir.absolute()}")
+    return 0
+
+
+COMMANDS = {
+    "synthetic": (cmd_synthetic, "write planted-truth synthetic shards"),
+    "train": (cmd_train, "train a crosscoder on a shard root"),
+    "run": (cmd_run, "every stage in order; with no arguments, the embedded default"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crosscoder",
+        description="Train sparse crosscoders for model diffing and cross-layer features.",
+        epilog="Any config key can be overridden: --train.k 64, --synthetic.tokens=100000. "
+        "'crosscoder keys' lists them all.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", help="TOML config file (default for `run`: the embedded default)")
+        p.add_argument("--run", help="run directory (default runs/<config name>)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name in ("train", "run"):
+            p.add_argument("--data", help="shard root (path, file://… or s3://…), overriding the config")
+        if name == "synthetic":
+            p.add_argument("--output", help="shard root to write (default: synthetic.output or <run>/shards)")
+    sub.add_parser("keys", help="list every config key with its default and meaning")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "keys":
+        for key, default, help_text in describe(RunConfig):
+            print(f"{key:32s} {default:24s} {help_text}")
+        return 0
+    try:
+        cfg, run_dir = resolve(args, rest)
+        return COMMANDS[args.command][0](cfg, run_dir, args)
+    except ConfigError as e:
+        print(f"crosscoder: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("crosscoder: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one clear line for expected failures
+        from .shards import ShardError
+        from .storage import StorageError
+        from .trainer import RunDirError, TrainingDiverged
+
+        if isinstance(e, (ShardError, StorageError, RunDirError, TrainingDiverged, FileNotFoundError)):
+            print(f"crosscoder: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Dead-latent tracking: a latent is dead when it fired on none of the last N tokens.
+
+The tracker keeps, per latent, the number of tokens seen since it last fired. The caller passes
+the batch's *global* fired mask and token count: in a data-parallel run the mask must be OR-ed
+across ranks before the update (a latent that fired on any rank is alive everywhere), otherwise
+each rank would revive, through AuxK, latents another rank saw firing. Keeping that reduction in
+the caller keeps this class free of any communication.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class DeadLatentTracker:
+    def __init__(self, shape: tuple[int, ...], window_tokens: int):
+        if window_tokens <= 0:
+            raise ValueError(f"dead-latent window must be positive, got {window_tokens}")
+        self.window = int(window_tokens)
+        self.tokens_since_fired = torch.zeros(shape, dtype=torch.long)
+
+    def update(self, fired: Tensor, n_tokens: int) -> None:
+        """``fired``: bool mask of latents that fired at least once in the batch; ``n_tokens``: its size."""
+        self.tokens_since_fired += int(n_tokens)
+        self.tokens_since_fired[fired.to(self.tokens_since_fired.device)] = 0
+
+    @property
+    def dead(self) -> Tensor:
+        return self.tokens_since_fired >= self.window
+
+    def dead_fraction(self) -> float:
+        return float(self.dead.float().mean())
+
+    def state_dict(self) -> dict:
+        return {"window": self.window, "tokens_since_fired": self.tokens_since_fired.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state["tokens_since_fired"].shape) != tuple(self.tokens_since_fired.shape):
+            raise ValueError(
+                f"dead-latent state has shape {tuple(state['tokens_since_fired'].shape)}, "
+                f"expected {tuple(self.tokens_since_fired.shape)}"
+            )
+        self.tokens_since_fired = state["tokens_since_fired"].clone()

@@ -1,0 +1,105 @@
+"""Loss terms of crosscoder training: reconstruction, decoder-norm-weighted L1, AuxK, alignment.
+
+Each term is a small function of the model's :class:`ForwardOutput`, so the trainer (one process or
+many) composes them and logs every term by name. Conventions:
+
+- reconstruction: squared error summed over all sources' dimensions, mean over tokens (the sum
+  over sources of ``‖x_s − x̂_s‖²``, as in Lindsey et al.);
+- L1 (``relu`` only): ``Σ_g Σ_i f_gi · w_gi``, mean over tokens, with ``w`` the latent's decoder norm
+  summed over the sources it decodes to; its coefficient warms up linearly from 0;
+- AuxK (Gao et al. 2024): the latents that are dead (per the tracker) try to reconstruct the
+  residual ``e = x − x̂`` with their own top ``k_aux`` per token; the squared error is normalised by
+  the residual's variance and scaled by ``min(#dead / k_aux, 1)``; exactly zero with nothing dead;
+- alignment (``aligned`` only): the mean over source pairs of ``‖f_s − f_t‖²``, raw (``mse``) or
+  divided by ``(‖f_s‖² + ‖f_t‖²)/2`` (``normalized``), which a shrinking code cannot game.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .model import CrossCoder, ForwardOutput
+
+
+@dataclass
+class LossWeights:
+    l1: float = 0.0
+    aux: float = 0.0
+    aux_k: int = 1
+    align: float = 0.0
+    align_loss: str = "normalized"
+
+
+def reconstruction_loss(x: Tensor, x_hat: Tensor) -> Tensor:
+    return (x_hat - x).pow(2).sum(-1).mean()
+
+
+def l1_penalty(out: ForwardOutput) -> Tensor:
+    return (out.f * out.weights).sum(dim=(1, 2)).mean()
+
+
+def auxk_loss(model: CrossCoder, x: Tensor, out: ForwardOutput, dead: Tensor, k_aux: int) -> Tensor:
+    """AuxK loss; ``dead`` is a bool [G, L] mask of this model's (local) latents."""
+    total_dead = int(model.selection.sum_count(dead.sum().to(torch.long)))
+    if total_dead == 0:
+        return x.new_zeros(())
+    spec = model.spec
+    residual = (x - out.x_hat).detach()
+    losses = []
+    for g in range(spec.groups):
+        dead_g = dead[g]
+        n_dead = int(model.selection.sum_count(dead_g.sum().to(torch.long)))
+        target = residual if spec.arch == "acausal" else residual[:, spec.slices[g]]
+        if n_dead == 0:
+            continue
+        k = min(k_aux, n_dead)
+        pre = out.pre[:, g]
+        candidates = torch.where(dead_g, pre, torch.full_like(pre, -torch.inf))
+        kth = model.selection.kth_largest_rows(candidates, k)
+        acts = pre.relu() * ((candidates >= kth) & dead_g)
+        e_hat = model.decode_group(acts, None if spec.arch == "acausal" else g, bias=False)
+        variance = (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+        losses.append(min(n_dead / k_aux, 1.0) * (e_hat - target).pow(2).sum() / variance)
+    return torch.stack(losses).sum() if losses else x.new_zeros(())
+
+
+def alignment_loss(f: Tensor, kind: str = "normalized") -> Tensor:
+    """Mean over source pairs s<t of the distance between their codes; f is [B, S, L]."""
+    S = f.shape[1]
+    if S < 2:
+        return f.new_zeros(())
+    terms = []
+    for s in range(S):
+        for t in range(s + 1, S):
+            diff = (f[:, s] - f[:, t]).pow(2).sum()
+            if kind == "normalized":
+                diff = diff / ((f[:, s].pow(2).sum() + f[:, t].pow(2).sum()) / 2).clamp_min(1e-12)
+            elif kind == "mse":
+                diff = diff / f.shape[0]
+            else:
+                raise ValueError(f"align_loss must be mse or normalized, got {kind!r}")
+            terms.append(diff)
+    return torch.stack(terms).mean()
+
+
+def total_loss(
+    model: CrossCoder, x: Tensor, out: ForwardOutput, dead: Tensor | None, w: LossWeights
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The training objective and each of its terms (detached, for logging)."""
+    terms = {"mse": reconstruction_loss(x, out.x_hat)}
+    loss = terms["mse"]
+    if model.spec.activation == "relu":
+        terms["l1"] = l1_penalty(out)
+        loss = loss + w.l1 * terms["l1"]
+    if w.aux > 0 and dead is not None:
+        terms["auxk"] = auxk_loss(model, x, out, dead, w.aux_k)
+        loss = loss + w.aux * terms["auxk"]
+    if model.spec.arch == "aligned":
+        terms["align"] = alignment_loss(out.f, w.align_loss)
+        loss = loss + w.align * terms["align"]
+    terms = {k: v.detach() for k, v in terms.items()}
+    terms["total"] = loss.detach()
+    return loss, terms

@@ -1,0 +1,341 @@
+"""The crosscoder: per-source encoders and decoders around one (or, aligned, several) latent spaces.
+
+A *source* is one (model, hook point) pair with its own width ``d_s``; a token's input is the
+concatenation ``x = [x_1; …; x_S]`` of width ``D = Σ d_s``. Parameters are held concatenated,
+``W_enc`` [D, L] and ``W_dec`` [L, D], so the acausal encoder is one ``x @ W_enc`` matmul and the
+per-source views (``W_enc[s]`` = rows ``off_s:off_s+d_s``, ``W_dec[s]`` = the same columns) cost
+nothing. Sources of different widths (models of one family at different sizes) need no padding.
+
+Two architectures share that storage:
+
+- ``acausal`` (Lindsey et al. 2024): ``f = σ(Σ_s x_s W_enc[s] + b_enc)``, ``x̂_s = f W_dec[s] + b_dec[s]``;
+- ``aligned``: every source has its own latents ``f_s = σ(x_s W_enc[s] + b_enc[s])`` and decodes
+  ``x̂_s = f_s W_dec[s] + b_dec[s]``; an alignment loss (losses.py) pulls the ``f_s`` together so
+  that ``D_t(f_s)`` (:meth:`CrossCoder.cross_reconstruct`) maps one source to another.
+
+Internally latents carry a *group* axis: activations are [B, G, L] with G = 1 (acausal) or S
+(aligned), so the sparsity rules, the AuxK loss and the dead-latent tracker have one code path.
+
+Initialisation, as the literature found to matter: each latent's decoder row is a random
+direction per source with norm ``dec_init_norm`` (Anthropic's crosscoder and TopK SAE work start
+decoders small and equal across sources, so no source is preferred at step 0; equal norms put
+every latent at relative norm 0.5), and the encoder is the decoder's transpose (Gao et al. 2024:
+it avoids early dead latents). ``b_enc`` = 0; ``b_dec`` is set by the trainer to the mean of the
+first batch.
+
+The model trains on normalised inputs (each source scaled so ``E‖x_s‖ = √d_s``);
+:meth:`CrossCoder.save_pretrained` folds the scales into the weights, so an export works on raw
+activations, and its BatchTopK thresholds are per latent, on ``f``, which the folding leaves unchanged.
+
+Nothing here imports Ray, DeepSpeed or torch.distributed: a latent-parallel trainer builds the
+model with ``latent_range`` (its slice of the dictionary) and swaps :attr:`CrossCoder.selection`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .sparsity import ACTIVATIONS, LOCAL, Selection, batchtopk_mask, scores, threshold_mask, topk_mask
+
+ARCHITECTURES = ("acausal", "aligned")
+
+
+@dataclass
+class CrossCoderSpec:
+    """What defines a crosscoder's shape and rule; stored as ``config.json`` beside the weights."""
+
+    sources: list[str]
+    widths: list[int]
+    latents: int
+    arch: str = "acausal"
+    activation: str = "batchtopk"
+    k: int = 32
+    norm_scale: list[float] = field(default_factory=list)
+
+    def __post_init__(self):
+        if len(self.sources) != len(self.widths) or not self.sources:
+            raise ValueError(f"need one width per source, got sources={self.sources} widths={self.widths}")
+        if len(set(self.sources)) != len(self.sources):
+            raise ValueError(f"source names must be unique: {self.sources}")
+        if any(int(w) <= 0 for w in self.widths):
+            raise ValueError(f"source widths must be positive: {self.widths}")
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.latents <= 0:
+            raise ValueError(f"latents must be positive, got {self.latents}")
+        if self.activation in ("topk", "batchtopk") and not 0 < self.k <= self.latents:
+            raise ValueError(f"k must be in 1..latents ({self.latents}), got {self.k}")
+        if self.norm_scale and len(self.norm_scale) != len(self.sources):
+            raise ValueError(f"need one norm_scale per source, got {self.norm_scale}")
+        self.widths = [int(w) for w in self.widths]
+
+    @property
+    def n_sources(self) -> int:
+        return len(self.sources)
+
+    @property
+    def width(self) -> int:
+        return sum(self.widths)
+
+    @property
+    def groups(self) -> int:
+        return 1 if self.arch == "acausal" else self.n_sources
+
+    @property
+    def slices(self) -> list[slice]:
+        out, start = [], 0
+        for w in self.widths:
+            out.append(slice(start, start + w))
+            start += w
+        return out
+
+
+@dataclass
+class ForwardOutput:
+    pre: Tensor  # [B, G, L] pre-activations
+    f: Tensor  # [B, G, L] latent activations (sparse)
+    x_hat: Tensor  # [B, D] reconstruction
+    weights: Tensor  # [G, L] decoder norms used for selection and L1
+    batch_threshold: Tensor | None  # [G] k·B-th score of the batch (batchtopk, training)
+
+
+def init_parameters(spec: CrossCoderSpec, seed: int, dec_init_norm: float, lo: int, hi: int, chunk: int = 65536):
+    """Decoder rows ``lo:hi`` of the full dictionary, as a full run with ``seed`` would make them.
+
+    Rows are generated in fixed chunks from one generator, so a latent shard gets exactly the rows a
+    single process would (what makes latent-parallel and single-process runs comparable), while
+    holding only its own rows.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for start in range(0, hi, chunk):
+        stop = min(start + chunk, spec.latents)
+        block = torch.randn(stop - start, spec.width, generator=gen)
+        if stop <= lo:
+            continue
+        rows.append(block[max(lo - start, 0) : hi - start])
+    W_dec = torch.cat(rows) if rows else torch.empty(0, spec.width)
+    for sl in spec.slices:
+        W_dec[:, sl] *= dec_init_norm / W_dec[:, sl].norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return W_dec
+
+
+class CrossCoder(nn.Module):
+    def __init__(
+        self,
+        spec: CrossCoderSpec,
+        seed: int = 0,
+        dec_init_norm: float = 0.1,
+        latent_range: tuple[int, int] | None = None,
+    ):
+        super().__init__()
+        self.spec = spec
+        lo, hi = latent_range or (0, spec.latents)
+        if not 0 <= lo < hi <= spec.latents:
+            raise ValueError(f"latent_range {latent_range} outside 0..{spec.latents}")
+        self.latent_range = (lo, hi)
+        n = hi - lo
+        W_dec = init_parameters(spec, seed, dec_init_norm, lo, hi)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.t().contiguous())
+        self.b_enc = nn.Parameter(torch.zeros(spec.groups, n))
+        self.b_dec = nn.Parameter(torch.zeros(spec.width))
+        # BatchTopK inference threshold, per latent, in units of f (invariant to normalisation folding)
+        self.register_buffer("threshold", torch.zeros(spec.groups, n))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
+        self.selection: Selection = LOCAL
+
+    # ----------------------------------------------------------------------------------------
+    # pieces
+
+    @property
+    def n_latents(self) -> int:
+        return self.W_dec.shape[0]
+
+    def decoder_norms(self) -> Tensor:
+        """‖W_dec[s][i]‖ for every source s and (local) latent i: [S, L]."""
+        return torch.stack([self.W_dec[:, sl].norm(dim=1) for sl in self.spec.slices])
+
+    def selection_weights(self, norms: Tensor | None = None) -> Tensor:
+        """[G, L]: per latent, the decoder norm summed over the sources it decodes to."""
+        norms = self.decoder_norms() if norms is None else norms
+        return norms.sum(0, keepdim=True) if self.spec.arch == "acausal" else norms
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """[B, D] → [B, G, L]."""
+        if self.spec.arch == "acausal":
+            return (x @ self.W_enc + self.b_enc[0]).unsqueeze(1)
+        return torch.stack(
+            [x[:, sl] @ self.W_enc[sl] + self.b_enc[s] for s, sl in enumerate(self.spec.slices)], dim=1
+        )
+
+    def activate(self, pre: Tensor, weights: Tensor, training: bool) -> tuple[Tensor, Tensor | None]:
+        """Apply the sparsity rule; training BatchTopK selects over the batch, inference thresholds."""
+        act = self.spec.activation
+        if act == "relu":
+            return pre.relu(), None
+        if act == "topk":
+            return pre.relu() * topk_mask(scores(pre, weights), self.spec.k, self.selection), None
+        if training:
+            mask, kth = batchtopk_mask(scores(pre, weights), self.spec.k, self.selection)
+            return pre.relu() * mask, kth
+        return pre.relu() * threshold_mask(pre, self.threshold), None
+
+    def decode_group(self, f_g: Tensor, target: int | None = None, bias: bool = True) -> Tensor:
+        """Decode one group's activations [B, L] into source ``target`` (None: all sources)."""
+        if target is None:
+            out = self.selection.sum_partial(f_g @ self.W_dec)
+            return out + self.b_dec if bias else out
+        sl = self.spec.slices[target]
+        out = self.selection.sum_partial(f_g @ self.W_dec[:, sl])
+        return out + self.b_dec[sl] if bias else out
+
+    def decode(self, f: Tensor) -> Tensor:
+        """[B, G, L] → [B, D]."""
+        if self.spec.arch == "acausal":
+            return self.decode_group(f[:, 0])
+        return torch.cat([self.decode_group(f[:, s], s) for s in range(self.spec.n_sources)], dim=1)
+
+    # ----------------------------------------------------------------------------------------
+    # public API
+
+    def forward(self, x: Tensor) -> ForwardOutput:
+        weights = self.selection_weights()
+        pre = self.pre_activations(x)
+        f, kth = self.activate(pre, weights, self.training)
+        return ForwardOutput(pre=pre, f=f, x_hat=self.decode(f), weights=weights, batch_threshold=kth)
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """Latent activations [B, G, L] at inference: BatchTopK uses its threshold, so a token's code
+        does not depend on the rest of its batch."""
+        pre = self.pre_activations(x)
+        f, _ = self.activate(pre, self.selection_weights(), training=False)
+        return f
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    @torch.no_grad()
+    def cross_reconstruct(self, x: Tensor, source: int, target: int) -> Tensor:
+        """Aligned: ``D_target(E_source(x_source))`` [B, d_target]; acausal: decode the shared code."""
+        f = self.encode(x)
+        g = 0 if self.spec.arch == "acausal" else source
+        return self.decode_group(f[:, g], target)
+
+    @torch.no_grad()
+    def update_threshold(self, batch_threshold: Tensor, weights: Tensor, momentum: float) -> None:
+        """Average the batch's k·B-th score into the per-latent inference threshold on f.
+
+        A latent fires in training when ``f_i · w_i ≥ kth``, i.e. ``f_i ≥ kth / w_i``; the running
+        mean of that quantity is the threshold :meth:`encode` uses.
+        """
+        current = batch_threshold.view(-1, 1) / weights.clamp_min(1e-12)
+        if int(self.threshold_updates) == 0:
+            self.threshold.copy_(current)
+        else:
+            self.threshold.mul_(momentum).add_(current, alpha=1 - momentum)
+        self.threshold_updates += 1
+
+    # ----------------------------------------------------------------------------------------
+    # export
+
+    def export_tensors(self, norm_scale: list[float] | None = None) -> dict[str, Tensor]:
+        """Named tensors of DESIGN.md's export, normalisation folded in (raw activation units)."""
+        scale = norm_scale or [1.0] * self.spec.n_sources
+        out: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for s, (name, sl) in enumerate(zip(self.spec.sources, self.spec.slices)):
+                c = float(scale[s])
+                out[f"W_enc.{name}"] = (self.W_enc[sl] * c).contiguous()
+                out[f"W_dec.{name}"] = (self.W_dec[:, sl] / c).contiguous()
+                out[f"b_dec.{name}"] = (self.b_dec[sl] / c).contiguous()
+                if self.spec.arch == "aligned":
+                    out[f"b_enc.{name}"] = self.b_enc[s].clone()
+                    out[f"threshold.{name}"] = self.threshold[s].clone()
+            if self.spec.arch == "acausal":
+                out["b_enc"] = self.b_enc[0].clone()
+                out["threshold"] = self.threshold[0].clone()
+        return {k: v.detach().float().cpu() for k, v in out.items()}
+
+    def save_pretrained(self, directory: str | Path, norm_scale: list[float] | None = None, extra: dict | None = None):
+        """Write ``model.safetensors`` and ``config.json``; only meaningful for the full dictionary."""
+        if self.latent_range != (0, self.spec.latents):
+            raise ValueError("save_pretrained needs the full dictionary; gather the latent shards first")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        scale = list(norm_scale or self.spec.norm_scale or [1.0] * self.spec.n_sources)
+        save_file(self.export_tensors(scale), str(directory / "model.safetensors"))
+        config = asdict(self.spec) | {"norm_scale": scale, "normalization_folded": True, "format_version": 1}
+        config |= extra or {}
+        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    @classmethod
+    def from_tensors(cls, spec: CrossCoderSpec, tensors: dict[str, Tensor]) -> "CrossCoder":
+        missing = set(export_names(spec)) - set(tensors)
+        if missing:
+            raise ValueError(f"export is missing tensors: {sorted(missing)}")
+        model = cls(spec, dec_init_norm=1.0)
+        with torch.no_grad():
+            for s, (name, sl) in enumerate(zip(spec.sources, spec.slices)):
+                model.W_enc[sl] = _checked(tensors, f"W_enc.{name}", (spec.widths[s], spec.latents))
+                model.W_dec[:, sl] = _checked(tensors, f"W_dec.{name}", (spec.latents, spec.widths[s]))
+                model.b_dec[sl] = _checked(tensors, f"b_dec.{name}", (spec.widths[s],))
+                if spec.arch == "aligned":
+                    model.b_enc[s] = _checked(tensors, f"b_enc.{name}", (spec.latents,))
+                    model.threshold[s] = _checked(tensors, f"threshold.{name}", (spec.latents,))
+            if spec.arch == "acausal":
+                model.b_enc[0] = _checked(tensors, "b_enc", (spec.latents,))
+                model.threshold[0] = _checked(tensors, "threshold", (spec.latents,))
+            model.threshold_updates.fill_(1)
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "CrossCoder":
+        """Load an export (``<run>/crosscoder``); it works on raw activations (scales folded in)."""
+        directory = Path(directory)
+        config_path, weights_path = directory / "config.json", directory / "model.safetensors"
+        for p in (config_path, weights_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"not a crosscoder export: {p} is missing")
+        config = json.loads(config_path.read_text())
+        fields = {k: config[k] for k in ("sources", "widths", "latents", "arch", "activation", "k") if k in config}
+        spec = CrossCoderSpec(**fields, norm_scale=config.get("norm_scale", []))
+        model = cls.from_tensors(spec, load_file(str(weights_path)))
+        model.export_config = config
+        return model
+
+
+def export_names(spec: CrossCoderSpec) -> list[str]:
+    """Tensor names of an export (DESIGN.md, "What a run leaves behind")."""
+    names = [f"{kind}.{src}" for src in spec.sources for kind in ("W_enc", "W_dec", "b_dec")]
+    if spec.arch == "aligned":
+        return names + [f"{kind}.{src}" for src in spec.sources for kind in ("b_enc", "threshold")]
+    return names + ["b_enc", "threshold"]
+
+
+def _checked(tensors: dict[str, Tensor], name: str, shape: tuple[int, ...]) -> Tensor:
+    t = tensors[name]
+    if tuple(t.shape) != shape:
+        raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+    return t
+
+
+def parameter_count(spec: CrossCoderSpec) -> int:
+    return 2 * spec.width * spec.latents + spec.groups * spec.latents + spec.width
+
+
+def default_aux_k(spec: CrossCoderSpec) -> int:
+    """Half the input width a group decodes to, as in Gao et al. 2024's AuxK."""
+    width = spec.width if spec.arch == "acausal" else max(spec.widths)
+    return max(1, math.ceil(width / 2))

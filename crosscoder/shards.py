@@ -1,0 +1,318 @@
+"""Activation shards: the contract between harvest and training (DESIGN.md, "Shards").
+
+A dataset root holds ``manifest.json`` and webdataset tar files ``shard-NNNNNN.tar``. One sample is
+one chunk of one document, stored as three members that share a key: ``<key>.tokens.npy`` (int32
+[T]), ``<key>.acts.npy`` ([T, D], the sources concatenated in manifest order, dtype from the
+manifest) and ``<key>.json``. Any webdataset reader can read them; this module writes and reads
+them with the standard library's ``tarfile`` so that:
+
+- the bytes are a pure function of the content (fixed mtime, owner and mode; sorted JSON), which
+  makes a retried or resumed harvest write the same shard, checkable by the manifest's sha256;
+- a shard is read whole and hashed before it is parsed, so a truncated or corrupt shard is
+  reported by name and never half-trained-on. The cost is holding one shard in memory while it
+  is decoded (shards are ~100–300 MB by design).
+
+Pure numpy: no torch, so harvest writers and other tools can use it without the training stack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from .storage import Root
+
+FORMAT = "crosscoder-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+STORABLE_DTYPES = ("float16", "float32")
+
+
+class ShardError(ValueError):
+    """A dataset or shard is invalid; the message names the root, shard or field at fault."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+@dataclass
+class SourceInfo:
+    name: str
+    d: int
+    model: str = ""
+    revision: str | None = None
+    hook: str = ""
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    samples: int
+    tokens: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    sources: list[SourceInfo]
+    dtype: str = "float16"
+    seq_len: int = 0
+    tokenizer: str = ""
+    norm_scale: list[float] = field(default_factory=list)
+    shards: list[ShardInfo] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # any further keys, kept on rewrite
+
+    @property
+    def width(self) -> int:
+        return sum(s.d for s in self.sources)
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+    def to_json(self) -> str:
+        data = {"format": FORMAT, "version": VERSION}
+        data |= {
+            "sources": [asdict(s) for s in self.sources],
+            "dtype": self.dtype,
+            "seq_len": self.seq_len,
+            "tokenizer": self.tokenizer,
+            "norm_scale": list(self.norm_scale),
+            "shards": [asdict(s) for s in self.shards],
+        }
+        data |= self.extra
+        return json.dumps(data, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = MANIFEST) -> "Manifest":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ShardError(f"{where}: not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ShardError(f"{where}: expected a JSON object")
+        if data.get("format") != FORMAT:
+            raise ShardError(f"{where}: field 'format' is {data.get('format')!r}, expected {FORMAT!r}")
+        if data.get("version") != VERSION:
+            raise ShardError(f"{where}: field 'version' is {data.get('version')!r}, this code reads {VERSION}")
+        for key in ("sources", "dtype", "norm_scale", "shards"):
+            if key not in data:
+                raise ShardError(f"{where}: missing field {key!r}")
+        try:
+            sources = [SourceInfo(**s) for s in data["sources"]]
+            shards = [ShardInfo(**s) for s in data["shards"]]
+        except TypeError as e:
+            raise ShardError(f"{where}: malformed 'sources' or 'shards' entry: {e}") from None
+        if not sources:
+            raise ShardError(f"{where}: field 'sources' is empty")
+        if data["dtype"] not in STORABLE_DTYPES:
+            raise ShardError(f"{where}: field 'dtype' is {data['dtype']!r}, expected one of {STORABLE_DTYPES}")
+        if data["norm_scale"] and len(data["norm_scale"]) != len(sources):
+            raise ShardError(
+                f"{where}: field 'norm_scale' has {len(data['norm_scale'])} entries for {len(sources)} sources"
+            )
+        known = {"format", "version", "sources", "dtype", "seq_len", "tokenizer", "norm_scale", "shards"}
+        return cls(
+            sources=sources,
+            dtype=data["dtype"],
+            seq_len=int(data.get("seq_len", 0)),
+            tokenizer=data.get("tokenizer", ""),
+            norm_scale=[float(v) for v in data["norm_scale"]],
+            shards=shards,
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+
+
+def read_manifest(root: Root) -> Manifest:
+    try:
+        text = root.read_bytes(MANIFEST).decode()
+    except FileNotFoundError:
+        raise ShardError(f"{root.url}: no {MANIFEST} (not a shard dataset, or the harvest has not finished)") from None
+    return Manifest.from_json(text, where=root.url_of(MANIFEST))
+
+
+def write_manifest(root: Root, manifest: Manifest) -> None:
+    root.write_bytes(MANIFEST, manifest.to_json().encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+class _HashingFile(io.RawIOBase):
+    def __init__(self, fh):
+        self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        self.sha.update(b)
+        self.size += len(b)
+        return self.fh.write(b)
+
+
+class ShardWriter:
+    """Write one shard to a local temporary file, then commit it to the root atomically."""
+
+    def __init__(self, root: Root, name: str, width: int, dtype: str = "float16", tmp_dir: str | None = None):
+        if dtype not in STORABLE_DTYPES:
+            raise ShardError(f"{name}: dtype {dtype!r} cannot be stored; use one of {STORABLE_DTYPES}")
+        self.root, self.name, self.width, self.dtype = root, name, width, np.dtype(dtype)
+        fd, self.tmp_path = tempfile.mkstemp(prefix=f"{name}.", suffix=".part", dir=tmp_dir)
+        self._fh = os.fdopen(fd, "wb")
+        self._hashing = _HashingFile(self._fh)
+        self._tar = tarfile.open(fileobj=self._hashing, mode="w|", format=tarfile.GNU_FORMAT)
+        self.samples = 0
+        self.tokens = 0
+        self._keys: set[str] = set()
+
+    def _add(self, member: str, data: bytes) -> None:
+        info = tarfile.TarInfo(member)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def add(self, key: str, tokens: np.ndarray, acts: np.ndarray, meta: dict | None = None) -> None:
+        if "." in key or "/" in key:
+            raise ShardError(f"{self.name}: sample key {key!r} may not contain '.' or '/'")
+        if key in self._keys:
+            raise ShardError(f"{self.name}: duplicate sample key {key!r}")
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1:
+            raise ShardError(f"{self.name}/{key}: tokens must be 1-D, got shape {tokens.shape}")
+        if acts.ndim != 2 or acts.shape != (tokens.shape[0], self.width):
+            raise ShardError(
+                f"{self.name}/{key}: acts must be [T={tokens.shape[0]}, D={self.width}], got {acts.shape}"
+            )
+        self._keys.add(key)
+        self._add(f"{key}.tokens.npy", _npy_bytes(tokens.astype(np.int32, copy=False)))
+        self._add(f"{key}.acts.npy", _npy_bytes(acts.astype(self.dtype, copy=False)))
+        self._add(f"{key}.json", json.dumps(meta or {}, sort_keys=True).encode())
+        self.samples += 1
+        self.tokens += int(tokens.shape[0])
+
+    def commit(self) -> ShardInfo:
+        self._tar.close()
+        self._fh.close()
+        info = ShardInfo(self.name, self.samples, self.tokens, self._hashing.size, self._hashing.sha.hexdigest())
+        self.root.commit_file(self.tmp_path, self.name)
+        return info
+
+    def abort(self) -> None:
+        try:
+            self._tar.close()
+            self._fh.close()
+        finally:
+            if os.path.exists(self.tmp_path):
+                os.unlink(self.tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+@dataclass
+class Sample:
+    key: str
+    tokens: np.ndarray  # int32 [T]
+    acts: np.ndarray  # [T, D]
+    meta: dict
+
+
+def read_shard(root: Root, info: ShardInfo, manifest: Manifest, verify: bool = True) -> list[Sample]:
+    """Read and validate one whole shard; every problem raises ShardError naming the shard."""
+    where = root.url_of(info.name)
+    try:
+        data = root.read_bytes(info.name)
+    except FileNotFoundError:
+        raise ShardError(f"{where}: listed in the manifest but missing") from None
+    if verify:
+        if len(data) != info.bytes:
+            raise ShardError(f"{where}: {len(data)} bytes, manifest says {info.bytes} (truncated or rewritten)")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != info.sha256:
+            raise ShardError(f"{where}: sha256 {digest[:12]}… does not match the manifest's {info.sha256[:12]}…")
+    samples = parse_shard(data, manifest, where)
+    if len(samples) != info.samples:
+        raise ShardError(f"{where}: {len(samples)} samples, manifest says {info.samples}")
+    return samples
+
+
+def parse_shard(data: bytes, manifest: Manifest, where: str) -> list[Sample]:
+    members: dict[str, dict[str, bytes]] = {}
+    order: list[str] = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                if key not in members:
+                    members[key] = {}
+                    order.append(key)
+                members[key][ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ShardError(f"{where}: truncated or corrupt tar: {e}") from None
+    expected_dtype = np.dtype(manifest.dtype)
+    out = []
+    for key in order:
+        parts = members[key]
+        for ext in ("tokens.npy", "acts.npy", "json"):
+            if ext not in parts:
+                raise ShardError(f"{where}: sample {key!r} has no {ext} (truncated or corrupt shard)")
+        try:
+            tokens = np.load(io.BytesIO(parts["tokens.npy"]), allow_pickle=False)
+            acts = np.load(io.BytesIO(parts["acts.npy"]), allow_pickle=False)
+            meta = json.loads(parts["json"])
+        except (ValueError, EOFError, json.JSONDecodeError) as e:
+            raise ShardError(f"{where}: sample {key!r} cannot be decoded: {e}") from None
+        if acts.dtype != expected_dtype:
+            raise ShardError(f"{where}: sample {key!r} acts dtype {acts.dtype}, manifest says {manifest.dtype}")
+        if acts.ndim != 2 or acts.shape[1] != manifest.width:
+            raise ShardError(
+                f"{where}: sample {key!r} acts shape {acts.shape}, manifest sources "
+                f"{manifest.source_names} have total width {manifest.width}"
+            )
+        if tokens.ndim != 1 or tokens.shape[0] != acts.shape[0] or tokens.dtype != np.int32:
+            raise ShardError(
+                f"{where}: sample {key!r} tokens {tokens.dtype}{list(tokens.shape)} do not match acts rows {acts.shape[0]}"
+            )
+        out.append(Sample(key, tokens, acts, meta))
+    return out
+
+
+def iter_samples(root: Root, manifest: Manifest | None = None, verify: bool = True) -> Iterator[Sample]:
+    """Every sample of a dataset, in manifest order."""
+    manifest = manifest or read_manifest(root)
+    for info in manifest.shards:
+        yield from read_shard(root, info, manifest, verify=verify)
+
+
+def check_compatible(manifest: Manifest, sources: list[str], widths: list[int], where: str) -> None:
+    """Raise if a dataset's sources differ from what a model or checkpoint expects."""
+    got = [(s.name, s.d) for s in manifest.sources]
+    want = list(zip(sources, widths))
+    if got != want:
+        raise ShardError(f"{where}: sources {got} do not match the expected {want}")

@@ -1,0 +1,85 @@
+"""Sparsity rules (relu, per-token TopK, BatchTopK) and the selection primitives they rest on.
+
+Why it looks like this: every k-sparse rule here is written as "find the k-th largest score, keep
+what is at or above it". The k-th largest value is the only thing that must be known globally, so a
+latent-sharded or data-parallel trainer replaces :class:`Selection` with one whose
+``kth_largest_*`` gathers each shard's *local candidates* (its own top-k values) and takes the k-th
+largest of those: the bytes exchanged grow with ``k·B``, never with the dictionary size ``L``.
+The model stays a plain single-process module; parallelism is applied from outside by swapping
+this object (and :class:`Selection.sum_partial` for the decoder's partial sums).
+
+Scores are ``relu(pre) · w`` with ``w`` the latent's decoder norm (summed over the sources the
+latent decodes to). Selecting on the score instead of the raw activation makes the rule invariant
+to moving scale between a latent's encoder and decoder, as in the BatchTopK crosscoder of
+arXiv 2504.02922. The cost: the decoder norms are computed once per step (one read of ``W_dec``).
+
+Ties at the k-th value are all kept, so with exactly repeated scores (practically only exact
+zeros, which are never kept) a rule may keep more than k; continuous activations never tie.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+ACTIVATIONS = ("relu", "topk", "batchtopk")
+
+
+class Selection:
+    """Global views needed by sparse selection; this default sees one whole dictionary and batch."""
+
+    def kth_largest_rows(self, values: Tensor, k: int) -> Tensor:
+        """Per row of ``values`` [R, n_local], the k-th largest over all latent shards: [R, 1]."""
+        k = min(k, values.shape[-1])
+        return torch.topk(values, k, dim=-1, sorted=False).values.min(dim=-1, keepdim=True).values
+
+    def kth_largest_batch(self, values: Tensor, k: int) -> Tensor:
+        """The k-th largest of ``values`` (any shape) over all shards and data-parallel ranks: scalar."""
+        flat = values.reshape(-1)
+        k = min(k, flat.numel())
+        # k-th largest = (n-k+1)-th smallest; kthvalue is a selection, cheaper than a sort
+        return torch.kthvalue(flat, flat.numel() - k + 1).values
+
+    def sum_partial(self, partial: Tensor) -> Tensor:
+        """Sum of partial decoder outputs over latent shards (identity in one process)."""
+        return partial
+
+    def sum_count(self, value: Tensor) -> Tensor:
+        """Sum of a statistic over latent shards (identity in one process)."""
+        return value
+
+    def batch_tokens(self, local_tokens: int) -> int:
+        """Tokens in the global batch (data-parallel ranks included)."""
+        return local_tokens
+
+
+LOCAL = Selection()
+
+
+def scores(pre: Tensor, weights: Tensor) -> Tensor:
+    """Selection scores ``relu(pre) · w``: pre [B, G, L], weights [G, L]."""
+    return pre.relu() * weights
+
+
+def topk_mask(score: Tensor, k: int, selection: Selection) -> Tensor:
+    """Per token and group, keep the k largest scores. score [B, G, L] → bool mask."""
+    B, G, L = score.shape
+    kth = selection.kth_largest_rows(score.reshape(B * G, L), k).reshape(B, G, 1)
+    return (score >= kth) & (score > 0)
+
+
+def batchtopk_mask(score: Tensor, k: int, selection: Selection) -> tuple[Tensor, Tensor]:
+    """Per group, keep the ``k · B_global`` largest scores of the whole batch.
+
+    Returns the mask [B, G, L] and the k·B-th score of each group [G] (the batch threshold, which
+    training averages into the inference threshold).
+    """
+    B, G, _ = score.shape
+    n_keep = k * selection.batch_tokens(B)
+    kth = torch.stack([selection.kth_largest_batch(score[:, g], n_keep) for g in range(G)])
+    return (score >= kth.view(1, G, 1)) & (score > 0), kth
+
+
+def threshold_mask(pre: Tensor, threshold: Tensor) -> Tensor:
+    """Inference rule of BatchTopK: a latent fires when its pre-activation exceeds its threshold."""
+    return (pre > threshold) & (pre > 0)

@@ -1,0 +1,177 @@
+"""Token batches from shards, shuffled, with a position that makes resume exact.
+
+Design: the stream is a pure function of (manifest, seed, rank, position). For each epoch a
+rank's shards (``shard i`` belongs to data-parallel rank ``i mod world``) are put in an order drawn
+from ``(seed, epoch)``; their samples, in that order, are cut into *windows* of
+``shuffle_samples`` samples, and the tokens of each window are permuted with a generator seeded
+by ``(seed, epoch, rank, window)``. Batches are cut from the concatenated windows.
+
+The position is ``(epoch, window, offset)``: the next token to emit. Resuming re-reads only the
+current window and regenerates its permutation, so a resumed run sees exactly the tokens an
+uninterrupted run would, without saving a shuffle buffer in the checkpoint. The cost: tokens
+mix only within a window (a window of 64 samples × 1024 tokens mixes 65k tokens from up to 64
+documents), and shards whose samples are skipped on resume are still read once.
+
+A background thread (:func:`prefetch`) reads and decodes ahead while the trainer computes.
+No torch here.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import numpy as np
+
+from .shards import Manifest, ShardError, read_shard
+from .storage import Root
+
+
+@dataclass(frozen=True)
+class Position:
+    epoch: int = 0
+    window: int = 0
+    offset: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Position":
+        return cls(**{k: int(d[k]) for k in ("epoch", "window", "offset")})
+
+
+@dataclass
+class Batch:
+    acts: np.ndarray  # [B, D] in the stored dtype
+    position: Position  # where the stream continues after this batch
+    epoch: int  # epoch of the batch's last token
+
+
+class DataExhausted(Exception):
+    """The stream reached ``max_epochs``."""
+
+
+class TokenStream:
+    def __init__(
+        self,
+        root: Root,
+        manifest: Manifest,
+        batch_size: int,
+        shuffle_samples: int = 64,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        max_epochs: int = 0,
+        verify: bool = True,
+    ):
+        if not manifest.shards:
+            raise ShardError(f"{root.url}: the manifest lists no shards")
+        if world > len(manifest.shards):
+            raise ShardError(
+                f"{root.url}: {len(manifest.shards)} shards cannot feed {world} data-parallel ranks "
+                "(each rank reads its own shards); harvest more, smaller shards"
+            )
+        if batch_size <= 0 or shuffle_samples <= 0:
+            raise ValueError("batch_size and shuffle_samples must be positive")
+        self.root, self.manifest = root, manifest
+        self.batch_size, self.window_samples = batch_size, shuffle_samples
+        self.seed, self.rank, self.world = seed, rank, world
+        self.max_epochs, self.verify = max_epochs, verify
+        self.shards = [s for i, s in enumerate(manifest.shards) if i % world == rank]
+        self.samples_per_epoch = sum(s.samples for s in self.shards)
+        self.windows_per_epoch = -(-self.samples_per_epoch // shuffle_samples)
+
+    def shard_order(self, epoch: int) -> list:
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        return [self.shards[i] for i in rng.permutation(len(self.shards))]
+
+    def _samples_from(self, epoch: int, start: int) -> Iterator[np.ndarray]:
+        """Activations of the epoch's samples from sample index ``start`` on."""
+        seen = 0
+        for info in self.shard_order(epoch):
+            if seen + info.samples <= start:
+                seen += info.samples
+                continue
+            samples = read_shard(self.root, info, self.manifest, verify=self.verify)
+            for sample in samples[max(start - seen, 0) :]:
+                yield sample.acts
+            seen += info.samples
+
+    def _windows(self, epoch: int, first_window: int) -> Iterator[tuple[int, np.ndarray]]:
+        samples = self._samples_from(epoch, first_window * self.window_samples)
+        window = first_window
+        while True:
+            chunk = [a for _, a in zip(range(self.window_samples), samples)]
+            if not chunk:
+                return
+            acts = np.concatenate(chunk)
+            perm = np.random.default_rng([self.seed, epoch, self.rank, window, 2]).permutation(len(acts))
+            yield window, acts[perm]
+            window += 1
+
+    def batches(self, position: Position = Position()) -> Iterator[Batch]:
+        """Batches from ``position`` on; raises DataExhausted after ``max_epochs`` (0 = never)."""
+        epoch, window, offset = position.epoch, position.window, position.offset
+        pending: list[np.ndarray] = []
+        have = 0
+        while True:
+            if self.max_epochs and epoch >= self.max_epochs:
+                raise DataExhausted(f"data exhausted after {self.max_epochs} epoch(s)")
+            for w, acts in self._windows(epoch, window):
+                acts = acts[offset:]
+                start = 0
+                while start < len(acts):
+                    take = min(self.batch_size - have, len(acts) - start)
+                    pending.append(acts[start : start + take])
+                    have += take
+                    start += take
+                    if have == self.batch_size:
+                        consumed = offset + start
+                        if consumed == len(acts) + offset:
+                            nxt = Position(epoch, w + 1, 0)
+                            if w + 1 >= self.windows_per_epoch:
+                                nxt = Position(epoch + 1, 0, 0)
+                        else:
+                            nxt = Position(epoch, w, consumed)
+                        yield Batch(np.concatenate(pending), nxt, epoch)
+                        pending, have = [], 0
+                offset = 0
+            epoch, window, offset = epoch + 1, 0, 0
+
+
+def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
+    """Run ``iterator`` in a background thread, ``depth`` items ahead; exceptions are re-raised."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=work, daemon=True, name="crosscoder-prefetch")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -1,0 +1,168 @@
+"""Synthetic activations with planted truth: how the science is tested without a GPU.
+
+Two "models" (sources ``base`` and ``chat``, possibly of different widths) produce activations
+that are sparse non-negative combinations of known feature directions plus Gaussian noise. Every
+planted feature has a class that a crosscoder must recover:
+
+- ``shared``: the same direction in both models (through a fixed near-isometry when the widths
+  differ, as between models of one family at different sizes);
+- ``base_only`` / ``chat_only``: present in one model only;
+- ``rotated``: present in both, but the chat direction is rotated away (cosine ``rotated_cosine``);
+- ``strong``: present in both, ``strong_ratio`` times stronger in the chat model.
+
+The planted dictionary is written beside the shards as ``planted.npz`` (directions per source,
+magnitudes, class codes) so tests and the analysis can score recovery. Shard ``n`` is a pure
+function of (config, n), like a harvest's. No torch here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from .config import SyntheticConfig
+from .shards import Manifest, ShardWriter, SourceInfo, shard_name, write_manifest
+from .storage import Root
+
+CLASSES = ("shared", "base_only", "chat_only", "rotated", "strong")
+SOURCE_NAMES = ("base", "chat")
+PLANTED = "planted.npz"
+
+
+@dataclass
+class PlantedDictionary:
+    directions: list[np.ndarray]  # per source [F, d_s], unit rows (zero rows where absent)
+    magnitudes: np.ndarray  # [F, S] scale of each feature in each source (0 = absent)
+    classes: np.ndarray  # [F] int codes into CLASSES
+    frequency: np.ndarray  # [F] firing probability per token
+
+    @property
+    def class_names(self) -> list[str]:
+        return [CLASSES[c] for c in self.classes]
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        arrays = {f"directions_{i}": d for i, d in enumerate(self.directions)}
+        np.savez(buf, magnitudes=self.magnitudes, classes=self.classes, frequency=self.frequency,
+                 class_names=np.array(CLASSES), **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "PlantedDictionary":
+        z = np.load(io.BytesIO(data), allow_pickle=False)
+        n = sum(1 for k in z.files if k.startswith("directions_"))
+        return cls([z[f"directions_{i}"] for i in range(n)], z["magnitudes"], z["classes"], z["frequency"])
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=-1, keepdims=True).clip(1e-12)
+
+
+def plant_dictionary(cfg: SyntheticConfig) -> PlantedDictionary:
+    if len(cfg.widths) != 2:
+        raise ValueError(f"synthetic.widths must name two sources (base, chat), got {cfg.widths}")
+    fractions = [cfg.shared_fraction, cfg.base_only_fraction, cfg.chat_only_fraction,
+                 cfg.rotated_fraction, cfg.strong_fraction]
+    if any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(f"synthetic class fractions must be ≥ 0 and sum to 1, got {fractions}")
+    rng = np.random.default_rng([cfg.seed, 0])
+    F, (d0, d1) = cfg.features, cfg.widths
+    counts = np.floor(np.array(fractions) * F).astype(int)
+    counts[0] += F - counts.sum()
+    classes = rng.permutation(np.repeat(np.arange(len(CLASSES)), counts))
+
+    base = _unit(rng.standard_normal((F, d0)))
+    # a near-isometry between widths: orthonormal columns when growing, a scaled projection otherwise
+    q, _ = np.linalg.qr(rng.standard_normal((max(d0, d1), min(d0, d1))))
+    mapping = q if d1 >= d0 else q.T  # [d1, d0]
+    chat = _unit(base @ mapping.T)
+    fresh = _unit(rng.standard_normal((F, d1)))
+    rotated = classes == CLASSES.index("rotated")
+    ortho = _unit(fresh - (fresh * chat).sum(-1, keepdims=True) * chat)
+    c = cfg.rotated_cosine
+    chat[rotated] = c * chat[rotated] + np.sqrt(1 - c * c) * ortho[rotated]
+    chat_only = classes == CLASSES.index("chat_only")
+    chat[chat_only] = fresh[chat_only]
+
+    magnitudes = np.ones((F, 2))
+    magnitudes[classes == CLASSES.index("base_only"), 1] = 0
+    magnitudes[chat_only, 0] = 0
+    magnitudes[classes == CLASSES.index("strong"), 1] = cfg.strong_ratio
+    base[magnitudes[:, 0] == 0] = 0
+    chat[magnitudes[:, 1] == 0] = 0
+    frequency = np.full(F, cfg.active_per_token / F)
+    return PlantedDictionary([base, chat], magnitudes, classes.astype(np.int64), frequency)
+
+
+def sample_activations(planted: PlantedDictionary, cfg: SyntheticConfig, n_tokens: int, rng) -> np.ndarray:
+    """[n_tokens, D] raw activations (float32)."""
+    F = len(planted.classes)
+    if cfg.fixed_count:
+        # exactly round(active_per_token) features per token, drawn by frequency
+        n = int(round(cfg.active_per_token))
+        keys = rng.random((n_tokens, F)) ** (1.0 / planted.frequency)  # weighted sampling w/o replacement
+        chosen = np.argpartition(-keys, n - 1, axis=1)[:, :n]
+        fires = np.zeros((n_tokens, F), dtype=bool)
+        np.put_along_axis(fires, chosen, True, axis=1)
+    else:
+        fires = rng.random((n_tokens, F)) < planted.frequency
+    coeff = fires * rng.uniform(0.5, 1.5, size=(n_tokens, F))
+    parts = []
+    for s, directions in enumerate(planted.directions):
+        d = directions.shape[1]
+        x = coeff @ (planted.magnitudes[:, s : s + 1] * directions)
+        x += rng.standard_normal((n_tokens, d)) * (cfg.noise / np.sqrt(d))
+        parts.append(x * cfg.raw_scale[s])
+    return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def write_synthetic(cfg: SyntheticConfig, output: str, progress: bool = True) -> Manifest:
+    """Write planted-truth shards, ``planted.npz`` and the manifest to ``output``."""
+    if len(cfg.raw_scale) != len(cfg.widths):
+        raise ValueError(f"synthetic.raw_scale needs one entry per source, got {cfg.raw_scale}")
+    root = Root(output)
+    planted = plant_dictionary(cfg)
+    root.write_bytes(PLANTED, planted.to_bytes())
+    samples_total = -(-cfg.tokens // cfg.seq_len)
+    n_shards = -(-samples_total // cfg.samples_per_shard)
+    slices = np.cumsum([0, *cfg.widths])
+    norm_sum = np.zeros(len(cfg.widths))
+    shards = []
+    for n in tqdm(range(n_shards), desc="synthetic shards", unit="shard", disable=not progress):
+        rng = np.random.default_rng([cfg.seed, 1, n])
+        writer = ShardWriter(root, shard_name(n), width=sum(cfg.widths), dtype=cfg.dtype)
+        first = n * cfg.samples_per_shard
+        for doc in range(first, min(first + cfg.samples_per_shard, samples_total)):
+            acts = sample_activations(planted, cfg, cfg.seq_len, rng)
+            tokens = rng.integers(0, 1000, size=cfg.seq_len, dtype=np.int32)
+            writer.add(f"{doc:08d}-0000", tokens, acts, {"doc": doc, "chunk": 0, "offset": 0})
+            for s in range(len(cfg.widths)):
+                norm_sum[s] += np.linalg.norm(acts[:, slices[s] : slices[s + 1]].astype(np.float64), axis=1).sum()
+        shards.append(writer.commit())
+    total_tokens = sum(s.tokens for s in shards)
+    mean_norm = norm_sum / total_tokens
+    manifest = Manifest(
+        sources=[SourceInfo(name, d, model=f"synthetic:{name}", hook="planted")
+                 for name, d in zip(SOURCE_NAMES, cfg.widths)],
+        dtype=cfg.dtype,
+        seq_len=cfg.seq_len,
+        tokenizer="synthetic",
+        norm_scale=[float(np.sqrt(d) / m) for d, m in zip(cfg.widths, mean_norm)],
+        shards=shards,
+        extra={"synthetic": asdict(cfg) | {"output": output}},
+    )
+    write_manifest(root, manifest)
+    return manifest
+
+
+def read_planted(root: Root) -> PlantedDictionary:
+    return PlantedDictionary.from_bytes(root.read_bytes(PLANTED))
+
+
+def describe(planted: PlantedDictionary) -> str:
+    names, counts = np.unique(planted.class_names, return_counts=True)
+    return json.dumps(dict(zip(names.tolist(), counts.tolist())))

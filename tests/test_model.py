@@ -1,0 +1,190 @@
+"""Shapes, gradients and rules of the crosscoder module (pure PyTorch, no data)."""
+
+import pytest
+import torch
+
+from crosscoder.dead import DeadLatentTracker
+from crosscoder.losses import LossWeights, alignment_loss, auxk_loss, l1_penalty, total_loss
+from crosscoder.metrics import decoder_cosine, fve_per_source, relative_decoder_norm
+from crosscoder.model import CrossCoder, CrossCoderSpec, export_names
+
+ARCHS = ["acausal", "aligned"]
+ACTS = ["relu", "topk", "batchtopk"]
+
+
+def make(arch="acausal", act="batchtopk", widths=(24, 40), latents=64, k=4, seed=0):
+    spec = CrossCoderSpec(sources=[f"s{i}" for i in range(len(widths))], widths=list(widths),
+                          latents=latents, arch=arch, activation=act, k=k)
+    return CrossCoder(spec, seed=seed, dec_init_norm=0.5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("act", ACTS)
+def test_shapes_and_gradients_reach_every_parameter(arch, act):
+    model = make(arch, act)
+    x = torch.randn(32, 64)
+    out = model(x)
+    groups = 1 if arch == "acausal" else 2
+    assert out.pre.shape == out.f.shape == (32, groups, 64)
+    assert out.x_hat.shape == (32, 64)
+    assert out.weights.shape == (groups, 64)
+    dead = torch.zeros(groups, 64, dtype=torch.bool)
+    dead[:, :10] = True  # so the AuxK path is exercised
+    loss, terms = total_loss(model, x, out, dead, LossWeights(l1=1.0, aux=0.1, aux_k=8, align=1.0))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{name} got no gradient"
+    assert ("l1" in terms) == (act == "relu")
+    assert ("align" in terms) == (arch == "aligned")
+
+
+def test_parameter_shapes_follow_design_for_different_widths():
+    model = make(widths=(64, 96), latents=128)
+    assert model.W_enc.shape == (160, 128) and model.W_dec.shape == (128, 160)
+    tensors = model.export_tensors([1.0, 1.0])
+    assert tensors["W_enc.s0"].shape == (64, 128) and tensors["W_enc.s1"].shape == (96, 128)
+    assert tensors["W_dec.s0"].shape == (128, 64) and tensors["W_dec.s1"].shape == (128, 96)
+    assert tensors["b_dec.s1"].shape == (96,) and tensors["b_enc"].shape == (128,)
+    assert sorted(tensors) == sorted(export_names(model.spec))
+
+
+def test_initialisation_encoder_is_decoder_transpose_with_chosen_norms():
+    model = make(widths=(16, 48), latents=32)
+    assert torch.equal(model.W_enc, model.W_dec.t())
+    norms = model.decoder_norms()
+    assert torch.allclose(norms, torch.full_like(norms, 0.5), atol=1e-6)
+    assert torch.allclose(relative_decoder_norm(model.W_dec, model.spec.slices), torch.full((32,), 0.5))
+
+
+def test_batchtopk_keeps_exactly_k_times_batch_in_training():
+    model = make(act="batchtopk", k=5)
+    with torch.no_grad():
+        model.b_enc.fill_(10.0)  # every pre-activation positive: the rule alone decides
+    model.train()
+    out = model(torch.randn(50, 64))
+    assert int((out.f != 0).sum()) == 5 * 50
+    per_token = (out.f != 0).sum(-1).flatten()
+    assert per_token.min() != per_token.max()  # batch-level, not per token
+
+
+def test_topk_keeps_k_per_token():
+    model = make(act="topk", k=3)
+    with torch.no_grad():
+        model.b_enc.fill_(10.0)
+    out = model(torch.randn(20, 64))
+    assert ((out.f != 0).sum(-1) == 3).all()
+
+
+def test_batchtopk_uses_threshold_at_inference_independent_of_batch():
+    model = make(act="batchtopk", k=4)
+    x = torch.randn(256, 64)
+    model.train()
+    out = model(x)
+    model.update_threshold(out.batch_threshold, out.weights.detach(), momentum=0.9)
+    expected = out.batch_threshold.view(-1, 1) / out.weights
+    assert torch.allclose(model.threshold, expected)
+    model.eval()
+    f_full = model.encode(x)
+    f_single = torch.cat([model.encode(x[i : i + 1]) for i in range(8)])
+    # a token's code does not depend on its batch (up to matmul rounding)
+    assert torch.allclose(f_full[:8], f_single, atol=1e-5)
+    pre = model.pre_activations(x)
+    assert torch.equal(f_full != 0, (pre > model.threshold) & (pre > 0))
+    # the threshold reproduces roughly the training sparsity
+    assert 0.5 * 4 < float((f_full != 0).sum(-1).float().mean()) < 2 * 4
+
+
+def test_threshold_is_an_exponential_moving_average():
+    model = make(act="batchtopk")
+    w = torch.ones(1, 64)
+    model.update_threshold(torch.tensor([2.0]), w, momentum=0.5)
+    model.update_threshold(torch.tensor([4.0]), w, momentum=0.5)
+    assert torch.allclose(model.threshold, torch.full((1, 64), 3.0))
+
+
+def test_l1_penalty_matches_hand_computed_value():
+    spec = CrossCoderSpec(["a", "b"], [2, 1], latents=2, activation="relu")
+    model = CrossCoder(spec)
+    with torch.no_grad():
+        model.W_dec.copy_(torch.tensor([[3.0, 4.0, 2.0], [0.0, 1.0, 0.0]]))  # norms: a=[5,1], b=[2,0]
+        model.W_enc.zero_()
+        model.b_enc.copy_(torch.tensor([[1.5, 2.0]]))
+    out = model(torch.zeros(2, 3))
+    # per token: 1.5 * (5 + 2) + 2.0 * (1 + 0) = 12.5
+    assert torch.isclose(l1_penalty(out), torch.tensor(12.5))
+    assert out.weights.tolist() == [[7.0, 1.0]]
+
+
+def test_auxk_is_zero_when_nothing_is_dead_and_positive_otherwise():
+    model = make()
+    x = torch.randn(64, 64)
+    out = model(x)
+    nothing = torch.zeros(1, 64, dtype=torch.bool)
+    assert auxk_loss(model, x, out, nothing, 8).item() == 0.0
+    some = nothing.clone()
+    some[0, :16] = True
+    loss = auxk_loss(model, x, out, some, 8)
+    assert loss.item() > 0
+    loss.backward()
+    # only dead latents' encoder columns learn from AuxK
+    assert model.W_enc.grad[:, 16:].abs().sum() == 0 and model.W_enc.grad[:, :16].abs().sum() > 0
+
+
+def test_alignment_loss_zero_for_equal_codes_and_scale_invariant_when_normalized():
+    f = torch.rand(8, 2, 16)
+    same = torch.stack([f[:, 0], f[:, 0]], 1)
+    assert alignment_loss(same).item() == 0.0
+    assert torch.isclose(alignment_loss(f), alignment_loss(f * 7.0))
+    assert not torch.isclose(alignment_loss(f, "mse"), alignment_loss(f * 7.0, "mse"))
+
+
+def test_aligned_cross_reconstruction_decodes_into_the_target_width():
+    model = make("aligned", widths=(24, 40))
+    x = torch.randn(10, 64)
+    assert model.cross_reconstruct(x, 0, 1).shape == (10, 40)
+    assert model.cross_reconstruct(x, 1, 0).shape == (10, 24)
+
+
+def test_dead_tracker_counts_tokens_since_fired():
+    tracker = DeadLatentTracker((1, 4), window_tokens=100)
+    tracker.update(torch.tensor([[True, False, False, False]]), 60)
+    assert not tracker.dead.any()
+    tracker.update(torch.tensor([[False, True, False, False]]), 60)
+    assert tracker.dead.tolist() == [[False, False, True, True]]
+    assert tracker.dead_fraction() == 0.5
+    tracker.update(torch.zeros(1, 4, dtype=torch.bool), 50)  # 110, 50, 170, 170 tokens since fired
+    assert tracker.dead.tolist() == [[True, False, True, True]]
+
+
+def test_metrics_on_known_values():
+    x = torch.tensor([[1.0, 0.0, 2.0], [3.0, 0.0, 4.0]])
+    slices = [slice(0, 2), slice(2, 3)]
+    assert torch.allclose(fve_per_source(x, x, slices), torch.ones(2))
+    mean_hat = x.mean(0, keepdim=True).expand_as(x)
+    assert torch.allclose(fve_per_source(x, mean_hat, slices), torch.zeros(2), atol=1e-6)
+    W = torch.tensor([[1.0, 0.0, 3.0, 0.0], [0.0, 2.0, 0.0, -2.0]])
+    sl = [slice(0, 2), slice(2, 4)]
+    assert torch.allclose(relative_decoder_norm(W, sl), torch.tensor([0.75, 0.5]))
+    assert torch.allclose(decoder_cosine(W, sl), torch.tensor([1.0, -1.0]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sources=["a"], widths=[4, 5], latents=8), "one width per source"),
+        (dict(sources=["a", "a"], widths=[4, 5], latents=8), "unique"),
+        (dict(sources=["a"], widths=[4], latents=8, arch="causal"), "arch"),
+        (dict(sources=["a"], widths=[4], latents=8, activation="gelu"), "activation"),
+        (dict(sources=["a"], widths=[4], latents=8, k=9), "k must be"),
+    ],
+)
+def test_bad_spec_is_rejected_with_a_clear_message(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CrossCoderSpec(**kwargs)
+
+
+def test_latent_range_init_matches_the_full_dictionary_slice():
+    full = make(latents=96)
+    part = CrossCoder(full.spec, seed=0, dec_init_norm=0.5, latent_range=(32, 80))
+    assert torch.equal(part.W_dec, full.W_dec[32:80])
