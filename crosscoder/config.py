@@ -105,7 +105,7 @@ class TrainConfig:
     aux_coeff: float = opt(1 / 32, "coefficient of the AuxK loss on dead latents; 0 = off")
     aux_k: int = opt(0, "latents per token the AuxK loss may use; 0 = half the total input width")
     dead_tokens: int = opt(1_000_000, "a latent that fired on none of the last N tokens is dead")
-    align_coeff: float = opt(1.0, "aligned only: coefficient of the alignment loss")
+    align_coeff: float = opt(10.0, "aligned only: coefficient of the alignment loss (10: cross FVE ≈ own FVE on planted data)")
     align_loss: str = opt("normalized", "aligned only: mse | normalized (scale-invariant ‖f_s−f_t‖²/mean ‖f‖²)")
     threshold_momentum: float = opt(0.99, "batchtopk: EMA momentum of the inference threshold")
     dec_init_norm: float = opt(0.1, "initial norm of each latent's decoder row, per source")

@@ -10,8 +10,14 @@ many) composes them and logs every term by name. Conventions:
 - AuxK (Gao et al. 2024): the latents that are dead (per the tracker) try to reconstruct the
   residual ``e = x − x̂`` with their own top ``k_aux`` per token; the squared error is normalised by
   the residual's variance and scaled by ``min(#dead / k_aux, 1)``; exactly zero with nothing dead;
-- alignment (``aligned`` only): the mean over source pairs of ``‖f_s − f_t‖²``, raw (``mse``) or
-  divided by ``(‖f_s‖² + ‖f_t‖²)/2`` (``normalized``), which a shrinking code cannot game.
+- alignment (``aligned`` only): for each pair of sources s<t, ``‖a_s − a_t‖²`` over the latents
+  active in either source, where ``a = relu(pre)`` is the code before the sparsity rule; raw and
+  averaged over tokens (``mse``) or divided by ``(‖a_s‖² + ‖a_t‖²)/2`` (``normalized``, which a
+  shrinking code cannot game). Why not ``‖f_s − f_t‖²`` on the sparse codes: the TopK mask passes
+  no gradient to a latent that is off in one source, so that loss can only silence the mismatched
+  latent, never switch on its partner. Why not all of ``relu(pre)``: the many small values off the
+  support dominate it, and codes that match there still select different latents (measured on
+  planted cross-layer data: cross-reconstruction FVE < 0 with either, ≈ own FVE with this one).
 """
 
 from __future__ import annotations
@@ -66,19 +72,22 @@ def auxk_loss(model: CrossCoder, x: Tensor, out: ForwardOutput, dead: Tensor, k_
     return torch.stack(losses).sum() if losses else x.new_zeros(())
 
 
-def alignment_loss(f: Tensor, kind: str = "normalized") -> Tensor:
-    """Mean over source pairs s<t of the distance between their codes; f is [B, S, L]."""
-    S = f.shape[1]
+def alignment_loss(a: Tensor, active: Tensor, kind: str = "normalized") -> Tensor:
+    """Mean over source pairs of the distance between their pre-sparsity codes ``a`` [B, S, L],
+    counted where either source's sparse code is ``active`` [B, S, L]."""
+    S = a.shape[1]
     if S < 2:
-        return f.new_zeros(())
+        return a.new_zeros(())
     terms = []
     for s in range(S):
         for t in range(s + 1, S):
-            diff = (f[:, s] - f[:, t]).pow(2).sum()
+            union = active[:, s] | active[:, t]
+            a_s, a_t = a[:, s] * union, a[:, t] * union
+            diff = (a_s - a_t).pow(2).sum()
             if kind == "normalized":
-                diff = diff / ((f[:, s].pow(2).sum() + f[:, t].pow(2).sum()) / 2).clamp_min(1e-12)
+                diff = diff / ((a_s.pow(2).sum() + a_t.pow(2).sum()) / 2).clamp_min(1e-12)
             elif kind == "mse":
-                diff = diff / f.shape[0]
+                diff = diff / a.shape[0]
             else:
                 raise ValueError(f"align_loss must be mse or normalized, got {kind!r}")
             terms.append(diff)
@@ -98,7 +107,7 @@ def total_loss(
         terms["auxk"] = auxk_loss(model, x, out, dead, w.aux_k)
         loss = loss + w.aux * terms["auxk"]
     if model.spec.arch == "aligned":
-        terms["align"] = alignment_loss(out.f, w.align_loss)
+        terms["align"] = alignment_loss(out.pre.relu(), out.f != 0, w.align_loss)
         loss = loss + w.align * terms["align"]
     terms = {k: v.detach() for k, v in terms.items()}
     terms["total"] = loss.detach()

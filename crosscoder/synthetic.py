@@ -166,3 +166,43 @@ def read_planted(root: Root) -> PlantedDictionary:
 def describe(planted: PlantedDictionary) -> str:
     names, counts = np.unique(planted.class_names, return_counts=True)
     return json.dumps(dict(zip(names.tolist(), counts.tolist())))
+
+
+@dataclass
+class Recovery:
+    best_cosine: np.ndarray  # [F] best cosine of each planted feature with any latent's decoder
+    latent: np.ndarray  # [F] index of that latent
+    rel_norm: np.ndarray  # [F] that latent's relative decoder norm (0 = base only, 1 = chat only)
+    predicted: list[str]  # [F] shared / base_only / chat_only from rel_norm
+    expected: list[str]  # [F] planted class, with rotated and strong counted as shared
+
+    @property
+    def mean_best_cosine(self) -> float:
+        return float(self.best_cosine.mean())
+
+    @property
+    def class_accuracy(self) -> float:
+        return float(np.mean([p == e for p, e in zip(self.predicted, self.expected)]))
+
+
+def score_recovery(W_dec: np.ndarray, widths: list[int], planted: PlantedDictionary, raw_scale: list[float],
+                   norm_scale: list[float], exclusive_threshold: float = 0.1) -> Recovery:
+    """Match every planted feature to its best latent of an export's decoder ``W_dec`` [L, D] (raw units).
+
+    Cosines and relative norms are taken in normalised units (each source scaled by its
+    ``norm_scale``), where the crosscoder was trained and where the sources are comparable.
+    """
+    slices = np.cumsum([0, *widths])
+    W_dec = np.concatenate([W_dec[:, slices[s] : slices[s + 1]] * norm_scale[s] for s in range(len(widths))], 1)
+    truth = np.concatenate(
+        [planted.directions[s] * planted.magnitudes[:, s : s + 1] * raw_scale[s] * norm_scale[s]
+         for s in range(len(widths))], axis=1
+    )
+    cos = _unit(truth) @ _unit(W_dec).T
+    latent = cos.argmax(1)
+    norms = [np.linalg.norm(W_dec[latent, slices[s] : slices[s + 1]], axis=1) for s in range(2)]
+    rel = norms[1] / (norms[0] + norms[1]).clip(1e-12)
+    predicted = np.where(rel < exclusive_threshold, "base_only",
+                         np.where(rel > 1 - exclusive_threshold, "chat_only", "shared")).tolist()
+    expected = ["shared" if c in ("rotated", "strong") else c for c in planted.class_names]
+    return Recovery(cos.max(1), latent, rel, predicted, expected)

@@ -132,11 +132,17 @@ def test_auxk_is_zero_when_nothing_is_dead_and_positive_otherwise():
 
 
 def test_alignment_loss_zero_for_equal_codes_and_scale_invariant_when_normalized():
-    f = torch.rand(8, 2, 16)
-    same = torch.stack([f[:, 0], f[:, 0]], 1)
-    assert alignment_loss(same).item() == 0.0
-    assert torch.isclose(alignment_loss(f), alignment_loss(f * 7.0))
-    assert not torch.isclose(alignment_loss(f, "mse"), alignment_loss(f * 7.0, "mse"))
+    a = torch.rand(8, 2, 16)
+    active = torch.rand(8, 2, 16) > 0.7
+    same = torch.stack([a[:, 0], a[:, 0]], 1)
+    assert alignment_loss(same, active).item() == 0.0
+    assert alignment_loss(a, active).item() > 0
+    assert torch.isclose(alignment_loss(a, active), alignment_loss(a * 7.0, active))
+    assert not torch.isclose(alignment_loss(a, active, "mse"), alignment_loss(a * 7.0, active, "mse"))
+    # only latents active in either source count
+    off = a.clone()
+    off[:, 1][~(active[:, 0] | active[:, 1])] += 5.0
+    assert torch.isclose(alignment_loss(off, active), alignment_loss(a, active))
 
 
 def test_aligned_cross_reconstruction_decodes_into_the_target_width():

@@ -1,0 +1,68 @@
+import pytest
+
+from crosscoder.cli import _split_overrides, main
+from crosscoder.config import ConfigError, RunConfig, apply_overrides, dumps_toml, load_config
+
+
+def write(tmp_path, text, name="c.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_load_typed_config_and_name_defaults_to_file_stem(tmp_path):
+    cfg = load_config(write(tmp_path, "[train]\nk = 64\nlr = 1\nlatents = 1_000\n", "my-run.toml"))
+    assert cfg.name == "my-run"
+    assert cfg.train.k == 64 and cfg.train.latents == 1000
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == 1.0
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    p = write(tmp_path, "[train]\nlattents = 5\n")
+    with pytest.raises(ConfigError, match=r"c\.toml: train: unknown key 'lattents'"):
+        load_config(p)
+
+
+def test_unknown_table_and_wrong_type_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'trian'"):
+        load_config(write(tmp_path, "[trian]\nk = 5\n"))
+    with pytest.raises(ConfigError, match=r"train\.k: expected an integer"):
+        load_config(write(tmp_path, '[train]\nk = "many"\n'))
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[train\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_overrides_are_typed_and_checked():
+    cfg = RunConfig()
+    apply_overrides(cfg, _split_overrides(["--train.k", "64", "--train.lr=3e-4", "--synthetic.widths", "[32, 48]"]))
+    assert cfg.train.k == 64 and cfg.train.lr == 3e-4 and cfg.synthetic.widths == [32, 48]
+    apply_overrides(cfg, [("train.data", "s3://bucket/x")])
+    assert cfg.train.data == "s3://bucket/x"
+    with pytest.raises(ConfigError, match="unknown key 'kk'"):
+        apply_overrides(cfg, [("train.kk", "3")])
+    with pytest.raises(ConfigError, match="--train.k: expected an integer"):
+        apply_overrides(cfg, [("train.k", "lots")])
+    with pytest.raises(ConfigError, match="needs a value"):
+        _split_overrides(["--train.k"])
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    cfg = RunConfig(name="rt")
+    apply_overrides(cfg, [("train.k", "7"), ("synthetic.raw_scale", "[2.0, 0.5]")])
+    path = write(tmp_path, dumps_toml(cfg), "rt.toml")
+    assert load_config(path) == cfg
+
+
+def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
+    p = write(tmp_path, "[train]\nbogus = 1\n")
+    assert main(["train", "--config", str(p), "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'bogus'" in err and "Traceback" not in err
+
+
+def test_cli_keys_lists_documented_fields(capsys):
+    assert main(["keys"]) == 0
+    out = capsys.readouterr().out
+    assert "train.k" in out and "active latents per token" in out

@@ -1,0 +1,119 @@
+"""The single-process trainer: exact resume, export round trip, errors."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from crosscoder import CrossCoder
+from crosscoder.shards import read_manifest
+from crosscoder.storage import Root
+from crosscoder.trainer import (
+    RunDirError,
+    TrainingDiverged,
+    checkpoint_dirs,
+    learning_rate,
+    spec_from,
+    train,
+)
+
+from .conftest import small_run_config
+
+
+@pytest.mark.parametrize("arch,act", [("acausal", "batchtopk"), ("aligned", "topk"), ("acausal", "relu")])
+def test_resume_reproduces_the_uninterrupted_trajectory(tmp_path, small_shards, arch, act):
+    cfg = small_run_config(arch=arch, activation=act, steps=24, checkpoint_every=0, dead_tokens=600)
+    full = train(cfg, tmp_path / "full", data=small_shards, progress=False)
+    first = train(cfg, tmp_path / "cut", data=small_shards, progress=False, stop_after=9)
+    assert first.export_dir is None and [p.name for p in checkpoint_dirs(tmp_path / "cut")] == ["step-9"]
+    second = train(cfg, tmp_path / "cut", data=small_shards, progress=False)
+    resumed = first.losses + second.losses
+    assert len(resumed) == len(full.losses) == 24
+    assert np.allclose(resumed, full.losses, rtol=0, atol=1e-6), (resumed, full.losses)
+    a = CrossCoder.from_pretrained(tmp_path / "full" / "crosscoder")
+    b = CrossCoder.from_pretrained(tmp_path / "cut" / "crosscoder")
+    for name, p in a.state_dict().items():
+        assert torch.allclose(p, b.state_dict()[name], atol=1e-6), name
+
+
+def test_export_reloads_to_identical_encodings_on_raw_activations(tmp_path, small_shards):
+    cfg = small_run_config(steps=20)
+    result = train(cfg, tmp_path / "run", data=small_shards, progress=False)
+    manifest = read_manifest(Root(small_shards))
+    export = result.export_dir
+    assert (export / "model.safetensors").is_file()
+    config = json.loads((export / "config.json").read_text())
+    assert config["sources"] == ["base", "chat"] and config["widths"] == [16, 24]
+    assert config["norm_scale"] == manifest.norm_scale and config["k"] == 4
+
+    # the trained model, on normalised inputs, vs the export, on raw inputs
+    state = torch.load(checkpoint_dirs(tmp_path / "run")[-1] / "state.pt", weights_only=False)
+    trained = CrossCoder(spec_from(cfg.train, manifest))
+    trained.load_state_dict(state["model"])
+    trained.eval()
+    loaded = CrossCoder.from_pretrained(export)
+    raw = torch.randn(64, 40) * 3
+    scale = torch.cat([torch.full((16,), manifest.norm_scale[0]), torch.full((24,), manifest.norm_scale[1])])
+    f_trained = trained.encode(raw * scale)
+    f_loaded = loaded.encode(raw)
+    assert torch.allclose(f_trained, f_loaded, atol=1e-5)
+    assert (f_loaded != 0).any()
+    assert torch.allclose(loaded.reconstruct(raw), trained.reconstruct(raw * scale) / scale, atol=1e-4)
+    again = CrossCoder.from_pretrained(export)
+    assert torch.equal(again.encode(raw), f_loaded)
+
+
+def test_from_pretrained_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        CrossCoder.from_pretrained(tmp_path)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_last_checkpoint(tmp_path, small_shards):
+    cfg = small_run_config(steps=40, checkpoint_every=5)
+    train(cfg, tmp_path / "run", data=small_shards, progress=False, stop_after=10)
+    good = checkpoint_dirs(tmp_path / "run")[-1]
+    before = (good / "state.pt").read_bytes()
+    cfg.train.lr = 1e30  # diverges at once
+    with pytest.raises(TrainingDiverged, match=r"loss is not finite at step \d+"):
+        train(cfg, tmp_path / "run", data=small_shards, progress=False)
+    last = checkpoint_dirs(tmp_path / "run")[-1]
+    assert last == good and (good / "state.pt").read_bytes() == before
+    state = torch.load(last / "state.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_incompatible_run_directory_is_refused(tmp_path, small_shards):
+    cfg = small_run_config(steps=5)
+    train(cfg, tmp_path / "run", data=small_shards, progress=False)
+    cfg.train.latents = 128
+    with pytest.raises(RunDirError, match="use another --run directory"):
+        train(cfg, tmp_path / "run", data=small_shards, progress=False)
+
+
+def test_learning_rate_schedule():
+    cfg = small_run_config(steps=100, lr=1.0, lr_warmup_steps=10, lr_decay_fraction=0.2).train
+    assert math.isclose(learning_rate(cfg, 0), 0.1)
+    assert learning_rate(cfg, 50) == 1.0
+    assert math.isclose(learning_rate(cfg, 90), 0.5)
+    assert learning_rate(cfg, 99) > 0
+
+
+def test_l1_coefficient_warms_up(tmp_path, small_shards):
+    from crosscoder.trainer import loss_weights
+
+    cfg = small_run_config(activation="relu", l1_coeff=4.0, l1_warmup_steps=4)
+    spec = spec_from(cfg.train, read_manifest(Root(small_shards)))
+    assert [loss_weights(cfg.train, spec, s).l1 for s in range(5)] == [1.0, 2.0, 3.0, 4.0, 4.0]
+
+
+def test_training_log_and_progress_metrics(tmp_path, small_shards):
+    cfg = small_run_config(steps=10, log_every=5)
+    train(cfg, tmp_path / "run", data=small_shards, progress=False)
+    lines = [json.loads(l) for l in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [5, 10]
+    assert set(lines[-1]["fve"]) == {"base", "chat"}
+    assert {"mse", "auxk", "total"} <= set(lines[-1]["loss"])
+    assert 0 <= lines[-1]["dead_fraction"] <= 1 and lines[-1]["l0"] > 0
+    assert (tmp_path / "run" / "config.toml").is_file()
