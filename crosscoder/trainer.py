@@ -219,7 +219,8 @@ def train(
     result = TrainResult(run_dir=run_dir, steps=start)
     log_path = run_dir / "train_log.jsonl"
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
-    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True,
+               mininterval=1.0)
     started = time.time()
     step = start
     model.train()
@@ -269,6 +270,7 @@ def train(
                 fve=f"{np.mean(list(metrics['fve'].values())):.3f}",
                 l0=f"{metrics['l0']:.1f}",
                 dead=f"{metrics['dead_fraction']:.2%}",
+                refresh=False,
             )
             done = step + 1
             if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == end:
