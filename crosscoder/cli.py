@@ -58,12 +58,23 @@ def training_data(cfg: RunConfig, run_dir: Path, override: str | None) -> str:
     return override or cfg.train.data or cfg.harvest.output or cfg.synthetic.output or str(run_dir / "shards")
 
 
-def cmd_train(cfg: RunConfig, run_dir: Path, args) -> int:
-    from .trainer import train
+def run_training(cfg: RunConfig, run_dir: Path, data: str, quiet: bool):
+    """One process without Ray (train.workers = 0) or Ray Train + DeepSpeed workers."""
+    if cfg.train.workers <= 0:
+        from .trainer import train
 
+        return train(cfg, run_dir, data=data, progress=not quiet)
+    from .ray_train import train_distributed
+    from .trainer import TrainResult
+
+    out = train_distributed(cfg, run_dir, data, progress=not quiet)
+    return TrainResult(run_dir=run_dir, steps=out["steps"], losses=out["losses"],
+                       last_metrics=out["last_metrics"], export_dir=Path(out["export_dir"]) if out["export_dir"] else None)
+
+
+def cmd_train(cfg: RunConfig, run_dir: Path, args) -> int:
     data = training_data(cfg, run_dir, args.data)
-    result = train(cfg, run_dir, data=data, progress=not args.quiet)
-    _summary(result)
+    _summary(run_training(cfg, run_dir, data, args.quiet))
     return 0
 
 
@@ -81,7 +92,6 @@ def cmd_run(cfg: RunConfig, run_dir: Path, args) -> int:
     from .shards import read_manifest
     from .storage import Root
     from .synthetic import write_synthetic
-    from .trainer import train
 
     if cfg.harvest.models:
         raise ConfigError("harvesting from models is not available in this version; use [synthetic] data")
@@ -92,7 +102,7 @@ def cmd_run(cfg: RunConfig, run_dir: Path, args) -> int:
     except Exception:  # noqa: BLE001 - any unreadable dataset is regenerated from the config
         print(f"shards: writing planted synthetic activations to {data}")
         write_synthetic(cfg.synthetic, data, progress=not args.quiet)
-    result = train(cfg, run_dir, data=data, progress=not args.quiet)
+    result = run_training(cfg, run_dir, data, args.quiet)
     _summary(result)
     _planted_summary(data, result)
     print(f"run directory: {run_dir.absolute()}")

@@ -111,12 +111,20 @@ class TrainConfig:
     dec_init_norm: float = opt(0.1, "initial norm of each latent's decoder row, per source")
     seed: int = opt(0, "seed of initialisation and data order")
     shuffle_samples: int = opt(64, "token shuffle window, in samples: tokens are shuffled within each window")
+    data_partitions: int = opt(
+        0, "independent token streams the global batch is cut into (0 = one per data-parallel rank); "
+        "fixing it makes the token order independent of the number of workers"
+    )
+    max_epochs: int = opt(0, "stop with an error when the data is exhausted after this many epochs (0 = cycle)")
     checkpoint_every: int = opt(500, "save a checkpoint every N steps (and at the end); 0 = only at the end")
     keep_checkpoints: int = opt(2, "how many checkpoints to keep")
     log_every: int = opt(10, "write a metrics line to <run>/train_log.jsonl every N steps")
-    workers: int = opt(1, "Ray Train workers (1 = single process, no Ray)")
+    workers: int = opt(0, "Ray Train workers with DeepSpeed (0 = one process, no Ray, no DeepSpeed)")
     latent_parallel: int = opt(1, "ranks sharing one dictionary (latent parallelism)")
-    zero_stage: int = opt(1, "DeepSpeed ZeRO stage (distributed trainer)")
+    zero_stage: int = opt(1, "DeepSpeed ZeRO stage 0-3 (distributed trainer)")
+    precision: str = opt("fp32", "distributed trainer: fp32 | bf16 (DeepSpeed mixed precision)")
+    max_failures: int = opt(2, "distributed trainer: Ray Train restarts after a worker failure (resuming from the last checkpoint)")
+    use_gpu: bool = opt(False, "distributed trainer: one GPU per worker (NCCL) instead of CPU (gloo)")
 
 
 @dataclass
@@ -131,6 +139,7 @@ class AnalyzeConfig:
 @dataclass
 class MetricsConfig:
     port: int = opt(0, "Prometheus port; 0 = off; harvest actors and train ranks add their index")
+    host: str = opt("0.0.0.0", "address the metrics endpoint listens on (0.0.0.0 so Prometheus can scrape pods)")
 
 
 @dataclass

@@ -43,8 +43,17 @@ def reconstruction_loss(x: Tensor, x_hat: Tensor) -> Tensor:
     return (x_hat - x).pow(2).sum(-1).mean()
 
 
-def l1_penalty(out: ForwardOutput) -> Tensor:
-    return (out.f * out.weights).sum(dim=(1, 2)).mean()
+def l1_penalty(model: CrossCoder, out: ForwardOutput) -> Tensor:
+    """Σ_i f_i · Σ_s ‖W_dec[s][i]‖, mean over tokens (summed over latent shards)."""
+    return model.selection.sum_partial((out.f * out.weights).sum(dim=(1, 2)).mean())
+
+
+def _variance(target: Tensor, model: CrossCoder) -> Tensor:
+    """Σ over the global batch of ‖e − mean(e)‖² (a constant: e is detached)."""
+    stats = torch.stack([target.sum(0), target.pow(2).sum(0)])
+    stats = model.selection.data_sum(stats.double())
+    n = model.selection.batch_tokens(target.shape[0])
+    return (stats[1] - stats[0].pow(2) / n).sum().clamp_min(1e-12).to(target.dtype)
 
 
 def auxk_loss(model: CrossCoder, x: Tensor, out: ForwardOutput, dead: Tensor, k_aux: int) -> Tensor:
@@ -67,14 +76,18 @@ def auxk_loss(model: CrossCoder, x: Tensor, out: ForwardOutput, dead: Tensor, k_
         kth = model.selection.kth_largest_rows(candidates, k)
         acts = pre.relu() * ((candidates >= kth) & dead_g)
         e_hat = model.decode_group(acts, None if spec.arch == "acausal" else g, bias=False)
-        variance = (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
-        losses.append(min(n_dead / k_aux, 1.0) * (e_hat - target).pow(2).sum() / variance)
+        # normalised by the global batch's residual variance; × dp size because data-parallel
+        # gradient averaging divides by it (the loss of one rank is its share of the global sum)
+        dp = model.selection.batch_tokens(x.shape[0]) // x.shape[0]
+        error = (e_hat - target).pow(2).sum() * dp
+        losses.append(min(n_dead / k_aux, 1.0) * error / _variance(target, model))
     return torch.stack(losses).sum() if losses else x.new_zeros(())
 
 
-def alignment_loss(a: Tensor, active: Tensor, kind: str = "normalized") -> Tensor:
+def alignment_loss(a: Tensor, active: Tensor, kind: str = "normalized", reduce=lambda t: t) -> Tensor:
     """Mean over source pairs of the distance between their pre-sparsity codes ``a`` [B, S, L],
-    counted where either source's sparse code is ``active`` [B, S, L]."""
+    counted where either source's sparse code is ``active`` [B, S, L]; ``reduce`` sums a partial
+    sum over latent shards."""
     S = a.shape[1]
     if S < 2:
         return a.new_zeros(())
@@ -83,9 +96,9 @@ def alignment_loss(a: Tensor, active: Tensor, kind: str = "normalized") -> Tenso
         for t in range(s + 1, S):
             union = active[:, s] | active[:, t]
             a_s, a_t = a[:, s] * union, a[:, t] * union
-            diff = (a_s - a_t).pow(2).sum()
+            diff = reduce((a_s - a_t).pow(2).sum())
             if kind == "normalized":
-                diff = diff / ((a_s.pow(2).sum() + a_t.pow(2).sum()) / 2).clamp_min(1e-12)
+                diff = diff / (reduce(a_s.pow(2).sum() + a_t.pow(2).sum()) / 2).clamp_min(1e-12)
             elif kind == "mse":
                 diff = diff / a.shape[0]
             else:
@@ -101,14 +114,37 @@ def total_loss(
     terms = {"mse": reconstruction_loss(x, out.x_hat)}
     loss = terms["mse"]
     if model.spec.activation == "relu":
-        terms["l1"] = l1_penalty(out)
+        terms["l1"] = l1_penalty(model, out)
         loss = loss + w.l1 * terms["l1"]
     if w.aux > 0 and dead is not None:
         terms["auxk"] = auxk_loss(model, x, out, dead, w.aux_k)
         loss = loss + w.aux * terms["auxk"]
     if model.spec.arch == "aligned":
-        terms["align"] = alignment_loss(out.pre.relu(), out.f != 0, w.align_loss)
+        terms["align"] = alignment_loss(out.pre.relu(), out.f != 0, w.align_loss, model.selection.sum_partial)
         loss = loss + w.align * terms["align"]
     terms = {k: v.detach() for k, v in terms.items()}
     terms["total"] = loss.detach()
     return loss, terms
+
+
+class Objective(torch.nn.Module):
+    """The crosscoder's parameters and its training loss as one module.
+
+    Engines that manage parameters around ``forward`` (DeepSpeed ZeRO-3 gathers a module's own
+    parameters before its forward and releases them after) need every use of the weights,
+    including the AuxK decode and the L1 norms, inside one forward of the module that owns them.
+    The crosscoder's parameters are registered here directly (the model itself is kept as a plain
+    attribute, not a submodule), so nothing is released half-way through the loss.
+    """
+
+    def __init__(self, model: CrossCoder):
+        super().__init__()
+        object.__setattr__(self, "model", model)
+        for name, param in model.named_parameters():
+            self.register_parameter(name, param)
+
+    def forward(self, x: Tensor, dead: Tensor | None, weights: LossWeights):
+        x = x.to(self.model.W_enc.dtype)  # bf16 engines cast the parameters, not the inputs
+        out = self.model(x)
+        loss, terms = total_loss(self.model, x, out, dead, weights)
+        return loss, terms, out

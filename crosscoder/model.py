@@ -167,7 +167,8 @@ class CrossCoder(nn.Module):
 
     @property
     def n_latents(self) -> int:
-        return self.W_dec.shape[0]
+        """Latents held here (the slice's size; parameter shapes may be partitioned by ZeRO-3)."""
+        return self.latent_range[1] - self.latent_range[0]
 
     def decoder_norms(self) -> Tensor:
         """‖W_dec[s][i]‖ for every source s and (local) latent i: [S, L]."""

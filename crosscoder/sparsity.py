@@ -52,6 +52,10 @@ class Selection:
         """Tokens in the global batch (data-parallel ranks included)."""
         return local_tokens
 
+    def data_sum(self, value: Tensor) -> Tensor:
+        """Sum of a constant (no gradient) over data-parallel ranks (identity in one process)."""
+        return value
+
 
 LOCAL = Selection()
 

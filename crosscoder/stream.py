@@ -175,3 +175,43 @@ def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
             yield item
     finally:
         stop.set()
+
+
+@dataclass
+class PartitionBatch:
+    acts: np.ndarray  # [sum of my partitions' batch sizes, D]
+    positions: dict[int, Position]  # partition → where it continues after this batch
+    epoch: int
+
+
+class PartitionedStream:
+    """The global batch as ``partitions`` independent token streams of ``B / partitions`` tokens.
+
+    Partition ``p`` reads the shards ``i ≡ p (mod partitions)``. A data-parallel rank takes the
+    partitions ``p ≡ dp_rank (mod dp_size)``, so the global batch of step n is the same tokens
+    whatever the number of ranks: a 1-process run with 2 partitions trains on exactly what a
+    2-rank data-parallel run does (and can resume it). ``partitions`` must be a multiple of the
+    data-parallel size.
+    """
+
+    def __init__(self, root: Root, manifest: Manifest, global_batch: int, partitions: int, mine: list[int],
+                 shuffle_samples: int = 64, seed: int = 0, max_epochs: int = 0, verify: bool = True):
+        if global_batch % partitions:
+            raise ValueError(f"train.batch_size ({global_batch}) must be divisible by the {partitions} data partitions")
+        self.mine = list(mine)
+        self.streams = {
+            p: TokenStream(root, manifest, global_batch // partitions, shuffle_samples, seed=seed, rank=p,
+                           world=partitions, max_epochs=max_epochs, verify=verify)
+            for p in self.mine
+        }
+
+    def batches(self, positions: dict[int, Position] | None = None) -> Iterator[PartitionBatch]:
+        positions = positions or {}
+        iters = {p: s.batches(positions.get(p, Position())) for p, s in self.streams.items()}
+        while True:
+            parts = {p: next(it) for p, it in iters.items()}
+            yield PartitionBatch(
+                np.concatenate([parts[p].acts for p in self.mine]),
+                {p: b.position for p, b in parts.items()},
+                max(b.epoch for b in parts.values()),
+            )

@@ -41,7 +41,8 @@ from .metrics import fve_per_source, l0
 from .model import CrossCoder, CrossCoderSpec, ForwardOutput, default_aux_k
 from .shards import Manifest, read_manifest
 from .storage import Root
-from .stream import Position, TokenStream, prefetch
+from .stream import PartitionedStream, Position, prefetch
+from .telemetry import TrainMetrics
 
 
 class TrainingDiverged(RuntimeError):
@@ -146,6 +147,14 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
     return final
 
 
+def positions_to(positions: dict[int, Position]) -> dict:
+    return {str(p): pos.to_dict() for p, pos in positions.items()}
+
+
+def positions_from(data: dict) -> dict[int, Position]:
+    return {int(p): Position.from_dict(pos) for p, pos in data.items()}
+
+
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
@@ -197,7 +206,7 @@ def train(
     model = CrossCoder(spec, seed=tc.seed, dec_init_norm=tc.dec_init_norm)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2))
     tracker = DeadLatentTracker((spec.groups, spec.latents), tc.dead_tokens)
-    start, position = 0, Position()
+    start, positions = 0, {}
 
     existing = checkpoint_dirs(run_dir)
     if existing:
@@ -211,10 +220,12 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         tracker.load_state_dict(state["dead"])
         set_rng_state(state["rng"])
-        start, position = state["step"], Position.from_dict(state["position"])
+        start, positions = state["step"], positions_from(state["position"])
 
-    stream = TokenStream(root, manifest, tc.batch_size, tc.shuffle_samples, seed=tc.seed)
-    batches = prefetch(stream.batches(position))
+    partitions = tc.data_partitions or 1
+    stream = PartitionedStream(root, manifest, tc.batch_size, partitions, list(range(partitions)),
+                               tc.shuffle_samples, seed=tc.seed, max_epochs=tc.max_epochs)
+    batches = prefetch(stream.batches(positions))
     scale = scale_vector(spec)
     result = TrainResult(run_dir=run_dir, steps=start)
     log_path = run_dir / "train_log.jsonl"
@@ -224,9 +235,12 @@ def train(
     started = time.time()
     step = start
     model.train()
+    telemetry = TrainMetrics(cfg.metrics.port, 0, host=cfg.metrics.host)
     try:
         for step in range(start, end):
+            t0 = time.perf_counter()
             batch = next(batches)
+            t_data = time.perf_counter() - t0
             x = torch.from_numpy(batch.acts).float() * scale
             if step == 0:
                 with torch.no_grad():
@@ -246,7 +260,7 @@ def train(
             if out.batch_threshold is not None:
                 model.update_threshold(out.batch_threshold, out.weights.detach(), tc.threshold_momentum)
             tracker.update((out.f != 0).any(0), x.shape[0])
-            position = batch.position
+            positions = batch.positions
 
             metrics = step_metrics(spec, x, out) | {
                 "step": step + 1,
@@ -258,6 +272,7 @@ def train(
                 "epoch": batch.epoch,
             }
             result.losses.append(float(terms["total"]))
+            telemetry.step(metrics, x.shape[0], time.perf_counter() - t0, t_data)
             result.last_metrics = metrics
             if on_step:
                 on_step(step + 1, metrics)
@@ -284,7 +299,7 @@ def train(
                         "dead": tracker.state_dict(),
                         "rng": rng_state(),
                         "step": done,
-                        "position": position.to_dict(),
+                        "position": positions_to(positions),
                     },
                     tc.keep_checkpoints,
                 )
@@ -292,6 +307,7 @@ def train(
     finally:
         bar.close()
         batches.close()
+        telemetry.close()
 
     if result.steps >= tc.steps:
         result.export_dir = run_dir / "crosscoder"

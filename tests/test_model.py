@@ -112,7 +112,7 @@ def test_l1_penalty_matches_hand_computed_value():
         model.b_enc.copy_(torch.tensor([[1.5, 2.0]]))
     out = model(torch.zeros(2, 3))
     # per token: 1.5 * (5 + 2) + 2.0 * (1 + 0) = 12.5
-    assert torch.isclose(l1_penalty(out), torch.tensor(12.5))
+    assert torch.isclose(l1_penalty(model, out), torch.tensor(12.5))
     assert out.weights.tolist() == [[7.0, 1.0]]
 
 

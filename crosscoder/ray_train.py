@@ -1,0 +1,64 @@
+"""Start the distributed trainer with Ray Train: N workers, a process group, failure retries.
+
+``ray.train.torch.TorchTrainer`` starts ``train.workers`` workers and sets up the process group
+(gloo on CPU, NCCL with ``train.use_gpu``); each runs :func:`crosscoder.distributed.train_worker`.
+The same call works against a cluster (``RAY_ADDRESS`` or ``ray job submit``) and with no cluster
+(a local ``ray.init()``). A worker that dies makes Ray Train restart every worker, up to
+``train.max_failures`` times; the workers resume from the run directory's last checkpoint, so the
+run directory must be on storage every worker sees (a shared file system on a cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .config import RunConfig, to_dict
+
+
+def _ensure_ray(num_cpus: int | None = None):
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        kwargs = {"dashboard_host": "127.0.0.1", "log_to_driver": True}
+        if not address:
+            kwargs["num_cpus"] = num_cpus or os.cpu_count()
+        ray.init(address=address, **kwargs)
+    return ray
+
+
+def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: bool = True,
+                      stop_after: int | None = None) -> dict:
+    """Run the distributed trainer to the end (or ``stop_after`` steps); returns rank 0's result."""
+    from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .distributed import train_worker
+
+    tc = cfg.train
+    run_dir = Path(run_dir).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _ensure_ray(max(tc.workers, 1))
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "data": data,
+                           "stop_after": stop_after, "progress": progress},
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": 1}),
+        run_config=RayRunConfig(name=f"crosscoder-{cfg.name}", storage_path=str(run_dir / "ray"),
+                                failure_config=FailureConfig(max_failures=tc.max_failures)),
+    )
+    result_file = run_dir / "train_result.json"
+    result_file.unlink(missing_ok=True)
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    out = json.loads(result_file.read_text())
+    if "error" in out:
+        from .trainer import TrainingDiverged
+
+        raise TrainingDiverged(out["error"])
+    return out

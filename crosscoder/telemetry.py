@@ -1,0 +1,69 @@
+"""Prometheus metrics (DESIGN.md, "Observability"): names, types and the HTTP endpoint.
+
+Every process that does work (a harvest actor, a train rank) calls :func:`serve` with the
+configured base port plus its index; ``port = 0`` turns metrics off and every update becomes a
+no-op, so the training loop never branches on whether metrics are on. Each process uses its own
+registry, so several ranks in one test process do not collide. No torch here.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+# every metric the code exports: the Grafana dashboard test checks its queries against this
+TRAIN_METRICS = {
+    "crosscoder_train_tokens_total": "tokens trained on",
+    "crosscoder_train_step_seconds": "wall time of one optimizer step",
+    "crosscoder_train_data_wait_seconds_total": "time the trainer waited for data",
+    "crosscoder_train_loss": "loss terms",
+    "crosscoder_train_fve": "fraction of variance explained, per source",
+    "crosscoder_train_l0": "mean active latents per token",
+    "crosscoder_train_dead_latents_ratio": "fraction of latents dead",
+    "crosscoder_train_steps_total": "optimizer steps taken",
+}
+
+
+class TrainMetrics:
+    def __init__(self, port: int = 0, rank: int = 0, labels: dict | None = None, host: str = "0.0.0.0"):
+        self.enabled = port > 0
+        self.port = port + rank if self.enabled else 0
+        if not self.enabled:
+            return
+        self.registry = CollectorRegistry()
+        base = {"rank": str(rank)} | (labels or {})
+        names = list(base)
+        r = self.registry
+        self._tokens = Counter("crosscoder_train_tokens", TRAIN_METRICS["crosscoder_train_tokens_total"], names, registry=r).labels(**base)
+        self._steps = Counter("crosscoder_train_steps", TRAIN_METRICS["crosscoder_train_steps_total"], names, registry=r).labels(**base)
+        self._step_seconds = Histogram("crosscoder_train_step_seconds", TRAIN_METRICS["crosscoder_train_step_seconds"],
+                                       names, buckets=STEP_BUCKETS, registry=r).labels(**base)
+        self._wait = Counter("crosscoder_train_data_wait_seconds", TRAIN_METRICS["crosscoder_train_data_wait_seconds_total"],
+                             names, registry=r).labels(**base)
+        self._loss = Gauge("crosscoder_train_loss", TRAIN_METRICS["crosscoder_train_loss"], names + ["term"], registry=r)
+        self._fve = Gauge("crosscoder_train_fve", TRAIN_METRICS["crosscoder_train_fve"], names + ["source"], registry=r)
+        self._l0 = Gauge("crosscoder_train_l0", TRAIN_METRICS["crosscoder_train_l0"], names, registry=r).labels(**base)
+        self._dead = Gauge("crosscoder_train_dead_latents_ratio", TRAIN_METRICS["crosscoder_train_dead_latents_ratio"],
+                           names, registry=r).labels(**base)
+        self._base = base
+        self.server, _ = start_http_server(self.port, addr=host, registry=r)
+
+    def step(self, metrics: dict, tokens: int, step_seconds: float, wait_seconds: float) -> None:
+        if not self.enabled:
+            return
+        self._tokens.inc(tokens)
+        self._steps.inc()
+        self._step_seconds.observe(step_seconds)
+        self._wait.inc(wait_seconds)
+        for term, value in metrics["loss"].items():
+            self._loss.labels(**self._base, term=term).set(value)
+        for source, value in metrics["fve"].items():
+            self._fve.labels(**self._base, source=source).set(value)
+        self._l0.set(metrics["l0"])
+        self._dead.set(metrics["dead_fraction"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.server.shutdown()
+            self.server.server_close()

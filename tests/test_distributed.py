@@ -1,0 +1,181 @@
+"""The distributed trainer through its real components: a local Ray cluster, Ray Train starting two
+workers with a gloo process group, DeepSpeed engines (ZeRO 1/2/3) and latent/data parallelism."""
+
+import json
+import socket
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from crosscoder import CrossCoder
+from crosscoder.ray_train import train_distributed
+from crosscoder.trainer import TrainingDiverged, checkpoint_dirs, train
+
+from .conftest import small_run_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def log_by_step(run_dir) -> dict[int, dict]:
+    """Last logged metrics of every step (a restarted run logs some steps twice)."""
+    out = {}
+    for line in (run_dir / "train_log.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out[row["step"]] = row
+    return out
+
+
+def config(**kw):
+    base = dict(steps=12, log_every=1, checkpoint_every=4, dead_tokens=768, latents=96)
+    return small_run_config(**(base | kw))
+
+
+def assert_same_exports(a, b, atol=1e-5):
+    ma, mb = CrossCoder.from_pretrained(a), CrossCoder.from_pretrained(b)
+    for name, value in ma.state_dict().items():
+        assert torch.allclose(value, mb.state_dict()[name], atol=atol, rtol=1e-4), name
+
+
+@pytest.fixture(scope="module")
+def single_reference(tmp_path_factory, small_shards):
+    run = tmp_path_factory.mktemp("single") / "run"
+    train(config(), run, data=small_shards, progress=False)
+    return run
+
+
+def test_latent_parallel_matches_single_process_step_by_step(ray_cluster, single_reference, small_shards, tmp_path):
+    out = train_distributed(config(workers=2, latent_parallel=2), tmp_path / "run", small_shards, progress=False)
+    single, lp = log_by_step(single_reference), log_by_step(tmp_path / "run")
+    assert sorted(lp) == list(range(1, 13))
+    for step in range(1, 13):
+        for term in ("mse", "auxk", "total"):
+            assert np.isclose(lp[step]["loss"][term], single[step]["loss"][term], rtol=1e-4, atol=1e-5), (step, term)
+        assert round(lp[step]["dead_fraction"] * 96) == round(single[step]["dead_fraction"] * 96), step
+        assert np.isclose(lp[step]["l0"], single[step]["l0"])
+    assert any(single[s]["loss"]["auxk"] > 0 for s in single)  # latents died and AuxK was exercised
+    assert_same_exports(single_reference / "crosscoder", tmp_path / "run" / "crosscoder")
+    export = json.loads((tmp_path / "run" / "crosscoder" / "config.json").read_text())
+    assert export["latents"] == 96 and export["latent_parallel"] == 2
+    assert out["comm_bytes"] > 0
+
+
+def test_data_parallel_matches_single_process_at_the_same_global_batch(ray_cluster, small_shards, tmp_path):
+    # the single process reads the same two data partitions the two data-parallel ranks read
+    single_run = tmp_path / "single"
+    train(config(data_partitions=2), single_run, data=small_shards, progress=False)
+    train_distributed(config(workers=2, latent_parallel=1), tmp_path / "dp", small_shards, progress=False)
+    single, dp = log_by_step(single_run), log_by_step(tmp_path / "dp")
+    for step in range(1, 13):
+        for term in ("mse", "auxk", "total"):
+            assert np.isclose(dp[step]["loss"][term], single[step]["loss"][term], rtol=1e-4, atol=1e-5), (step, term)
+        assert round(dp[step]["dead_fraction"] * 96) == round(single[step]["dead_fraction"] * 96), step
+    assert any(single[s]["dead_fraction"] > 0 for s in single)
+    # which latents count as dead: the counters agree latent by latent
+    single_state = torch.load(checkpoint_dirs(single_run)[-1] / "state.pt", weights_only=False)
+    assert single_state["step"] == 12
+    ds_states = list((tmp_path / "dp" / "checkpoints" / "step-12").glob("mp_rank_00_model_states.pt"))
+    client = torch.load(ds_states[0], weights_only=False)
+    assert torch.equal(client["dead"][0]["tokens_since_fired"], single_state["dead"]["tokens_since_fired"])
+    assert_same_exports(single_run / "crosscoder", tmp_path / "dp" / "crosscoder")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stages_train_checkpoint_and_resume(ray_cluster, single_reference, small_shards, tmp_path, stage):
+    cfg = config(workers=2, latent_parallel=2, zero_stage=stage)
+    first = train_distributed(cfg, tmp_path / "run", small_shards, progress=False, stop_after=6)
+    assert first["steps"] == 6 and first["export_dir"] is None
+    assert (tmp_path / "run" / "checkpoints" / "step-4").is_dir()
+    second = train_distributed(cfg, tmp_path / "run", small_shards, progress=False)
+    assert second["steps"] == 12
+    resumed, single = log_by_step(tmp_path / "run"), log_by_step(single_reference)
+    losses = [resumed[s]["loss"]["total"] for s in range(1, 13)]
+    assert losses[-1] < losses[0]
+    assert np.allclose(losses, [single[s]["loss"]["total"] for s in range(1, 13)], rtol=1e-4, atol=1e-5)
+    assert_same_exports(single_reference / "crosscoder", tmp_path / "run" / "crosscoder")
+
+
+def test_killed_worker_is_restarted_and_resumes_the_same_trajectory(ray_cluster, single_reference, small_shards,
+                                                                     tmp_path, monkeypatch):
+    # rank 1 dies hard at step 6; Ray Train restarts both workers, which resume from step-4
+    monkeypatch.setenv("CROSSCODER_FAULT_INJECT", "1:6")
+    import ray
+
+    ray.shutdown()  # workers inherit the environment of the cluster they start in
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    cfg = config(workers=2, latent_parallel=1, max_failures=1, data_partitions=1)
+    cfg.train.data_partitions = 2
+    train_distributed(cfg, tmp_path / "run", small_shards, progress=False)
+    assert (tmp_path / "run" / ".fault-1:6").exists()
+    resumed = log_by_step(tmp_path / "run")
+    reference = tmp_path / "reference"
+    train(config(data_partitions=2), reference, data=small_shards, progress=False)
+    expected = log_by_step(reference)
+    for s in range(1, 13):
+        assert np.isclose(resumed[s]["loss"]["total"], expected[s]["loss"]["total"], rtol=1e-4, atol=1e-5), s
+
+
+def test_nan_loss_stops_every_rank_without_retries(ray_cluster, small_shards, tmp_path):
+    cfg = config(workers=2, latent_parallel=2, max_failures=2)
+    train_distributed(cfg, tmp_path / "run", small_shards, progress=False, stop_after=5)
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text()
+    assert latest == "step-5"
+    cfg.train.lr = 1e30  # the resumed run diverges at once
+    start = time.time()
+    with pytest.raises(TrainingDiverged, match="not finite at step"):
+        train_distributed(cfg, tmp_path / "run", small_shards, progress=False)
+    assert time.time() - start < 60  # stopped at once, not retried by Ray Train
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == latest  # last good checkpoint kept
+    assert not (tmp_path / "run" / "crosscoder").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_running_trainer_serves_every_metric(small_shards, tmp_path):
+    cfg = config(steps=400, checkpoint_every=0)
+    cfg.metrics.port, cfg.metrics.host = free_port(), "127.0.0.1"
+    thread = threading.Thread(target=train, args=(cfg, tmp_path / "run"), kwargs={"data": small_shards, "progress": False})
+    thread.start()
+    text, deadline = "", time.time() + 60
+    try:
+        while time.time() < deadline:
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{cfg.metrics.port}/metrics", timeout=2).read().decode()
+                if "crosscoder_train_l0" in text and "crosscoder_train_tokens_total" in text:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+    finally:
+        thread.join(timeout=120)
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("crosscoder_"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    def value(prefix):
+        return [v for k, v in samples.items() if k.startswith(prefix)]
+    assert value("crosscoder_train_tokens_total")[0] >= 256
+    assert value("crosscoder_train_step_seconds_count")[0] >= 1
+    assert value("crosscoder_train_data_wait_seconds_total")[0] >= 0
+    assert {k.split('term="')[1].split('"')[0] for k in samples if k.startswith("crosscoder_train_loss{")} >= {"mse", "total"}
+    assert sorted(k.split('source="')[1].split('"')[0] for k in samples if k.startswith("crosscoder_train_fve{")) == ["base", "chat"]
+    assert all(-5 < v <= 1 for v in value("crosscoder_train_fve"))
+    assert 0 < value("crosscoder_train_l0")[0] <= 96
+    assert 0 <= value("crosscoder_train_dead_latents_ratio")[0] <= 1
