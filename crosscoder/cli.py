@@ -48,8 +48,10 @@ def resolve(args, rest) -> tuple[RunConfig, Path]:
 def cmd_synthetic(cfg: RunConfig, run_dir: Path, args) -> int:
     from .synthetic import write_synthetic
 
+    from .storage import open_root
+
     output = args.output or cfg.synthetic.output or str(run_dir / "shards")
-    manifest = write_synthetic(cfg.synthetic, output, progress=not args.quiet)
+    manifest = write_synthetic(cfg.synthetic, output, progress=not args.quiet, root=open_root(output, cfg.storage))
     print(f"wrote {len(manifest.shards)} shards, {manifest.tokens} tokens, to {output}")
     return 0
 
@@ -90,32 +92,31 @@ def _summary(result) -> None:
 
 def cmd_run(cfg: RunConfig, run_dir: Path, args) -> int:
     from .shards import read_manifest
-    from .storage import Root
+    from .storage import open_root
     from .synthetic import write_synthetic
 
     if cfg.harvest.models:
         raise ConfigError("harvesting from models is not available in this version; use [synthetic] data")
     data = training_data(cfg, run_dir, getattr(args, "data", None))
+    root = open_root(data, cfg.storage)
     try:
-        manifest = read_manifest(Root(data))
+        manifest = read_manifest(root)
         print(f"shards: {data} already complete ({len(manifest.shards)} shards), skipping generation")
     except Exception:  # noqa: BLE001 - any unreadable dataset is regenerated from the config
         print(f"shards: writing planted synthetic activations to {data}")
-        write_synthetic(cfg.synthetic, data, progress=not args.quiet)
+        write_synthetic(cfg.synthetic, data, progress=not args.quiet, root=root)
     result = run_training(cfg, run_dir, data, args.quiet)
     _summary(result)
-    _planted_summary(data, result)
+    _planted_summary(root, result)
     print(f"run directory: {run_dir.absolute()}")
     return 0
 
 
-def _planted_summary(data: str, result) -> None:
+def _planted_summary(root, result) -> None:
     """On planted synthetic data, say how much of the planted truth the crosscoder recovered."""
     from .shards import read_manifest
-    from .storage import Root
     from .synthetic import PLANTED, read_planted, score_recovery
 
-    root = Root(data)
     if result.export_dir is None or not root.exists(PLANTED):
         return
     from .model import CrossCoder

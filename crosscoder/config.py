@@ -137,6 +137,14 @@ class AnalyzeConfig:
 
 
 @dataclass
+class StorageConfig:
+    """How shard roots on object storage are reached; credentials come from the usual AWS variables
+    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE), never from this file."""
+
+    endpoint_url: str = opt("", "S3 endpoint (MinIO, moto, …); empty = AWS_ENDPOINT_URL or AWS itself")
+
+
+@dataclass
 class MetricsConfig:
     port: int = opt(0, "Prometheus port; 0 = off; harvest actors and train ranks add their index")
     host: str = opt("0.0.0.0", "address the metrics endpoint listens on (0.0.0.0 so Prometheus can scrape pods)")
@@ -150,6 +158,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "[train] table"})
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig, metadata={"help": "[analyze] table"})
     metrics: MetricsConfig = field(default_factory=MetricsConfig, metadata={"help": "[metrics] table"})
+    storage: StorageConfig = field(default_factory=StorageConfig, metadata={"help": "[storage] table"})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from .metrics import sums_for_fve
 from .model import CrossCoder
 from .parallel import CommCounter, DistributedSelection, ParallelLayout, all_gather_cat
 from .shards import read_manifest
-from .storage import Root
+from .storage import open_root
 from .stream import PartitionedStream, prefetch
 from .telemetry import TrainMetrics
 from .trainer import (
@@ -147,7 +147,7 @@ def train_worker(config: dict) -> dict:
     stop_after = config.get("stop_after")
     layout = ParallelLayout.create(tc.latent_parallel)
     rank = layout.rank
-    root = Root(data)
+    root = open_root(data, cfg.storage)
     manifest = read_manifest(root)
     spec = spec_from(tc, manifest)
     if spec.latents % tc.latent_parallel:

@@ -105,3 +105,11 @@ class Root:
 
     def __repr__(self) -> str:
         return f"Root({self.url!r})"
+
+
+def open_root(url: str, storage=None) -> Root:
+    """A Root for ``url`` with the run's storage settings (a StorageConfig or None)."""
+    endpoint = getattr(storage, "endpoint_url", "") or None
+    if _protocol(url) == "s3" and endpoint:
+        return Root(url, endpoint_url=endpoint)
+    return Root(url)

@@ -120,11 +120,11 @@ def sample_activations(planted: PlantedDictionary, cfg: SyntheticConfig, n_token
     return np.concatenate(parts, axis=1).astype(np.float32)
 
 
-def write_synthetic(cfg: SyntheticConfig, output: str, progress: bool = True) -> Manifest:
-    """Write planted-truth shards, ``planted.npz`` and the manifest to ``output``."""
+def write_synthetic(cfg: SyntheticConfig, output: str, progress: bool = True, root: Root | None = None) -> Manifest:
+    """Write planted-truth shards, ``planted.npz`` and the manifest to ``output`` (or ``root``)."""
     if len(cfg.raw_scale) != len(cfg.widths):
         raise ValueError(f"synthetic.raw_scale needs one entry per source, got {cfg.raw_scale}")
-    root = Root(output)
+    root = root or Root(output)
     planted = plant_dictionary(cfg)
     root.write_bytes(PLANTED, planted.to_bytes())
     samples_total = -(-cfg.tokens // cfg.seq_len)

@@ -40,7 +40,7 @@ from .losses import LossWeights, total_loss
 from .metrics import fve_per_source, l0
 from .model import CrossCoder, CrossCoderSpec, ForwardOutput, default_aux_k
 from .shards import Manifest, read_manifest
-from .storage import Root
+from .storage import open_root
 from .stream import PartitionedStream, Position, prefetch
 from .telemetry import TrainMetrics
 
@@ -196,7 +196,7 @@ def train(
     data = data or tc.data
     if not data:
         raise RunDirError("no training data: set train.data in the config or pass --data ROOT")
-    root = Root(data)
+    root = open_root(data, cfg.storage)
     manifest = read_manifest(root)
     spec = spec_from(tc, manifest)
     run_dir.mkdir(parents=True, exist_ok=True)
