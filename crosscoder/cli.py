@@ -56,6 +56,26 @@ def cmd_synthetic(cfg: RunConfig, run_dir: Path, args) -> int:
     return 0
 
 
+def cmd_harvest(cfg: RunConfig, run_dir: Path, args) -> int:
+    from .harvest import harvest
+
+    if not cfg.harvest.output:
+        cfg.harvest.output = str(run_dir / "shards")
+    manifest = harvest(cfg, progress=not args.quiet)
+    print(f"harvested {manifest.tokens} tokens into {len(manifest.shards)} shards at {cfg.harvest.output}")
+    return 0
+
+
+def cmd_tiny(cfg: RunConfig, run_dir: Path, args) -> int:
+    from . import tiny
+
+    output = Path(args.output)
+    base, chat = tiny.make_pair(output, hidden=args.hidden, layers=args.layers)
+    docs = tiny.write_documents(output / "documents.jsonl", n_docs=args.documents)
+    print(f"tiny base model: {base}\ntiny chat model: {chat}\ndocuments: {docs}")
+    return 0
+
+
 def training_data(cfg: RunConfig, run_dir: Path, override: str | None) -> str:
     return override or cfg.train.data or cfg.harvest.output or cfg.synthetic.output or str(run_dir / "shards")
 
@@ -91,20 +111,28 @@ def _summary(result) -> None:
 
 
 def cmd_run(cfg: RunConfig, run_dir: Path, args) -> int:
-    from .shards import read_manifest
+    from .shards import ShardError, read_manifest
     from .storage import open_root
     from .synthetic import write_synthetic
 
-    if cfg.harvest.models:
-        raise ConfigError("harvesting from models is not available in this version; use [synthetic] data")
     data = training_data(cfg, run_dir, getattr(args, "data", None))
+    if cfg.harvest.models:
+        from .harvest import harvest
+
+        cfg.harvest.output = cfg.harvest.output or data
+        manifest = harvest(cfg, progress=not args.quiet)  # skips shards already committed
+        print(f"harvest: {manifest.tokens} tokens in {len(manifest.shards)} shards at {cfg.harvest.output}")
+        data = cfg.train.data or cfg.harvest.output
     root = open_root(data, cfg.storage)
-    try:
-        manifest = read_manifest(root)
-        print(f"shards: {data} already complete ({len(manifest.shards)} shards), skipping generation")
-    except Exception:  # noqa: BLE001 - any unreadable dataset is regenerated from the config
-        print(f"shards: writing planted synthetic activations to {data}")
-        write_synthetic(cfg.synthetic, data, progress=not args.quiet, root=root)
+    if not cfg.harvest.models:
+        try:
+            manifest = read_manifest(root)
+            print(f"shards: {data} already complete ({len(manifest.shards)} shards), skipping generation")
+        except ShardError as e:
+            if "no manifest.json" not in str(e):
+                raise
+            print(f"shards: writing planted synthetic activations to {data}")
+            write_synthetic(cfg.synthetic, data, progress=not args.quiet, root=root)
     result = run_training(cfg, run_dir, data, args.quiet)
     _summary(result)
     _planted_summary(root, result)
@@ -131,7 +159,9 @@ def _planted_summary(root, result) -> None:
 
 
 COMMANDS = {
+    "harvest": (cmd_harvest, "harvest activations from models into shards (Ray actors)"),
     "synthetic": (cmd_synthetic, "write planted-truth synthetic shards"),
+    "tiny": (cmd_tiny, "make a tiny base/chat model pair and documents (no download), for trying the harvest"),
     "train": (cmd_train, "train a crosscoder on a shard root"),
     "run": (cmd_run, "every stage in order; with no arguments, the embedded default"),
 }
@@ -154,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--data", help="shard root (path, file://… or s3://…), overriding the config")
         if name == "synthetic":
             p.add_argument("--output", help="shard root to write (default: synthetic.output or <run>/shards)")
+        if name == "tiny":
+            p.add_argument("--output", default="tiny-models", help="directory for base/, chat/ and documents.jsonl")
+            p.add_argument("--hidden", type=int, default=64, help="hidden size of the models")
+            p.add_argument("--layers", type=int, default=4, help="number of decoder layers")
+            p.add_argument("--documents", type=int, default=2000, help="number of documents to write")
     sub.add_parser("keys", help="list every config key with its default and meaning")
     return parser
 
@@ -175,11 +210,14 @@ def main(argv: list[str] | None = None) -> int:
         print("crosscoder: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - one clear line for expected failures
+        from .documents import DataError
+        from .models import ModelError
         from .shards import ShardError
         from .storage import StorageError
         from .trainer import RunDirError, TrainingDiverged
 
-        if isinstance(e, (ShardError, StorageError, RunDirError, TrainingDiverged, FileNotFoundError)):
+        if isinstance(e, (ShardError, StorageError, RunDirError, TrainingDiverged, FileNotFoundError, DataError,
+                          ModelError)):
             print(f"crosscoder: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
         raise

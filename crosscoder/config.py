@@ -46,16 +46,21 @@ class ModelSource:
 @dataclass
 class HarvestConfig:
     models: list[dict] = opt(
-        [], "models to harvest, each a table {name, path, revision, dtype}; sources = models × hooks"
+        [], "models to harvest, each a table {name, path, revision, dtype, device_map}; sources = models × hooks"
     )
     hooks: list[str] = opt(["model.layers.1"], "module paths whose outputs are harvested (residual stream)")
-    data: str = opt("", "JSONL or text file of documents or chat conversations")
+    data: str = opt("", "JSONL ({text} or {messages}) or .txt file of documents, or hf:<dataset>[:<split>]")
     output: str = opt("", "shard root: a path, file://… or s3://bucket/prefix")
     actors: int = opt(2, "number of Ray harvest actors")
+    cpus_per_actor: float = opt(1.0, "CPUs reserved by each actor")
+    gpus_per_actor: float = opt(0.0, "GPUs reserved by each actor (a model larger than one is split with device_map)")
     tokens: int = opt(1_000_000, "stop after this many harvested tokens")
-    seq_len: int = opt(128, "tokens per chunk (one sample)")
+    seq_len: int = opt(128, "tokens per chunk (one sample); longer documents are cut into several chunks")
     samples_per_shard: int = opt(64, "samples (chunks) per shard file")
+    batch_size: int = opt(8, "chunks per forward pass")
     dtype: str = opt("float16", "dtype activations are stored in: float16 | float32")
+    keep_bos: bool = opt(False, "store the BOS position too (excluded by default: an attention sink with outlier norms)")
+    max_retries: int = opt(3, "times a shard is retried after its actor died or failed")
 
 
 @dataclass

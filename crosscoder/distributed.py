@@ -297,10 +297,26 @@ def train_worker(config: dict) -> dict:
         export_dir = export(engine, model, layout, run_dir, spec, data, tc)
     dist.barrier()
     result = {"steps": start, "losses": history, "last_metrics": metrics,
-              "export_dir": str(export_dir) if export_dir else None, "comm_bytes": counter.bytes}
+              "export_dir": str(export_dir) if export_dir else None, "comm_bytes": counter.bytes,
+              "memory_bytes": resident_bytes(engine), "elapsed_s": time.time() - started}
     if rank == 0:
         (run_dir / "train_result.json").write_text(json.dumps(result) + "\n")
     return result
+
+
+def resident_bytes(engine) -> dict:
+    """This rank's parameter and optimizer memory: module parameters (their ZeRO-3 partitions),
+    the optimizer's own parameter copies (ZeRO's fp32 partitions) and its state (Adam moments)."""
+    def size(t):
+        t = getattr(t, "ds_tensor", t)
+        return t.numel() * t.element_size()
+
+    module = {id(p): size(p) for p in engine.module.parameters()}
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    copies = sum(size(p) for g in opt.param_groups for p in g["params"] if id(p) not in module)
+    state = sum(size(t) for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
+    return {"parameters": sum(module.values()), "optimizer_copies": copies, "optimizer_state": state,
+            "total": sum(module.values()) + copies + state}
 
 
 def save(engine, run_dir: Path, step: int, spec, layout, tracker, model, positions, keep: int) -> None:

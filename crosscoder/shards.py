@@ -60,6 +60,7 @@ class ShardInfo:
     tokens: int
     bytes: int
     sha256: str
+    stats: dict | None = None  # e.g. {"norm_sum": [...]}: per-source Σ‖x‖, for normalisation scales
 
 
 @dataclass

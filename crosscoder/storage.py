@@ -14,10 +14,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
 import fsspec
+
+RETRIES = 5  # attempts of one storage operation on transient errors
+BACKOFF_S = 0.5  # first wait; doubles per attempt
 
 
 class StorageError(OSError):
@@ -41,10 +45,14 @@ class Root:
             self.path = str(Path(self.path).expanduser().absolute())
             self.fs = fsspec.filesystem("file")
         else:
+            self.endpoint = None
             if self.protocol == "s3":
-                endpoint = storage_options.pop("endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL")
-                if endpoint:
-                    storage_options.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
+                self.endpoint = storage_options.pop("endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL")
+                if self.endpoint:
+                    storage_options.setdefault("client_kwargs", {})["endpoint_url"] = self.endpoint
+                # bounded waits: an unreachable endpoint fails in seconds, not minutes
+                storage_options.setdefault("config_kwargs", {"connect_timeout": 5, "read_timeout": 120,
+                                                              "retries": {"max_attempts": 3, "mode": "standard"}})
             self.fs = fsspec.filesystem(self.protocol, **storage_options)
             self.path = self.url.split("://", 1)[1]
 
@@ -58,11 +66,45 @@ class Root:
     def url_of(self, name: str) -> str:
         return f"{self.url}/{name}"
 
+    def _retry(self, what: str, fn, *args):
+        """Run a storage operation, retrying transient errors with exponential backoff."""
+        for attempt in range(RETRIES):
+            try:
+                return fn(*args)
+            except (FileNotFoundError, PermissionError, IsADirectoryError):
+                raise
+            except OSError as e:
+                if self.is_local or attempt == RETRIES - 1:
+                    raise StorageError(f"{self.url}: {what} failed after {attempt + 1} attempts: {e}") from e
+                time.sleep(BACKOFF_S * 2**attempt)
+
     def exists(self, name: str) -> bool:
-        return self.fs.exists(self.full(name))
+        return self._retry(f"checking {name}", self.fs.exists, self.full(name))
 
     def read_bytes(self, name: str) -> bytes:
-        return self.fs.cat_file(self.full(name))
+        return self._retry(f"reading {name}", self.fs.cat_file, self.full(name))
+
+    def check_writable(self) -> None:
+        """One clear error, early, when the root cannot be reached or does not exist."""
+        if self.is_local:
+            try:
+                os.makedirs(self.path, exist_ok=True)
+            except OSError as e:
+                raise StorageError(f"{self.url}: cannot create the output directory: {e}") from None
+            if not os.access(self.path, os.W_OK):
+                raise StorageError(f"{self.url}: the output directory is not writable")
+            return
+        bucket = self.path.split("/", 1)[0]
+        where = f"endpoint {self.endpoint}" if getattr(self, "endpoint", None) else "the default endpoint"
+        try:
+            self._retry(f"listing bucket {bucket!r}", lambda: self.fs.ls(bucket, refresh=True))
+        except FileNotFoundError:
+            raise StorageError(f"{self.url}: bucket {bucket!r} does not exist at {where}") from None
+        except PermissionError as e:
+            raise StorageError(f"{self.url}: access to bucket {bucket!r} denied at {where}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - connection errors come in many types
+            cause = e.__cause__ if isinstance(e, StorageError) and e.__cause__ else e
+            raise StorageError(f"{self.url}: cannot reach the object store at {where}: {type(cause).__name__}: {cause}") from None
 
     def list(self) -> list[str]:
         try:
@@ -89,7 +131,7 @@ class Root:
                 if tmp.exists():
                     tmp.unlink()
         else:
-            self.fs.put_file(str(local_file), self.full(name))
+            self._retry(f"uploading {name}", self.fs.put_file, str(local_file), self.full(name))
             os.unlink(local_file)
 
     def write_bytes(self, name: str, data: bytes) -> None:

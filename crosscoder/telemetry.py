@@ -25,6 +25,41 @@ TRAIN_METRICS = {
 }
 
 
+HARVEST_METRICS = {
+    "crosscoder_harvest_tokens_total": "tokens whose activations were written",
+    "crosscoder_harvest_shards_total": "shards committed",
+    "crosscoder_harvest_shard_seconds": "wall time to harvest and commit one shard",
+}
+
+
+class HarvestMetrics:
+    def __init__(self, port: int = 0, actor: int = 0, host: str = "0.0.0.0"):
+        self.enabled = port > 0
+        self.port = port + actor if self.enabled else 0
+        if not self.enabled:
+            return
+        r = self.registry = CollectorRegistry()
+        labels = {"actor": str(actor)}
+        self._tokens = Counter("crosscoder_harvest_tokens", HARVEST_METRICS["crosscoder_harvest_tokens_total"],
+                               list(labels), registry=r).labels(**labels)
+        self._shards = Counter("crosscoder_harvest_shards", HARVEST_METRICS["crosscoder_harvest_shards_total"],
+                               list(labels), registry=r).labels(**labels)
+        self._seconds = Histogram("crosscoder_harvest_shard_seconds", HARVEST_METRICS["crosscoder_harvest_shard_seconds"],
+                                  list(labels), buckets=STEP_BUCKETS + (120, 300, 600), registry=r).labels(**labels)
+        self.server, _ = start_http_server(self.port, addr=host, registry=r)
+
+    def shard(self, tokens: int, seconds: float) -> None:
+        if self.enabled:
+            self._tokens.inc(tokens)
+            self._shards.inc()
+            self._seconds.observe(seconds)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.server.shutdown()
+            self.server.server_close()
+
+
 class TrainMetrics:
     def __init__(self, port: int = 0, rank: int = 0, labels: dict | None = None, host: str = "0.0.0.0"):
         self.enabled = port > 0

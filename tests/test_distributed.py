@@ -19,15 +19,6 @@ from .conftest import free_port, small_run_config, small_synthetic
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 def log_by_step(run_dir) -> dict[int, dict]:
     """Last logged metrics of every step (a restarted run logs some steps twice)."""
     out = {}

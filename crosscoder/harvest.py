@@ -1,0 +1,264 @@
+"""Harvest activations from a list of models into shards, with a pool of Ray actors.
+
+The driver tokenizes the documents once and *plans* the dataset: chunk list → shard n holds chunks
+``[n·S, (n+1)·S)``. A pool of actors, each hosting every model (split over the actor's devices
+with ``device_map`` when needed), takes shards: for each it runs the models only as deep as the
+deepest hook (models.py), writes the shard locally and commits it to the output root atomically
+(storage.py). A shard's bytes are a pure function of (config, n), so a shard redone after an actor
+died, or skipped on a re-run because the manifest already lists it with a matching sha256, is
+exactly the shard an uninterrupted run writes.
+
+Only the driver writes ``manifest.json``: after every committed shard (listing only complete
+shards, ``harvest.complete = false``), and at the end with the normalisation scales computed from
+every shard's per-source norm sums (``norm_scale[s] = √d_s / E‖x_s‖``). Costs: the plan holds all
+token ids in the driver's memory (4 bytes per token: 400 MB for 100M tokens), and a retried
+shard's partial work is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .config import RunConfig, from_dict, to_dict
+from .documents import Chunk, check_same_tokenizer, plan_chunks, read_documents
+from .models import ActivationReader, ModelSpec, load_model, load_tokenizer
+from .shards import Manifest, ShardError, ShardInfo, ShardWriter, SourceInfo, read_manifest, shard_name, write_manifest
+from .storage import Root, open_root
+from .telemetry import HarvestMetrics
+
+
+def model_specs(cfg: RunConfig) -> list[ModelSpec]:
+    if not cfg.harvest.models:
+        raise ValueError("harvest.models is empty: list the models, e.g. [{name='base', path='...'}, ...]")
+    specs = []
+    for i, m in enumerate(cfg.harvest.models):
+        unknown = set(m) - {"name", "path", "revision", "dtype", "device_map"}
+        if unknown or "path" not in m:
+            raise ValueError(f"harvest.models[{i}]: needs 'path' (and may have name, revision, dtype, device_map); "
+                             f"unknown keys {sorted(unknown)}")
+        specs.append(ModelSpec(name=m.get("name", f"model{i}"), path=m["path"], revision=m.get("revision"),
+                               dtype=m.get("dtype", "float32"), device_map=m.get("device_map")))
+    if len({s.name for s in specs}) != len(specs):
+        raise ValueError(f"harvest.models: names must be unique, got {[s.name for s in specs]}")
+    return specs
+
+
+def source_names(models: list[ModelSpec], hooks: list[str]) -> list[tuple[str, ModelSpec, str]]:
+    """Sources in manifest order: models × hooks; named by model, or model@hook with several hooks."""
+    return [(m.name if len(hooks) == 1 else f"{m.name}@{h}", m, h) for m in models for h in hooks]
+
+
+class ShardHarvester:
+    """Hosts the models and writes whole shards; used by each Ray actor (and directly in tests)."""
+
+    def __init__(self, config: dict, actor_index: int = 0):
+        self.cfg = from_dict(RunConfig, config)
+        hc = self.cfg.harvest
+        self.models = model_specs(self.cfg)
+        self.readers = {}
+        for spec in self.models:
+            self.readers[spec.name] = ActivationReader(load_model(spec), hc.hooks, spec.name)
+        tokenizer = load_tokenizer(self.models[0].path, self.models[0].revision)
+        self.bos = tokenizer.bos_token_id
+        self.root = open_root(hc.output, self.cfg.storage)
+        self.metrics = HarvestMetrics(self.cfg.metrics.port, actor_index, host=self.cfg.metrics.host)
+
+    def activations(self, tokens: list[list[int]]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Acts [B, T, D] (sources concatenated, stored dtype) for equal-length chunks, BOS excluded."""
+        hc = self.cfg.harvest
+        prefix = [self.bos] if self.bos is not None else []
+        ids = torch.tensor([prefix + t for t in tokens], dtype=torch.long)
+        skip = 0 if hc.keep_bos or not prefix else 1
+        parts = []
+        for spec in self.models:
+            for act in self.readers[spec.name].read(ids):
+                parts.append(act[:, skip:].float())
+        joined = torch.cat(parts, dim=-1)
+        norms = [p.norm(dim=-1).double().sum().item() for p in parts]
+        stored_ids = [np.asarray((prefix if not skip else []) + t, dtype=np.int32) for t in tokens]
+        return joined.to(getattr(torch, hc.dtype)).numpy(), stored_ids, norms
+
+    def write(self, index: int, chunks: list[Chunk]) -> dict:
+        hc = self.cfg.harvest
+        started = time.time()
+        width = sum(r.width[i] for r in self.readers.values() for i in range(len(hc.hooks)))
+        writer = ShardWriter(self.root, shard_name(index), width=width, dtype=hc.dtype)
+        norm_sum = np.zeros(len(self.models) * len(hc.hooks))
+        fault = os.environ.get("CROSSCODER_HARVEST_FAULT")  # "<shard>:<marker file>": die once mid-shard
+        try:
+            i = 0
+            while i < len(chunks):
+                j = i
+                while j < len(chunks) and j - i < hc.batch_size and len(chunks[j].tokens) == len(chunks[i].tokens):
+                    j += 1
+                batch = chunks[i:j]
+                acts, ids, norms = self.activations([c.tokens for c in batch])
+                norm_sum += norms
+                for c, a, t in zip(batch, acts, ids):
+                    writer.add(f"{c.doc:08d}-{c.index:04d}", t, a,
+                               {"doc": c.doc, "chunk": c.index, "offset": c.offset, "chat": c.chat})
+                i = j
+                if fault and fault.split(":", 1)[0] == str(index) and i >= len(chunks) // 2:
+                    marker = Path(fault.split(":", 1)[1])
+                    if not marker.exists():
+                        marker.touch()
+                        os._exit(13)
+            info = writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        info.stats = {"norm_sum": norm_sum.tolist()}
+        seconds = time.time() - started
+        self.metrics.shard(info.tokens, seconds)
+        return {"index": index, "info": asdict(info), "seconds": seconds}
+
+
+def fingerprint(cfg: RunConfig, n_chunks: int) -> str:
+    hc = cfg.harvest
+    key = {k: v for k, v in asdict(hc).items() if k not in ("actors", "cpus_per_actor", "gpus_per_actor", "output",
+                                                            "max_retries", "batch_size")}
+    key["n_chunks"] = n_chunks
+    data = Path(hc.data)
+    if data.is_file():
+        key["data_sha256"] = hashlib.sha256(data.read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def committed_shards(root: Root, fp: str) -> dict[str, ShardInfo]:
+    """Shards a previous run of the same harvest committed, verified by size and sha256."""
+    try:
+        manifest = read_manifest(root)
+    except ShardError as e:
+        if "no manifest.json" in str(e):
+            return {}
+        raise
+    previous = manifest.extra.get("harvest", {}).get("fingerprint")
+    if previous != fp:
+        raise ShardError(
+            f"{root.url}: holds shards of a different harvest (fingerprint {previous}, this config {fp}); "
+            "use another harvest.output or delete it"
+        )
+    ok = {}
+    for info in manifest.shards:
+        try:
+            data = root.read_bytes(info.name)
+        except FileNotFoundError:
+            continue
+        if len(data) == info.bytes and hashlib.sha256(data).hexdigest() == info.sha256:
+            ok[info.name] = info
+    return ok
+
+
+def build_manifest(cfg, sources, widths, infos: list[ShardInfo], tokenizer: str, fp: str, planned: int) -> Manifest:
+    hc = cfg.harvest
+    infos = sorted(infos, key=lambda s: s.name)
+    complete = len(infos) == planned
+    norm_scale = []
+    if infos and all(i.stats for i in infos):
+        sums = np.sum([i.stats["norm_sum"] for i in infos], axis=0)
+        tokens = sum(i.tokens for i in infos)
+        norm_scale = [float(math.sqrt(d) / max(s / tokens, 1e-12)) for d, s in zip(widths, sums)]
+    return Manifest(
+        sources=[SourceInfo(name, d, model=m.path, revision=m.revision, hook=h)
+                 for (name, m, h), d in zip(sources, widths)],
+        dtype=hc.dtype, seq_len=hc.seq_len, tokenizer=tokenizer, norm_scale=norm_scale, shards=infos,
+        extra={"harvest": {"fingerprint": fp, "complete": complete, "planned_shards": planned,
+                           "models": hc.models, "hooks": hc.hooks, "data": hc.data}},
+    )
+
+
+def model_widths(models: list[ModelSpec], hooks: list[str]) -> list[int]:
+    from transformers import AutoConfig
+
+    widths = []
+    for m in models:
+        config = AutoConfig.from_pretrained(m.path, revision=m.revision)
+        widths += [int(config.hidden_size)] * len(hooks)
+    return widths
+
+
+def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
+    """Run (or resume) the harvest described by ``cfg.harvest``; returns the final manifest."""
+    import ray
+
+    hc = cfg.harvest
+    if not hc.output:
+        raise ValueError("harvest.output is empty: set a path, file://… or s3://bucket/prefix")
+    models = model_specs(cfg)
+    tokenizers = {m.name: load_tokenizer(m.path, m.revision) for m in models}
+    check_same_tokenizer(tokenizers)
+    tokenizer = tokenizers[models[0].name]
+    chat_tokenizer = next((t for t in reversed(list(tokenizers.values())) if getattr(t, "chat_template", None)), tokenizer)
+    chunks = plan_chunks(read_documents(hc.data), tokenizer, chat_tokenizer, hc.seq_len, hc.tokens)
+    if not chunks:
+        raise ValueError(f"{hc.data}: no documents with at least 2 tokens")
+    per = hc.samples_per_shard
+    plan = [chunks[i : i + per] for i in range(0, len(chunks), per)]
+    sources = source_names(models, hc.hooks)
+    widths = model_widths(models, hc.hooks)
+    root = open_root(hc.output, cfg.storage)
+    root.check_writable()
+    for leftover in root.temporary_files():
+        root.delete(leftover)
+    fp = fingerprint(cfg, len(chunks))
+    done = committed_shards(root, fp)
+    pending = [n for n in range(len(plan)) if shard_name(n) not in done]
+
+    if pending:
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True,
+                     configure_logging=False)
+        # the driver's storage credentials and settings reach the actors wherever they run
+        env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "CROSSCODER_", "HF_"))}
+        Actor = ray.remote(num_cpus=hc.cpus_per_actor, num_gpus=hc.gpus_per_actor, max_restarts=0)(ShardHarvester)
+        Actor = Actor.options(runtime_env={"env_vars": env} if env else None)
+        config = to_dict(cfg)
+        actors = {i: Actor.remote(config, i) for i in range(max(1, min(hc.actors, len(pending))))}
+        queue = list(pending)
+        running: dict = {}
+        attempts = {n: 0 for n in pending}
+        bar = tqdm(total=len(plan), initial=len(done), desc="harvest", unit="shard", disable=not progress,
+                   mininterval=1.0)
+        try:
+            while queue or running:
+                for i, actor in actors.items():
+                    if queue and all(a != i for a, _ in running.values()):
+                        n = queue.pop(0)
+                        running[actor.write.remote(n, plan[n])] = (i, n)
+                ready, _ = ray.wait(list(running), num_returns=1)
+                ref = ready[0]
+                i, n = running.pop(ref)
+                try:
+                    out = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                    attempts[n] += 1
+                    if attempts[n] > hc.max_retries:
+                        raise RuntimeError(f"shard {shard_name(n)} failed {attempts[n]} times; last error: {e}") from None
+                    if isinstance(e, ray.exceptions.RayActorError):
+                        actors[i] = Actor.remote(config, i)  # replace the dead actor
+                    queue.insert(0, n)
+                    bar.write(f"harvest: {shard_name(n)} will be redone ({type(e).__name__})")
+                    continue
+                info = ShardInfo(**out["info"])
+                done[info.name] = info
+                write_manifest(root, build_manifest(cfg, sources, widths, list(done.values()), tokenizer.name_or_path,
+                                                    fp, len(plan)))
+                bar.update(1)
+                bar.set_postfix(tokens=sum(s.tokens for s in done.values()), refresh=False)
+        finally:
+            bar.close()
+            for actor in actors.values():
+                ray.kill(actor)
+    manifest = build_manifest(cfg, sources, widths, list(done.values()), tokenizer.name_or_path, fp, len(plan))
+    write_manifest(root, manifest)
+    return manifest

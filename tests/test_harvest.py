@@ -1,0 +1,287 @@
+"""Harvest through its real components: tiny Llama models saved and loaded by path, a local Ray
+cluster with actors, a real S3 protocol server (moto), and the shard format read back."""
+
+import hashlib
+import http.server
+import os
+import socketserver
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from crosscoder.config import RunConfig
+from crosscoder.documents import DataError, check_same_tokenizer, plan_chunks, read_documents
+from crosscoder.harvest import harvest
+from crosscoder.models import ActivationReader, ModelError, ModelSpec, load_model, load_tokenizer
+from crosscoder.shards import iter_samples, read_manifest, shard_name
+from crosscoder.storage import Root, StorageError
+from crosscoder.tiny import make_family, make_pair, make_tokenizer, write_documents
+
+from .conftest import free_port
+
+pytestmark = pytest.mark.slow
+HOOKS = ["model.layers.1", "model.layers.2"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    base, chat = make_pair(d / "models")
+    docs = write_documents(d / "docs.jsonl", n_docs=40)
+    return {"base": base, "chat": chat, "docs": docs, "dir": d}
+
+
+def harvest_config(tiny, output, **kw) -> RunConfig:
+    cfg = RunConfig(name="harvest-test")
+    h = cfg.harvest
+    h.models = [{"name": "base", "path": tiny["base"]}, {"name": "chat", "path": tiny["chat"]}]
+    h.hooks, h.data, h.output = list(HOOKS), tiny["docs"], output
+    h.actors, h.tokens, h.seq_len, h.samples_per_shard, h.batch_size = 2, 500, 16, 6, 4
+    for k, v in kw.items():
+        setattr(h, k, v)
+    return cfg
+
+
+def direct_activations(path, tokens: list[int]) -> list[np.ndarray]:
+    """Reference: a full forward with output_hidden_states (hidden_states[i+1] = layer i output)."""
+    model = load_model(ModelSpec("ref", path))
+    out = model(input_ids=torch.tensor([[1] + tokens]), output_hidden_states=True)
+    return [out.hidden_states[int(h.rsplit(".", 1)[1]) + 1][0, 1:].numpy() for h in HOOKS]
+
+
+def test_early_stop_reads_the_same_activations_as_a_full_forward(tiny):
+    model = load_model(ModelSpec("base", tiny["base"]))
+    reader = ActivationReader(model, HOOKS, "base")
+    ran = []
+    handle = model.model.layers[3].register_forward_hook(lambda *a: ran.append(1))
+    ids = torch.tensor([[1, 10, 20, 30, 40, 50]])
+    acts = reader.read(ids)
+    assert ran == []  # layers after the deepest hook never ran
+    handle.remove()
+    full = model(input_ids=ids, output_hidden_states=True).hidden_states
+    for act, layer in zip(acts, (1, 2)):
+        assert torch.equal(act, full[layer + 1])
+
+
+def test_s3_harvest_matches_a_direct_forward_of_both_models(ray_cluster, tiny, s3_bucket):
+    endpoint, bucket = s3_bucket
+    cfg = harvest_config(tiny, f"s3://{bucket}/acts")
+    cfg.storage.endpoint_url = endpoint
+    manifest = harvest(cfg, progress=False)
+    root = Root(f"s3://{bucket}/acts", endpoint_url=endpoint)
+    again = read_manifest(root)
+    assert again.to_json() == manifest.to_json()
+    assert [s.name for s in again.sources] == [f"{m}@{h}" for m in ("base", "chat") for h in HOOKS]
+    assert [s.d for s in again.sources] == [64] * 4 and again.extra["harvest"]["complete"]
+    assert [s.name for s in again.shards] == [shard_name(i) for i in range(len(again.shards))]
+    assert not [n for n in root.list() if ".tmp-" in n or n.endswith(".part")]
+
+    tok = load_tokenizer(tiny["base"])
+    plan = plan_chunks(read_documents(tiny["docs"]), tok, tok, 16, 500)
+    samples = list(iter_samples(root, again))
+    assert len(samples) == len(plan) and sum(len(s.tokens) for s in samples) == again.tokens >= 500
+    norm_sum = np.zeros(4)
+    for sample, chunk in zip(samples[:8], plan[:8]):
+        assert sample.key == f"{chunk.doc:08d}-{chunk.index:04d}"
+        assert sample.tokens.tolist() == chunk.tokens
+        ref = direct_activations(tiny["base"], chunk.tokens) + direct_activations(tiny["chat"], chunk.tokens)
+        assert np.allclose(sample.acts.astype(np.float32), np.concatenate(ref, axis=1), atol=2e-3, rtol=2e-3)
+    for sample in samples:
+        acts = sample.acts.astype(np.float64)
+        norm_sum += [np.linalg.norm(acts[:, i * 64 : (i + 1) * 64], axis=1).sum() for i in range(4)]
+    expected = np.sqrt(64) / (norm_sum / again.tokens)
+    assert np.allclose(again.norm_scale, expected, rtol=1e-3)
+    # chat documents went through the template: their token ids contain the role markers
+    user = tok.convert_tokens_to_ids("<|user|>")
+    assert any(user in s.tokens for s in samples if s.meta["chat"])
+
+
+def read_all_bytes(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.glob("shard-*.tar"))}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, tiny):
+    out = tiny["dir"] / "uninterrupted"
+    harvest(harvest_config(tiny, str(out)), progress=False)
+    return out
+
+
+def test_actor_killed_mid_shard_is_replaced_and_the_shard_redone(ray_cluster, tiny, uninterrupted, tmp_path,
+                                                                 monkeypatch):
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("CROSSCODER_HARVEST_FAULT", f"1:{marker}")
+    out = tmp_path / "acts"
+    manifest = harvest(harvest_config(tiny, str(out)), progress=False)
+    assert marker.exists()  # an actor really died writing shard 1
+    names = [s.name for s in manifest.shards]
+    assert names == sorted(set(names)) and len(names) == manifest.extra["harvest"]["planned_shards"]
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name or p.suffix == ".part"]
+    assert read_all_bytes(out) == read_all_bytes(uninterrupted)
+
+
+def test_stopped_harvest_rerun_skips_committed_shards_and_writes_the_same_bytes(ray_cluster, tiny, uninterrupted,
+                                                                                tmp_path):
+    # the state a harvest stopped mid-way leaves: a manifest listing the shards committed so far
+    # (one of them since damaged), later shards missing, a temporary file of an unfinished commit
+    import json
+    import shutil
+
+    out = tmp_path / "acts"
+    shutil.copytree(uninterrupted, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    planned = len(manifest["shards"])
+    manifest["shards"] = manifest["shards"][:3]
+    manifest["harvest"]["complete"] = False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for n in range(3, planned):
+        (out / shard_name(n)).unlink()
+    damaged = out / shard_name(1)
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    (out / f".{shard_name(3)}.tmp-0badc0de").write_bytes(b"partial")
+    os.utime(out / shard_name(0), (1_000_000_000, 1_000_000_000))
+
+    harvest(harvest_config(tiny, str(out)), progress=False)
+    assert (out / shard_name(0)).stat().st_mtime == 1_000_000_000  # committed and intact: skipped
+    assert read_all_bytes(out) == read_all_bytes(uninterrupted)
+    final = read_manifest(Root(str(out)))
+    assert final.extra["harvest"]["complete"] and len(final.shards) == planned
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_rerun_of_a_finished_harvest_does_no_work(ray_cluster, tiny, uninterrupted):
+    before = {p.name: p.stat().st_mtime_ns for p in uninterrupted.glob("shard-*.tar")}
+    start = time.time()
+    harvest(harvest_config(tiny, str(uninterrupted)), progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in uninterrupted.glob("shard-*.tar")} == before
+    assert time.time() - start < 30
+
+
+def test_output_of_another_harvest_is_refused(ray_cluster, tiny, uninterrupted):
+    from crosscoder.shards import ShardError
+
+    with pytest.raises(ShardError, match="holds shards of a different harvest"):
+        harvest(harvest_config(tiny, str(uninterrupted), seq_len=12), progress=False)
+
+
+class FlakyProxy(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+
+
+def start_flaky_proxy(upstream: str, failures: int):
+    """An HTTP proxy in front of the S3 server that answers 503 to the first ``failures`` requests of
+    each HTTP method, so listings, reads and uploads (of shards and manifests) all meet errors."""
+    state = {"left": {}, "failed": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # answers the uploads' "Expect: 100-continue"
+
+        def log_message(self, *a):
+            pass
+
+        def _body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                return self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+            parts = []  # the client streams the upload in HTTP chunks
+            while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+            while self.rfile.readline().strip():  # trailers
+                pass
+            return b"".join(parts)
+
+        def _forward(self):
+            body = self._body()
+            if state["left"].setdefault(self.command, failures) > 0:
+                state["left"][self.command] -= 1
+                state["failed"] += 1
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() not in ("host", "expect", "transfer-encoding")}
+            # without a Content-Type urllib sends a form type, and the server would parse the body away
+            headers.setdefault("Content-Type", "application/octet-stream")
+            req = urllib.request.Request(upstream + self.path, data=body or None, method=self.command, headers=headers)
+            try:
+                resp = urllib.request.urlopen(req, timeout=30)
+                status, headers, data = resp.status, resp.headers, resp.read()
+            except urllib.error.HTTPError as e:
+                status, headers, data = e.code, e.headers, e.read()
+            self.send_response(status)
+            for k, v in headers.items():
+                if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+    server = FlakyProxy(("127.0.0.1", free_port()), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, state
+
+
+def test_transient_s3_errors_are_retried(ray_cluster, tiny, s3_bucket):
+    endpoint, bucket = s3_bucket
+    server, state = start_flaky_proxy(endpoint, failures=3)
+    try:
+        proxy = f"http://127.0.0.1:{server.server_address[1]}"
+        cfg = harvest_config(tiny, f"s3://{bucket}/flaky", tokens=200)
+        cfg.storage.endpoint_url = proxy
+        manifest = harvest(cfg, progress=False)
+    finally:
+        server.shutdown()
+    assert state["left"].get("PUT") == 0 and state["left"].get("GET") == 0, state  # uploads and reads both failed
+    root = Root(f"s3://{bucket}/flaky", endpoint_url=endpoint)
+    assert read_manifest(root).extra["harvest"]["complete"]
+    for info in manifest.shards:
+        assert hashlib.sha256(root.read_bytes(info.name)).hexdigest() == info.sha256
+
+
+def test_unreachable_endpoint_and_missing_bucket_give_one_clear_error(tiny, s3_server):
+    cfg = harvest_config(tiny, "s3://no-such-bucket/acts")
+    cfg.storage.endpoint_url = s3_server
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
+        harvest(cfg, progress=False)
+    cfg.storage.endpoint_url = f"http://127.0.0.1:{free_port()}"
+    start = time.time()
+    with pytest.raises(StorageError, match="cannot reach the object store"):
+        harvest(cfg, progress=False)
+    assert time.time() - start < 60
+
+
+def test_bad_models_and_tokenizers_are_named(tiny, tmp_path):
+    with pytest.raises(ModelError, match=r"model 'ghost'.*no config.json"):
+        load_model(ModelSpec("ghost", str(tmp_path)))
+    with pytest.raises(ModelError, match="has no module 'model.layers.99'"):
+        ActivationReader(load_model(ModelSpec("base", tiny["base"])), ["model.layers.99"], "base")
+    other = make_tokenizer(["completely", "different", "words"])
+    with pytest.raises(DataError, match="different tokenizers"):
+        check_same_tokenizer({"base": load_tokenizer(tiny["base"]), "other": other})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"oops": 1}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: expected an object with 'text' or 'messages'"):
+        list(read_documents(str(bad)))
+
+
+def test_models_of_different_widths_harvest_into_one_dataset_the_trainer_trains_on(ray_cluster, tiny, tmp_path):
+    from crosscoder.trainer import train
+
+    small, large = make_family(tmp_path / "family", widths=(64, 96))
+    cfg = harvest_config(tiny, str(tmp_path / "acts"), hooks=["model.layers.2"], tokens=800)
+    cfg.harvest.models = [{"name": "small", "path": small}, {"name": "large", "path": large}]
+    manifest = harvest(cfg, progress=False)
+    assert [(s.name, s.d) for s in manifest.sources] == [("small", 64), ("large", 96)]
+    cfg.train.latents, cfg.train.k, cfg.train.batch_size, cfg.train.steps = 128, 8, 128, 20
+    cfg.train.shuffle_samples, cfg.train.lr, cfg.train.lr_warmup_steps, cfg.train.steps = 8, 3e-3, 5, 60
+    result = train(cfg, tmp_path / "run", data=str(tmp_path / "acts"), progress=False)
+    assert sum(result.losses[-5:]) < 0.8 * sum(result.losses[:5])
+    assert set(result.last_metrics["fve"]) == {"small", "large"}
