@@ -114,6 +114,10 @@ class TrainConfig:
     align_loss: str = opt("normalized", "aligned only: mse | normalized (scale-invariant ‖f_s−f_t‖²/mean ‖f‖²)")
     threshold_momentum: float = opt(0.99, "batchtopk: EMA momentum of the inference threshold")
     dec_init_norm: float = opt(0.1, "initial norm of each latent's decoder row, per source")
+    sparse_kernels: bool = opt(
+        True, "acausal topk/batchtopk: gradients and decoding only through the active latents (kernels.py); "
+        "false = the dense reference computation (same results, slower, more memory)"
+    )
     seed: int = opt(0, "seed of initialisation and data order")
     shuffle_samples: int = opt(64, "token shuffle window, in samples: tokens are shuffled within each window")
     data_partitions: int = opt(

@@ -69,7 +69,7 @@ def deepspeed_config(cfg: RunConfig, local_batch: int) -> dict:
         "optimizer": {
             "type": "Adam",
             "params": {"lr": tc.lr, "betas": [tc.beta1, tc.beta2], "eps": 1e-8, "weight_decay": 0.0,
-                       "torch_adam": True},
+                       "torch_adam": True, "fused": True},
         },
         "gradient_clipping": tc.grad_clip,
         "zero_optimization": {"stage": tc.zero_stage},
@@ -100,8 +100,8 @@ def global_metrics(spec, x, out, terms, tracker, selection: DistributedSelection
         tokens = n / width
         sst = s2 - _sum_sq_over_dims(x, spec, name, selection, tokens)
         fve[name] = 1 - sse / max(sst, 1e-12)
-    active = selection.sum_count((out.f.detach() != 0).sum().to(torch.float64))
-    l0 = float(selection.data_sum(active)) / (selection.batch_tokens(x.shape[0]) * out.f.shape[1])
+    active = selection.sum_count(out.active_count().to(torch.float64))
+    l0 = float(selection.data_sum(active)) / (selection.batch_tokens(x.shape[0]) * out.pre.shape[1])
     dead = float(selection.sum_count(tracker.dead.sum().to(torch.float64))) / (spec.groups * spec.latents)
     return {
         "fve": fve,
@@ -161,6 +161,7 @@ def train_worker(config: dict) -> dict:
     torch.manual_seed(tc.seed)
     model = CrossCoder(spec, seed=tc.seed, dec_init_norm=tc.dec_init_norm,
                        latent_range=layout.latent_range(spec.latents))
+    model.sparse_kernels = tc.sparse_kernels
     counter = CommCounter()
     selection = DistributedSelection(layout, counter)
     model.selection = selection
@@ -258,7 +259,7 @@ def train_worker(config: dict) -> dict:
             engine.step()
             if out.batch_threshold is not None:
                 model.update_threshold(out.batch_threshold, out.weights.detach(), tc.threshold_momentum)
-            fired = (out.f.detach() != 0).any(0).to(torch.uint8)
+            fired = out.fired().to(torch.uint8)
             if layout.data_parallel > 1:
                 dist.all_reduce(fired, op=dist.ReduceOp.MAX, group=layout.dp_group)
             tracker.update(fired.bool(), tc.batch_size)

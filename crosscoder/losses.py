@@ -72,10 +72,15 @@ def auxk_loss(model: CrossCoder, x: Tensor, out: ForwardOutput, dead: Tensor, k_
             continue
         k = min(k_aux, n_dead)
         pre = out.pre[:, g]
-        candidates = torch.where(dead_g, pre, torch.full_like(pre, -torch.inf))
+        scores = pre.detach()
+        candidates = torch.where(dead_g, scores, torch.full_like(scores, -torch.inf))
         kth = model.selection.kth_largest_rows(candidates, k)
-        acts = pre.relu() * ((candidates >= kth) & dead_g)
-        e_hat = model.decode_group(acts, None if spec.arch == "acausal" else g, bias=False)
+        chosen = (candidates >= kth) & dead_g
+        if out.code is not None:  # sparse kernels: gradient only into the chosen dead latents
+            token, latent = chosen.nonzero(as_tuple=True)
+            e_hat = model.decode_sparse(model.sparse_code(x, out.pre, token, torch.zeros_like(token), latent))
+        else:
+            e_hat = model.decode_group(pre.relu() * chosen, None if spec.arch == "acausal" else g, bias=False)
         # normalised by the global batch's residual variance; × dp size because data-parallel
         # gradient averaging divides by it (the loss of one rank is its share of the global sum)
         dp = model.selection.batch_tokens(x.shape[0]) // x.shape[0]

@@ -44,6 +44,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .kernels import gather_pre, sparse_decode
 from .sparsity import ACTIVATIONS, LOCAL, Selection, batchtopk_mask, scores, threshold_mask, topk_mask
 
 ARCHITECTURES = ("acausal", "aligned")
@@ -102,12 +103,54 @@ class CrossCoderSpec:
 
 
 @dataclass
+class SparseCode:
+    """The non-zero entries of a k-sparse code [B, G, L]: ``value`` carries the gradient."""
+
+    token: Tensor  # [N] long
+    group: Tensor  # [N] long
+    latent: Tensor  # [N] long, index into this model's (local) latents
+    value: Tensor  # [N]
+    shape: tuple[int, int, int]
+
+    def dense(self) -> Tensor:
+        f = self.value.new_zeros(self.shape)
+        f[self.token, self.group, self.latent] = self.value
+        return f
+
+    def fired(self) -> Tensor:
+        """bool [G, L]: latents active on at least one token."""
+        _, G, L = self.shape
+        counts = torch.bincount(self.group * L + self.latent, minlength=G * L)
+        return counts.view(G, L) > 0
+
+
+@dataclass
 class ForwardOutput:
+    """What one forward pass produced. ``f`` is dense for the ``relu`` rule and the aligned variant;
+    TopK/BatchTopK acausal codes are kept as their non-zero entries (``code``) and ``pre`` then has
+    no gradient (see kernels.py)."""
+
     pre: Tensor  # [B, G, L] pre-activations
-    f: Tensor  # [B, G, L] latent activations (sparse)
     x_hat: Tensor  # [B, D] reconstruction
     weights: Tensor  # [G, L] decoder norms used for selection and L1
     batch_threshold: Tensor | None  # [G] k·B-th score of the batch (batchtopk, training)
+    dense_f: Tensor | None = None  # [B, G, L] latent activations, when computed densely
+    code: SparseCode | None = None
+
+    @property
+    def f(self) -> Tensor:
+        """[B, G, L] latent activations (materialised from the sparse code if needed)."""
+        return self.dense_f if self.dense_f is not None else self.code.dense()
+
+    def fired(self) -> Tensor:
+        """bool [G, L]: latents active on at least one token of the batch."""
+        return self.code.fired() if self.code is not None else (self.dense_f.detach() != 0).any(0)
+
+    def active_count(self) -> Tensor:
+        """Number of non-zero activations in the batch (L0 × tokens × groups)."""
+        if self.code is not None:
+            return torch.tensor(float(self.code.value.numel()))
+        return (self.dense_f.detach() != 0).sum().float()
 
 
 def init_parameters(spec: CrossCoderSpec, seed: int, dec_init_norm: float, lo: int, hi: int, chunk: int = 65536):
@@ -161,6 +204,8 @@ class CrossCoder(nn.Module):
         self.register_buffer("threshold", torch.zeros(spec.groups, n))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
         self.selection: Selection = LOCAL
+        # train acausal TopK/BatchTopK through the sparse kernels; False = the dense reference path
+        self.sparse_kernels = True
 
     # ----------------------------------------------------------------------------------------
     # pieces
@@ -225,11 +270,39 @@ class CrossCoder(nn.Module):
     # ----------------------------------------------------------------------------------------
     # public API
 
+    @property
+    def uses_sparse_kernels(self) -> bool:
+        """Acausal TopK/BatchTopK trains through the sparse kernels (kernels.py) unless disabled."""
+        return self.sparse_kernels and self.spec.arch == "acausal" and self.spec.activation in ("topk", "batchtopk")
+
     def forward(self, x: Tensor) -> ForwardOutput:
         weights = self.selection_weights()
+        if self.uses_sparse_kernels:
+            return self._sparse_forward(x, weights)
         pre = self.pre_activations(x)
         f, kth = self.activate(pre, weights, self.training)
-        return ForwardOutput(pre=pre, f=f, x_hat=self.decode(f), weights=weights, batch_threshold=kth)
+        return ForwardOutput(pre=pre, x_hat=self.decode(f), weights=weights, batch_threshold=kth, dense_f=f)
+
+    def _sparse_forward(self, x: Tensor, weights: Tensor) -> ForwardOutput:
+        """The dense encoder product without autograd, selection, then only the active entries."""
+        with torch.no_grad():
+            pre = self.pre_activations(x)
+            f, kth = self.activate(pre, weights.detach(), self.training)
+            token, group, latent = f.nonzero(as_tuple=True)
+            del f
+        code = self.sparse_code(x, pre, token, group, latent)
+        return ForwardOutput(pre=pre, x_hat=self.decode_sparse(code) + self.b_dec, weights=weights,
+                             batch_threshold=kth, code=code)
+
+    def sparse_code(self, x: Tensor, pre: Tensor, token: Tensor, group: Tensor, latent: Tensor) -> SparseCode:
+        """``relu(pre)`` at the given entries, with gradient into ``W_enc``/``b_enc`` (acausal)."""
+        values = pre[token, group, latent]
+        value = gather_pre(values, x, self.W_enc, self.b_enc, token, latent).relu()
+        return SparseCode(token, group, latent, value, tuple(pre.shape))
+
+    def decode_sparse(self, code: SparseCode) -> Tensor:
+        """Σ value · W_dec[latent] per token, summed over latent shards; no bias. [B, D]."""
+        return self.selection.sum_partial(sparse_decode(code.value, code.token, code.latent, self.W_dec, code.shape[0]))
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:

@@ -285,3 +285,26 @@ def test_models_of_different_widths_harvest_into_one_dataset_the_trainer_trains_
     result = train(cfg, tmp_path / "run", data=str(tmp_path / "acts"), progress=False)
     assert sum(result.losses[-5:]) < 0.8 * sum(result.losses[:5])
     assert set(result.last_metrics["fve"]) == {"small", "large"}
+
+
+def test_harvest_metrics_are_served_while_shards_are_written(tiny, tmp_path):
+    from crosscoder.config import to_dict
+    from crosscoder.harvest import ShardHarvester
+
+    cfg = harvest_config(tiny, str(tmp_path / "acts"))
+    cfg.metrics.port, cfg.metrics.host = free_port(), "127.0.0.1"
+    tok = load_tokenizer(tiny["chat"])
+    chunks = plan_chunks(read_documents(tiny["docs"]), tok, tok, 16, 200)[:6]
+    harvester = ShardHarvester(to_dict(cfg), actor_index=0)
+    try:
+        harvester.write(0, chunks[:3])
+        harvester.write(1, chunks[3:])
+        text = urllib.request.urlopen(f"http://127.0.0.1:{cfg.metrics.port}/metrics", timeout=10).read().decode()
+    finally:
+        harvester.metrics.close()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and line[0] != "#"}
+    tokens = sum(len(c.tokens) for c in chunks)
+    assert values['crosscoder_harvest_tokens_total{actor="0"}'] == tokens
+    assert values['crosscoder_harvest_shards_total{actor="0"}'] == 2
+    assert values['crosscoder_harvest_shard_seconds_count{actor="0"}'] == 2
+    assert values['crosscoder_harvest_shard_seconds_sum{actor="0"}'] > 0

@@ -71,7 +71,7 @@ from crosscoder.dead import DeadLatentTracker
 L, B = {latents}, {batch}
 spec = CrossCoderSpec(["base", "chat"], [256, 256], L, k=32)
 model = CrossCoder(spec, dec_init_norm=1.0)
-opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as the trainer
 tracker = DeadLatentTracker((1, L), 10_000_000)
 x = torch.randn(B, 512)
 for _ in range(3):
@@ -84,7 +84,7 @@ print("OK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 def largest_dictionary(limit_bytes: int, batch: int = 256) -> list[dict]:
     rows = []
-    for latents in (262_144, 524_288, 786_432, 1_048_576, 1_310_720):
+    for latents in (262_144, 524_288, 786_432, 1_048_576, 1_310_720, 1_572_864):
         code = LARGEST_CHILD.format(root=str(ROOT), latents=latents, batch=batch)
 
         def limit():
