@@ -114,9 +114,10 @@ class TrainConfig:
     align_loss: str = opt("normalized", "aligned only: mse | normalized (scale-invariant ‖f_s−f_t‖²/mean ‖f‖²)")
     threshold_momentum: float = opt(0.99, "batchtopk: EMA momentum of the inference threshold")
     dec_init_norm: float = opt(0.1, "initial norm of each latent's decoder row, per source")
-    sparse_kernels: bool = opt(
-        True, "acausal topk/batchtopk: gradients and decoding only through the active latents (kernels.py); "
-        "false = the dense reference computation (same results, slower, more memory)"
+    sparse_kernels: str = opt(
+        "auto", "acausal topk/batchtopk: gradients and decoding only through the active latents (kernels.py): "
+        "on | off (the dense reference computation: same results) | auto (on from 4096 latents; below, the "
+        "dense matmuls are faster on CPU)"
     )
     seed: int = opt(0, "seed of initialisation and data order")
     shuffle_samples: int = opt(64, "token shuffle window, in samples: tokens are shuffled within each window")
@@ -358,3 +359,15 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, st
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append((key, json.dumps(default), f.metadata.get("help", "")))
     return rows
+
+
+SPARSE_KERNELS_MIN_LATENTS = 4096
+
+
+def use_sparse_kernels(tc: TrainConfig) -> bool:
+    """Resolve ``train.sparse_kernels`` (on | off | auto) for this dictionary size."""
+    if tc.sparse_kernels not in ("on", "off", "auto"):
+        raise ConfigError(f"train.sparse_kernels must be on, off or auto, got {tc.sparse_kernels!r}")
+    if tc.sparse_kernels == "auto":
+        return tc.latents >= SPARSE_KERNELS_MIN_LATENTS
+    return tc.sparse_kernels == "on"

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import RunConfig, from_dict
+from .config import RunConfig, from_dict, use_sparse_kernels
 from .dead import DeadLatentTracker
 from .losses import Objective
 from .metrics import sums_for_fve
@@ -161,7 +161,7 @@ def train_worker(config: dict) -> dict:
     torch.manual_seed(tc.seed)
     model = CrossCoder(spec, seed=tc.seed, dec_init_norm=tc.dec_init_norm,
                        latent_range=layout.latent_range(spec.latents))
-    model.sparse_kernels = tc.sparse_kernels
+    model.sparse_kernels = use_sparse_kernels(tc)
     counter = CommCounter()
     selection = DistributedSelection(layout, counter)
     model.selection = selection

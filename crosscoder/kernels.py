@@ -9,8 +9,8 @@ backward. Here a code is the list of its non-zero entries ``(token, latent, valu
 - :class:`GatherPre` returns pre-activations already computed (without autograd) at the selected
   entries, and in backward sends their gradient to exactly those columns of ``W_enc`` and entries
   of ``b_enc``: ``grad W_enc`` costs ``N·D``, not ``B·L·D``;
-- :class:`SparseDecode` computes ``Σ value · W_dec[latent]`` per token with a gather and an
-  ``index_add``; its backward touches only the active rows (``N·D`` each way).
+- :class:`SparseDecode` computes ``Σ value · W_dec[latent]`` per token with ``embedding_bag``; its
+  backward touches only the active rows (``N·D`` each way).
 
 What it costs: the gradients of ``W_enc`` and ``W_dec`` are still dense tensors (zeros except the
 touched columns/rows), as every optimizer and ZeRO expects, so each step writes ``2·L·D`` zeros;
@@ -21,14 +21,44 @@ rounding, not bit for bit. Pure PyTorch, CPU and GPU alike.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+CHUNK = 8192  # rows per block when a gather cannot be avoided: bounded, reused temporaries
+
+
+def bag_sum(index: Tensor, weight: Tensor, bag: Tensor, n_bags: int, scale: Tensor) -> Tensor:
+    """``out[j] = Σ_{n: bag_n = j} scale_n · weight[index_n]`` → [n_bags, D]; ``bag`` ascending.
+
+    ``embedding_bag`` does the gather, the scaling and the sum in one pass per output row, with no
+    ``[N, D]`` temporary (the temporaries, not the arithmetic, dominated a gather-multiply-add).
+    """
+    counts = torch.bincount(bag, minlength=n_bags)
+    offsets = torch.cumsum(counts, 0) - counts
+    return F.embedding_bag(index, weight, offsets, mode="sum", per_sample_weights=scale.to(weight.dtype))
+
+
+def by_latent(token: Tensor, latent: Tensor, *values: Tensor):
+    """The entries re-ordered by latent (stable), for sums into per-latent rows."""
+    order = torch.argsort(latent, stable=True)
+    return (token[order], latent[order]) + tuple(v[order] for v in values)
+
+
+def rowwise_dot(a: Tensor, a_index: Tensor, b: Tensor, b_index: Tensor) -> Tensor:
+    """``(a[a_index] * b[b_index]).sum(1)`` in bounded blocks."""
+    out = torch.empty(a_index.numel(), dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+    for start in range(0, a_index.numel(), CHUNK):
+        stop = start + CHUNK
+        out[start:stop] = (a.index_select(0, a_index[start:stop]) * b.index_select(0, b_index[start:stop])).sum(1)
+    return out
 
 
 class GatherPre(torch.autograd.Function):
     """``pre[token, latent]`` with a gradient into ``W_enc[:, latent]`` and ``b_enc[latent]`` only.
 
     ``values`` are the pre-activations at the selected entries, computed earlier without autograd
-    as ``x @ W_enc + b_enc``; ``x`` [B, D], ``W_enc`` [D, L], ``b_enc`` [L].
+    as ``x @ W_enc + b_enc``; ``x`` [B, D], ``W_enc`` [D, L], ``b_enc`` [L] or [1, L]; the entries
+    are sorted by token (as ``nonzero`` returns them).
     """
 
     @staticmethod
@@ -41,40 +71,38 @@ class GatherPre(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, W_enc, token, latent = ctx.saved_tensors
         grad_x = grad_W = grad_b = None
+        L = W_enc.shape[1]
         if ctx.needs_input_grad[2]:
-            # [N, D] rows accumulated into the latents' columns; built as [L, D] (row adds are
-            # contiguous) and handed back transposed
-            rows = x.index_select(0, token) * grad.unsqueeze(1).to(x.dtype)
-            grad_W = torch.zeros(W_enc.shape[1], W_enc.shape[0], dtype=W_enc.dtype, device=W_enc.device)
-            grad_W.index_add_(0, latent, rows.to(W_enc.dtype))
-            grad_W = grad_W.t()
+            # per latent l: Σ_n g_n · x[token_n], built as [L, D] rows and handed back transposed
+            tok, lat, g = by_latent(token, latent, grad)
+            grad_W = bag_sum(tok, x.to(W_enc.dtype), lat, L, g).t()
         if ctx.needs_input_grad[3]:
-            grad_b = torch.zeros(ctx.b_shape[-1], dtype=grad.dtype, device=grad.device).index_add_(0, latent, grad)
-            grad_b = grad_b.view(ctx.b_shape)
+            grad_b = torch.zeros(L, dtype=grad.dtype, device=grad.device).index_add_(0, latent, grad)
+            grad_b = grad_b.view(ctx.b_shape).to(W_enc.dtype)
         if ctx.needs_input_grad[1]:
-            cols = W_enc.t().index_select(0, latent) * grad.unsqueeze(1).to(W_enc.dtype)
-            grad_x = torch.zeros_like(x).index_add_(0, token, cols.to(x.dtype))
+            grad_x = bag_sum(latent, W_enc.t().to(x.dtype), token, x.shape[0], grad)
         return None, grad_x, grad_W, grad_b, None, None
 
 
 class SparseDecode(torch.autograd.Function):
-    """``out[b] = Σ_{n: token_n = b} value_n · W[latent_n]`` for ``b < batch``; W [L, D]."""
+    """``out[b] = Σ_{n: token_n = b} value_n · W[latent_n]`` for ``b < batch``; W [L, D]; the
+    entries sorted by token."""
 
     @staticmethod
     def forward(ctx, value: Tensor, token: Tensor, latent: Tensor, W: Tensor, batch: int):
         ctx.save_for_backward(value, token, latent, W)
-        rows = W.index_select(0, latent) * value.unsqueeze(1).to(W.dtype)
-        return torch.zeros(batch, W.shape[1], dtype=W.dtype, device=W.device).index_add_(0, token, rows)
+        return bag_sum(latent, W, token, batch, value)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         value, token, latent, W = ctx.saved_tensors
-        grad_rows = grad.index_select(0, token)  # [N, D]
         grad_value = grad_W = None
+        grad = grad.contiguous()
         if ctx.needs_input_grad[0]:
-            grad_value = (grad_rows * W.index_select(0, latent)).sum(1).to(value.dtype)
+            grad_value = rowwise_dot(grad, token, W, latent).to(value.dtype)
         if ctx.needs_input_grad[3]:
-            grad_W = torch.zeros_like(W).index_add_(0, latent, grad_rows * value.unsqueeze(1).to(grad.dtype))
+            tok, lat, v = by_latent(token, latent, value)
+            grad_W = bag_sum(tok, grad.to(W.dtype), lat, W.shape[0], v)
         return grad_value, None, None, grad_W, None
 
 

@@ -240,17 +240,21 @@ class CrossCoder(nn.Module):
             [x[:, sl] @ self.W_enc[sl] + self.b_enc[s] for s, sl in enumerate(self.spec.slices)], dim=1
         )
 
+    def select(self, pre: Tensor, weights: Tensor, training: bool) -> tuple[Tensor, Tensor | None]:
+        """The k-sparse rules' bool mask [B, G, L] of active latents (and BatchTopK's batch threshold)."""
+        act = self.spec.activation
+        if act == "topk":
+            return topk_mask(scores(pre, weights), self.spec.k, self.selection), None
+        if training:
+            return batchtopk_mask(scores(pre, weights), self.spec.k, self.selection)
+        return threshold_mask(pre, self.threshold), None
+
     def activate(self, pre: Tensor, weights: Tensor, training: bool) -> tuple[Tensor, Tensor | None]:
         """Apply the sparsity rule; training BatchTopK selects over the batch, inference thresholds."""
-        act = self.spec.activation
-        if act == "relu":
+        if self.spec.activation == "relu":
             return pre.relu(), None
-        if act == "topk":
-            return pre.relu() * topk_mask(scores(pre, weights), self.spec.k, self.selection), None
-        if training:
-            mask, kth = batchtopk_mask(scores(pre, weights), self.spec.k, self.selection)
-            return pre.relu() * mask, kth
-        return pre.relu() * threshold_mask(pre, self.threshold), None
+        mask, kth = self.select(pre, weights, training)
+        return pre.relu() * mask, kth
 
     def decode_group(self, f_g: Tensor, target: int | None = None, bias: bool = True) -> Tensor:
         """Decode one group's activations [B, L] into source ``target`` (None: all sources)."""
@@ -287,9 +291,9 @@ class CrossCoder(nn.Module):
         """The dense encoder product without autograd, selection, then only the active entries."""
         with torch.no_grad():
             pre = self.pre_activations(x)
-            f, kth = self.activate(pre, weights.detach(), self.training)
-            token, group, latent = f.nonzero(as_tuple=True)
-            del f
+            mask, kth = self.select(pre, weights.detach(), self.training)
+            token, group, latent = mask.nonzero(as_tuple=True)
+            del mask
         code = self.sparse_code(x, pre, token, group, latent)
         return ForwardOutput(pre=pre, x_hat=self.decode_sparse(code) + self.b_dec, weights=weights,
                              batch_threshold=kth, code=code)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import RunConfig, TrainConfig, dumps_toml
+from .config import RunConfig, TrainConfig, dumps_toml, use_sparse_kernels
 from .dead import DeadLatentTracker
 from .losses import LossWeights, total_loss
 from .metrics import fve_per_source
@@ -204,7 +204,7 @@ def train(
 
     torch.manual_seed(tc.seed)
     model = CrossCoder(spec, seed=tc.seed, dec_init_norm=tc.dec_init_norm)
-    model.sparse_kernels = tc.sparse_kernels
+    model.sparse_kernels = use_sparse_kernels(tc)
     # fused: one kernel per parameter, no parameter-sized temporaries (4 B/param less at peak than foreach)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=True)
     tracker = DeadLatentTracker((spec.groups, spec.latents), tc.dead_tokens)

@@ -66,3 +66,13 @@ def test_cli_keys_lists_documented_fields(capsys):
     assert main(["keys"]) == 0
     out = capsys.readouterr().out
     assert "train.k" in out and "active latents per token" in out
+
+
+def test_sparse_kernels_setting_resolves_by_dictionary_size():
+    from crosscoder.config import ConfigError, TrainConfig, use_sparse_kernels
+
+    assert use_sparse_kernels(TrainConfig(latents=65536)) and not use_sparse_kernels(TrainConfig(latents=512))
+    assert use_sparse_kernels(TrainConfig(latents=512, sparse_kernels="on"))
+    assert not use_sparse_kernels(TrainConfig(latents=65536, sparse_kernels="off"))
+    with pytest.raises(ConfigError, match="train.sparse_kernels must be on, off or auto, got 'yes'"):
+        use_sparse_kernels(TrainConfig(sparse_kernels="yes"))

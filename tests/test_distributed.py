@@ -29,7 +29,8 @@ def log_by_step(run_dir) -> dict[int, dict]:
 
 
 def config(**kw):
-    base = dict(steps=12, log_every=1, checkpoint_every=4, dead_tokens=768, latents=96)
+    # the sparse kernels (auto-enabled only from 4096 latents) on this small dictionary too
+    base = dict(steps=12, log_every=1, checkpoint_every=4, dead_tokens=768, latents=96, sparse_kernels="on")
     return small_run_config(**(base | kw))
 
 
@@ -46,8 +47,12 @@ def single_reference(tmp_path_factory, small_shards):
     return run
 
 
-def test_latent_parallel_matches_single_process_step_by_step(ray_cluster, single_reference, small_shards, tmp_path):
-    out = train_distributed(config(workers=2, latent_parallel=2), tmp_path / "run", small_shards, progress=False)
+@pytest.mark.parametrize("kernels", ["on", "off"])
+def test_latent_parallel_matches_single_process_step_by_step(ray_cluster, single_reference, small_shards, tmp_path,
+                                                             kernels):
+    """Latent-parallel with the sparse kernels or the dense path vs one process with the sparse kernels."""
+    cfg = config(workers=2, latent_parallel=2, sparse_kernels=kernels)
+    out = train_distributed(cfg, tmp_path / "run", small_shards, progress=False)
     single, lp = log_by_step(single_reference), log_by_step(tmp_path / "run")
     assert sorted(lp) == list(range(1, 13))
     for step in range(1, 13):

@@ -1,0 +1,87 @@
+"""`ray job submit` against a real Ray head with token authentication, as a production head runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from crosscoder.model import CrossCoder
+from crosscoder.shards import read_manifest
+from crosscoder.storage import Root
+from crosscoder.tiny import make_pair, write_documents
+
+from .conftest import free_port, wait_for_port
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def ray_cli(*args, env, timeout=120, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode:
+        raise AssertionError(f"ray {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A Ray head started with `ray start --head` on 127.0.0.1, token auth on; yields (address, env)."""
+    temp = tmp_path_factory.mktemp("rayhead")
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex(),
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PATH=f"{BIN}:{os.environ.get('PATH', '')}")
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard = free_port(), free_port()
+    ray_cli("start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true",
+            f"--temp-dir={temp}", "--disable-usage-stats", env=env, timeout=180)
+    try:
+        wait_for_port(dashboard, timeout=60)
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        ray_cli("stop", "--force", env=env, timeout=120, check=False)
+
+
+def test_job_submission_needs_the_token(ray_head, tmp_path):
+    address, env = ray_head
+    no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+    no_token["RAY_AUTH_TOKEN"] = "wrong-" + env["RAY_AUTH_TOKEN"]
+    proc = ray_cli("job", "submit", "--address", address, "--no-wait", "--", "echo", "hi", env=no_token,
+                   check=False, timeout=60)
+    assert proc.returncode != 0
+
+
+def test_submitted_config_harvests_trains_and_exports(ray_head, tmp_path):
+    address, env = ray_head
+    base, chat = make_pair(tmp_path / "models")
+    docs = write_documents(tmp_path / "docs.jsonl", n_docs=60)
+    work = tmp_path / "job"
+    work.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "launch" / "configs" / "harvest.toml", work / "config.toml")
+    run = tmp_path / "run"
+    overrides = [f"--harvest.models=[{{name='base', path='{base}'}}, {{name='chat', path='{chat}'}}]",
+                 f"--harvest.data={docs}", f"--harvest.output={tmp_path / 'shards'}", "--harvest.tokens=3000",
+                 "--harvest.actors=1", "--train.steps=30", "--train.checkpoint_every=10", "--quiet"]
+    job_id = f"crosscoder-test-{os.urandom(4).hex()}"
+    ray_cli("job", "submit", "--address", address, "--working-dir", str(work), "--submission-id", job_id,
+            "--no-wait", "--", "crosscoder", "run", "--config", "config.toml", "--run", str(run), *overrides, env=env)
+    deadline, status = time.time() + 300, ""
+    while time.time() < deadline:
+        status = ray_cli("job", "status", "--address", address, job_id, env=env).stdout.upper()
+        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(2)
+    logs = ray_cli("job", "logs", "--address", address, job_id, env=env).stdout
+    assert "SUCCEEDED" in status, f"{status}\n{logs}"
+    assert f"run directory: {run}" in logs and "crosscoder exported to" in logs
+    manifest = read_manifest(Root(str(tmp_path / "shards")))
+    assert [s.name for s in manifest.sources] == ["base", "chat"] and manifest.extra["harvest"]["complete"]
+    model = CrossCoder.from_pretrained(run / "crosscoder")
+    assert model.spec.sources == ["base", "chat"] and model.spec.latents == 1024
+    assert json.loads((run / "crosscoder" / "config.json").read_text())["normalization_folded"]
