@@ -56,9 +56,24 @@ def cmd_synthetic(cfg: RunConfig, run_dir: Path, args) -> int:
     return 0
 
 
+def _use_tiny_models(cfg: RunConfig, run_dir: Path) -> None:
+    """Point the harvest at a tiny base/chat pair and documents in <run>/tiny, made once."""
+    from . import tiny
+
+    where = run_dir / "tiny"
+    if not (where / "chat" / "config.json").is_file() or not (where / "documents.jsonl").is_file():
+        print(f"tiny models: making a base/chat pair and documents in {where}")
+        tiny.make_pair(where)
+        tiny.write_documents(where / "documents.jsonl", n_docs=2000)
+    cfg.harvest.models = [{"name": "base", "path": str(where / "base")}, {"name": "chat", "path": str(where / "chat")}]
+    cfg.harvest.data = cfg.harvest.data or str(where / "documents.jsonl")
+
+
 def cmd_harvest(cfg: RunConfig, run_dir: Path, args) -> int:
     from .harvest import harvest
 
+    if cfg.harvest.tiny_models and not cfg.harvest.models:
+        _use_tiny_models(cfg, run_dir)
     if not cfg.harvest.output:
         cfg.harvest.output = str(run_dir / "shards")
     manifest = harvest(cfg, progress=not args.quiet)
@@ -86,10 +101,17 @@ def run_training(cfg: RunConfig, run_dir: Path, data: str, quiet: bool):
         from .trainer import train
 
         return train(cfg, run_dir, data=data, progress=not quiet)
+    import json
+
     from .ray_train import train_distributed
     from .trainer import TrainResult
 
-    out = train_distributed(cfg, run_dir, data, progress=not quiet)
+    finished = run_dir / "train_result.json"
+    out = json.loads(finished.read_text()) if finished.is_file() else {}
+    if out.get("steps", 0) >= cfg.train.steps and out.get("export_dir") and Path(out["export_dir"]).is_dir():
+        print(f"train: {run_dir} already trained to step {out['steps']}, skipping (raise train.steps to continue)")
+    else:
+        out = train_distributed(cfg, run_dir, data, progress=not quiet)
     return TrainResult(run_dir=run_dir, steps=out["steps"], losses=out["losses"],
                        last_metrics=out["last_metrics"], export_dir=Path(out["export_dir"]) if out["export_dir"] else None)
 
@@ -115,6 +137,8 @@ def cmd_run(cfg: RunConfig, run_dir: Path, args) -> int:
     from .storage import open_root
     from .synthetic import write_synthetic
 
+    if cfg.harvest.tiny_models and not cfg.harvest.models:
+        _use_tiny_models(cfg, run_dir)
     data = training_data(cfg, run_dir, getattr(args, "data", None))
     if cfg.harvest.models:
         from .harvest import harvest

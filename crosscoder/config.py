@@ -48,6 +48,10 @@ class HarvestConfig:
     models: list[dict] = opt(
         [], "models to harvest, each a table {name, path, revision, dtype, device_map}; sources = models × hooks"
     )
+    tiny_models: bool = opt(
+        False, "with models empty: make a tiny base/chat model pair and documents in <run>/tiny (built from a "
+        "config, no download) and harvest those; the embedded default uses it"
+    )
     hooks: list[str] = opt(["model.layers.1"], "module paths whose outputs are harvested (residual stream)")
     data: str = opt("", "JSONL ({text} or {messages}) or .txt file of documents, or hf:<dataset>[:<split>]")
     output: str = opt("", "shard root: a path, file://… or s3://bucket/prefix")

@@ -33,7 +33,7 @@ from .config import RunConfig, from_dict, to_dict
 from .documents import Chunk, check_same_tokenizer, plan_chunks, read_documents
 from .models import ActivationReader, ModelSpec, load_model, load_tokenizer
 from .shards import Manifest, ShardError, ShardInfo, ShardWriter, SourceInfo, read_manifest, shard_name, write_manifest
-from .storage import Root, open_root
+from .storage import Root, absolute_url, open_root
 from .telemetry import HarvestMetrics
 
 
@@ -194,6 +194,12 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     hc = cfg.harvest
     if not hc.output:
         raise ValueError("harvest.output is empty: set a path, file://… or s3://bucket/prefix")
+    hc.output = absolute_url(hc.output)  # actors run in other working directories
+    if hc.data and not hc.data.startswith("hf:"):
+        hc.data = str(Path(hc.data).expanduser().absolute())
+    for m in hc.models:  # local model directories, likewise (hub ids stay as they are)
+        if isinstance(m, dict) and "path" in m and Path(m["path"]).expanduser().exists():
+            m["path"] = str(Path(m["path"]).expanduser().absolute())
     models = model_specs(cfg)
     tokenizers = {m.name: load_tokenizer(m.path, m.revision) for m in models}
     check_same_tokenizer(tokenizers)

@@ -45,11 +45,17 @@ def by_latent(token: Tensor, latent: Tensor, *values: Tensor):
 
 
 def rowwise_dot(a: Tensor, a_index: Tensor, b: Tensor, b_index: Tensor) -> Tensor:
-    """``(a[a_index] * b[b_index]).sum(1)`` in bounded blocks."""
-    out = torch.empty(a_index.numel(), dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
-    for start in range(0, a_index.numel(), CHUNK):
-        stop = start + CHUNK
-        out[start:stop] = (a.index_select(0, a_index[start:stop]) * b.index_select(0, b_index[start:stop])).sum(1)
+    """``(a[a_index] * b[b_index]).sum(1)`` in blocks gathered into two reused buffers."""
+    n = a_index.numel()
+    out = torch.empty(n, dtype=a.dtype, device=a.device)
+    rows = min(CHUNK, n)
+    buf_a, buf_b = a.new_empty(rows, a.shape[1]), b.new_empty(rows, b.shape[1]).to(a.dtype)
+    for start in range(0, n, CHUNK):
+        stop = min(start + CHUNK, n)
+        ga, gb = buf_a[: stop - start], buf_b[: stop - start]
+        torch.index_select(a, 0, a_index[start:stop], out=ga)
+        torch.index_select(b.to(a.dtype), 0, b_index[start:stop], out=gb)
+        torch.sum(ga.mul_(gb), 1, out=out[start:stop])
     return out
 
 

@@ -206,6 +206,7 @@ class CrossCoder(nn.Module):
         self.selection: Selection = LOCAL
         # train acausal TopK/BatchTopK through the sparse kernels; False = the dense reference path
         self.sparse_kernels = True
+        self._kth_hints: list[float] | None = None
 
     # ----------------------------------------------------------------------------------------
     # pieces
@@ -246,7 +247,10 @@ class CrossCoder(nn.Module):
         if act == "topk":
             return topk_mask(scores(pre, weights), self.spec.k, self.selection), None
         if training:
-            return batchtopk_mask(scores(pre, weights), self.spec.k, self.selection)
+            mask, kth = batchtopk_mask(scores(pre, weights), self.spec.k, self.selection, self._kth_hints)
+            # the next batch's threshold is rarely below 0.7× this one's: a search hint, not state
+            self._kth_hints = [0.7 * float(v) for v in kth.detach()]
+            return mask, kth
         return threshold_mask(pre, self.threshold), None
 
     def activate(self, pre: Tensor, weights: Tensor, training: bool) -> tuple[Tensor, Tensor | None]:

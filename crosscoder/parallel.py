@@ -146,7 +146,9 @@ class DistributedSelection(Selection):
         k = min(k, gathered.shape[-1])
         return torch.topk(gathered, k, dim=-1, sorted=False).values.min(dim=-1, keepdim=True).values
 
-    def kth_largest_batch(self, values: Tensor, k: int) -> Tensor:
+    def kth_largest_batch(self, values: Tensor, k: int, hint: float | None = None) -> Tensor:
+        # the hint is not used: skipping values < hint would need a global count first (one more
+        # collective); each rank's top-k below is exact without it
         flat = values.detach().reshape(-1)
         k_local = min(k, flat.numel())
         candidates = torch.topk(flat, k_local, sorted=False).values

@@ -37,8 +37,13 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: 
 
     from .distributed import train_worker
 
+    from .shards import read_manifest
+    from .storage import absolute_url, open_root
+
     tc = cfg.train
     run_dir = Path(run_dir).absolute()
+    data = absolute_url(data)  # workers run in other working directories
+    read_manifest(open_root(data, cfg.storage))  # a missing or bad dataset fails here, once, not per retry
     run_dir.mkdir(parents=True, exist_ok=True)
     _ensure_ray(max(tc.workers, 1))
     trainer = TorchTrainer(

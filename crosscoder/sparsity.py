@@ -33,10 +33,21 @@ class Selection:
         k = min(k, values.shape[-1])
         return torch.topk(values, k, dim=-1, sorted=False).values.min(dim=-1, keepdim=True).values
 
-    def kth_largest_batch(self, values: Tensor, k: int) -> Tensor:
-        """The k-th largest of ``values`` (any shape) over all shards and data-parallel ranks: scalar."""
+    def kth_largest_batch(self, values: Tensor, k: int, hint: float | None = None) -> Tensor:
+        """The k-th largest of ``values`` (any shape) over all shards and data-parallel ranks: scalar.
+
+        ``hint``, a value believed to be at most the answer (e.g. a fraction of the previous batch's),
+        lets the search look only at the values ≥ hint: exact whenever at least k values are ≥ hint
+        (then the k-th largest is one of them), and it falls back to the whole tensor otherwise.
+        """
         flat = values.reshape(-1)
         k = min(k, flat.numel())
+        if hint is not None and hint > 0:
+            above = flat.ge(hint)
+            count = int(above.sum())
+            if count >= k:
+                candidates = flat[above]  # boolean indexing: ~10× faster than masked_select on CPU
+                return torch.kthvalue(candidates, count - k + 1).values
         # k-th largest = (n-k+1)-th smallest; kthvalue is a selection, cheaper than a sort
         return torch.kthvalue(flat, flat.numel() - k + 1).values
 
@@ -62,7 +73,7 @@ LOCAL = Selection()
 
 def scores(pre: Tensor, weights: Tensor) -> Tensor:
     """Selection scores ``relu(pre) · w``: pre [B, G, L], weights [G, L]."""
-    return pre.relu() * weights
+    return pre.clamp_min(0).mul_(weights)
 
 
 def topk_mask(score: Tensor, k: int, selection: Selection) -> Tensor:
@@ -72,15 +83,20 @@ def topk_mask(score: Tensor, k: int, selection: Selection) -> Tensor:
     return (score >= kth) & (score > 0)
 
 
-def batchtopk_mask(score: Tensor, k: int, selection: Selection) -> tuple[Tensor, Tensor]:
+def batchtopk_mask(score: Tensor, k: int, selection: Selection, hints: list[float] | None = None
+                   ) -> tuple[Tensor, Tensor]:
     """Per group, keep the ``k · B_global`` largest scores of the whole batch.
 
     Returns the mask [B, G, L] and the k·B-th score of each group [G] (the batch threshold, which
-    training averages into the inference threshold).
+    training averages into the inference threshold). ``hints`` (per group, a lower guess of the
+    threshold) only make the search faster; the result does not depend on them.
     """
     B, G, _ = score.shape
     n_keep = k * selection.batch_tokens(B)
-    kth = torch.stack([selection.kth_largest_batch(score[:, g], n_keep) for g in range(G)])
+    kth = torch.stack([selection.kth_largest_batch(score[:, g], n_keep, hints[g] if hints else None)
+                       for g in range(G)])
+    if bool((kth > 0).all()):  # then score ≥ kth implies score > 0: one comparison pass
+        return score >= kth.view(1, G, 1), kth
     return (score >= kth.view(1, G, 1)) & (score > 0), kth
 
 

@@ -155,3 +155,11 @@ def open_root(url: str, storage=None) -> Root:
     if _protocol(url) == "s3" and endpoint:
         return Root(url, endpoint_url=endpoint)
     return Root(url)
+
+
+def absolute_url(url: str) -> str:
+    """A local root as an absolute path (processes on other working directories see the same place);
+    remote URLs unchanged."""
+    if url and _protocol(url) == "file":
+        return str(Path(url[len("file://"):] if url.startswith("file://") else url).expanduser().absolute())
+    return url
