@@ -45,7 +45,40 @@ def ray_head(tmp_path_factory):
         wait_for_port(dashboard, timeout=60)
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
-        ray_cli("stop", "--force", env=env, timeout=120, check=False)
+        stop_cluster(temp)
+
+
+def stop_cluster(temp_dir: Path, timeout: float = 30.0) -> None:
+    """Stop the processes of the cluster whose session lives under ``temp_dir``, and no other.
+
+    (`ray stop` would also kill the session's local Ray of the other tests, and a driver whose
+    cluster vanished exits its process, here pytest itself.)"""
+    import psutil
+
+    def ours():
+        # gcs_server, raylet, the monitors name the session dir; workers and agents are their children
+        found = {}
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(str(temp_dir) in arg for arg in (p.info["cmdline"] or [])):
+                    for q in [p, *p.children(recursive=True)]:
+                        found[q.pid] = q
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return list(found.values())
+
+    procs = ours()
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive + ours():
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def test_job_submission_needs_the_token(ray_head, tmp_path):
@@ -69,8 +102,15 @@ def test_submitted_config_harvests_trains_and_exports(ray_head, tmp_path):
                  f"--harvest.data={docs}", f"--harvest.output={tmp_path / 'shards'}", "--harvest.tokens=3000",
                  "--harvest.actors=1", "--train.steps=30", "--train.checkpoint_every=10", "--quiet"]
     job_id = f"crosscoder-test-{os.urandom(4).hex()}"
-    ray_cli("job", "submit", "--address", address, "--working-dir", str(work), "--submission-id", job_id,
-            "--no-wait", "--", "crosscoder", "run", "--config", "config.toml", "--run", str(run), *overrides, env=env)
+    submit = ["job", "submit", "--address", address, "--working-dir", str(work), "--submission-id", job_id,
+              "--no-wait", "--", "crosscoder", "run", "--config", "config.toml", "--run", str(run), *overrides]
+    deadline = time.time() + 120
+    while True:  # a head whose dashboard listens may not have its job agent yet ("No available agent")
+        proc = ray_cli(*submit, env=env, check=False)
+        if proc.returncode == 0 or "No available agent" not in proc.stderr + proc.stdout or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     deadline, status = time.time() + 300, ""
     while time.time() < deadline:
         status = ray_cli("job", "status", "--address", address, job_id, env=env).stdout.upper()
