@@ -56,15 +56,18 @@ def cmd_synthetic(cfg: RunConfig, run_dir: Path, args) -> int:
     return 0
 
 
-def _use_tiny_models(cfg: RunConfig, run_dir: Path) -> None:
-    """Point the harvest at a tiny base/chat pair and documents in <run>/tiny, made once."""
-    from . import tiny
+def _use_tiny_models(cfg: RunConfig, run_dir: Path, quiet: bool = False) -> None:
+    """Point the harvest at the demo base/chat pair and documents in <run>/tiny, made once."""
+    from . import demo_pair
 
     where = run_dir / "tiny"
-    if not (where / "chat" / "config.json").is_file() or not (where / "documents.jsonl").is_file():
-        print(f"tiny models: making a base/chat pair and documents in {where}")
-        tiny.make_pair(where)
-        tiny.write_documents(where / "documents.jsonl", n_docs=2000)
+    if not demo_pair.is_made(where, steps=cfg.harvest.tiny_steps):
+        print(f"tiny models: training a demo base model and its chat fine-tune in {where} "
+              f"({cfg.harvest.tiny_steps} + {cfg.harvest.tiny_steps} steps)")
+        demo_pair.make_demo_pair(where, steps=cfg.harvest.tiny_steps, progress=not quiet)
+    if not (where / "documents.jsonl").is_file():
+        print(f"tiny models: writing demo documents to {where / 'documents.jsonl'}")
+        demo_pair.write_demo_documents(where / "documents.jsonl", n_docs=4000)
     cfg.harvest.models = [{"name": "base", "path": str(where / "base")}, {"name": "chat", "path": str(where / "chat")}]
     cfg.harvest.data = cfg.harvest.data or str(where / "documents.jsonl")
 
@@ -73,7 +76,7 @@ def cmd_harvest(cfg: RunConfig, run_dir: Path, args) -> int:
     from .harvest import harvest
 
     if cfg.harvest.tiny_models and not cfg.harvest.models:
-        _use_tiny_models(cfg, run_dir)
+        _use_tiny_models(cfg, run_dir, args.quiet)
     if not cfg.harvest.output:
         cfg.harvest.output = str(run_dir / "shards")
     manifest = harvest(cfg, progress=not args.quiet)
@@ -132,13 +135,68 @@ def _summary(result) -> None:
         print(f"crosscoder exported to {result.export_dir} (load with CrossCoder.from_pretrained)")
 
 
+def run_analysis(cfg: RunConfig, run_dir: Path, data: str, quiet: bool) -> Path:
+    """Write <run>/analysis/latents.csv, summary.json and report.html; return the report's path."""
+    from . import analysis as an
+    from .report import write_report
+
+    model, root = an.load_for_run(run_dir, cfg.analyze.data or data, cfg.storage)
+    result = an.analyze(model, root, cfg.analyze, progress=not quiet)
+    if cfg.analyze.ce_sequences > 0 and "harvest" in an.read_manifest(root).extra:
+        if not quiet:
+            print(f"analyze: CE loss recovered on {cfg.analyze.ce_sequences} sequences (loads the models)")
+        result.ce_recovered = an.ce_recovered_for_harvest(model, root, cfg.analyze)
+    out = run_dir / "analysis"
+    an.save(result, out)
+    report = write_report(result, out / "report.html", title=f"Crosscoder model-diffing report: {cfg.name}")
+    counts = result.class_counts()
+    arts = result.artifact_counts()
+    print(f"analyze: {result.tokens} tokens; latents shared {counts['shared']}, base-only {counts['base_only']}, "
+          f"chat-only {counts['chat_only']}, dead {counts['dead']}; Latent Scaling flags "
+          f"{arts['chat_only']['flagged']} of {arts['chat_only']['latents']} chat-only latents")
+    for name, ce in result.ce_recovered.items():
+        print(f"analyze: CE loss recovered {name}: {ce['recovered']:.3f}")
+    print(f"analysis: {out / 'latents.csv'}\nreport: {report.absolute()}")
+    return report
+
+
+def cmd_analyze(cfg: RunConfig, run_dir: Path, args) -> int:
+    run_analysis(cfg, run_dir, training_data(cfg, run_dir, args.data), args.quiet)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """Chat-only / base-only latents and their Latent Scaling flags, side by side for several runs."""
+    import json
+
+    rows = []
+    for run in args.runs:
+        path = Path(run) / "analysis" / "summary.json"
+        if not path.is_file():
+            print(f"crosscoder: {path} is missing; run `crosscoder analyze --run {run}` first", file=sys.stderr)
+            return 1
+        s = json.loads(path.read_text())
+        config = json.loads((Path(run) / "crosscoder" / "config.json").read_text())
+        a = s["artifacts"]
+        rows.append([run, config.get("activation", "?"), s["latents"], s["classes"]["dead"],
+                     f"{min(s['fve'].values()):.3f}", a["chat_only"]["latents"], a["chat_only"]["complete_shrinkage"],
+                     a["chat_only"]["latent_decoupling"], a["chat_only"]["latents"] - a["chat_only"]["flagged"],
+                     a["base_only"]["latents"], a["base_only"]["flagged"]])
+    header = ["run", "sparsity", "latents", "dead", "min FVE", "chat-only", "shrinkage", "decoupling",
+              "chat-only kept", "base-only", "base-only flagged"]
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    for r in [header] + rows:
+        print("  ".join(str(v).rjust(w) if i else str(v).ljust(w) for i, (v, w) in enumerate(zip(r, widths))))
+    return 0
+
+
 def cmd_run(cfg: RunConfig, run_dir: Path, args) -> int:
     from .shards import ShardError, read_manifest
     from .storage import open_root
     from .synthetic import write_synthetic
 
     if cfg.harvest.tiny_models and not cfg.harvest.models:
-        _use_tiny_models(cfg, run_dir)
+        _use_tiny_models(cfg, run_dir, args.quiet)
     data = training_data(cfg, run_dir, getattr(args, "data", None))
     if cfg.harvest.models:
         from .harvest import harvest
@@ -160,6 +218,13 @@ def cmd_run(cfg: RunConfig, run_dir: Path, args) -> int:
     result = run_training(cfg, run_dir, data, args.quiet)
     _summary(result)
     _planted_summary(root, result)
+    report = run_dir / "analysis" / "report.html"
+    export = run_dir / "crosscoder" / "model.safetensors"
+    if report.is_file() and export.is_file() and report.stat().st_mtime >= export.stat().st_mtime:
+        print(f"analyze: {report} is newer than the export, skipping (`crosscoder analyze` redoes it)\n"
+              f"report: {report.absolute()}")
+    else:
+        run_analysis(cfg, run_dir, data, args.quiet)
     print(f"run directory: {run_dir.absolute()}")
     return 0
 
@@ -187,6 +252,7 @@ COMMANDS = {
     "synthetic": (cmd_synthetic, "write planted-truth synthetic shards"),
     "tiny": (cmd_tiny, "make a tiny base/chat model pair and documents (no download), for trying the harvest"),
     "train": (cmd_train, "train a crosscoder on a shard root"),
+    "analyze": (cmd_analyze, "model-diffing analysis of a trained run: latents.csv and report.html"),
     "run": (cmd_run, "every stage in order; with no arguments, the embedded default"),
 }
 
@@ -204,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="TOML config file (default for `run`: the embedded default)")
         p.add_argument("--run", help="run directory (default runs/<config name>)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
-        if name in ("train", "run"):
+        if name in ("train", "run", "analyze"):
             p.add_argument("--data", help="shard root (path, file://… or s3://…), overriding the config")
         if name == "synthetic":
             p.add_argument("--output", help="shard root to write (default: synthetic.output or <run>/shards)")
@@ -214,12 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--layers", type=int, default=4, help="number of decoder layers")
             p.add_argument("--documents", type=int, default=2000, help="number of documents to write")
     sub.add_parser("keys", help="list every config key with its default and meaning")
+    cmp = sub.add_parser("compare", help="chat-only latents and Latent Scaling flags of several analysed runs",
+                         description="Print, for each run directory, its latent classes and how many exclusive "
+                         "latents Latent Scaling flags (e.g. an L1 and a BatchTopK crosscoder on the same shards).")
+    cmp.add_argument("runs", nargs="+", help="run directories with analysis/summary.json")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if args.command == "compare":
+        return cmd_compare(args)
     if args.command == "keys":
         for key, default, help_text in describe(RunConfig):
             print(f"{key:32s} {default:24s} {help_text}")
@@ -238,9 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         from .models import ModelError
         from .shards import ShardError
         from .storage import StorageError
+        from .analysis import AnalysisError
         from .trainer import RunDirError, TrainingDiverged
 
-        if isinstance(e, (ShardError, StorageError, RunDirError, TrainingDiverged, FileNotFoundError, DataError,
+        if isinstance(e, (AnalysisError, ShardError, StorageError, RunDirError, TrainingDiverged, FileNotFoundError, DataError,
                           ModelError)):
             print(f"crosscoder: {type(e).__name__}: {e}", file=sys.stderr)
             return 1

@@ -49,9 +49,11 @@ class HarvestConfig:
         [], "models to harvest, each a table {name, path, revision, dtype, device_map}; sources = models × hooks"
     )
     tiny_models: bool = opt(
-        False, "with models empty: make a tiny base/chat model pair and documents in <run>/tiny (built from a "
-        "config, no download) and harvest those; the embedded default uses it"
+        False, "with models empty: make the demo base/chat pair (demo_pair.py: a small Llama trained on a word "
+        "grammar, and its chat fine-tune with refusals and length control) and documents in <run>/tiny, with no "
+        "download, and harvest those; the embedded default uses it"
     )
+    tiny_steps: int = opt(500, "training steps of the demo base model, and again of its chat fine-tune")
     hooks: list[str] = opt(["model.layers.1"], "module paths whose outputs are harvested (residual stream)")
     data: str = opt("", "JSONL ({text} or {messages}) or .txt file of documents, or hf:<dataset>[:<split>]")
     output: str = opt("", "shard root: a path, file://… or s3://bucket/prefix")
@@ -147,6 +149,20 @@ class AnalyzeConfig:
     tokens: int = opt(200_000, "harvested tokens to stream through for statistics")
     exclusive_threshold: float = opt(
         0.1, "a latent is base-only if rel_norm < t, chat-only if rel_norm > 1 - t, shared otherwise"
+    )
+    data: str = opt("", "shard root to analyse (default: the training data)")
+    sources: list[str] = opt(
+        [], "the two sources compared, [base, chat] (rel_norm 0 = only the first); empty = the first two"
+    )
+    scaling_threshold: float = opt(
+        0.3, "Latent Scaling: an exclusive latent is flagged as Complete Shrinkage if nu_error > t and as "
+        "Latent Decoupling if nu_recon > t (nu ≈ 0: really exclusive, ≈ 1: as present in the other model)"
+    )
+    batch_tokens: int = opt(4096, "tokens encoded per batch while streaming")
+    context: int = opt(12, "tokens of context shown before a max-activating token (and 3 after)")
+    report_latents: int = opt(12, "latents per class shown with their max-activating examples in the report")
+    ce_sequences: int = opt(
+        16, "sequences for CE loss recovered (harvested data only; needs the models); 0 = skip"
     )
 
 

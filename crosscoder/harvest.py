@@ -173,7 +173,8 @@ def build_manifest(cfg, sources, widths, infos: list[ShardInfo], tokenizer: str,
                  for (name, m, h), d in zip(sources, widths)],
         dtype=hc.dtype, seq_len=hc.seq_len, tokenizer=tokenizer, norm_scale=norm_scale, shards=infos,
         extra={"harvest": {"fingerprint": fp, "complete": complete, "planned_shards": planned,
-                           "models": hc.models, "hooks": hc.hooks, "data": hc.data}},
+                           "models": hc.models, "hooks": hc.hooks, "data": hc.data,
+                           "keep_bos": hc.keep_bos}},
     )
 
 

@@ -4,8 +4,9 @@ Two "models" (sources ``base`` and ``chat``, possibly of different widths) produ
 that are sparse non-negative combinations of known feature directions plus Gaussian noise. Every
 planted feature has a class that a crosscoder must recover:
 
-- ``shared``: the same direction in both models (through a fixed near-isometry when the widths
-  differ, as between models of one family at different sizes);
+- ``shared``: the same direction in both models (the same vector when the widths are equal, as
+  for a base model and its fine-tune; through a fixed near-isometry when the widths differ, as
+  between models of one family at different sizes);
 - ``base_only`` / ``chat_only``: present in one model only;
 - ``rotated``: present in both, but the chat direction is rotated away (cosine ``rotated_cosine``);
 - ``strong``: present in both, ``strong_ratio`` times stronger in the chat model.
@@ -76,9 +77,11 @@ def plant_dictionary(cfg: SyntheticConfig) -> PlantedDictionary:
     classes = rng.permutation(np.repeat(np.arange(len(CLASSES)), counts))
 
     base = _unit(rng.standard_normal((F, d0)))
-    # a near-isometry between widths: orthonormal columns when growing, a scaled projection otherwise
+    # equal widths: one basis, as a fine-tune keeps its base model's residual basis (so decoder
+    # cosines and Latent Scaling compare like with like); different widths: a near-isometry,
+    # orthonormal columns when growing, a scaled projection otherwise
     q, _ = np.linalg.qr(rng.standard_normal((max(d0, d1), min(d0, d1))))
-    mapping = q if d1 >= d0 else q.T  # [d1, d0]
+    mapping = np.eye(d0) if d0 == d1 else (q if d1 >= d0 else q.T)  # [d1, d0]
     chat = _unit(base @ mapping.T)
     fresh = _unit(rng.standard_normal((F, d1)))
     rotated = classes == CLASSES.index("rotated")

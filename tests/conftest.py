@@ -106,3 +106,16 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
+
+
+DEMO_STEPS = 400  # the demo pair's training steps in tests (the default is 500)
+
+
+@pytest.fixture(scope="session")
+def demo_pair(tmp_path_factory):
+    """The trained demo base/chat pair (demo_pair.py), made once per session: (dir, base, chat)."""
+    from crosscoder.demo_pair import make_demo_pair
+
+    where = tmp_path_factory.mktemp("demo")
+    base, chat = make_demo_pair(where, steps=DEMO_STEPS, progress=False)
+    return where, base, chat

@@ -76,3 +76,13 @@ def test_sparse_kernels_setting_resolves_by_dictionary_size():
     assert not use_sparse_kernels(TrainConfig(latents=65536, sparse_kernels="off"))
     with pytest.raises(ConfigError, match="train.sparse_kernels must be on, off or auto, got 'yes'"):
         use_sparse_kernels(TrainConfig(sparse_kernels="yes"))
+
+
+def test_every_launch_config_loads():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "launch" / "configs").glob("*.toml"))
+    assert len(configs) >= 4
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.name and cfg.train.steps > 0, path  # loading raises on any unknown or mistyped key

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -10,9 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from crosscoder.analysis import read_latents_csv
 from crosscoder.model import CrossCoder
 from crosscoder.shards import read_manifest
 from crosscoder.storage import Root
+
+from .conftest import DEMO_STEPS
 
 pytestmark = pytest.mark.slow
 
@@ -26,20 +31,36 @@ def crosscoder(*args, cwd) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_embedded_default_makes_tiny_models_harvests_trains_on_two_workers_and_reruns_quickly(tmp_path):
-    short = ["--train.steps", "40", "--train.checkpoint_every", "20", "--harvest.tokens", "12000", "--quiet"]
-    first = crosscoder("run", *short, cwd=tmp_path)
+def test_embedded_default_makes_tiny_models_harvests_trains_on_two_workers_and_reruns_quickly(tmp_path, demo_pair):
+    # the demo pair trained once per session (test_demo_pair.py checks its behaviour) is placed where
+    # the run makes it, so the run re-uses it and writes only the documents
+    made, *_ = demo_pair
     run = tmp_path / "runs" / "default"
+    shutil.copytree(made, run / "tiny")
+    short = ["--train.steps", "40", "--train.checkpoint_every", "20", "--harvest.tokens", "12000",
+             "--harvest.tiny_steps", str(DEMO_STEPS), "--quiet"]
+    first = crosscoder("run", *short, cwd=tmp_path)
     assert f"run directory: {run}" in first.stdout
-    assert "tiny models: making a base/chat pair" in first.stdout
+    assert "tiny models: writing demo documents" in first.stdout and "tiny models: training" not in first.stdout
     manifest = read_manifest(Root(str(run / "shards")))
     assert [s.name for s in manifest.sources] == ["base", "chat"] and manifest.extra["harvest"]["complete"]
     assert manifest.norm_scale and all(s > 0 for s in manifest.norm_scale)
     model = CrossCoder.from_pretrained(run / "crosscoder")
     assert model.spec.latents == 1024 and model.spec.activation == "batchtopk"
     assert (run / "checkpoints" / "latest").is_file()  # trained by the DeepSpeed workers
+    # the analysis: latents.csv, summary and report, with CE loss recovered through the tiny models
+    report = run / "analysis" / "report.html"
+    assert f"report: {report}" in first.stdout
+    table = read_latents_csv(run / "analysis" / "latents.csv")
+    assert len(table["index"]) == 1024 and set(table["class"]) <= {"shared", "base_only", "chat_only", "dead"}
+    summary = json.loads((run / "analysis" / "summary.json").read_text())
+    assert summary["tokens"] > 0 and set(summary["ce_loss_recovered"]) == {"base", "chat"}
+    for ce in summary["ce_loss_recovered"].values():
+        assert ce["zero_ablated"] > ce["clean"] and ce["recovered"] < 1.0001
+    assert report.read_text().count("data:image/png;base64,") == 5
     started = time.time()
     again = crosscoder("run", *short, cwd=tmp_path)
     assert "already trained to step 40, skipping" in again.stdout
-    assert "tiny models: making" not in again.stdout
+    assert "tiny models:" not in again.stdout
+    assert "analyze: " in again.stdout and "skipping" in again.stdout
     assert time.time() - started < 60

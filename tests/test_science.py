@@ -125,3 +125,28 @@ def test_sources_of_different_widths_train_export_and_reload(tmp_path):
     recovery = score_recovery(model.W_dec.detach().numpy(), [64, 96], read_planted(Root(data)),
                               cfg.synthetic.raw_scale, model.spec.norm_scale)
     assert recovery.mean_best_cosine > 0.85, recovery.mean_best_cosine
+
+
+def test_analysis_classes_match_the_planted_truth(batchtopk_run, tmp_path):
+    """`analyze` on the trained crosscoder: the class in latents.csv of the latent that recovered
+    each planted feature is that feature's planted class, and nothing genuinely exclusive is
+    flagged by Latent Scaling."""
+    from crosscoder.analysis import analyze, read_latents_csv, save
+    from crosscoder.config import AnalyzeConfig
+
+    cfg, data, model, _ = batchtopk_run
+    root = Root(data)
+    result = analyze(model, root, AnalyzeConfig(tokens=60_000), progress=False)
+    save(result, tmp_path)
+    table = read_latents_csv(tmp_path / "latents.csv")
+    recovery = score_recovery(model.W_dec.detach().numpy(), model.spec.widths, read_planted(root),
+                              cfg.synthetic.raw_scale, model.spec.norm_scale)
+    good = recovery.best_cosine > 0.9
+    assert good.mean() > 0.85
+    matched = [(table["class"][lat], exp) for lat, exp, ok in zip(recovery.latent, recovery.expected, good) if ok]
+    accuracy = np.mean([got == exp for got, exp in matched])
+    assert accuracy >= 0.9, accuracy
+    exclusive = [lat for lat, exp, ok in zip(recovery.latent, recovery.expected, good) if ok and exp != "shared"]
+    flagged = [lat for lat in exclusive if table["artifact"][lat]]
+    assert len(flagged) <= 0.1 * len(exclusive), (len(flagged), len(exclusive))
+    assert all(result.fve[s] > 0.85 for s in result.fve), result.fve

@@ -1,0 +1,424 @@
+"""Model-diffing analysis of a trained crosscoder: per-latent statistics streamed over the shards.
+
+What it computes, for the two compared sources (``base``, ``chat``: the first two by default):
+
+- from the weights: relative decoder norm ``Δ_i = ‖d_chat‖ / (‖d_base‖ + ‖d_chat‖)`` and decoder
+  cosine, both in normalised units (each source scaled so ``E‖x_s‖ = √d_s``, where the sources are
+  comparable even when the raw scales of the two models differ), and the class from ``Δ``;
+- from one pass over up to ``analyze.tokens`` harvested tokens, in manifest order: firing frequency
+  (a latent that never fires is ``dead``), FVE per source, the top-``n`` max-activating tokens of
+  every latent (merged per batch with one ``topk`` over ``[L, n + B]``), token attribution per class
+  (firings by token id against the token's base rate), and Latent Scaling (latent_scaling.py) of
+  every exclusive latent;
+- CE loss recovered (ce_recovered.py) when the shards were harvested from models that can be loaded.
+
+Why one streaming pass: shards can be far larger than memory, and every statistic above is a sum
+or a running top-n. What it costs: the activations are encoded once more (at inference, with the
+BatchTopK threshold), and the top-n buffers hold ``2·n·L`` numbers (for L = 64k, n = 20: 20 MB).
+Token ids of the analysed tokens are kept (4 bytes each) so examples can show their context.
+
+The results are written as ``analysis/latents.csv`` (DESIGN.md's contract), ``analysis/summary.json``
+and, by report.py, ``analysis/report.html``. No Ray, DeepSpeed or S3 code here: shards come through
+the storage layer.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .config import AnalyzeConfig
+from .latent_scaling import LatentScaling, artifact_labels
+from .metrics import sums_for_fve
+from .model import CrossCoder
+from .shards import Manifest, ShardError, iter_samples, read_manifest
+from .storage import Root
+
+CLASSES = ("shared", "base_only", "chat_only", "dead")
+CSV_COLUMNS = ("index", "frequency", "mean_activation", "max_activation", "rel_norm", "cosine", "class",
+               "beta_error_base", "beta_error_chat", "beta_recon_base", "beta_recon_chat", "nu_error", "nu_recon",
+               "artifact")
+
+
+class AnalysisError(ValueError):
+    """The run or its data cannot be analysed; the message says which file or setting."""
+
+
+@dataclass
+class Example:
+    value: float
+    tokens: list[str]  # the context, decoded token by token
+    position: int  # index of the activating token within ``tokens``
+
+
+@dataclass
+class Analysis:
+    sources: tuple[str, str]
+    tokens: int
+    columns: dict[str, np.ndarray]  # CSV_COLUMNS → [L]
+    fve: dict[str, float]
+    examples: dict[int, list[Example]]  # latent → its max-activating examples (for the report)
+    attribution: dict[str, list[dict]]  # class → top tokens by share of that class's firings
+    ce_recovered: dict[str, dict] = field(default_factory=dict)  # source → clean/spliced/zero/recovered
+    scaling_threshold: float = 0.3
+    exclusive_threshold: float = 0.1
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def classes(self) -> np.ndarray:
+        return self.columns["class"]
+
+    def class_counts(self) -> dict[str, int]:
+        return {c: int((self.classes == c).sum()) for c in CLASSES}
+
+    def artifact_counts(self) -> dict[str, dict[str, int]]:
+        """Per exclusive class: how many latents Latent Scaling flags, by artifact."""
+        out = {}
+        for cls in ("base_only", "chat_only"):
+            art = self.columns["artifact"][self.classes == cls]
+            out[cls] = {"latents": int(len(art)),
+                        "complete_shrinkage": int(sum("complete_shrinkage" in a for a in art)),
+                        "latent_decoupling": int(sum("latent_decoupling" in a for a in art)),
+                        "flagged": int(sum(bool(a) for a in art))}
+        return out
+
+    def summary(self) -> dict:
+        return {"sources": list(self.sources), "tokens": self.tokens, "latents": len(self.classes),
+                "classes": self.class_counts(), "artifacts": self.artifact_counts(), "fve": self.fve,
+                "ce_loss_recovered": self.ce_recovered, "attribution": self.attribution,
+                "scaling_threshold": self.scaling_threshold, "exclusive_threshold": self.exclusive_threshold,
+                "notes": self.notes}
+
+
+def classify(rel_norm: np.ndarray, frequency: np.ndarray, threshold: float) -> np.ndarray:
+    """shared / base_only / chat_only from the relative norm; dead where a latent never fired."""
+    cls = np.where(rel_norm < threshold, "base_only", np.where(rel_norm > 1 - threshold, "chat_only", "shared"))
+    return np.where(frequency == 0, "dead", cls).astype(object)
+
+
+def _source_pair(model: CrossCoder, names: list[str]) -> tuple[int, int]:
+    sources = model.spec.sources
+    if len(sources) < 2:
+        raise AnalysisError(f"model diffing compares two sources; this crosscoder has only {sources}")
+    if not names:
+        return 0, 1
+    if len(names) != 2 or any(n not in sources for n in names):
+        raise AnalysisError(f"analyze.sources must name two of the crosscoder's sources {sources}, got {names}")
+    return sources.index(names[0]), sources.index(names[1])
+
+
+class _Decoder:
+    """Token ids → text pieces: the harvest's tokenizer when it loads, ``#id`` otherwise."""
+
+    def __init__(self, manifest: Manifest):
+        self.tokenizer = None
+        if "harvest" in manifest.extra and manifest.tokenizer:
+            try:
+                from .models import load_tokenizer
+
+                self.tokenizer = load_tokenizer(manifest.tokenizer)
+            except Exception:  # noqa: BLE001 - examples fall back to ids; the report says so
+                self.tokenizer = None
+
+    def pieces(self, ids) -> list[str]:
+        ids = [int(i) for i in ids]
+        if self.tokenizer is None:
+            return [f"#{i}" for i in ids]
+        return [self.tokenizer.decode([i]) for i in ids]
+
+
+class _TopExamples:
+    """Running top-n activations of every latent with the global index of the token."""
+
+    def __init__(self, latents: int, n: int):
+        self.n = n
+        self.values = torch.full((latents, n), -math.inf)
+        self.index = torch.full((latents, n), -1, dtype=torch.long)
+
+    def update(self, f: torch.Tensor, offset: int) -> None:
+        take = min(self.n, f.shape[0])
+        vals, idx = f.T.topk(take, dim=1)
+        values = torch.cat([self.values, vals], 1)
+        index = torch.cat([self.index, idx + offset], 1)
+        best = values.topk(self.n, dim=1).indices
+        self.values, self.index = values.gather(1, best), index.gather(1, best)
+
+
+@torch.no_grad()
+def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = True) -> Analysis:
+    """Stream up to ``cfg.tokens`` tokens of ``root`` through ``model`` and compute every statistic."""
+    manifest = read_manifest(root)
+    spec = model.spec
+    got = [(s.name, s.d) for s in manifest.sources]
+    if got != list(zip(spec.sources, spec.widths)):
+        raise AnalysisError(f"{root.url}: sources {got} do not match the crosscoder's "
+                            f"{list(zip(spec.sources, spec.widths))}")
+    a, b = _source_pair(model, cfg.sources)
+    slices, scale = spec.slices, (spec.norm_scale or [1.0] * spec.n_sources)
+    W_dec = model.W_dec.detach()
+    dec = [W_dec[:, sl] * scale[s] for s, sl in enumerate(slices)]  # normalised units
+    na, nb = dec[a].norm(dim=1), dec[b].norm(dim=1)
+    rel_norm = (nb / (na + nb).clamp_min(1e-12)).numpy()
+    notes = []
+    if spec.widths[a] == spec.widths[b]:
+        cosine = torch.nn.functional.cosine_similarity(dec[a], dec[b], dim=1, eps=1e-12).numpy()
+    else:
+        cosine = np.full(spec.latents, np.nan)
+        notes.append("decoder cosine and Latent Scaling need sources of equal width; left empty")
+    exclusive = (rel_norm < cfg.exclusive_threshold) | (rel_norm > 1 - cfg.exclusive_threshold)
+    candidates = torch.from_numpy(np.flatnonzero(exclusive))
+    scaling = None
+    if spec.arch != "acausal":
+        notes.append("Latent Scaling needs one shared latent space (acausal); the aligned variant has one per source")
+    elif spec.widths[a] == spec.widths[b] and len(candidates):
+        owner = torch.from_numpy((rel_norm[candidates.numpy()] > 0.5).astype(np.int64))
+        scaling = LatentScaling((dec[a], dec[b]), candidates, owner)
+
+    L = spec.latents
+    count = torch.zeros(L, dtype=torch.float64)
+    act_sum = torch.zeros(L, dtype=torch.float64)
+    top = _TopExamples(L, cfg.top_examples)
+    fve_sums = torch.zeros(spec.n_sources, 4, dtype=torch.float64)
+    token_ids: list[np.ndarray] = []
+    sample_of: list[np.ndarray] = []
+    budget = min(cfg.tokens, manifest.tokens) if cfg.tokens > 0 else manifest.tokens
+    bar = tqdm(total=budget, desc="analyze", unit="tok", disable=not progress, unit_scale=True)
+    seen, pending, pending_ids, n_samples = 0, [], [], 0
+    # class membership of each latent is known from the weights, except dead (known at the end)
+    static_class = classify(rel_norm, np.ones(L), cfg.exclusive_threshold)
+    fires_by_token = {c: np.zeros(0, dtype=np.int64) for c in ("shared", "base_only", "chat_only")}
+    masks = {c: torch.from_numpy(static_class == c) for c in fires_by_token}
+
+    def flush():
+        nonlocal seen
+        acts = np.concatenate(pending)
+        ids = np.concatenate(pending_ids)
+        x = torch.from_numpy(acts).float()
+        if not torch.isfinite(x).all():
+            raise AnalysisError(f"{root.url}: non-finite activations among tokens {seen}..{seen + len(x)}")
+        f_groups = model.encode(x)
+        x_hat = model.decode(f_groups)
+        f = f_groups.amax(1)  # acausal: the one group; aligned: a latent is active if active in any source
+        xn = torch.cat([x[:, sl] * scale[s] for s, sl in enumerate(slices)], 1)
+        xhn = torch.cat([x_hat[:, sl] * scale[s] for s, sl in enumerate(slices)], 1)
+        fve_sums.add_(sums_for_fve(xn, xhn, slices))
+        fired = f > 0
+        count.add_(fired.sum(0).double())
+        act_sum.add_(f.sum(0).double())
+        top.update(f, seen)
+        for c, mask in masks.items():
+            per_token = fired[:, mask].sum(1).numpy()
+            grown = np.bincount(ids, weights=per_token, minlength=len(fires_by_token[c])).astype(np.int64)
+            grown[: len(fires_by_token[c])] += fires_by_token[c]
+            fires_by_token[c] = grown
+        if scaling is not None:
+            scaling.update((xn[:, slices[a]], xn[:, slices[b]]), (xhn[:, slices[a]], xhn[:, slices[b]]), f)
+        seen += len(x)
+        bar.update(len(x))
+        pending.clear()
+        pending_ids.clear()
+
+    for sample in iter_samples(root, manifest):
+        if seen + sum(len(p) for p in pending) >= budget:
+            break
+        room = budget - seen - sum(len(p) for p in pending)
+        tokens, acts = sample.tokens[:room], sample.acts[:room]
+        pending.append(acts)
+        pending_ids.append(tokens)
+        token_ids.append(tokens)
+        sample_of.append(np.full(len(tokens), n_samples, dtype=np.int64))
+        n_samples += 1
+        if sum(len(p) for p in pending) >= cfg.batch_tokens:
+            flush()
+    if pending:
+        flush()
+    bar.close()
+    if seen == 0:
+        raise AnalysisError(f"{root.url}: no tokens to analyse")
+
+    frequency = (count / seen).numpy()
+    cls = classify(rel_norm, frequency, cfg.exclusive_threshold)
+    fired_counts = count.numpy()
+    mean_act = np.where(fired_counts > 0, act_sum.numpy() / np.maximum(fired_counts, 1), 0.0)
+    max_act = top.values[:, 0].clamp_min(0).numpy()
+    nan = np.full(L, np.nan)
+    columns = {"index": np.arange(L), "frequency": frequency, "mean_activation": mean_act, "max_activation": max_act,
+               "rel_norm": rel_norm, "cosine": cosine, "class": cls,
+               "beta_error_base": nan.copy(), "beta_error_chat": nan.copy(), "beta_recon_base": nan.copy(),
+               "beta_recon_chat": nan.copy(), "nu_error": nan.copy(), "nu_recon": nan.copy(),
+               "artifact": np.array([""] * L, dtype=object)}
+    if scaling is not None:
+        r = scaling.result()
+        idx = r.latents.numpy()
+        chat_owned = scaling.owner.numpy() == 1
+        # "base" = the first compared source, "chat" = the second, whichever owns the latent
+        columns["beta_error_base"][idx] = np.where(chat_owned, r.beta_error_other, r.beta_error_owner)
+        columns["beta_error_chat"][idx] = np.where(chat_owned, r.beta_error_owner, r.beta_error_other)
+        columns["beta_recon_base"][idx] = np.where(chat_owned, r.beta_recon_other, r.beta_recon_owner)
+        columns["beta_recon_chat"][idx] = np.where(chat_owned, r.beta_recon_owner, r.beta_recon_other)
+        columns["nu_error"][idx] = r.nu_error.numpy()
+        columns["nu_recon"][idx] = r.nu_recon.numpy()
+        labels = np.array(artifact_labels(r, cfg.scaling_threshold), dtype=object)
+        columns["artifact"][idx] = np.where(cls[idx] == "dead", "", labels)
+
+    all_ids = np.concatenate(token_ids)
+    sample_index = np.concatenate(sample_of)
+    decoder = _Decoder(manifest)
+    if decoder.tokenizer is None:
+        notes.append("token ids shown as #id: the shards name no tokenizer that loads here")
+    examples = _examples(cls, top, all_ids, sample_index, decoder, cfg)
+    attribution = _attribution(fires_by_token, all_ids, decoder)
+    totals = fve_sums[:, 2] - fve_sums[:, 1] ** 2 / fve_sums[:, 3]
+    fve = {spec.sources[s]: float(1 - fve_sums[s, 0] / max(float(totals[s]), 1e-12)) for s in range(spec.n_sources)}
+    return Analysis(sources=(spec.sources[a], spec.sources[b]), tokens=seen, columns=columns, fve=fve,
+                    examples=examples, attribution=attribution, scaling_threshold=cfg.scaling_threshold,
+                    exclusive_threshold=cfg.exclusive_threshold, notes=notes)
+
+
+def _examples(cls, top: _TopExamples, ids: np.ndarray, sample_index: np.ndarray, decoder: _Decoder,
+              cfg: AnalyzeConfig) -> dict[int, list[Example]]:
+    """Max-activating examples of the latents the report shows: the most frequent of each class."""
+    freq_order = np.argsort(-top.values[:, 0].numpy())
+    chosen = []
+    for c in ("chat_only", "base_only", "shared"):
+        members = [int(i) for i in freq_order if cls[i] == c]
+        chosen += members[: cfg.report_latents]
+    starts = np.concatenate([[0], np.cumsum(np.bincount(sample_index))])
+    out = {}
+    for latent in chosen:
+        rows = []
+        for value, index in zip(top.values[latent].tolist(), top.index[latent].tolist()):
+            if index < 0 or value <= 0:
+                continue
+            start, end = starts[sample_index[index]], starts[sample_index[index] + 1]
+            lo, hi = max(index - cfg.context, start), min(index + 4, end)
+            rows.append(Example(value, decoder.pieces(ids[lo:hi]), index - lo))
+        out[latent] = rows
+    return out
+
+
+def _attribution(fires_by_token: dict[str, np.ndarray], ids: np.ndarray, decoder: _Decoder, top: int = 12):
+    """Per class: the tokens its latents fire on most, with lift = share of firings / share of tokens."""
+    base = np.bincount(ids)
+    out = {}
+    for c, fires in fires_by_token.items():
+        total = fires.sum()
+        if total == 0:
+            out[c] = []
+            continue
+        n = max(len(base), len(fires))
+        fires_n = np.pad(fires, (0, n - len(fires)))
+        base_n = np.pad(base, (0, n - len(base)))
+        order = np.argsort(-fires_n)[:top]
+        out[c] = [{"token": decoder.pieces([t])[0], "id": int(t), "share": float(fires_n[t] / total),
+                   "lift": float((fires_n[t] / total) / max(base_n[t] / len(ids), 1e-12)), "firings": int(fires_n[t])}
+                  for t in order if fires_n[t] > 0]
+    return out
+
+
+def write_latents_csv(analysis: Analysis, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(CSV_COLUMNS)
+        cols = [analysis.columns[c] for c in CSV_COLUMNS]
+        for row in zip(*cols):
+            writer.writerow([_fmt(v) for v in row])
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (float, np.floating)):
+        return "" if not np.isfinite(v) else f"{float(v):.6g}"
+    return str(v)
+
+
+def read_latents_csv(path: Path) -> dict[str, np.ndarray]:
+    """latents.csv back as columns (numbers as float, NaN where empty; class and artifact as str)."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    out = {}
+    for c in CSV_COLUMNS:
+        values = [r[c] for r in rows]
+        out[c] = np.array(values, dtype=object) if c in ("class", "artifact") else \
+            np.array([float(v) if v != "" else np.nan for v in values])
+    return out
+
+
+def load_for_run(run_dir: Path, data: str, storage) -> tuple[CrossCoder, Root]:
+    """The run's export and its shard root, with clear errors for what is missing."""
+    from .storage import open_root
+
+    export = run_dir / "crosscoder"
+    if not (export / "model.safetensors").is_file():
+        raise AnalysisError(f"{export}: no crosscoder export; train first (crosscoder train --run {run_dir})")
+    model = CrossCoder.from_pretrained(export)
+    root = open_root(data, storage)
+    try:
+        read_manifest(root)
+    except ShardError as e:
+        raise AnalysisError(f"cannot analyse {run_dir}: {e}") from None
+    return model, root
+
+
+def save(analysis: Analysis, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_latents_csv(analysis, out_dir / "latents.csv")
+    (out_dir / "summary.json").write_text(json.dumps(analysis.summary(), indent=2, default=float) + "\n")
+
+
+@torch.no_grad()
+def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig) -> dict[str, dict]:
+    """CE loss recovered per source on the first ``cfg.ce_sequences`` full-length harvested chunks.
+
+    The models are loaded from the paths the manifest records; each chunk is run as the harvest
+    ran it (BOS prepended, unless the harvest stored it), every source's activation is read, the
+    crosscoder reconstructs all sources from all of them, and each source's reconstruction is
+    spliced into its own model at its own hook, one source at a time.
+    """
+    from .ce_recovered import ce_loss_recovered
+    from .models import ActivationReader, ModelSpec, load_model, load_tokenizer
+
+    manifest = read_manifest(root)
+    harvest = manifest.extra.get("harvest")
+    if not harvest or cfg.ce_sequences <= 0:
+        return {}
+    chunks = []
+    for sample in iter_samples(root, manifest):
+        if len(sample.tokens) == manifest.seq_len:
+            chunks.append(sample.tokens)
+        if len(chunks) >= cfg.ce_sequences:
+            break
+    if not chunks:
+        return {}
+    bos = load_tokenizer(manifest.tokenizer).bos_token_id
+    prefix = [] if harvest.get("keep_bos") or bos is None else [bos]
+    ids = torch.tensor([prefix + c.tolist() for c in chunks], dtype=torch.long)
+    start = len(prefix)
+    dtypes = {m.get("path"): m.get("dtype", "float32") for m in harvest.get("models", [])}
+    models, hooks_of, revision = {}, {}, {}
+    for src in manifest.sources:
+        hooks_of.setdefault(src.model, []).append(src.hook)
+        revision[src.model] = src.revision
+    for path in hooks_of:
+        models[path] = load_model(ModelSpec(name=path, path=path, revision=revision[path],
+                                            dtype=dtypes.get(path, "float32")))
+    acts = {}
+    for path, hooks in hooks_of.items():
+        for hook, a in zip(hooks, ActivationReader(models[path], hooks, path).read(ids)):
+            acts[(path, hook)] = a[:, start:].float()
+    B, T = ids.shape[0], ids.shape[1] - start
+    x = torch.cat([acts[(s.model, s.hook)].reshape(B * T, -1) for s in manifest.sources], 1)
+    x_hat = model.reconstruct(x)
+    out = {}
+    for s, (src, sl) in enumerate(zip(manifest.sources, model.spec.slices)):
+        r = ce_loss_recovered(models[src.model], ids, src.hook, x_hat[:, sl].reshape(B, T, -1), start)
+        out[src.name] = {"clean": r.clean, "spliced": r.spliced, "zero_ablated": r.zero_ablated,
+                         "recovered": r.recovered, "sequences": B}
+    return out

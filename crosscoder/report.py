@@ -1,0 +1,177 @@
+"""The model-diffing report: one self-contained HTML file with the plots embedded as PNG.
+
+Why one file with inline images and no JavaScript: it opens in any browser from a laptop, a
+cluster's object store or a CI artifact, with no server and nothing to fetch. What it costs: no
+interactivity (sorting and filtering are done on ``latents.csv``, which holds every number shown).
+
+Plots (matplotlib, Agg backend): relative decoder norm histogram, decoder cosine histogram,
+Latent Scaling ``ν_ε`` vs ``ν_r`` scatter of the exclusive latents, FVE and CE loss recovered per
+source, firing-frequency histogram. Then the counts, the artifact table, token attribution per
+class and the max-activating examples of the most active latents of each class.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+
+from .analysis import Analysis
+
+COLORS = {"shared": "#7f7f7f", "base_only": "#1f77b4", "chat_only": "#d62728", "dead": "#bbbbbb"}
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def figures(analysis: Analysis) -> dict[str, str]:
+    """Title → base64 PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = analysis.columns
+    live = c["class"] != "dead"
+    base, chat = analysis.sources
+    out = {}
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.hist(c["rel_norm"][live], bins=np.linspace(0, 1, 41), color="#444444")
+    for t in (analysis.exclusive_threshold, 1 - analysis.exclusive_threshold):
+        ax.axvline(t, color="#d62728", ls="--", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"relative decoder norm  (0 = only {base}, 1 = only {chat})")
+    ax.set_ylabel("live latents")
+    out["Relative decoder norm"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for cls in ("shared", "base_only", "chat_only"):
+        vals = c["cosine"][(c["class"] == cls) & np.isfinite(c["cosine"])]
+        if len(vals):
+            ax.hist(vals, bins=np.linspace(-1, 1, 41), alpha=0.6, label=cls, color=COLORS[cls])
+    ax.set_xlabel(f"decoder cosine between {base} and {chat}")
+    ax.set_ylabel("latents")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    out["Decoder cosine"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    t = analysis.scaling_threshold
+    for cls in ("base_only", "chat_only"):
+        m = (c["class"] == cls) & np.isfinite(c["nu_error"]) & np.isfinite(c["nu_recon"])
+        ax.scatter(c["nu_error"][m], c["nu_recon"][m], s=12, alpha=0.7, label=f"{cls} ({int(m.sum())})",
+                   color=COLORS[cls])
+    ax.axvline(t, color="k", ls="--", lw=0.8)
+    ax.axhline(t, color="k", ls="--", lw=0.8)
+    finite = np.concatenate([c["nu_error"][np.isfinite(c["nu_error"])], c["nu_recon"][np.isfinite(c["nu_recon"])]])
+    top = max(1.1, float(np.percentile(finite, 99)) + 0.1) if len(finite) else 1.1
+    ax.set_xlim(-0.1, top)
+    ax.set_ylim(-0.1, top)
+    ax.set_xlabel("ν_ε  (error: Complete Shrinkage →)")
+    ax.set_ylabel("ν_r  (reconstruction: Latent Decoupling →)")
+    ax.legend(fontsize=8)
+    out["Latent Scaling of exclusive latents"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    names = list(analysis.fve)
+    xs = np.arange(len(names))
+    ax.bar(xs - 0.2, [analysis.fve[n] for n in names], width=0.4, label="FVE", color="#2ca02c")
+    if analysis.ce_recovered:
+        ax.bar(xs + 0.2, [analysis.ce_recovered.get(n, {}).get("recovered", np.nan) for n in names], width=0.4,
+               label="CE loss recovered", color="#9467bd")
+    ax.set_xticks(xs, names, fontsize=8)
+    ax.set_ylim(min(0.0, *[analysis.fve[n] for n in names]), 1.05)
+    ax.legend(fontsize=8)
+    out["FVE and CE loss recovered per source"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    freq = c["frequency"][live]
+    if len(freq):
+        ax.hist(np.log10(np.maximum(freq, 1e-9)), bins=40, color="#444444")
+    ax.set_xlabel("log10 firing frequency (live latents)")
+    ax.set_ylabel("latents")
+    out["Firing frequency"] = _png(fig)
+    return out
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _example_html(ex) -> str:
+    parts = []
+    for i, piece in enumerate(ex.tokens):
+        text = html.escape(piece if piece.strip() else repr(piece))
+        parts.append(f"<b class='hit'>{text}</b>" if i == ex.position else text)
+    return f"<div class='ex'><span class='v'>{ex.value:.3g}</span> " + " ".join(parts) + "</div>"
+
+
+def render(analysis: Analysis, title: str = "Crosscoder model-diffing report") -> str:
+    c = analysis.columns
+    base, chat = analysis.sources
+    counts = analysis.class_counts()
+    arts = analysis.artifact_counts()
+    summary_rows = [["sources compared", f"{base} vs {chat}"], ["tokens analysed", f"{analysis.tokens:,}"],
+                    ["latents", f"{len(c['class']):,}"]]
+    summary_rows += [[f"{k} latents", v] for k, v in counts.items()]
+    summary_rows += [[f"FVE {k}", f"{v:.4f}"] for k, v in analysis.fve.items()]
+    summary_rows += [[f"CE loss recovered {k}", f"{v['recovered']:.4f} (clean {v['clean']:.3f}, spliced "
+                      f"{v['spliced']:.3f}, zero-ablated {v['zero_ablated']:.3f} nats)"]
+                     for k, v in analysis.ce_recovered.items()]
+    art_rows = [[cls, a["latents"], a["complete_shrinkage"], a["latent_decoupling"], a["flagged"],
+                 a["latents"] - a["flagged"]] for cls, a in arts.items()]
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             _table(summary_rows, ["", ""]),
+             "".join(f"<p class='note'>{html.escape(n)}</p>" for n in analysis.notes),
+             "<h2>Latent Scaling</h2>",
+             f"<p>Exclusive latents (relative norm below {analysis.exclusive_threshold} or above "
+             f"{1 - analysis.exclusive_threshold}) flagged when ν exceeds {analysis.scaling_threshold}: "
+             "ν_ε high = Complete Shrinkage (the other model's error still holds the concept), ν_r high = "
+             "Latent Decoupling (other latents reconstruct it in the other model). arXiv 2504.02922.</p>",
+             _table(art_rows, ["class", "latents", "complete shrinkage", "latent decoupling", "flagged",
+                               "really exclusive"]),
+             "<h2>Plots</h2>"]
+    for name, png in figures(analysis).items():
+        parts.append(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{png}'>"
+                     f"<figcaption>{html.escape(name)}</figcaption></figure>")
+    parts.append("<h2>Token attribution</h2><p>Tokens the latents of each class fire on most; lift = share of "
+                 "the class's firings / share of all tokens (1 = no preference).</p>")
+    for cls, rows in analysis.attribution.items():
+        table = [[r["token"], r["id"], f"{r['share']:.1%}", f"{r['lift']:.2f}", r["firings"]] for r in rows]
+        parts.append(f"<h3>{cls}</h3>" + (_table(table, ["token", "id", "share", "lift", "firings"]) if table
+                                          else "<p>no firings</p>"))
+    parts.append("<h2>Max-activating examples</h2>")
+    for latent, examples in analysis.examples.items():
+        i = int(latent)
+        desc = (f"latent {i}: {c['class'][i]}, frequency {c['frequency'][i]:.2e}, rel norm {c['rel_norm'][i]:.3f}, "
+                f"cosine {c['cosine'][i]:.3f}")
+        if np.isfinite(c["nu_error"][i]):
+            desc += f", ν_ε {c['nu_error'][i]:.2f}, ν_r {c['nu_recon'][i]:.2f}"
+        if c["artifact"][i]:
+            desc += f" [{c['artifact'][i]}]"
+        parts.append(f"<h3>{html.escape(desc)}</h3>" + "".join(_example_html(e) for e in examples))
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
+             "font-size:13px;text-align:left}figure{display:inline-block;margin:0.5em}"
+             ".ex{font-family:monospace;font-size:12px;white-space:pre-wrap}.hit{background:#ffd54f}"
+             ".v{color:#888}.note{color:#a15c00}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def write_report(analysis: Analysis, path: Path, title: str = "Crosscoder model-diffing report") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render(analysis, title))
+    return path

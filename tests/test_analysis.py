@@ -1,0 +1,173 @@
+"""Model-diffing analysis: Latent Scaling on planted artifacts, CE loss recovered on a tiny model,
+latents.csv and the HTML report (rendered by a real headless Chromium)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from crosscoder.analysis import CSV_COLUMNS, analyze, read_latents_csv, save
+from crosscoder.ce_recovered import ce_loss_recovered
+from crosscoder.config import AnalyzeConfig, SyntheticConfig
+from crosscoder.model import CrossCoder, CrossCoderSpec
+from crosscoder.models import ActivationReader
+from crosscoder.report import write_report
+from crosscoder.shards import read_manifest
+from crosscoder.storage import Root
+from crosscoder.synthetic import CLASSES, read_planted, write_synthetic
+
+
+def planted_config() -> SyntheticConfig:
+    return SyntheticConfig(widths=[48, 48], features=24, shared_fraction=0.5, base_only_fraction=0.125,
+                           chat_only_fraction=0.25, rotated_fraction=0.125, strong_fraction=0.0,
+                           active_per_token=2.0, noise=0.02, tokens=24_000, seq_len=64, samples_per_shard=64,
+                           dtype="float32", seed=3)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """Planted shards and a crosscoder built from the planted truth with two artifacts put in.
+
+    Every planted feature gets one latent whose encoder is the pseudo-inverse of the planted
+    dictionary (it reads the feature's coefficient) and whose decoder is the feature itself. Then:
+    shared feature ``shrunk`` loses its base decoder (Complete Shrinkage: the base error keeps the
+    concept), and shared feature ``decoupled`` is split into a chat-only latent and an extra
+    base-only latent that fire together (Latent Decoupling: the base reconstruction keeps it).
+    """
+    cfg = planted_config()
+    data = tmp_path_factory.mktemp("planted") / "shards"
+    write_synthetic(cfg, str(data), progress=False)
+    root = Root(str(data))
+    manifest, planted = read_manifest(root), read_planted(root)
+    truth = np.concatenate([planted.directions[s] * planted.magnitudes[:, s : s + 1] for s in range(2)], 1)
+    F, D = truth.shape
+    shared = [i for i, c in enumerate(planted.classes) if CLASSES[c] == "shared"]
+    shrunk, decoupled = shared[0], shared[1]
+    W_dec = np.concatenate([truth, np.zeros((1, D))])  # latent F: the decoupled base half
+    W_enc = np.linalg.pinv(truth)  # [D, F]
+    W_enc = np.concatenate([W_enc, W_enc[:, decoupled : decoupled + 1]], 1)
+    W_dec[shrunk, :48] = 0
+    W_dec[F, :48] = truth[decoupled, :48]
+    W_dec[decoupled, :48] = 0
+    spec = CrossCoderSpec(sources=["base", "chat"], widths=[48, 48], latents=F + 1, activation="relu",
+                          norm_scale=manifest.norm_scale)
+    model = CrossCoder(spec)
+    with torch.no_grad():
+        model.W_enc.copy_(torch.from_numpy(W_enc).float())
+        model.W_dec.copy_(torch.from_numpy(W_dec).float())
+        model.b_enc.zero_()
+        model.b_dec.zero_()
+    result = analyze(model.eval(), root, AnalyzeConfig(tokens=20_000, top_examples=5), progress=False)
+    run = data.parent / "run"
+    model.save_pretrained(run / "crosscoder", norm_scale=[1.0, 1.0])  # already in raw units
+    save(result, run / "analysis")
+    return planted, shrunk, decoupled, F, result, run
+
+
+def test_latent_scaling_flags_shrinkage_and_decoupling_but_not_genuine_exclusive_latents(artifacts):
+    planted, shrunk, decoupled, extra, result, _ = artifacts
+    c = result.columns
+    assert c["class"][shrunk] == "chat_only" and c["class"][decoupled] == "chat_only"
+    assert c["class"][extra] == "base_only"
+    assert c["nu_error"][shrunk] > 0.8 and c["nu_recon"][shrunk] < 0.2, (c["nu_error"][shrunk], c["nu_recon"][shrunk])
+    assert c["artifact"][shrunk] == "complete_shrinkage"
+    for latent in (decoupled, extra):
+        assert c["nu_recon"][latent] > 0.8 and c["nu_error"][latent] < 0.2, latent
+        assert c["artifact"][latent] == "latent_decoupling"
+    genuine = [i for i, k in enumerate(planted.classes) if CLASSES[k] in ("chat_only", "base_only")]
+    assert len(genuine) >= 6
+    for i in genuine:
+        assert c["class"][i] == CLASSES[planted.classes[i]], i
+        assert abs(c["nu_error"][i]) < 0.2 and abs(c["nu_recon"][i]) < 0.2, (i, c["nu_error"][i], c["nu_recon"][i])
+        assert c["artifact"][i] == ""
+    # the owner's betas are the reference scale: ≈ 1 for these exactly fitted latents
+    assert abs(c["beta_error_chat"][shrunk] - 1) < 0.1 and abs(c["beta_recon_base"][extra] - 1) < 0.1
+    counts = result.artifact_counts()
+    assert counts["chat_only"]["flagged"] == 2 and counts["base_only"]["flagged"] == 1
+
+
+def test_latents_csv_round_trips_and_report_renders_in_chromium(artifacts, tmp_path):
+    *_, result, _ = artifacts
+    save(result, tmp_path)
+    back = read_latents_csv(tmp_path / "latents.csv")
+    assert set(back) == set(CSV_COLUMNS) and len(back["index"]) == len(result.classes)
+    np.testing.assert_allclose(back["rel_norm"], result.columns["rel_norm"], rtol=1e-5)
+    assert list(back["artifact"]) == list(result.columns["artifact"])
+    report = write_report(result, tmp_path / "report.html")
+    text = report.read_text()
+    assert text.count("data:image/png;base64,") == 5
+    for heading in ("Relative decoder norm", "Latent Scaling of exclusive latents", "Token attribution",
+                    "Max-activating examples", "complete_shrinkage"):
+        assert heading in text
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium is needed for this test (.ci/run installs it)"
+    shot = tmp_path / "report.png"
+    proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           f"--screenshot={shot}", "--window-size=1200,2400", report.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), proc.stderr[-2000:]
+    from PIL import Image
+
+    image = np.asarray(Image.open(shot).convert("RGB"))
+    assert image.shape[:2] == (2400, 1200)
+    # the plots are drawn: many distinct colours, and not a blank page
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 200
+    assert (image.mean(-1) < 200).mean() > 0.02
+
+
+def test_ce_loss_recovered_is_one_for_a_perfect_reconstruction_and_zero_for_zero_ablation():
+    from crosscoder import tiny
+
+    tok = tiny.make_tokenizer()
+    lm = tiny.make_model(len(tok), hidden=32, layers=3)
+    # a model that has learned something (count upwards through the vocabulary), so that the
+    # clean loss is far below the zero-ablated one
+    V = len(tok) - 7
+    start = torch.randint(0, V, (16, 1))
+    ids = 7 + (start + torch.arange(20)) % V
+    ids[:, 0] = tok.bos_token_id
+    lm.train()
+    optimizer = torch.optim.Adam(lm.parameters(), lr=1e-2)
+    for _ in range(60):
+        optimizer.zero_grad()
+        lm(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    lm.eval()
+    (act,) = ActivationReader(lm, ["model.layers.1"]).read(ids)
+    perfect = ce_loss_recovered(lm, ids, "model.layers.1", act[:, 1:], start=1)
+    assert abs(perfect.recovered - 1) < 1e-4 and abs(perfect.spliced - perfect.clean) < 1e-4
+    assert perfect.zero_ablated > perfect.clean + 1  # zero-ablating a middle layer hurts
+    zero = ce_loss_recovered(lm, ids, "model.layers.1", torch.zeros_like(act[:, 1:]), start=1)
+    assert abs(zero.recovered) < 1e-6
+    noisy = ce_loss_recovered(lm, ids, "model.layers.1", act[:, 1:] + 1.5 * act[:, 1:].std() * torch.randn_like(act[:, 1:]),
+                              start=1)
+    assert zero.recovered < noisy.recovered < perfect.recovered - 1e-3  # a worse reconstruction recovers less
+    with pytest.raises(ValueError, match="does not fit"):
+        ce_loss_recovered(lm, ids, "model.layers.1", act[:, 2:], start=1)
+
+
+def test_analyze_without_an_export_names_the_missing_file(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "crosscoder.cli", "analyze", "--run", str(tmp_path / "nothing"),
+                           "--quiet"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "AnalysisError" in proc.stderr and "no crosscoder export" in proc.stderr and "nothing" in proc.stderr
+
+
+def test_compare_prints_exclusive_latents_and_flags_per_run(artifacts):
+    *_, run = artifacts
+    proc = subprocess.run([sys.executable, "-m", "crosscoder.cli", "compare", str(run), str(run)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    header, *rows = proc.stdout.strip().splitlines()
+    assert "chat-only" in header and "shrinkage" in header and len(rows) == 2
+    cells = rows[0].split()
+    # relu, 25 latents, chat-only: the 6 planted + shrunk + decoupled, 1 shrinkage, 1 decoupling, 6 kept
+    assert cells[1:] == ["relu", "25", "0", cells[4], "8", "1", "1", "6", "4", "1"], rows[0]
+    missing = subprocess.run([sys.executable, "-m", "crosscoder.cli", "compare", str(run.parent / "nope")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and "summary.json is missing" in missing.stderr
