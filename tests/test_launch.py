@@ -38,8 +38,14 @@ def ray_head(tmp_path_factory):
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PATH=f"{BIN}:{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = free_port(), free_port()
+    # every port this head opens is chosen free: the defaults (e.g. the dashboard agent's 52365) are
+    # taken by the local Ray other tests of the session run, and a head whose job agent cannot bind
+    # answers every submission with "No available agent"
+    agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                   f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+                   f"--ray-client-server-port={free_port()}"]
     ray_cli("start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true",
+            f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true", *agent_ports,
             f"--temp-dir={temp}", "--disable-usage-stats", env=env, timeout=180)
     try:
         wait_for_port(dashboard, timeout=60)
