@@ -156,7 +156,7 @@ def run_analysis(cfg: RunConfig, run_dir: Path, data: str, quiet: bool) -> Path:
           f"{arts['chat_only']['flagged']} of {arts['chat_only']['latents']} chat-only latents")
     for name, ce in result.ce_recovered.items():
         print(f"analyze: CE loss recovered {name}: {ce['recovered']:.3f}")
-    print(f"analysis: {out / 'latents.csv'}\nreport: {report.absolute()}")
+    print(f"analysis: {(out / 'latents.csv').absolute()}\nreport: {report.absolute()}")
     return report
 
 
