@@ -236,7 +236,7 @@ class CrossCoder(nn.Module):
     def pre_activations(self, x: Tensor) -> Tensor:
         """[B, D] → [B, G, L]."""
         if self.spec.arch == "acausal":
-            return (x @ self.W_enc + self.b_enc[0]).unsqueeze(1)
+            return torch.addmm(self.b_enc[0], x, self.W_enc).unsqueeze(1)  # bias fused: one pass over [B, L]
         return torch.stack(
             [x[:, sl] @ self.W_enc[sl] + self.b_enc[s] for s, sl in enumerate(self.spec.slices)], dim=1
         )

@@ -141,6 +141,10 @@ class DistributedSelection(Selection):
     def kth_largest_rows(self, values: Tensor, k: int) -> Tensor:
         k_local = min(k, values.shape[-1])
         candidates = torch.topk(values, k_local, dim=-1, sorted=False).values
+        # ranks may hold fewer than k columns (e.g. AuxK searches only its dead latents): pad with
+        # -inf so every rank sends the same shape
+        if k_local < k:
+            candidates = torch.cat([candidates, candidates.new_full((*candidates.shape[:-1], k - k_local), -torch.inf)], -1)
         self.counter.add(candidates, self.layout.lp_group)
         gathered = all_gather_cat(candidates.detach(), self.layout.lp_group, dim=-1)
         k = min(k, gathered.shape[-1])

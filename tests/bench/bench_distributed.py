@@ -106,7 +106,7 @@ def largest_dictionary(limit_bytes: int, batch: int = 256) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "bench-results" / "distributed.json"))
-    parser.add_argument("--memory-limit-gib", type=float, default=21.0)
+    parser.add_argument("--memory-limit-gib", type=float, default=23.0)
     parser.add_argument("--skip-largest", action="store_true")
     args = parser.parse_args()
     import ray
