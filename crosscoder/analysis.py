@@ -36,9 +36,9 @@ from tqdm import tqdm
 
 from .config import AnalyzeConfig
 from .latent_scaling import LatentScaling, artifact_labels
-from .metrics import sums_for_fve
+from .metrics import StreamingFVE, decoder_cosine, relative_decoder_norm
 from .model import CrossCoder
-from .shards import Manifest, ShardError, iter_samples, read_manifest
+from .shards import Manifest, ShardError, check_compatible, iter_samples, read_manifest
 from .storage import Root
 
 CLASSES = ("shared", "base_only", "chat_only", "dead")
@@ -156,19 +156,16 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
     """Stream up to ``cfg.tokens`` tokens of ``root`` through ``model`` and compute every statistic."""
     manifest = read_manifest(root)
     spec = model.spec
-    got = [(s.name, s.d) for s in manifest.sources]
-    if got != list(zip(spec.sources, spec.widths)):
-        raise AnalysisError(f"{root.url}: sources {got} do not match the crosscoder's "
-                            f"{list(zip(spec.sources, spec.widths))}")
+    check_compatible(manifest, spec.sources, spec.widths, root.url)
     a, b = _source_pair(model, cfg.sources)
     slices, scale = spec.slices, (spec.norm_scale or [1.0] * spec.n_sources)
     W_dec = model.W_dec.detach()
     dec = [W_dec[:, sl] * scale[s] for s, sl in enumerate(slices)]  # normalised units
-    na, nb = dec[a].norm(dim=1), dec[b].norm(dim=1)
-    rel_norm = (nb / (na + nb).clamp_min(1e-12)).numpy()
+    W_dec_normalised = torch.cat(dec, 1)
+    rel_norm = relative_decoder_norm(W_dec_normalised, slices, a, b).numpy()
     notes = []
     if spec.widths[a] == spec.widths[b]:
-        cosine = torch.nn.functional.cosine_similarity(dec[a], dec[b], dim=1, eps=1e-12).numpy()
+        cosine = decoder_cosine(W_dec_normalised, slices, a, b).numpy()
     else:
         cosine = np.full(spec.latents, np.nan)
         notes.append("decoder cosine and Latent Scaling need sources of equal width; left empty")
@@ -185,7 +182,7 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
     count = torch.zeros(L, dtype=torch.float64)
     act_sum = torch.zeros(L, dtype=torch.float64)
     top = _TopExamples(L, cfg.top_examples)
-    fve_sums = torch.zeros(spec.n_sources, 4, dtype=torch.float64)
+    fve_stream = StreamingFVE(slices)
     token_ids: list[np.ndarray] = []
     sample_of: list[np.ndarray] = []
     budget = min(cfg.tokens, manifest.tokens) if cfg.tokens > 0 else manifest.tokens
@@ -208,7 +205,7 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
         f = f_groups.amax(1)  # acausal: the one group; aligned: a latent is active if active in any source
         xn = torch.cat([x[:, sl] * scale[s] for s, sl in enumerate(slices)], 1)
         xhn = torch.cat([x_hat[:, sl] * scale[s] for s, sl in enumerate(slices)], 1)
-        fve_sums.add_(sums_for_fve(xn, xhn, slices))
+        fve_stream.update(xn, xhn)
         fired = f > 0
         count.add_(fired.sum(0).double())
         act_sum.add_(f.sum(0).double())
@@ -275,8 +272,7 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
         notes.append("token ids shown as #id: the shards name no tokenizer that loads here")
     examples = _examples(cls, top, all_ids, sample_index, decoder, cfg)
     attribution = _attribution(fires_by_token, all_ids, decoder)
-    totals = fve_sums[:, 2] - fve_sums[:, 1] ** 2 / fve_sums[:, 3]
-    fve = {spec.sources[s]: float(1 - fve_sums[s, 0] / max(float(totals[s]), 1e-12)) for s in range(spec.n_sources)}
+    fve = dict(zip(spec.sources, fve_stream.result().tolist()))
     return Analysis(sources=(spec.sources[a], spec.sources[b]), tokens=seen, columns=columns, fve=fve,
                     examples=examples, attribution=attribution, scaling_threshold=cfg.scaling_threshold,
                     exclusive_threshold=cfg.exclusive_threshold, notes=notes)
@@ -374,7 +370,8 @@ def save(analysis: Analysis, out_dir: Path) -> None:
 
 
 @torch.no_grad()
-def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig) -> dict[str, dict]:
+def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig, announce: bool = False
+                             ) -> dict[str, dict]:
     """CE loss recovered per source on the first ``cfg.ce_sequences`` full-length harvested chunks.
 
     The models are loaded from the paths the manifest records; each chunk is run as the harvest
@@ -389,6 +386,8 @@ def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig) 
     harvest = manifest.extra.get("harvest")
     if not harvest or cfg.ce_sequences <= 0:
         return {}
+    if announce:
+        print(f"analyze: CE loss recovered on {cfg.ce_sequences} sequences (loads the models)")
     chunks = []
     for sample in iter_samples(root, manifest):
         if len(sample.tokens) == manifest.seq_len:

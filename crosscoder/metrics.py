@@ -30,6 +30,32 @@ def sums_for_fve(x: Tensor, x_hat: Tensor, slices: list[slice]) -> Tensor:
     return torch.stack(rows)
 
 
+class StreamingFVE:
+    """FVE per source over many batches, equal to :func:`fve_per_source` on their concatenation:
+    the total variance is taken around each dimension's mean over every token seen, so it keeps
+    per-source column sums ([d_s] each) besides the squared error and squared norm."""
+
+    def __init__(self, slices: list[slice]):
+        self.slices = slices
+        self.sse = torch.zeros(len(slices), dtype=torch.float64)
+        self.sum_sq = torch.zeros(len(slices), dtype=torch.float64)
+        self.column_sums = [torch.zeros(sl.stop - sl.start, dtype=torch.float64) for sl in slices]
+        self.tokens = 0
+
+    def update(self, x: Tensor, x_hat: Tensor) -> None:
+        for s, sl in enumerate(self.slices):
+            xs = x[:, sl].double()
+            self.sse[s] += (xs - x_hat[:, sl].double()).pow(2).sum()
+            self.sum_sq[s] += xs.pow(2).sum()
+            self.column_sums[s] += xs.sum(0)
+        self.tokens += x.shape[0]
+
+    def result(self) -> Tensor:
+        """[S]; needs at least one update."""
+        total = self.sum_sq - torch.stack([c.pow(2).sum() for c in self.column_sums]) / self.tokens
+        return 1 - self.sse / total.clamp_min(1e-12)
+
+
 def l0(f: Tensor) -> Tensor:
     """Mean number of active latents per token and group: f is [B, G, L]."""
     return (f != 0).sum(-1).float().mean()

@@ -171,3 +171,19 @@ def test_compare_prints_exclusive_latents_and_flags_per_run(artifacts):
     missing = subprocess.run([sys.executable, "-m", "crosscoder.cli", "compare", str(run.parent / "nope")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and "summary.json is missing" in missing.stderr
+
+
+def test_streamed_fve_equals_fve_of_all_analysed_tokens_at_once(artifacts):
+    """The analysis streams batches; its FVE must be the one-shot FVE of the same tokens (the
+    variance taken around each dimension's mean, not one scalar mean)."""
+    from crosscoder.metrics import fve_per_source
+    from crosscoder.shards import iter_samples
+
+    *_, result, run = artifacts
+    model = CrossCoder.from_pretrained(run / "crosscoder")
+    root = Root(str(run.parent / "shards"))
+    acts = np.concatenate([s.acts for s in iter_samples(root)])[: result.tokens]
+    x = torch.from_numpy(acts).float()
+    expected = fve_per_source(x, model.reconstruct(x), model.spec.slices)
+    got = torch.tensor([result.fve["base"], result.fve["chat"]], dtype=torch.float32)
+    assert torch.allclose(got, expected, atol=1e-4), (got, expected)
