@@ -142,10 +142,7 @@ def run_analysis(cfg: RunConfig, run_dir: Path, data: str, quiet: bool) -> Path:
 
     model, root = an.load_for_run(run_dir, cfg.analyze.data or data, cfg.storage)
     result = an.analyze(model, root, cfg.analyze, progress=not quiet)
-    if cfg.analyze.ce_sequences > 0 and "harvest" in an.read_manifest(root).extra:
-        if not quiet:
-            print(f"analyze: CE loss recovered on {cfg.analyze.ce_sequences} sequences (loads the models)")
-        result.ce_recovered = an.ce_recovered_for_harvest(model, root, cfg.analyze)
+    result.ce_recovered = an.ce_recovered_for_harvest(model, root, cfg.analyze, announce=not quiet)
     out = run_dir / "analysis"
     an.save(result, out)
     report = write_report(result, out / "report.html", title=f"Crosscoder model-diffing report: {cfg.name}")

@@ -73,19 +73,17 @@ def auxk_loss(model: CrossCoder, x: Tensor, out: ForwardOutput, dead: Tensor, k_
         k = min(k_aux, n_dead)
         pre = out.pre[:, g]
         scores = pre.detach()
-        if out.code is not None:
-            # sparse kernels: search only the dead columns ([B, n_dead], not [B, L]) and send the
-            # gradient only into the chosen dead latents
-            dead_idx = dead_g.nonzero().squeeze(1)
-            sub = scores.index_select(1, dead_idx) if len(dead_idx) else scores.new_full((len(scores), 1), -torch.inf)
-            kth = model.selection.kth_largest_rows(sub, k)
-            token, column = (sub >= kth).nonzero(as_tuple=True)
-            latent = dead_idx[column]
+        # search only the dead columns ([B, n_dead], not [B, L]) for each token's top k
+        dead_idx = dead_g.nonzero().squeeze(1)
+        sub = scores.index_select(1, dead_idx) if len(dead_idx) else scores.new_full((len(scores), 1), -torch.inf)
+        kth = model.selection.kth_largest_rows(sub, k)
+        token, column = (sub >= kth).nonzero(as_tuple=True)
+        latent = dead_idx[column]
+        if out.code is not None:  # sparse kernels: gradient only into the chosen dead latents
             e_hat = model.decode_sparse(model.sparse_code(x, out.pre, token, torch.zeros_like(token), latent))
         else:
-            candidates = torch.where(dead_g, scores, torch.full_like(scores, -torch.inf))
-            kth = model.selection.kth_largest_rows(candidates, k)
-            chosen = (candidates >= kth) & dead_g
+            chosen = torch.zeros_like(scores, dtype=torch.bool)
+            chosen[token, latent] = True
             e_hat = model.decode_group(pre.relu() * chosen, None if spec.arch == "acausal" else g, bias=False)
         # normalised by the global batch's residual variance; × dp size because data-parallel
         # gradient averaging divides by it (the loss of one rank is its share of the global sum)
