@@ -79,14 +79,17 @@ class ShardHarvester:
         prefix = [self.bos] if self.bos is not None else []
         ids = torch.tensor([prefix + t for t in tokens], dtype=torch.long)
         skip = 0 if hc.keep_bos or not prefix else 1
-        parts = []
-        for spec in self.models:
-            for act in self.readers[spec.name].read(ids):
-                parts.append(act[:, skip:].float())
-        joined = torch.cat(parts, dim=-1)
-        norms = [p.norm(dim=-1).double().sum().item() for p in parts]
+        parts = [act[:, skip:] for spec in self.models for act in self.readers[spec.name].read(ids)]
+        # one pass per source: converted to the stored dtype while copied into its columns (no
+        # float32 concatenation first); .numpy() shares the memory
+        joined = torch.empty(*parts[0].shape[:2], sum(p.shape[-1] for p in parts), dtype=getattr(torch, hc.dtype))
+        start = 0
+        for part in parts:
+            joined[..., start : start + part.shape[-1]].copy_(part)
+            start += part.shape[-1]
+        norms = [torch.linalg.vector_norm(p, dim=-1, dtype=torch.float64).sum().item() for p in parts]
         stored_ids = [np.asarray((prefix if not skip else []) + t, dtype=np.int32) for t in tokens]
-        return joined.to(getattr(torch, hc.dtype)).numpy(), stored_ids, norms
+        return joined.numpy(), stored_ids, norms
 
     def write(self, index: int, chunks: list[Chunk]) -> dict:
         hc = self.cfg.harvest

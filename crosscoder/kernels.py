@@ -15,7 +15,9 @@ backward. Here a code is the list of its non-zero entries ``(token, latent, valu
 What it costs: the gradients of ``W_enc`` and ``W_dec`` are still dense tensors (zeros except the
 touched columns/rows), as every optimizer and ZeRO expects, so each step writes ``2·L·D`` zeros;
 the sums run in another order than a matmul's, so results equal the dense path within float
-rounding, not bit for bit. Pure PyTorch, CPU and GPU alike.
+rounding, not bit for bit. Pure PyTorch, CPU and GPU alike; on CPU the row dot products and the
+encoder gradient go through the compiled kernels of native.py when they are built (one pass each,
+and ``grad W_enc`` written straight in its ``[D, L]`` layout instead of built as rows and transposed).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import native
 
 CHUNK = 8192  # rows per block when a gather cannot be avoided: bounded, reused temporaries
 
@@ -45,7 +49,10 @@ def by_latent(token: Tensor, latent: Tensor, *values: Tensor):
 
 
 def rowwise_dot(a: Tensor, a_index: Tensor, b: Tensor, b_index: Tensor) -> Tensor:
-    """``(a[a_index] * b[b_index]).sum(1)`` in blocks gathered into two reused buffers."""
+    """``(a[a_index] * b[b_index]).sum(1)``: compiled (native.py), or in blocks gathered into two
+    reused buffers."""
+    if native.usable(a, b):
+        return native.gathered_dot(a, a_index, b, b_index)
     n = a_index.numel()
     out = torch.empty(n, dtype=a.dtype, device=a.device)
     rows = min(CHUNK, n)
@@ -79,9 +86,13 @@ class GatherPre(torch.autograd.Function):
         grad_x = grad_W = grad_b = None
         L = W_enc.shape[1]
         if ctx.needs_input_grad[2]:
-            # per latent l: Σ_n g_n · x[token_n], built as [L, D] rows and handed back transposed
-            tok, lat, g = by_latent(token, latent, grad)
-            grad_W = bag_sum(tok, x.to(W_enc.dtype), lat, L, g).t()
+            # per latent l: Σ_n g_n · x[token_n]; compiled: written straight in W_enc's [D, L] layout,
+            # else built as [L, D] rows and handed back transposed
+            if native.usable(x, W_enc):
+                grad_W = native.latent_sums(x.to(W_enc.dtype), token, latent, grad.to(W_enc.dtype), L, transposed=True)
+            else:
+                tok, lat, g = by_latent(token, latent, grad)
+                grad_W = bag_sum(tok, x.to(W_enc.dtype), lat, L, g).t()
         if ctx.needs_input_grad[3]:
             grad_b = torch.zeros(L, dtype=grad.dtype, device=grad.device).index_add_(0, latent, grad)
             grad_b = grad_b.view(ctx.b_shape).to(W_enc.dtype)

@@ -45,7 +45,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .kernels import gather_pre, sparse_decode
-from .sparsity import ACTIVATIONS, LOCAL, Selection, batchtopk_mask, scores, threshold_mask, topk_mask
+from .sparsity import (ACTIVATIONS, LOCAL, Selection, batchtopk_entries, batchtopk_mask, scores, threshold_mask,
+                       topk_entries, topk_mask)
 
 ARCHITECTURES = ("acausal", "aligned")
 
@@ -295,12 +296,34 @@ class CrossCoder(nn.Module):
         """The dense encoder product without autograd, selection, then only the active entries."""
         with torch.no_grad():
             pre = self.pre_activations(x)
-            mask, kth = self.select(pre, weights.detach(), self.training)
-            token, group, latent = mask.nonzero(as_tuple=True)
-            del mask
+            token, group, latent, kth = self.select_entries(pre, weights.detach())
         code = self.sparse_code(x, pre, token, group, latent)
         return ForwardOutput(pre=pre, x_hat=self.decode_sparse(code) + self.b_dec, weights=weights,
                              batch_threshold=kth, code=code)
+
+    def select_entries(self, pre: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """(token, group, latent) of the active entries, sorted by token, and BatchTopK's threshold.
+
+        Training BatchTopK and TopK take the compiled selection when it applies (see
+        :func:`batchtopk_entries`, :func:`topk_entries`); otherwise the bool mask of :meth:`select`
+        and ``nonzero``.
+        """
+        if self.training and self.spec.activation == "batchtopk" and pre.shape[1] == 1 and self._kth_hints:
+            found = batchtopk_entries(pre[:, 0], weights[0], self.spec.k, self.selection, self._kth_hints[0])
+            if found is not None:
+                flat, kth = found
+                self._kth_hints = [0.7 * float(kth)]
+                L = pre.shape[2]
+                latent = flat % L
+                return flat // L, torch.zeros_like(flat), latent, kth.view(1)
+        if self.spec.activation == "topk" and pre.shape[1] == 1:
+            flat = topk_entries(pre[:, 0], weights[0], self.spec.k, self.selection)
+            if flat is not None:
+                L = pre.shape[2]
+                return flat // L, torch.zeros_like(flat), flat % L, None
+        mask, kth = self.select(pre, weights, self.training)
+        token, group, latent = mask.nonzero(as_tuple=True)
+        return token, group, latent, kth
 
     def sparse_code(self, x: Tensor, pre: Tensor, token: Tensor, group: Tensor, latent: Tensor) -> SparseCode:
         """``relu(pre)`` at the given entries, with gradient into ``W_enc``/``b_enc`` (acausal)."""

@@ -154,10 +154,36 @@ def write_manifest(root: Root, manifest: Manifest) -> None:
 # writing
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
+class _Chain(io.RawIOBase):
+    """Read the concatenation of byte buffers without joining them (tarfile copies from it)."""
+
+    def __init__(self, *parts):
+        self.parts = [memoryview(p).cast("B") for p in parts]
+        self.size = sum(len(p) for p in self.parts)
+
+    def readable(self):
+        return True
+
+    def readinto(self, out) -> int:
+        n = 0
+        while self.parts and n < len(out):
+            head = self.parts[0]
+            take = min(len(head), len(out) - n)
+            out[n : n + take] = head[:take]
+            n += take
+            self.parts[0] = head[take:]
+            if not len(self.parts[0]):
+                self.parts.pop(0)
+        return n
+
+
+def _npy(array: np.ndarray) -> _Chain:
+    """The .npy file of ``array`` (format 1.0, what np.save writes) as a header and a view of the
+    array's own memory: the payload is copied once, by tarfile, into the shard."""
+    array = np.ascontiguousarray(array)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+    return _Chain(header.getvalue(), array.reshape(-1).view(np.uint8))
 
 
 class _HashingFile(io.RawIOBase):
@@ -183,17 +209,20 @@ class ShardWriter:
         fd, self.tmp_path = tempfile.mkstemp(prefix=f"{name}.", suffix=".part", dir=tmp_dir)
         self._fh = os.fdopen(fd, "wb")
         self._hashing = _HashingFile(self._fh)
-        self._tar = tarfile.open(fileobj=self._hashing, mode="w|", format=tarfile.GNU_FORMAT)
+        # a 1 MiB stream buffer: tarfile's default (10 KiB) re-slices its buffer once per 10 KiB written
+        self._tar = tarfile.open(fileobj=self._hashing, mode="w|", format=tarfile.GNU_FORMAT, bufsize=1 << 20)
         self.samples = 0
         self.tokens = 0
         self._keys: set[str] = set()
 
-    def _add(self, member: str, data: bytes) -> None:
+    def _add(self, member: str, data: bytes | _Chain) -> None:
+        if not isinstance(data, _Chain):
+            data = _Chain(data)
         info = tarfile.TarInfo(member)
-        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        info.size, info.mtime, info.mode = data.size, 0, 0o644
         info.uid = info.gid = 0
         info.uname = info.gname = ""
-        self._tar.addfile(info, io.BytesIO(data))
+        self._tar.addfile(info, data)
 
     def add(self, key: str, tokens: np.ndarray, acts: np.ndarray, meta: dict | None = None) -> None:
         if "." in key or "/" in key:
@@ -208,8 +237,8 @@ class ShardWriter:
                 f"{self.name}/{key}: acts must be [T={tokens.shape[0]}, D={self.width}], got {acts.shape}"
             )
         self._keys.add(key)
-        self._add(f"{key}.tokens.npy", _npy_bytes(tokens.astype(np.int32, copy=False)))
-        self._add(f"{key}.acts.npy", _npy_bytes(acts.astype(self.dtype, copy=False)))
+        self._add(f"{key}.tokens.npy", _npy(tokens.astype(np.int32, copy=False)))
+        self._add(f"{key}.acts.npy", _npy(acts.astype(self.dtype, copy=False)))
         self._add(f"{key}.json", json.dumps(meta or {}, sort_keys=True).encode())
         self.samples += 1
         self.tokens += int(tokens.shape[0])

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import native
+
 ACTIVATIONS = ("relu", "topk", "batchtopk")
 
 
@@ -98,6 +100,38 @@ def batchtopk_mask(score: Tensor, k: int, selection: Selection, hints: list[floa
     if bool((kth > 0).all()):  # then score ≥ kth implies score > 0: one comparison pass
         return score >= kth.view(1, G, 1), kth
     return (score >= kth.view(1, G, 1)) & (score > 0), kth
+
+
+def batchtopk_entries(pre: Tensor, weights: Tensor, k: int, selection: Selection, hint: float | None
+                      ) -> tuple[Tensor, Tensor] | None:
+    """BatchTopK for one group as its kept entries: (flat indices into pre [B, L], threshold).
+
+    The compiled kernel (native.py) returns the entries whose score reaches ``hint`` in one read of
+    ``pre``; the threshold is then found among them, and the kept entries are a subset of them. Exact
+    whenever this rank has at least ``k·B_global`` entries above the hint: its own top ``k·B_global``
+    are then all candidates, and the global threshold is at least this rank's own k-th largest,
+    hence at least the hint, on every latent or data shard. Returns None (use :func:`batchtopk_mask`)
+    without a usable hint or kernel, or when too few entries reach the hint.
+    """
+    if hint is None or not hint > 0 or not native.usable(pre):
+        return None
+    flat, score = native.scores_at_least(pre, weights, hint)
+    n_keep = k * selection.batch_tokens(pre.shape[0])
+    if score.numel() < n_keep:
+        return None
+    kth = selection.kth_largest_batch(score, n_keep)
+    return flat[score >= kth], kth
+
+
+def topk_entries(pre: Tensor, weights: Tensor, k: int, selection: Selection) -> Tensor | None:
+    """Per-token TopK for one group as its kept entries (flat indices into pre [B, L], row-major),
+    through the compiled kernels; None when they cannot run (then use :func:`topk_mask`). Same
+    result as ``topk_mask``: each rank's own top-k scores per row are its candidates."""
+    if not native.usable(pre):
+        return None
+    local = native.row_topk_scores(pre, weights, min(k, pre.shape[-1]))
+    kth = selection.kth_largest_rows(local, k)
+    return native.rows_at_least(pre, weights, kth)
 
 
 def threshold_mask(pre: Tensor, threshold: Tensor) -> Tensor:

@@ -17,5 +17,9 @@ $PIP install --quiet --disable-pip-version-check --no-deps -e .
 .venv/bin/python - <<'PY'
 import torch
 assert torch.__version__.startswith("2.13.0"), f"torch was replaced: {torch.__version__}"
-print(f"crosscoder installed in .venv (torch {torch.__version__})")
+# build the compiled CPU kernels once (cached in $TORCH_EXTENSIONS_DIR); without a C++ compiler the
+# slower PyTorch path is used and this says so
+from crosscoder import native
+status = "compiled CPU kernels built" if native.module() is not None else "WARNING: compiled CPU kernels not built (no C++ compiler?)"
+print(f"crosscoder installed in .venv (torch {torch.__version__}); {status}")
 PY

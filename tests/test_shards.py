@@ -167,3 +167,20 @@ def test_stream_ranks_read_disjoint_shards(tmp_path):
     assert key(seen[0]) | key(seen[1]) == key(acts)
     with pytest.raises(ShardError, match="cannot feed 5 data-parallel ranks"):
         TokenStream(root, manifest, batch_size=10, world=5)
+
+
+def test_npy_members_are_byte_identical_to_numpy_save():
+    """Shards stream .npy members from the arrays' own memory; the bytes are what np.save writes."""
+    import io as _io
+
+    from crosscoder.shards import _npy
+
+    rng = np.random.default_rng(0)
+    for array in (rng.standard_normal((37, 24)).astype(np.float16), np.arange(37, dtype=np.int32),
+                  rng.standard_normal((24, 37)).astype(np.float32).T):  # not contiguous
+        expected = _io.BytesIO()
+        np.save(expected, np.ascontiguousarray(array), allow_pickle=False)  # shards store C order
+        chain = _npy(array)
+        got = chain.read()
+        assert chain.size == len(got) and got == expected.getvalue()
+        assert np.array_equal(np.load(_io.BytesIO(got)), array)

@@ -1,22 +1,32 @@
-"""Benchmark of one training step: sparse kernels vs the dense implementation vs the encoder floor.
+"""Benchmark of one training step: ours vs the dense implementation, the references and the floor.
 
     .venv/bin/python tests/bench/bench_kernels.py [--out bench-results/kernels.json] [--quick]
+        [--dtypes float32,bfloat16] [--references]
 
-For d ∈ {256, 512} per source, S = 2 sources, L ∈ {16k, 64k}, k = 64, batch 2048, fp32 and bf16,
-on the same batch, each measured in a fresh subprocess (so peak memory is the step's own):
+For d ∈ {256, 512} per source, S = 2 sources, L ∈ {16k, 64k}, k = 64, batch 2048, on the same
+batch (one seeded generator), each method measured in a fresh subprocess (so peak memory is the
+step's own). A step is forward + loss + backward, no optimizer:
 
-- ``ours``: forward + loss (MSE and AuxK) + backward of the acausal BatchTopK crosscoder through the
-  sparse kernels (crosscoder/kernels.py): dense encoder product without autograd, global
-  selection, gradients only into the selected latents, sparse decoder;
+- ``ours``: the acausal BatchTopK crosscoder through the sparse kernels (kernels.py) and the
+  compiled CPU kernels (native.py): dense encoder product without autograd, one-pass hinted
+  selection, gradients only into the selected latents, sparse decoder; MSE + AuxK (1/8 dead);
+- ``ours_pytorch``: the same without the compiled kernels (``CROSSCODER_NATIVE=0``): the pure
+  PyTorch sparse path, which is also what runs on GPU;
+- ``ours_topk``: ``ours`` with per-token TopK instead of BatchTopK (what sparsify does);
 - ``dense``: the same model with ``sparse_kernels = False``, i.e. the way the reference BatchTopK
   crosscoder computes it: dense ``f @ W_dec`` and a dense backward through every latent;
 - ``floor``: the dense encoder forward ``x @ W_enc`` alone, the one product over all ``L`` latents
   no sparse method avoids;
-- ``selection``: the BatchTopK selection alone (k·B-th largest score of the batch), hinted by the
-  previous batch's threshold as in training, to show it does not dominate.
+- ``selection``: our BatchTopK selection alone (threshold and kept entries), hinted by the previous
+  batch's threshold as in training, to show it does not dominate;
+- with ``--references`` (needs ``bash scripts/install-bench.sh``): EleutherAI's sparsify
+  (``SparseCoder``, TopK, on the concatenated sources, its AuxK on with 1/8 dead) and OpenMOSS's
+  llamascopium (``Crosscoder``, BatchTopK), run by ``.venv-bench``'s interpreter on the same
+  batch. llamascopium 2.0.0b34's AuxK fails on a Crosscoder (a shape error in
+  ``dead_feature_acts @ W_D``), so it runs without AuxK; ours keeps it, i.e. does more work.
 
-The median of ``--repeats`` timed steps after one warm-up is reported, with the peak RSS growth
-of the step, and the largest relative difference of loss and gradients between ours and dense.
+The median of ``--repeats`` timed steps after one warm-up is reported, with the peak RSS of the
+process, and the largest relative difference of loss and gradients between ours and dense.
 Not part of the test suite (no timed assertions).
 """
 
@@ -31,61 +41,93 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
+REFERENCES = ("sparsify", "llamascopium")
 
-CHILD = r"""
-import json, resource, statistics, sys, time, torch
+SETUP_OURS = r"""
+import sys
 sys.path.insert(0, {root!r})
 from crosscoder.model import CrossCoder, CrossCoderSpec
 from crosscoder.losses import LossWeights, total_loss
-from crosscoder.sparsity import LOCAL, batchtopk_mask, scores
-d, L, k, B, dtype, method, repeats = {d}, {L}, {k}, {B}, getattr(torch, {dtype!r}), {method!r}, {repeats}
-torch.manual_seed(0)
-spec = CrossCoderSpec(["base", "chat"], [d, d], L, activation="batchtopk", k=k)
+spec = CrossCoderSpec(["base", "chat"], [d, d], L, activation="topk" if method == "ours_topk" else "batchtopk", k=k)
 model = CrossCoder(spec, dec_init_norm=0.5).to(dtype)
 model.sparse_kernels = method != "dense"
-x = torch.randn(B, 2 * d).to(dtype)
 dead = torch.zeros(1, L, dtype=torch.bool); dead[0, ::8] = True
 weights = LossWeights(aux=1 / 32, aux_k=256)
-hint = None
 
 def step():
     if method == "floor":
         with torch.no_grad():
             return x @ model.W_enc
     if method == "selection":
-        # as in training: the search is hinted by 0.7× the previous batch's threshold (here the
-        # same batch's, from the warm-up call), which the result does not depend on
-        global hint
+        # as in training: the selection of the active entries, hinted by 0.7× the previous batch's
+        # threshold (here the same batch's, from the warm-up call), which the result does not depend on
         with torch.no_grad():
             pre = model.pre_activations(x)
+            w = model.selection_weights()
             t0 = time.perf_counter()
-            _, kth = batchtopk_mask(scores(pre, model.selection_weights()), k, LOCAL, hint)
-            hint = [0.7 * float(v) for v in kth]
+            model.select_entries(pre, w)
             return time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
     out = model(x)
     loss, terms = total_loss(model, x, out, dead, weights)
     loss.backward()
     return loss
+"""
 
+SETUP_REFERENCE = r"""
+if method == "sparsify":
+    from sparsify import SparseCoder, SparseCoderConfig
+    model = SparseCoder(2 * d, SparseCoderConfig(num_latents=L, k=k), dtype=dtype)
+    dead = torch.zeros(L, dtype=torch.bool); dead[::8] = True
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(x, dead_mask=dead)
+        loss = out.fvu + out.auxk_loss / 32
+        loss.backward()
+        return loss
+else:
+    from llamascopium.models.crosscoder import Crosscoder, CrosscoderConfig
+    cfg = CrosscoderConfig(d_model=d, expansion_factor=L / d, hook_points=["base", "chat"], act_fn="batchtopk",
+                           top_k=k, dtype=dtype, device="cpu")
+    model = Crosscoder(cfg)
+    model.init_parameters(encoder_uniform_bound=d ** -0.5, decoder_uniform_bound=d ** -0.5)
+    batch = dict(base=x[:, :d], chat=x[:, d:], tokens=torch.zeros(B, dtype=torch.long))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model.compute_loss(batch)["loss"]
+        loss.backward()
+        return loss
+"""
+
+CHILD = r"""
+import json, resource, statistics, time, torch
+d, L, k, B, dtype, method, repeats, grads = {d}, {L}, {k}, {B}, getattr(torch, {dtype!r}), {method!r}, {repeats}, {grads!r}
+torch.manual_seed(0)
+x = torch.randn(B, 2 * d, generator=torch.Generator().manual_seed(1)).to(dtype)  # the batch every method sees
+{setup}
 step()
-base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 times = []
 for _ in range(repeats):
     t0 = time.perf_counter()
     r = step()
     times.append(r if method == "selection" else time.perf_counter() - t0)
 result = dict(seconds=statistics.median(times), peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-if method in ("ours", "dense"):
-    torch.save(dict(loss=r.detach().float(), grads={{n: p.grad.float() for n, p in model.named_parameters()}}),
-               {grads!r})
+if grads:
+    torch.save(dict(loss=r.detach().float(), grads={{n: p.grad.float() for n, p in model.named_parameters()}}), grads)
 print("RESULT", json.dumps(result))
 """
 
 
-def measure(d: int, L: int, k: int, B: int, dtype: str, method: str, repeats: int, grads: str) -> dict:
-    code = CHILD.format(root=str(ROOT), d=d, L=L, k=k, B=B, dtype=dtype, method=method, repeats=repeats, grads=grads)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+def measure(d: int, L: int, k: int, B: int, dtype: str, method: str, repeats: int, grads: str = "") -> dict:
+    reference = method in REFERENCES
+    setup = SETUP_REFERENCE if reference else SETUP_OURS.format(root=str(ROOT))
+    code = CHILD.format(d=d, L=L, k=k, B=B, dtype=dtype, method=method, repeats=repeats, grads=grads, setup=setup)
+    env = dict(os.environ, CROSSCODER_NATIVE="0" if method == "ours_pytorch" else "1")
+    python = str(BENCH_PYTHON) if reference else sys.executable
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env)
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
     if proc.returncode or not line:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
@@ -102,39 +144,55 @@ def max_rel_diff(a_file: str, b_file: str) -> float:
     return max(diffs)
 
 
+def seconds(row: dict, method: str) -> str:
+    entry = row.get(method)
+    if entry is None:
+        return "—"
+    return f"{entry['seconds']:.3f}" if "seconds" in entry else "error"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "bench-results" / "kernels.json"))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="only d=256, L=64k, fp32")
+    parser.add_argument("--quick", action="store_true", help="only d=256, L=64k")
+    parser.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16")
+    parser.add_argument("--references", action="store_true", help="also sparsify and llamascopium (.venv-bench)")
     args = parser.parse_args()
+    if args.references and not BENCH_PYTHON.exists():
+        sys.exit(f"--references needs {BENCH_PYTHON}: run bash scripts/install-bench.sh first")
     k, B = 64, 2048
-    grid = [(d, L, dt) for dt in ("float32", "bfloat16") for d in (256, 512) for L in (16384, 65536)]
+    dtypes = args.dtypes.split(",")
+    grid = [(d, L, dt) for dt in dtypes for d in (256, 512) for L in (16384, 65536)]
     if args.quick:
-        grid = [(256, 65536, "float32")]
-    rows = []
+        grid = [(256, 65536, dt) for dt in dtypes]
+    methods = ["ours", "ours_pytorch", "ours_topk", "dense", "floor", "selection"]
+    methods += list(REFERENCES) if args.references else []
     tmp = ROOT / "bench-results"
     tmp.mkdir(exist_ok=True)
-    print("| d | L | dtype | ours s/step | dense s/step | floor s/step | selection s | ours vs dense | ours vs floor "
-          "| peak MiB ours / dense | max rel. diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| d | L | dtype | ours (BatchTopK) | ours, PyTorch only | ours (TopK) | dense | floor | selection "
+          "| sparsify (TopK) | llamascopium (BatchTopK) | ours vs dense | ours / floor | peak MiB ours / dense "
+          "| max rel. diff |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|")
+    rows = []
     for d, L, dt in grid:
         row = {"d": d, "L": L, "dtype": dt, "k": k, "batch": B}
         files = {m: str(tmp / f".grads-{m}.pt") for m in ("ours", "dense")}
-        for method in ("ours", "dense", "floor", "selection"):
+        for method in methods:
             row[method] = measure(d, L, k, B, dt, method, args.repeats, files.get(method, ""))
-        ok = all("error" not in row[m] for m in ("ours", "dense", "floor", "selection"))
+        ok = all("error" not in row[m] for m in ("ours", "dense", "floor"))
         if ok:
             row["speedup_vs_dense"] = row["dense"]["seconds"] / row["ours"]["seconds"]
             row["ratio_to_floor"] = row["ours"]["seconds"] / row["floor"]["seconds"]
             row["max_rel_diff"] = max_rel_diff(files["ours"], files["dense"])
-            print(f"| {d} | {L:,} | {dt} | {row['ours']['seconds']:.3f} | {row['dense']['seconds']:.3f} | "
-                  f"{row['floor']['seconds']:.3f} | {row['selection']['seconds']:.3f} | "
-                  f"{row['speedup_vs_dense']:.2f}× faster | {row['ratio_to_floor']:.2f}× | "
-                  f"{row['ours']['peak_rss'] / 2**20:,.0f} / {row['dense']['peak_rss'] / 2**20:,.0f} | "
-                  f"{row['max_rel_diff']:.1e} |", flush=True)
-        else:
-            print(f"| {d} | {L:,} | {dt} | " + " | ".join(str(row[m].get("error", "")) for m in ("ours", "dense")), flush=True)
+        print(f"| {d} | {L:,} | {dt} | " + " | ".join(seconds(row, m) for m in (
+            "ours", "ours_pytorch", "ours_topk", "dense", "floor", "selection", *REFERENCES)) + " | " +
+            (f"{row['speedup_vs_dense']:.2f}× faster | {row['ratio_to_floor']:.2f}× | "
+             f"{row['ours']['peak_rss'] / 2**20:,.0f} / {row['dense']['peak_rss'] / 2**20:,.0f} | "
+             f"{row['max_rel_diff']:.1e} |" if ok else "| | | |"), flush=True)
+        for m in methods:
+            if "error" in row[m]:
+                print(f"  {m}: {row[m]['error']}", flush=True)
         rows.append(row)
         for f in files.values():
             Path(f).unlink(missing_ok=True)

@@ -1,0 +1,97 @@
+"""Optional compiled CPU kernels (csrc/sparse_cpu.cpp) for the hot passes of a k-sparse step.
+
+Why: on CPU the training step's time beyond the encoder product went to full passes over the
+``[B, L]`` pre-activations, each a separate PyTorch op (score, hint comparison, count, boolean
+gather, keep mask, ``nonzero``), and to ``[L, D]`` gradients written once and then transposed or
+added. Each function here does one of those jobs in one pass:
+
+- :func:`scores_at_least`: the entries whose BatchTopK score ``relu(pre)·w`` reaches a threshold,
+  as (flat index, score), in one read of ``pre`` (replaces ~6 passes);
+- :func:`row_topk_scores` and :func:`rows_at_least`: per-token TopK as two reads of ``pre`` (each
+  row scored and partially sorted in a cache-resident buffer; then the kept entries), instead of
+  a scored copy, ``topk``, a mask and ``nonzero``;
+- :func:`gathered_dot`: ``(a[i] * b[j]).sum(1)`` without gathering rows into temporaries;
+- :func:`latent_sums`: per-latent sums ``Σ c·src[token]`` written straight into ``[L, D]`` or,
+  blocked, into ``[D, L]`` (the encoder's layout), zeros included, with no sort and no transpose.
+
+The scores are computed with the same float operations as :func:`crosscoder.sparsity.scores`,
+so selections agree bit for bit; sums run in another order than PyTorch's, so gradients agree
+within float rounding (tests/test_model.py checks both against the PyTorch path).
+
+What it costs: a C++ compiler at first use. The module is built once by
+``torch.utils.cpp_extension.load`` into ``$TORCH_EXTENSIONS_DIR`` (scripts/install.sh builds it,
+so tests and workers find it cached). Without a compiler, or with ``CROSSCODER_NATIVE=0``, the
+pure PyTorch path in kernels.py/sparsity.py runs instead (same results, slower; one warning).
+CPU tensors only: on GPU the PyTorch path is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).parent / "csrc" / "sparse_cpu.cpp"
+_module = None
+_tried = False
+
+
+def module():
+    """The compiled module, or None (disabled by ``CROSSCODER_NATIVE=0`` or not buildable here)."""
+    global _module, _tried
+    if _tried:
+        return _module
+    _tried = True
+    if os.environ.get("CROSSCODER_NATIVE", "1") == "0":
+        return None
+    if shutil.which("ninja") is None:  # pip's ninja sits beside this interpreter, maybe not on PATH
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    try:
+        from torch.utils.cpp_extension import load
+
+        _module = load(name="crosscoder_sparse_cpu", sources=[str(SOURCE)],
+                       extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as error:  # no compiler, no ninja, a broken toolchain: the PyTorch path still works
+        log.warning("compiled CPU kernels unavailable (%s: %s); using the PyTorch path, which is slower",
+                    type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+    return _module
+
+
+def usable(*tensors: Tensor) -> bool:
+    """Whether the compiled kernels can take these tensors (all on CPU, module built)."""
+    return all(t.device.type == "cpu" for t in tensors) and module() is not None
+
+
+def scores_at_least(pre: Tensor, weights: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """(flat index [M] int64, score [M]) of the entries of ``relu(pre) · weights`` ≥ threshold,
+    row-major. pre [R, L], weights [L]."""
+    return tuple(module().scores_at_least(pre.contiguous(), weights.to(pre.dtype).contiguous(), float(threshold)))
+
+
+def row_topk_scores(pre: Tensor, weights: Tensor, k: int) -> Tensor:
+    """Per row, the k largest of ``relu(pre) · weights``, unordered: [R, k]. NaN counts as -inf."""
+    return module().row_topk_scores(pre.contiguous(), weights.to(pre.dtype).contiguous(), int(k))
+
+
+def rows_at_least(pre: Tensor, weights: Tensor, thresholds: Tensor) -> Tensor:
+    """Flat indices (row-major) of the entries of ``relu(pre) · weights`` ≥ their row's threshold
+    and > 0. pre [R, L], weights [L], thresholds [R]."""
+    return module().rows_at_least(pre.contiguous(), weights.to(pre.dtype).contiguous(),
+                                  thresholds.to(pre.dtype).reshape(-1).contiguous())
+
+
+def gathered_dot(a: Tensor, a_index: Tensor, b: Tensor, b_index: Tensor) -> Tensor:
+    """``(a[a_index] * b[b_index]).sum(1)`` in a's dtype."""
+    return module().gathered_dot(a.contiguous(), a_index.contiguous(), b.to(a.dtype).contiguous(), b_index.contiguous())
+
+
+def latent_sums(src: Tensor, token: Tensor, latent: Tensor, coef: Tensor, n_latents: int, transposed: bool) -> Tensor:
+    """Per latent ``Σ coef_n · src[token_n]`` over the entries of that latent: [L, D], or [D, L]."""
+    return module().latent_sums(src.contiguous(), token.contiguous(), latent.contiguous(),
+                                coef.to(src.dtype).contiguous(), int(n_latents), bool(transposed))

@@ -1,0 +1,115 @@
+"""The compiled CPU kernels (crosscoder/csrc, native.py) against the PyTorch path they replace."""
+
+import pytest
+import torch
+
+from crosscoder import kernels, native
+from crosscoder.losses import LossWeights, total_loss
+from crosscoder.model import CrossCoder, CrossCoderSpec
+from crosscoder.sparsity import LOCAL, batchtopk_entries, batchtopk_mask, scores, topk_mask
+
+
+def test_kernels_are_built_on_this_machine():
+    # CI installs g++; a missing compiler would silently fall back to the slow path
+    assert native.module() is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scores_at_least_equals_the_pytorch_ops_bit_for_bit(dtype):
+    gen = torch.Generator().manual_seed(0)
+    pre = torch.randn(37, 203, generator=gen).to(dtype)  # widths that are not multiples of the block
+    pre[3, 5] = float("nan")
+    w = torch.rand(203, generator=gen).to(dtype)
+    flat, score = native.scores_at_least(pre, w, 0.8)
+    s = scores(pre.clone(), w).reshape(-1)
+    ref = (s >= 0.8).nonzero().squeeze(1)
+    assert len(ref) > 100
+    assert torch.equal(flat, ref) and torch.equal(score, s[ref])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gathered_dot_and_latent_sums_equal_their_pytorch_versions(dtype):
+    gen = torch.Generator().manual_seed(1)
+    B, D, L, N = 19, 37, 70, 300  # L % 16 != 0 and latents without entries
+    a, b = torch.randn(B, D, generator=gen).to(dtype), torch.randn(L, D, generator=gen).to(dtype)
+    token = torch.randint(0, B, (N,), generator=gen).sort().values
+    latent = torch.randint(0, L - 5, (N,), generator=gen)
+    coef = torch.randn(N, generator=gen).to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    ref_dot = (a[token].float() * b[latent].float()).sum(1)
+    assert torch.allclose(native.gathered_dot(a, token, b, latent).float(), ref_dot, **tol)
+    ref_rows = torch.zeros(L, D).index_add_(0, latent, coef.float()[:, None] * a[token].float())
+    rows = native.latent_sums(a, token, latent, coef, L, transposed=False)
+    cols = native.latent_sums(a, token, latent, coef, L, transposed=True)
+    assert rows.shape == (L, D) and cols.shape == (D, L) and cols.is_contiguous()
+    assert torch.allclose(rows.float(), ref_rows, **tol) and torch.allclose(cols.float(), ref_rows.t(), **tol)
+    assert torch.equal(rows[L - 5 :], torch.zeros(5, D, dtype=dtype))
+
+
+def test_batchtopk_entries_is_exact_or_declines():
+    gen = torch.Generator().manual_seed(2)
+    pre, w = torch.randn(64, 500, generator=gen), torch.rand(500, generator=gen) + 0.5
+    mask, kth = batchtopk_mask(scores(pre.clone()[:, None], w[None]), 8, LOCAL)
+    flat, kth_fast = batchtopk_entries(pre, w, 8, LOCAL, hint=0.5 * float(kth))
+    assert torch.equal(flat, mask[:, 0].reshape(-1).nonzero().squeeze(1)) and torch.equal(kth_fast, kth[0])
+    # a hint above the k·B-th score cannot be trusted: the caller must use the full search
+    assert batchtopk_entries(pre, w, 8, LOCAL, hint=1.01 * float(kth)) is None
+    assert batchtopk_entries(pre, w, 8, LOCAL, hint=None) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_topk_and_rows_at_least_equal_topk_mask(dtype):
+    gen = torch.Generator().manual_seed(3)
+    pre, w = torch.randn(29, 301, generator=gen).to(dtype), (torch.rand(301, generator=gen) + 0.5).to(dtype)
+    pre[4] = -1.0  # a row with fewer than k positive scores keeps only the positive ones
+    pre[4, :5] = 1.0 + torch.arange(5).to(dtype)
+    local = native.row_topk_scores(pre, w, 7)
+    ref = torch.topk(scores(pre.clone(), w), 7, dim=1).values
+    assert torch.equal(local.sort(1, descending=True).values, ref)
+    flat = native.rows_at_least(pre, w, local.min(1).values)
+    mask = topk_mask(scores(pre.clone()[:, None], w[None]), 7, LOCAL)[:, 0]
+    assert torch.equal(flat, mask.reshape(-1).nonzero().squeeze(1))
+    assert int(mask[4].sum()) == 5
+
+
+@pytest.mark.parametrize("activation", ["batchtopk", "topk"])
+def test_training_steps_through_the_compiled_kernels_equal_the_pytorch_path(monkeypatch, activation):
+    """Same entries, threshold and values bit for bit; loss and every gradient within rounding."""
+    spec = CrossCoderSpec(["base", "chat"], [24, 40], 256, activation=activation, k=6)
+    xs = [torch.randn(48, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    dead = torch.zeros(1, 256, dtype=torch.bool)
+    dead[0, ::3] = True
+    calls = {"select": 0, "dot": 0, "sums": 0}
+    select = "scores_at_least" if activation == "batchtopk" else "row_topk_scores"
+    for name, key in ((select, "select"), ("gathered_dot", "dot"), ("latent_sums", "sums")):
+        def counted(*args, _f=getattr(native, name), _k=key, **kwargs):
+            calls[_k] += 1
+            return _f(*args, **kwargs)
+        monkeypatch.setattr(native, name, counted)
+
+    def run(compiled: bool):
+        if not compiled:
+            monkeypatch.setattr(native, "usable", lambda *t: False)
+        model = CrossCoder(spec, seed=3, dec_init_norm=0.5)
+        steps = []
+        for x in xs:  # the first step has no hint yet; the next ones select through the kernel
+            model.zero_grad(set_to_none=True)
+            out = model(x)
+            loss, _ = total_loss(model, x, out, dead, LossWeights(aux=1 / 32, aux_k=16))
+            loss.backward()
+            steps.append((out.code.token, out.code.latent, out.code.value.detach(), out.batch_threshold, loss.detach(),
+                          {n: p.grad.clone() for n, p in model.named_parameters()}))
+        return steps
+
+    compiled = run(True)
+    # BatchTopK's first step has no hint yet and searches the whole batch; TopK needs none
+    n_select = 2 if activation == "batchtopk" else 3
+    assert calls["select"] == n_select and calls["dot"] > 0 and calls["sums"] > 0
+    reference = run(False)
+    assert calls["select"] == n_select  # the reference did not use the kernels
+    for (t1, l1, v1, k1, loss1, g1), (t2, l2, v2, k2, loss2, g2) in zip(compiled, reference):
+        assert torch.equal(t1, t2) and torch.equal(l1, l2) and torch.equal(v1, v2)
+        assert (k1 is None and k2 is None) or torch.equal(k1, k2)
+        assert torch.allclose(loss1, loss2, rtol=1e-6)
+        for name in g2:
+            assert torch.allclose(g1[name], g2[name], rtol=1e-5, atol=1e-7), name
