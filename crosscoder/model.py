@@ -308,8 +308,9 @@ class CrossCoder(nn.Module):
         :func:`batchtopk_entries`, :func:`topk_entries`); otherwise the bool mask of :meth:`select`
         and ``nonzero``.
         """
-        if self.training and self.spec.activation == "batchtopk" and pre.shape[1] == 1 and self._kth_hints:
-            found = batchtopk_entries(pre[:, 0], weights[0], self.spec.k, self.selection, self._kth_hints[0])
+        if self.training and self.spec.activation == "batchtopk" and pre.shape[1] == 1:
+            hint = self._kth_hints[0] if self._kth_hints else None
+            found = batchtopk_entries(pre[:, 0], weights[0], self.spec.k, self.selection, hint)
             if found is not None:
                 flat, kth = found
                 self._kth_hints = [0.7 * float(kth)]

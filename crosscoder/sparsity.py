@@ -110,10 +110,16 @@ def batchtopk_entries(pre: Tensor, weights: Tensor, k: int, selection: Selection
     ``pre``; the threshold is then found among them, and the kept entries are a subset of them. Exact
     whenever this rank has at least ``k·B_global`` entries above the hint: its own top ``k·B_global``
     are then all candidates, and the global threshold is at least this rank's own k-th largest,
-    hence at least the hint, on every latent or data shard. Returns None (use :func:`batchtopk_mask`)
-    without a usable hint or kernel, or when too few entries reach the hint.
+    hence at least the hint, on every latent or data shard. Without a hint (the first batch), the
+    smallest of the rows' k-th largest scores is one: every row has k scores at or above it, so at
+    least ``k·B`` entries reach it. Returns None (use :func:`batchtopk_mask`) without the kernels,
+    or when too few entries reach the hint (or it is not positive).
     """
-    if hint is None or not hint > 0 or not native.usable(pre):
+    if not native.usable(pre):
+        return None
+    if hint is None:
+        hint = float(native.row_topk_scores(pre, weights, min(k, pre.shape[-1])).min())
+    if not hint > 0:
         return None
     flat, score = native.scores_at_least(pre, weights, hint)
     n_keep = k * selection.batch_tokens(pre.shape[0])

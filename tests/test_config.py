@@ -86,3 +86,16 @@ def test_every_launch_config_loads():
     for path in configs:
         cfg = load_config(path)
         assert cfg.name and cfg.train.steps > 0, path  # loading raises on any unknown or mistyped key
+
+
+def test_analyze_and_train_with_only_a_run_dir_use_that_runs_config(tmp_path):
+    from crosscoder.cli import build_parser, resolve
+
+    cfg = RunConfig()
+    cfg.name, cfg.train.data, cfg.train.latents = "mine", "somewhere/shards", 4096
+    (tmp_path / "config.toml").write_text(dumps_toml(cfg))
+    for command in ("analyze", "train"):
+        args, rest = build_parser().parse_known_args([command, "--run", str(tmp_path), "--train.k", "8"])
+        resolved, run_dir = resolve(args, rest)
+        assert run_dir == tmp_path and resolved.name == "mine" and resolved.train.data == "somewhere/shards"
+        assert resolved.train.latents == 4096 and resolved.train.k == 8

@@ -54,7 +54,9 @@ def test_batchtopk_entries_is_exact_or_declines():
     assert torch.equal(flat, mask[:, 0].reshape(-1).nonzero().squeeze(1)) and torch.equal(kth_fast, kth[0])
     # a hint above the k·B-th score cannot be trusted: the caller must use the full search
     assert batchtopk_entries(pre, w, 8, LOCAL, hint=1.01 * float(kth)) is None
-    assert batchtopk_entries(pre, w, 8, LOCAL, hint=None) is None
+    # no hint: the smallest of the rows' 8th largest scores serves as one, exactly
+    flat_first, kth_first = batchtopk_entries(pre, w, 8, LOCAL, hint=None)
+    assert torch.equal(flat_first, flat) and torch.equal(kth_first, kth[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -92,7 +94,7 @@ def test_training_steps_through_the_compiled_kernels_equal_the_pytorch_path(monk
             monkeypatch.setattr(native, "usable", lambda *t: False)
         model = CrossCoder(spec, seed=3, dec_init_norm=0.5)
         steps = []
-        for x in xs:  # the first step has no hint yet; the next ones select through the kernel
+        for x in xs:
             model.zero_grad(set_to_none=True)
             out = model(x)
             loss, _ = total_loss(model, x, out, dead, LossWeights(aux=1 / 32, aux_k=16))
@@ -102,8 +104,7 @@ def test_training_steps_through_the_compiled_kernels_equal_the_pytorch_path(monk
         return steps
 
     compiled = run(True)
-    # BatchTopK's first step has no hint yet and searches the whole batch; TopK needs none
-    n_select = 2 if activation == "batchtopk" else 3
+    n_select = 3  # every step, the first one too (BatchTopK then takes its hint from the rows' top k)
     assert calls["select"] == n_select and calls["dot"] > 0 and calls["sums"] > 0
     reference = run(False)
     assert calls["select"] == n_select  # the reference did not use the kernels
