@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import native
 from .model import CrossCoder, ForwardOutput
 
 
@@ -76,8 +77,16 @@ def auxk_loss(model: CrossCoder, x: Tensor, out: ForwardOutput, dead: Tensor, k_
         # search only the dead columns ([B, n_dead], not [B, L]) for each token's top k
         dead_idx = dead_g.nonzero().squeeze(1)
         sub = scores.index_select(1, dead_idx) if len(dead_idx) else scores.new_full((len(scores), 1), -torch.inf)
-        kth = model.selection.kth_largest_rows(sub, k)
-        token, column = (sub >= kth).nonzero(as_tuple=True)
+        if out.code is not None and len(dead_idx) and native.usable(sub):
+            # compiled per-row top k; it ranks relu(pre), which changes nothing: the chosen values
+            # are relu'd, so a non-positive entry would add zero and receive no gradient
+            ones = sub.new_ones(sub.shape[1])
+            kth = model.selection.kth_largest_rows(native.row_topk_scores(sub, ones, min(k, sub.shape[1])), k)
+            flat = native.rows_at_least(sub, ones, kth)
+            token, column = flat // sub.shape[1], flat % sub.shape[1]
+        else:
+            kth = model.selection.kth_largest_rows(sub, k)
+            token, column = (sub >= kth).nonzero(as_tuple=True)
         latent = dead_idx[column]
         if out.code is not None:  # sparse kernels: gradient only into the chosen dead latents
             e_hat = model.decode_sparse(model.sparse_code(x, out.pre, token, torch.zeros_like(token), latent))

@@ -208,6 +208,7 @@ class CrossCoder(nn.Module):
         # train acausal TopK/BatchTopK through the sparse kernels; False = the dense reference path
         self.sparse_kernels = True
         self._kth_hints: list[float] | None = None
+        self._pre_buffer: Tensor | None = None  # the training encoder product's memory, reused
 
     # ----------------------------------------------------------------------------------------
     # pieces
@@ -292,10 +293,29 @@ class CrossCoder(nn.Module):
         f, kth = self.activate(pre, weights, self.training)
         return ForwardOutput(pre=pre, x_hat=self.decode(f), weights=weights, batch_threshold=kth, dense_f=f)
 
+    def train(self, mode: bool = True):
+        if not mode:
+            self._pre_buffer = None
+        return super().train(mode)
+
+    def _training_pre_activations(self, x: Tensor) -> Tensor:
+        """``pre_activations`` written into one buffer kept across training steps (acausal).
+
+        The product is the largest tensor of a step ([B, L]); allocated afresh, its pages are
+        faulted in again every step (measured: ~0.2 s of 1.4 s at B = 2048, L = 64k on CPU). The
+        cost: ``ForwardOutput.pre`` of a training step is valid until the next training forward,
+        and the buffer stays allocated between steps (dropped by ``eval()``).
+        """
+        shape = (x.shape[0], self.W_enc.shape[1])
+        buf = self._pre_buffer
+        if buf is None or buf.shape != shape or buf.dtype != self.W_enc.dtype or buf.device != self.W_enc.device:
+            buf = self._pre_buffer = torch.empty(shape, dtype=self.W_enc.dtype, device=self.W_enc.device)
+        return torch.addmm(self.b_enc[0], x, self.W_enc, out=buf).unsqueeze(1)
+
     def _sparse_forward(self, x: Tensor, weights: Tensor) -> ForwardOutput:
         """The dense encoder product without autograd, selection, then only the active entries."""
         with torch.no_grad():
-            pre = self.pre_activations(x)
+            pre = self._training_pre_activations(x) if self.training else self.pre_activations(x)
             token, group, latent, kth = self.select_entries(pre, weights.detach())
         code = self.sparse_code(x, pre, token, group, latent)
         return ForwardOutput(pre=pre, x_hat=self.decode_sparse(code) + self.b_dec, weights=weights,
