@@ -28,6 +28,20 @@ def query(port: int, expr: str) -> list:
     return body["data"]["result"]
 
 
+def wait_until_ready(port: int, timeout: float) -> None:
+    """Prometheus listens before it can answer: its API returns 503 until the TSDB is open."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=5).status == 200:
+                return
+        except OSError:  # HTTPError 503 and connection errors alike
+            pass
+        if time.time() > deadline:
+            pytest.fail(f"Prometheus on 127.0.0.1:{port} not ready after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
 @pytest.fixture
 def trainer(small_shards, tmp_path):
     """`crosscoder train` in its own process, serving metrics on 127.0.0.1, stopped after the test."""
@@ -63,6 +77,7 @@ def prometheus(trainer, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, timeout=30, proc=proc)
+        wait_until_ready(port, timeout=60)
         yield port
     finally:
         proc.terminate()
