@@ -8,8 +8,10 @@ What it computes, for the two compared sources (``base``, ``chat``: the first tw
 - from one pass over up to ``analyze.tokens`` harvested tokens, in manifest order: firing frequency
   (a latent that never fires is ``dead``), FVE per source, the top-``n`` max-activating tokens of
   every latent (merged per batch with one ``topk`` over ``[L, n + B]``), token attribution per class
-  (firings by token id against the token's base rate), and Latent Scaling (latent_scaling.py) of
-  every exclusive latent;
+  (firings by token id against the token's base rate), each latent's share of firings on the
+  tokenizer's special tokens (base-only latents above one half are labelled ``untrained_tokens``:
+  the base never trained the chat template's embeddings), and Latent Scaling (latent_scaling.py)
+  of every exclusive latent;
 - CE loss recovered (ce_recovered.py) when the shards were harvested from models that can be loaded.
 
 Why one streaming pass: shards can be far larger than memory, and every statistic above is a sum
@@ -42,8 +44,8 @@ from .shards import Manifest, ShardError, check_compatible, iter_samples, read_m
 from .storage import Root
 
 CLASSES = ("shared", "base_only", "chat_only", "dead")
-CSV_COLUMNS = ("index", "frequency", "mean_activation", "max_activation", "rel_norm", "cosine", "class",
-               "beta_error_base", "beta_error_chat", "beta_recon_base", "beta_recon_chat", "nu_error", "nu_recon",
+CSV_COLUMNS = ("index", "frequency", "mean_activation", "max_activation", "special_share", "rel_norm", "cosine",
+               "class", "beta_error_base", "beta_error_chat", "beta_recon_base", "beta_recon_chat", "nu_error", "nu_recon",
                "artifact")
 
 
@@ -86,6 +88,7 @@ class Analysis:
             out[cls] = {"latents": int(len(art)),
                         "complete_shrinkage": int(sum("complete_shrinkage" in a for a in art)),
                         "latent_decoupling": int(sum("latent_decoupling" in a for a in art)),
+                        "untrained_tokens": int(sum("untrained_tokens" in a for a in art)),
                         "flagged": int(sum(bool(a) for a in art))}
         return out
 
@@ -95,6 +98,26 @@ class Analysis:
                 "ce_loss_recovered": self.ce_recovered, "attribution": self.attribution,
                 "scaling_threshold": self.scaling_threshold, "exclusive_threshold": self.exclusive_threshold,
                 "notes": self.notes}
+
+
+UNTRAINED_SHARE = 0.5  # a base-only latent firing mostly on special tokens is labelled untrained_tokens
+
+
+def untrained_token_labels(cls: np.ndarray, special_share: np.ndarray, artifact: np.ndarray,
+                           share: float = UNTRAINED_SHARE) -> np.ndarray:
+    """``artifact`` with ``untrained_tokens`` added to every base-only latent that fires mostly
+    (> ``share`` of its firings) on the tokenizer's special tokens.
+
+    Why base-only: a base model never trained the chat template's tokens, so its activations there
+    come from untrained embeddings, and a latent that explains them has no counterpart in the chat
+    model — an artifact of the vocabulary, not a concept the fine-tune removed. Chat-only latents on
+    those tokens are left alone: dialogue format is one of the things chat tuning genuinely adds.
+    """
+    out = artifact.copy()
+    hit = (cls == "base_only") & (np.nan_to_num(special_share, nan=0.0) > share)
+    for i in np.flatnonzero(hit):
+        out[i] = "+".join(filter(None, [out[i], "untrained_tokens"]))
+    return out
 
 
 def classify(rel_norm: np.ndarray, frequency: np.ndarray, threshold: float) -> np.ndarray:
@@ -179,6 +202,9 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
         scaling = LatentScaling((dec[a], dec[b]), candidates, owner)
 
     L = spec.latents
+    decoder = _Decoder(manifest)
+    special_ids = np.array(sorted(decoder.tokenizer.all_special_ids), dtype=np.int64) if decoder.tokenizer else None
+    special_count = torch.zeros(L, dtype=torch.float64)
     count = torch.zeros(L, dtype=torch.float64)
     act_sum = torch.zeros(L, dtype=torch.float64)
     top = _TopExamples(L, cfg.top_examples)
@@ -208,6 +234,8 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
         fve_stream.update(xn, xhn)
         fired = f > 0
         count.add_(fired.sum(0).double())
+        if special_ids is not None:
+            special_count.add_(fired[torch.from_numpy(np.isin(ids, special_ids))].sum(0).double())
         act_sum.add_(f.sum(0).double())
         top.update(f, seen)
         for c, mask in masks.items():
@@ -246,8 +274,10 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
     mean_act = np.where(fired_counts > 0, act_sum.numpy() / np.maximum(fired_counts, 1), 0.0)
     max_act = top.values[:, 0].clamp_min(0).numpy()
     nan = np.full(L, np.nan)
+    special_share = (np.where(fired_counts > 0, special_count.numpy() / np.maximum(fired_counts, 1), np.nan)
+                     if special_ids is not None else np.full(L, np.nan))
     columns = {"index": np.arange(L), "frequency": frequency, "mean_activation": mean_act, "max_activation": max_act,
-               "rel_norm": rel_norm, "cosine": cosine, "class": cls,
+               "special_share": special_share, "rel_norm": rel_norm, "cosine": cosine, "class": cls,
                "beta_error_base": nan.copy(), "beta_error_chat": nan.copy(), "beta_recon_base": nan.copy(),
                "beta_recon_chat": nan.copy(), "nu_error": nan.copy(), "nu_recon": nan.copy(),
                "artifact": np.array([""] * L, dtype=object)}
@@ -265,9 +295,9 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
         labels = np.array(artifact_labels(r, cfg.scaling_threshold), dtype=object)
         columns["artifact"][idx] = np.where(cls[idx] == "dead", "", labels)
 
+    columns["artifact"] = untrained_token_labels(cls, special_share, columns["artifact"])
     all_ids = np.concatenate(token_ids)
     sample_index = np.concatenate(sample_of)
-    decoder = _Decoder(manifest)
     if decoder.tokenizer is None:
         notes.append("token ids shown as #id: the shards name no tokenizer that loads here")
     examples = _examples(cls, top, all_ids, sample_index, decoder, cfg)

@@ -130,8 +130,8 @@ def render(analysis: Analysis, title: str = "Crosscoder model-diffing report") -
     summary_rows += [[f"CE loss recovered {k}", f"{v['recovered']:.4f} (clean {v['clean']:.3f}, spliced "
                       f"{v['spliced']:.3f}, zero-ablated {v['zero_ablated']:.3f} nats)"]
                      for k, v in analysis.ce_recovered.items()]
-    art_rows = [[cls, a["latents"], a["complete_shrinkage"], a["latent_decoupling"], a["flagged"],
-                 a["latents"] - a["flagged"]] for cls, a in arts.items()]
+    art_rows = [[cls, a["latents"], a["complete_shrinkage"], a["latent_decoupling"], a["untrained_tokens"],
+                 a["flagged"], a["latents"] - a["flagged"]] for cls, a in arts.items()]
     parts = [f"<h1>{html.escape(title)}</h1>",
              _table(summary_rows, ["", ""]),
              "".join(f"<p class='note'>{html.escape(n)}</p>" for n in analysis.notes),
@@ -139,9 +139,11 @@ def render(analysis: Analysis, title: str = "Crosscoder model-diffing report") -
              f"<p>Exclusive latents (relative norm below {analysis.exclusive_threshold} or above "
              f"{1 - analysis.exclusive_threshold}) flagged when ν exceeds {analysis.scaling_threshold}: "
              "ν_ε high = Complete Shrinkage (the other model's error still holds the concept), ν_r high = "
-             "Latent Decoupling (other latents reconstruct it in the other model). arXiv 2504.02922.</p>",
-             _table(art_rows, ["class", "latents", "complete shrinkage", "latent decoupling", "flagged",
-                               "really exclusive"]),
+             "Latent Decoupling (other latents reconstruct it in the other model). arXiv 2504.02922. "
+             "Untrained tokens: base-only latents firing mostly on the tokenizer's special tokens (the "
+             "chat template), whose base embeddings were never trained.</p>",
+             _table(art_rows, ["class", "latents", "complete shrinkage", "latent decoupling", "untrained tokens",
+                               "flagged", "really exclusive"]),
              "<h2>Plots</h2>"]
     for name, png in figures(analysis).items():
         parts.append(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{png}'>"

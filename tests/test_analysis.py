@@ -187,3 +187,14 @@ def test_streamed_fve_equals_fve_of_all_analysed_tokens_at_once(artifacts):
     expected = fve_per_source(x, model.reconstruct(x), model.spec.slices)
     got = torch.tensor([result.fve["base"], result.fve["chat"]], dtype=torch.float32)
     assert torch.allclose(got, expected, atol=1e-4), (got, expected)
+
+
+def test_base_only_latents_firing_on_special_tokens_are_labelled_untrained_tokens():
+    from crosscoder.analysis import untrained_token_labels
+
+    cls = np.array(["base_only", "base_only", "chat_only", "shared", "base_only"], dtype=object)
+    share = np.array([0.9, 0.2, 0.95, 0.99, np.nan])
+    artifact = np.array(["latent_decoupling", "", "", "", ""], dtype=object)
+    out = untrained_token_labels(cls, share, artifact)
+    assert list(out) == ["latent_decoupling+untrained_tokens", "", "", "", ""]
+    assert list(artifact) == ["latent_decoupling", "", "", "", ""]  # the input is not modified
