@@ -82,7 +82,7 @@ def auxk_loss(model: CrossCoder, x: Tensor, out: ForwardOutput, dead: Tensor, k_
             # are relu'd, so a non-positive entry would add zero and receive no gradient
             ones = sub.new_ones(sub.shape[1])
             kth = model.selection.kth_largest_rows(native.row_topk_scores(sub, ones, min(k, sub.shape[1])), k)
-            flat = native.rows_at_least(sub, ones, kth)
+            flat, _ = native.scores_at_least(sub, ones, kth.reshape(-1))
             token, column = flat // sub.shape[1], flat % sub.shape[1]
         else:
             kth = model.selection.kth_largest_rows(sub, k)

@@ -7,9 +7,9 @@ added. Each function here does one of those jobs in one pass:
 
 - :func:`scores_at_least`: the entries whose BatchTopK score ``relu(pre)·w`` reaches a threshold,
   as (flat index, score), in one read of ``pre`` (replaces ~6 passes);
-- :func:`row_topk_scores` and :func:`rows_at_least`: per-token TopK as two reads of ``pre`` (each
-  row scored and partially sorted in a cache-resident buffer; then the kept entries), instead of
-  a scored copy, ``topk``, a mask and ``nonzero``;
+- :func:`row_topk_scores`, then :func:`scores_at_least` with each row's threshold: per-token TopK
+  as two reads of ``pre`` (each row scored and partially sorted in a cache-resident buffer; then
+  the kept entries), instead of a scored copy, ``topk``, a mask and ``nonzero``;
 - :func:`gathered_dot`: ``(a[i] * b[j]).sum(1)`` without gathering rows into temporaries;
 - :func:`latent_sums`: per-latent sums ``Σ c·src[token]`` written straight into ``[L, D]`` or,
   blocked, into ``[D, L]`` (the encoder's layout), zeros included, with no sort and no transpose.
@@ -68,22 +68,17 @@ def usable(*tensors: Tensor) -> bool:
     return all(t.device.type == "cpu" for t in tensors) and module() is not None
 
 
-def scores_at_least(pre: Tensor, weights: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
-    """(flat index [M] int64, score [M]) of the entries of ``relu(pre) · weights`` ≥ threshold,
-    row-major. pre [R, L], weights [L]."""
-    return tuple(module().scores_at_least(pre.contiguous(), weights.to(pre.dtype).contiguous(), float(threshold)))
+def scores_at_least(pre: Tensor, weights: Tensor, thresholds: Tensor | float) -> tuple[Tensor, Tensor]:
+    """(flat index [M] int64, score [M]) of the entries of ``relu(pre) · weights`` that reach their
+    row's threshold and are > 0, row-major. pre [R, L], weights [L], thresholds [R] or one number
+    for every row."""
+    thr = torch.as_tensor(thresholds, dtype=pre.dtype).expand(pre.shape[0]).contiguous()
+    return tuple(module().scores_at_least(pre.contiguous(), weights.to(pre.dtype).contiguous(), thr))
 
 
 def row_topk_scores(pre: Tensor, weights: Tensor, k: int) -> Tensor:
     """Per row, the k largest of ``relu(pre) · weights``, unordered: [R, k]. NaN counts as -inf."""
     return module().row_topk_scores(pre.contiguous(), weights.to(pre.dtype).contiguous(), int(k))
-
-
-def rows_at_least(pre: Tensor, weights: Tensor, thresholds: Tensor) -> Tensor:
-    """Flat indices (row-major) of the entries of ``relu(pre) · weights`` ≥ their row's threshold
-    and > 0. pre [R, L], weights [L], thresholds [R]."""
-    return module().rows_at_least(pre.contiguous(), weights.to(pre.dtype).contiguous(),
-                                  thresholds.to(pre.dtype).reshape(-1).contiguous())
 
 
 def gathered_dot(a: Tensor, a_index: Tensor, b: Tensor, b_index: Tensor) -> Tensor:

@@ -137,7 +137,7 @@ def topk_entries(pre: Tensor, weights: Tensor, k: int, selection: Selection) -> 
         return None
     local = native.row_topk_scores(pre, weights, min(k, pre.shape[-1]))
     kth = selection.kth_largest_rows(local, k)
-    return native.rows_at_least(pre, weights, kth)
+    return native.scores_at_least(pre, weights, kth.reshape(-1))[0]
 
 
 def threshold_mask(pre: Tensor, threshold: Tensor) -> Tensor:

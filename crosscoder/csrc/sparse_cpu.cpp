@@ -18,47 +18,53 @@ int64_t n_pieces(int64_t items) {
   return std::max<int64_t>(1, std::min<int64_t>(items, 8 * at::get_num_threads()));
 }
 
+// A BatchTopK/TopK score: clamp at 0, then multiply, in the tensor's dtype: the float operations of
+// sparsity.scores, so comparisons agree bit for bit with the PyTorch path (NaN stays NaN).
+template <typename scalar_t>
+inline scalar_t score(scalar_t x, scalar_t w) {
+  return static_cast<scalar_t>((x < scalar_t(0) ? scalar_t(0) : x) * w);
+}
+
 }  // namespace
 
-// Entries of relu(pre) * w that are >= thr, in row-major order (as nonzero returns them).
-// pre [R, L], w [L] (same dtype). Returns (flat index int64 [M], score [M]).
-// The score is computed with exactly the operations of sparsity.scores (clamp at 0, then multiply
-// in the tensor's dtype), so comparisons against it agree bit for bit with the PyTorch path.
-std::vector<torch::Tensor> scores_at_least(torch::Tensor pre, torch::Tensor w, double thr) {
-  TORCH_CHECK(pre.dim() == 2 && w.dim() == 1 && pre.size(1) == w.size(0), "pre [R, L] and w [L] expected");
-  TORCH_CHECK(pre.scalar_type() == w.scalar_type(), "pre and w must have one dtype");
+// Entries of relu(pre) * w that are >= thr[r] (their row's threshold) and > 0, in row-major order
+// (as nonzero returns them). pre [R, L], w [L], thr [R] (one dtype). Returns (flat index int64
+// [M], score [M]). Serves BatchTopK (one positive threshold for every row: the hint) and TopK
+// (each row's k-th largest, which may be 0 when a row has fewer than k positive scores).
+std::vector<torch::Tensor> scores_at_least(torch::Tensor pre, torch::Tensor w, torch::Tensor thr) {
+  TORCH_CHECK(pre.dim() == 2 && w.dim() == 1 && thr.dim() == 1 && pre.size(1) == w.size(0) &&
+              thr.size(0) == pre.size(0), "pre [R, L], w [L], thr [R] expected");
+  TORCH_CHECK(pre.scalar_type() == w.scalar_type() && pre.scalar_type() == thr.scalar_type(),
+              "pre, w and thr must have one dtype");
   const int64_t R = pre.size(0), L = pre.size(1);
   const int64_t pieces = n_pieces(R);
   std::vector<torch::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pre.scalar_type(), "scores_at_least", [&] {
     const scalar_t* p = pre.data_ptr<scalar_t>();
     const scalar_t* wp = w.data_ptr<scalar_t>();
-    const scalar_t t = static_cast<scalar_t>(thr);
+    const scalar_t* tp = thr.data_ptr<scalar_t>();
     std::vector<std::vector<int64_t>> idx(pieces);
     std::vector<std::vector<scalar_t>> val(pieces);
     at::parallel_for(0, pieces, 1, [&](int64_t lo, int64_t hi) {
+      constexpr int64_t W = 64;  // scores per block: computed and tested with vector code
+      scalar_t s[W];
       for (int64_t piece = lo; piece < hi; ++piece) {
         const int64_t r0 = R * piece / pieces, r1 = R * (piece + 1) / pieces;
-        auto& I = idx[piece];
-        auto& V = val[piece];
-        constexpr int64_t W = 64;  // scores per block: computed and tested with vector code
-        scalar_t s[W];
         for (int64_t r = r0; r < r1; ++r) {
           const scalar_t* row = p + r * L;
+          const scalar_t t = tp[r];
           for (int64_t l0 = 0; l0 < L; l0 += W) {
             const int64_t n = std::min(W, L - l0);
             int hits = 0;
             for (int64_t j = 0; j < n; ++j) {
-              const scalar_t x = row[l0 + j];
-              // clamp_min(0) keeps NaN; NaN >= t is false, as in PyTorch
-              s[j] = static_cast<scalar_t>((x < scalar_t(0) ? scalar_t(0) : x) * wp[l0 + j]);
-              hits += s[j] >= t;
+              s[j] = score(row[l0 + j], wp[l0 + j]);
+              hits += (s[j] >= t) & (s[j] > scalar_t(0));  // NaN passes neither, as in PyTorch
             }
             if (!hits) continue;
             for (int64_t j = 0; j < n; ++j) {
-              if (s[j] >= t) {
-                I.push_back(r * L + l0 + j);
-                V.push_back(s[j]);
+              if (s[j] >= t && s[j] > scalar_t(0)) {
+                idx[piece].push_back(r * L + l0 + j);
+                val[piece].push_back(s[j]);
               }
             }
           }
@@ -72,16 +78,16 @@ std::vector<torch::Tensor> scores_at_least(torch::Tensor pre, torch::Tensor w, d
       total += static_cast<int64_t>(idx[i].size());
     }
     auto flat = torch::empty({total}, pre.options().dtype(torch::kInt64));
-    auto score = torch::empty({total}, pre.options());
+    auto scores = torch::empty({total}, pre.options());
     int64_t* fp = flat.data_ptr<int64_t>();
-    scalar_t* sp = score.data_ptr<scalar_t>();
+    scalar_t* sp = scores.data_ptr<scalar_t>();
     at::parallel_for(0, pieces, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         std::copy(idx[i].begin(), idx[i].end(), fp + start[i]);
         std::copy(val[i].begin(), val[i].end(), sp + start[i]);
       }
     });
-    out = {flat, score};
+    out = {flat, scores};
   });
   return out;
 }
@@ -111,8 +117,7 @@ torch::Tensor row_topk_scores(torch::Tensor pre, torch::Tensor w, int64_t k) {
           const int64_t l0 = b * W, n = std::min(W, L - l0);
           scalar_t* out_b = buf.data() + l0;
           for (int64_t j = 0; j < n; ++j) {
-            const scalar_t x = row[l0 + j];
-            const scalar_t s = static_cast<scalar_t>((x < scalar_t(0) ? scalar_t(0) : x) * wp[l0 + j]);
+            const scalar_t s = score(row[l0 + j], wp[l0 + j]);
             out_b[j] = s == s ? s : -std::numeric_limits<scalar_t>::infinity();
           }
           // 16 running maxima (one per lane), then their maximum
@@ -147,56 +152,6 @@ torch::Tensor row_topk_scores(torch::Tensor pre, torch::Tensor w, int64_t k) {
     });
   });
   return out;
-}
-
-// Entries of relu(pre) * w that are >= thr[r] (their row's threshold) and > 0, row-major: the flat
-// indices [M]. pre [R, L], w [L], thr [R] (one dtype).
-torch::Tensor rows_at_least(torch::Tensor pre, torch::Tensor w, torch::Tensor thr) {
-  TORCH_CHECK(pre.dim() == 2 && w.dim() == 1 && thr.dim() == 1 && pre.size(1) == w.size(0) &&
-              thr.size(0) == pre.size(0), "pre [R, L], w [L], thr [R] expected");
-  TORCH_CHECK(pre.scalar_type() == w.scalar_type() && pre.scalar_type() == thr.scalar_type(),
-              "pre, w and thr must have one dtype");
-  const int64_t R = pre.size(0), L = pre.size(1);
-  const int64_t pieces = n_pieces(R);
-  std::vector<std::vector<int64_t>> idx(pieces);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pre.scalar_type(), "rows_at_least", [&] {
-    const scalar_t* p = pre.data_ptr<scalar_t>();
-    const scalar_t* wp = w.data_ptr<scalar_t>();
-    const scalar_t* tp = thr.data_ptr<scalar_t>();
-    at::parallel_for(0, pieces, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t piece = lo; piece < hi; ++piece) {
-        const int64_t r0 = R * piece / pieces, r1 = R * (piece + 1) / pieces;
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* row = p + r * L;
-          const scalar_t t = tp[r];
-          constexpr int64_t W = 64;
-          scalar_t sc[W];
-          for (int64_t l0 = 0; l0 < L; l0 += W) {
-            const int64_t n = std::min(W, L - l0);
-            int hits = 0;
-            for (int64_t j = 0; j < n; ++j) {
-              const scalar_t x = row[l0 + j];
-              sc[j] = static_cast<scalar_t>((x < scalar_t(0) ? scalar_t(0) : x) * wp[l0 + j]);
-              hits += (sc[j] >= t) & (sc[j] > scalar_t(0));
-            }
-            if (!hits) continue;
-            for (int64_t j = 0; j < n; ++j)
-              if (sc[j] >= t && sc[j] > scalar_t(0)) idx[piece].push_back(r * L + l0 + j);
-          }
-        }
-      }
-    });
-  });
-  int64_t total = 0;
-  std::vector<int64_t> start(pieces);
-  for (int64_t i = 0; i < pieces; ++i) {
-    start[i] = total;
-    total += static_cast<int64_t>(idx[i].size());
-  }
-  auto flat = torch::empty({total}, pre.options().dtype(torch::kInt64));
-  int64_t* fp = flat.data_ptr<int64_t>();
-  for (int64_t i = 0; i < pieces; ++i) std::copy(idx[i].begin(), idx[i].end(), fp + start[i]);
-  return flat;
 }
 
 // out[n] = dot(a[a_index[n]], b[b_index[n]]), accumulated in float (double for float64).
@@ -296,9 +251,8 @@ torch::Tensor latent_sums(torch::Tensor src, torch::Tensor token, torch::Tensor 
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("scores_at_least", &scores_at_least, "entries of relu(pre)*w >= thr (flat index, score)");
+  m.def("scores_at_least", &scores_at_least, "entries of relu(pre)*w >= thr[row] and > 0 (flat index, score)");
   m.def("row_topk_scores", &row_topk_scores, "per row, the k largest of relu(pre)*w [R, k], unordered");
-  m.def("rows_at_least", &rows_at_least, "flat indices of relu(pre)*w >= thr[row] and > 0");
   m.def("gathered_dot", &gathered_dot, "out[n] = dot(a[ai[n]], b[bi[n]])");
   m.def("latent_sums", &latent_sums, "per-latent sums of coef * src[token], [L, D] or [D, L]");
 }
