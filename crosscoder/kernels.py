@@ -89,7 +89,7 @@ class GatherPre(torch.autograd.Function):
             # per latent l: Σ_n g_n · x[token_n]; compiled: written straight in W_enc's [D, L] layout,
             # else built as [L, D] rows and handed back transposed
             if native.usable(x, W_enc):
-                grad_W = native.latent_sums(x.to(W_enc.dtype), token, latent, grad.to(W_enc.dtype), L, transposed=True)
+                grad_W = native.latent_sums(x.to(W_enc.dtype), token, latent, grad.to(W_enc.dtype), L)
             else:
                 tok, lat, g = by_latent(token, latent, grad)
                 grad_W = bag_sum(tok, x.to(W_enc.dtype), lat, L, g).t()

@@ -11,8 +11,10 @@ added. Each function here does one of those jobs in one pass:
   as two reads of ``pre`` (each row scored and partially sorted in a cache-resident buffer; then
   the kept entries), instead of a scored copy, ``topk``, a mask and ``nonzero``;
 - :func:`gathered_dot`: ``(a[i] * b[j]).sum(1)`` without gathering rows into temporaries;
-- :func:`latent_sums`: per-latent sums ``Σ c·src[token]`` written straight into ``[L, D]`` or,
-  blocked, into ``[D, L]`` (the encoder's layout), zeros included, with no sort and no transpose.
+- :func:`latent_sums`: per-latent sums ``Σ c·src[token]`` written, blocked, straight into
+  ``[D, L]`` (the encoder's layout), zeros included, with no sort and no transpose. (The
+  decoder's ``[L, D]`` gradient stays with ``embedding_bag``, which measured faster than this
+  kernel's row layout.)
 
 The scores are computed with the same float operations as :func:`crosscoder.sparsity.scores`,
 so selections agree bit for bit; sums run in another order than PyTorch's, so gradients agree
@@ -86,7 +88,8 @@ def gathered_dot(a: Tensor, a_index: Tensor, b: Tensor, b_index: Tensor) -> Tens
     return module().gathered_dot(a.contiguous(), a_index.contiguous(), b.to(a.dtype).contiguous(), b_index.contiguous())
 
 
-def latent_sums(src: Tensor, token: Tensor, latent: Tensor, coef: Tensor, n_latents: int, transposed: bool) -> Tensor:
-    """Per latent ``Σ coef_n · src[token_n]`` over the entries of that latent: [L, D], or [D, L]."""
+def latent_sums(src: Tensor, token: Tensor, latent: Tensor, coef: Tensor, n_latents: int) -> Tensor:
+    """Per latent ``Σ coef_n · src[token_n]`` over the entries of that latent, as the columns of a
+    [D, L] tensor (``W_enc``'s layout)."""
     return module().latent_sums(src.contiguous(), token.contiguous(), latent.contiguous(),
-                                coef.to(src.dtype).contiguous(), int(n_latents), bool(transposed))
+                                coef.to(src.dtype).contiguous(), int(n_latents))

@@ -188,12 +188,13 @@ torch::Tensor gathered_dot(torch::Tensor a, torch::Tensor a_index, torch::Tensor
   return out;
 }
 
-// Per latent l < L: row_l = sum over entries n with latent[n] == l of coef[n] * src[token[n]],
-// accumulated in float. Returns [L, D] (rows), or [D, L] (transposed=true) written in blocks of
-// latents so the transposed writes stay cache-line sized. Latents without entries get zeros, in
-// the same pass. src [B, D]; token, latent int64 [N]; coef [N] (src's dtype).
+// Per latent l < L: column l of the [D, L] result = sum over entries n with latent[n] == l of
+// coef[n] * src[token[n]], accumulated in float: the encoder gradient in W_enc's own layout. Sums
+// are built for blocks of 16 latents, then written so each transposed write is a cache line.
+// Latents without entries get zeros, in the same pass. src [B, D]; token, latent int64 [N];
+// coef [N] (src's dtype).
 torch::Tensor latent_sums(torch::Tensor src, torch::Tensor token, torch::Tensor latent, torch::Tensor coef,
-                          int64_t L, bool transposed) {
+                          int64_t L) {
   TORCH_CHECK(src.dim() == 2, "src [B, D] expected");
   TORCH_CHECK(coef.scalar_type() == src.scalar_type(), "coef and src must have one dtype");
   const int64_t N = token.numel(), D = src.size(1);
@@ -210,7 +211,7 @@ torch::Tensor latent_sums(torch::Tensor src, torch::Tensor token, torch::Tensor 
     std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
     for (int64_t n = 0; n < N; ++n) order[fill[lp[n]]++] = n;
   }
-  auto out = transposed ? torch::empty({D, L}, src.options()) : torch::empty({L, D}, src.options());
+  auto out = torch::empty({D, L}, src.options());
   constexpr int64_t BLOCK = 16;  // latents per block: 64 bytes of float per transposed row
   const int64_t blocks = (L + BLOCK - 1) / BLOCK;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "latent_sums", [&] {
@@ -232,17 +233,9 @@ torch::Tensor latent_sums(torch::Tensor src, torch::Tensor token, torch::Tensor 
             for (int64_t j = 0; j < D; ++j) row[j] += c * static_cast<acc_t>(x[j]);
           }
         }
-        if (transposed) {
-          for (int64_t j = 0; j < D; ++j) {
-            scalar_t* dst = op + j * L;
-            for (int64_t l = l0; l < l1; ++l) dst[l] = static_cast<scalar_t>(acc[(l - l0) * D + j]);
-          }
-        } else {
-          for (int64_t l = l0; l < l1; ++l) {
-            scalar_t* dst = op + l * D;
-            const acc_t* row = acc.data() + (l - l0) * D;
-            for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<scalar_t>(row[j]);
-          }
+        for (int64_t j = 0; j < D; ++j) {
+          scalar_t* dst = op + j * L;
+          for (int64_t l = l0; l < l1; ++l) dst[l] = static_cast<scalar_t>(acc[(l - l0) * D + j]);
         }
       }
     });
@@ -254,5 +247,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scores_at_least", &scores_at_least, "entries of relu(pre)*w >= thr[row] and > 0 (flat index, score)");
   m.def("row_topk_scores", &row_topk_scores, "per row, the k largest of relu(pre)*w [R, k], unordered");
   m.def("gathered_dot", &gathered_dot, "out[n] = dot(a[ai[n]], b[bi[n]])");
-  m.def("latent_sums", &latent_sums, "per-latent sums of coef * src[token], [L, D] or [D, L]");
+  m.def("latent_sums", &latent_sums, "per-latent sums of coef * src[token], as columns of [D, L]");
 }
