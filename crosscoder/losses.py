@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import native
 from .model import CrossCoder, ForwardOutput
+from .sparsity import topk_entries
 
 
 @dataclass
@@ -77,12 +77,12 @@ def auxk_loss(model: CrossCoder, x: Tensor, out: ForwardOutput, dead: Tensor, k_
         # search only the dead columns ([B, n_dead], not [B, L]) for each token's top k
         dead_idx = dead_g.nonzero().squeeze(1)
         sub = scores.index_select(1, dead_idx) if len(dead_idx) else scores.new_full((len(scores), 1), -torch.inf)
-        if out.code is not None and len(dead_idx) and native.usable(sub):
-            # compiled per-row top k; it ranks relu(pre), which changes nothing: the chosen values
-            # are relu'd, so a non-positive entry would add zero and receive no gradient
-            ones = sub.new_ones(sub.shape[1])
-            kth = model.selection.kth_largest_rows(native.row_topk_scores(sub, ones, min(k, sub.shape[1])), k)
-            flat, _ = native.scores_at_least(sub, ones, kth.reshape(-1))
+        # sparse kernels: the compiled per-token TopK (unit weights). It ranks relu(pre), which
+        # changes nothing: the chosen values are relu'd, so a non-positive entry would add zero and
+        # receive no gradient
+        flat = (topk_entries(sub, sub.new_ones(sub.shape[1]), k, model.selection)
+                if out.code is not None and len(dead_idx) else None)
+        if flat is not None:
             token, column = flat // sub.shape[1], flat % sub.shape[1]
         else:
             kth = model.selection.kth_largest_rows(sub, k)

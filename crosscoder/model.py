@@ -328,20 +328,19 @@ class CrossCoder(nn.Module):
         :func:`batchtopk_entries`, :func:`topk_entries`); otherwise the bool mask of :meth:`select`
         and ``nonzero``.
         """
+        flat, kth = None, None
         if self.training and self.spec.activation == "batchtopk" and pre.shape[1] == 1:
             hint = self._kth_hints[0] if self._kth_hints else None
             found = batchtopk_entries(pre[:, 0], weights[0], self.spec.k, self.selection, hint)
             if found is not None:
                 flat, kth = found
                 self._kth_hints = [0.7 * float(kth)]
-                L = pre.shape[2]
-                latent = flat % L
-                return flat // L, torch.zeros_like(flat), latent, kth.view(1)
-        if self.spec.activation == "topk" and pre.shape[1] == 1:
+                kth = kth.view(1)
+        elif self.spec.activation == "topk" and pre.shape[1] == 1:
             flat = topk_entries(pre[:, 0], weights[0], self.spec.k, self.selection)
-            if flat is not None:
-                L = pre.shape[2]
-                return flat // L, torch.zeros_like(flat), flat % L, None
+        if flat is not None:  # flat indices into pre[:, 0] ([B, L])
+            L = pre.shape[2]
+            return flat // L, torch.zeros_like(flat), flat % L, kth
         mask, kth = self.select(pre, weights, self.training)
         token, group, latent = mask.nonzero(as_tuple=True)
         return token, group, latent, kth
