@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .model import CrossCoder, ForwardOutput
-from .sparsity import topk_entries
+from .sparsity import auxk_entries
 
 
 @dataclass
@@ -58,47 +58,37 @@ def _variance(target: Tensor, model: CrossCoder) -> Tensor:
 
 
 def auxk_loss(model: CrossCoder, x: Tensor, out: ForwardOutput, dead: Tensor, k_aux: int) -> Tensor:
-    """AuxK loss; ``dead`` is a bool [G, L] mask of this model's (local) latents."""
-    total_dead = int(model.selection.sum_count(dead.sum().to(torch.long)))
-    if total_dead == 0:
-        return x.new_zeros(())
+    """AuxK loss; ``dead`` is a bool [G, L] mask of this model's (local) latents.
+
+    Uses ``out.aux_hat`` when the forward decoded AuxK's entries with the main code (the sparse
+    kernels, given the same ``dead`` and ``k_aux``); otherwise selects and decodes them here.
+    """
     spec = model.spec
     residual = (x - out.x_hat).detach()
+    # normalised by the global batch's residual variance; × dp size because data-parallel
+    # gradient averaging divides by it (the loss of one rank is its share of the global sum)
+    dp = model.selection.batch_tokens(x.shape[0]) // x.shape[0]
+
+    def term(e_hat: Tensor, target: Tensor, n_dead: int) -> Tensor:
+        error = (e_hat - target).pow(2).sum() * dp
+        return min(n_dead / k_aux, 1.0) * error / _variance(target, model)
+
+    if out.aux_hat is not None:
+        return term(out.aux_hat, residual, out.aux_dead) if out.aux_dead else x.new_zeros(())
     losses = []
     for g in range(spec.groups):
-        dead_g = dead[g]
-        n_dead = int(model.selection.sum_count(dead_g.sum().to(torch.long)))
         target = residual if spec.arch == "acausal" else residual[:, spec.slices[g]]
+        token, latent, n_dead = auxk_entries(out.pre[:, g].detach(), dead[g], k_aux, model.selection)
         if n_dead == 0:
             continue
-        k = min(k_aux, n_dead)
-        pre = out.pre[:, g]
-        scores = pre.detach()
-        # search only the dead columns ([B, n_dead], not [B, L]) for each token's top k
-        dead_idx = dead_g.nonzero().squeeze(1)
-        sub = scores.index_select(1, dead_idx) if len(dead_idx) else scores.new_full((len(scores), 1), -torch.inf)
-        # sparse kernels: the compiled per-token TopK (unit weights). It ranks relu(pre), which
-        # changes nothing: the chosen values are relu'd, so a non-positive entry would add zero and
-        # receive no gradient
-        flat = (topk_entries(sub, sub.new_ones(sub.shape[1]), k, model.selection)
-                if out.code is not None and len(dead_idx) else None)
-        if flat is not None:
-            token, column = flat // sub.shape[1], flat % sub.shape[1]
-        else:
-            kth = model.selection.kth_largest_rows(sub, k)
-            token, column = (sub >= kth).nonzero(as_tuple=True)
-        latent = dead_idx[column]
         if out.code is not None:  # sparse kernels: gradient only into the chosen dead latents
             e_hat = model.decode_sparse(model.sparse_code(x, out.pre, token, torch.zeros_like(token), latent))
         else:
-            chosen = torch.zeros_like(scores, dtype=torch.bool)
+            chosen = torch.zeros_like(out.pre[:, g], dtype=torch.bool)
             chosen[token, latent] = True
-            e_hat = model.decode_group(pre.relu() * chosen, None if spec.arch == "acausal" else g, bias=False)
-        # normalised by the global batch's residual variance; × dp size because data-parallel
-        # gradient averaging divides by it (the loss of one rank is its share of the global sum)
-        dp = model.selection.batch_tokens(x.shape[0]) // x.shape[0]
-        error = (e_hat - target).pow(2).sum() * dp
-        losses.append(min(n_dead / k_aux, 1.0) * error / _variance(target, model))
+            e_hat = model.decode_group(out.pre[:, g].relu() * chosen, None if spec.arch == "acausal" else g,
+                                       bias=False)
+        losses.append(term(e_hat, target, n_dead))
     return torch.stack(losses).sum() if losses else x.new_zeros(())
 
 
@@ -163,6 +153,6 @@ class Objective(torch.nn.Module):
 
     def forward(self, x: Tensor, dead: Tensor | None, weights: LossWeights):
         x = x.to(self.model.W_enc.dtype)  # bf16 engines cast the parameters, not the inputs
-        out = self.model(x)
+        out = self.model(x, dead if weights.aux > 0 else None, weights.aux_k)
         loss, terms = total_loss(self.model, x, out, dead, weights)
         return loss, terms, out

@@ -45,10 +45,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .kernels import gather_pre, sparse_decode
-from .sparsity import (ACTIVATIONS, LOCAL, Selection, batchtopk_entries, batchtopk_mask, scores, threshold_mask,
-                       topk_entries, topk_mask)
+from .sparsity import (ACTIVATIONS, LOCAL, Selection, auxk_entries, batchtopk_entries, batchtopk_mask, scores,
+                       threshold_mask, topk_entries, topk_mask)
 
 ARCHITECTURES = ("acausal", "aligned")
+# BatchTopK's search hint for the next batch, as a fraction of this batch's threshold: the threshold
+# rarely falls by more between batches; a miss costs one more pass over pre, never a wrong answer.
+# (At B = 2048, L = 64k, 0.85 leaves ~4× k·B candidates against ~15× at 0.7: ~50 ms less per step.)
+HINT_MARGIN = 0.85
 
 
 @dataclass
@@ -137,6 +141,10 @@ class ForwardOutput:
     batch_threshold: Tensor | None  # [G] k·B-th score of the batch (batchtopk, training)
     dense_f: Tensor | None = None  # [B, G, L] latent activations, when computed densely
     code: SparseCode | None = None
+    # AuxK's reconstruction [B, D] (no bias) from its dead-latent entries, decoded with the main code
+    # when ``forward`` was given the dead latents (sparse kernels); its number of dead latents
+    aux_hat: Tensor | None = None
+    aux_dead: int = 0
 
     @property
     def f(self) -> Tensor:
@@ -250,8 +258,7 @@ class CrossCoder(nn.Module):
             return topk_mask(scores(pre, weights), self.spec.k, self.selection), None
         if training:
             mask, kth = batchtopk_mask(scores(pre, weights), self.spec.k, self.selection, self._kth_hints)
-            # the next batch's threshold is rarely below 0.7× this one's: a search hint, not state
-            self._kth_hints = [0.7 * float(v) for v in kth.detach()]
+            self._kth_hints = [HINT_MARGIN * float(v) for v in kth.detach()]
             return mask, kth
         return threshold_mask(pre, self.threshold), None
 
@@ -285,10 +292,13 @@ class CrossCoder(nn.Module):
         """Acausal TopK/BatchTopK trains through the sparse kernels (kernels.py) unless disabled."""
         return self.sparse_kernels and self.spec.arch == "acausal" and self.spec.activation in ("topk", "batchtopk")
 
-    def forward(self, x: Tensor) -> ForwardOutput:
+    def forward(self, x: Tensor, dead: Tensor | None = None, aux_k: int = 0) -> ForwardOutput:
+        """Encode and decode ``x`` [B, D]. With ``dead`` (bool [G, L]) and ``aux_k``, the sparse
+        kernels also decode AuxK's entries (see :meth:`_sparse_forward`); otherwise they are
+        ignored here and the loss computes AuxK on its own."""
         weights = self.selection_weights()
         if self.uses_sparse_kernels:
-            return self._sparse_forward(x, weights)
+            return self._sparse_forward(x, weights, dead if aux_k > 0 else None, aux_k)
         pre = self.pre_activations(x)
         f, kth = self.activate(pre, weights, self.training)
         return ForwardOutput(pre=pre, x_hat=self.decode(f), weights=weights, batch_threshold=kth, dense_f=f)
@@ -312,14 +322,30 @@ class CrossCoder(nn.Module):
             buf = self._pre_buffer = torch.empty(shape, dtype=self.W_enc.dtype, device=self.W_enc.device)
         return torch.addmm(self.b_enc[0], x, self.W_enc, out=buf).unsqueeze(1)
 
-    def _sparse_forward(self, x: Tensor, weights: Tensor) -> ForwardOutput:
-        """The dense encoder product without autograd, selection, then only the active entries."""
+    def _sparse_forward(self, x: Tensor, weights: Tensor, dead: Tensor | None, aux_k: int) -> ForwardOutput:
+        """The dense encoder product without autograd, selection, then only the active entries.
+
+        With ``dead``, AuxK's entries (:func:`auxk_entries`) join the main code in one gather and
+        one decode over ``2B`` rows (rows ``B + b`` are AuxK's reconstruction of token ``b``), so
+        each weight gets one dense gradient per step instead of two written and then added
+        (measured: ~0.2 s of a 2.4 s step at L = 64k, d = 256 on CPU).
+        """
+        B = x.shape[0]
         with torch.no_grad():
             pre = self._training_pre_activations(x) if self.training else self.pre_activations(x)
             token, group, latent, kth = self.select_entries(pre, weights.detach())
-        code = self.sparse_code(x, pre, token, group, latent)
-        return ForwardOutput(pre=pre, x_hat=self.decode_sparse(code) + self.b_dec, weights=weights,
-                             batch_threshold=kth, code=code)
+            aux_token, aux_latent, n_dead = (auxk_entries(pre[:, 0], dead[0], aux_k, self.selection)
+                                             if dead is not None else (token[:0], latent[:0], 0))
+        n = len(token)
+        all_token, all_latent = torch.cat([token, aux_token]), torch.cat([latent, aux_latent])
+        values = pre[all_token, 0, all_latent]
+        value = gather_pre(values, x, self.W_enc, self.b_enc, all_token, all_latent).relu()
+        code = SparseCode(token, group, latent, value[:n], tuple(pre.shape))
+        rows = 2 * B if dead is not None else B
+        decoded = self.selection.sum_partial(
+            sparse_decode(value, torch.cat([token, aux_token + B]), all_latent, self.W_dec, rows))
+        return ForwardOutput(pre=pre, x_hat=decoded[:B] + self.b_dec, weights=weights, batch_threshold=kth,
+                             code=code, aux_hat=decoded[B:] if dead is not None else None, aux_dead=n_dead)
 
     def select_entries(self, pre: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """(token, group, latent) of the active entries, sorted by token, and BatchTopK's threshold.
@@ -334,7 +360,7 @@ class CrossCoder(nn.Module):
             found = batchtopk_entries(pre[:, 0], weights[0], self.spec.k, self.selection, hint)
             if found is not None:
                 flat, kth = found
-                self._kth_hints = [0.7 * float(kth)]
+                self._kth_hints = [HINT_MARGIN * float(kth)]
                 kth = kth.view(1)
         elif self.spec.activation == "topk" and pre.shape[1] == 1:
             flat = topk_entries(pre[:, 0], weights[0], self.spec.k, self.selection)

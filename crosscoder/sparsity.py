@@ -112,19 +112,20 @@ def batchtopk_entries(pre: Tensor, weights: Tensor, k: int, selection: Selection
     are then all candidates, and the global threshold is at least this rank's own k-th largest,
     hence at least the hint, on every latent or data shard. Without a hint (the first batch), the
     smallest of the rows' k-th largest scores is one: every row has k scores at or above it, so at
-    least ``k·B`` entries reach it. Returns None (use :func:`batchtopk_mask`) without the kernels,
-    or when too few entries reach the hint (or it is not positive).
+    least ``k·B`` entries reach it; it is also the fallback when too few entries reach the given
+    hint (the threshold fell by more than the hint's margin). Returns None (use
+    :func:`batchtopk_mask`) without the kernels, or when too few entries reach either.
     """
     if not native.usable(pre):
         return None
-    if hint is None:
-        hint = float(native.row_topk_scores(pre, weights, min(k, pre.shape[-1])).min())
-    if not hint > 0:
-        return None
-    flat, score = native.scores_at_least(pre, weights, hint)
     n_keep = k * selection.batch_tokens(pre.shape[0])
-    if score.numel() < n_keep:
+    found = native.scores_at_least(pre, weights, hint) if hint is not None and hint > 0 else None
+    if found is None or found[1].numel() < n_keep:  # no hint, or the threshold fell below it
+        hint = float(native.row_topk_scores(pre, weights, min(k, pre.shape[-1])).min())
+        found = native.scores_at_least(pre, weights, hint) if hint > 0 else None
+    if found is None or found[1].numel() < n_keep:
         return None
+    flat, score = found
     kth = selection.kth_largest_batch(score, n_keep)
     return flat[score >= kth], kth
 
@@ -138,6 +139,34 @@ def topk_entries(pre: Tensor, weights: Tensor, k: int, selection: Selection) -> 
     local = native.row_topk_scores(pre, weights, min(k, pre.shape[-1]))
     kth = selection.kth_largest_rows(local, k)
     return native.scores_at_least(pre, weights, kth.reshape(-1))[0]
+
+
+def auxk_entries(pre: Tensor, dead: Tensor, k_aux: int, selection: Selection) -> tuple[Tensor, Tensor, int]:
+    """AuxK's entries for one group: per token, the ``min(k_aux, #dead)`` largest pre-activations
+    among the ``dead`` latents (bool [L]), as (token, latent) sorted by token; and the number of
+    dead latents over all latent shards (0: no entries).
+
+    Compiled: :func:`topk_entries` with weight 1 on dead latents and 0 on live ones, i.e. one read
+    of ``pre`` and no copy of the dead columns; it ranks ``relu(pre)`` and keeps positive scores
+    only, which changes nothing: the chosen values are relu'd, so a non-positive entry would add
+    zero and receive no gradient. Otherwise the dead columns are gathered ([B, n_dead]) and searched.
+    """
+    n_dead = int(selection.sum_count(dead.sum().to(torch.long)))
+    empty = torch.zeros(0, dtype=torch.long, device=pre.device)
+    if n_dead == 0:
+        return empty, empty, 0
+    k = min(k_aux, n_dead)
+    flat = topk_entries(pre, dead.to(pre.dtype), k, selection)
+    if flat is not None:
+        return flat // pre.shape[1], flat % pre.shape[1], n_dead
+    dead_idx = dead.nonzero().squeeze(1)
+    if len(dead_idx) == 0:  # dead latents only on other shards: take part in the global k-th search
+        selection.kth_largest_rows(pre.new_full((len(pre), 1), -torch.inf), k)
+        return empty, empty, n_dead
+    sub = pre.index_select(1, dead_idx)
+    kth = selection.kth_largest_rows(sub, k)
+    token, column = (sub >= kth).nonzero(as_tuple=True)
+    return token, dead_idx[column], n_dead
 
 
 def threshold_mask(pre: Tensor, threshold: Tensor) -> Tensor:

@@ -98,7 +98,7 @@ def loss_weights(cfg: TrainConfig, spec: CrossCoderSpec, step: int) -> LossWeigh
 
 
 def compute_loss(model: CrossCoder, x: torch.Tensor, tracker: DeadLatentTracker, w: LossWeights):
-    out = model(x)
+    out = model(x, tracker.dead if w.aux > 0 else None, w.aux_k)
     loss, terms = total_loss(model, x, out, tracker.dead, w)
     return out, loss, terms
 

@@ -199,33 +199,36 @@ def test_latent_range_init_matches_the_full_dictionary_slice():
 @pytest.mark.parametrize("activation", ["topk", "batchtopk"])
 def test_sparse_kernels_equal_the_dense_path_in_loss_and_every_gradient(activation):
     """The sparse encoder backward and sparse decoder give the dense implementation's loss, AuxK
-    term, gradients and dead-latent statistics, within float rounding."""
+    term, gradients and dead-latent statistics, within float rounding; AuxK's entries decoded with
+    the main code (the forward given the dead latents, as the trainer does) or on their own alike."""
     spec = CrossCoderSpec(["base", "chat"], [24, 40], 256, activation=activation, k=6)
     x = torch.randn(48, 64) * torch.rand(48, 1) * 3
     dead = torch.zeros(1, 256, dtype=torch.bool)
     dead[0, ::3] = True  # AuxK active on a third of the dictionary
     results = {}
-    for sparse in (True, False):
+    for mode in ("joint", "separate", "dense"):
         model = CrossCoder(spec, seed=3, dec_init_norm=0.5)
-        model.sparse_kernels = sparse
+        model.sparse_kernels = mode != "dense"
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
             model.b_enc.copy_(torch.randn(model.b_enc.shape, generator=gen) * 0.1)
             model.b_dec.copy_(torch.randn(model.b_dec.shape, generator=gen) * 0.1)
-        out = model(x)
-        assert (out.code is not None) == sparse
+        out = model(x, dead, 16) if mode == "joint" else model(x)
+        assert (out.code is not None) == (mode != "dense") and (out.aux_hat is not None) == (mode == "joint")
         loss, terms = total_loss(model, x, out, dead, LossWeights(aux=1 / 32, aux_k=16))
         loss.backward()
-        results[sparse] = (terms, {n: p.grad.clone() for n, p in model.named_parameters()}, out.fired(),
-                           out.active_count(), out.f.detach(), out.batch_threshold)
-    (t_s, g_s, fired_s, n_s, f_s, th_s), (t_d, g_d, fired_d, n_d, f_d, th_d) = results[True], results[False]
-    assert terms["auxk"] > 0
-    for name in t_d:
-        assert torch.allclose(t_s[name], t_d[name], rtol=1e-5, atol=1e-6), name
-    for name in g_d:
-        assert torch.allclose(g_s[name], g_d[name], rtol=1e-4, atol=1e-6), name
-        assert g_d[name].abs().sum() > 0, name
-    assert torch.equal(fired_s, fired_d) and float(n_s) == float(n_d)
-    assert torch.allclose(f_s, f_d, atol=1e-6)
-    if activation == "batchtopk":
-        assert torch.allclose(th_s, th_d)
+        results[mode] = (terms, {n: p.grad.clone() for n, p in model.named_parameters()}, out.fired(),
+                         out.active_count(), out.f.detach(), out.batch_threshold)
+    t_d, g_d, fired_d, n_d, f_d, th_d = results["dense"]
+    assert t_d["auxk"] > 0
+    for mode in ("joint", "separate"):
+        t_s, g_s, fired_s, n_s, f_s, th_s = results[mode]
+        for name in t_d:
+            assert torch.allclose(t_s[name], t_d[name], rtol=1e-5, atol=1e-6), (mode, name)
+        for name in g_d:
+            assert torch.allclose(g_s[name], g_d[name], rtol=1e-4, atol=1e-6), (mode, name)
+            assert g_d[name].abs().sum() > 0, name
+        assert torch.equal(fired_s, fired_d) and float(n_s) == float(n_d)
+        assert torch.allclose(f_s, f_d, atol=1e-6)
+        if activation == "batchtopk":
+            assert torch.allclose(th_s, th_d)

@@ -51,11 +51,21 @@ def test_batchtopk_entries_is_exact_or_declines():
     mask, kth = batchtopk_mask(scores(pre.clone()[:, None], w[None]), 8, LOCAL)
     flat, kth_fast = batchtopk_entries(pre, w, 8, LOCAL, hint=0.5 * float(kth))
     assert torch.equal(flat, mask[:, 0].reshape(-1).nonzero().squeeze(1)) and torch.equal(kth_fast, kth[0])
-    # a hint above the k·B-th score cannot be trusted: the caller must use the full search
-    assert batchtopk_entries(pre, w, 8, LOCAL, hint=1.01 * float(kth)) is None
-    # no hint: the smallest of the rows' 8th largest scores serves as one, exactly
-    flat_first, kth_first = batchtopk_entries(pre, w, 8, LOCAL, hint=None)
-    assert torch.equal(flat_first, flat) and torch.equal(kth_first, kth[0])
+    # no hint, or one above the k·B-th score (the threshold fell by more than the margin): the
+    # smallest of the rows' 8th largest scores serves as one, exactly
+    for hint in (None, 1.01 * float(kth), 100.0):
+        flat_other, kth_other = batchtopk_entries(pre, w, 8, LOCAL, hint=hint)
+        assert torch.equal(flat_other, flat) and torch.equal(kth_other, kth[0]), hint
+
+    class TwoDataRanks(type(LOCAL)):  # a global batch twice this rank's
+        def batch_tokens(self, local_tokens: int) -> int:
+            return 2 * local_tokens
+
+    # every row holds the same scores: the rows' hint admits exactly k·B local entries, fewer than
+    # the k·B_global needed, so the caller must run the full search
+    same = torch.stack([pre[0][torch.randperm(500, generator=gen)] for _ in range(64)])
+    w_one = torch.ones(500)
+    assert batchtopk_entries(same, w_one, 8, TwoDataRanks(), hint=None) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -95,7 +105,7 @@ def test_training_steps_through_the_compiled_kernels_equal_the_pytorch_path(monk
         steps = []
         for x in xs:
             model.zero_grad(set_to_none=True)
-            out = model(x)
+            out = model(x, dead, 16)  # AuxK decoded with the main code, as in training
             loss, _ = total_loss(model, x, out, dead, LossWeights(aux=1 / 32, aux_k=16))
             loss.backward()
             steps.append((out.code.token, out.code.latent, out.code.value.detach(), out.batch_threshold, loss.detach(),

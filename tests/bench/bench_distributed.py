@@ -75,7 +75,7 @@ opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as the traine
 tracker = DeadLatentTracker((1, L), 10_000_000)
 x = torch.randn(B, 512)
 for _ in range(3):
-    out = model(x)
+    out = model(x, tracker.dead, 256)  # AuxK decoded with the main code, as in training
     loss, _ = total_loss(model, x, out, tracker.dead, LossWeights(aux=1/32, aux_k=256))
     opt.zero_grad(); loss.backward(); opt.step()
 print("OK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)

@@ -60,7 +60,7 @@ def step():
         with torch.no_grad():
             return x @ model.W_enc
     if method == "selection":
-        # as in training: the selection of the active entries, hinted by 0.7× the previous batch's
+        # as in training: the selection of the active entries, hinted by HINT_MARGIN × the previous batch's
         # threshold (here the same batch's, from the warm-up call), which the result does not depend on
         with torch.no_grad():
             pre = model.pre_activations(x)
@@ -69,7 +69,7 @@ def step():
             model.select_entries(pre, w)
             return time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
-    out = model(x)
+    out = model(x, dead, weights.aux_k)
     loss, terms = total_loss(model, x, out, dead, weights)
     loss.backward()
     return loss
@@ -125,7 +125,9 @@ def measure(d: int, L: int, k: int, B: int, dtype: str, method: str, repeats: in
     reference = method in REFERENCES
     setup = SETUP_REFERENCE if reference else SETUP_OURS.format(root=str(ROOT))
     code = CHILD.format(d=d, L=L, k=k, B=B, dtype=dtype, method=method, repeats=repeats, grads=grads, setup=setup)
+    # every method with huge-page tensors, as `crosscoder` runs training (cli.py); 0 turns it off
     env = dict(os.environ, CROSSCODER_NATIVE="0" if method == "ours_pytorch" else "1")
+    env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     python = str(BENCH_PYTHON) if reference else sys.executable
     proc = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env)
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
