@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from crosscoder.cli import _split_overrides, main
@@ -66,6 +68,15 @@ def test_cli_keys_lists_documented_fields(capsys):
     assert main(["keys"]) == 0
     out = capsys.readouterr().out
     assert "train.k" in out and "active latents per token" in out
+
+
+def test_cli_turns_on_huge_page_tensors_unless_the_user_chose(monkeypatch, capsys):
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    assert main(["keys"]) == 0
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"  # inherited by the Ray processes it starts
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    assert main(["keys"]) == 0
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
 
 
 def test_sparse_kernels_setting_resolves_by_dictionary_size():
