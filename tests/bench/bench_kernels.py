@@ -16,7 +16,7 @@ step's own). A step is forward + loss + backward, no optimizer:
 - ``dense``: the same model with ``sparse_kernels = False``, i.e. the way the reference BatchTopK
   crosscoder computes it: dense ``f @ W_dec`` and a dense backward through every latent;
 - ``floor``: the dense encoder forward ``x @ W_enc`` alone, the one product over all ``L`` latents
-  no sparse method avoids;
+  no sparse method avoids, written into a buffer kept across steps (as ours does);
 - ``selection``: our BatchTopK selection alone (threshold and kept entries), hinted by the previous
   batch's threshold as in training, to show it does not dominate;
 - with ``--references`` (needs ``bash scripts/install-bench.sh``): EleutherAI's sparsify
@@ -25,8 +25,12 @@ step's own). A step is forward + loss + backward, no optimizer:
   batch. llamascopium 2.0.0b34's AuxK fails on a Crosscoder (a shape error in
   ``dead_feature_acts @ W_D``), so it runs without AuxK; ours keeps it, i.e. does more work.
 
-The median of ``--repeats`` timed steps after one warm-up is reported, with the peak RSS of the
-process, and the largest relative difference of loss and gradients between ours and dense.
+The median of ``--repeats`` timed steps after ``--warmup`` untimed ones (3: a fresh process's
+first steps are up to 30% slower while its large allocations settle) is reported, with the peak RSS of the
+process, and the largest relative difference of loss and gradients between ours and dense. The
+``ours`` process then also takes ``--repeats`` (step, floor product) pairs in turn: the ratio of
+their medians is the floor ratio with both under the same machine load (the separate-process
+ratio moves with whatever else the shared machine does between processes).
 Not part of the test suite (no timed assertions).
 """
 
@@ -54,11 +58,14 @@ model = CrossCoder(spec, dec_init_norm=0.5).to(dtype)
 model.sparse_kernels = method != "dense"
 dead = torch.zeros(1, L, dtype=torch.bool); dead[0, ::8] = True
 weights = LossWeights(aux=1 / 32, aux_k=256)
+# the floor writes into one buffer, as our step's encoder product does: no page faults of a fresh
+# [B, L] output in either, i.e. the strictest floor
+floor_out = torch.empty(B, L, dtype=dtype)
 
 def step():
     if method == "floor":
         with torch.no_grad():
-            return x @ model.W_enc
+            return torch.mm(x, model.W_enc, out=floor_out)
     if method == "selection":
         # as in training: the selection of the active entries, hinted by HINT_MARGIN × the previous batch's
         # threshold (here the same batch's, from the warm-up call), which the result does not depend on
@@ -104,27 +111,41 @@ else:
 
 CHILD = r"""
 import json, resource, statistics, time, torch
-d, L, k, B, dtype, method, repeats, grads = {d}, {L}, {k}, {B}, getattr(torch, {dtype!r}), {method!r}, {repeats}, {grads!r}
+d, L, k, B, dtype, method, repeats, warmup, grads = ({d}, {L}, {k}, {B}, getattr(torch, {dtype!r}), {method!r}, {repeats},
+                                                   {warmup}, {grads!r})
 torch.manual_seed(0)
 x = torch.randn(B, 2 * d, generator=torch.Generator().manual_seed(1)).to(dtype)  # the batch every method sees
 {setup}
-step()
+for _ in range(warmup):
+    step()
 times = []
 for _ in range(repeats):
     t0 = time.perf_counter()
     r = step()
     times.append(r if method == "selection" else time.perf_counter() - t0)
 result = dict(seconds=statistics.median(times), peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+if method == "ours":  # after the peak was read: the floor's output would add to it
+    # the floor ratio from steps and floor products taken in turn in this process, so that both
+    # see the same machine state (on a shared machine the two separate processes may not)
+    pairs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter(); step(); t1 = time.perf_counter()
+        with torch.no_grad():
+            torch.mm(x, model.W_enc, out=floor_out)
+        pairs.append((t1 - t0, time.perf_counter() - t1))
+    result["interleaved"] = dict(step=statistics.median(p[0] for p in pairs),
+                                 floor=statistics.median(p[1] for p in pairs))
 if grads:
     torch.save(dict(loss=r.detach().float(), grads={{n: p.grad.float() for n, p in model.named_parameters()}}), grads)
 print("RESULT", json.dumps(result))
 """
 
 
-def measure(d: int, L: int, k: int, B: int, dtype: str, method: str, repeats: int, grads: str = "") -> dict:
+def measure(d: int, L: int, k: int, B: int, dtype: str, method: str, repeats: int, warmup: int, grads: str = "") -> dict:
     reference = method in REFERENCES
     setup = SETUP_REFERENCE if reference else SETUP_OURS.format(root=str(ROOT))
-    code = CHILD.format(d=d, L=L, k=k, B=B, dtype=dtype, method=method, repeats=repeats, grads=grads, setup=setup)
+    code = CHILD.format(d=d, L=L, k=k, B=B, dtype=dtype, method=method, repeats=repeats, warmup=warmup,
+                       grads=grads, setup=setup)
     # every method with huge-page tensors, as `crosscoder` runs training (cli.py); 0 turns it off
     env = dict(os.environ, CROSSCODER_NATIVE="0" if method == "ours_pytorch" else "1")
     env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
@@ -157,6 +178,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "bench-results" / "kernels.json"))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps first (a process's first steps also pay for its memory settling in)")
     parser.add_argument("--quick", action="store_true", help="only d=256, L=64k")
     parser.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16")
     parser.add_argument("--references", action="store_true", help="also sparsify and llamascopium (.venv-bench)")
@@ -176,24 +199,27 @@ def main() -> None:
     tmp = ROOT / "bench-results"
     tmp.mkdir(exist_ok=True)
     print("| d | L | dtype | ours (BatchTopK) | ours, PyTorch only | ours (TopK) | dense | floor | selection "
-          "| sparsify (TopK) | llamascopium (BatchTopK) | ours vs dense | ours / floor | peak MiB ours / dense "
-          "| max rel. diff |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|")
+          "| sparsify (TopK) | llamascopium (BatchTopK) | ours vs dense | ours / floor | ours / floor, in turn "
+          "| peak MiB ours / dense | max rel. diff |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|")
     rows = []
     for d, L, dt in grid:
         row = {"d": d, "L": L, "dtype": dt, "k": k, "batch": B}
         files = {m: str(tmp / f".grads-{m}.pt") for m in ("ours", "dense")}
         for method in methods:
-            row[method] = measure(d, L, k, B, dt, method, args.repeats, files.get(method, ""))
+            row[method] = measure(d, L, k, B, dt, method, args.repeats, args.warmup, files.get(method, ""))
         have = {m for m in methods if "error" not in row[m]}
         if {"ours", "dense"} <= have:
             row["speedup_vs_dense"] = row["dense"]["seconds"] / row["ours"]["seconds"]
             row["max_rel_diff"] = max_rel_diff(files["ours"], files["dense"])
         if {"ours", "floor"} <= have:
             row["ratio_to_floor"] = row["ours"]["seconds"] / row["floor"]["seconds"]
+        if "ours" in have:
+            row["ratio_to_floor_interleaved"] = row["ours"]["interleaved"]["step"] / row["ours"]["interleaved"]["floor"]
         cells = [seconds(row, m) for m in ("ours", "ours_pytorch", "ours_topk", "dense", "floor", "selection", *REFERENCES)]
         cells.append(f"{row['speedup_vs_dense']:.2f}× faster" if "speedup_vs_dense" in row else "—")
         cells.append(f"{row['ratio_to_floor']:.2f}×" if "ratio_to_floor" in row else "—")
+        cells.append(f"{row['ratio_to_floor_interleaved']:.2f}×" if "ratio_to_floor_interleaved" in row else "—")
         cells.append(f"{row['ours']['peak_rss'] / 2**20:,.0f} / {row['dense']['peak_rss'] / 2**20:,.0f}"
                      if {"ours", "dense"} <= have else "—")
         cells.append(f"{row['max_rel_diff']:.1e}" if "max_rel_diff" in row else "—")
