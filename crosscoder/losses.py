@@ -135,6 +135,16 @@ def total_loss(
     return loss, terms
 
 
+def forward_and_loss(
+    model: CrossCoder, x: Tensor, dead: Tensor | None, w: LossWeights
+) -> tuple[ForwardOutput, Tensor, dict[str, Tensor]]:
+    """One training forward and its loss. With AuxK on, the forward gets the dead latents, so the
+    sparse kernels decode AuxK's entries with the main code (model.py)."""
+    out = model(x, dead if w.aux > 0 else None, w.aux_k)
+    loss, terms = total_loss(model, x, out, dead, w)
+    return out, loss, terms
+
+
 class Objective(torch.nn.Module):
     """The crosscoder's parameters and its training loss as one module.
 
@@ -153,6 +163,5 @@ class Objective(torch.nn.Module):
 
     def forward(self, x: Tensor, dead: Tensor | None, weights: LossWeights):
         x = x.to(self.model.W_enc.dtype)  # bf16 engines cast the parameters, not the inputs
-        out = self.model(x, dead if weights.aux > 0 else None, weights.aux_k)
-        loss, terms = total_loss(self.model, x, out, dead, weights)
+        out, loss, terms = forward_and_loss(self.model, x, dead, weights)
         return loss, terms, out

@@ -15,8 +15,9 @@ than a notebook loop:
   latent's encoder and decoder, so the norms carry meaning (the relative norm between sources)
   instead of being fixed by a projection.
 
-The distributed trainer (Ray Train + DeepSpeed) reuses :func:`compute_loss` and the data stream;
-this module imports neither Ray nor DeepSpeed.
+The distributed trainer (Ray Train + DeepSpeed) reuses the same forward and loss
+(:func:`crosscoder.losses.forward_and_loss`, through ``Objective``) and the data stream; this
+module imports neither Ray nor DeepSpeed.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 from .config import RunConfig, TrainConfig, dumps_toml, use_sparse_kernels
 from .dead import DeadLatentTracker
-from .losses import LossWeights, total_loss
+from .losses import LossWeights, forward_and_loss
 from .metrics import fve_per_source
 from .model import CrossCoder, CrossCoderSpec, ForwardOutput, default_aux_k
 from .shards import Manifest, read_manifest
@@ -95,12 +96,6 @@ def loss_weights(cfg: TrainConfig, spec: CrossCoderSpec, step: int) -> LossWeigh
         align=cfg.align_coeff,
         align_loss=cfg.align_loss,
     )
-
-
-def compute_loss(model: CrossCoder, x: torch.Tensor, tracker: DeadLatentTracker, w: LossWeights):
-    out = model(x, tracker.dead if w.aux > 0 else None, w.aux_k)
-    loss, terms = total_loss(model, x, out, tracker.dead, w)
-    return out, loss, terms
 
 
 def check_finite(step: int, terms: dict[str, torch.Tensor]) -> None:
@@ -250,7 +245,7 @@ def train(
             lr = learning_rate(tc, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            out, loss, terms = compute_loss(model, x, tracker, loss_weights(tc, spec, step))
+            out, loss, terms = forward_and_loss(model, x, tracker.dead, loss_weights(tc, spec, step))
             check_finite(step, terms)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -66,7 +66,7 @@ LARGEST_CHILD = """
 import sys, resource, time, torch
 sys.path.insert(0, {root!r})
 from crosscoder.model import CrossCoder, CrossCoderSpec
-from crosscoder.losses import LossWeights, total_loss
+from crosscoder.losses import LossWeights, forward_and_loss
 from crosscoder.dead import DeadLatentTracker
 L, B = {latents}, {batch}
 spec = CrossCoderSpec(["base", "chat"], [256, 256], L, k=32)
@@ -75,8 +75,7 @@ opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as the traine
 tracker = DeadLatentTracker((1, L), 10_000_000)
 x = torch.randn(B, 512)
 for _ in range(3):
-    out = model(x, tracker.dead, 256)  # AuxK decoded with the main code, as in training
-    loss, _ = total_loss(model, x, out, tracker.dead, LossWeights(aux=1/32, aux_k=256))
+    _, loss, _ = forward_and_loss(model, x, tracker.dead, LossWeights(aux=1/32, aux_k=256))  # as the trainer
     opt.zero_grad(); loss.backward(); opt.step()
 print("OK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
