@@ -52,7 +52,7 @@ SETUP_OURS = r"""
 import sys
 sys.path.insert(0, {root!r})
 from crosscoder.model import CrossCoder, CrossCoderSpec
-from crosscoder.losses import LossWeights, total_loss
+from crosscoder.losses import LossWeights, forward_and_loss
 spec = CrossCoderSpec(["base", "chat"], [d, d], L, activation="topk" if method == "ours_topk" else "batchtopk", k=k)
 model = CrossCoder(spec, dec_init_norm=0.5).to(dtype)
 model.sparse_kernels = method != "dense"
@@ -62,13 +62,17 @@ weights = LossWeights(aux=1 / 32, aux_k=256)
 # [B, L] output in either, i.e. the strictest floor
 floor_out = torch.empty(B, L, dtype=dtype)
 
+def floor():
+    with torch.no_grad():
+        return torch.mm(x, model.W_enc, out=floor_out)
+
 def step():
     if method == "floor":
-        with torch.no_grad():
-            return torch.mm(x, model.W_enc, out=floor_out)
+        return floor()
     if method == "selection":
-        # as in training: the selection of the active entries, hinted by HINT_MARGIN × the previous batch's
-        # threshold (here the same batch's, from the warm-up call), which the result does not depend on
+        # as in training: the selection of the active entries, hinted by HINT_MARGIN × the previous
+        # batch's threshold (here the same batch's, from a warm-up call), which the result does not
+        # depend on
         with torch.no_grad():
             pre = model.pre_activations(x)
             w = model.selection_weights()
@@ -76,8 +80,7 @@ def step():
             model.select_entries(pre, w)
             return time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
-    out = model(x, dead, weights.aux_k)
-    loss, terms = total_loss(model, x, out, dead, weights)
+    _, loss, _ = forward_and_loss(model, x, dead, weights)  # as the trainer
     loss.backward()
     return loss
 """
@@ -130,8 +133,7 @@ if method == "ours":  # after the peak was read: the floor's output would add to
     pairs = []
     for _ in range(repeats):
         t0 = time.perf_counter(); step(); t1 = time.perf_counter()
-        with torch.no_grad():
-            torch.mm(x, model.W_enc, out=floor_out)
+        floor()
         pairs.append((t1 - t0, time.perf_counter() - t1))
     result["interleaved"] = dict(step=statistics.median(p[0] for p in pairs),
                                  floor=statistics.median(p[1] for p in pairs))
