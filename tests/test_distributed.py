@@ -2,6 +2,7 @@
 workers with a gloo process group, DeepSpeed engines (ZeRO 1/2/3) and latent/data parallelism."""
 
 import json
+import re
 import threading
 import time
 import urllib.request
@@ -146,7 +147,8 @@ def test_running_trainer_serves_every_metric(small_shards, tmp_path):
         while time.time() < deadline:
             try:
                 text = urllib.request.urlopen(f"http://127.0.0.1:{cfg.metrics.port}/metrics", timeout=2).read().decode()
-                if "crosscoder_train_l0" in text and "crosscoder_train_tokens_total" in text:
+                # the metrics are served (at 0) before the first step: wait for a step's values
+                if "crosscoder_train_l0" in text and re.search(r"^crosscoder_train_tokens_total(\{[^}]*\})? [1-9]", text, re.M):
                     break
             except OSError:
                 pass
