@@ -195,6 +195,8 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     """Run (or resume) the harvest described by ``cfg.harvest``; returns the final manifest."""
     import ray
 
+    from .ray_connect import connect
+
     hc = cfg.harvest
     if not hc.output:
         raise ValueError("harvest.output is empty: set a path, file://… or s3://bucket/prefix")
@@ -225,9 +227,7 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     pending = [n for n in range(len(plan)) if shard_name(n) not in done]
 
     if pending:
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True,
-                     configure_logging=False)
+        connect(hc.actors * hc.cpus_per_actor)
         # the driver's storage credentials and settings reach the actors wherever they run
         env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "CROSSCODER_", "HF_"))}
         Actor = ray.remote(num_cpus=hc.cpus_per_actor, num_gpus=hc.gpus_per_actor, max_restarts=0)(ShardHarvester)

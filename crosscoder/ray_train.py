@@ -11,22 +11,10 @@ run directory must be on storage every worker sees (a shared file system on a cl
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from .config import RunConfig, to_dict
-
-
-def _ensure_ray(num_cpus: int | None = None):
-    import ray
-
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        kwargs = {"dashboard_host": "127.0.0.1", "log_to_driver": True}
-        if not address:
-            kwargs["num_cpus"] = num_cpus or os.cpu_count()
-        ray.init(address=address, **kwargs)
-    return ray
+from .ray_connect import connect
 
 
 def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: bool = True,
@@ -45,7 +33,7 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: 
     data = absolute_url(data)  # workers run in other working directories
     read_manifest(open_root(data, cfg.storage))  # a missing or bad dataset fails here, once, not per retry
     run_dir.mkdir(parents=True, exist_ok=True)
-    _ensure_ray(max(tc.workers, 1))
+    connect(max(tc.workers, 1))
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "data": data,
