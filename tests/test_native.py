@@ -1,5 +1,9 @@
 """The compiled CPU kernels (crosscoder/csrc, native.py) against the PyTorch path they replace."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -12,6 +16,39 @@ from crosscoder.sparsity import LOCAL, batchtopk_entries, batchtopk_mask, scores
 def test_kernels_are_built_on_this_machine():
     # CI installs g++; a missing compiler would silently fall back to the slow path
     assert native.module() is not None
+
+
+KERNEL_OUTPUTS = """
+import sys, torch
+from crosscoder import native
+gen = torch.Generator().manual_seed(0)
+pre, w = torch.randn(64, 999, generator=gen), torch.rand(999, generator=gen)
+token = torch.randint(0, 64, (3000,), generator=gen).sort().values
+latent = torch.randint(0, 999, (3000,), generator=gen)
+coef, W = torch.randn(3000, generator=gen), torch.randn(999, 77, generator=gen)
+x, g = torch.randn(64, 77, generator=gen), torch.randn(64, 77, generator=gen)
+torch.save({"name": native.module().__name__, "scores": native.scores_at_least(pre, w, 1.1),
+            "topk": native.row_topk_scores(pre, w, 9).sort(1).values,
+            "dot": native.gathered_dot(g, token, W, latent),
+            "sums": native.latent_sums(x, token, latent, coef, 999)}, sys.argv[1])
+"""
+
+
+def test_baseline_and_vector_builds_give_the_same_results(tmp_path):
+    # the module is built for the CPU's vector extensions when it has them (native._target); a
+    # build for the x86-64 baseline (what another CPU gets) must select the same entries and sum
+    # to the same values within rounding
+    outputs = {}
+    for isa in ("auto", "baseline"):
+        env = {**os.environ, "CROSSCODER_NATIVE_ISA": isa}
+        subprocess.run([sys.executable, "-c", KERNEL_OUTPUTS, str(tmp_path / isa)], env=env, check=True, timeout=600)
+        outputs[isa] = torch.load(tmp_path / isa)
+    auto, baseline = outputs["auto"], outputs["baseline"]
+    assert baseline["name"] == "crosscoder_sparse_cpu" and auto["name"] == native._target()[0]
+    assert all(torch.equal(a, b) for a, b in zip(auto["scores"], baseline["scores"]))
+    assert len(auto["scores"][0]) > 1000 and torch.equal(auto["topk"], baseline["topk"])
+    for key in ("dot", "sums"):
+        torch.testing.assert_close(auto[key], baseline[key], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
