@@ -55,7 +55,8 @@ class HarvestConfig:
     )
     tiny_steps: int = opt(500, "training steps of the demo base model, and again of its chat fine-tune")
     hooks: list[str] = opt(["model.layers.1"], "module paths whose outputs are harvested (residual stream)")
-    data: str = opt("", "JSONL ({text} or {messages}) or .txt file of documents, or hf:<dataset>[:<split>]")
+    data: str = opt("", "JSONL ({text} or {messages}) or .txt file of documents, or hf:<dataset>[:<split>] "
+                        "(a save_to_disk or data-file directory, or a hub name)")
     output: str = opt("", "shard root: a path, file://… or s3://bucket/prefix")
     actors: int = opt(2, "number of Ray harvest actors")
     cpus_per_actor: float = opt(1.0, "CPUs reserved by each actor")

@@ -4,7 +4,8 @@ Input files:
 - ``.jsonl``: one JSON object per line, either ``{"text": "..."}`` or a chat
   ``{"messages": [{"role": "user", "content": "..."}, ...]}``;
 - ``.txt``: one document per non-empty line;
-- ``hf:<dataset>[:<split>]`` with the ``datasets`` package installed: the same two shapes per row.
+- ``hf:<dataset>[:<split>]`` (the ``datasets`` package): a ``save_to_disk`` directory, a local
+  directory of data files or a hub name; the same two shapes per row.
 
 Chats go through the chat model's template (``tokenizer.apply_chat_template``) so base and chat
 models see the same token ids and their activation streams align token by token; every model in
@@ -41,13 +42,7 @@ class Chunk:
 def read_documents(source: str) -> Iterator[dict]:
     """Yield {"text": ...} or {"messages": [...]} records from a file or a ``hf:`` dataset."""
     if source.startswith("hf:"):
-        try:
-            import datasets
-        except ImportError:
-            raise DataError(f"{source}: reading a dataset by name needs the `datasets` package") from None
-        name, _, split = source[3:].partition(":")
-        for row in datasets.load_dataset(name, split=split or "train"):
-            yield _record(row, source, 0)
+        yield from _dataset_records(source)
         return
     path = Path(source)
     if not path.is_file():
@@ -67,6 +62,37 @@ def read_documents(source: str) -> Iterator[dict]:
             for line in fh:
                 if line.strip():
                     yield {"text": line.rstrip("\n")}
+
+
+def _dataset_records(source: str) -> Iterator[dict]:
+    """Rows of ``hf:<dataset>[:<split>]`` (split ``train`` by default) as records; row n is named
+    ``<source>:row n`` in errors. ``<dataset>`` is a directory written by ``save_to_disk``, a local
+    directory of data files, or a hub name (read streaming: the plan stops at ``harvest.tokens``, so
+    a large dataset is never downloaded whole; on a machine without network access the hub needs a
+    filled cache and ``HF_HUB_OFFLINE=1``)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{source}: reading a dataset needs the `datasets` package") from None
+    name, _, split = source[3:].partition(":")
+    split = split or "train"
+    local = Path(name).expanduser()
+    try:
+        if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
+            rows = datasets.load_from_disk(str(local))
+            if isinstance(rows, datasets.DatasetDict):
+                if split not in rows:
+                    raise DataError(f"{source}: no split {split!r}; the dataset has {sorted(rows)}")
+                rows = rows[split]
+        else:
+            rows = datasets.load_dataset(str(local) if local.is_dir() else name, split=split, streaming=True)
+        for number, row in enumerate(rows):
+            yield _record(row, f"{source} row", number)
+    except DataError:
+        raise
+    except Exception as error:  # hub unreachable, unknown name or split, unreadable files
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise DataError(f"{source}: cannot read the dataset ({type(error).__name__}: {first})") from error
 
 
 def _record(row, where: str, number: int) -> dict:

@@ -272,6 +272,42 @@ def test_bad_models_and_tokenizers_are_named(tiny, tmp_path):
         list(read_documents(str(bad)))
 
 
+def test_hf_datasets_saved_or_as_data_files_read_like_the_jsonl_file(tiny, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    import datasets
+
+    records = list(read_documents(tiny["docs"]))
+    texts, chats = [r for r in records if "text" in r], [r for r in records if "messages" in r]
+    assert texts and chats
+    saved = tmp_path / "saved"  # save_to_disk: a DatasetDict with two splits
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(texts),
+                          "test": datasets.Dataset.from_list(chats)}).save_to_disk(str(saved))
+    assert list(read_documents(f"hf:{saved}")) == texts
+    assert list(read_documents(f"hf:{saved}:test")) == chats
+    with pytest.raises(DataError, match=r"no split 'dev'; the dataset has \['test', 'train'\]"):
+        list(read_documents(f"hf:{saved}:dev"))
+    # a directory of data files, read streaming by load_dataset: the same plan as the file itself
+    files = tmp_path / "files"
+    files.mkdir()
+    shutil.copy(tiny["docs"], files / "train.jsonl")
+    tok = load_tokenizer(tiny["base"])
+    plan = plan_chunks(read_documents(tiny["docs"]), tok, tok, 16, 500)
+    assert plan_chunks(read_documents(f"hf:{files}"), tok, tok, 16, 500) == plan
+    # a row of the wrong shape is named; so is a dataset that cannot be read
+    odd = tmp_path / "odd"
+    datasets.Dataset.from_list([{"text": "fine"}, {"oops": "x"}]).save_to_disk(str(odd))
+    with pytest.raises(DataError, match=rf"hf:{odd} row:1: expected an object with 'text' or 'messages'"):
+        list(read_documents(f"hf:{odd}"))
+    code = "from crosscoder.documents import read_documents; list(read_documents('hf:nobody/no-such-dataset'))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode != 0
+    assert "DataError: hf:nobody/no-such-dataset: cannot read the dataset" in proc.stderr
+
+
 def test_models_of_different_widths_harvest_into_one_dataset_the_trainer_trains_on(ray_cluster, tiny, tmp_path):
     from crosscoder.trainer import train
 
