@@ -66,7 +66,7 @@ def read_documents(source: str) -> Iterator[dict]:
 
 def _dataset_records(source: str) -> Iterator[dict]:
     """Rows of ``hf:<dataset>[:<split>]`` (split ``train`` by default) as records; row n is named
-    ``<source>:row n`` in errors. ``<dataset>`` is a directory written by ``save_to_disk``, a local
+    ``<source> row:n`` in errors. ``<dataset>`` is a directory written by ``save_to_disk``, a local
     directory of data files, or a hub name (read streaming: the plan stops at ``harvest.tokens``, so
     a large dataset is never downloaded whole; on a machine without network access the hub needs a
     filled cache and ``HF_HUB_OFFLINE=1``)."""

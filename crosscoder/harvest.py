@@ -32,6 +32,7 @@ from tqdm import tqdm
 from .config import RunConfig, from_dict, to_dict
 from .documents import Chunk, check_same_tokenizer, plan_chunks, read_documents
 from .models import ActivationReader, ModelSpec, load_model, load_tokenizer
+from .ray_connect import connect
 from .shards import Manifest, ShardError, ShardInfo, ShardWriter, SourceInfo, read_manifest, shard_name, write_manifest
 from .storage import Root, absolute_url, open_root
 from .telemetry import HarvestMetrics
@@ -194,8 +195,6 @@ def model_widths(models: list[ModelSpec], hooks: list[str]) -> list[int]:
 def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     """Run (or resume) the harvest described by ``cfg.harvest``; returns the final manifest."""
     import ray
-
-    from .ray_connect import connect
 
     hc = cfg.harvest
     if not hc.output:

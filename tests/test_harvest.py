@@ -4,7 +4,10 @@ cluster with actors, a real S3 protocol server (moto), and the shard format read
 import hashlib
 import http.server
 import os
+import shutil
 import socketserver
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -130,7 +133,6 @@ def test_stopped_harvest_rerun_skips_committed_shards_and_writes_the_same_bytes(
     # the state a harvest stopped mid-way leaves: a manifest listing the shards committed so far
     # (one of them since damaged), later shards missing, a temporary file of an unfinished commit
     import json
-    import shutil
 
     out = tmp_path / "acts"
     shutil.copytree(uninterrupted, out)
@@ -273,10 +275,6 @@ def test_bad_models_and_tokenizers_are_named(tiny, tmp_path):
 
 
 def test_hf_datasets_saved_or_as_data_files_read_like_the_jsonl_file(tiny, tmp_path):
-    import shutil
-    import subprocess
-    import sys
-
     import datasets
 
     records = list(read_documents(tiny["docs"]))
