@@ -44,6 +44,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from . import precision
 from .kernels import gather_pre, sparse_decode
 from .sparsity import (ACTIVATIONS, LOCAL, Selection, auxk_entries, batchtopk_entries, batchtopk_mask, scores,
                        threshold_mask, topk_entries, topk_mask)
@@ -246,9 +247,12 @@ class CrossCoder(nn.Module):
     def pre_activations(self, x: Tensor) -> Tensor:
         """[B, D] → [B, G, L]."""
         if self.spec.arch == "acausal":
+            if precision.upcasts(self.W_enc):  # bf16 on a CPU without bf16 GEMM: see precision.py
+                return (precision.matmul(x, self.W_enc) + self.b_enc[0]).unsqueeze(1)
             return torch.addmm(self.b_enc[0], x, self.W_enc).unsqueeze(1)  # bias fused: one pass over [B, L]
         return torch.stack(
-            [x[:, sl] @ self.W_enc[sl] + self.b_enc[s] for s, sl in enumerate(self.spec.slices)], dim=1
+            [precision.matmul(x[:, sl], self.W_enc[sl]) + self.b_enc[s] for s, sl in enumerate(self.spec.slices)],
+            dim=1,
         )
 
     def select(self, pre: Tensor, weights: Tensor, training: bool) -> tuple[Tensor, Tensor | None]:
@@ -272,10 +276,10 @@ class CrossCoder(nn.Module):
     def decode_group(self, f_g: Tensor, target: int | None = None, bias: bool = True) -> Tensor:
         """Decode one group's activations [B, L] into source ``target`` (None: all sources)."""
         if target is None:
-            out = self.selection.sum_partial(f_g @ self.W_dec)
+            out = self.selection.sum_partial(precision.matmul(f_g, self.W_dec))
             return out + self.b_dec if bias else out
         sl = self.spec.slices[target]
-        out = self.selection.sum_partial(f_g @ self.W_dec[:, sl])
+        out = self.selection.sum_partial(precision.matmul(f_g, self.W_dec[:, sl]))
         return out + self.b_dec[sl] if bias else out
 
     def decode(self, f: Tensor) -> Tensor:
@@ -314,13 +318,14 @@ class CrossCoder(nn.Module):
         The product is the largest tensor of a step ([B, L]); allocated afresh, its pages are
         faulted in again every step (measured: ~0.2 s of 1.4 s at B = 2048, L = 64k on CPU). The
         cost: ``ForwardOutput.pre`` of a training step is valid until the next training forward,
-        and the buffer stays allocated between steps (dropped by ``eval()``).
+        and the buffer stays allocated between steps (dropped by ``eval()``). bf16 weights on a CPU
+        without bf16 GEMM write fp32 pre-activations (precision.py).
         """
-        shape = (x.shape[0], self.W_enc.shape[1])
+        shape, dtype = (x.shape[0], self.W_enc.shape[1]), precision.product_dtype(self.W_enc)
         buf = self._pre_buffer
-        if buf is None or buf.shape != shape or buf.dtype != self.W_enc.dtype or buf.device != self.W_enc.device:
-            buf = self._pre_buffer = torch.empty(shape, dtype=self.W_enc.dtype, device=self.W_enc.device)
-        return torch.addmm(self.b_enc[0], x, self.W_enc, out=buf).unsqueeze(1)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != self.W_enc.device:
+            buf = self._pre_buffer = torch.empty(shape, dtype=dtype, device=self.W_enc.device)
+        return precision.addmm_into(self.b_enc[0], x, self.W_enc, buf).unsqueeze(1)
 
     def _sparse_forward(self, x: Tensor, weights: Tensor, dead: Tensor | None, aux_k: int) -> ForwardOutput:
         """The dense encoder product without autograd, selection, then only the active entries.
@@ -370,7 +375,7 @@ class CrossCoder(nn.Module):
 
     def sparse_code(self, x: Tensor, pre: Tensor, token: Tensor, group: Tensor, latent: Tensor) -> SparseCode:
         """``relu(pre)`` at the given entries, with gradient into ``W_enc``/``b_enc`` (acausal)."""
-        values = pre[token, group, latent]
+        values = pre[token, group, latent].to(self.W_enc.dtype)  # pre may be fp32 (precision.py)
         value = gather_pre(values, x, self.W_enc, self.b_enc, token, latent).relu()
         return SparseCode(token, group, latent, value, tuple(pre.shape))
 

@@ -103,6 +103,24 @@ def test_zero_stages_train_checkpoint_and_resume(ray_cluster, single_reference, 
     assert_same_exports(single_reference / "crosscoder", tmp_path / "run" / "crosscoder")
 
 
+def test_bf16_precision_trains_and_tracks_the_fp32_trajectory(ray_cluster, single_reference, small_shards, tmp_path):
+    """train.precision = "bf16": DeepSpeed's bf16 engines (parameters cast to bf16, fp32 master
+    weights) on two latent-parallel gloo ranks; on this CPU the dense products run in fp32
+    (precision.py). The loss follows the fp32 single-process run step by step within bf16 rounding,
+    and the export is an fp32 crosscoder close to the fp32 run's."""
+    cfg = config(workers=2, latent_parallel=2, precision="bf16")
+    train_distributed(cfg, tmp_path / "run", small_shards, progress=False)
+    bf16, single = log_by_step(tmp_path / "run"), log_by_step(single_reference)
+    losses = [bf16[s]["loss"]["total"] for s in range(1, 13)]
+    assert all(np.isfinite(losses)) and min(losses[-3:]) < losses[0]
+    assert all(float(torch.tensor(v).bfloat16()) == v for v in losses)  # computed in bf16, not fp32
+    # the logged bf16 loss has bf16's ~3 digits; the trajectory is the fp32 one to within that
+    assert np.allclose(losses, [single[s]["loss"]["total"] for s in range(1, 13)], rtol=1e-2)
+    exported = CrossCoder.from_pretrained(tmp_path / "run" / "crosscoder")
+    assert exported.W_enc.dtype == torch.float32
+    assert_same_exports(single_reference / "crosscoder", tmp_path / "run" / "crosscoder", atol=5e-2)
+
+
 def test_killed_worker_is_restarted_and_resumes_the_same_trajectory(ray_cluster, single_reference, small_shards,
                                                                      tmp_path, monkeypatch):
     # rank 1 dies hard at step 6; Ray Train restarts both workers, which resume from step-4

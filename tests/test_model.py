@@ -232,3 +232,46 @@ def test_sparse_kernels_equal_the_dense_path_in_loss_and_every_gradient(activati
         assert torch.allclose(f_s, f_d, atol=1e-6)
         if activation == "batchtopk":
             assert torch.allclose(th_s, th_d)
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_bf16_weights_on_a_cpu_without_bf16_gemm_multiply_in_fp32(monkeypatch, native_bf16):
+    """precision.py: without native bf16 (as on this project's AVX2 machine), the training encoder
+    product of bf16 weights is computed in fp32, block by block (a ragged last block included), into
+    an fp32 buffer equal to the fp32 product of the same bf16 values, so the step selects what an fp32
+    model holding those values selects (up to ties of the bf16 selection weights); its loss and bf16
+    gradients match that model's within bf16 rounding. With native bf16 nothing is upcast."""
+    from crosscoder import precision
+
+    monkeypatch.setattr(precision, "_native_support", lambda dtype: native_bf16)
+    monkeypatch.setattr(precision, "UPCAST_BLOCK", 96)  # 300 latents: blocks of 96, 96, 96, 12
+    spec = CrossCoderSpec(["base", "chat"], [16, 24], 300, activation="batchtopk", k=5)
+    x = (torch.randn(40, 40) * 2).bfloat16()
+    dead = torch.zeros(1, 300, dtype=torch.bool)
+    dead[0, ::4] = True
+    results = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        model = CrossCoder(spec, seed=2, dec_init_norm=0.5).bfloat16()  # both hold the same bf16 values
+        with torch.no_grad():
+            model.b_enc.copy_(torch.randn(model.b_enc.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+        model = model.to(dtype)
+        out = model(x.to(dtype), dead, 8)
+        loss, _ = total_loss(model, x.to(dtype), out, dead, LossWeights(aux=1 / 32, aux_k=8))
+        loss.backward()
+        results[dtype] = (float(loss.detach()), {n: p.grad for n, p in model.named_parameters()}, out)
+    pre, pre32 = results[torch.bfloat16][2].pre, results[torch.float32][2].pre
+    assert pre.dtype == (torch.bfloat16 if native_bf16 else torch.float32)
+    if native_bf16:
+        assert torch.allclose(pre.float(), pre32, rtol=1e-2, atol=1e-2) and not torch.equal(pre.float(), pre32)
+        return
+    assert torch.allclose(pre, pre32, rtol=1e-5, atol=1e-6)
+    code, code32 = results[torch.bfloat16][2].code, results[torch.float32][2].code
+    entries = set(zip(code.token.tolist(), code.latent.tolist()))
+    entries32 = set(zip(code32.token.tolist(), code32.latent.tolist()))
+    # the selection weights (decoder norms) are bf16 in one model: an entry or two at the threshold may differ
+    assert len(entries) == len(entries32) and len(entries & entries32) >= 0.97 * len(entries32)
+    assert results[torch.bfloat16][0] == pytest.approx(results[torch.float32][0], rel=1e-2)
+    for name, grad32 in results[torch.float32][1].items():
+        grad = results[torch.bfloat16][1][name]
+        # bf16 residuals x̂ − x keep few digits (cancellation), so gradients agree to ~10%, not to 1e-3
+        assert grad.dtype == torch.bfloat16 and float((grad.float() - grad32).norm() / grad32.norm()) < 0.25, name

@@ -17,6 +17,8 @@ step's own). A step is forward + loss + backward, no optimizer:
   crosscoder computes it: dense ``f @ W_dec`` and a dense backward through every latent;
 - ``floor``: the dense encoder forward ``x @ W_enc`` alone, the one product over all ``L`` latents
   no sparse method avoids, written into a buffer kept across steps (as ours does);
+  in bf16 on a CPU without bf16 GEMM units, computed in fp32 from the bf16 values as ours and dense
+  compute theirs (crosscoder/precision.py: torch's bf16 fallback GEMM is 15–170× slower here);
 - ``selection``: our BatchTopK selection alone (threshold and kept entries), hinted by the previous
   batch's threshold as in training, to show it does not dominate;
 - with ``--references`` (needs ``bash scripts/install-bench.sh``): EleutherAI's sparsify
@@ -51,6 +53,7 @@ REFERENCES = ("sparsify", "llamascopium")
 SETUP_OURS = r"""
 import sys
 sys.path.insert(0, {root!r})
+from crosscoder import precision
 from crosscoder.model import CrossCoder, CrossCoderSpec
 from crosscoder.losses import LossWeights, forward_and_loss
 spec = CrossCoderSpec(["base", "chat"], [d, d], L, activation="topk" if method == "ours_topk" else "batchtopk", k=k)
@@ -59,11 +62,14 @@ model.sparse_kernels = method != "dense"
 dead = torch.zeros(1, L, dtype=torch.bool); dead[0, ::8] = True
 weights = LossWeights(aux=1 / 32, aux_k=256)
 # the floor writes into one buffer, as our step's encoder product does: no page faults of a fresh
-# [B, L] output in either, i.e. the strictest floor
-floor_out = torch.empty(B, L, dtype=dtype)
+# [B, L] output in either, i.e. the strictest floor; bf16 on a CPU without bf16 GEMM computes it
+# the fastest way this machine has, in fp32 (crosscoder/precision.py)
+floor_out = torch.empty(B, L, dtype=precision.product_dtype(model.W_enc))
 
 def floor():
     with torch.no_grad():
+        if precision.upcasts(model.W_enc):
+            return precision.addmm_into(torch.zeros(L, dtype=dtype), x, model.W_enc, floor_out)
         return torch.mm(x, model.W_enc, out=floor_out)
 
 def step():
@@ -74,7 +80,7 @@ def step():
         # batch's threshold (here the same batch's, from a warm-up call), which the result does not
         # depend on
         with torch.no_grad():
-            pre = model.pre_activations(x)
+            pre = model._training_pre_activations(x)  # the step's own buffer (fp32 where bf16 upcasts)
             w = model.selection_weights()
             t0 = time.perf_counter()
             model.select_entries(pre, w)
