@@ -139,7 +139,8 @@ class TrainConfig:
     workers: int = opt(0, "Ray Train workers with DeepSpeed (0 = one process, no Ray, no DeepSpeed)")
     latent_parallel: int = opt(1, "ranks sharing one dictionary (latent parallelism)")
     zero_stage: int = opt(1, "DeepSpeed ZeRO stage 0-3 (distributed trainer)")
-    precision: str = opt("fp32", "distributed trainer: fp32 | bf16 (DeepSpeed mixed precision)")
+    precision: str = opt("fp32", "distributed trainer: fp32 | bf16 (DeepSpeed mixed precision; on a CPU "
+                                 "without bf16 GEMM units the dense products run in fp32, see precision.py)")
     max_failures: int = opt(2, "distributed trainer: Ray Train restarts after a worker failure (resuming from the last checkpoint)")
     use_gpu: bool = opt(False, "distributed trainer: one GPU per worker (NCCL) instead of CPU (gloo)")
 
