@@ -14,8 +14,10 @@ time, so the fp32 copy of the weights alive at once is one block (``D · UPCAST_
 not the dictionary.
 
 What it costs: where the path is taken, the training pre-activations ``[B, L]`` are fp32 (twice
-bf16's bytes) and the selection runs on them; the sparse entries and every gradient stay in the
-weights' dtype. GPUs and CPUs with native bf16 are untouched.
+bf16's bytes) and the selection runs on them; :func:`matmul` (the dense path: L1 crosscoders, the
+aligned variant, decoding) holds a whole fp32 copy of its weight while it runs, twice the bf16
+weight's bytes. The sparse entries and every gradient stay in the weights' dtype. GPUs and CPUs
+with native bf16 are untouched.
 """
 
 from __future__ import annotations
