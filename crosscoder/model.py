@@ -247,9 +247,8 @@ class CrossCoder(nn.Module):
     def pre_activations(self, x: Tensor) -> Tensor:
         """[B, D] → [B, G, L]."""
         if self.spec.arch == "acausal":
-            if precision.upcasts(self.W_enc):  # bf16 on a CPU without bf16 GEMM: see precision.py
-                return (precision.matmul(x, self.W_enc) + self.b_enc[0]).unsqueeze(1)
-            return torch.addmm(self.b_enc[0], x, self.W_enc).unsqueeze(1)  # bias fused: one pass over [B, L]
+            # bias fused: one pass over [B, L] (bf16 on a CPU without bf16 GEMM: fp32, see precision.py)
+            return precision.addmm(self.b_enc[0], x, self.W_enc).unsqueeze(1)
         return torch.stack(
             [precision.matmul(x[:, sl], self.W_enc[sl]) + self.b_enc[s] for s, sl in enumerate(self.spec.slices)],
             dim=1,

@@ -8,10 +8,10 @@ machine, ``[2048, 512] @ [512, 4096]``: fp32 92 ms; bf16 15.3 s with ``W`` row-m
 and multiplying there costs the fp32 time plus the conversion (~6%), 15–170× less.
 
 How: :func:`upcasts` says whether a tensor's products take this path (CPU, bf16/fp16, and oneDNN
-reports no native support); :func:`matmul` is an autograd-safe product that returns the weights'
-dtype; :func:`addmm_into` is the no-grad encoder product of training, one block of latents at a
-time, so the fp32 copy of the weights alive at once is one block (``D · UPCAST_BLOCK`` floats),
-not the dictionary.
+reports no native support); :func:`matmul` and :func:`addmm` are autograd-safe products that
+return the weights' dtype; :func:`addmm_into` is the no-grad encoder product of training, one
+block of latents at a time, so the fp32 copy of the weights alive at once is one block
+(``D · UPCAST_BLOCK`` floats), not the dictionary.
 
 What it costs: where the path is taken, the training pre-activations ``[B, L]`` are fp32 (twice
 bf16's bytes) and the selection runs on them; :func:`matmul` (the dense path: L1 crosscoders, the
@@ -57,6 +57,14 @@ def matmul(a: Tensor, weight: Tensor) -> Tensor:
     if not upcasts(weight):
         return a @ weight
     return (a.float() @ weight.float()).to(weight.dtype)
+
+
+def addmm(bias: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """``bias + x @ weight`` in ``weight``'s dtype, autograd-safe: one fused ``addmm`` where the
+    weights' own dtype is fast, else :func:`matmul` in fp32 and the bias added after."""
+    if not upcasts(weight):
+        return torch.addmm(bias, x, weight)
+    return matmul(x, weight) + bias
 
 
 def addmm_into(bias: Tensor, x: Tensor, weight: Tensor, out: Tensor) -> Tensor:
