@@ -65,11 +65,12 @@ weights = LossWeights(aux=1 / 32, aux_k=256)
 # [B, L] output in either, i.e. the strictest floor; bf16 on a CPU without bf16 GEMM computes it
 # the fastest way this machine has, in fp32 (crosscoder/precision.py)
 floor_out = torch.empty(B, L, dtype=precision.product_dtype(model.W_enc))
+floor_bias = torch.zeros(L, dtype=dtype)  # made once, outside the timed product
 
 def floor():
     with torch.no_grad():
         if precision.upcasts(model.W_enc):
-            return precision.addmm_into(torch.zeros(L, dtype=dtype), x, model.W_enc, floor_out)
+            return precision.addmm_into(floor_bias, x, model.W_enc, floor_out)
         return torch.mm(x, model.W_enc, out=floor_out)
 
 def step():
