@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import RunConfig, from_dict, use_sparse_kernels
+from .config import ConfigError, RunConfig, from_dict, use_sparse_kernels
 from .dead import DeadLatentTracker
 from .losses import Objective
 from .metrics import sums_for_fve
@@ -57,12 +57,32 @@ from .trainer import (
 SHARDED = ("W_enc", "W_dec", "b_enc")
 
 
-def deepspeed_config(cfg: RunConfig, local_batch: int) -> dict:
+def check_config(cfg: RunConfig, latents: int) -> None:
+    """Every setting of the distributed trainer that needs no process group, checked the same way
+    on the driver (before Ray Train starts workers it would restart on a config error) and on each
+    rank. ``latents`` is the dictionary size (``train.latents`` resolved against the dataset)."""
     tc = cfg.train
     if tc.precision not in ("fp32", "bf16"):
-        raise ValueError(f"train.precision must be fp32 or bf16, got {tc.precision!r}")
+        raise ConfigError(f"train.precision must be fp32 or bf16, got {tc.precision!r}")
     if tc.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {tc.zero_stage}")
+        raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {tc.zero_stage}")
+    if tc.workers < 1:
+        raise ConfigError(f"train.workers must be at least 1 for the distributed trainer, got {tc.workers}")
+    if tc.latent_parallel < 1 or tc.workers % tc.latent_parallel:
+        raise ConfigError(f"train.latent_parallel={tc.latent_parallel} must divide the number of workers ({tc.workers})")
+    if latents % tc.latent_parallel:
+        raise ConfigError(f"train.latents ({latents}) must be divisible by train.latent_parallel ({tc.latent_parallel})")
+    data_parallel = tc.workers // tc.latent_parallel
+    if tc.batch_size % data_parallel:
+        raise ConfigError(f"train.batch_size ({tc.batch_size}) must be divisible by the {data_parallel} data-parallel ranks")
+    partitions = tc.data_partitions or data_parallel
+    if partitions % data_parallel:
+        raise ConfigError(f"train.data_partitions ({partitions}) must be a multiple of the data-parallel size ({data_parallel})")
+
+
+def deepspeed_config(cfg: RunConfig, local_batch: int) -> dict:
+    """The DeepSpeed engine's config (settings checked by :func:`check_config`)."""
+    tc = cfg.train
     return {
         "train_micro_batch_size_per_gpu": local_batch,
         "gradient_accumulation_steps": 1,
@@ -150,13 +170,8 @@ def train_worker(config: dict) -> dict:
     root = open_root(data, cfg.storage)
     manifest = read_manifest(root)
     spec = spec_from(tc, manifest)
-    if spec.latents % tc.latent_parallel:
-        raise ValueError(f"train.latents ({spec.latents}) must be divisible by train.latent_parallel ({tc.latent_parallel})")
-    if tc.batch_size % layout.data_parallel:
-        raise ValueError(f"train.batch_size ({tc.batch_size}) must be divisible by the {layout.data_parallel} data-parallel ranks")
+    check_config(cfg, spec.latents)
     partitions = tc.data_partitions or layout.data_parallel
-    if partitions % layout.data_parallel:
-        raise ValueError(f"train.data_partitions ({partitions}) must be a multiple of the data-parallel size ({layout.data_parallel})")
 
     torch.manual_seed(tc.seed)
     model = CrossCoder(spec, seed=tc.seed, dec_init_norm=tc.dec_init_norm,

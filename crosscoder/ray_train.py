@@ -23,15 +23,17 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: 
     from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .distributed import train_worker
-
+    from .distributed import check_config, train_worker
     from .shards import read_manifest
     from .storage import absolute_url, open_root
+    from .trainer import spec_from
 
     tc = cfg.train
     run_dir = Path(run_dir).absolute()
     data = absolute_url(data)  # workers run in other working directories
-    read_manifest(open_root(data, cfg.storage))  # a missing or bad dataset fails here, once, not per retry
+    # a missing or bad dataset, or a setting the workers would reject, fails here, once, not per retry
+    manifest = read_manifest(open_root(data, cfg.storage))
+    check_config(cfg, spec_from(tc, manifest).latents)
     run_dir.mkdir(parents=True, exist_ok=True)
     connect(max(tc.workers, 1))
     trainer = TorchTrainer(

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from crosscoder import CrossCoder
+from crosscoder.config import ConfigError
 from crosscoder.ray_train import train_distributed
 from crosscoder.trainer import TrainingDiverged, checkpoint_dirs, train
 
@@ -119,6 +120,20 @@ def test_bf16_precision_trains_and_tracks_the_fp32_trajectory(ray_cluster, singl
     exported = CrossCoder.from_pretrained(tmp_path / "run" / "crosscoder")
     assert exported.W_enc.dtype == torch.float32
     assert_same_exports(single_reference / "crosscoder", tmp_path / "run" / "crosscoder", atol=5e-2)
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("precision", "fp8", "train.precision must be fp32 or bf16, got 'fp8'"),
+    ("zero_stage", 5, "train.zero_stage must be 0, 1, 2 or 3, got 5"),
+    ("latent_parallel", 3, r"train.latent_parallel=3 must divide the number of workers \(2\)"),
+    ("batch_size", 511, r"train.batch_size \(511\) must be divisible by the 2 data-parallel ranks"),
+])
+def test_bad_distributed_settings_fail_on_the_driver_before_any_worker_starts(small_shards, tmp_path, setting,
+                                                                               value, message):
+    cfg = config(**({"workers": 2, "latent_parallel": 1} | {setting: value}))
+    with pytest.raises(ConfigError, match=message):
+        train_distributed(cfg, tmp_path / "run", small_shards, progress=False)
+    assert not (tmp_path / "run").exists()  # stopped before the run directory and Ray Train
 
 
 def test_killed_worker_is_restarted_and_resumes_the_same_trajectory(ray_cluster, single_reference, small_shards,
