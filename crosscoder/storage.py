@@ -77,6 +77,8 @@ class Root:
                 if self.is_local or attempt == RETRIES - 1:
                     raise StorageError(f"{self.url}: {what} failed after {attempt + 1} attempts: {e}") from e
                 time.sleep(BACKOFF_S * 2**attempt)
+            except Exception as e:  # noqa: BLE001 - e.g. botocore's NoCredentialsError: no OSError, no retry
+                raise StorageError(f"{self.url}: {what} failed: {type(e).__name__}: {e}") from e
 
     def exists(self, name: str) -> bool:
         return self._retry(f"checking {name}", self.fs.exists, self.full(name))

@@ -260,6 +260,18 @@ def test_unreachable_endpoint_and_missing_bucket_give_one_clear_error(tiny, s3_s
     assert time.time() - start < 60
 
 
+def test_object_store_without_credentials_gives_one_clear_error(s3_server, monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    root = Root("s3://some-bucket/acts", endpoint_url=s3_server, skip_instance_cache=True)  # not a cached client
+    with pytest.raises(StorageError, match=r"s3://some-bucket/acts: reading manifest.json failed: "
+                                           r"NoCredentialsError: Unable to locate credentials"):
+        read_manifest(root)
+
+
 def test_bad_models_and_tokenizers_are_named(tiny, tmp_path):
     with pytest.raises(ModelError, match=r"model 'ghost'.*no config.json"):
         load_model(ModelSpec("ghost", str(tmp_path)))
