@@ -177,6 +177,8 @@ def train_worker(config: dict) -> dict:
     model = CrossCoder(spec, seed=tc.seed, dec_init_norm=tc.dec_init_norm,
                        latent_range=layout.latent_range(spec.latents))
     model.sparse_kernels = use_sparse_kernels(tc)
+    if tc.zero_stage >= 2:  # ZeRO-2/3 partition gradients: memory kept for whole ones would undo that
+        model.gradient_memory = None
     counter = CommCounter()
     selection = DistributedSelection(layout, counter)
     model.selection = selection

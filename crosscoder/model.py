@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from . import precision
-from .kernels import gather_pre, sparse_decode
+from .kernels import GradientMemory, gather_pre, sparse_decode
 from .sparsity import (ACTIVATIONS, LOCAL, Selection, auxk_entries, batchtopk_entries, batchtopk_mask, scores,
                        threshold_mask, topk_entries, topk_mask)
 
@@ -218,6 +218,9 @@ class CrossCoder(nn.Module):
         self.sparse_kernels = True
         self._kth_hints: list[float] | None = None
         self._pre_buffer: Tensor | None = None  # the training encoder product's memory, reused
+        # the sparse kernels' gradients of W_enc and W_dec written into memory kept across training
+        # steps (kernels.GradientMemory); None: fresh gradients every step (the ZeRO-2/3 trainer)
+        self.gradient_memory: GradientMemory | None = GradientMemory()
 
     # ----------------------------------------------------------------------------------------
     # pieces
@@ -309,6 +312,8 @@ class CrossCoder(nn.Module):
     def train(self, mode: bool = True):
         if not mode:
             self._pre_buffer = None
+            if self.gradient_memory is not None:
+                self.gradient_memory.clear()
         return super().train(mode)
 
     def _training_pre_activations(self, x: Tensor) -> Tensor:
@@ -340,11 +345,12 @@ class CrossCoder(nn.Module):
             aux_token, aux_latent, n_dead = (auxk_entries(pre[:, 0], dead[0], aux_k, self.selection)
                                              if dead is not None else (token[:0], latent[:0], 0))
         all_token, all_latent = torch.cat([token, aux_token]), torch.cat([latent, aux_latent])
-        value = self.sparse_code(x, pre, all_token, torch.zeros_like(all_token), all_latent).value
+        memory = self.gradient_memory if self.training else None
+        value = self.sparse_code(x, pre, all_token, torch.zeros_like(all_token), all_latent, memory).value
         code = SparseCode(token, group, latent, value[: len(token)], tuple(pre.shape))
         rows = 2 * B if dead is not None else B
         decoded = self.selection.sum_partial(
-            sparse_decode(value, torch.cat([token, aux_token + B]), all_latent, self.W_dec, rows))
+            sparse_decode(value, torch.cat([token, aux_token + B]), all_latent, self.W_dec, rows, memory))
         return ForwardOutput(pre=pre, x_hat=decoded[:B] + self.b_dec, weights=weights, batch_threshold=kth,
                              code=code, aux_hat=decoded[B:] if dead is not None else None, aux_dead=n_dead)
 
@@ -372,10 +378,11 @@ class CrossCoder(nn.Module):
         token, group, latent = mask.nonzero(as_tuple=True)
         return token, group, latent, kth
 
-    def sparse_code(self, x: Tensor, pre: Tensor, token: Tensor, group: Tensor, latent: Tensor) -> SparseCode:
+    def sparse_code(self, x: Tensor, pre: Tensor, token: Tensor, group: Tensor, latent: Tensor,
+                    memory: GradientMemory | None = None) -> SparseCode:
         """``relu(pre)`` at the given entries, with gradient into ``W_enc``/``b_enc`` (acausal)."""
         values = pre[token, group, latent].to(self.W_enc.dtype)  # pre may be fp32 (precision.py)
-        value = gather_pre(values, x, self.W_enc, self.b_enc, token, latent).relu()
+        value = gather_pre(values, x, self.W_enc, self.b_enc, token, latent, memory).relu()
         return SparseCode(token, group, latent, value, tuple(pre.shape))
 
     def decode_sparse(self, code: SparseCode) -> Tensor:

@@ -29,7 +29,7 @@ coef, W = torch.randn(3000, generator=gen), torch.randn(999, 77, generator=gen)
 x, g = torch.randn(64, 77, generator=gen), torch.randn(64, 77, generator=gen)
 torch.save({"name": native.module().__name__, "scores": native.scores_at_least(pre, w, 1.1),
             "topk": native.row_topk_scores(pre, w, 9).sort(1).values,
-            "dot": native.gathered_dot(g, token, W, latent),
+            "dot": native.decode_backward(g, token, latent, coef, W, True, gW := torch.empty_like(W)), "rows": gW,
             "sums": native.latent_sums(x, token, latent, coef, 999)}, sys.argv[1])
 """
 
@@ -47,7 +47,7 @@ def test_baseline_and_vector_builds_give_the_same_results(tmp_path):
     assert baseline["name"] == "crosscoder_sparse_cpu" and auto["name"] == native._target()[0]
     assert all(torch.equal(a, b) for a, b in zip(auto["scores"], baseline["scores"]))
     assert len(auto["scores"][0]) > 1000 and torch.equal(auto["topk"], baseline["topk"])
-    for key in ("dot", "sums"):
+    for key in ("dot", "rows", "sums"):
         torch.testing.assert_close(auto[key], baseline[key], rtol=1e-5, atol=1e-5)
 
 
@@ -65,21 +65,37 @@ def test_scores_at_least_equals_the_pytorch_ops_bit_for_bit(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gathered_dot_and_latent_sums_equal_their_pytorch_versions(dtype):
+def test_decode_backward_and_latent_sums_equal_their_pytorch_versions(dtype):
     gen = torch.Generator().manual_seed(1)
-    B, D, L, N = 19, 37, 70, 300  # L % 16 != 0 and latents without entries
+    B, D, L, N = 19, 37, 70, 300  # L % 16 != 0, D % 16 != 0 and latents without entries
     a, b = torch.randn(B, D, generator=gen).to(dtype), torch.randn(L, D, generator=gen).to(dtype)
     token = torch.randint(0, B, (N,), generator=gen).sort().values
     latent = torch.randint(0, L - 5, (N,), generator=gen)
     coef = torch.randn(N, generator=gen).to(dtype)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
     ref_dot = (a[token].float() * b[latent].float()).sum(1)
-    assert torch.allclose(native.gathered_dot(a, token, b, latent).float(), ref_dot, **tol)
     ref_rows = torch.zeros(L, D).index_add_(0, latent, coef.float()[:, None] * a[token].float())
+    # the decoder's backward (a = the gradient of the decoded rows, b = W_dec): every row of the
+    # given gradient buffer is written, the rows of latents without entries with zeros
+    grad_W = torch.full((L, D), float("nan"), dtype=dtype)
+    grad_value = native.decode_backward(a, token, latent, coef, b, True, grad_W)
+    assert torch.allclose(grad_value.float(), ref_dot, **tol)
+    assert torch.allclose(grad_W.float(), ref_rows, **tol)
+    assert torch.equal(grad_W[L - 5 :], torch.zeros(5, D, dtype=dtype))
+    assert native.decode_backward(a, token, latent, coef, b, False, None).numel() == 0  # nothing asked
+    only_values = native.decode_backward(a, token, latent, coef, b, True, None)
+    assert torch.equal(only_values, grad_value)
+    with pytest.raises(RuntimeError, match="grad_W must be"):
+        native.decode_backward(a, token, latent, coef, b, True, torch.empty(L, D + 1, dtype=dtype))
+    # the encoder's gradient, in W_enc's [D, L] layout, into a fresh tensor or a given one
     cols = native.latent_sums(a, token, latent, coef, L)
     assert cols.shape == (D, L) and cols.is_contiguous()
     assert torch.allclose(cols.float(), ref_rows.t(), **tol)
     assert torch.equal(cols[:, L - 5 :], torch.zeros(D, 5, dtype=dtype))
+    given = torch.full((D, L), float("nan"), dtype=dtype)
+    assert native.latent_sums(a, token, latent, coef, L, given) is not None and torch.equal(given, cols)
+    with pytest.raises(RuntimeError, match="out must be"):
+        native.latent_sums(a, token, latent, coef, L, torch.empty(L, D, dtype=dtype))
 
 
 def test_batchtopk_entries_is_exact_or_declines():
@@ -127,9 +143,9 @@ def test_training_steps_through_the_compiled_kernels_equal_the_pytorch_path(monk
     xs = [torch.randn(48, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     dead = torch.zeros(1, 256, dtype=torch.bool)
     dead[0, ::3] = True
-    calls = {"select": 0, "dot": 0, "sums": 0}
+    calls = {"select": 0, "decode": 0, "sums": 0}
     select = "scores_at_least" if activation == "batchtopk" else "row_topk_scores"
-    for name, key in ((select, "select"), ("gathered_dot", "dot"), ("latent_sums", "sums")):
+    for name, key in ((select, "select"), ("decode_backward", "decode"), ("latent_sums", "sums")):
         def counted(*args, _f=getattr(native, name), _k=key, **kwargs):
             calls[_k] += 1
             return _f(*args, **kwargs)
@@ -153,7 +169,7 @@ def test_training_steps_through_the_compiled_kernels_equal_the_pytorch_path(monk
     # every step, the first one too (BatchTopK then takes its hint from the rows' top k), and once
     # more per step for AuxK's per-token search over the dead latents (row top k, then the entries)
     n_select = 6
-    assert calls["select"] == n_select and calls["dot"] > 0 and calls["sums"] > 0
+    assert calls["select"] == n_select and calls["decode"] == 3 and calls["sums"] == 3
     reference = run(False)
     assert calls["select"] == n_select  # the reference did not use the kernels
     for (t1, l1, v1, k1, loss1, g1), (t2, l2, v2, k2, loss2, g2) in zip(compiled, reference):
@@ -162,3 +178,44 @@ def test_training_steps_through_the_compiled_kernels_equal_the_pytorch_path(monk
         assert torch.allclose(loss1, loss2, rtol=1e-6)
         for name in g2:
             assert torch.allclose(g1[name], g2[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_gradient_memory_is_reused_only_when_nobody_holds_the_last_gradient():
+    spec = CrossCoderSpec(["base", "chat"], [24, 40], 256, activation="batchtopk", k=6)
+    model = CrossCoder(spec, seed=3, dec_init_norm=0.5)
+    fresh = CrossCoder(spec, seed=3, dec_init_norm=0.5)
+    fresh.gradient_memory = None  # the reference: new gradient tensors every step
+    dead = torch.zeros(1, 256, dtype=torch.bool)
+    dead[0, ::3] = True
+    weights = LossWeights(aux=1 / 32, aux_k=16)
+    xs = [torch.randn(48, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    def backward(m, x):
+        out = m(x, dead, 16)
+        total_loss(m, x, out, dead, weights)[0].backward()
+
+    def grads(m):
+        return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    backward(model, xs[0])
+    first = {n: model.get_parameter(n).grad.data_ptr() for n in ("W_enc", "W_dec")}
+    model.zero_grad(set_to_none=True)
+    backward(model, xs[1])  # the memory was free again: the same memory, no new allocation
+    assert {n: model.get_parameter(n).grad.data_ptr() for n in first} == first
+    backward(fresh, xs[1])
+    expected = grads(fresh)
+    assert all(torch.allclose(model.get_parameter(n).grad, expected[n], rtol=1e-6, atol=1e-8) for n in expected)
+    # a gradient someone keeps is not overwritten by the next step
+    kept = {n: model.get_parameter(n).grad for n in first}
+    model.zero_grad(set_to_none=True)
+    backward(model, xs[2])
+    assert all(kept[n].data_ptr() != model.get_parameter(n).grad.data_ptr() for n in first)
+    assert all(torch.equal(kept[n], expected[n]) for n in first)
+    # accumulating into .grad (no zeroing) adds, not overwrites: the memory in use is not handed out
+    backward(model, xs[0])
+    fresh.zero_grad(set_to_none=True)
+    backward(fresh, xs[2])
+    backward(fresh, xs[0])
+    accumulated = grads(fresh)
+    for name, grad in grads(model).items():
+        assert torch.allclose(grad, accumulated[name], rtol=1e-5, atol=1e-7), name

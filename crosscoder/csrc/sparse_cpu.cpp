@@ -25,6 +25,23 @@ inline scalar_t score(scalar_t x, scalar_t w) {
   return static_cast<scalar_t>((x < scalar_t(0) ? scalar_t(0) : x) * w);
 }
 
+// Counting sort of entries by latent (stable): entries of latent l are order[offsets[l] ..
+// offsets[l + 1]). One pass to count, one to place; O(N + L), no comparison sort.
+void sort_by_latent(const torch::Tensor& latent, int64_t L, std::vector<int64_t>& offsets,
+                    std::vector<int64_t>& order) {
+  const int64_t N = latent.numel();
+  const int64_t* lp = latent.data_ptr<int64_t>();
+  offsets.assign(L + 1, 0);
+  order.resize(N);
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK(lp[n] >= 0 && lp[n] < L, "latent index out of range");
+    ++offsets[lp[n] + 1];
+  }
+  for (int64_t l = 0; l < L; ++l) offsets[l + 1] += offsets[l];
+  std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
+  for (int64_t n = 0; n < N; ++n) order[fill[lp[n]]++] = n;
+}
+
 }  // namespace
 
 // Entries of relu(pre) * w that are >= thr[r] (their row's threshold) and > 0, in row-major order
@@ -154,64 +171,22 @@ torch::Tensor row_topk_scores(torch::Tensor pre, torch::Tensor w, int64_t k) {
   return out;
 }
 
-// out[n] = dot(a[a_index[n]], b[b_index[n]]), accumulated in float (double for float64).
-// a [Na, D], b [Nb, D] one dtype; indices int64 [N].
-torch::Tensor gathered_dot(torch::Tensor a, torch::Tensor a_index, torch::Tensor b, torch::Tensor b_index) {
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1), "a [Na, D], b [Nb, D] expected");
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "a and b must have one dtype");
-  const int64_t N = a_index.numel(), D = a.size(1);
-  auto out = torch::empty({N}, a.options());
-  const int64_t* ai = a_index.data_ptr<int64_t>();
-  const int64_t* bi = b_index.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "gathered_dot", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* ap = a.data_ptr<scalar_t>();
-    const scalar_t* bp = b.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, N, 1024, [&](int64_t lo, int64_t hi) {
-      for (int64_t n = lo; n < hi; ++n) {
-        const scalar_t* x = ap + ai[n] * D;
-        const scalar_t* y = bp + bi[n] * D;
-        // 16 partial sums: a reduction order the compiler may vectorize (a single running sum
-        // it may not reorder)
-        acc_t part[16] = {};
-        int64_t j = 0;
-        for (; j + 16 <= D; j += 16)
-          for (int u = 0; u < 16; ++u) part[u] += static_cast<acc_t>(x[j + u]) * static_cast<acc_t>(y[j + u]);
-        acc_t s = 0;
-        for (; j < D; ++j) s += static_cast<acc_t>(x[j]) * static_cast<acc_t>(y[j]);
-        for (int u = 0; u < 16; ++u) s += part[u];
-        op[n] = static_cast<scalar_t>(s);
-      }
-    });
-  });
-  return out;
-}
-
 // Per latent l < L: column l of the [D, L] result = sum over entries n with latent[n] == l of
 // coef[n] * src[token[n]], accumulated in float: the encoder gradient in W_enc's own layout. Sums
 // are built for blocks of 16 latents, then written so each transposed write is a cache line.
 // Latents without entries get zeros, in the same pass. src [B, D]; token, latent int64 [N];
 // coef [N] (src's dtype).
 torch::Tensor latent_sums(torch::Tensor src, torch::Tensor token, torch::Tensor latent, torch::Tensor coef,
-                          int64_t L) {
+                          int64_t L, c10::optional<torch::Tensor> out_opt) {
   TORCH_CHECK(src.dim() == 2, "src [B, D] expected");
   TORCH_CHECK(coef.scalar_type() == src.scalar_type(), "coef and src must have one dtype");
-  const int64_t N = token.numel(), D = src.size(1);
+  const int64_t D = src.size(1);
   const int64_t* tp = token.data_ptr<int64_t>();
-  const int64_t* lp = latent.data_ptr<int64_t>();
-  // counting sort of the entries by latent: offsets [L + 1], order [N] (stable)
-  std::vector<int64_t> offsets(L + 1, 0), order(N);
-  for (int64_t n = 0; n < N; ++n) {
-    TORCH_CHECK(lp[n] >= 0 && lp[n] < L, "latent index out of range");
-    ++offsets[lp[n] + 1];
-  }
-  for (int64_t l = 0; l < L; ++l) offsets[l + 1] += offsets[l];
-  {
-    std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
-    for (int64_t n = 0; n < N; ++n) order[fill[lp[n]]++] = n;
-  }
-  auto out = torch::empty({D, L}, src.options());
+  std::vector<int64_t> offsets, order;
+  sort_by_latent(latent, L, offsets, order);
+  torch::Tensor out = out_opt.has_value() ? *out_opt : torch::empty({D, L}, src.options());
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == D && out.size(1) == L &&
+              out.scalar_type() == src.scalar_type(), "out must be a contiguous [D, L] tensor of src's dtype");
   constexpr int64_t BLOCK = 16;  // latents per block: 64 bytes of float per transposed row
   const int64_t blocks = (L + BLOCK - 1) / BLOCK;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "latent_sums", [&] {
@@ -243,9 +218,84 @@ torch::Tensor latent_sums(torch::Tensor src, torch::Tensor token, torch::Tensor 
   return out;
 }
 
+// The sparse decoder's backward, latent by latent: for the decoder out[r] = sum_n value[n] * W[latent[n]]
+// over entries with row[n] == r, given grad [R, D]:
+//   grad_value[n] = dot(grad[row[n]], W[latent[n]])          (if need_value)
+//   grad_W[l]     = sum over entries of l of value[n] * grad[row[n]], zeros elsewhere (if grad_W given)
+// Each latent's W row is read once for all its entries (entry by entry, as a gather does, it was
+// read once per entry: AuxK's entries concentrate on the dead latents, ~64 per row per step), and
+// the gradient row is written once, zeros included, so no separate zero fill, sort or transpose.
+// grad [R, D], W [L, D], value [N], grad_W [L, D] (W's dtype); sums in float (double for float64).
+torch::Tensor decode_backward(torch::Tensor grad, torch::Tensor row, torch::Tensor latent, torch::Tensor value,
+                              torch::Tensor W, bool need_value, c10::optional<torch::Tensor> grad_W_opt) {
+  TORCH_CHECK(grad.dim() == 2 && W.dim() == 2 && grad.size(1) == W.size(1), "grad [R, D], W [L, D] expected");
+  TORCH_CHECK(grad.scalar_type() == W.scalar_type() && value.scalar_type() == W.scalar_type(),
+              "grad, value and W must have one dtype");
+  const int64_t N = row.numel(), D = W.size(1), L = W.size(0);
+  const bool need_W = grad_W_opt.has_value();
+  if (need_W) {
+    const auto& gW = *grad_W_opt;
+    TORCH_CHECK(gW.is_contiguous() && gW.sizes() == W.sizes() && gW.scalar_type() == W.scalar_type(),
+                "grad_W must be a contiguous tensor of W's shape and dtype");
+  }
+  std::vector<int64_t> offsets, order;
+  sort_by_latent(latent, L, offsets, order);
+  auto grad_value = torch::empty({need_value ? N : 0}, W.options());
+  const int64_t* rp = row.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W.scalar_type(), "decode_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const scalar_t* wp = W.data_ptr<scalar_t>();
+    const scalar_t* vp = value.data_ptr<scalar_t>();
+    scalar_t* gvp = need_value ? grad_value.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gwp = need_W ? grad_W_opt->data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, L, 64, [&](int64_t lo, int64_t hi) {
+      std::vector<acc_t> acc(D), w(D);
+      for (int64_t l = lo; l < hi; ++l) {
+        const int64_t e0 = offsets[l], e1 = offsets[l + 1];
+        scalar_t* dst = need_W ? gwp + l * D : nullptr;
+        if (e0 == e1) {
+          if (need_W) std::fill(dst, dst + D, scalar_t(0));
+          continue;
+        }
+        const scalar_t* wl = wp + l * D;
+        acc_t* __restrict__ a = acc.data();
+        acc_t* __restrict__ wa = w.data();
+        for (int64_t j = 0; j < D; ++j) wa[j] = static_cast<acc_t>(wl[j]);
+        std::fill(a, a + D, acc_t(0));
+        for (int64_t e = e0; e < e1; ++e) {
+          const int64_t n = order[e];
+          const scalar_t* __restrict__ g = gp + rp[n] * D;
+          const acc_t v = static_cast<acc_t>(vp[n]);
+          acc_t part[16] = {};
+          int64_t j = 0;
+          for (; j + 16 <= D; j += 16)
+            for (int u = 0; u < 16; ++u) {
+              const acc_t gj = static_cast<acc_t>(g[j + u]);
+              part[u] += gj * wa[j + u];
+              a[j + u] += v * gj;
+            }
+          acc_t s = 0;
+          for (; j < D; ++j) {
+            const acc_t gj = static_cast<acc_t>(g[j]);
+            s += gj * wa[j];
+            a[j] += v * gj;
+          }
+          for (int u = 0; u < 16; ++u) s += part[u];
+          if (need_value) gvp[n] = static_cast<scalar_t>(s);
+        }
+        if (need_W)
+          for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<scalar_t>(acc[j]);
+      }
+    });
+  });
+  return grad_value;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scores_at_least", &scores_at_least, "entries of relu(pre)*w >= thr[row] and > 0 (flat index, score)");
   m.def("row_topk_scores", &row_topk_scores, "per row, the k largest of relu(pre)*w [R, k], unordered");
-  m.def("gathered_dot", &gathered_dot, "out[n] = dot(a[ai[n]], b[bi[n]])");
-  m.def("latent_sums", &latent_sums, "per-latent sums of coef * src[token], as columns of [D, L]");
+  m.def("latent_sums", &latent_sums, "per-latent sums of coef * src[token], as columns of [D, L]",
+        py::arg("src"), py::arg("token"), py::arg("latent"), py::arg("coef"), py::arg("L"), py::arg("out") = py::none());
+  m.def("decode_backward", &decode_backward, "sparse decoder backward, latent by latent: grad of values and of W");
 }
