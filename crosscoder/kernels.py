@@ -9,8 +9,8 @@ backward. Here a code is the list of its non-zero entries ``(token, latent, valu
 - :class:`GatherPre` returns pre-activations already computed (without autograd) at the selected
   entries, and in backward sends their gradient to exactly those columns of ``W_enc`` and entries
   of ``b_enc``: ``grad W_enc`` costs ``N·D``, not ``B·L·D``;
-- :class:`SparseDecode` computes ``Σ value · W_dec[latent]`` per token with ``embedding_bag``; its
-  backward touches only the active rows (``N·D`` each way).
+- :class:`SparseDecode` computes ``Σ value · W_dec[latent]`` per token (``embedding_bag``, or the
+  compiled latent-by-latent kernel); its backward touches only the active rows (``N·D`` each way).
 
 What it costs: the gradients of ``W_enc`` and ``W_dec`` are still dense tensors (zeros except the
 touched columns/rows), as every optimizer and ZeRO expects, so each step writes ``2·L·D`` zeros;
@@ -150,6 +150,8 @@ class SparseDecode(torch.autograd.Function):
                 memory: GradientMemory | None = None):
         ctx.save_for_backward(value, token, latent, W)
         ctx.memory = memory
+        if native.usable(W) and W.dtype in (torch.float32, torch.float64):
+            return native.decode_forward(token, latent, value, W, batch)
         return bag_sum(latent, W, token, batch, value)
 
     @staticmethod

@@ -13,6 +13,9 @@ added. Each function here does one of those jobs in one pass:
 - :func:`latent_sums`: per-latent sums ``Σ c·src[token]`` written, blocked, straight into
   ``[D, L]`` (the encoder's layout), zeros included, with no sort and no transpose, into a kept
   buffer when given one (kernels.GradientMemory);
+- :func:`decode_forward`: the sparse decoder latent by latent within pieces of consecutive
+  rows (each piece's output stays in cache; each ``W_dec`` row read once per piece, not once per
+  entry), fp32/fp64;
 - :func:`decode_backward`: the sparse decoder's whole backward latent by latent: each ``W_dec``
   row is read once for all of its entries, giving their ``grad_value`` dot products and the row's
   gradient together; every gradient row written once, zeros included. Entry by entry (a gathered
@@ -111,6 +114,13 @@ def latent_sums(src: Tensor, token: Tensor, latent: Tensor, coef: Tensor, n_late
     needed)."""
     return module().latent_sums(src.contiguous(), token.contiguous(), latent.contiguous(),
                                 coef.to(src.dtype).contiguous(), int(n_latents), out)
+
+
+def decode_forward(row: Tensor, latent: Tensor, value: Tensor, W: Tensor, n_rows: int) -> Tensor:
+    """``out[r] = Σ_{n: row_n = r} value_n · W[latent_n]`` → [n_rows, D]; rows ascending; float32
+    or float64 ``W``."""
+    return module().decode_forward(row.contiguous(), latent.contiguous(), value.to(W.dtype).contiguous(),
+                                   W.contiguous(), int(n_rows))
 
 
 def decode_backward(grad: Tensor, row: Tensor, latent: Tensor, value: Tensor, W: Tensor, need_value: bool,

@@ -98,6 +98,28 @@ def test_decode_backward_and_latent_sums_equal_their_pytorch_versions(dtype):
         native.latent_sums(a, token, latent, coef, L, torch.empty(L, D, dtype=dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decode_forward_equals_embedding_bag(dtype):
+    gen = torch.Generator().manual_seed(4)
+    L, D, R, N = 90, 37, 600, 5000  # rows without entries at the start, in the middle and at the end
+    W = torch.randn(L, D, generator=gen).to(dtype)
+    row = torch.randint(3, R - 7, (N,), generator=gen).sort().values
+    row[(row >= 200) & (row < 260)] = 199
+    row = row.sort().values
+    latent = torch.randint(0, L, (N,), generator=gen)
+    value = torch.rand(N, generator=gen).to(dtype)
+    ref = kernels.bag_sum(latent, W, row, R, value)
+    out = native.decode_forward(row, latent, value, W, R)
+    assert out.shape == (R, D) and torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+    empty = torch.cat([torch.arange(3), torch.arange(200, 260), torch.arange(R - 7, R)])  # rows without entries
+    assert not torch.isin(empty, row).any() and torch.equal(out[empty], torch.zeros(len(empty), D, dtype=dtype))
+    assert torch.equal(native.decode_forward(row[:0], latent[:0], value[:0], W, R), torch.zeros(R, D, dtype=dtype))
+    with pytest.raises(RuntimeError, match="rows must be ascending"):
+        native.decode_forward(row.flip(0), latent, value, W, R)
+    with pytest.raises(RuntimeError, match="latent index out of range"):
+        native.decode_forward(row, latent + L, value, W, R)
+
+
 def test_batchtopk_entries_is_exact_or_declines():
     gen = torch.Generator().manual_seed(2)
     pre, w = torch.randn(64, 500, generator=gen), torch.rand(500, generator=gen) + 0.5
@@ -143,9 +165,10 @@ def test_training_steps_through_the_compiled_kernels_equal_the_pytorch_path(monk
     xs = [torch.randn(48, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     dead = torch.zeros(1, 256, dtype=torch.bool)
     dead[0, ::3] = True
-    calls = {"select": 0, "decode": 0, "sums": 0}
+    calls = {"select": 0, "decode": 0, "decode_backward": 0, "sums": 0}
     select = "scores_at_least" if activation == "batchtopk" else "row_topk_scores"
-    for name, key in ((select, "select"), ("decode_backward", "decode"), ("latent_sums", "sums")):
+    for name, key in ((select, "select"), ("decode_forward", "decode"), ("decode_backward", "decode_backward"),
+                      ("latent_sums", "sums")):
         def counted(*args, _f=getattr(native, name), _k=key, **kwargs):
             calls[_k] += 1
             return _f(*args, **kwargs)
@@ -169,7 +192,7 @@ def test_training_steps_through_the_compiled_kernels_equal_the_pytorch_path(monk
     # every step, the first one too (BatchTopK then takes its hint from the rows' top k), and once
     # more per step for AuxK's per-token search over the dead latents (row top k, then the entries)
     n_select = 6
-    assert calls["select"] == n_select and calls["decode"] == 3 and calls["sums"] == 3
+    assert calls["select"] == n_select and calls["decode"] == calls["decode_backward"] == calls["sums"] == 3
     reference = run(False)
     assert calls["select"] == n_select  # the reference did not use the kernels
     for (t1, l1, v1, k1, loss1, g1), (t2, l2, v2, k2, loss2, g2) in zip(compiled, reference):

@@ -6,7 +6,12 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <cstdint>
 #include <functional>
 #include <limits>
 #include <vector>
@@ -41,6 +46,26 @@ void sort_by_latent(const torch::Tensor& latent, int64_t L, std::vector<int64_t>
   std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
   for (int64_t n = 0; n < N; ++n) order[fill[lp[n]]++] = n;
 }
+
+// Write 16 values (column j of a [16, D] block, stride D) as one 64-byte line of float, streamed
+// past the cache (a partial write of a line not in cache reads it from memory first; a whole
+// streamed line does not). Only float, only when aligned: other types return false and are written
+// the plain way (measured: the encoder gradient's [D, L] write 4-9% faster).
+template <typename S, typename A>
+inline bool stream_line(S*, const A*, int64_t) { return false; }
+
+#if defined(__SSE2__)
+inline bool stream_line(float* dst, const float* column, int64_t stride) {
+  if (reinterpret_cast<uintptr_t>(dst) % 64 != 0) return false;
+  alignas(64) float line[16];
+  for (int l = 0; l < 16; ++l) line[l] = column[l * stride];
+  for (int q = 0; q < 16; q += 4) _mm_stream_ps(dst + q, _mm_load_ps(line + q));
+  return true;
+}
+inline void stream_fence() { _mm_sfence(); }
+#else
+inline void stream_fence() {}
+#endif
 
 }  // namespace
 
@@ -187,7 +212,7 @@ torch::Tensor latent_sums(torch::Tensor src, torch::Tensor token, torch::Tensor 
   torch::Tensor out = out_opt.has_value() ? *out_opt : torch::empty({D, L}, src.options());
   TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == D && out.size(1) == L &&
               out.scalar_type() == src.scalar_type(), "out must be a contiguous [D, L] tensor of src's dtype");
-  constexpr int64_t BLOCK = 16;  // latents per block: 64 bytes of float per transposed row
+  constexpr int64_t BLOCK = 16;  // latents per block: one 64-byte line of float per transposed row
   const int64_t blocks = (L + BLOCK - 1) / BLOCK;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "latent_sums", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -210,7 +235,71 @@ torch::Tensor latent_sums(torch::Tensor src, torch::Tensor token, torch::Tensor 
         }
         for (int64_t j = 0; j < D; ++j) {
           scalar_t* dst = op + j * L;
-          for (int64_t l = l0; l < l1; ++l) dst[l] = static_cast<scalar_t>(acc[(l - l0) * D + j]);
+          int64_t l = l0;
+          for (; l + 16 <= l1 && stream_line(dst + l, acc.data() + (l - l0) * D + j, D); l += 16) {}
+          for (; l < l1; ++l) dst[l] = static_cast<scalar_t>(acc[(l - l0) * D + j]);
+        }
+      }
+      stream_fence();  // the streamed stores are visible before the result is used
+    });
+  });
+  return out;
+}
+
+// The sparse decoder, latent by latent: out[r] = sum over entries n with row[n] == r of
+// value[n] * W[latent[n]], rows ascending. The entries are cut into pieces of consecutive rows
+// (about 2 MiB of output each, so a piece's rows stay in cache while it runs); within a piece they
+// are visited latent by latent, so each W row is read once per piece instead of once per entry.
+// Measured at L = 64k, D = 1024, 655k entries (the main code and AuxK's): 0.11 s against 0.17 s
+// for embedding_bag's row-by-row gather. float and double only: a bf16 output summed in place
+// would round at every addition (bf16 stays with embedding_bag, which sums in float per row).
+torch::Tensor decode_forward(torch::Tensor row, torch::Tensor latent, torch::Tensor value, torch::Tensor W,
+                             int64_t R) {
+  TORCH_CHECK(W.dim() == 2 && value.scalar_type() == W.scalar_type(), "W [L, D] and value of W's dtype expected");
+  const int64_t N = row.numel(), L = W.size(0), D = W.size(1);
+  TORCH_CHECK(latent.numel() == N && value.numel() == N, "row, latent and value must have one length");
+  const int64_t* rp = row.data_ptr<int64_t>();
+  const int64_t* lp = latent.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK(rp[n] >= 0 && rp[n] < R && (n == 0 || rp[n] >= rp[n - 1]), "rows must be ascending and < R");
+    TORCH_CHECK(lp[n] >= 0 && lp[n] < L, "latent index out of range");
+  }
+  auto out = torch::empty({R, D}, W.options());
+  const int64_t bytes = R * D * static_cast<int64_t>(W.element_size());
+  const int64_t P = std::max<int64_t>(at::get_num_threads(), std::min<int64_t>(64, bytes >> 21));
+  // piece p holds entries cut[p] .. cut[p + 1] and rows first[p] .. first[p + 1]
+  std::vector<int64_t> cut(P + 1, N), first(P + 1, R);
+  cut[0] = 0;
+  first[0] = 0;
+  for (int64_t p = 1; p < P; ++p) {
+    int64_t c = std::max(cut[p - 1], N * p / P);
+    while (c > 0 && c < N && rp[c] == rp[c - 1]) ++c;
+    cut[p] = c;
+    first[p] = c < N ? rp[c] : R;
+  }
+  AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "decode_forward", [&] {
+    const scalar_t* wp = W.data_ptr<scalar_t>();
+    const scalar_t* vp = value.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, P, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<int64_t> offsets(L + 1), order, fill;
+      for (int64_t p = lo; p < hi; ++p) {
+        const int64_t e0 = cut[p], e1 = cut[p + 1];
+        std::fill(op + first[p] * D, op + first[p + 1] * D, scalar_t(0));
+        std::fill(offsets.begin(), offsets.end(), 0);
+        for (int64_t n = e0; n < e1; ++n) ++offsets[lp[n] + 1];
+        for (int64_t l = 0; l < L; ++l) offsets[l + 1] += offsets[l];
+        order.resize(e1 - e0);
+        fill.assign(offsets.begin(), offsets.end() - 1);
+        for (int64_t n = e0; n < e1; ++n) order[fill[lp[n]]++] = n;
+        for (int64_t l = 0; l < L; ++l) {
+          const scalar_t* __restrict__ w = wp + l * D;
+          for (int64_t e = offsets[l]; e < offsets[l + 1]; ++e) {
+            const int64_t n = order[e];
+            scalar_t* __restrict__ o = op + rp[n] * D;
+            const scalar_t v = vp[n];
+            for (int64_t j = 0; j < D; ++j) o[j] += v * w[j];
+          }
         }
       }
     });
@@ -297,5 +386,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_topk_scores", &row_topk_scores, "per row, the k largest of relu(pre)*w [R, k], unordered");
   m.def("latent_sums", &latent_sums, "per-latent sums of coef * src[token], as columns of [D, L]",
         py::arg("src"), py::arg("token"), py::arg("latent"), py::arg("coef"), py::arg("L"), py::arg("out") = py::none());
+  m.def("decode_forward", &decode_forward, "sparse decoder, latent by latent within pieces of rows (float, double)");
   m.def("decode_backward", &decode_backward, "sparse decoder backward, latent by latent: grad of values and of W");
 }
