@@ -52,7 +52,7 @@ class GradientMemory:
         """A contiguous tensor of ``shape`` with ``like``'s dtype and device, on memory no other tensor
         uses; the memory keeps it for the next step."""
         kept = self._buffers.get(name)
-        if kept is not None:
+        if kept is not None and _storage_use_count is not None:
             buffer, free_count = kept
             if (tuple(buffer.shape) == tuple(shape) and buffer.dtype == like.dtype and buffer.device == like.device
                     and _storage_users(buffer) == free_count):
@@ -65,10 +65,14 @@ class GradientMemory:
         self._buffers.clear()
 
 
+# torch's count of references to a storage (private; absent in some other torch: then no reuse)
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
 def _storage_users(t: Tensor) -> int:
     """References to ``t``'s memory (tensors, views, autograd buffers): more than when the memory made
     it means someone else still holds it."""
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+    return _storage_use_count(t.untyped_storage()._cdata) if _storage_use_count is not None else 0
 
 
 def bag_sum(index: Tensor, weight: Tensor, bag: Tensor, n_bags: int, scale: Tensor) -> Tensor:
