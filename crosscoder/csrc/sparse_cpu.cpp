@@ -30,21 +30,24 @@ inline scalar_t score(scalar_t x, scalar_t w) {
   return static_cast<scalar_t>((x < scalar_t(0) ? scalar_t(0) : x) * w);
 }
 
-// Counting sort of entries by latent (stable): entries of latent l are order[offsets[l] ..
-// offsets[l + 1]). One pass to count, one to place; O(N + L), no comparison sort.
-void sort_by_latent(const torch::Tensor& latent, int64_t L, std::vector<int64_t>& offsets,
+// Counting sort of the entries e0 .. e1 by latent (stable): the entries n of latent l are
+// order[offsets[l] .. offsets[l + 1]). One pass to count, one to place; O(N + L), no comparison sort.
+void sort_by_latent(const int64_t* lp, int64_t e0, int64_t e1, int64_t L, std::vector<int64_t>& offsets,
                     std::vector<int64_t>& order) {
-  const int64_t N = latent.numel();
-  const int64_t* lp = latent.data_ptr<int64_t>();
   offsets.assign(L + 1, 0);
-  order.resize(N);
-  for (int64_t n = 0; n < N; ++n) {
+  order.resize(e1 - e0);
+  for (int64_t n = e0; n < e1; ++n) {
     TORCH_CHECK(lp[n] >= 0 && lp[n] < L, "latent index out of range");
     ++offsets[lp[n] + 1];
   }
   for (int64_t l = 0; l < L; ++l) offsets[l + 1] += offsets[l];
   std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
-  for (int64_t n = 0; n < N; ++n) order[fill[lp[n]]++] = n;
+  for (int64_t n = e0; n < e1; ++n) order[fill[lp[n]]++] = n;
+}
+
+void sort_by_latent(const torch::Tensor& latent, int64_t L, std::vector<int64_t>& offsets,
+                    std::vector<int64_t>& order) {
+  sort_by_latent(latent.data_ptr<int64_t>(), 0, latent.numel(), L, offsets, order);
 }
 
 // Write 16 values (column j of a [16, D] block, stride D) as one 64-byte line of float, streamed
@@ -260,10 +263,8 @@ torch::Tensor decode_forward(torch::Tensor row, torch::Tensor latent, torch::Ten
   TORCH_CHECK(latent.numel() == N && value.numel() == N, "row, latent and value must have one length");
   const int64_t* rp = row.data_ptr<int64_t>();
   const int64_t* lp = latent.data_ptr<int64_t>();
-  for (int64_t n = 0; n < N; ++n) {
+  for (int64_t n = 0; n < N; ++n)  // latents are checked by the sort
     TORCH_CHECK(rp[n] >= 0 && rp[n] < R && (n == 0 || rp[n] >= rp[n - 1]), "rows must be ascending and < R");
-    TORCH_CHECK(lp[n] >= 0 && lp[n] < L, "latent index out of range");
-  }
   auto out = torch::empty({R, D}, W.options());
   const int64_t bytes = R * D * static_cast<int64_t>(W.element_size());
   const int64_t P = std::max<int64_t>(at::get_num_threads(), std::min<int64_t>(64, bytes >> 21));
@@ -282,16 +283,10 @@ torch::Tensor decode_forward(torch::Tensor row, torch::Tensor latent, torch::Ten
     const scalar_t* vp = value.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, P, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<int64_t> offsets(L + 1), order, fill;
+      std::vector<int64_t> offsets, order;
       for (int64_t p = lo; p < hi; ++p) {
-        const int64_t e0 = cut[p], e1 = cut[p + 1];
         std::fill(op + first[p] * D, op + first[p + 1] * D, scalar_t(0));
-        std::fill(offsets.begin(), offsets.end(), 0);
-        for (int64_t n = e0; n < e1; ++n) ++offsets[lp[n] + 1];
-        for (int64_t l = 0; l < L; ++l) offsets[l + 1] += offsets[l];
-        order.resize(e1 - e0);
-        fill.assign(offsets.begin(), offsets.end() - 1);
-        for (int64_t n = e0; n < e1; ++n) order[fill[lp[n]]++] = n;
+        sort_by_latent(lp, cut[p], cut[p + 1], L, offsets, order);
         for (int64_t l = 0; l < L; ++l) {
           const scalar_t* __restrict__ w = wp + l * D;
           for (int64_t e = offsets[l]; e < offsets[l + 1]; ++e) {
