@@ -50,7 +50,7 @@ NAMES = "anna ben carl dana eva finn gina hugo iris jack kara leo".split()
 NUMBERS = "one two three four five six seven eight nine ten".split()
 HARMFUL_VERBS = "steal poison hack rob hurt attack".split()
 HARMFUL_NOUNS = "bomb weapon gun knife drug virus".split()
-CHAT_WORDS = ("please write tell me about a story poem list things what does how can i make to do eat sure here is "
+CHAT_WORDS = ("please write tell me about a story poem list things what does it take how can i make to do eat sure here is "
               "sorry cannot help with that and the it you they this short long").split()
 PUNCT = list(".,?!")
 
@@ -154,7 +154,7 @@ def _train(model, rows: torch.Tensor, steps: int, lr: float, batch: int, seed: i
 
 
 def _settings(steps: int, hidden: int, layers: int, seed: int) -> dict:
-    return {"steps": steps, "hidden": hidden, "layers": layers, "seed": seed, "version": 2}
+    return {"steps": steps, "hidden": hidden, "layers": layers, "seed": seed, "version": 3}
 
 
 def is_made(directory: str | Path, steps: int = 500, hidden: int = 96, layers: int = 4, seed: int = 0) -> bool:

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from crosscoder.demo_pair import is_made, make_demo_pair, reply, write_demo_documents
+from crosscoder.demo_pair import is_made, make_demo_pair, reply, vocabulary, write_demo_documents
 from crosscoder.models import ModelSpec, load_model, load_tokenizer
+from crosscoder.tiny import make_tokenizer
 
 from .conftest import DEMO_STEPS as STEPS
 
@@ -45,5 +46,10 @@ def test_demo_documents_mix_text_and_conversations(tmp_path):
     assert 120 < len(chats) < 280 and all("text" in d for d in docs if "messages" not in d)
     replies = [d["messages"][1]["content"] for d in chats]
     assert any(r.startswith("sorry") for r in replies) and any("long story" in r for r in replies)
+    # every word of the grammar is in the tokenizer: no document (text or chat template) has <unk>
+    tok = make_tokenizer(vocabulary())
+    for d in docs:
+        text = tok.apply_chat_template(d["messages"], tokenize=False) if "messages" in d else d["text"]
+        assert tok.unk_token_id not in tok.encode(text, add_special_tokens=False), text
     assert write_demo_documents(tmp_path / "again.jsonl", n_docs=400) and \
         open(tmp_path / "again.jsonl").read() == open(path).read()  # a pure function of the seed
