@@ -84,6 +84,10 @@ class SyntheticConfig:
     rotated_cosine: float = opt(0.5, "cosine between the two directions of a rotated feature")
     strong_fraction: float = opt(0.1, "fraction shared but far stronger in the second model")
     strong_ratio: float = opt(3.0, "magnitude ratio second/first of a strong feature")
+    chat_only_parent_fraction: float = opt(
+        0.0, "fraction of chat-only features that fire only with a shared 'parent' feature (on half of its "
+        "firings), as a chat behaviour tied to one base context, e.g. refusal to the request's last token"
+    )
     active_per_token: float = opt(8.0, "expected number of active features per token")
     fixed_count: bool = opt(
         True, "every token has exactly round(active_per_token) features (else each fires independently)"

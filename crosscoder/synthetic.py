@@ -11,6 +11,12 @@ planted feature has a class that a crosscoder must recover:
 - ``rotated``: present in both, but the chat direction is rotated away (cosine ``rotated_cosine``);
 - ``strong``: present in both, ``strong_ratio`` times stronger in the chat model.
 
+A fraction of the chat-only features (``chat_only_parent_fraction``) can be made *children*: each
+fires only together with its own shared *parent*, on half of the parent's firings (the parent
+fires twice as often, so the child's rate is unchanged). That is how a chat behaviour sits in real
+data, tied to one base context (refusal to the last token of a request), and it is what a sparse
+code folds into one latent with the parent (measured: BatchTopK then finds none of them chat-only).
+
 The planted dictionary is written beside the shards as ``planted.npz`` (directions per source,
 magnitudes, class codes) so tests and the analysis can score recovery. Shard ``n`` is a pure
 function of (config, n), like a harvest's. No torch here.
@@ -40,6 +46,7 @@ class PlantedDictionary:
     magnitudes: np.ndarray  # [F, S] scale of each feature in each source (0 = absent)
     classes: np.ndarray  # [F] int codes into CLASSES
     frequency: np.ndarray  # [F] firing probability per token
+    parents: np.ndarray | None = None  # [F] index of the feature each one fires only with, -1 = none
 
     @property
     def class_names(self) -> list[str]:
@@ -49,14 +56,19 @@ class PlantedDictionary:
         buf = io.BytesIO()
         arrays = {f"directions_{i}": d for i, d in enumerate(self.directions)}
         np.savez(buf, magnitudes=self.magnitudes, classes=self.classes, frequency=self.frequency,
-                 class_names=np.array(CLASSES), **arrays)
+                 parents=self.parent_index, class_names=np.array(CLASSES), **arrays)
         return buf.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "PlantedDictionary":
         z = np.load(io.BytesIO(data), allow_pickle=False)
         n = sum(1 for k in z.files if k.startswith("directions_"))
-        return cls([z[f"directions_{i}"] for i in range(n)], z["magnitudes"], z["classes"], z["frequency"])
+        parents = z["parents"] if "parents" in z.files else None
+        return cls([z[f"directions_{i}"] for i in range(n)], z["magnitudes"], z["classes"], z["frequency"], parents)
+
+    @property
+    def parent_index(self) -> np.ndarray:
+        return np.full(len(self.classes), -1, dtype=np.int64) if self.parents is None else self.parents
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -98,7 +110,17 @@ def plant_dictionary(cfg: SyntheticConfig) -> PlantedDictionary:
     base[magnitudes[:, 0] == 0] = 0
     chat[magnitudes[:, 1] == 0] = 0
     frequency = np.full(F, cfg.active_per_token / F)
-    return PlantedDictionary([base, chat], magnitudes, classes.astype(np.int64), frequency)
+    parents = np.full(F, -1, dtype=np.int64)
+    if not 0 <= cfg.chat_only_parent_fraction <= 1:
+        raise ValueError(f"synthetic.chat_only_parent_fraction must be in [0, 1], got {cfg.chat_only_parent_fraction}")
+    children = np.flatnonzero(chat_only)[: int(round(cfg.chat_only_parent_fraction * chat_only.sum()))]
+    shared = np.flatnonzero(classes == CLASSES.index("shared"))
+    if len(children) > len(shared):
+        raise ValueError(f"synthetic: {len(children)} chat-only children need as many shared parents, "
+                         f"there are {len(shared)}")
+    parents[children] = shared[: len(children)]
+    frequency[shared[: len(children)]] *= 2  # the child fires on half of its parent's firings
+    return PlantedDictionary([base, chat], magnitudes, classes.astype(np.int64), frequency, parents)
 
 
 def sample_activations(planted: PlantedDictionary, cfg: SyntheticConfig, n_tokens: int, rng) -> np.ndarray:
@@ -113,6 +135,9 @@ def sample_activations(planted: PlantedDictionary, cfg: SyntheticConfig, n_token
         np.put_along_axis(fires, chosen, True, axis=1)
     else:
         fires = rng.random((n_tokens, F)) < planted.frequency
+    children = np.flatnonzero(planted.parent_index >= 0)
+    if len(children):
+        fires[:, children] = fires[:, planted.parent_index[children]] & (rng.random((n_tokens, len(children))) < 0.5)
     coeff = fires * rng.uniform(0.5, 1.5, size=(n_tokens, F))
     parts = []
     for s, directions in enumerate(planted.directions):

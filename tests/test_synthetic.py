@@ -1,0 +1,56 @@
+"""The planted-truth generator: chat-only features tied to a shared parent fire only with it."""
+
+import numpy as np
+import pytest
+
+from crosscoder.config import SyntheticConfig
+from crosscoder.shards import iter_samples, read_manifest
+from crosscoder.storage import Root
+from crosscoder.synthetic import CLASSES, plant_dictionary, read_planted, sample_activations, write_synthetic
+
+
+def coupled_config(**overrides) -> SyntheticConfig:
+    cfg = SyntheticConfig(widths=[64, 64], features=64, active_per_token=4.0, noise=0.0, tokens=4096,
+                          seq_len=64, samples_per_shard=32, dtype="float32", chat_only_parent_fraction=1.0)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+@pytest.mark.parametrize("fixed_count", [True, False])
+def test_children_fire_only_with_their_parent_on_about_half_of_its_firings(fixed_count):
+    cfg = coupled_config(fixed_count=fixed_count, chat_only_parent_fraction=0.5)
+    planted = plant_dictionary(cfg)
+    chat_only = np.flatnonzero(planted.classes == CLASSES.index("chat_only"))
+    children = np.flatnonzero(planted.parents >= 0)
+    assert len(children) == round(0.5 * len(chat_only)) and set(children) <= set(chat_only)
+    parents = planted.parents[children]
+    assert (planted.classes[parents] == CLASSES.index("shared")).all() and len(set(parents)) == len(parents)
+
+    acts = sample_activations(planted, cfg, 20000, np.random.default_rng(0))
+    # the chat source is coeff @ (magnitudes * directions): solve for coeff exactly (noise = 0)
+    chat_dirs = planted.magnitudes[:, 1:2] * planted.directions[1]
+    base_dirs = planted.magnitudes[:, 0:1] * planted.directions[0]
+    both = np.concatenate([base_dirs, chat_dirs], axis=1)  # [F, 128]: full row rank for F = 64
+    coeff = np.linalg.lstsq(both.T, acts.T.astype(np.float64), rcond=None)[0].T
+    fires = coeff > 0.25  # coefficients are drawn from [0.5, 1.5] when a feature fires
+    assert not (fires[:, children] & ~fires[:, parents]).any()  # never without the parent
+    share = fires[:, children].sum(0) / fires[:, parents].sum(0)
+    assert ((share > 0.4) & (share < 0.6)).all(), share
+    free = np.setdiff1d(chat_only, children)
+    rate_child, rate_free = fires[:, children].mean(), fires[:, free].mean()
+    assert 0.6 < rate_child / rate_free < 1.6, (rate_child, rate_free)  # the parent fires twice as often
+
+
+def test_parents_are_written_with_the_planted_dictionary_and_bad_fractions_are_refused(tmp_path):
+    cfg = coupled_config()
+    write_synthetic(cfg, str(tmp_path / "shards"), progress=False)
+    root = Root(str(tmp_path / "shards"))
+    planted, again = read_planted(root), plant_dictionary(cfg)
+    assert (planted.parents == again.parents).all() and (planted.parents >= 0).sum() > 0
+    assert sum(len(s.tokens) for s in iter_samples(root, read_manifest(root))) == cfg.tokens
+    with pytest.raises(ValueError, match="chat_only_parent_fraction"):
+        plant_dictionary(coupled_config(chat_only_parent_fraction=1.5))
+    with pytest.raises(ValueError, match="shared parents"):
+        plant_dictionary(coupled_config(shared_fraction=0.0, chat_only_fraction=0.7))
+    assert sample_activations(again, cfg, 8, np.random.default_rng(1)).shape == (8, 128)
