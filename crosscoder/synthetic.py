@@ -13,7 +13,8 @@ planted feature has a class that a crosscoder must recover:
 
 A fraction of the chat-only features (``chat_only_parent_fraction``) can be made *children*: each
 fires only together with its own shared *parent*, on half of the parent's firings (the parent
-fires twice as often, so the child's rate is unchanged). That is how a chat behaviour sits in real
+fires twice as often, so the child's rate is unchanged; with ``fixed_count`` a child drawn without
+its parent is dropped, so such a token has one feature fewer). That is how a chat behaviour sits in real
 data, tied to one base context (refusal to the last token of a request), and it is what a sparse
 code folds into one latent with the parent (measured: BatchTopK then finds none of them chat-only).
 
@@ -46,7 +47,7 @@ class PlantedDictionary:
     magnitudes: np.ndarray  # [F, S] scale of each feature in each source (0 = absent)
     classes: np.ndarray  # [F] int codes into CLASSES
     frequency: np.ndarray  # [F] firing probability per token
-    parents: np.ndarray | None = None  # [F] index of the feature each one fires only with, -1 = none
+    parents: np.ndarray  # [F] index of the feature each one fires only with, -1 = none
 
     @property
     def class_names(self) -> list[str]:
@@ -56,19 +57,16 @@ class PlantedDictionary:
         buf = io.BytesIO()
         arrays = {f"directions_{i}": d for i, d in enumerate(self.directions)}
         np.savez(buf, magnitudes=self.magnitudes, classes=self.classes, frequency=self.frequency,
-                 parents=self.parent_index, class_names=np.array(CLASSES), **arrays)
+                 parents=self.parents, class_names=np.array(CLASSES), **arrays)
         return buf.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "PlantedDictionary":
         z = np.load(io.BytesIO(data), allow_pickle=False)
         n = sum(1 for k in z.files if k.startswith("directions_"))
-        parents = z["parents"] if "parents" in z.files else None
+        # written before parents existed: no feature has one
+        parents = z["parents"] if "parents" in z.files else np.full(len(z["classes"]), -1, dtype=np.int64)
         return cls([z[f"directions_{i}"] for i in range(n)], z["magnitudes"], z["classes"], z["frequency"], parents)
-
-    @property
-    def parent_index(self) -> np.ndarray:
-        return np.full(len(self.classes), -1, dtype=np.int64) if self.parents is None else self.parents
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -82,6 +80,8 @@ def plant_dictionary(cfg: SyntheticConfig) -> PlantedDictionary:
                  cfg.rotated_fraction, cfg.strong_fraction]
     if any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(f"synthetic class fractions must be ≥ 0 and sum to 1, got {fractions}")
+    if not 0 <= cfg.chat_only_parent_fraction <= 1:
+        raise ValueError(f"synthetic.chat_only_parent_fraction must be in [0, 1], got {cfg.chat_only_parent_fraction}")
     rng = np.random.default_rng([cfg.seed, 0])
     F, (d0, d1) = cfg.features, cfg.widths
     counts = np.floor(np.array(fractions) * F).astype(int)
@@ -111,15 +111,13 @@ def plant_dictionary(cfg: SyntheticConfig) -> PlantedDictionary:
     chat[magnitudes[:, 1] == 0] = 0
     frequency = np.full(F, cfg.active_per_token / F)
     parents = np.full(F, -1, dtype=np.int64)
-    if not 0 <= cfg.chat_only_parent_fraction <= 1:
-        raise ValueError(f"synthetic.chat_only_parent_fraction must be in [0, 1], got {cfg.chat_only_parent_fraction}")
     children = np.flatnonzero(chat_only)[: int(round(cfg.chat_only_parent_fraction * chat_only.sum()))]
     shared = np.flatnonzero(classes == CLASSES.index("shared"))
     if len(children) > len(shared):
         raise ValueError(f"synthetic: {len(children)} chat-only children need as many shared parents, "
                          f"there are {len(shared)}")
     parents[children] = shared[: len(children)]
-    frequency[shared[: len(children)]] *= 2  # the child fires on half of its parent's firings
+    frequency[parents[children]] *= 2  # the child fires on half of its parent's firings
     return PlantedDictionary([base, chat], magnitudes, classes.astype(np.int64), frequency, parents)
 
 
@@ -135,9 +133,9 @@ def sample_activations(planted: PlantedDictionary, cfg: SyntheticConfig, n_token
         np.put_along_axis(fires, chosen, True, axis=1)
     else:
         fires = rng.random((n_tokens, F)) < planted.frequency
-    children = np.flatnonzero(planted.parent_index >= 0)
+    children = np.flatnonzero(planted.parents >= 0)
     if len(children):
-        fires[:, children] = fires[:, planted.parent_index[children]] & (rng.random((n_tokens, len(children))) < 0.5)
+        fires[:, children] = fires[:, planted.parents[children]] & (rng.random((n_tokens, len(children))) < 0.5)
     coeff = fires * rng.uniform(0.5, 1.5, size=(n_tokens, F))
     parts = []
     for s, directions in enumerate(planted.directions):
