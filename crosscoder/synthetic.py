@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm import tqdm
 
-from .config import SyntheticConfig
+from .config import ConfigError, SyntheticConfig
 from .shards import Manifest, ShardWriter, SourceInfo, shard_name, write_manifest
 from .storage import Root
 
@@ -75,13 +75,13 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 def plant_dictionary(cfg: SyntheticConfig) -> PlantedDictionary:
     if len(cfg.widths) != 2:
-        raise ValueError(f"synthetic.widths must name two sources (base, chat), got {cfg.widths}")
+        raise ConfigError(f"synthetic.widths must name two sources (base, chat), got {cfg.widths}")
     fractions = [cfg.shared_fraction, cfg.base_only_fraction, cfg.chat_only_fraction,
                  cfg.rotated_fraction, cfg.strong_fraction]
     if any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"synthetic class fractions must be ≥ 0 and sum to 1, got {fractions}")
+        raise ConfigError(f"synthetic class fractions must be ≥ 0 and sum to 1, got {fractions}")
     if not 0 <= cfg.chat_only_parent_fraction <= 1:
-        raise ValueError(f"synthetic.chat_only_parent_fraction must be in [0, 1], got {cfg.chat_only_parent_fraction}")
+        raise ConfigError(f"synthetic.chat_only_parent_fraction must be in [0, 1], got {cfg.chat_only_parent_fraction}")
     rng = np.random.default_rng([cfg.seed, 0])
     F, (d0, d1) = cfg.features, cfg.widths
     counts = np.floor(np.array(fractions) * F).astype(int)
@@ -114,7 +114,7 @@ def plant_dictionary(cfg: SyntheticConfig) -> PlantedDictionary:
     children = np.flatnonzero(chat_only)[: int(round(cfg.chat_only_parent_fraction * chat_only.sum()))]
     shared = np.flatnonzero(classes == CLASSES.index("shared"))
     if len(children) > len(shared):
-        raise ValueError(f"synthetic: {len(children)} chat-only children need as many shared parents, "
+        raise ConfigError(f"synthetic: {len(children)} chat-only children need as many shared parents, "
                          f"there are {len(shared)}")
     parents[children] = shared[: len(children)]
     frequency[parents[children]] *= 2  # the child fires on half of its parent's firings
@@ -149,7 +149,7 @@ def sample_activations(planted: PlantedDictionary, cfg: SyntheticConfig, n_token
 def write_synthetic(cfg: SyntheticConfig, output: str, progress: bool = True, root: Root | None = None) -> Manifest:
     """Write planted-truth shards, ``planted.npz`` and the manifest to ``output`` (or ``root``)."""
     if len(cfg.raw_scale) != len(cfg.widths):
-        raise ValueError(f"synthetic.raw_scale needs one entry per source, got {cfg.raw_scale}")
+        raise ConfigError(f"synthetic.raw_scale needs one entry per source, got {cfg.raw_scale}")
     root = root or Root(output)
     planted = plant_dictionary(cfg)
     root.write_bytes(PLANTED, planted.to_bytes())

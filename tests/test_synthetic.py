@@ -54,3 +54,14 @@ def test_parents_are_written_with_the_planted_dictionary_and_bad_fractions_are_r
     with pytest.raises(ValueError, match="shared parents"):
         plant_dictionary(coupled_config(shared_fraction=0.0, chat_only_fraction=0.7))
     assert sample_activations(again, cfg, 8, np.random.default_rng(1)).shape == (8, 128)
+
+
+def test_a_bad_synthetic_config_is_one_config_error_line_from_the_cli(tmp_path, capsys):
+    from crosscoder.cli import main
+
+    config = tmp_path / "bad.toml"
+    config.write_text("[synthetic]\nchat_only_parent_fraction = 2.0\n")
+    assert main(["synthetic", "--config", str(config), "--run", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "config error" in err and "chat_only_parent_fraction must be in [0, 1], got 2.0" in err
+    assert "Traceback" not in err and not (tmp_path / "run" / "shards" / "manifest.json").exists()
