@@ -88,6 +88,10 @@ class SyntheticConfig:
         0.0, "fraction of chat-only features that fire only with a shared 'parent' feature (on half of its "
         "firings), as a chat behaviour tied to one base context, e.g. refusal to the request's last token"
     )
+    children_per_parent: int = opt(
+        1, "chat-only children that share one parent, each firing on half of its firings independently of the "
+        "others: several chat behaviours decided at one base context (refusal, length, format at the reply's start)"
+    )
     active_per_token: float = opt(8.0, "expected number of active features per token")
     fixed_count: bool = opt(
         True, "every token has exactly round(active_per_token) features (else each fires independently)"

@@ -17,6 +17,10 @@ fires twice as often, so the child's rate is unchanged; with ``fixed_count`` a c
 its parent is dropped, so such a token has one feature fewer). That is how a chat behaviour sits in real
 data, tied to one base context (refusal to the last token of a request), and it is what a sparse
 code folds into one latent with the parent (measured: BatchTopK then finds none of them chat-only).
+``children_per_parent`` > 1 gives one parent several children that fire independently of each other,
+as several chat decisions are made at one place (refuse or not, how long, what format, at the
+reply's first token): folding them into the parent then needs a latent per combination, and
+BatchTopK separates more of them the more children share a parent (measured in the README).
 
 The planted dictionary is written beside the shards as ``planted.npz`` (directions per source,
 magnitudes, class codes) so tests and the analysis can score recovery. Shard ``n`` is a pure
@@ -82,6 +86,8 @@ def plant_dictionary(cfg: SyntheticConfig) -> PlantedDictionary:
         raise ConfigError(f"synthetic class fractions must be ≥ 0 and sum to 1, got {fractions}")
     if not 0 <= cfg.chat_only_parent_fraction <= 1:
         raise ConfigError(f"synthetic.chat_only_parent_fraction must be in [0, 1], got {cfg.chat_only_parent_fraction}")
+    if cfg.children_per_parent < 1:
+        raise ConfigError(f"synthetic.children_per_parent must be at least 1, got {cfg.children_per_parent}")
     rng = np.random.default_rng([cfg.seed, 0])
     F, (d0, d1) = cfg.features, cfg.widths
     counts = np.floor(np.array(fractions) * F).astype(int)
@@ -113,11 +119,12 @@ def plant_dictionary(cfg: SyntheticConfig) -> PlantedDictionary:
     parents = np.full(F, -1, dtype=np.int64)
     children = np.flatnonzero(chat_only)[: int(round(cfg.chat_only_parent_fraction * chat_only.sum()))]
     shared = np.flatnonzero(classes == CLASSES.index("shared"))
-    if len(children) > len(shared):
-        raise ConfigError(f"synthetic: {len(children)} chat-only children need as many shared parents, "
-                         f"there are {len(shared)}")
-    parents[children] = shared[: len(children)]
-    frequency[parents[children]] *= 2  # the child fires on half of its parent's firings
+    n_parents = -(-len(children) // cfg.children_per_parent)
+    if n_parents > len(shared):
+        raise ConfigError(f"synthetic: {len(children)} chat-only children, {cfg.children_per_parent} per parent, "
+                         f"need {n_parents} shared parents, there are {len(shared)}")
+    parents[children] = shared[np.arange(len(children)) // cfg.children_per_parent]
+    frequency[shared[:n_parents]] *= 2  # each child fires on half of its parent's firings
     return PlantedDictionary([base, chat], magnitudes, classes.astype(np.int64), frequency, parents)
 
 

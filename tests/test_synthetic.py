@@ -17,6 +17,17 @@ def coupled_config(**overrides) -> SyntheticConfig:
     return cfg
 
 
+def firings(planted, cfg: SyntheticConfig, n_tokens: int) -> np.ndarray:
+    """[n_tokens, F] which planted features fire, solved from sampled activations (noise = 0)."""
+    acts = sample_activations(planted, cfg, n_tokens, np.random.default_rng(0))
+    # each source is coeff @ (magnitudes * directions): solve for coeff exactly
+    chat_dirs = planted.magnitudes[:, 1:2] * planted.directions[1]
+    base_dirs = planted.magnitudes[:, 0:1] * planted.directions[0]
+    both = np.concatenate([base_dirs, chat_dirs], axis=1)  # [F, 128]: full row rank for F = 64
+    coeff = np.linalg.lstsq(both.T, acts.T.astype(np.float64), rcond=None)[0].T
+    return coeff > 0.25  # coefficients are drawn from [0.5, 1.5] when a feature fires
+
+
 @pytest.mark.parametrize("fixed_count", [True, False])
 def test_children_fire_only_with_their_parent_on_about_half_of_its_firings(fixed_count):
     cfg = coupled_config(fixed_count=fixed_count, chat_only_parent_fraction=0.5)
@@ -27,19 +38,32 @@ def test_children_fire_only_with_their_parent_on_about_half_of_its_firings(fixed
     parents = planted.parents[children]
     assert (planted.classes[parents] == CLASSES.index("shared")).all() and len(set(parents)) == len(parents)
 
-    acts = sample_activations(planted, cfg, 20000, np.random.default_rng(0))
-    # the chat source is coeff @ (magnitudes * directions): solve for coeff exactly (noise = 0)
-    chat_dirs = planted.magnitudes[:, 1:2] * planted.directions[1]
-    base_dirs = planted.magnitudes[:, 0:1] * planted.directions[0]
-    both = np.concatenate([base_dirs, chat_dirs], axis=1)  # [F, 128]: full row rank for F = 64
-    coeff = np.linalg.lstsq(both.T, acts.T.astype(np.float64), rcond=None)[0].T
-    fires = coeff > 0.25  # coefficients are drawn from [0.5, 1.5] when a feature fires
+    fires = firings(planted, cfg, 20000)
     assert not (fires[:, children] & ~fires[:, parents]).any()  # never without the parent
     share = fires[:, children].sum(0) / fires[:, parents].sum(0)
     assert ((share > 0.4) & (share < 0.6)).all(), share
     free = np.setdiff1d(chat_only, children)
     rate_child, rate_free = fires[:, children].mean(), fires[:, free].mean()
     assert 0.6 < rate_child / rate_free < 1.6, (rate_child, rate_free)  # the parent fires twice as often
+
+
+def test_children_sharing_a_parent_fire_independently_of_each_other():
+    cfg = coupled_config(children_per_parent=3)
+    planted = plant_dictionary(cfg)
+    children = np.flatnonzero(planted.parents >= 0)
+    parents, counts = np.unique(planted.parents[children], return_counts=True)
+    assert len(children) == 6 and counts.tolist() == [3, 3]
+    assert (planted.classes[parents] == CLASSES.index("shared")).all()
+
+    fires = firings(planted, cfg, 40000)
+    for parent in parents:
+        siblings = fires[:, children[planted.parents[children] == parent]]
+        assert not (siblings & ~fires[:, [parent]]).any()
+        on_parent = siblings[fires[:, parent]]
+        assert ((on_parent.mean(0) > 0.4) & (on_parent.mean(0) < 0.6)).all()
+        for i, j in [(0, 1), (0, 2), (1, 2)]:  # independent halves: a quarter of the parent's firings
+            both = (on_parent[:, i] & on_parent[:, j]).mean()
+            assert 0.18 < both < 0.32, both
 
 
 def test_parents_are_written_with_the_planted_dictionary_and_bad_fractions_are_refused(tmp_path):
@@ -53,6 +77,8 @@ def test_parents_are_written_with_the_planted_dictionary_and_bad_fractions_are_r
         plant_dictionary(coupled_config(chat_only_parent_fraction=1.5))
     with pytest.raises(ValueError, match="shared parents"):
         plant_dictionary(coupled_config(shared_fraction=0.0, chat_only_fraction=0.7))
+    with pytest.raises(ValueError, match="children_per_parent must be at least 1"):
+        plant_dictionary(coupled_config(children_per_parent=0))
     assert sample_activations(again, cfg, 8, np.random.default_rng(1)).shape == (8, 128)
 
 
