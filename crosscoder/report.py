@@ -7,7 +7,8 @@ interactivity (sorting and filtering are done on ``latents.csv``, which holds ev
 Plots (matplotlib, Agg backend): relative decoder norm histogram, decoder cosine histogram,
 Latent Scaling ``ν_ε`` vs ``ν_r`` scatter of the exclusive latents, FVE and CE loss recovered per
 source, firing-frequency histogram. Then the counts, the artifact table, token attribution per
-class and the max-activating examples of the most active latents of each class.
+class (with how many latents of each class fire mostly on the special tokens) and the
+max-activating examples of the most active latents of each class.
 """
 
 from __future__ import annotations
@@ -150,6 +151,12 @@ def render(analysis: Analysis, title: str = "Crosscoder model-diffing report") -
                      f"<figcaption>{html.escape(name)}</figcaption></figure>")
     parts.append("<h2>Token attribution</h2><p>Tokens the latents of each class fire on most; lift = share of "
                  "the class's firings / share of all tokens (1 = no preference).</p>")
+    special = analysis.special_token_counts()
+    if special:
+        parts.append("<p>Latents firing mostly (more than half of their firings) on the tokenizer's special "
+                     "tokens, the chat template:</p>" + _table(
+                         [[cls, s["latents"], s["mostly_special"], s["kept_mostly_special"]] for cls, s in special.items()],
+                         ["class", "latents", "mostly on special tokens", "of them kept by Latent Scaling"]))
     for cls, rows in analysis.attribution.items():
         table = [[r["token"], r["id"], f"{r['share']:.1%}", f"{r['lift']:.2f}", r["firings"]] for r in rows]
         parts.append(f"<h3>{cls}</h3>" + (_table(table, ["token", "id", "share", "lift", "firings"]) if table

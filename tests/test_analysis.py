@@ -198,3 +198,25 @@ def test_base_only_latents_firing_on_special_tokens_are_labelled_untrained_token
     out = untrained_token_labels(cls, share, artifact)
     assert list(out) == ["latent_decoupling+untrained_tokens", "", "", "", ""]
     assert list(artifact) == ["latent_decoupling", "", "", "", ""]  # the input is not modified
+
+
+def test_latents_firing_mostly_on_special_tokens_are_counted_per_class_with_those_kept():
+    from crosscoder.analysis import Analysis
+    from crosscoder.report import render
+
+    cls = np.array(["chat_only", "chat_only", "chat_only", "base_only", "shared", "shared", "dead"], dtype=object)
+    share = np.array([0.9, 0.7, 0.1, 0.8, 0.6, 0.5, np.nan])
+    artifact = np.array(["", "latent_decoupling", "", "untrained_tokens", "", "", ""], dtype=object)
+    columns = {c: np.full(len(cls), np.nan) for c in CSV_COLUMNS}
+    columns.update({"class": cls, "special_share": share, "artifact": artifact, "index": np.arange(len(cls)),
+                    "frequency": np.where(cls == "dead", 0.0, 0.1), "rel_norm": np.full(len(cls), 0.5),
+                    "cosine": np.full(len(cls), 0.9)})
+    analysis = Analysis(("base", "chat"), 100, columns, {"base": 0.9, "chat": 0.9}, {}, {})
+    counts = analysis.special_token_counts()
+    assert counts == {"chat_only": {"latents": 3, "mostly_special": 2, "kept_mostly_special": 1},
+                      "base_only": {"latents": 1, "mostly_special": 1, "kept_mostly_special": 0},
+                      "shared": {"latents": 2, "mostly_special": 1, "kept_mostly_special": 1}}
+    assert analysis.summary()["special_tokens"] == counts
+    assert "mostly on special tokens" in render(analysis)
+    columns["special_share"] = np.full(len(cls), np.nan)  # shards without a tokenizer: nothing to count
+    assert analysis.special_token_counts() == {} and "mostly on special tokens" not in render(analysis)

@@ -61,6 +61,10 @@ def test_embedded_default_makes_tiny_models_harvests_trains_on_two_workers_and_r
     for ce in summary["ce_loss_recovered"].values():
         assert ce["zero_ablated"] > ce["clean"] and ce["recovered"] < 1.0001
     assert report.read_text().count("data:image/png;base64,") == 5
+    # the shards name the demo tokenizer, so latents on its chat-template tokens are counted per class
+    assert {c: v["latents"] for c, v in summary["special_tokens"].items()} == \
+        {c: summary["classes"][c] for c in ("chat_only", "base_only", "shared")}
+    assert "mostly on special tokens" in report.read_text()
     started = time.time()
     again = crosscoder("run", *short, cwd=tmp_path)
     assert "already trained to step 40, skipping" in again.stdout
