@@ -20,7 +20,8 @@ code folds into one latent with the parent (measured: BatchTopK then finds none 
 ``children_per_parent`` > 1 gives one parent several children that fire independently of each other,
 as several chat decisions are made at one place (refuse or not, how long, what format, at the
 reply's first token): folding them into the parent then needs a latent per combination, and
-BatchTopK separates more of them the more children share a parent (measured in the README).
+BatchTopK calls more latents chat-only the more children share a parent, but latents that mix
+several children rather than one per child (measured in the README).
 
 The planted dictionary is written beside the shards as ``planted.npz`` (directions per source,
 magnitudes, class codes) so tests and the analysis can score recovery. Shard ``n`` is a pure
