@@ -92,6 +92,10 @@ class SyntheticConfig:
         1, "chat-only children that share one parent, each firing on half of its firings independently of the "
         "others: several chat behaviours decided at one base context (refusal, length, format at the reply's start)"
     )
+    parents_per_child: int = opt(
+        1, "shared parents of each chat-only child, drawn at random: it fires only when one of them does, at its "
+        "usual rate; > 1 = one chat behaviour showing in several base contexts (not together with children_per_parent)"
+    )
     active_per_token: float = opt(8.0, "expected number of active features per token")
     fixed_count: bool = opt(
         True, "every token has exactly round(active_per_token) features (else each fires independently)"

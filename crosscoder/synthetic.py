@@ -21,7 +21,10 @@ code folds into one latent with the parent (measured: BatchTopK then finds none 
 as several chat decisions are made at one place (refuse or not, how long, what format, at the
 reply's first token): folding them into the parent then needs a latent per combination, and
 BatchTopK calls more latents chat-only the more children share a parent, but latents that mix
-several children rather than one per child (measured in the README).
+several children rather than one per child (measured in the README). ``parents_per_child`` > 1
+ties each child instead to several parents, any of which it may fire with (one chat behaviour seen
+in several base contexts, as a refusal mode over every word of a reply): folding it then needs a
+latent per parent, and from eight parents on BatchTopK finds most children as chat-only latents.
 
 The planted dictionary is written beside the shards as ``planted.npz`` (directions per source,
 magnitudes, class codes) so tests and the analysis can score recovery. Shard ``n`` is a pure
@@ -52,7 +55,12 @@ class PlantedDictionary:
     magnitudes: np.ndarray  # [F, S] scale of each feature in each source (0 = absent)
     classes: np.ndarray  # [F] int codes into CLASSES
     frequency: np.ndarray  # [F] firing probability per token
-    parents: np.ndarray  # [F] index of the feature each one fires only with, -1 = none
+    parents: np.ndarray  # [F, P] the shared features each one fires only with (one of them), -1 = none
+
+    @property
+    def children(self) -> np.ndarray:
+        """Indices of the features tied to parents."""
+        return np.flatnonzero((self.parents >= 0).any(1))
 
     @property
     def class_names(self) -> list[str]:
@@ -69,8 +77,9 @@ class PlantedDictionary:
     def from_bytes(cls, data: bytes) -> "PlantedDictionary":
         z = np.load(io.BytesIO(data), allow_pickle=False)
         n = sum(1 for k in z.files if k.startswith("directions_"))
-        # written before parents existed: no feature has one
+        # written before parents existed: no feature has one; before parents_per_child: one column
         parents = z["parents"] if "parents" in z.files else np.full(len(z["classes"]), -1, dtype=np.int64)
+        parents = parents.reshape(len(z["classes"]), -1)
         return cls([z[f"directions_{i}"] for i in range(n)], z["magnitudes"], z["classes"], z["frequency"], parents)
 
 
@@ -87,8 +96,11 @@ def plant_dictionary(cfg: SyntheticConfig) -> PlantedDictionary:
         raise ConfigError(f"synthetic class fractions must be ≥ 0 and sum to 1, got {fractions}")
     if not 0 <= cfg.chat_only_parent_fraction <= 1:
         raise ConfigError(f"synthetic.chat_only_parent_fraction must be in [0, 1], got {cfg.chat_only_parent_fraction}")
-    if cfg.children_per_parent < 1:
-        raise ConfigError(f"synthetic.children_per_parent must be at least 1, got {cfg.children_per_parent}")
+    if cfg.children_per_parent < 1 or cfg.parents_per_child < 1:
+        raise ConfigError("synthetic.children_per_parent and parents_per_child must be at least 1, got "
+                          f"{cfg.children_per_parent} and {cfg.parents_per_child}")
+    if cfg.children_per_parent > 1 and cfg.parents_per_child > 1:
+        raise ConfigError("synthetic: set children_per_parent or parents_per_child above 1, not both")
     rng = np.random.default_rng([cfg.seed, 0])
     F, (d0, d1) = cfg.features, cfg.widths
     counts = np.floor(np.array(fractions) * F).astype(int)
@@ -117,15 +129,22 @@ def plant_dictionary(cfg: SyntheticConfig) -> PlantedDictionary:
     base[magnitudes[:, 0] == 0] = 0
     chat[magnitudes[:, 1] == 0] = 0
     frequency = np.full(F, cfg.active_per_token / F)
-    parents = np.full(F, -1, dtype=np.int64)
+    parents = np.full((F, cfg.parents_per_child), -1, dtype=np.int64)
     children = np.flatnonzero(chat_only)[: int(round(cfg.chat_only_parent_fraction * chat_only.sum()))]
     shared = np.flatnonzero(classes == CLASSES.index("shared"))
-    n_parents = -(-len(children) // cfg.children_per_parent)
-    if n_parents > len(shared):
-        raise ConfigError(f"synthetic: {len(children)} chat-only children, {cfg.children_per_parent} per parent, "
-                         f"need {n_parents} shared parents, there are {len(shared)}")
-    parents[children] = shared[np.arange(len(children)) // cfg.children_per_parent]
-    frequency[shared[:n_parents]] *= 2  # each child fires on half of its parent's firings
+    if cfg.parents_per_child > 1:  # each child draws its own parents; their rates are left alone
+        if cfg.parents_per_child > len(shared):
+            raise ConfigError(f"synthetic: parents_per_child = {cfg.parents_per_child}, there are "
+                              f"{len(shared)} shared features")
+        for child in children:
+            parents[child] = rng.choice(shared, cfg.parents_per_child, replace=False)
+    else:
+        n_parents = -(-len(children) // cfg.children_per_parent)
+        if n_parents > len(shared):
+            raise ConfigError(f"synthetic: {len(children)} chat-only children, {cfg.children_per_parent} per "
+                              f"parent, need {n_parents} shared parents, there are {len(shared)}")
+        parents[children, 0] = shared[np.arange(len(children)) // cfg.children_per_parent]
+        frequency[shared[:n_parents]] *= 2  # each child fires on half of its parent's firings
     return PlantedDictionary([base, chat], magnitudes, classes.astype(np.int64), frequency, parents)
 
 
@@ -141,9 +160,15 @@ def sample_activations(planted: PlantedDictionary, cfg: SyntheticConfig, n_token
         np.put_along_axis(fires, chosen, True, axis=1)
     else:
         fires = rng.random((n_tokens, F)) < planted.frequency
-    children = np.flatnonzero(planted.parents >= 0)
+    children = planted.children
     if len(children):
-        fires[:, children] = fires[:, planted.parents[children]] & (rng.random((n_tokens, len(children))) < 0.5)
+        parents = planted.parents[children]  # [C, P]
+        # one parent: its rate was doubled, the child takes half of its firings; several: the child
+        # takes the share of "any parent fires" that keeps its own rate
+        any_parent = 1 - np.prod(1 - np.where(parents >= 0, planted.frequency[parents], 0.0), axis=1)
+        share = np.where((parents >= 0).sum(1) == 1, 0.5, np.minimum(1.0, planted.frequency[children] / any_parent))
+        with_parent = (fires[:, parents] & (parents >= 0)).any(2)
+        fires[:, children] = with_parent & (rng.random((n_tokens, len(children))) < share)
     coeff = fires * rng.uniform(0.5, 1.5, size=(n_tokens, F))
     parts = []
     for s, directions in enumerate(planted.directions):

@@ -1,12 +1,14 @@
 """The planted-truth generator: chat-only features tied to a shared parent fire only with it."""
 
+import io
+
 import numpy as np
 import pytest
 
 from crosscoder.config import SyntheticConfig
 from crosscoder.shards import iter_samples, read_manifest
 from crosscoder.storage import Root
-from crosscoder.synthetic import CLASSES, plant_dictionary, read_planted, sample_activations, write_synthetic
+from crosscoder.synthetic import CLASSES, PlantedDictionary, plant_dictionary, read_planted, sample_activations, write_synthetic
 
 
 def coupled_config(**overrides) -> SyntheticConfig:
@@ -33,9 +35,10 @@ def test_children_fire_only_with_their_parent_on_about_half_of_its_firings(fixed
     cfg = coupled_config(fixed_count=fixed_count, chat_only_parent_fraction=0.5)
     planted = plant_dictionary(cfg)
     chat_only = np.flatnonzero(planted.classes == CLASSES.index("chat_only"))
-    children = np.flatnonzero(planted.parents >= 0)
+    children = planted.children
     assert len(children) == round(0.5 * len(chat_only)) and set(children) <= set(chat_only)
-    parents = planted.parents[children]
+    assert planted.parents.shape == (cfg.features, 1)
+    parents = planted.parents[children, 0]
     assert (planted.classes[parents] == CLASSES.index("shared")).all() and len(set(parents)) == len(parents)
 
     fires = firings(planted, cfg, 20000)
@@ -50,20 +53,39 @@ def test_children_fire_only_with_their_parent_on_about_half_of_its_firings(fixed
 def test_children_sharing_a_parent_fire_independently_of_each_other():
     cfg = coupled_config(children_per_parent=3)
     planted = plant_dictionary(cfg)
-    children = np.flatnonzero(planted.parents >= 0)
-    parents, counts = np.unique(planted.parents[children], return_counts=True)
+    children = planted.children
+    parents, counts = np.unique(planted.parents[children, 0], return_counts=True)
     assert len(children) == 6 and counts.tolist() == [3, 3]
     assert (planted.classes[parents] == CLASSES.index("shared")).all()
 
     fires = firings(planted, cfg, 40000)
     for parent in parents:
-        siblings = fires[:, children[planted.parents[children] == parent]]
+        siblings = fires[:, children[planted.parents[children, 0] == parent]]
         assert not (siblings & ~fires[:, [parent]]).any()
         on_parent = siblings[fires[:, parent]]
         assert ((on_parent.mean(0) > 0.4) & (on_parent.mean(0) < 0.6)).all()
         for i, j in [(0, 1), (0, 2), (1, 2)]:  # independent halves: a quarter of the parent's firings
             both = (on_parent[:, i] & on_parent[:, j]).mean()
             assert 0.18 < both < 0.32, both
+
+
+def test_a_child_with_several_parents_fires_only_with_one_of_them_at_its_usual_rate():
+    cfg = coupled_config(parents_per_child=4, fixed_count=False)
+    planted = plant_dictionary(cfg)
+    children = planted.children
+    assert planted.parents.shape == (cfg.features, 4) and len(children) == 6
+    for parents in planted.parents[children]:
+        assert len(set(parents)) == 4 and (planted.classes[parents] == CLASSES.index("shared")).all()
+
+    fires = firings(planted, cfg, 40000)
+    free_rate = np.mean([fires[:, f].mean() for f in np.flatnonzero(planted.classes == CLASSES.index("shared"))
+                         if f not in planted.parents])
+    for child, parents in zip(children, planted.parents[children]):
+        with_parent = fires[:, parents].any(1)
+        assert fires[:, child].sum() > 100 and not (fires[:, child] & ~with_parent).any()
+        assert 0.7 < fires[:, child].mean() / free_rate < 1.4  # the parents' rates are not raised
+        # it fires with every one of its parents, not with one of them only
+        assert all(0.1 < (fires[:, child] & fires[:, p]).sum() / fires[:, child].sum() for p in parents)
 
 
 def test_parents_are_written_with_the_planted_dictionary_and_bad_fractions_are_refused(tmp_path):
@@ -77,8 +99,19 @@ def test_parents_are_written_with_the_planted_dictionary_and_bad_fractions_are_r
         plant_dictionary(coupled_config(chat_only_parent_fraction=1.5))
     with pytest.raises(ValueError, match="shared parents"):
         plant_dictionary(coupled_config(shared_fraction=0.0, chat_only_fraction=0.7))
-    with pytest.raises(ValueError, match="children_per_parent must be at least 1"):
+    with pytest.raises(ValueError, match="children_per_parent and parents_per_child must be at least 1"):
         plant_dictionary(coupled_config(children_per_parent=0))
+    with pytest.raises(ValueError, match="not both"):
+        plant_dictionary(coupled_config(children_per_parent=2, parents_per_child=2))
+    with pytest.raises(ValueError, match="parents_per_child = 99"):
+        plant_dictionary(coupled_config(parents_per_child=99))
+    # a planted.npz written before parents_per_child holds one parent per feature: read as one column
+    old = again.to_bytes()
+    legacy = dict(np.load(io.BytesIO(old)))
+    legacy["parents"] = legacy["parents"][:, 0]
+    buf = io.BytesIO()
+    np.savez(buf, **legacy)
+    assert (PlantedDictionary.from_bytes(buf.getvalue()).parents == again.parents).all()
     assert sample_activations(again, cfg, 8, np.random.default_rng(1)).shape == (8, 128)
 
 
