@@ -34,7 +34,6 @@ function of (config, n), like a harvest's. No torch here.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -222,9 +221,6 @@ def read_planted(root: Root) -> PlantedDictionary:
     return PlantedDictionary.from_bytes(root.read_bytes(PLANTED))
 
 
-def describe(planted: PlantedDictionary) -> str:
-    names, counts = np.unique(planted.class_names, return_counts=True)
-    return json.dumps(dict(zip(names.tolist(), counts.tolist())))
 
 
 @dataclass
