@@ -94,17 +94,21 @@ class Analysis:
 
     def special_token_counts(self) -> dict[str, dict[str, int]]:
         """Per live class: how many latents fire mostly on the tokenizer's special tokens (the chat
-        template), and how many of those Latent Scaling keeps; arXiv 2504.02922 counts chat-only
-        latents this way (40% of its robust ones on Gemma 2). Empty without a tokenizer."""
+        template), and for the exclusive classes how many of those Latent Scaling keeps; arXiv
+        2504.02922 counts chat-only latents this way (40% of its robust ones on Gemma 2). Empty
+        without a tokenizer."""
         share = self.columns["special_share"]
         if not np.isfinite(share).any():
             return {}
         mostly = np.nan_to_num(share, nan=0.0) > MOSTLY_SPECIAL
         kept = self.columns["artifact"] == ""
-        return {cls: {"latents": int((self.classes == cls).sum()),
-                      "mostly_special": int((mostly & (self.classes == cls)).sum()),
-                      "kept_mostly_special": int((mostly & kept & (self.classes == cls)).sum())}
-                for cls in ("chat_only", "base_only", "shared")}
+        out = {}
+        for cls in ("chat_only", "base_only", "shared"):
+            member = self.classes == cls
+            out[cls] = {"latents": int(member.sum()), "mostly_special": int((mostly & member).sum())}
+            if cls != "shared":  # Latent Scaling looks at exclusive latents only
+                out[cls]["kept_mostly_special"] = int((mostly & kept & member).sum())
+        return out
 
     def summary(self) -> dict:
         return {"sources": list(self.sources), "tokens": self.tokens, "latents": len(self.classes),

@@ -155,7 +155,8 @@ def render(analysis: Analysis, title: str = "Crosscoder model-diffing report") -
     if special:
         parts.append("<p>Latents firing mostly (more than half of their firings) on the tokenizer's special "
                      "tokens, the chat template:</p>" + _table(
-                         [[cls, s["latents"], s["mostly_special"], s["kept_mostly_special"]] for cls, s in special.items()],
+                         [[cls, s["latents"], s["mostly_special"], s.get("kept_mostly_special", "—")]
+                          for cls, s in special.items()],
                          ["class", "latents", "mostly on special tokens", "of them kept by Latent Scaling"]))
     for cls, rows in analysis.attribution.items():
         table = [[r["token"], r["id"], f"{r['share']:.1%}", f"{r['lift']:.2f}", r["firings"]] for r in rows]
