@@ -221,8 +221,6 @@ def read_planted(root: Root) -> PlantedDictionary:
     return PlantedDictionary.from_bytes(root.read_bytes(PLANTED))
 
 
-
-
 @dataclass
 class Recovery:
     best_cosine: np.ndarray  # [F] best cosine of each planted feature with any latent's decoder
