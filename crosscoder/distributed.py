@@ -158,6 +158,7 @@ def gather_full_model(model: CrossCoder, layout: ParallelLayout) -> CrossCoder |
 
 def train_worker(config: dict) -> dict:
     """Entry point of every rank (``config``: run config dict, run_dir, data)."""
+    os.environ.update(config.get("env", {}))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 

@@ -13,6 +13,11 @@ return the weights' dtype; :func:`addmm_into` is the no-grad encoder product of 
 block of latents at a time, so the fp32 copy of the weights alive at once is one block
 (``D · UPCAST_BLOCK`` floats), not the dictionary.
 
+Testing as another CPU would: ``CROSSCODER_BF16_PRODUCTS`` = ``upcast`` or ``native`` forces one
+path whatever this CPU has (``auto``, the default, asks oneDNN). It is a test switch: a suite run
+on a CPU with bf16 units must also pass where the products are upcast, and the other way round
+(tests/test_distributed.py runs the bf16 trainer under both; README, "Testing").
+
 What it costs: where the path is taken, the training pre-activations ``[B, L]`` are fp32 (twice
 bf16's bytes) and the selection runs on them; :func:`matmul` (the dense path: L1 crosscoders, the
 aligned variant, decoding) holds a whole fp32 copy of its weight while it runs, twice the bf16
@@ -23,6 +28,7 @@ with native bf16 are untouched.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import Tensor
@@ -40,10 +46,21 @@ def _native_support(dtype: torch.dtype) -> bool:
         return False
 
 
+FORCE_VARIABLE = "CROSSCODER_BF16_PRODUCTS"  # auto | upcast | native (test switch, see above)
+
+
+def native_products(dtype: torch.dtype) -> bool:
+    """Whether reduced-precision products run in ``dtype`` itself on this CPU (or as forced)."""
+    forced = os.environ.get(FORCE_VARIABLE, "auto")
+    if forced not in ("auto", "upcast", "native"):
+        raise ValueError(f"{FORCE_VARIABLE} must be auto, upcast or native, got {forced!r}")
+    return _native_support(dtype) if forced == "auto" else forced == "native"
+
+
 def upcasts(weight: Tensor) -> bool:
     """Products with ``weight`` are computed in fp32 (reduced precision on a CPU without its units)."""
     return (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
-            and not _native_support(weight.dtype))
+            and not native_products(weight.dtype))
 
 
 def product_dtype(weight: Tensor) -> torch.dtype:

@@ -11,6 +11,7 @@ run directory must be on storage every worker sees (a shared file system on a cl
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .config import RunConfig, to_dict
@@ -39,7 +40,10 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: 
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "data": data,
-                           "stop_after": stop_after, "progress": progress},
+                           "stop_after": stop_after, "progress": progress,
+                           # the package's own switches (CROSSCODER_*: kernels, precision path, fault
+                           # tests) reach workers of a cluster started before they were set
+                           "env": {k: v for k, v in os.environ.items() if k.startswith("CROSSCODER_")}},
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": 1}),

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-# every server a test starts listens on 127.0.0.1 only (see ../shared/RECIPES.md for Ray's flag);
+# every server a test starts listens on 127.0.0.1 only (Ray keeps its listeners there with this flag);
 # the S3 credentials are moto's dummies, set before any Ray worker inherits the environment
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")

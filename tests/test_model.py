@@ -196,6 +196,7 @@ def test_latent_range_init_matches_the_full_dictionary_slice():
     assert torch.equal(part.W_dec, full.W_dec[32:80])
 
 
+@pytest.mark.precision
 @pytest.mark.parametrize("activation", ["topk", "batchtopk"])
 def test_sparse_kernels_equal_the_dense_path_in_loss_and_every_gradient(activation):
     """The sparse encoder backward and sparse decoder give the dense implementation's loss, AuxK
@@ -234,6 +235,7 @@ def test_sparse_kernels_equal_the_dense_path_in_loss_and_every_gradient(activati
             assert torch.allclose(th_s, th_d)
 
 
+@pytest.mark.precision
 @pytest.mark.parametrize("native_bf16", [False, True])
 def test_bf16_weights_on_a_cpu_without_bf16_gemm_multiply_in_fp32(monkeypatch, native_bf16):
     """precision.py: without native bf16 (as on this project's AVX2 machine), the training encoder
@@ -243,7 +245,7 @@ def test_bf16_weights_on_a_cpu_without_bf16_gemm_multiply_in_fp32(monkeypatch, n
     gradients match that model's within bf16 rounding. With native bf16 nothing is upcast."""
     from crosscoder import precision
 
-    monkeypatch.setattr(precision, "_native_support", lambda dtype: native_bf16)
+    monkeypatch.setenv(precision.FORCE_VARIABLE, "native" if native_bf16 else "upcast")
     monkeypatch.setattr(precision, "UPCAST_BLOCK", 96)  # 300 latents: blocks of 96, 96, 96, 12
     spec = CrossCoderSpec(["base", "chat"], [16, 24], 300, activation="batchtopk", k=5)
     x = (torch.randn(40, 40) * 2).bfloat16()
@@ -275,3 +277,23 @@ def test_bf16_weights_on_a_cpu_without_bf16_gemm_multiply_in_fp32(monkeypatch, n
         grad = results[torch.bfloat16][1][name]
         # bf16 residuals x̂ − x keep few digits (cancellation), so gradients agree to ~10%, not to 1e-3
         assert grad.dtype == torch.bfloat16 and float((grad.float() - grad32).norm() / grad32.norm()) < 0.25, name
+
+
+def test_the_precision_switch_is_read_at_each_product_and_refuses_bad_values(monkeypatch):
+    """CROSSCODER_BF16_PRODUCTS (a test switch) decides the dtype bf16 products run in, whatever this
+    CPU's bf16 units; a value other than auto/upcast/native is an error, not a silent default."""
+    from crosscoder import precision
+
+    x, w = torch.randn(4, 8).bfloat16(), torch.randn(8, 6).bfloat16()
+    out = torch.empty(4, 6, dtype=torch.float32)
+    monkeypatch.setenv(precision.FORCE_VARIABLE, "upcast")
+    assert precision.product_dtype(w) == torch.float32
+    precision.addmm_into(torch.zeros(6).bfloat16(), x, w, out)
+    assert torch.allclose(out, x.float() @ w.float(), atol=1e-5)
+    monkeypatch.setenv(precision.FORCE_VARIABLE, "native")
+    assert precision.product_dtype(w) == torch.bfloat16
+    assert precision.matmul(x, w).dtype == torch.bfloat16
+    assert not precision.upcasts(w.float())  # fp32 weights are never upcast
+    monkeypatch.setenv(precision.FORCE_VARIABLE, "fp8")
+    with pytest.raises(ValueError, match="must be auto, upcast or native, got 'fp8'"):
+        precision.upcasts(w)
