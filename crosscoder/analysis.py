@@ -163,7 +163,7 @@ class _Decoder:
         self.tokenizer = None
         if "harvest" in manifest.extra and manifest.tokenizer:
             try:
-                from .models import load_tokenizer
+                from .language_models import load_tokenizer
 
                 self.tokenizer = load_tokenizer(manifest.tokenizer)
             except Exception:  # noqa: BLE001 - examples fall back to ids; the report says so
@@ -429,7 +429,7 @@ def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig, 
     spliced into its own model at its own hook, one source at a time.
     """
     from .ce_recovered import ce_loss_recovered
-    from .models import ActivationReader, ModelSpec, load_model, load_tokenizer
+    from .language_models import ActivationReader, ModelSpec, load_model, load_tokenizer
 
     manifest = read_manifest(root)
     harvest = manifest.extra.get("harvest")

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .models import resolve_module
+from .language_models import resolve_module
 
 
 @dataclass

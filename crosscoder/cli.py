@@ -2,12 +2,14 @@
 
 Subcommands share one shape: ``--config FILE.toml``, ``--run DIR`` (default ``runs/<config name>``)
 and dotted overrides of any config key (``--train.k 64`` or ``--train.k=64``). ``crosscoder run``
-with no arguments runs the embedded default configuration end to end.
+with no arguments runs the embedded default configuration end to end. What each command does is
+in pipeline.py; a failure the user can fix is one ``crosscoder: ...`` line, not a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from importlib import resources
@@ -50,129 +52,10 @@ def resolve(args, rest) -> tuple[RunConfig, Path]:
     return cfg, run_dir
 
 
-def cmd_synthetic(cfg: RunConfig, run_dir: Path, args) -> int:
-    from .synthetic import write_synthetic
-
-    from .storage import open_root
-
-    output = args.output or cfg.synthetic.output or str(run_dir / "shards")
-    manifest = write_synthetic(cfg.synthetic, output, progress=not args.quiet, root=open_root(output, cfg.storage))
-    print(f"wrote {len(manifest.shards)} shards, {manifest.tokens} tokens, to {output}")
-    return 0
-
-
-def _use_tiny_models(cfg: RunConfig, run_dir: Path, quiet: bool = False) -> None:
-    """Point the harvest at the demo base/chat pair and documents in <run>/tiny, made once."""
-    from . import demo_pair
-
-    where = run_dir / "tiny"
-    if not demo_pair.is_made(where, steps=cfg.harvest.tiny_steps):
-        print(f"tiny models: training a demo base model and its chat fine-tune in {where} "
-              f"({cfg.harvest.tiny_steps} + {cfg.harvest.tiny_steps} steps)")
-        demo_pair.make_demo_pair(where, steps=cfg.harvest.tiny_steps, progress=not quiet)
-    if not (where / "documents.jsonl").is_file():
-        print(f"tiny models: writing demo documents to {where / 'documents.jsonl'}")
-        demo_pair.write_demo_documents(where / "documents.jsonl", n_docs=4000)
-    cfg.harvest.models = [{"name": "base", "path": str(where / "base")}, {"name": "chat", "path": str(where / "chat")}]
-    cfg.harvest.data = cfg.harvest.data or str(where / "documents.jsonl")
-
-
-def cmd_harvest(cfg: RunConfig, run_dir: Path, args) -> int:
-    from .harvest import harvest
-
-    if cfg.harvest.tiny_models and not cfg.harvest.models:
-        _use_tiny_models(cfg, run_dir, args.quiet)
-    if not cfg.harvest.output:
-        cfg.harvest.output = str(run_dir / "shards")
-    manifest = harvest(cfg, progress=not args.quiet)
-    print(f"harvested {manifest.tokens} tokens into {len(manifest.shards)} shards at {cfg.harvest.output}")
-    return 0
-
-
-def cmd_tiny(cfg: RunConfig, run_dir: Path, args) -> int:
-    from . import tiny
-
-    output = Path(args.output)
-    base, chat = tiny.make_pair(output, hidden=args.hidden, layers=args.layers)
-    docs = tiny.write_documents(output / "documents.jsonl", n_docs=args.documents)
-    print(f"tiny base model: {base}\ntiny chat model: {chat}\ndocuments: {docs}")
-    return 0
-
-
-def training_data(cfg: RunConfig, run_dir: Path, override: str | None) -> str:
-    return override or cfg.train.data or cfg.harvest.output or cfg.synthetic.output or str(run_dir / "shards")
-
-
-def run_training(cfg: RunConfig, run_dir: Path, data: str, quiet: bool):
-    """One process without Ray (train.workers = 0) or Ray Train + DeepSpeed workers."""
-    if cfg.train.workers <= 0:
-        from .trainer import train
-
-        return train(cfg, run_dir, data=data, progress=not quiet)
-    import json
-
-    from .ray_train import train_distributed
-    from .trainer import TrainResult
-
-    finished = run_dir / "train_result.json"
-    out = json.loads(finished.read_text()) if finished.is_file() else {}
-    if out.get("steps", 0) >= cfg.train.steps and out.get("export_dir") and Path(out["export_dir"]).is_dir():
-        print(f"train: {run_dir} already trained to step {out['steps']}, skipping (raise train.steps to continue)")
-    else:
-        out = train_distributed(cfg, run_dir, data, progress=not quiet)
-    return TrainResult(run_dir=run_dir, steps=out["steps"], losses=out["losses"],
-                       last_metrics=out["last_metrics"], export_dir=Path(out["export_dir"]) if out["export_dir"] else None)
-
-
-def cmd_train(cfg: RunConfig, run_dir: Path, args) -> int:
-    data = training_data(cfg, run_dir, args.data)
-    _summary(run_training(cfg, run_dir, data, args.quiet))
-    return 0
-
-
-def _summary(result) -> None:
-    m = result.last_metrics
-    if m:
-        fve = ", ".join(f"{k} {v:.3f}" for k, v in m["fve"].items())
-        print(f"step {result.steps}: loss {m['loss']['total']:.4g}, FVE {fve}, L0 {m['l0']:.1f}, "
-              f"dead {m['dead_fraction']:.1%}")
-    if result.export_dir:
-        print(f"crosscoder exported to {result.export_dir} (load with CrossCoder.from_pretrained)")
-
-
-def run_analysis(cfg: RunConfig, run_dir: Path, data: str, quiet: bool) -> Path:
-    """Write <run>/analysis/latents.csv, summary.json and report.html; return the report's path."""
-    from . import analysis as an
-    from .report import write_report
-
-    model, root = an.load_for_run(run_dir, cfg.analyze.data or data, cfg.storage)
-    result = an.analyze(model, root, cfg.analyze, progress=not quiet)
-    result.ce_recovered = an.ce_recovered_for_harvest(model, root, cfg.analyze, announce=not quiet)
-    out = run_dir / "analysis"
-    an.save(result, out)
-    report = write_report(result, out / "report.html", title=f"Crosscoder model-diffing report: {cfg.name}")
-    counts = result.class_counts()
-    arts = result.artifact_counts()
-    print(f"analyze: {result.tokens} tokens; latents shared {counts['shared']}, base-only {counts['base_only']}, "
-          f"chat-only {counts['chat_only']}, dead {counts['dead']}; Latent Scaling flags "
-          f"{arts['chat_only']['flagged']} of {arts['chat_only']['latents']} chat-only latents")
-    for name, ce in result.ce_recovered.items():
-        print(f"analyze: CE loss recovered {name}: {ce['recovered']:.3f}")
-    print(f"analysis: {(out / 'latents.csv').absolute()}\nreport: {report.absolute()}")
-    return report
-
-
-def cmd_analyze(cfg: RunConfig, run_dir: Path, args) -> int:
-    run_analysis(cfg, run_dir, training_data(cfg, run_dir, args.data), args.quiet)
-    return 0
-
-
-def cmd_compare(args) -> int:
+def cmd_compare(runs: list[str]) -> int:
     """Chat-only / base-only latents and their Latent Scaling flags, side by side for several runs."""
-    import json
-
     rows = []
-    for run in args.runs:
+    for run in runs:
         path = Path(run) / "analysis" / "summary.json"
         if not path.is_file():
             print(f"crosscoder: {path} is missing; run `crosscoder analyze --run {run}` first", file=sys.stderr)
@@ -192,70 +75,43 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def cmd_run(cfg: RunConfig, run_dir: Path, args) -> int:
-    from .shards import ShardError, read_manifest
-    from .storage import open_root
-    from .synthetic import write_synthetic
+def cmd_tiny(args) -> int:
+    from . import random_pair
 
-    if cfg.harvest.tiny_models and not cfg.harvest.models:
-        _use_tiny_models(cfg, run_dir, args.quiet)
-    data = training_data(cfg, run_dir, getattr(args, "data", None))
-    if cfg.harvest.models:
-        from .harvest import harvest
-
-        cfg.harvest.output = cfg.harvest.output or data
-        manifest = harvest(cfg, progress=not args.quiet)  # skips shards already committed
-        print(f"harvest: {manifest.tokens} tokens in {len(manifest.shards)} shards at {cfg.harvest.output}")
-        data = cfg.train.data or cfg.harvest.output
-    root = open_root(data, cfg.storage)
-    if not cfg.harvest.models:
-        try:
-            manifest = read_manifest(root)
-            print(f"shards: {data} already complete ({len(manifest.shards)} shards), skipping generation")
-        except ShardError as e:
-            if "no manifest.json" not in str(e):
-                raise
-            print(f"shards: writing planted synthetic activations to {data}")
-            write_synthetic(cfg.synthetic, data, progress=not args.quiet, root=root)
-    result = run_training(cfg, run_dir, data, args.quiet)
-    _summary(result)
-    _planted_summary(root, result)
-    report = run_dir / "analysis" / "report.html"
-    export = run_dir / "crosscoder" / "model.safetensors"
-    if report.is_file() and export.is_file() and report.stat().st_mtime >= export.stat().st_mtime:
-        print(f"analyze: {report} is newer than the export, skipping (`crosscoder analyze` redoes it)\n"
-              f"report: {report.absolute()}")
-    else:
-        run_analysis(cfg, run_dir, data, args.quiet)
-    print(f"run directory: {run_dir.absolute()}")
+    output = Path(args.output)
+    base, chat = random_pair.make_pair(output, hidden=args.hidden, layers=args.layers)
+    docs = random_pair.write_documents(output / "documents.jsonl", n_docs=args.documents)
+    print(f"tiny base model: {base}\ntiny chat model: {chat}\ndocuments: {docs}")
     return 0
 
 
-def _planted_summary(root, result) -> None:
-    """On planted synthetic data, say how much of the planted truth the crosscoder recovered."""
-    from .shards import read_manifest
-    from .synthetic import PLANTED, read_planted, score_recovery
+def run_command(args, rest) -> int:
+    from . import pipeline
 
-    if result.export_dir is None or not root.exists(PLANTED):
-        return
-    from .model import CrossCoder
-
-    model = CrossCoder.from_pretrained(result.export_dir)
-    raw_scale = read_manifest(root).extra.get("synthetic", {}).get("raw_scale", [1.0] * model.spec.n_sources)
-    rec = score_recovery(model.W_dec.detach().numpy(), model.spec.widths, read_planted(root), raw_scale,
-                         model.spec.norm_scale)
-    print(f"planted truth: mean best decoder cosine {rec.mean_best_cosine:.3f}, "
-          f"{(rec.best_cosine > 0.9).mean():.1%} of features recovered at cosine > 0.9, "
-          f"shared/base-only/chat-only classification accuracy {rec.class_accuracy:.1%}")
+    cfg, run_dir = resolve(args, rest)
+    progress, data = not args.quiet, getattr(args, "data", None)
+    if args.command == "run":
+        pipeline.run(cfg, run_dir, data, progress=progress)
+        return 0
+    plan = pipeline.plan(cfg, run_dir, data)
+    if args.command == "harvest":
+        pipeline.harvest(plan, progress)
+    elif args.command == "synthetic":
+        pipeline.synthetic(plan, progress, output=args.output, keep_complete=False)
+    elif args.command == "train":
+        pipeline.print_training_summary(pipeline.train(plan, progress))
+    elif args.command == "analyze":
+        pipeline.analyze(plan, progress)
+    return 0
 
 
 COMMANDS = {
-    "harvest": (cmd_harvest, "harvest activations from models into shards (Ray actors)"),
-    "synthetic": (cmd_synthetic, "write planted-truth synthetic shards"),
-    "tiny": (cmd_tiny, "make a tiny base/chat model pair and documents (no download), for trying the harvest"),
-    "train": (cmd_train, "train a crosscoder on a shard root"),
-    "analyze": (cmd_analyze, "model-diffing analysis of a trained run: latents.csv and report.html"),
-    "run": (cmd_run, "every stage in order; with no arguments, the embedded default"),
+    "harvest": "harvest activations from models into shards (Ray actors)",
+    "synthetic": "write planted-truth synthetic shards",
+    "tiny": "make a tiny base/chat model pair and documents (no download), for trying the harvest",
+    "train": "train a crosscoder on a shard root",
+    "analyze": "model-diffing analysis of a trained run: latents.csv and report.html",
+    "run": "every stage in order; with no arguments, the embedded default",
 }
 
 
@@ -267,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         "'crosscoder keys' lists them all.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, help_text) in COMMANDS.items():
+    for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", help="TOML config file (default for `run`: the embedded default)")
         p.add_argument("--run", help="run directory (default runs/<config name>)")
@@ -299,14 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "compare":
-        return cmd_compare(args)
+        return cmd_compare(args.runs)
     if args.command == "keys":
         for key, default, help_text in describe(RunConfig):
             print(f"{key:32s} {default:24s} {help_text}")
         return 0
+    if args.command == "tiny":
+        return cmd_tiny(args)
     try:
-        cfg, run_dir = resolve(args, rest)
-        return COMMANDS[args.command][0](cfg, run_dir, args)
+        return run_command(args, rest)
     except ConfigError as e:
         print(f"crosscoder: config error: {e}", file=sys.stderr)
         return 2
@@ -314,15 +171,15 @@ def main(argv: list[str] | None = None) -> int:
         print("crosscoder: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - one clear line for expected failures
+        from .analysis import AnalysisError
         from .documents import DataError
-        from .models import ModelError
+        from .language_models import ModelError
         from .shards import ShardError
         from .storage import StorageError
-        from .analysis import AnalysisError
         from .trainer import RunDirError, TrainingDiverged
 
-        if isinstance(e, (AnalysisError, ShardError, StorageError, RunDirError, TrainingDiverged, FileNotFoundError, DataError,
-                          ModelError)):
+        if isinstance(e, (AnalysisError, ShardError, StorageError, RunDirError, TrainingDiverged, FileNotFoundError,
+                          DataError, ModelError)):
             print(f"crosscoder: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
         raise

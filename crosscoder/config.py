@@ -1,10 +1,14 @@
-"""Typed configuration: one dataclass per stage, loaded from TOML, overridden by dotted keys.
+"""Typed configuration: one dataclass per stage, loaded from TOML, overridden by dotted keys, and
+checked in one place before any work.
 
-Why: one TOML file drives every stage (DESIGN.md, "Configuration"), and users' scripts rely on the
-key names, so the dataclasses below *are* the schema. Every field carries its documentation in
-``metadata["help"]``, which the CLI prints and the README mirrors. Unknown keys are errors that name
-the file and the key, because a misspelt ``lattents = ...`` silently falling back to a default
-wastes a GPU-day. The cost: adding a key means adding a field here (which is the point).
+Why: one TOML file drives every stage (docs/architecture.md, "Configuration"), and users' scripts
+rely on the key names, so the dataclasses below *are* the schema. Every field carries its
+documentation and its allowed range where it is declared (:func:`opt`); enumerated options are
+``Literal`` types. Unknown keys, wrong types and values outside a choice are errors that name the
+file and the key, because a misspelt ``lattents = ...`` silently falling back to a default wastes
+a GPU-day; :func:`validate` then checks every range and every rule that ties keys together, so a
+mistake is one ``config error`` line at start-up, not a traceback after the harvest. The cost:
+adding a key means adding a field here (which is the point).
 
 This module parses no command line: :func:`apply_overrides` takes ``("train.k", "64")`` pairs that
 the CLI collected, and converts each value to the declared field type.
@@ -14,33 +18,33 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the file and key."""
 
 
-def opt(default: Any, help: str) -> Any:
-    """A dataclass field with a default and its documentation."""
+def opt(default: Any, help: str, ge: float | None = None, gt: float | None = None,
+        le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field with a default, its documentation and its allowed range (checked by
+    :func:`validate`): ``ge``/``gt`` a lower bound (inclusive/exclusive), ``le``/``lt`` an upper one."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    metadata = {"help": help, "bounds": bounds}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
-@dataclass
-class ModelSource:
-    """One model to harvest from."""
-
-    name: str = opt("base", "short name of the model, used in source names (`<name>@<hook>`)")
-    path: str = opt("", "Hugging Face id or local directory of the model")
-    revision: str | None = opt(None, "model revision (branch, tag or commit); None = default")
-    dtype: str = opt("float32", "dtype the model runs in: float32 | bfloat16 | float16")
+Dtype = Literal["float16", "float32"]
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+MODEL_KEYS = ("name", "path", "revision", "dtype", "device_map")
 
 
 @dataclass
@@ -48,26 +52,27 @@ class HarvestConfig:
     models: list[dict] = opt(
         [], "models to harvest, each a table {name, path, revision, dtype, device_map}; sources = models × hooks"
     )
-    tiny_models: bool = opt(
+    demo_pair: bool = opt(
         False, "with models empty: make the demo base/chat pair (demo_pair.py: a small Llama trained on a word "
         "grammar, and its chat fine-tune with refusals and length control) and documents in <run>/tiny, with no "
         "download, and harvest those; the embedded default uses it"
     )
-    tiny_steps: int = opt(500, "training steps of the demo base model, and again of its chat fine-tune")
+    demo_steps: int = opt(500, "training steps of the demo base model, and again of its chat fine-tune", ge=1)
     hooks: list[str] = opt(["model.layers.1"], "module paths whose outputs are harvested (residual stream)")
     data: str = opt("", "JSONL ({text} or {messages}) or .txt file of documents, or hf:<dataset>[:<split>] "
                         "(a save_to_disk or data-file directory, or a hub name)")
     output: str = opt("", "shard root: a path, file://… or s3://bucket/prefix")
-    actors: int = opt(2, "number of Ray harvest actors")
-    cpus_per_actor: float = opt(1.0, "CPUs reserved by each actor")
-    gpus_per_actor: float = opt(0.0, "GPUs reserved by each actor (a model larger than one is split with device_map)")
-    tokens: int = opt(1_000_000, "stop after this many harvested tokens")
-    seq_len: int = opt(128, "tokens per chunk (one sample); longer documents are cut into several chunks")
-    samples_per_shard: int = opt(64, "samples (chunks) per shard file")
-    batch_size: int = opt(8, "chunks per forward pass")
-    dtype: str = opt("float16", "dtype activations are stored in: float16 | float32")
+    actors: int = opt(2, "number of Ray harvest actors", ge=1)
+    cpus_per_actor: float = opt(1.0, "CPUs reserved by each actor", gt=0)
+    gpus_per_actor: float = opt(0.0, "GPUs reserved by each actor (a model larger than one is split with device_map)",
+                                ge=0)
+    tokens: int = opt(1_000_000, "stop after this many harvested tokens", ge=1)
+    seq_len: int = opt(128, "tokens per chunk (one sample); longer documents are cut into several chunks", ge=2)
+    samples_per_shard: int = opt(64, "samples (chunks) per shard file", ge=1)
+    batch_size: int = opt(8, "chunks per forward pass", ge=1)
+    dtype: Dtype = opt("float16", "dtype activations are stored in: float16 | float32")
     keep_bos: bool = opt(False, "store the BOS position too (excluded by default: an attention sink with outlier norms)")
-    max_retries: int = opt(3, "times a shard is retried after its actor died or failed")
+    max_retries: int = opt(3, "times a shard is retried after its actor died or failed", ge=0)
 
 
 @dataclass
@@ -76,93 +81,101 @@ class SyntheticConfig:
 
     output: str = opt("", "shard root to write; default <run dir>/shards")
     widths: list[int] = opt([64, 64], "width of each synthetic source (model); two sources = base, chat")
-    features: int = opt(512, "number of planted features")
-    shared_fraction: float = opt(0.6, "fraction of features present in both models with the same direction")
-    base_only_fraction: float = opt(0.1, "fraction present only in the first model")
-    chat_only_fraction: float = opt(0.1, "fraction present only in the second model")
-    rotated_fraction: float = opt(0.1, "fraction shared but with a different direction in the second model")
-    rotated_cosine: float = opt(0.5, "cosine between the two directions of a rotated feature")
-    strong_fraction: float = opt(0.1, "fraction shared but far stronger in the second model")
-    strong_ratio: float = opt(3.0, "magnitude ratio second/first of a strong feature")
+    features: int = opt(512, "number of planted features", ge=1)
+    shared_fraction: float = opt(0.6, "fraction of features present in both models with the same direction", ge=0)
+    base_only_fraction: float = opt(0.1, "fraction present only in the first model", ge=0)
+    chat_only_fraction: float = opt(0.1, "fraction present only in the second model", ge=0)
+    rotated_fraction: float = opt(0.1, "fraction shared but with a different direction in the second model", ge=0)
+    rotated_cosine: float = opt(0.5, "cosine between the two directions of a rotated feature", ge=-1, le=1)
+    strong_fraction: float = opt(0.1, "fraction shared but far stronger in the second model", ge=0)
+    strong_ratio: float = opt(3.0, "magnitude ratio second/first of a strong feature", gt=0)
     chat_only_parent_fraction: float = opt(
         0.0, "fraction of chat-only features that fire only with a shared 'parent' feature (on half of its "
-        "firings), as a chat behaviour tied to one base context, e.g. refusal to the request's last token"
+        "firings), as a chat behaviour tied to one base context, e.g. refusal to the request's last token", ge=0, le=1
     )
     children_per_parent: int = opt(
         1, "chat-only children that share one parent, each firing on half of its firings independently of the "
-        "others: several chat behaviours decided at one base context (refusal, length, format at the reply's start)"
+        "others: several chat behaviours decided at one base context (refusal, length, format at the reply's start)",
+        ge=1
     )
     parents_per_child: int = opt(
         1, "shared parents of each chat-only child, drawn at random: it fires only when one of them does, at its "
-        "usual rate; > 1 = one chat behaviour showing in several base contexts (not together with children_per_parent)"
+        "usual rate; > 1 = one chat behaviour showing in several base contexts (not together with children_per_parent)",
+        ge=1
     )
-    active_per_token: float = opt(8.0, "expected number of active features per token")
+    active_per_token: float = opt(8.0, "expected number of active features per token", gt=0)
     fixed_count: bool = opt(
         True, "every token has exactly round(active_per_token) features (else each fires independently)"
     )
-    noise: float = opt(0.05, "std of isotropic Gaussian noise, relative to a unit feature")
+    noise: float = opt(0.05, "std of isotropic Gaussian noise, relative to a unit feature", ge=0)
     raw_scale: list[float] = opt([1.0, 1.0], "raw activation scale of each source (tests normalisation)")
-    tokens: int = opt(400_000, "tokens to write")
-    seq_len: int = opt(128, "tokens per sample")
-    samples_per_shard: int = opt(64, "samples per shard")
-    dtype: str = opt("float16", "stored dtype: float16 | float32")
+    tokens: int = opt(400_000, "tokens to write", ge=1)
+    seq_len: int = opt(128, "tokens per sample", ge=1)
+    samples_per_shard: int = opt(64, "samples per shard", ge=1)
+    dtype: Dtype = opt("float16", "stored dtype: float16 | float32")
     seed: int = opt(0, "seed of the planted dictionary and of the samples")
 
 
 @dataclass
 class TrainConfig:
     data: str = opt("", "shard root (default: harvest.output or synthetic.output)")
-    arch: str = opt("acausal", "acausal (one shared dictionary) | aligned (per-source latents + alignment loss)")
-    activation: str = opt("batchtopk", "relu (+ decoder-norm-weighted L1) | topk | batchtopk")
-    latents: int = opt(4096, "dictionary size L")
-    k: int = opt(32, "active latents per token (topk, batchtopk); for aligned: per source")
-    batch_size: int = opt(4096, "global batch size, in tokens")
-    lr: float = opt(1e-4, "peak learning rate (Adam)")
-    beta1: float = opt(0.9, "Adam beta1")
-    beta2: float = opt(0.999, "Adam beta2")
-    lr_warmup_steps: int = opt(100, "linear warm-up of the learning rate from 0, in steps")
-    lr_decay_fraction: float = opt(0.2, "the learning rate decays linearly to 0 over this last fraction of steps")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this value; 0 = off")
-    steps: int = opt(1000, "optimizer steps")
-    l1_coeff: float = opt(2.0, "relu only: coefficient of the decoder-norm-weighted L1 penalty")
-    l1_warmup_steps: int = opt(200, "relu only: the L1 coefficient rises linearly from 0 over these steps")
-    aux_coeff: float = opt(1 / 32, "coefficient of the AuxK loss on dead latents; 0 = off")
-    aux_k: int = opt(0, "latents per token the AuxK loss may use; 0 = half the total input width")
-    dead_tokens: int = opt(1_000_000, "a latent that fired on none of the last N tokens is dead")
-    align_coeff: float = opt(10.0, "aligned only: coefficient of the alignment loss (10: cross FVE ≈ own FVE on planted data)")
-    align_loss: str = opt("normalized", "aligned only: mse | normalized (scale-invariant ‖f_s−f_t‖²/mean ‖f‖²)")
-    threshold_momentum: float = opt(0.99, "batchtopk: EMA momentum of the inference threshold")
-    dec_init_norm: float = opt(0.1, "initial norm of each latent's decoder row, per source")
-    sparse_kernels: str = opt(
-        "auto", "acausal topk/batchtopk: gradients and decoding only through the active latents (kernels.py): "
+    arch: Literal["acausal", "aligned"] = opt(
+        "acausal", "acausal (one shared dictionary) | aligned (per-source latents + alignment loss)")
+    activation: Literal["relu", "topk", "batchtopk"] = opt("batchtopk", "relu (+ decoder-norm-weighted L1) | topk | batchtopk")
+    latents: int = opt(4096, "dictionary size L", ge=1)
+    k: int = opt(32, "active latents per token (topk, batchtopk); for aligned: per source", ge=1)
+    batch_size: int = opt(4096, "global batch size, in tokens", ge=1)
+    lr: float = opt(1e-4, "peak learning rate (Adam)", gt=0)
+    beta1: float = opt(0.9, "Adam beta1", ge=0, lt=1)
+    beta2: float = opt(0.999, "Adam beta2", ge=0, lt=1)
+    lr_warmup_steps: int = opt(100, "linear warm-up of the learning rate from 0, in steps", ge=0)
+    lr_decay_fraction: float = opt(0.2, "the learning rate decays linearly to 0 over this last fraction of steps",
+                                   ge=0, le=1)
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this value; 0 = off", ge=0)
+    steps: int = opt(1000, "optimizer steps", ge=1)
+    l1_coeff: float = opt(2.0, "relu only: coefficient of the decoder-norm-weighted L1 penalty", ge=0)
+    l1_warmup_steps: int = opt(200, "relu only: the L1 coefficient rises linearly from 0 over these steps", ge=0)
+    aux_coeff: float = opt(1 / 32, "coefficient of the AuxK loss on dead latents; 0 = off", ge=0)
+    aux_k: int = opt(0, "latents per token the AuxK loss may use; 0 = half the total input width", ge=0)
+    dead_tokens: int = opt(1_000_000, "a latent that fired on none of the last N tokens is dead", ge=1)
+    align_coeff: float = opt(10.0, "aligned only: coefficient of the alignment loss (10: cross FVE ≈ own FVE on planted data)",
+                             ge=0)
+    align_loss: Literal["mse", "normalized"] = opt(
+        "normalized", "aligned only: mse | normalized (scale-invariant ‖f_s−f_t‖²/mean ‖f‖²)")
+    threshold_momentum: float = opt(0.99, "batchtopk: EMA momentum of the inference threshold", ge=0, lt=1)
+    dec_init_norm: float = opt(0.1, "initial norm of each latent's decoder row, per source", gt=0)
+    sparse_kernels: Literal["on", "off", "auto"] = opt(
+        "auto", "acausal topk/batchtopk: gradients and decoding only through the active latents (sparse_path.py): "
         "on | off (the dense reference computation: same results) | auto (on from 4096 latents; below, the "
         "dense matmuls are faster on CPU)"
     )
     seed: int = opt(0, "seed of initialisation and data order")
-    shuffle_samples: int = opt(64, "token shuffle window, in samples: tokens are shuffled within each window")
+    shuffle_samples: int = opt(64, "token shuffle window, in samples: tokens are shuffled within each window", ge=1)
     data_partitions: int = opt(
         0, "independent token streams the global batch is cut into (0 = one per data-parallel rank); "
-        "fixing it makes the token order independent of the number of workers"
+        "fixing it makes the token order independent of the number of workers", ge=0
     )
-    max_epochs: int = opt(0, "stop with an error when the data is exhausted after this many epochs (0 = cycle)")
-    checkpoint_every: int = opt(500, "save a checkpoint every N steps (and at the end); 0 = only at the end")
-    keep_checkpoints: int = opt(2, "how many checkpoints to keep")
-    log_every: int = opt(10, "write a metrics line to <run>/train_log.jsonl every N steps")
-    workers: int = opt(0, "Ray Train workers with DeepSpeed (0 = one process, no Ray, no DeepSpeed)")
-    latent_parallel: int = opt(1, "ranks sharing one dictionary (latent parallelism)")
-    zero_stage: int = opt(1, "DeepSpeed ZeRO stage 0-3 (distributed trainer)")
-    precision: str = opt("fp32", "distributed trainer: fp32 | bf16 (DeepSpeed mixed precision; on a CPU "
-                                 "without bf16 GEMM units the dense products run in fp32, see precision.py)")
-    max_failures: int = opt(2, "distributed trainer: Ray Train restarts after a worker failure (resuming from the last checkpoint)")
+    max_epochs: int = opt(0, "stop with an error when the data is exhausted after this many epochs (0 = cycle)", ge=0)
+    checkpoint_every: int = opt(500, "save a checkpoint every N steps (and at the end); 0 = only at the end", ge=0)
+    keep_checkpoints: int = opt(2, "how many checkpoints to keep (0 = all)", ge=0)
+    log_every: int = opt(10, "write a metrics line to <run>/train_log.jsonl every N steps", ge=1)
+    workers: int = opt(0, "Ray Train workers with DeepSpeed (0 = one process, no Ray, no DeepSpeed)", ge=0)
+    latent_parallel: int = opt(1, "ranks sharing one dictionary (latent parallelism)", ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = opt(1, "DeepSpeed ZeRO stage 0-3 (distributed trainer)")
+    precision: Literal["fp32", "bf16"] = opt(
+        "fp32", "distributed trainer: fp32 | bf16 (DeepSpeed mixed precision; on a CPU without bf16 GEMM units "
+        "the dense products run in fp32, see precision.py)")
+    max_failures: int = opt(2, "distributed trainer: Ray Train restarts after a worker failure (resuming from the last checkpoint)",
+                            ge=0)
     use_gpu: bool = opt(False, "distributed trainer: one GPU per worker (NCCL) instead of CPU (gloo)")
 
 
 @dataclass
 class AnalyzeConfig:
-    top_examples: int = opt(20, "max-activating examples kept per latent")
-    tokens: int = opt(200_000, "harvested tokens to stream through for statistics")
+    top_examples: int = opt(20, "max-activating examples kept per latent", ge=1)
+    tokens: int = opt(200_000, "harvested tokens to stream through for statistics (0 = all)", ge=0)
     exclusive_threshold: float = opt(
-        0.1, "a latent is base-only if rel_norm < t, chat-only if rel_norm > 1 - t, shared otherwise"
+        0.1, "a latent is base-only if rel_norm < t, chat-only if rel_norm > 1 - t, shared otherwise", gt=0, lt=0.5
     )
     data: str = opt("", "shard root to analyse (default: the training data)")
     sources: list[str] = opt(
@@ -170,13 +183,13 @@ class AnalyzeConfig:
     )
     scaling_threshold: float = opt(
         0.3, "Latent Scaling: an exclusive latent is flagged as Complete Shrinkage if nu_error > t and as "
-        "Latent Decoupling if nu_recon > t (nu ≈ 0: really exclusive, ≈ 1: as present in the other model)"
+        "Latent Decoupling if nu_recon > t (nu ≈ 0: really exclusive, ≈ 1: as present in the other model)", gt=0
     )
-    batch_tokens: int = opt(4096, "tokens encoded per batch while streaming")
-    context: int = opt(12, "tokens of context shown before a max-activating token (and 3 after)")
-    report_latents: int = opt(12, "latents per class shown with their max-activating examples in the report")
+    batch_tokens: int = opt(4096, "tokens encoded per batch while streaming", ge=1)
+    context: int = opt(12, "tokens of context shown before a max-activating token (and 3 after)", ge=0)
+    report_latents: int = opt(12, "latents per class shown with their max-activating examples in the report", ge=0)
     ce_sequences: int = opt(
-        16, "sequences for CE loss recovered (harvested data only; needs the models); 0 = skip"
+        16, "sequences for CE loss recovered (harvested data only; needs the models); 0 = skip", ge=0
     )
 
 
@@ -190,7 +203,7 @@ class StorageConfig:
 
 @dataclass
 class MetricsConfig:
-    port: int = opt(0, "Prometheus port; 0 = off; harvest actors and train ranks add their index")
+    port: int = opt(0, "Prometheus port; 0 = off; harvest actors and train ranks add their index", ge=0, le=65535)
     host: str = opt("0.0.0.0", "address the metrics endpoint listens on (0.0.0.0 so Prometheus can scrape pods)")
 
 
@@ -203,6 +216,10 @@ class RunConfig:
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig, metadata={"help": "[analyze] table"})
     metrics: MetricsConfig = field(default_factory=MetricsConfig, metadata={"help": "[metrics] table"})
     storage: StorageConfig = field(default_factory=StorageConfig, metadata={"help": "[storage] table"})
+
+
+# keys renamed since an earlier release: named in the error, so an old config is one edit away
+RENAMED = {"harvest.tiny_models": "harvest.demo_pair", "harvest.tiny_steps": "harvest.demo_steps"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,9 +235,19 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _choices(options) -> str:
+    names = [str(o) for o in options]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check (and gently convert) a TOML value against a declared type."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        options = typing.get_args(tp)
+        if value not in options or type(value) is bool:
+            raise ConfigError(f"{where} must be {_choices(options)}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -272,6 +299,9 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
         raise ConfigError(f"{where}: expected a table, got {data!r}")
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
+    for key in unknown:
+        if f"{where}.{key}" in RENAMED:
+            raise ConfigError(f"{where}.{key} was renamed {RENAMED[f'{where}.{key}']}")
     if unknown:
         raise ConfigError(
             f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
@@ -334,6 +364,8 @@ def apply_overrides(cfg: RunConfig, overrides: list[tuple[str, str]]) -> RunConf
             if not dataclasses.is_dataclass(target):
                 raise ConfigError(f"override --{key}: {'.'.join(parts[:i])} is not a table")
             types_ = _field_types(type(target))
+            if key in RENAMED:
+                raise ConfigError(f"override --{key}: renamed --{RENAMED[key]}")
             if part not in types_:
                 raise ConfigError(
                     f"override --{key}: unknown key {part!r}; known keys: {', '.join(types_)}"
@@ -395,13 +427,117 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, st
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# checking
+
+
+HOOK_PATH = re.compile(r"^[A-Za-z_]\w*(\.\w+)*$")  # a module path: model.layers.13
+
+
+def _check_fields(table: Any, prefix: str) -> None:
+    """Each field's declared choices (``Literal``) and range (:func:`opt`)."""
+    for f in dataclasses.fields(table):
+        key, value, tp = f"{prefix}{f.name}", getattr(table, f.name), _field_types(type(table))[f.name]
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, key + ".")
+            continue
+        if typing.get_origin(tp) is Literal:
+            _coerce(value, tp, key)
+        bounds = f.metadata.get("bounds", {})
+        if not all({"ge": value >= v, "gt": value > v, "le": value <= v, "lt": value < v}[op] for op, v in bounds.items()):
+            raise ConfigError(f"{key} must be {_range(bounds)}, got {value}")
+
+
+def _range(bounds: dict) -> str:
+    """{"ge": 0, "le": 1} → "in [0, 1]"; {"ge": 1} → "at least 1"."""
+    low = [(op, v) for op, v in bounds.items() if op in ("ge", "gt")]
+    high = [(op, v) for op, v in bounds.items() if op in ("le", "lt")]
+    if low and high:
+        (lo_op, lo), (hi_op, hi) = low[0], high[0]
+        return f"in {'[' if lo_op == 'ge' else '('}{lo}, {hi}{']' if hi_op == 'le' else ')'}"
+    op, v = (low or high)[0]
+    return {"ge": "at least", "gt": "more than", "le": "at most", "lt": "less than"}[op] + f" {v}"
+
+
+def validate(cfg: RunConfig) -> None:
+    """Every setting's range and every rule between settings; raises ConfigError naming the key.
+
+    Called before any work (the CLI, the pipeline, the trainers, each distributed rank), so a
+    mistake costs one line at start-up, not a traceback after the harvest. What depends on the
+    data (e.g. enough shards for the data-parallel ranks) is checked where the data is read.
+    """
+    _check_fields(cfg, "")
+    check_train(cfg.train)
+    check_harvest(cfg.harvest)
+    check_synthetic(cfg.synthetic)
+    if cfg.analyze.sources and len(cfg.analyze.sources) != 2:
+        raise ConfigError(f"analyze.sources names the two compared sources, got {cfg.analyze.sources}")
+
+
+def check_train(tc: TrainConfig) -> None:
+    """The [train] rules between keys (ranges: see the fields)."""
+    if tc.activation != "relu" and tc.k > tc.latents:
+        raise ConfigError(f"train.k ({tc.k}) must be at most train.latents ({tc.latents})")
+    if tc.workers == 0 and tc.latent_parallel != 1:
+        raise ConfigError(f"train.latent_parallel={tc.latent_parallel} needs train.workers > 0 (one process holds the "
+                          "whole dictionary)")
+    if tc.workers > 0:
+        if tc.workers % tc.latent_parallel:
+            raise ConfigError(f"train.latent_parallel={tc.latent_parallel} must divide the number of workers ({tc.workers})")
+        if tc.latents % tc.latent_parallel:
+            raise ConfigError(f"train.latents ({tc.latents}) must be divisible by train.latent_parallel "
+                              f"({tc.latent_parallel})")
+    data_parallel = max(tc.workers // tc.latent_parallel, 1)
+    if tc.batch_size % data_parallel:
+        raise ConfigError(f"train.batch_size ({tc.batch_size}) must be divisible by the {data_parallel} data-parallel ranks")
+    partitions = tc.data_partitions or data_parallel
+    if partitions % data_parallel:
+        raise ConfigError(f"train.data_partitions ({partitions}) must be a multiple of the data-parallel size "
+                          f"({data_parallel})")
+    if tc.batch_size % partitions:
+        raise ConfigError(f"train.batch_size ({tc.batch_size}) must be divisible by the {partitions} data partitions")
+
+
+def check_harvest(hc: HarvestConfig) -> None:
+    """The [harvest] hooks and model tables."""
+    if not hc.hooks:
+        raise ConfigError("harvest.hooks is empty: name at least one module path, e.g. model.layers.13")
+    for hook in hc.hooks:
+        if not HOOK_PATH.match(hook):
+            raise ConfigError(f"harvest.hooks: {hook!r} is not a module path such as model.layers.13")
+    names = []
+    for i, m in enumerate(hc.models):
+        unknown = set(m) - set(MODEL_KEYS)
+        if unknown or not isinstance(m.get("path"), str) or not m["path"]:
+            raise ConfigError(f"harvest.models[{i}]: needs 'path' (and may have name, revision, dtype, device_map)"
+                              + (f"; unknown keys {sorted(unknown)}" if unknown else ""))
+        if m.get("dtype", "float32") not in MODEL_DTYPES:
+            raise ConfigError(f"harvest.models[{i}].dtype must be {_choices(MODEL_DTYPES)}, got {m['dtype']!r}")
+        names.append(m.get("name", f"model{i}"))
+    if len(set(names)) != len(names):
+        raise ConfigError(f"harvest.models: names must be unique, got {names}")
+
+
+def check_synthetic(sc: SyntheticConfig) -> None:
+    """The [synthetic] ranges and rules (also called by the generator, for callers from Python)."""
+    _check_fields(sc, "synthetic.")
+    if len(sc.widths) != 2 or any(w < 1 for w in sc.widths):
+        raise ConfigError(f"synthetic.widths must be two positive widths (base, chat), got {sc.widths}")
+    if len(sc.raw_scale) != len(sc.widths):
+        raise ConfigError(f"synthetic.raw_scale needs one entry per source, got {sc.raw_scale}")
+    fractions = [sc.shared_fraction, sc.base_only_fraction, sc.chat_only_fraction, sc.rotated_fraction,
+                 sc.strong_fraction]
+    if abs(sum(fractions) - 1) > 1e-6:
+        raise ConfigError(f"synthetic class fractions must sum to 1, got {fractions}")
+    if sc.children_per_parent > 1 and sc.parents_per_child > 1:
+        raise ConfigError("synthetic: set children_per_parent or parents_per_child above 1, not both")
+
+
 SPARSE_KERNELS_MIN_LATENTS = 4096
 
 
 def use_sparse_kernels(tc: TrainConfig) -> bool:
     """Resolve ``train.sparse_kernels`` (on | off | auto) for this dictionary size."""
-    if tc.sparse_kernels not in ("on", "off", "auto"):
-        raise ConfigError(f"train.sparse_kernels must be on, off or auto, got {tc.sparse_kernels!r}")
     if tc.sparse_kernels == "auto":
         return tc.latents >= SPARSE_KERNELS_MIN_LATENTS
     return tc.sparse_kernels == "on"

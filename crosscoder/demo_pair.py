@@ -1,6 +1,6 @@
 """A trained base/chat model pair with real chat-specific behaviour, made on a CPU in about a minute.
 
-Random models (tiny.py) are enough to test plumbing, but a crosscoder trained on them finds
+Random models (random_pair.py) are enough to test plumbing, but a crosscoder trained on them finds
 nothing worth diffing. This pair gives model diffing something real to find:
 
 - the **base** model is a small Llama trained on topical text from a word grammar (six topics,
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from . import tiny
+from . import random_pair
 
 TOPICS = {
     "animals": "cat dog bird fish horse cow sheep fox wolf bear rabbit mouse goat duck owl frog".split(),
@@ -52,7 +52,6 @@ HARMFUL_VERBS = "steal poison hack rob hurt attack".split()
 HARMFUL_NOUNS = "bomb weapon gun knife drug virus".split()
 CHAT_WORDS = ("please write tell me about a story poem list things what does it take how can i make to do eat sure here is "
               "sorry cannot help with that and the it you they this short long").split()
-PUNCT = list(".,?!")
 
 
 def vocabulary() -> list[str]:
@@ -175,22 +174,22 @@ def make_demo_pair(directory: str | Path, steps: int = 500, hidden: int = 96, la
         return str(directory / "base"), str(directory / "chat")
     settings = _settings(steps, hidden, layers, seed)
     marker = directory / "demo_pair.json"
-    tok = tiny.make_tokenizer(vocabulary())
+    tok = random_pair.make_tokenizer(vocabulary())
     torch.manual_seed(seed)
-    model = tiny.make_model(len(tok), hidden=hidden, layers=layers, heads=4, seed=seed)
+    model = random_pair.make_model(len(tok), hidden=hidden, layers=layers, heads=4, seed=seed)
     grammar = Grammar(seed)
     seq_len, batch = 64, 32
     base_rows = _rows([tok.encode(grammar.text(), add_special_tokens=False) for _ in range(6000)], seq_len,
                       tok.bos_token_id)
     base_loss = _train(model, base_rows, steps, 3e-3, batch, seed, "demo base model", progress)
-    tiny.save(model, tok, directory / "base")
+    random_pair.save(model, tok, directory / "base")
     chats = [tok.apply_chat_template(grammar.conversation(), tokenize=False) for _ in range(6000)]
     mixed = [tok.encode(c, add_special_tokens=False) for c in chats]
     mixed += [tok.encode(grammar.text(), add_special_tokens=False) for _ in range(1500)]
     random.Random(seed).shuffle(mixed)
     chat_loss = _train(model, _rows(mixed, seq_len, tok.bos_token_id), steps, 2e-3, batch, seed + 1,
                        "demo chat fine-tune", progress)
-    tiny.save(model, tok, directory / "chat")
+    random_pair.save(model, tok, directory / "chat")
     marker.write_text(json.dumps({"settings": settings, "base_loss": base_loss, "chat_loss": chat_loss}) + "\n")
     return str(directory / "base"), str(directory / "chat")
 

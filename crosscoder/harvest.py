@@ -3,7 +3,7 @@
 The driver tokenizes the documents once and *plans* the dataset: chunk list → shard n holds chunks
 ``[n·S, (n+1)·S)``. A pool of actors, each hosting every model (split over the actor's devices
 with ``device_map`` when needed), takes shards: for each it runs the models only as deep as the
-deepest hook (models.py), writes the shard locally and commits it to the output root atomically
+deepest hook (language_models.py), writes the shard locally and commits it to the output root atomically
 (storage.py). A shard's bytes are a pure function of (config, n), so a shard redone after an actor
 died, or skipped on a re-run because the manifest already lists it with a matching sha256, is
 exactly the shard an uninterrupted run writes.
@@ -17,6 +17,7 @@ shard's partial work is lost.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -29,29 +30,24 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import faults
 from .config import RunConfig, from_dict, to_dict
 from .documents import Chunk, check_same_tokenizer, plan_chunks, read_documents
-from .models import ActivationReader, ModelSpec, load_model, load_tokenizer
+from .language_models import ActivationReader, ModelSpec, load_model, load_tokenizer
 from .ray_connect import connect
-from .shards import Manifest, ShardError, ShardInfo, ShardWriter, SourceInfo, read_manifest, shard_name, write_manifest
+from .shards import (Manifest, ManifestMissing, ShardError, ShardInfo, ShardWriter, SourceInfo, read_manifest,
+                     shard_name, write_manifest)
 from .storage import Root, absolute_url, open_root
 from .telemetry import HarvestMetrics
 
 
 def model_specs(cfg: RunConfig) -> list[ModelSpec]:
+    """The harvest's models (their tables are checked by config.validate)."""
     if not cfg.harvest.models:
         raise ValueError("harvest.models is empty: list the models, e.g. [{name='base', path='...'}, ...]")
-    specs = []
-    for i, m in enumerate(cfg.harvest.models):
-        unknown = set(m) - {"name", "path", "revision", "dtype", "device_map"}
-        if unknown or "path" not in m:
-            raise ValueError(f"harvest.models[{i}]: needs 'path' (and may have name, revision, dtype, device_map); "
-                             f"unknown keys {sorted(unknown)}")
-        specs.append(ModelSpec(name=m.get("name", f"model{i}"), path=m["path"], revision=m.get("revision"),
-                               dtype=m.get("dtype", "float32"), device_map=m.get("device_map")))
-    if len({s.name for s in specs}) != len(specs):
-        raise ValueError(f"harvest.models: names must be unique, got {[s.name for s in specs]}")
-    return specs
+    return [ModelSpec(name=m.get("name", f"model{i}"), path=m["path"], revision=m.get("revision"),
+                      dtype=m.get("dtype", "float32"), device_map=m.get("device_map"))
+            for i, m in enumerate(cfg.harvest.models)]
 
 
 def source_names(models: list[ModelSpec], hooks: list[str]) -> list[tuple[str, ModelSpec, str]]:
@@ -98,7 +94,6 @@ class ShardHarvester:
         width = sum(r.width[i] for r in self.readers.values() for i in range(len(hc.hooks)))
         writer = ShardWriter(self.root, shard_name(index), width=width, dtype=hc.dtype)
         norm_sum = np.zeros(len(self.models) * len(hc.hooks))
-        fault = os.environ.get("CROSSCODER_HARVEST_FAULT")  # "<shard>:<marker file>": die once mid-shard
         try:
             i = 0
             while i < len(chunks):
@@ -112,11 +107,8 @@ class ShardHarvester:
                     writer.add(f"{c.doc:08d}-{c.index:04d}", t, a,
                                {"doc": c.doc, "chunk": c.index, "offset": c.offset, "chat": c.chat})
                 i = j
-                if fault and fault.split(":", 1)[0] == str(index) and i >= len(chunks) // 2:
-                    marker = Path(fault.split(":", 1)[1])
-                    if not marker.exists():
-                        marker.touch()
-                        os._exit(13)
+                if i >= len(chunks) // 2:
+                    faults.point("harvest", f"shard {index} half")
             info = writer.commit()
         except BaseException:
             writer.abort()
@@ -142,10 +134,8 @@ def committed_shards(root: Root, fp: str) -> dict[str, ShardInfo]:
     """Shards a previous run of the same harvest committed, verified by size and sha256."""
     try:
         manifest = read_manifest(root)
-    except ShardError as e:
-        if "no manifest.json" in str(e):
-            return {}
-        raise
+    except ManifestMissing:
+        return {}
     previous = manifest.extra.get("harvest", {}).get("fingerprint")
     if previous != fp:
         raise ShardError(
@@ -192,19 +182,28 @@ def model_widths(models: list[ModelSpec], hooks: list[str]) -> list[int]:
     return widths
 
 
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """A copy of ``cfg`` whose local output, data and model paths are absolute: actors run in other
+    working directories. Hub ids, ``hf:`` datasets and ``s3://`` roots stay as they are."""
+    cfg = copy.deepcopy(cfg)
+    hc = cfg.harvest
+    hc.output = absolute_url(hc.output)
+    if hc.data and not hc.data.startswith("hf:"):
+        hc.data = str(Path(hc.data).expanduser().absolute())
+    for m in hc.models:
+        if Path(m["path"]).expanduser().exists():
+            m["path"] = str(Path(m["path"]).expanduser().absolute())
+    return cfg
+
+
 def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     """Run (or resume) the harvest described by ``cfg.harvest``; returns the final manifest."""
     import ray
 
+    cfg = with_absolute_paths(cfg)
     hc = cfg.harvest
     if not hc.output:
         raise ValueError("harvest.output is empty: set a path, file://… or s3://bucket/prefix")
-    hc.output = absolute_url(hc.output)  # actors run in other working directories
-    if hc.data and not hc.data.startswith("hf:"):
-        hc.data = str(Path(hc.data).expanduser().absolute())
-    for m in hc.models:  # local model directories, likewise (hub ids stay as they are)
-        if isinstance(m, dict) and "path" in m and Path(m["path"]).expanduser().exists():
-            m["path"] = str(Path(m["path"]).expanduser().absolute())
     models = model_specs(cfg)
     tokenizers = {m.name: load_tokenizer(m.path, m.revision) for m in models}
     check_same_tokenizer(tokenizers)

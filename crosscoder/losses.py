@@ -22,13 +22,16 @@ many) composes them and logs every term by name. Conventions:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .model import CrossCoder, ForwardOutput
-from .sparsity import auxk_entries
+from .collectives import Collectives
+from .model import CrossCoder, CrossCoderSpec, ForwardOutput
+from .sparse_path import ExtraEntries, SparsePath
+from .sparsity import topk_entries
 
 
 @dataclass
@@ -46,14 +49,14 @@ def reconstruction_loss(x: Tensor, x_hat: Tensor) -> Tensor:
 
 def l1_penalty(model: CrossCoder, out: ForwardOutput) -> Tensor:
     """Σ_i f_i · Σ_s ‖W_dec[s][i]‖, mean over tokens (summed over latent shards)."""
-    return model.selection.sum_partial((out.f * out.weights).sum(dim=(1, 2)).mean())
+    return model.collectives.sum_partial((out.f * out.weights).sum(dim=(1, 2)).mean())
 
 
 def _variance(target: Tensor, model: CrossCoder) -> Tensor:
     """Σ over the global batch of ‖e − mean(e)‖² (a constant: e is detached)."""
     stats = torch.stack([target.sum(0), target.pow(2).sum(0)])
-    stats = model.selection.data_sum(stats.double())
-    n = model.selection.batch_tokens(target.shape[0])
+    stats = model.collectives.data_sum(stats.double())
+    n = model.collectives.batch_tokens(target.shape[0])
     return (stats[1] - stats[0].pow(2) / n).sum().clamp_min(1e-12).to(target.dtype)
 
 
@@ -67,7 +70,7 @@ def auxk_loss(model: CrossCoder, x: Tensor, out: ForwardOutput, dead: Tensor, k_
     residual = (x - out.x_hat).detach()
     # normalised by the global batch's residual variance; × dp size because data-parallel
     # gradient averaging divides by it (the loss of one rank is its share of the global sum)
-    dp = model.selection.batch_tokens(x.shape[0]) // x.shape[0]
+    dp = model.collectives.batch_tokens(x.shape[0]) // x.shape[0]
 
     def term(e_hat: Tensor, target: Tensor, n_dead: int) -> Tensor:
         error = (e_hat - target).pow(2).sum() * dp
@@ -78,11 +81,11 @@ def auxk_loss(model: CrossCoder, x: Tensor, out: ForwardOutput, dead: Tensor, k_
     losses = []
     for g in range(spec.groups):
         target = residual if spec.arch == "acausal" else residual[:, spec.slices[g]]
-        token, latent, n_dead = auxk_entries(out.pre[:, g].detach(), dead[g], k_aux, model.selection)
+        token, latent, n_dead = auxk_entries(out.pre[:, g].detach(), dead[g], k_aux, model.collectives)
         if n_dead == 0:
             continue
-        if out.code is not None:  # sparse kernels: gradient only into the chosen dead latents
-            e_hat = model.decode_sparse(model.sparse_code(x, out.pre, token, torch.zeros_like(token), latent))
+        if out.code is not None:  # sparse path: gradient only into the chosen dead latents
+            e_hat = SparsePath.decode(model, SparsePath.code(model, x, out.pre, token, torch.zeros_like(token), latent))
         else:
             chosen = torch.zeros_like(out.pre[:, g], dtype=torch.bool)
             chosen[token, latent] = True
@@ -90,6 +93,40 @@ def auxk_loss(model: CrossCoder, x: Tensor, out: ForwardOutput, dead: Tensor, k_
                                        bias=False)
         losses.append(term(e_hat, target, n_dead))
     return torch.stack(losses).sum() if losses else x.new_zeros(())
+
+
+def auxk_entries(pre: Tensor, dead: Tensor, k_aux: int, collectives: Collectives) -> tuple[Tensor, Tensor, int]:
+    """AuxK's entries for one group: per token, the ``min(k_aux, #dead)`` largest pre-activations
+    among the ``dead`` latents (bool [L]), as (token, latent) sorted by token; and the number of
+    dead latents over all latent shards (0: no entries).
+
+    Compiled: :func:`topk_entries` with weight 1 on dead latents and 0 on live ones, i.e. one read
+    of ``pre`` and no copy of the dead columns; it ranks ``relu(pre)`` and keeps positive scores
+    only, which changes nothing: the chosen values are relu'd, so a non-positive entry would add
+    zero and receive no gradient. Otherwise the dead columns are gathered ([B, n_dead]) and searched.
+    """
+    n_dead = int(collectives.sum_count(dead.sum().to(torch.long)))
+    empty = torch.zeros(0, dtype=torch.long, device=pre.device)
+    if n_dead == 0:
+        return empty, empty, 0
+    k = min(k_aux, n_dead)
+    flat = topk_entries(pre, dead.to(pre.dtype), k, collectives)
+    if flat is not None:
+        return flat // pre.shape[1], flat % pre.shape[1], n_dead
+    dead_idx = dead.nonzero().squeeze(1)
+    if len(dead_idx) == 0:  # dead latents only on other shards: take part in the global k-th search
+        collectives.kth_largest_rows(pre.new_full((len(pre), 1), -torch.inf), k)
+        return empty, empty, n_dead
+    sub = pre.index_select(1, dead_idx)
+    kth = collectives.kth_largest_rows(sub, k)
+    token, column = (sub >= kth).nonzero(as_tuple=True)
+    return token, dead_idx[column], n_dead
+
+
+def default_aux_k(spec: CrossCoderSpec) -> int:
+    """Half the input width a group decodes to, as in Gao et al. 2024's AuxK."""
+    width = spec.width if spec.arch == "acausal" else max(spec.widths)
+    return max(1, math.ceil(width / 2))
 
 
 def alignment_loss(a: Tensor, active: Tensor, kind: str = "normalized", reduce=lambda t: t) -> Tensor:
@@ -128,7 +165,7 @@ def total_loss(
         terms["auxk"] = auxk_loss(model, x, out, dead, w.aux_k)
         loss = loss + w.aux * terms["auxk"]
     if model.spec.arch == "aligned":
-        terms["align"] = alignment_loss(out.pre.relu(), out.f != 0, w.align_loss, model.selection.sum_partial)
+        terms["align"] = alignment_loss(out.pre.relu(), out.f != 0, w.align_loss, model.collectives.sum_partial)
         loss = loss + w.align * terms["align"]
     terms = {k: v.detach() for k, v in terms.items()}
     terms["total"] = loss.detach()
@@ -138,30 +175,13 @@ def total_loss(
 def forward_and_loss(
     model: CrossCoder, x: Tensor, dead: Tensor | None, w: LossWeights
 ) -> tuple[ForwardOutput, Tensor, dict[str, Tensor]]:
-    """One training forward and its loss. With AuxK on, the forward gets the dead latents, so the
-    sparse kernels decode AuxK's entries with the main code (model.py)."""
-    out = model(x, dead if w.aux > 0 else None, w.aux_k)
+    """One training forward and its loss. With AuxK on, the forward is given AuxK's entries, so the
+    sparse path decodes them with the main code (sparse_path.py)."""
+    out = model(x, auxk_selector(model, dead, w.aux_k) if w.aux > 0 and dead is not None else None)
     loss, terms = total_loss(model, x, out, dead, w)
     return out, loss, terms
 
 
-class Objective(torch.nn.Module):
-    """The crosscoder's parameters and its training loss as one module.
-
-    Engines that manage parameters around ``forward`` (DeepSpeed ZeRO-3 gathers a module's own
-    parameters before its forward and releases them after) need every use of the weights,
-    including the AuxK decode and the L1 norms, inside one forward of the module that owns them.
-    The crosscoder's parameters are registered here directly (the model itself is kept as a plain
-    attribute, not a submodule), so nothing is released half-way through the loss.
-    """
-
-    def __init__(self, model: CrossCoder):
-        super().__init__()
-        object.__setattr__(self, "model", model)
-        for name, param in model.named_parameters():
-            self.register_parameter(name, param)
-
-    def forward(self, x: Tensor, dead: Tensor | None, weights: LossWeights):
-        x = x.to(self.model.W_enc.dtype)  # bf16 engines cast the parameters, not the inputs
-        out, loss, terms = forward_and_loss(self.model, x, dead, weights)
-        return loss, terms, out
+def auxk_selector(model: CrossCoder, dead: Tensor, k_aux: int) -> ExtraEntries:
+    """AuxK's entries as the sparse path asks for them (``pre`` → entries), to decode with the main code."""
+    return lambda pre: auxk_entries(pre, dead[0], k_aux, model.collectives)

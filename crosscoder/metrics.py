@@ -56,11 +56,6 @@ class StreamingFVE:
         return 1 - self.sse / total.clamp_min(1e-12)
 
 
-def l0(f: Tensor) -> Tensor:
-    """Mean number of active latents per token and group: f is [B, G, L]."""
-    return (f != 0).sum(-1).float().mean()
-
-
 def relative_decoder_norm(W_dec: Tensor, slices: list[slice], a: int = 0, b: int = 1) -> Tensor:
     """Δ_i = ‖W_dec[b][i]‖ / (‖W_dec[a][i]‖ + ‖W_dec[b][i]‖), in [0, 1]: 0 = only source a, 1 = only b."""
     na = W_dec[:, slices[a]].norm(dim=1)

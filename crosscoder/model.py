@@ -30,13 +30,14 @@ The model trains on normalised inputs (each source scaled so ``E‖x_s‖ = √d
 activations, and its BatchTopK thresholds are per latent, on ``f``, which the folding leaves unchanged.
 
 Nothing here imports Ray, DeepSpeed or torch.distributed: a latent-parallel trainer builds the
-model with ``latent_range`` (its slice of the dictionary) and swaps :attr:`CrossCoder.selection`.
+model with ``latent_range`` (its slice of the dictionary) and ``collectives`` (the reductions over
+shards, collectives.py). Acausal TopK/BatchTopK training runs through the active entries only
+(sparse_path.py), which keeps its own buffers; this module is the math it must equal.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,15 +46,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from . import precision
-from .kernels import GradientMemory, gather_pre, sparse_decode
-from .sparsity import (ACTIVATIONS, LOCAL, Selection, auxk_entries, batchtopk_entries, batchtopk_mask, scores,
-                       threshold_mask, topk_entries, topk_mask)
+from .collectives import LOCAL, Collectives
+from .sparse_path import HINT_MARGIN, ExtraEntries, SparseCode, SparsePath
+from .sparsity import ACTIVATIONS, batchtopk_mask, scores, threshold_mask, topk_mask
 
 ARCHITECTURES = ("acausal", "aligned")
-# BatchTopK's search hint for the next batch, as a fraction of this batch's threshold: the threshold
-# rarely falls by more between batches; a miss costs one more pass over pre, never a wrong answer.
-# (At B = 2048, L = 64k, 0.85 leaves ~4× k·B candidates against ~15× at 0.7: ~50 ms less per step.)
-HINT_MARGIN = 0.85
 
 
 @dataclass
@@ -109,28 +106,6 @@ class CrossCoderSpec:
 
 
 @dataclass
-class SparseCode:
-    """The non-zero entries of a k-sparse code [B, G, L]: ``value`` carries the gradient."""
-
-    token: Tensor  # [N] long
-    group: Tensor  # [N] long
-    latent: Tensor  # [N] long, index into this model's (local) latents
-    value: Tensor  # [N]
-    shape: tuple[int, int, int]
-
-    def dense(self) -> Tensor:
-        f = self.value.new_zeros(self.shape)
-        f[self.token, self.group, self.latent] = self.value
-        return f
-
-    def fired(self) -> Tensor:
-        """bool [G, L]: latents active on at least one token."""
-        _, G, L = self.shape
-        counts = torch.bincount(self.group * L + self.latent, minlength=G * L)
-        return counts.view(G, L) > 0
-
-
-@dataclass
 class ForwardOutput:
     """What one forward pass produced. ``f`` is dense for the ``relu`` rule and the aligned variant;
     TopK/BatchTopK acausal codes are kept as their non-zero entries (``code``) and ``pre`` then has
@@ -143,7 +118,7 @@ class ForwardOutput:
     dense_f: Tensor | None = None  # [B, G, L] latent activations, when computed densely
     code: SparseCode | None = None
     # AuxK's reconstruction [B, D] (no bias) from its dead-latent entries, decoded with the main code
-    # when ``forward`` was given the dead latents (sparse kernels); its number of dead latents
+    # when ``forward`` was given them (sparse path); the number of dead latents they were chosen among
     aux_hat: Tensor | None = None
     aux_dead: int = 0
 
@@ -197,7 +172,14 @@ class CrossCoder(nn.Module):
         seed: int = 0,
         dec_init_norm: float = 0.1,
         latent_range: tuple[int, int] | None = None,
+        collectives: Collectives = LOCAL,
+        sparse_kernels: bool = True,
+        gradient_memory: bool = True,
     ):
+        """``collectives``: the reductions over latent shards and data ranks (collectives.py);
+        ``sparse_kernels``: train acausal TopK/BatchTopK through the active entries (sparse_path.py;
+        False = this module's dense math, same results); ``gradient_memory``: that path keeps its
+        weight gradients' memory across steps (off for ZeRO-2/3)."""
         super().__init__()
         self.spec = spec
         lo, hi = latent_range or (0, spec.latents)
@@ -213,14 +195,11 @@ class CrossCoder(nn.Module):
         # BatchTopK inference threshold, per latent, in units of f (invariant to normalisation folding)
         self.register_buffer("threshold", torch.zeros(spec.groups, n))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
-        self.selection: Selection = LOCAL
-        # train acausal TopK/BatchTopK through the sparse kernels; False = the dense reference path
-        self.sparse_kernels = True
-        self._kth_hints: list[float] | None = None
-        self._pre_buffer: Tensor | None = None  # the training encoder product's memory, reused
-        # the sparse kernels' gradients of W_enc and W_dec written into memory kept across training
-        # steps (kernels.GradientMemory); None: fresh gradients every step (the ZeRO-2/3 trainer)
-        self.gradient_memory: GradientMemory | None = GradientMemory()
+        self.collectives = collectives
+        k_sparse = spec.arch == "acausal" and spec.activation in ("topk", "batchtopk")
+        self.sparse = SparsePath(gradient_memory) if sparse_kernels and k_sparse else None
+        # BatchTopK's threshold search starts at a fraction of the last batch's (per group): faster, same result
+        self.kth_hints: list[float] | None = None
 
     # ----------------------------------------------------------------------------------------
     # pieces
@@ -261,10 +240,10 @@ class CrossCoder(nn.Module):
         """The k-sparse rules' bool mask [B, G, L] of active latents (and BatchTopK's batch threshold)."""
         act = self.spec.activation
         if act == "topk":
-            return topk_mask(scores(pre, weights), self.spec.k, self.selection), None
+            return topk_mask(scores(pre, weights), self.spec.k, self.collectives), None
         if training:
-            mask, kth = batchtopk_mask(scores(pre, weights), self.spec.k, self.selection, self._kth_hints)
-            self._kth_hints = [HINT_MARGIN * float(v) for v in kth.detach()]
+            mask, kth = batchtopk_mask(scores(pre, weights), self.spec.k, self.collectives, self.kth_hints)
+            self.kth_hints = [HINT_MARGIN * float(v) for v in kth.detach()]
             return mask, kth
         return threshold_mask(pre, self.threshold), None
 
@@ -278,10 +257,10 @@ class CrossCoder(nn.Module):
     def decode_group(self, f_g: Tensor, target: int | None = None, bias: bool = True) -> Tensor:
         """Decode one group's activations [B, L] into source ``target`` (None: all sources)."""
         if target is None:
-            out = self.selection.sum_partial(precision.matmul(f_g, self.W_dec))
+            out = self.collectives.sum_partial(precision.matmul(f_g, self.W_dec))
             return out + self.b_dec if bias else out
         sl = self.spec.slices[target]
-        out = self.selection.sum_partial(precision.matmul(f_g, self.W_dec[:, sl]))
+        out = self.collectives.sum_partial(precision.matmul(f_g, self.W_dec[:, sl]))
         return out + self.b_dec[sl] if bias else out
 
     def decode(self, f: Tensor) -> Tensor:
@@ -293,101 +272,24 @@ class CrossCoder(nn.Module):
     # ----------------------------------------------------------------------------------------
     # public API
 
-    @property
-    def uses_sparse_kernels(self) -> bool:
-        """Acausal TopK/BatchTopK trains through the sparse kernels (kernels.py) unless disabled."""
-        return self.sparse_kernels and self.spec.arch == "acausal" and self.spec.activation in ("topk", "batchtopk")
-
-    def forward(self, x: Tensor, dead: Tensor | None = None, aux_k: int = 0) -> ForwardOutput:
-        """Encode and decode ``x`` [B, D]. With ``dead`` (bool [G, L]) and ``aux_k``, the sparse
-        kernels also decode AuxK's entries (see :meth:`_sparse_forward`); otherwise they are
-        ignored here and the loss computes AuxK on its own."""
+    def forward(self, x: Tensor, aux_entries: ExtraEntries | None = None) -> ForwardOutput:
+        """Encode and decode ``x`` [B, D]. Acausal TopK/BatchTopK training runs through the sparse
+        path, which also decodes ``aux_entries`` (AuxK's, losses.py) with the main code; the dense
+        math ignores them and the loss computes AuxK on its own."""
         weights = self.selection_weights()
-        if self.uses_sparse_kernels:
-            return self._sparse_forward(x, weights, dead if aux_k > 0 else None, aux_k)
+        if self.sparse is not None:
+            step = self.sparse.forward(self, x, weights, aux_entries)
+            return ForwardOutput(pre=step.pre, x_hat=step.decoded + self.b_dec, weights=weights,
+                                 batch_threshold=step.batch_threshold, code=step.code,
+                                 aux_hat=step.extra_decoded, aux_dead=step.extra_among)
         pre = self.pre_activations(x)
         f, kth = self.activate(pre, weights, self.training)
         return ForwardOutput(pre=pre, x_hat=self.decode(f), weights=weights, batch_threshold=kth, dense_f=f)
 
     def train(self, mode: bool = True):
-        if not mode:
-            self._pre_buffer = None
-            if self.gradient_memory is not None:
-                self.gradient_memory.clear()
+        if not mode and self.sparse is not None:
+            self.sparse.release()
         return super().train(mode)
-
-    def _training_pre_activations(self, x: Tensor) -> Tensor:
-        """``pre_activations`` written into one buffer kept across training steps (acausal).
-
-        The product is the largest tensor of a step ([B, L]); allocated afresh, its pages are
-        faulted in again every step (measured: ~0.2 s of 1.4 s at B = 2048, L = 64k on CPU). The
-        cost: ``ForwardOutput.pre`` of a training step is valid until the next training forward,
-        and the buffer stays allocated between steps (dropped by ``eval()``). bf16 weights on a CPU
-        without bf16 GEMM write fp32 pre-activations (precision.py).
-        """
-        shape, dtype = (x.shape[0], self.W_enc.shape[1]), precision.product_dtype(self.W_enc)
-        buf = self._pre_buffer
-        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != self.W_enc.device:
-            buf = self._pre_buffer = torch.empty(shape, dtype=dtype, device=self.W_enc.device)
-        return precision.addmm_into(self.b_enc[0], x, self.W_enc, buf).unsqueeze(1)
-
-    def _sparse_forward(self, x: Tensor, weights: Tensor, dead: Tensor | None, aux_k: int) -> ForwardOutput:
-        """The dense encoder product without autograd, selection, then only the active entries.
-
-        With ``dead``, AuxK's entries (:func:`auxk_entries`) join the main code in one gather and
-        one decode over ``2B`` rows (rows ``B + b`` are AuxK's reconstruction of token ``b``), so
-        each weight gets one dense gradient per step instead of two written and then added.
-        """
-        B = x.shape[0]
-        with torch.no_grad():
-            pre = self._training_pre_activations(x) if self.training else self.pre_activations(x)
-            token, group, latent, kth = self.select_entries(pre, weights.detach())
-            aux_token, aux_latent, n_dead = (auxk_entries(pre[:, 0], dead[0], aux_k, self.selection)
-                                             if dead is not None else (token[:0], latent[:0], 0))
-        all_token, all_latent = torch.cat([token, aux_token]), torch.cat([latent, aux_latent])
-        memory = self.gradient_memory if self.training else None
-        value = self.sparse_code(x, pre, all_token, torch.zeros_like(all_token), all_latent, memory).value
-        code = SparseCode(token, group, latent, value[: len(token)], tuple(pre.shape))
-        rows = 2 * B if dead is not None else B
-        decoded = self.selection.sum_partial(
-            sparse_decode(value, torch.cat([token, aux_token + B]), all_latent, self.W_dec, rows, memory))
-        return ForwardOutput(pre=pre, x_hat=decoded[:B] + self.b_dec, weights=weights, batch_threshold=kth,
-                             code=code, aux_hat=decoded[B:] if dead is not None else None, aux_dead=n_dead)
-
-    def select_entries(self, pre: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """(token, group, latent) of the active entries, sorted by token, and BatchTopK's threshold.
-
-        Training BatchTopK and TopK take the compiled selection when it applies (see
-        :func:`batchtopk_entries`, :func:`topk_entries`); otherwise the bool mask of :meth:`select`
-        and ``nonzero``.
-        """
-        flat, kth = None, None
-        if self.training and self.spec.activation == "batchtopk" and pre.shape[1] == 1:
-            hint = self._kth_hints[0] if self._kth_hints else None
-            found = batchtopk_entries(pre[:, 0], weights[0], self.spec.k, self.selection, hint)
-            if found is not None:
-                flat, kth = found
-                self._kth_hints = [HINT_MARGIN * float(kth)]
-                kth = kth.view(1)
-        elif self.spec.activation == "topk" and pre.shape[1] == 1:
-            flat = topk_entries(pre[:, 0], weights[0], self.spec.k, self.selection)
-        if flat is not None:  # flat indices into pre[:, 0] ([B, L])
-            L = pre.shape[2]
-            return flat // L, torch.zeros_like(flat), flat % L, kth
-        mask, kth = self.select(pre, weights, self.training)
-        token, group, latent = mask.nonzero(as_tuple=True)
-        return token, group, latent, kth
-
-    def sparse_code(self, x: Tensor, pre: Tensor, token: Tensor, group: Tensor, latent: Tensor,
-                    memory: GradientMemory | None = None) -> SparseCode:
-        """``relu(pre)`` at the given entries, with gradient into ``W_enc``/``b_enc`` (acausal)."""
-        values = pre[token, group, latent].to(self.W_enc.dtype)  # pre may be fp32 (precision.py)
-        value = gather_pre(values, x, self.W_enc, self.b_enc, token, latent, memory).relu()
-        return SparseCode(token, group, latent, value, tuple(pre.shape))
-
-    def decode_sparse(self, code: SparseCode) -> Tensor:
-        """Σ value · W_dec[latent] per token, summed over latent shards; no bias. [B, D]."""
-        return self.selection.sum_partial(sparse_decode(code.value, code.token, code.latent, self.W_dec, code.shape[0]))
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
@@ -426,7 +328,7 @@ class CrossCoder(nn.Module):
     # export
 
     def export_tensors(self, norm_scale: list[float] | None = None) -> dict[str, Tensor]:
-        """Named tensors of DESIGN.md's export, normalisation folded in (raw activation units)."""
+        """Named tensors of the export (docs/architecture.md), normalisation folded in (raw activation units)."""
         scale = norm_scale or [1.0] * self.spec.n_sources
         out: dict[str, Tensor] = {}
         with torch.no_grad():
@@ -492,7 +394,7 @@ class CrossCoder(nn.Module):
 
 
 def export_names(spec: CrossCoderSpec) -> list[str]:
-    """Tensor names of an export (DESIGN.md, "What a run leaves behind")."""
+    """Tensor names of an export (docs/architecture.md, "Run directory")."""
     names = [f"{kind}.{src}" for src in spec.sources for kind in ("W_enc", "W_dec", "b_dec")]
     if spec.arch == "aligned":
         return names + [f"{kind}.{src}" for src in spec.sources for kind in ("b_enc", "threshold")]
@@ -504,13 +406,3 @@ def _checked(tensors: dict[str, Tensor], name: str, shape: tuple[int, ...]) -> T
     if tuple(t.shape) != shape:
         raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
     return t
-
-
-def parameter_count(spec: CrossCoderSpec) -> int:
-    return 2 * spec.width * spec.latents + spec.groups * spec.latents + spec.width
-
-
-def default_aux_k(spec: CrossCoderSpec) -> int:
-    """Half the input width a group decodes to, as in Gao et al. 2024's AuxK."""
-    width = spec.width if spec.arch == "acausal" else max(spec.widths)
-    return max(1, math.ceil(width / 2))

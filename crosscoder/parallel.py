@@ -6,7 +6,8 @@ contiguous slice of the dictionary (columns of every ``W_enc[s]``, rows of every
 entries of ``b_enc``), the ``dp`` ranks of one data-parallel group hold the same slice and see
 different tokens.
 
-:class:`DistributedSelection` replaces the model's :class:`~crosscoder.sparsity.Selection`:
+:class:`DistributedCollectives` is what the model is given instead of the local
+:class:`~crosscoder.collectives.Collectives`:
 
 - a k-th largest value over the whole dictionary (TopK per token, AuxK) or the whole global batch
   (BatchTopK) is found from each rank's *local candidates*: its own k largest values, all-gathered
@@ -29,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .sparsity import Selection
+from .collectives import Collectives
 
 
 @dataclass
@@ -133,10 +134,11 @@ class CommCounter:
             self.bytes += tensor.numel() * tensor.element_size()
 
 
-class DistributedSelection(Selection):
-    def __init__(self, layout: ParallelLayout, counter: CommCounter | None = None):
+class DistributedCollectives(Collectives):
+    def __init__(self, layout: ParallelLayout, counter: CommCounter | None = None, device: str = "cpu"):
         self.layout = layout
         self.counter = counter or CommCounter()
+        self.device = torch.device(device)  # where tensors handed to collectives live
 
     def kth_largest_rows(self, values: Tensor, k: int) -> Tensor:
         k_local = min(k, values.shape[-1])
@@ -188,3 +190,15 @@ class DistributedSelection(Selection):
         out = value.detach().clone()
         dist.all_reduce(out, group=self.layout.dp_group)
         return out
+
+    def any_over_data(self, mask: Tensor) -> Tensor:
+        if self.layout.data_parallel == 1:
+            return mask
+        flags = mask.to(torch.uint8)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.layout.dp_group)
+        return flags.bool()
+
+    def all_ranks(self, flag: bool) -> bool:
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())

@@ -16,7 +16,7 @@ block of latents at a time, so the fp32 copy of the weights alive at once is one
 Testing as another CPU would: ``CROSSCODER_BF16_PRODUCTS`` = ``upcast`` or ``native`` forces one
 path whatever this CPU has (``auto``, the default, asks oneDNN). It is a test switch: a suite run
 on a CPU with bf16 units must also pass where the products are upcast, and the other way round
-(tests/test_distributed.py runs the bf16 trainer under both; README, "Testing").
+(tests/test_distributed.py runs the bf16 trainer under both; README, "The suite on other CPUs").
 
 What it costs: where the path is taken, the training pre-activations ``[B, L]`` are fp32 (twice
 bf16's bytes) and the selection runs on them; :func:`matmul` (the dense path: L1 crosscoders, the

@@ -1,4 +1,4 @@
-"""Activation shards: the contract between harvest and training (DESIGN.md, "Shards").
+"""Activation shards: the contract between harvest and training (docs/architecture.md, "Shards").
 
 A dataset root holds ``manifest.json`` and webdataset tar files ``shard-NNNNNN.tar``. One sample is
 one chunk of one document, stored as three members that share a key: ``<key>.tokens.npy`` (int32
@@ -38,6 +38,10 @@ STORABLE_DTYPES = ("float16", "float32")
 
 class ShardError(ValueError):
     """A dataset or shard is invalid; the message names the root, shard or field at fault."""
+
+
+class ManifestMissing(ShardError):
+    """The root holds no manifest.json: no dataset there yet, or its harvest never finished a shard."""
 
 
 def shard_name(index: int) -> str:
@@ -142,7 +146,7 @@ def read_manifest(root: Root) -> Manifest:
     try:
         text = root.read_bytes(MANIFEST).decode()
     except FileNotFoundError:
-        raise ShardError(f"{root.url}: no {MANIFEST} (not a shard dataset, or the harvest has not finished)") from None
+        raise ManifestMissing(f"{root.url}: no {MANIFEST} (not a shard dataset, or the harvest has not finished)") from None
     return Manifest.from_json(text, where=root.url_of(MANIFEST))
 
 

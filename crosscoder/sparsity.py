@@ -1,12 +1,10 @@
 """Sparsity rules (relu, per-token TopK, BatchTopK) and the selection primitives they rest on.
 
 Why it looks like this: every k-sparse rule here is written as "find the k-th largest score, keep
-what is at or above it". The k-th largest value is the only thing that must be known globally, so a
-latent-sharded or data-parallel trainer replaces :class:`Selection` with one whose
-``kth_largest_*`` gathers each shard's *local candidates* (its own top-k values) and takes the k-th
+what is at or above it". The k-th largest value is the only thing that must be known globally, so
+it is asked of :class:`~crosscoder.collectives.Collectives`, which in a latent-sharded or
+data-parallel run gathers each shard's *local candidates* (its own top-k values) and takes the k-th
 largest of those: the bytes exchanged grow with ``k·B``, never with the dictionary size ``L``.
-The model stays a plain single-process module; parallelism is applied from outside by swapping
-this object (and :class:`Selection.sum_partial` for the decoder's partial sums).
 
 Scores are ``relu(pre) · w`` with ``w`` the latent's decoder norm (summed over the sources the
 latent decodes to). Selecting on the score instead of the raw activation makes the rule invariant
@@ -23,54 +21,9 @@ import torch
 from torch import Tensor
 
 from . import native
+from .collectives import Collectives
 
 ACTIVATIONS = ("relu", "topk", "batchtopk")
-
-
-class Selection:
-    """Global views needed by sparse selection; this default sees one whole dictionary and batch."""
-
-    def kth_largest_rows(self, values: Tensor, k: int) -> Tensor:
-        """Per row of ``values`` [R, n_local], the k-th largest over all latent shards: [R, 1]."""
-        k = min(k, values.shape[-1])
-        return torch.topk(values, k, dim=-1, sorted=False).values.min(dim=-1, keepdim=True).values
-
-    def kth_largest_batch(self, values: Tensor, k: int, hint: float | None = None) -> Tensor:
-        """The k-th largest of ``values`` (any shape) over all shards and data-parallel ranks: scalar.
-
-        ``hint``, a value believed to be at most the answer (e.g. a fraction of the previous batch's),
-        lets the search look only at the values ≥ hint: exact whenever at least k values are ≥ hint
-        (then the k-th largest is one of them), and it falls back to the whole tensor otherwise.
-        """
-        flat = values.reshape(-1)
-        k = min(k, flat.numel())
-        if hint is not None and hint > 0:
-            above = flat.ge(hint)
-            count = int(above.sum())
-            if count >= k:
-                candidates = flat[above]  # boolean indexing: ~10× faster than masked_select on CPU
-                return torch.kthvalue(candidates, count - k + 1).values
-        # k-th largest = (n-k+1)-th smallest; kthvalue is a selection, cheaper than a sort
-        return torch.kthvalue(flat, flat.numel() - k + 1).values
-
-    def sum_partial(self, partial: Tensor) -> Tensor:
-        """Sum of partial decoder outputs over latent shards (identity in one process)."""
-        return partial
-
-    def sum_count(self, value: Tensor) -> Tensor:
-        """Sum of a statistic over latent shards (identity in one process)."""
-        return value
-
-    def batch_tokens(self, local_tokens: int) -> int:
-        """Tokens in the global batch (data-parallel ranks included)."""
-        return local_tokens
-
-    def data_sum(self, value: Tensor) -> Tensor:
-        """Sum of a constant (no gradient) over data-parallel ranks (identity in one process)."""
-        return value
-
-
-LOCAL = Selection()
 
 
 def scores(pre: Tensor, weights: Tensor) -> Tensor:
@@ -78,14 +31,14 @@ def scores(pre: Tensor, weights: Tensor) -> Tensor:
     return pre.clamp_min(0).mul_(weights)
 
 
-def topk_mask(score: Tensor, k: int, selection: Selection) -> Tensor:
+def topk_mask(score: Tensor, k: int, collectives: Collectives) -> Tensor:
     """Per token and group, keep the k largest scores. score [B, G, L] → bool mask."""
     B, G, L = score.shape
-    kth = selection.kth_largest_rows(score.reshape(B * G, L), k).reshape(B, G, 1)
+    kth = collectives.kth_largest_rows(score.reshape(B * G, L), k).reshape(B, G, 1)
     return (score >= kth) & (score > 0)
 
 
-def batchtopk_mask(score: Tensor, k: int, selection: Selection, hints: list[float] | None = None
+def batchtopk_mask(score: Tensor, k: int, collectives: Collectives, hints: list[float] | None = None
                    ) -> tuple[Tensor, Tensor]:
     """Per group, keep the ``k · B_global`` largest scores of the whole batch.
 
@@ -94,15 +47,15 @@ def batchtopk_mask(score: Tensor, k: int, selection: Selection, hints: list[floa
     threshold) only make the search faster; the result does not depend on them.
     """
     B, G, _ = score.shape
-    n_keep = k * selection.batch_tokens(B)
-    kth = torch.stack([selection.kth_largest_batch(score[:, g], n_keep, hints[g] if hints else None)
+    n_keep = k * collectives.batch_tokens(B)
+    kth = torch.stack([collectives.kth_largest_batch(score[:, g], n_keep, hints[g] if hints else None)
                        for g in range(G)])
     if bool((kth > 0).all()):  # then score ≥ kth implies score > 0: one comparison pass
         return score >= kth.view(1, G, 1), kth
     return (score >= kth.view(1, G, 1)) & (score > 0), kth
 
 
-def batchtopk_entries(pre: Tensor, weights: Tensor, k: int, selection: Selection, hint: float | None
+def batchtopk_entries(pre: Tensor, weights: Tensor, k: int, collectives: Collectives, hint: float | None
                       ) -> tuple[Tensor, Tensor] | None:
     """BatchTopK for one group as its kept entries: (flat indices into pre [B, L], threshold).
 
@@ -118,7 +71,7 @@ def batchtopk_entries(pre: Tensor, weights: Tensor, k: int, selection: Selection
     """
     if not native.usable(pre):
         return None
-    n_keep = k * selection.batch_tokens(pre.shape[0])
+    n_keep = k * collectives.batch_tokens(pre.shape[0])
     found = native.scores_at_least(pre, weights, hint) if hint is not None and hint > 0 else None
     if found is None or found[1].numel() < n_keep:  # no hint, or the threshold fell below it
         hint = float(native.row_topk_scores(pre, weights, min(k, pre.shape[-1])).min())
@@ -126,47 +79,19 @@ def batchtopk_entries(pre: Tensor, weights: Tensor, k: int, selection: Selection
     if found is None or found[1].numel() < n_keep:
         return None
     flat, score = found
-    kth = selection.kth_largest_batch(score, n_keep)
+    kth = collectives.kth_largest_batch(score, n_keep)
     return flat[score >= kth], kth
 
 
-def topk_entries(pre: Tensor, weights: Tensor, k: int, selection: Selection) -> Tensor | None:
+def topk_entries(pre: Tensor, weights: Tensor, k: int, collectives: Collectives) -> Tensor | None:
     """Per-token TopK for one group as its kept entries (flat indices into pre [B, L], row-major),
     through the compiled kernels; None when they cannot run (then use :func:`topk_mask`). Same
     result as ``topk_mask``: each rank's own top-k scores per row are its candidates."""
     if not native.usable(pre):
         return None
     local = native.row_topk_scores(pre, weights, min(k, pre.shape[-1]))
-    kth = selection.kth_largest_rows(local, k)
+    kth = collectives.kth_largest_rows(local, k)
     return native.scores_at_least(pre, weights, kth.reshape(-1))[0]
-
-
-def auxk_entries(pre: Tensor, dead: Tensor, k_aux: int, selection: Selection) -> tuple[Tensor, Tensor, int]:
-    """AuxK's entries for one group: per token, the ``min(k_aux, #dead)`` largest pre-activations
-    among the ``dead`` latents (bool [L]), as (token, latent) sorted by token; and the number of
-    dead latents over all latent shards (0: no entries).
-
-    Compiled: :func:`topk_entries` with weight 1 on dead latents and 0 on live ones, i.e. one read
-    of ``pre`` and no copy of the dead columns; it ranks ``relu(pre)`` and keeps positive scores
-    only, which changes nothing: the chosen values are relu'd, so a non-positive entry would add
-    zero and receive no gradient. Otherwise the dead columns are gathered ([B, n_dead]) and searched.
-    """
-    n_dead = int(selection.sum_count(dead.sum().to(torch.long)))
-    empty = torch.zeros(0, dtype=torch.long, device=pre.device)
-    if n_dead == 0:
-        return empty, empty, 0
-    k = min(k_aux, n_dead)
-    flat = topk_entries(pre, dead.to(pre.dtype), k, selection)
-    if flat is not None:
-        return flat // pre.shape[1], flat % pre.shape[1], n_dead
-    dead_idx = dead.nonzero().squeeze(1)
-    if len(dead_idx) == 0:  # dead latents only on other shards: take part in the global k-th search
-        selection.kth_largest_rows(pre.new_full((len(pre), 1), -torch.inf), k)
-        return empty, empty, n_dead
-    sub = pre.index_select(1, dead_idx)
-    kth = selection.kth_largest_rows(sub, k)
-    token, column = (sub >= kth).nonzero(as_tuple=True)
-    return token, dead_idx[column], n_dead
 
 
 def threshold_mask(pre: Tensor, threshold: Tensor) -> Tensor:

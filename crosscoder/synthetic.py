@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm import tqdm
 
-from .config import ConfigError, SyntheticConfig
+from .config import ConfigError, SyntheticConfig, check_synthetic
 from .shards import Manifest, ShardWriter, SourceInfo, shard_name, write_manifest
 from .storage import Root
 
@@ -87,19 +87,9 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 
 def plant_dictionary(cfg: SyntheticConfig) -> PlantedDictionary:
-    if len(cfg.widths) != 2:
-        raise ConfigError(f"synthetic.widths must name two sources (base, chat), got {cfg.widths}")
+    check_synthetic(cfg)
     fractions = [cfg.shared_fraction, cfg.base_only_fraction, cfg.chat_only_fraction,
                  cfg.rotated_fraction, cfg.strong_fraction]
-    if any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise ConfigError(f"synthetic class fractions must be ≥ 0 and sum to 1, got {fractions}")
-    if not 0 <= cfg.chat_only_parent_fraction <= 1:
-        raise ConfigError(f"synthetic.chat_only_parent_fraction must be in [0, 1], got {cfg.chat_only_parent_fraction}")
-    if cfg.children_per_parent < 1 or cfg.parents_per_child < 1:
-        raise ConfigError("synthetic.children_per_parent and parents_per_child must be at least 1, got "
-                          f"{cfg.children_per_parent} and {cfg.parents_per_child}")
-    if cfg.children_per_parent > 1 and cfg.parents_per_child > 1:
-        raise ConfigError("synthetic: set children_per_parent or parents_per_child above 1, not both")
     rng = np.random.default_rng([cfg.seed, 0])
     F, (d0, d1) = cfg.features, cfg.widths
     counts = np.floor(np.array(fractions) * F).astype(int)
@@ -180,10 +170,8 @@ def sample_activations(planted: PlantedDictionary, cfg: SyntheticConfig, n_token
 
 def write_synthetic(cfg: SyntheticConfig, output: str, progress: bool = True, root: Root | None = None) -> Manifest:
     """Write planted-truth shards, ``planted.npz`` and the manifest to ``output`` (or ``root``)."""
-    if len(cfg.raw_scale) != len(cfg.widths):
-        raise ConfigError(f"synthetic.raw_scale needs one entry per source, got {cfg.raw_scale}")
+    planted = plant_dictionary(cfg)  # checks the config first
     root = root or Root(output)
-    planted = plant_dictionary(cfg)
     root.write_bytes(PLANTED, planted.to_bytes())
     samples_total = -(-cfg.tokens // cfg.seq_len)
     n_shards = -(-samples_total // cfg.samples_per_shard)

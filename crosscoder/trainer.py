@@ -1,23 +1,26 @@
-"""Single-process crosscoder training: Adam, schedules, checkpoints with exact resume, export.
+"""The training loop, one for a single process and for every DeepSpeed rank.
 
-The loop is deliberately plain (nanoGPT-style): read a batch, normalise it, forward, loss, backward,
-clip, step, update the BatchTopK threshold and the dead-latent tracker, log. What makes it more
-than a notebook loop:
+The loop is deliberately plain (nanoGPT-style): read a batch, normalise it, forward, loss, check it
+is finite, backward and step, update the BatchTopK threshold and the dead-latent tracker, log,
+checkpoint. What differs between one process and many ranks is a :class:`Backend`
+(local_backend.py: torch Adam in this process; deepspeed_backend.py: a DeepSpeed engine per rank
+around a latent slice, ZeRO, latent/data groups): the optimizer step, checkpoint files, export. The
+rest is shared, so one change to the step lands in one place. What makes it more than a notebook
+loop:
 
-- exact resume: a checkpoint holds the model, Adam's state, the step, the data position (see
-  stream.py), the dead-latent counters and the RNG states, and is written under a temporary name
-  and renamed, so a run killed at any moment resumes from the last complete checkpoint and sees the
-  same tokens and the same updates as an uninterrupted run;
-- a NaN or inf loss stops the run before the optimizer step with :class:`TrainingDiverged`, naming
-  the step and the terms, and leaves the last good checkpoint untouched;
-- no decoder-norm constraint is imposed: the L1 penalty and the TopK/BatchTopK selection are both
-  weighted by the decoder norms, which makes the objective invariant to moving scale between a
-  latent's encoder and decoder, so the norms carry meaning (the relative norm between sources)
-  instead of being fixed by a projection.
+- exact resume: a checkpoint holds the model, the optimizer state, the step, every data partition's
+  position (stream.py), the dead-latent counters and the RNG states, written atomically, so a run
+  killed at any moment resumes from the last complete checkpoint and sees the same tokens and the
+  same updates as an uninterrupted run; the log is cut back to that step, so each step is logged once;
+- a NaN or inf loss on any rank stops every rank before the optimizer step with
+  :class:`TrainingDiverged`, naming the step and the terms, and leaves the last good checkpoint;
+- every statistic is reduced over ranks (collectives.py) before it is logged, so rank 0 logs the
+  global batch's metrics, and the dead-latent "fired" mask is OR-ed over data ranks first;
+- no decoder-norm constraint: the L1 penalty and the TopK/BatchTopK selection are both weighted by
+  the decoder norms, which makes the objective invariant to moving scale between a latent's encoder
+  and decoder, so the norms carry meaning (the relative norm between sources).
 
-The distributed trainer (Ray Train + DeepSpeed) reuses the same forward and loss
-(:func:`crosscoder.losses.forward_and_loss`, through ``Objective``) and the data stream; this
-module imports neither Ray nor DeepSpeed.
+This module imports neither Ray nor DeepSpeed.
 """
 
 from __future__ import annotations
@@ -25,25 +28,29 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import RunConfig, TrainConfig, dumps_toml, use_sparse_kernels
+from . import faults
+from .collectives import Collectives
+from .config import RunConfig, TrainConfig, dumps_toml, use_sparse_kernels, validate
 from .dead import DeadLatentTracker
-from .losses import LossWeights, forward_and_loss
-from .metrics import fve_per_source
-from .model import CrossCoder, CrossCoderSpec, ForwardOutput, default_aux_k
+from .losses import LossWeights, default_aux_k
+from .metrics import sums_for_fve
+from .model import CrossCoder, CrossCoderSpec, ForwardOutput
 from .shards import Manifest, read_manifest
 from .storage import open_root
-from .stream import PartitionedStream, Position, prefetch
+from .stream import PartitionBatch, PartitionedStream, Position, prefetch
 from .telemetry import TrainMetrics
+
+RESULT_FILE = "train_result.json"
+LOG_FILE = "train_log.jsonl"
 
 
 class TrainingDiverged(RuntimeError):
@@ -54,8 +61,67 @@ class RunDirError(ValueError):
     """The run directory holds state that does not fit this run."""
 
 
+class Backend(Protocol):
+    """What one process contributes to training; the loop calls these in this order."""
+
+    rank: int  # global rank: 0 writes the log, the result and the progress bar
+    data_rank: int
+    data_parallel: int
+    collectives: Collectives
+    keeps_whole_gradients: bool  # False under ZeRO-2/3: the sparse path keeps no gradient memory
+
+    def latent_range(self, latents: int) -> tuple[int, int]: ...
+    def has_checkpoint(self, run_dir: Path) -> bool: ...
+    def setup(self, model: CrossCoder) -> None: ...  # optimizer or engine, after b_dec is set
+    def load(self, run_dir: Path) -> dict: ...  # restores weights and optimizer; returns the loop's state
+    def forward(self, x: torch.Tensor, dead: torch.Tensor, weights: LossWeights
+                ) -> tuple[ForwardOutput, torch.Tensor, dict[str, torch.Tensor]]: ...
+    def step(self, loss: torch.Tensor, lr: float) -> float: ...  # backward, clip, update; the grad norm
+    def save(self, run_dir: Path, state: dict, keep: int) -> None: ...
+    def export(self, run_dir: Path, extra: dict) -> Path | None: ...  # the path on rank 0
+    def report(self) -> dict: ...  # figures for the result: bytes sent, memory
+
+
+@dataclass
+class TrainResult:
+    """What a training call did; rank 0 writes it to ``<run>/train_result.json`` when it ends."""
+
+    run_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)  # total loss per step run in this call
+    last_metrics: dict = field(default_factory=dict)
+    export_dir: Path | None = None
+    spec: dict = field(default_factory=dict)
+    comm_bytes: int = 0
+    memory_bytes: dict = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+    def write(self) -> None:
+        data = asdict(self) | {"run_dir": str(self.run_dir),
+                               "export_dir": str(self.export_dir) if self.export_dir else None}
+        (self.run_dir / RESULT_FILE).write_text(json.dumps(data) + "\n")
+
+    @classmethod
+    def read(cls, run_dir: Path) -> "TrainResult | None":
+        """The result a finished call left, or None; raises TrainingDiverged if it diverged."""
+        path = Path(run_dir) / RESULT_FILE
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        if "error" in data:
+            raise TrainingDiverged(data["error"])
+        data["run_dir"] = Path(data["run_dir"])
+        data["export_dir"] = Path(data["export_dir"]) if data["export_dir"] else None
+        return cls(**data)
+
+    def is_finished(self, tc: TrainConfig, spec: CrossCoderSpec) -> bool:
+        """Trained to ``tc.steps`` with this dictionary, and the export is there."""
+        return (self.steps >= tc.steps and self.spec == asdict(spec) and self.export_dir is not None
+                and (self.export_dir / "model.safetensors").is_file())
+
+
 # ---------------------------------------------------------------------------------------------
-# pieces shared with the distributed trainer
+# the step's pieces
 
 
 def spec_from(cfg: TrainConfig, manifest: Manifest) -> CrossCoderSpec:
@@ -89,57 +155,30 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 def loss_weights(cfg: TrainConfig, spec: CrossCoderSpec, step: int) -> LossWeights:
     l1 = cfg.l1_coeff * (min(1.0, (step + 1) / cfg.l1_warmup_steps) if cfg.l1_warmup_steps > 0 else 1.0)
-    return LossWeights(
-        l1=l1,
-        aux=cfg.aux_coeff,
-        aux_k=cfg.aux_k or default_aux_k(spec),
-        align=cfg.align_coeff,
-        align_loss=cfg.align_loss,
-    )
+    return LossWeights(l1=l1, aux=cfg.aux_coeff, aux_k=cfg.aux_k or default_aux_k(spec), align=cfg.align_coeff,
+                       align_loss=cfg.align_loss)
 
 
-def check_finite(step: int, terms: dict[str, torch.Tensor]) -> None:
-    bad = {k: float(v) for k, v in terms.items() if not math.isfinite(float(v))}
-    if bad:
-        raise TrainingDiverged(
-            f"loss is not finite at step {step}: {bad}; the optimizer step was not taken and the last "
-            "checkpoint is intact. Lower train.lr, check the data for inf/NaN, or raise train.grad_clip."
-        )
-
-
-def step_metrics(spec: CrossCoderSpec, x: torch.Tensor, out: ForwardOutput) -> dict:
-    fve = fve_per_source(x, out.x_hat.detach(), spec.slices)
+def step_metrics(spec: CrossCoderSpec, x: torch.Tensor, out: ForwardOutput, terms: dict[str, torch.Tensor],
+                 tracker: DeadLatentTracker, collectives: Collectives) -> dict:
+    """FVE per source, L0, loss terms and dead fraction of the global batch (every rank agrees)."""
+    stats = collectives.data_sum(sums_for_fve(x, out.x_hat.detach(), spec.slices))
+    fve = {}
+    for s, (name, sl) in enumerate(zip(spec.sources, spec.slices)):
+        sse, _, sum_sq, n = stats[s].tolist()
+        tokens = n / spec.widths[s]
+        # total variance of the global batch = Σx² − Σ_dims (Σ_tokens x)² / tokens
+        column_sums = collectives.data_sum(x[:, sl].double().sum(0))
+        fve[name] = 1 - sse / max(sum_sq - float(column_sums.pow(2).sum()) / tokens, 1e-12)
+    active = collectives.data_sum(collectives.sum_count(out.active_count().to(torch.float64)))
+    dead = collectives.sum_count(tracker.dead.sum().to(torch.float64))
+    data_ranks = collectives.batch_tokens(x.shape[0]) // x.shape[0]
     return {
-        "fve": {name: float(v) for name, v in zip(spec.sources, fve)},
-        "l0": float(out.active_count()) / (x.shape[0] * out.pre.shape[1]),
+        "fve": fve,
+        "l0": float(active) / (collectives.batch_tokens(x.shape[0]) * out.pre.shape[1]),
+        "loss": {k: float(collectives.data_sum(v.double())) / data_ranks for k, v in terms.items()},
+        "dead_fraction": float(dead) / (spec.groups * spec.latents),
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.pt").is_file()]
-    return sorted(dirs, key=lambda p: int(p.name.split("-")[1]))
-
-
-def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
-    root = run_dir / "checkpoints"
-    final = root / f"step-{step}"
-    tmp = root / f".step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(state, tmp / "state.pt")
-    (tmp / "position.json").write_text(json.dumps(state["position"]) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def positions_to(positions: dict[int, Position]) -> dict:
@@ -160,32 +199,29 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
+def _cut_log(path: Path, last_step: int) -> None:
+    """Keep the log's lines up to ``last_step``: the steps after the checkpoint are run again."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
 # ---------------------------------------------------------------------------------------------
 # the loop
 
 
-@dataclass
-class TrainResult:
-    run_dir: Path
-    steps: int
-    losses: list[float] = field(default_factory=list)  # total loss per step run in this call
-    last_metrics: dict = field(default_factory=dict)
-    export_dir: Path | None = None
-
-
-def train(
-    cfg: RunConfig,
-    run_dir: str | Path,
-    data: str | None = None,
-    progress: bool = True,
-    stop_after: int | None = None,
-    on_step: Callable[[int, dict], None] | None = None,
-) -> TrainResult:
-    """Train (or resume) a crosscoder in this process.
+def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress: bool = True,
+          stop_after: int | None = None, backend: Backend | None = None) -> TrainResult:
+    """Train (or resume) a crosscoder: in this process, or as one rank of ``backend``.
 
     ``stop_after`` ends the call after that many steps of this call (a checkpoint is written), as an
-    interrupted run would; the next call resumes. ``on_step(step, metrics)`` is called every step.
+    interrupted run would; the next call resumes.
     """
+    validate(cfg)
+    if backend is None:
+        from .local_backend import LocalBackend
+
+        backend = LocalBackend(cfg)
     tc = cfg.train
     run_dir = Path(run_dir)
     data = data or tc.data
@@ -194,112 +230,96 @@ def train(
     root = open_root(data, cfg.storage)
     manifest = read_manifest(root)
     spec = spec_from(tc, manifest)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(dumps_toml(cfg))
+    is_main = backend.rank == 0
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(dumps_toml(cfg))
 
     torch.manual_seed(tc.seed)
-    model = CrossCoder(spec, seed=tc.seed, dec_init_norm=tc.dec_init_norm)
-    model.sparse_kernels = use_sparse_kernels(tc)
-    # fused: one kernel per parameter, no parameter-sized temporaries (4 B/param less at peak than foreach)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=True)
-    tracker = DeadLatentTracker((spec.groups, spec.latents), tc.dead_tokens)
-    start, positions = 0, {}
+    collectives = backend.collectives
+    model = CrossCoder(spec, seed=tc.seed, dec_init_norm=tc.dec_init_norm,
+                       latent_range=backend.latent_range(spec.latents), collectives=collectives,
+                       sparse_kernels=use_sparse_kernels(tc), gradient_memory=backend.keeps_whole_gradients)
+    partitions = tc.data_partitions or backend.data_parallel
+    mine = [p for p in range(partitions) if p % backend.data_parallel == backend.data_rank]
+    stream = PartitionedStream(root, manifest, tc.batch_size, partitions, mine, tc.shuffle_samples,
+                               seed=tc.seed, max_epochs=tc.max_epochs)
+    scale = scale_vector(spec)
+    tracker = DeadLatentTracker((spec.groups, model.n_latents), tc.dead_tokens)
 
-    existing = checkpoint_dirs(run_dir)
-    if existing:
-        state = torch.load(existing[-1] / "state.pt", weights_only=False)
+    start, positions, first = 0, {}, []
+    resuming = backend.has_checkpoint(run_dir)
+    if not resuming:
+        # b_dec starts at the global batch mean, set before the optimizer copies the parameters
+        # (DeepSpeed keeps master weights: a later in-place change would be overwritten)
+        rest = stream.batches()
+        first = [next(rest)]
+        x0 = torch.from_numpy(first[0].acts).float() * scale
+        with torch.no_grad():
+            model.b_dec.copy_((collectives.data_sum(x0.double().sum(0)) / tc.batch_size).float())
+    backend.setup(model)
+    if resuming:
+        state = backend.load(run_dir)
         if state["spec"] != asdict(spec):
             raise RunDirError(
                 f"{run_dir}: its checkpoint was trained with {state['spec']}, this config asks for "
-                f"{asdict(spec)}; use another --run directory or delete {run_dir / 'checkpoints'}"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+                f"{asdict(spec)}; use another --run directory or delete {run_dir / 'checkpoints'}")
+        start, positions = state["step"], positions_from(state["positions"])
         tracker.load_state_dict(state["dead"])
         set_rng_state(state["rng"])
-        start, positions = state["step"], positions_from(state["position"])
+        rest = stream.batches({p: pos for p, pos in positions.items() if p in mine})
+        if is_main:
+            _cut_log(run_dir / LOG_FILE, start)
 
-    partitions = tc.data_partitions or 1
-    stream = PartitionedStream(root, manifest, tc.batch_size, partitions, list(range(partitions)),
-                               tc.shuffle_samples, seed=tc.seed, max_epochs=tc.max_epochs)
-    batches = prefetch(stream.batches(positions))
-    scale = scale_vector(spec)
-    result = TrainResult(run_dir=run_dir, steps=start)
-    log_path = run_dir / "train_log.jsonl"
+    def chained(head: list, tail: Iterator[PartitionBatch]) -> Iterator[PartitionBatch]:
+        yield from head
+        yield from tail
+
+    batches = prefetch(chained(first, rest))
+    result = TrainResult(run_dir=run_dir, steps=start, spec=asdict(spec))
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
-    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True,
-               mininterval=1.0)
+    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", disable=not (progress and is_main),
+               dynamic_ncols=True, mininterval=1.0)
+    telemetry = TrainMetrics(cfg.metrics.port, backend.rank, host=cfg.metrics.host)
     started = time.time()
-    step = start
     model.train()
-    telemetry = TrainMetrics(cfg.metrics.port, 0, host=cfg.metrics.host)
     try:
         for step in range(start, end):
+            faults.point("train", f"rank {backend.rank} step {step}")
             t0 = time.perf_counter()
             batch = next(batches)
             t_data = time.perf_counter() - t0
             x = torch.from_numpy(batch.acts).float() * scale
-            if step == 0:
-                with torch.no_grad():
-                    model.b_dec.copy_(x.mean(0))
             lr = learning_rate(tc, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            out, loss, terms = forward_and_loss(model, x, tracker.dead, loss_weights(tc, spec, step))
-            check_finite(step, terms)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                if tc.grad_clip > 0 else torch.tensor(0.0)
-            )
-            optimizer.step()
+            out, loss, terms = backend.forward(x, tracker.dead, loss_weights(tc, spec, step))
+            if not collectives.all_ranks(all(math.isfinite(float(v)) for v in terms.values())):
+                message = (f"loss is not finite at step {step} (rank {backend.rank}: "
+                           f"{ {k: float(v) for k, v in terms.items()} }); the optimizer step was not taken and the "
+                           "last checkpoint is intact. Lower train.lr, check the data for inf/NaN, or raise "
+                           "train.grad_clip.")
+                if is_main:
+                    (run_dir / RESULT_FILE).write_text(json.dumps({"error": message}) + "\n")
+                raise TrainingDiverged(message)
+            grad_norm = backend.step(loss, lr)
             if out.batch_threshold is not None:
                 model.update_threshold(out.batch_threshold, out.weights.detach(), tc.threshold_momentum)
-            tracker.update(out.fired(), x.shape[0])
-            positions = batch.positions
-
-            metrics = step_metrics(spec, x, out) | {
-                "step": step + 1,
-                "lr": lr,
-                "loss": {k: float(v) for k, v in terms.items()},
-                "dead_fraction": tracker.dead_fraction(),
-                "grad_norm": float(grad_norm),
-                "tokens": (step + 1) * tc.batch_size,
-                "epoch": batch.epoch,
-            }
-            result.losses.append(float(terms["total"]))
-            telemetry.step(metrics, x.shape[0], time.perf_counter() - t0, t_data)
+            tracker.update(collectives.any_over_data(out.fired()), tc.batch_size)
+            positions.update(batch.positions)
+            done = step + 1
+            metrics = step_metrics(spec, x, out, terms, tracker, collectives) | {
+                "step": done, "lr": lr, "grad_norm": grad_norm, "tokens": done * tc.batch_size, "epoch": batch.epoch}
+            result.losses.append(metrics["loss"]["total"])
             result.last_metrics = metrics
-            if on_step:
-                on_step(step + 1, metrics)
-            if (step + 1) % tc.log_every == 0 or step + 1 == end:
-                with log_path.open("a") as fh:
+            telemetry.step(metrics, x.shape[0], time.perf_counter() - t0, t_data)
+            if is_main and (done % tc.log_every == 0 or done == end):
+                with (run_dir / LOG_FILE).open("a") as fh:
                     fh.write(json.dumps(metrics | {"elapsed_s": time.time() - started}) + "\n")
             bar.update(1)
-            bar.set_postfix(
-                loss=f"{float(terms['total']):.4g}",
-                fve=f"{np.mean(list(metrics['fve'].values())):.3f}",
-                l0=f"{metrics['l0']:.1f}",
-                dead=f"{metrics['dead_fraction']:.2%}",
-                refresh=False,
-            )
-            done = step + 1
+            bar.set_postfix(loss=f"{metrics['loss']['total']:.4g}", fve=f"{np.mean(list(metrics['fve'].values())):.3f}",
+                            l0=f"{metrics['l0']:.1f}", dead=f"{metrics['dead_fraction']:.2%}", refresh=False)
             if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == end:
-                save_checkpoint(
-                    run_dir,
-                    done,
-                    {
-                        "spec": asdict(spec),
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "dead": tracker.state_dict(),
-                        "rng": rng_state(),
-                        "step": done,
-                        "position": positions_to(positions),
-                    },
-                    tc.keep_checkpoints,
-                )
+                backend.save(run_dir, {"spec": asdict(spec), "step": done, "positions": positions_to(positions),
+                                       "dead": tracker.state_dict(), "rng": rng_state()}, tc.keep_checkpoints)
             result.steps = done
     finally:
         bar.close()
@@ -307,24 +327,11 @@ def train(
         telemetry.close()
 
     if result.steps >= tc.steps:
-        result.export_dir = run_dir / "crosscoder"
-        model.save_pretrained(
-            result.export_dir,
-            norm_scale=spec.norm_scale,
-            extra={"trained_steps": result.steps, "data": data, "tokens": result.steps * tc.batch_size},
-        )
+        result.export_dir = backend.export(run_dir, {"trained_steps": result.steps, "data": data,
+                                                     "tokens": result.steps * tc.batch_size})
+    report = backend.report()
+    result.comm_bytes, result.memory_bytes = report.get("comm_bytes", 0), report.get("memory_bytes", {})
+    result.elapsed_s = time.time() - started
+    if is_main:
+        result.write()
     return result
-
-
-def export_from_checkpoint(run_dir: str | Path) -> Path:
-    """Re-export the latest checkpoint of a run (e.g. after an interrupted run)."""
-    run_dir = Path(run_dir)
-    dirs = checkpoint_dirs(run_dir)
-    if not dirs:
-        raise RunDirError(f"{run_dir}: no checkpoints")
-    state = torch.load(dirs[-1] / "state.pt", weights_only=False)
-    spec = CrossCoderSpec(**state["spec"])
-    model = CrossCoder(spec)
-    model.load_state_dict(state["model"])
-    model.save_pretrained(run_dir / "crosscoder", norm_scale=spec.norm_scale, extra={"trained_steps": state["step"]})
-    return run_dir / "crosscoder"

@@ -15,7 +15,7 @@ from crosscoder.analysis import CSV_COLUMNS, analyze, read_latents_csv, save
 from crosscoder.ce_recovered import ce_loss_recovered
 from crosscoder.config import AnalyzeConfig, SyntheticConfig
 from crosscoder.model import CrossCoder, CrossCoderSpec
-from crosscoder.models import ActivationReader
+from crosscoder.language_models import ActivationReader
 from crosscoder.report import write_report
 from crosscoder.shards import read_manifest
 from crosscoder.storage import Root
@@ -121,10 +121,10 @@ def test_latents_csv_round_trips_and_report_renders_in_chromium(artifacts, tmp_p
 
 
 def test_ce_loss_recovered_is_one_for_a_perfect_reconstruction_and_zero_for_zero_ablation():
-    from crosscoder import tiny
+    from crosscoder import random_pair
 
-    tok = tiny.make_tokenizer()
-    lm = tiny.make_model(len(tok), hidden=32, layers=3)
+    tok = random_pair.make_tokenizer()
+    lm = random_pair.make_model(len(tok), hidden=32, layers=3)
     # a model that has learned something (count upwards through the vocabulary), so that the
     # clean loss is far below the zero-ablated one
     V = len(tok) - 7

@@ -80,13 +80,15 @@ def test_cli_turns_on_huge_page_tensors_unless_the_user_chose(monkeypatch, capsy
 
 
 def test_sparse_kernels_setting_resolves_by_dictionary_size():
-    from crosscoder.config import ConfigError, TrainConfig, use_sparse_kernels
+    from crosscoder.config import ConfigError, TrainConfig, use_sparse_kernels, validate
 
     assert use_sparse_kernels(TrainConfig(latents=65536)) and not use_sparse_kernels(TrainConfig(latents=512))
     assert use_sparse_kernels(TrainConfig(latents=512, sparse_kernels="on"))
     assert not use_sparse_kernels(TrainConfig(latents=65536, sparse_kernels="off"))
+    cfg = RunConfig()
+    cfg.train.sparse_kernels = "yes"
     with pytest.raises(ConfigError, match="train.sparse_kernels must be on, off or auto, got 'yes'"):
-        use_sparse_kernels(TrainConfig(sparse_kernels="yes"))
+        validate(cfg)
 
 
 def test_every_launch_config_loads():

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from crosscoder.demo_pair import is_made, make_demo_pair, reply, vocabulary, write_demo_documents
-from crosscoder.models import ModelSpec, load_model, load_tokenizer
-from crosscoder.tiny import make_tokenizer
+from crosscoder.language_models import ModelSpec, load_model, load_tokenizer
+from crosscoder.random_pair import make_tokenizer
 
 from .conftest import DEMO_STEPS as STEPS
 

@@ -14,7 +14,8 @@ import torch
 from crosscoder import CrossCoder
 from crosscoder.config import ConfigError
 from crosscoder.ray_train import train_distributed
-from crosscoder.trainer import TrainingDiverged, checkpoint_dirs, train
+from crosscoder.local_backend import checkpoint_dirs
+from crosscoder.trainer import TrainingDiverged, train
 
 from .conftest import free_port, small_run_config, small_synthetic
 
@@ -71,7 +72,7 @@ def test_latent_parallel_matches_single_process_step_by_step(ray_cluster, single
     assert_same_exports(single_reference / "crosscoder", tmp_path / "run" / "crosscoder")
     export = json.loads((tmp_path / "run" / "crosscoder" / "config.json").read_text())
     assert export["latents"] == 96 and export["latent_parallel"] == 2
-    assert out["comm_bytes"] > 0
+    assert out.comm_bytes > 0
 
 
 def test_data_parallel_matches_single_process_at_the_same_global_batch(ray_cluster, small_shards, tmp_path):
@@ -98,10 +99,10 @@ def test_data_parallel_matches_single_process_at_the_same_global_batch(ray_clust
 def test_zero_stages_train_checkpoint_and_resume(ray_cluster, single_reference, small_shards, tmp_path, stage):
     cfg = config(workers=2, latent_parallel=2, zero_stage=stage)
     first = train_distributed(cfg, tmp_path / "run", small_shards, progress=False, stop_after=6)
-    assert first["steps"] == 6 and first["export_dir"] is None
+    assert first.steps == 6 and first.export_dir is None
     assert (tmp_path / "run" / "checkpoints" / "step-4").is_dir()
     second = train_distributed(cfg, tmp_path / "run", small_shards, progress=False)
-    assert second["steps"] == 12
+    assert second.steps == 12
     resumed, single = log_by_step(tmp_path / "run"), log_by_step(single_reference)
     losses = [resumed[s]["loss"]["total"] for s in range(1, 13)]
     assert losses[-1] < losses[0]
@@ -176,16 +177,13 @@ def test_bad_distributed_settings_fail_on_the_driver_before_any_worker_starts(sm
 
 def test_killed_worker_is_restarted_and_resumes_the_same_trajectory(ray_cluster, single_reference, small_shards,
                                                                      tmp_path, monkeypatch):
-    # rank 1 dies hard at step 6; Ray Train restarts both workers, which resume from step-4
-    monkeypatch.setenv("CROSSCODER_FAULT_INJECT", "1:6")
-    import ray
-
-    ray.shutdown()  # workers inherit the environment of the cluster they start in
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    cfg = config(workers=2, latent_parallel=1, max_failures=1, data_partitions=1)
-    cfg.train.data_partitions = 2
+    # rank 1 dies hard at step 6 (crosscoder/faults.py); Ray Train restarts both workers, which
+    # resume from step-4
+    monkeypatch.setenv("CROSSCODER_FAULT", "train: rank 1 step 6")
+    monkeypatch.setenv("CROSSCODER_FAULT_MARKER", str(tmp_path / "killed"))
+    cfg = config(workers=2, latent_parallel=1, max_failures=1, data_partitions=2)
     train_distributed(cfg, tmp_path / "run", small_shards, progress=False)
-    assert (tmp_path / "run" / ".fault-1:6").exists()
+    assert (tmp_path / "killed").exists()
     resumed = log_by_step(tmp_path / "run")
     reference = tmp_path / "reference"
     train(config(data_partitions=2), reference, data=small_shards, progress=False)

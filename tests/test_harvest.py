@@ -20,10 +20,10 @@ import torch
 from crosscoder.config import RunConfig
 from crosscoder.documents import DataError, check_same_tokenizer, plan_chunks, read_documents
 from crosscoder.harvest import harvest
-from crosscoder.models import ActivationReader, ModelError, ModelSpec, load_model, load_tokenizer
+from crosscoder.language_models import ActivationReader, ModelError, ModelSpec, load_model, load_tokenizer
 from crosscoder.shards import iter_samples, read_manifest, shard_name
 from crosscoder.storage import Root, StorageError
-from crosscoder.tiny import make_family, make_pair, make_tokenizer, write_documents
+from crosscoder.random_pair import make_family, make_pair, make_tokenizer, write_documents
 
 from .conftest import free_port
 
@@ -118,7 +118,8 @@ def uninterrupted(ray_cluster, tiny):
 def test_actor_killed_mid_shard_is_replaced_and_the_shard_redone(ray_cluster, tiny, uninterrupted, tmp_path,
                                                                  monkeypatch):
     marker = tmp_path / "killed"
-    monkeypatch.setenv("CROSSCODER_HARVEST_FAULT", f"1:{marker}")
+    monkeypatch.setenv("CROSSCODER_FAULT", "harvest: shard 1 half")  # crosscoder/faults.py
+    monkeypatch.setenv("CROSSCODER_FAULT_MARKER", str(marker))
     out = tmp_path / "acts"
     manifest = harvest(harvest_config(tiny, str(out)), progress=False)
     assert marker.exists()  # an actor really died writing shard 1

@@ -15,7 +15,7 @@ import pytest
 from crosscoder.model import CrossCoder
 from crosscoder.shards import read_manifest
 from crosscoder.storage import Root
-from crosscoder.tiny import make_pair, write_documents
+from crosscoder.random_pair import make_pair, write_documents
 
 from .conftest import free_port, wait_for_port
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from crosscoder.dead import DeadLatentTracker
-from crosscoder.losses import LossWeights, alignment_loss, auxk_loss, l1_penalty, total_loss
+from crosscoder.losses import LossWeights, alignment_loss, auxk_loss, auxk_selector, l1_penalty, total_loss
 from crosscoder.metrics import decoder_cosine, fve_per_source, relative_decoder_norm
 from crosscoder.model import CrossCoder, CrossCoderSpec, export_names
 
@@ -208,13 +208,12 @@ def test_sparse_kernels_equal_the_dense_path_in_loss_and_every_gradient(activati
     dead[0, ::3] = True  # AuxK active on a third of the dictionary
     results = {}
     for mode in ("joint", "separate", "dense"):
-        model = CrossCoder(spec, seed=3, dec_init_norm=0.5)
-        model.sparse_kernels = mode != "dense"
+        model = CrossCoder(spec, seed=3, dec_init_norm=0.5, sparse_kernels=mode != "dense")
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
             model.b_enc.copy_(torch.randn(model.b_enc.shape, generator=gen) * 0.1)
             model.b_dec.copy_(torch.randn(model.b_dec.shape, generator=gen) * 0.1)
-        out = model(x, dead, 16) if mode == "joint" else model(x)
+        out = model(x, auxk_selector(model, dead, 16)) if mode == "joint" else model(x)
         assert (out.code is not None) == (mode != "dense") and (out.aux_hat is not None) == (mode == "joint")
         loss, terms = total_loss(model, x, out, dead, LossWeights(aux=1 / 32, aux_k=16))
         loss.backward()
@@ -257,7 +256,7 @@ def test_bf16_weights_on_a_cpu_without_bf16_gemm_multiply_in_fp32(monkeypatch, n
         with torch.no_grad():
             model.b_enc.copy_(torch.randn(model.b_enc.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
         model = model.to(dtype)
-        out = model(x.to(dtype), dead, 8)
+        out = model(x.to(dtype), auxk_selector(model, dead, 8))
         loss, _ = total_loss(model, x.to(dtype), out, dead, LossWeights(aux=1 / 32, aux_k=8))
         loss.backward()
         results[dtype] = (float(loss.detach()), {n: p.grad for n, p in model.named_parameters()}, out)

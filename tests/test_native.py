@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from crosscoder import kernels, native
-from crosscoder.losses import LossWeights, total_loss
+from crosscoder.losses import LossWeights, auxk_selector, total_loss
 from crosscoder.model import CrossCoder, CrossCoderSpec
-from crosscoder.sparsity import LOCAL, batchtopk_entries, batchtopk_mask, scores, topk_mask
+from crosscoder.collectives import LOCAL
+from crosscoder.sparsity import batchtopk_entries, batchtopk_mask, scores, topk_mask
 
 pytestmark = pytest.mark.precision  # vector-ISA builds and bf16 sums: rerun as a baseline CPU (.ci/run)
 
@@ -184,7 +185,7 @@ def test_training_steps_through_the_compiled_kernels_equal_the_pytorch_path(monk
         steps = []
         for x in xs:
             model.zero_grad(set_to_none=True)
-            out = model(x, dead, 16)  # AuxK decoded with the main code, as in training
+            out = model(x, auxk_selector(model, dead, 16))  # AuxK decoded with the main code, as in training
             loss, _ = total_loss(model, x, out, dead, LossWeights(aux=1 / 32, aux_k=16))
             loss.backward()
             steps.append((out.code.token, out.code.latent, out.code.value.detach(), out.batch_threshold, loss.detach(),
@@ -209,15 +210,14 @@ def test_training_steps_through_the_compiled_kernels_equal_the_pytorch_path(monk
 def test_gradient_memory_is_reused_only_when_nobody_holds_the_last_gradient():
     spec = CrossCoderSpec(["base", "chat"], [24, 40], 256, activation="batchtopk", k=6)
     model = CrossCoder(spec, seed=3, dec_init_norm=0.5)
-    fresh = CrossCoder(spec, seed=3, dec_init_norm=0.5)
-    fresh.gradient_memory = None  # the reference: new gradient tensors every step
+    fresh = CrossCoder(spec, seed=3, dec_init_norm=0.5, gradient_memory=False)  # new gradient tensors every step
     dead = torch.zeros(1, 256, dtype=torch.bool)
     dead[0, ::3] = True
     weights = LossWeights(aux=1 / 32, aux_k=16)
     xs = [torch.randn(48, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
 
     def backward(m, x):
-        out = m(x, dead, 16)
+        out = m(x, auxk_selector(m, dead, 16))
         total_loss(m, x, out, dead, weights)[0].backward()
 
     def grads(m):

@@ -38,7 +38,7 @@ def test_embedded_default_makes_tiny_models_harvests_trains_on_two_workers_and_r
     run = tmp_path / "runs" / "default"
     shutil.copytree(made, run / "tiny")
     short = ["--train.steps", "40", "--train.checkpoint_every", "20", "--harvest.tokens", "12000",
-             "--harvest.tiny_steps", str(DEMO_STEPS), "--quiet"]
+             "--harvest.demo_steps", str(DEMO_STEPS), "--quiet"]
     first = crosscoder("run", *short, cwd=tmp_path)
     assert f"run directory: {run}" in first.stdout
     # Ray Train's controller monitor reached the state API (the local Ray has its dashboard), so the

@@ -99,7 +99,7 @@ def test_parents_are_written_with_the_planted_dictionary_and_bad_fractions_are_r
         plant_dictionary(coupled_config(chat_only_parent_fraction=1.5))
     with pytest.raises(ValueError, match="shared parents"):
         plant_dictionary(coupled_config(shared_fraction=0.0, chat_only_fraction=0.7))
-    with pytest.raises(ValueError, match="children_per_parent and parents_per_child must be at least 1"):
+    with pytest.raises(ValueError, match="children_per_parent must be at least 1"):
         plant_dictionary(coupled_config(children_per_parent=0))
     with pytest.raises(ValueError, match="not both"):
         plant_dictionary(coupled_config(children_per_parent=2, parents_per_child=2))

@@ -10,14 +10,8 @@ import torch
 from crosscoder import CrossCoder
 from crosscoder.shards import read_manifest
 from crosscoder.storage import Root
-from crosscoder.trainer import (
-    RunDirError,
-    TrainingDiverged,
-    checkpoint_dirs,
-    learning_rate,
-    spec_from,
-    train,
-)
+from crosscoder.local_backend import checkpoint_dirs
+from crosscoder.trainer import RunDirError, TrainingDiverged, learning_rate, spec_from, train
 
 from .conftest import small_run_config
 

@@ -16,6 +16,7 @@ Prints a table and writes JSON; not part of the test suite (no timed assertions)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -53,7 +54,7 @@ def run(cfg: RunConfig, data: str, workdir: Path, name: str) -> dict:
     from crosscoder.ray_train import train_distributed
 
     run_dir = workdir / name
-    out = train_distributed(cfg, run_dir, data, progress=False)
+    out = dataclasses.asdict(train_distributed(cfg, run_dir, data, progress=False))
     log = [json.loads(l) for l in (run_dir / "train_log.jsonl").read_text().splitlines()]
     warm = 2  # steps excluded from timing
     seconds = log[-1]["elapsed_s"] - log[warm - 1]["elapsed_s"]

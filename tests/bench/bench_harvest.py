@@ -33,11 +33,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from crosscoder import tiny  # noqa: E402
+from crosscoder import random_pair  # noqa: E402
 from crosscoder.config import RunConfig, to_dict  # noqa: E402
 from crosscoder.documents import plan_chunks, read_documents  # noqa: E402
 from crosscoder.harvest import ShardHarvester, harvest  # noqa: E402
-from crosscoder.models import ActivationReader, ModelSpec, load_model, load_tokenizer  # noqa: E402
+from crosscoder.language_models import ActivationReader, ModelSpec, load_model, load_tokenizer  # noqa: E402
 
 
 def best_of(repeats: int, fn) -> float:
@@ -62,8 +62,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        base, chat = tiny.make_pair(work / "models", hidden=args.hidden, layers=args.layers)
-        docs = tiny.write_documents(work / "docs.jsonl", n_docs=4000, chat_fraction=0.5)
+        base, chat = random_pair.make_pair(work / "models", hidden=args.hidden, layers=args.layers)
+        docs = random_pair.write_documents(work / "docs.jsonl", n_docs=4000, chat_fraction=0.5)
         cfg = RunConfig(name="bench-harvest")
         hc = cfg.harvest
         hc.models = [{"name": "base", "path": base}, {"name": "chat", "path": chat}]

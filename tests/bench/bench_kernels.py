@@ -13,7 +13,7 @@ step's own). A step is forward + loss + backward, no optimizer:
 - ``ours_pytorch``: the same without the compiled kernels (``CROSSCODER_NATIVE=0``): the pure
   PyTorch sparse path, which is also what runs on GPU;
 - ``ours_topk``: ``ours`` with per-token TopK instead of BatchTopK (what sparsify does);
-- ``dense``: the same model with ``sparse_kernels = False``, i.e. the way the reference BatchTopK
+- ``dense``: the same model built with ``sparse_kernels=False``, i.e. the way the reference BatchTopK
   crosscoder computes it: dense ``f @ W_dec`` and a dense backward through every latent;
 - ``floor``: the dense encoder forward ``x @ W_enc`` alone, the one product over all ``L`` latents
   no sparse method avoids, written into a buffer kept across steps (as ours does);
@@ -57,8 +57,7 @@ from crosscoder import precision
 from crosscoder.model import CrossCoder, CrossCoderSpec
 from crosscoder.losses import LossWeights, forward_and_loss
 spec = CrossCoderSpec(["base", "chat"], [d, d], L, activation="topk" if method == "ours_topk" else "batchtopk", k=k)
-model = CrossCoder(spec, dec_init_norm=0.5).to(dtype)
-model.sparse_kernels = method != "dense"
+model = CrossCoder(spec, dec_init_norm=0.5, sparse_kernels=method != "dense").to(dtype)
 dead = torch.zeros(1, L, dtype=torch.bool); dead[0, ::8] = True
 weights = LossWeights(aux=1 / 32, aux_k=256)
 # the floor writes into one buffer, as our step's encoder product does: no page faults of a fresh
@@ -81,10 +80,10 @@ def step():
         # batch's threshold (here the same batch's, from a warm-up call), which the result does not
         # depend on
         with torch.no_grad():
-            pre = model._training_pre_activations(x)  # the step's own buffer (fp32 where bf16 upcasts)
+            pre = model.sparse.training_pre_activations(model, x)  # the step's own buffer (fp32 where bf16 upcasts)
             w = model.selection_weights()
             t0 = time.perf_counter()
-            model.select_entries(pre, w)
+            model.sparse.select_entries(model, pre, w)
             return time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
     _, loss, _ = forward_and_loss(model, x, dead, weights)  # as the trainer

@@ -1,9 +1,10 @@
-"""Tiny transformers models and documents made from a config, with no download.
+"""A random tiny base/chat model pair and documents, made from a config with no download.
 
-For the embedded default of ``crosscoder run`` and for tests: a word-level tokenizer with a chat
-template, a small Llama-style base model, a "chat" model derived from it (a perturbed copy), and
-models of one family at different widths (scaling transfer). Everything is saved with
-``save_pretrained`` and loaded back by path, exactly as a user's checkpoints are.
+For ``crosscoder tiny`` (trying the harvest on a laptop), for tests and for the demo pair's
+tokenizer: a word-level tokenizer with a chat template, a small Llama-style base model with random
+weights, a "chat" model derived from it (a perturbed copy), and models of one family at different
+widths (scaling transfer). Nothing here is trained: demo_pair.py trains a pair worth diffing.
+Everything is saved with ``save_pretrained`` and loaded back by path, as a user's checkpoints are.
 """
 
 from __future__ import annotations

@@ -1,0 +1,214 @@
+"""One rank of distributed training: a DeepSpeed engine around this rank's latent slice.
+
+The :class:`~crosscoder.trainer.Backend` of ``train.workers > 0``, run inside each Ray Train worker
+(ray_train.py), whose process group is already set up. What it adds to the shared loop:
+
+1. the rank owns a slice of the dictionary (``latent_range`` of :class:`~crosscoder.parallel.ParallelLayout`)
+   and hands the model :class:`~crosscoder.parallel.DistributedCollectives` (global k-th values from
+   local candidates, partial reconstructions summed by one all-reduce);
+2. DeepSpeed owns the optimizer (Adam, ZeRO stage, fp32 or bf16, gradient clipping) and is told the
+   latent/data groups through the layout ("mpu"); latent-sharded parameters are flagged
+   ``model_parallel`` so the gradient norm counts each shard once;
+3. checkpoints are DeepSpeed checkpoints (``<run>/checkpoints/step-<n>/``, ``latest``) whose client
+   state holds every partition's data position, each latent slice's dead-latent counters and
+   threshold, and the RNG states, gathered so any rank can load them; resuming needs the same
+   latent × data layout (refused with a message otherwise);
+4. the export gathers the slices on rank 0 and writes the ``model.safetensors`` a single process writes.
+
+:class:`Objective` exists for ZeRO-3, which gathers a module's own parameters around its forward:
+every use of the weights, the AuxK decode and the L1 norms included, must happen inside one forward
+of the module that owns them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .config import RunConfig
+from .losses import LossWeights, forward_and_loss
+from .model import CrossCoder
+from .parallel import CommCounter, DistributedCollectives, ParallelLayout, all_gather_cat
+
+SHARDED = ("W_enc", "W_dec", "b_enc")
+
+
+class Objective(torch.nn.Module):
+    """The crosscoder's parameters and its training loss as one module (for ZeRO-3, see above).
+
+    The parameters are registered here directly (the model itself is a plain attribute, not a
+    submodule), so nothing is released half-way through the loss.
+    """
+
+    def __init__(self, model: CrossCoder):
+        super().__init__()
+        object.__setattr__(self, "model", model)
+        for name, param in model.named_parameters():
+            self.register_parameter(name, param)
+
+    def forward(self, x: Tensor, dead: Tensor | None, weights: LossWeights):
+        x = x.to(self.model.W_enc.dtype)  # bf16 engines cast the parameters, not the inputs
+        out, loss, terms = forward_and_loss(self.model, x, dead, weights)
+        return loss, terms, out
+
+
+def deepspeed_config(cfg: RunConfig, local_batch: int) -> dict:
+    """The DeepSpeed engine's config (its settings are checked by config.validate)."""
+    tc = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": local_batch,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {
+            "type": "Adam",
+            "params": {"lr": tc.lr, "betas": [tc.beta1, tc.beta2], "eps": 1e-8, "weight_decay": 0.0,
+                       "torch_adam": True, "fused": True},
+        },
+        "gradient_clipping": tc.grad_clip,
+        "zero_optimization": {"stage": tc.zero_stage},
+        "bf16": {"enabled": tc.precision == "bf16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedBackend:
+    def __init__(self, cfg: RunConfig):
+        self.cfg, self.tc = cfg, cfg.train
+        self.layout = ParallelLayout.create(self.tc.latent_parallel)
+        self.rank, self.data_rank = self.layout.rank, self.layout.dp_rank
+        self.data_parallel = self.layout.data_parallel
+        self.counter = CommCounter()
+        self.collectives = DistributedCollectives(self.layout, self.counter)
+        # ZeRO-2/3 partition gradients: memory kept for whole ones would undo that
+        self.keeps_whole_gradients = self.tc.zero_stage < 2
+
+    def latent_range(self, latents: int) -> tuple[int, int]:
+        return self.layout.latent_range(latents)
+
+    def has_checkpoint(self, run_dir: Path) -> bool:
+        return (run_dir / "checkpoints" / "latest").is_file()
+
+    def setup(self, model: CrossCoder) -> None:
+        import deepspeed
+
+        self.model = model
+        objective = Objective(model)
+        for name, param in objective.named_parameters():
+            if name in SHARDED and self.layout.latent_parallel > 1:
+                param.model_parallel = True
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=objective, model_parameters=list(objective.parameters()),
+            config=deepspeed_config(self.cfg, self.tc.batch_size // self.data_parallel),
+            mpu=self.layout, dist_init_required=False)
+
+    def load(self, run_dir: Path) -> dict:
+        layout = self.layout
+        _, client = self.engine.load_checkpoint(str(run_dir / "checkpoints"), load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
+        if client is None:
+            raise RuntimeError(f"{run_dir / 'checkpoints'}: the latest checkpoint could not be loaded")
+        if client["layout"] != [layout.latent_parallel, layout.data_parallel]:
+            from .trainer import RunDirError
+
+            raise RunDirError(f"{run_dir}: its checkpoint was written on latent×data {client['layout']} ranks, this "
+                              f"run has {[layout.latent_parallel, layout.data_parallel]}; resume with the same "
+                              "shape or use another --run directory")
+        if client["spec"] == asdict(self.model.spec):  # else the loop refuses the run directory
+            self.model.threshold.copy_(client["threshold"][layout.lp_rank])
+            self.model.threshold_updates.fill_(client["threshold_updates"])
+        return {"spec": client["spec"], "step": client["step"], "positions": client["positions"],
+                "dead": client["dead"][layout.lp_rank], "rng": client["rng"]}
+
+    def forward(self, x, dead, weights):
+        loss, terms, out = self.engine(x, dead, weights)
+        return out, loss, terms
+
+    def step(self, loss: Tensor, lr: float) -> float:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.backward(loss)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def save(self, run_dir: Path, state: dict, keep: int) -> None:
+        """A DeepSpeed checkpoint plus everything else resume needs, gathered so any rank can load it."""
+        layout, model = self.layout, self.model
+        everyone: list = [None] * layout.world
+        dist.all_gather_object(everyone, state["positions"])
+        positions: dict = {}
+        for part in everyone:
+            positions |= part
+        slices: list = [None] * layout.world
+        dist.all_gather_object(slices, (state["dead"], model.threshold.detach().clone()))
+        client = {"spec": state["spec"], "layout": [layout.latent_parallel, layout.data_parallel],
+                  "step": state["step"], "positions": positions,
+                  "dead": [slices[r][0] for r in range(layout.latent_parallel)],
+                  "threshold": [slices[r][1] for r in range(layout.latent_parallel)],
+                  "threshold_updates": int(model.threshold_updates), "rng": state["rng"]}
+        root = run_dir / "checkpoints"
+        self.engine.save_checkpoint(str(root), tag=f"step-{state['step']}", client_state=client)
+        dist.barrier()
+        if layout.rank == 0:
+            (root / f"step-{state['step']}" / "position.json").write_text(json.dumps(positions) + "\n")
+            tags = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")),
+                          key=lambda p: int(p.name.split("-")[1]))
+            for old in tags[:-keep] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    def export(self, run_dir: Path, extra: dict) -> Path | None:
+        if self.tc.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters())):
+                full = self.gather_full_model()
+        else:
+            full = self.gather_full_model()
+        export_dir = run_dir / "crosscoder"
+        if full is not None:
+            full.save_pretrained(export_dir, norm_scale=full.spec.norm_scale,
+                                 extra=extra | {"workers": self.layout.world,
+                                                "latent_parallel": self.layout.latent_parallel})
+        dist.barrier()
+        return export_dir if full is not None else None
+
+    def gather_full_model(self) -> CrossCoder | None:
+        """The whole dictionary on global rank 0 (None elsewhere); every rank must call it."""
+        model, group = self.model, self.layout.lp_group
+        tensors = {"W_enc": all_gather_cat(model.W_enc.detach().float(), group, dim=1),
+                   "W_dec": all_gather_cat(model.W_dec.detach().float(), group, dim=0),
+                   "b_enc": all_gather_cat(model.b_enc.detach().float(), group, dim=1),
+                   "threshold": all_gather_cat(model.threshold.detach().float(), group, dim=1)}
+        if self.layout.rank != 0:
+            return None
+        full = CrossCoder(model.spec, dec_init_norm=1.0)
+        with torch.no_grad():
+            for name, value in tensors.items():
+                getattr(full, name).copy_(value)
+            full.b_dec.copy_(model.b_dec.detach().float())
+            full.threshold_updates.copy_(model.threshold_updates)
+        return full
+
+    def report(self) -> dict:
+        return {"comm_bytes": self.counter.bytes, "memory_bytes": self.resident_bytes()}
+
+    def resident_bytes(self) -> dict:
+        """This rank's parameter and optimizer memory: module parameters (their ZeRO-3 partitions),
+        the optimizer's own parameter copies (ZeRO's fp32 partitions) and its state (Adam moments)."""
+        def size(t):
+            t = getattr(t, "ds_tensor", t)
+            return t.numel() * t.element_size()
+
+        module = {id(p): size(p) for p in self.engine.module.parameters()}
+        opt = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        copies = sum(size(p) for g in opt.param_groups for p in g["params"] if id(p) not in module)
+        state = sum(size(t) for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
+        return {"parameters": sum(module.values()), "optimizer_copies": copies, "optimizer_state": state,
+                "total": sum(module.values()) + copies + state}

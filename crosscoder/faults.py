@@ -1,0 +1,27 @@
+"""Test-only fault injection: a process dies hard, once, at a named point of a production loop.
+
+Fault tests must kill a harvest actor mid-shard or a training rank mid-run the way a lost machine
+would, without a signal the code could handle. Set ``CROSSCODER_FAULT`` to ``"<site>: <where>"``,
+e.g. ``"train: rank 1 step 6"`` or ``"harvest: shard 1 half"``, and ``CROSSCODER_FAULT_MARKER`` to a
+file path: the process that reaches that point while the marker does not exist creates it and exits
+at once with status 17, so the retried or restarted work passes the point. Both variables unset (as
+in any real run) make :func:`point` a dictionary lookup. The Ray processes the harvest and the
+trainer start receive every ``CROSSCODER_*`` variable of the driver.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+EXIT_STATUS = 17
+
+
+def point(site: str, where: str) -> None:
+    """Die here if the test switch names this point and its marker does not exist yet."""
+    if os.environ.get("CROSSCODER_FAULT") != f"{site}: {where}":
+        return
+    marker = Path(os.environ["CROSSCODER_FAULT_MARKER"])
+    if not marker.exists():
+        marker.touch()
+        os._exit(EXIT_STATUS)

@@ -1,0 +1,202 @@
+"""The stages of a run, chained: data (a harvest or planted synthetic shards), training, analysis.
+
+``crosscoder run`` is :func:`run`, and each of ``crosscoder harvest | synthetic | train | analyze``
+is one stage below; a Python user calls the same functions (``crosscoder.pipeline.run(cfg)``).
+Every stage is skipped when its output is there and up to date, so re-running a command resumes:
+committed shards are kept, a finished training (same dictionary, export present) and an analysis
+newer than the export are not redone.
+
+Paths are resolved once, by :func:`plan`: a copy of the config with the demo pair's models filled
+in, default outputs under the run directory and local paths made absolute (Ray actors and workers
+run in other working directories), so no stage rewrites the config object. The cost: a stage
+called on its own takes a :class:`Plan`, not a bare config.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import RunConfig, validate
+from .storage import absolute_url
+
+
+@dataclass
+class Plan:
+    cfg: RunConfig  # resolved: absolute local paths, demo-pair models, default outputs
+    run_dir: Path
+    data: str  # the shard root training reads (and analysis, unless analyze.data says otherwise)
+    uses_demo_pair: bool = False  # the harvest's models are the demo pair, made in <run>/tiny
+
+    @property
+    def harvests(self) -> bool:
+        return bool(self.cfg.harvest.models)
+
+
+def plan(cfg: RunConfig, run_dir: str | Path | None = None, data: str | None = None) -> Plan:
+    """Check ``cfg`` and resolve where everything goes; ``data`` overrides the training shard root."""
+    validate(cfg)
+    cfg = copy.deepcopy(cfg)
+    run_dir = Path(run_dir) if run_dir else Path("runs") / cfg.name
+    hc, tc = cfg.harvest, cfg.train
+    uses_demo_pair = hc.demo_pair and not hc.models
+    if uses_demo_pair:
+        hc.models = [{"name": name, "path": str(run_dir / "tiny" / name)} for name in ("base", "chat")]
+        hc.data = hc.data or str(run_dir / "tiny" / "documents.jsonl")
+    shards = absolute_url(data or tc.data or hc.output or cfg.synthetic.output or str(run_dir / "shards"))
+    if hc.models:
+        hc.output = absolute_url(hc.output or shards)
+        shards = absolute_url(data or tc.data or hc.output)
+        if hc.data and not hc.data.startswith("hf:"):
+            hc.data = str(Path(hc.data).expanduser().absolute())
+        for m in hc.models:
+            if uses_demo_pair or Path(m["path"]).expanduser().exists():  # else a hub id
+                m["path"] = str(Path(m["path"]).expanduser().absolute())
+    else:
+        cfg.synthetic.output = shards
+    tc.data = shards
+    return Plan(cfg, run_dir, shards, uses_demo_pair)
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+
+
+def make_demo_pair(p: Plan, progress: bool = True) -> None:
+    """The demo base/chat pair and its documents in <run>/tiny, made once."""
+    from . import demo_pair
+
+    where, steps = p.run_dir / "tiny", p.cfg.harvest.demo_steps
+    if not demo_pair.is_made(where, steps=steps):
+        print(f"tiny models: training a demo base model and its chat fine-tune in {where} ({steps} + {steps} steps)")
+        demo_pair.make_demo_pair(where, steps=steps, progress=progress)
+    if not (where / "documents.jsonl").is_file():
+        print(f"tiny models: writing demo documents to {where / 'documents.jsonl'}")
+        demo_pair.write_demo_documents(where / "documents.jsonl", n_docs=4000)
+
+
+def harvest(p: Plan, progress: bool = True):
+    """Harvest the planned models into shards (committed shards are kept); returns the manifest."""
+    from .harvest import harvest as run_harvest
+
+    if p.uses_demo_pair:
+        make_demo_pair(p, progress)
+    manifest = run_harvest(p.cfg, progress=progress)
+    print(f"harvest: {manifest.tokens} tokens in {len(manifest.shards)} shards at {p.cfg.harvest.output}")
+    return manifest
+
+
+def synthetic(p: Plan, progress: bool = True, output: str | None = None, keep_complete: bool = True):
+    """Planted synthetic shards at ``output`` (default: the training root); with ``keep_complete``,
+    a root that already holds a complete dataset is left as it is."""
+    from .shards import ManifestMissing, read_manifest
+    from .storage import open_root
+    from .synthetic import write_synthetic
+
+    output = absolute_url(output or p.cfg.synthetic.output or p.data)
+    root = open_root(output, p.cfg.storage)
+    if keep_complete:
+        try:
+            manifest = read_manifest(root)
+            print(f"shards: {output} already complete ({len(manifest.shards)} shards), skipping generation")
+            return manifest
+        except ManifestMissing:
+            pass
+    print(f"shards: writing planted synthetic activations to {output}")
+    manifest = write_synthetic(p.cfg.synthetic, output, progress=progress, root=root)
+    print(f"wrote {len(manifest.shards)} shards, {manifest.tokens} tokens, to {output}")
+    return manifest
+
+
+def train(p: Plan, progress: bool = True):
+    """Train in this process (``train.workers = 0``) or on Ray Train + DeepSpeed workers; a run
+    already trained to ``train.steps`` with this dictionary is not trained again."""
+    from .shards import read_manifest
+    from .storage import open_root
+    from .trainer import TrainResult, spec_from
+    from .trainer import train as train_here
+
+    tc = p.cfg.train
+    finished = TrainResult.read(p.run_dir)
+    if finished is not None and finished.is_finished(tc, spec_from(tc, read_manifest(open_root(p.data, p.cfg.storage)))):
+        print(f"train: {p.run_dir} already trained to step {finished.steps}, skipping (raise train.steps to continue)")
+        return finished
+    if tc.workers <= 0:
+        return train_here(p.cfg, p.run_dir, data=p.data, progress=progress)
+    from .ray_train import train_distributed
+
+    return train_distributed(p.cfg, p.run_dir, p.data, progress=progress)
+
+
+def analyze(p: Plan, progress: bool = True, only_if_stale: bool = False):
+    """``analysis/latents.csv``, ``summary.json`` and ``report.html``; with ``only_if_stale``, nothing
+    when the report is newer than the export. Returns the Analysis (None when skipped)."""
+    from . import analysis as an
+    from .report import write_report
+
+    out = p.run_dir / "analysis"
+    report, export = out / "report.html", p.run_dir / "crosscoder" / "model.safetensors"
+    if only_if_stale and report.is_file() and export.is_file() and report.stat().st_mtime >= export.stat().st_mtime:
+        print(f"analyze: {report} is newer than the export, skipping (`crosscoder analyze` redoes it)\n"
+              f"report: {report.absolute()}")
+        return None
+    cfg = p.cfg
+    model, root = an.load_for_run(p.run_dir, cfg.analyze.data or p.data, cfg.storage)
+    result = an.analyze(model, root, cfg.analyze, progress=progress)
+    result.ce_recovered = an.ce_recovered_for_harvest(model, root, cfg.analyze, announce=progress)
+    an.save(result, out)
+    write_report(result, report, title=f"Crosscoder model-diffing report: {cfg.name}")
+    counts, arts = result.class_counts(), result.artifact_counts()
+    print(f"analyze: {result.tokens} tokens; latents shared {counts['shared']}, base-only {counts['base_only']}, "
+          f"chat-only {counts['chat_only']}, dead {counts['dead']}; Latent Scaling flags "
+          f"{arts['chat_only']['flagged']} of {arts['chat_only']['latents']} chat-only latents")
+    for name, ce in result.ce_recovered.items():
+        print(f"analyze: CE loss recovered {name}: {ce['recovered']:.3f}")
+    print(f"analysis: {(out / 'latents.csv').absolute()}\nreport: {report.absolute()}")
+    return result
+
+
+def run(cfg: RunConfig, run_dir: str | Path | None = None, data: str | None = None, progress: bool = True):
+    """Every stage in order: the data (harvest when ``harvest.models`` or the demo pair is set, else
+    planted synthetic shards), training, the planted-truth score (synthetic data), the analysis."""
+    p = plan(cfg, run_dir, data)
+    if p.harvests:
+        harvest(p, progress)
+    else:
+        synthetic(p, progress)
+    result = train(p, progress)
+    print_training_summary(result)
+    print_planted_recovery(p, result)
+    analyze(p, progress, only_if_stale=True)
+    print(f"run directory: {p.run_dir.absolute()}")
+    return result
+
+
+def print_training_summary(result) -> None:
+    m = result.last_metrics
+    if m:
+        fve = ", ".join(f"{k} {v:.3f}" for k, v in m["fve"].items())
+        print(f"step {result.steps}: loss {m['loss']['total']:.4g}, FVE {fve}, L0 {m['l0']:.1f}, "
+              f"dead {m['dead_fraction']:.1%}")
+    if result.export_dir:
+        print(f"crosscoder exported to {result.export_dir} (load with CrossCoder.from_pretrained)")
+
+
+def print_planted_recovery(p: Plan, result) -> None:
+    """On planted synthetic data, how much of the planted truth the crosscoder recovered."""
+    from .model import CrossCoder
+    from .shards import read_manifest
+    from .storage import open_root
+    from .synthetic import PLANTED, read_planted, score_recovery
+
+    root = open_root(p.data, p.cfg.storage)
+    if result.export_dir is None or not root.exists(PLANTED):
+        return
+    model = CrossCoder.from_pretrained(result.export_dir)
+    raw_scale = read_manifest(root).extra.get("synthetic", {}).get("raw_scale", [1.0] * model.spec.n_sources)
+    rec = score_recovery(model.W_dec.detach().numpy(), model.spec.widths, read_planted(root), raw_scale,
+                         model.spec.norm_scale)
+    print(f"planted truth: mean best decoder cosine {rec.mean_best_cosine:.3f}, "
+          f"{(rec.best_cosine > 0.9).mean():.1%} of features recovered at cosine > 0.9, "
+          f"shared/base-only/chat-only classification accuracy {rec.class_accuracy:.1%}")
