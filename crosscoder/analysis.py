@@ -19,7 +19,7 @@ or a running top-n. What it costs: the activations are encoded once more (at inf
 BatchTopK threshold), and the top-n buffers hold ``2·n·L`` numbers (for L = 64k, n = 20: 20 MB).
 Token ids of the analysed tokens are kept (4 bytes each) so examples can show their context.
 
-The results are written as ``analysis/latents.csv`` (DESIGN.md's contract), ``analysis/summary.json``
+The results are written as ``analysis/latents.csv`` (docs/architecture.md), ``analysis/summary.json``
 and, by report.py, ``analysis/report.html``. No Ray, DeepSpeed or S3 code here: shards come through
 the storage layer.
 """
@@ -45,7 +45,8 @@ from .storage import Root
 
 CLASSES = ("shared", "base_only", "chat_only", "dead")
 CSV_COLUMNS = ("index", "frequency", "mean_activation", "max_activation", "special_share", "rel_norm", "cosine",
-               "class", "beta_error_base", "beta_error_chat", "beta_recon_base", "beta_recon_chat", "nu_error", "nu_recon",
+               "class", "beta_error_base", "beta_error_chat", "beta_recon_base", "beta_recon_chat", "nu_error",
+               "nu_recon",
                "artifact")
 
 
@@ -232,7 +233,9 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
     sample_of: list[np.ndarray] = []
     budget = min(cfg.tokens, manifest.tokens) if cfg.tokens > 0 else manifest.tokens
     bar = tqdm(total=budget, desc="analyze", unit="tok", disable=not progress, unit_scale=True)
-    seen, pending, pending_ids, n_samples = 0, [], [], 0
+    seen, n_samples = 0, 0
+    pending: list[np.ndarray] = []
+    pending_ids: list[np.ndarray] = []
     # class membership of each latent is known from the weights, except dead (known at the end)
     static_class = classify(rel_norm, np.ones(L), cfg.exclusive_threshold)
     fires_by_token = {c: np.zeros(0, dtype=np.int64) for c in ("shared", "base_only", "chat_only")}
@@ -270,16 +273,17 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
         pending_ids.clear()
 
     for sample in iter_samples(root, manifest):
-        if seen + sum(len(p) for p in pending) >= budget:
+        waiting = sum(p.shape[0] for p in pending)
+        if seen + waiting >= budget:
             break
-        room = budget - seen - sum(len(p) for p in pending)
+        room = budget - seen - waiting
         tokens, acts = sample.tokens[:room], sample.acts[:room]
         pending.append(acts)
         pending_ids.append(tokens)
         token_ids.append(tokens)
         sample_of.append(np.full(len(tokens), n_samples, dtype=np.int64))
         n_samples += 1
-        if sum(len(p) for p in pending) >= cfg.batch_tokens:
+        if waiting + len(tokens) >= cfg.batch_tokens:
             flush()
     if pending:
         flush()
@@ -352,7 +356,7 @@ def _examples(cls, top: _TopExamples, ids: np.ndarray, sample_index: np.ndarray,
 def _attribution(fires_by_token: dict[str, np.ndarray], ids: np.ndarray, decoder: _Decoder, top: int = 12):
     """Per class: the tokens its latents fire on most, with lift = share of firings / share of tokens."""
     base = np.bincount(ids)
-    out = {}
+    out: dict[str, list[dict]] = {}
     for c, fires in fires_by_token.items():
         total = fires.sum()
         if total == 0:
@@ -450,7 +454,9 @@ def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig, 
     ids = torch.tensor([prefix + c.tolist() for c in chunks], dtype=torch.long)
     start = len(prefix)
     dtypes = {m.get("path"): m.get("dtype", "float32") for m in harvest.get("models", [])}
-    models, hooks_of, revision = {}, {}, {}
+    models: dict = {}
+    hooks_of: dict[str, list[str]] = {}
+    revision: dict[str, str | None] = {}
     for src in manifest.sources:
         hooks_of.setdefault(src.model, []).append(src.hook)
         revision[src.model] = src.revision
@@ -465,7 +471,7 @@ def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig, 
     x = torch.cat([acts[(s.model, s.hook)].reshape(B * T, -1) for s in manifest.sources], 1)
     x_hat = model.reconstruct(x)
     out = {}
-    for s, (src, sl) in enumerate(zip(manifest.sources, model.spec.slices)):
+    for src, sl in zip(manifest.sources, model.spec.slices):
         r = ce_loss_recovered(models[src.model], ids, src.hook, x_hat[:, sl].reshape(B, T, -1), start)
         out[src.name] = {"clean": r.clean, "spliced": r.spliced, "zero_ablated": r.zero_ablated,
                          "recovered": r.recovered, "sequences": B}

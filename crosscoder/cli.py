@@ -44,8 +44,9 @@ def resolve(args, rest) -> tuple[RunConfig, Path]:
     """The config (``--config``; else, for ``train``/``analyze --run DIR``, the run's own
     config.toml; else the embedded default for ``run``) with overrides, and the run directory."""
     path = args.config or (default_config_path() if args.command == "run" else None)
-    if path is None and args.run and args.command in ("train", "analyze") and (Path(args.run) / "config.toml").is_file():
-        path = Path(args.run) / "config.toml"
+    own = Path(args.run) / "config.toml" if args.run else None
+    if path is None and own is not None and args.command in ("train", "analyze") and own.is_file():
+        path = own
     cfg = load_config(path)
     apply_overrides(cfg, _split_overrides(rest))
     run_dir = Path(args.run) if args.run else Path("runs") / cfg.name

@@ -38,7 +38,8 @@ def opt(default: Any, help: str, ge: float | None = None, gt: float | None = Non
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
     metadata = {"help": help, "bounds": bounds}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=metadata)
+        text = json.dumps(default)  # a fresh copy per instance
+        return field(default_factory=lambda: json.loads(text), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -71,7 +72,8 @@ class HarvestConfig:
     samples_per_shard: int = opt(64, "samples (chunks) per shard file", ge=1)
     batch_size: int = opt(8, "chunks per forward pass", ge=1)
     dtype: Dtype = opt("float16", "dtype activations are stored in: float16 | float32")
-    keep_bos: bool = opt(False, "store the BOS position too (excluded by default: an attention sink with outlier norms)")
+    keep_bos: bool = opt(False, "store the BOS position too (excluded by default: an attention sink with outlier "
+                                "norms)")
     max_retries: int = opt(3, "times a shard is retried after its actor died or failed", ge=0)
 
 
@@ -121,7 +123,8 @@ class TrainConfig:
     data: str = opt("", "shard root (default: harvest.output or synthetic.output)")
     arch: Literal["acausal", "aligned"] = opt(
         "acausal", "acausal (one shared dictionary) | aligned (per-source latents + alignment loss)")
-    activation: Literal["relu", "topk", "batchtopk"] = opt("batchtopk", "relu (+ decoder-norm-weighted L1) | topk | batchtopk")
+    activation: Literal["relu", "topk", "batchtopk"] = opt(
+        "batchtopk", "relu (+ decoder-norm-weighted L1) | topk | batchtopk")
     latents: int = opt(4096, "dictionary size L", ge=1)
     k: int = opt(32, "active latents per token (topk, batchtopk); for aligned: per source", ge=1)
     batch_size: int = opt(4096, "global batch size, in tokens", ge=1)
@@ -138,8 +141,8 @@ class TrainConfig:
     aux_coeff: float = opt(1 / 32, "coefficient of the AuxK loss on dead latents; 0 = off", ge=0)
     aux_k: int = opt(0, "latents per token the AuxK loss may use; 0 = half the total input width", ge=0)
     dead_tokens: int = opt(1_000_000, "a latent that fired on none of the last N tokens is dead", ge=1)
-    align_coeff: float = opt(10.0, "aligned only: coefficient of the alignment loss (10: cross FVE ≈ own FVE on planted data)",
-                             ge=0)
+    align_coeff: float = opt(
+        10.0, "aligned only: coefficient of the alignment loss (10: cross FVE ≈ own FVE on planted data)", ge=0)
     align_loss: Literal["mse", "normalized"] = opt(
         "normalized", "aligned only: mse | normalized (scale-invariant ‖f_s−f_t‖²/mean ‖f‖²)")
     threshold_momentum: float = opt(0.99, "batchtopk: EMA momentum of the inference threshold", ge=0, lt=1)
@@ -165,8 +168,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = opt(
         "fp32", "distributed trainer: fp32 | bf16 (DeepSpeed mixed precision; on a CPU without bf16 GEMM units "
         "the dense products run in fp32, see precision.py)")
-    max_failures: int = opt(2, "distributed trainer: Ray Train restarts after a worker failure (resuming from the last checkpoint)",
-                            ge=0)
+    max_failures: int = opt(
+        2, "distributed trainer: Ray Train restarts after a worker failure (resuming from the last checkpoint)", ge=0)
     use_gpu: bool = opt(False, "distributed trainer: one GPU per worker (NCCL) instead of CPU (gloo)")
 
 
@@ -422,7 +425,7 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, st
         if _is_dataclass_type(tp):
             rows.extend(describe(tp, key + "."))
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
             rows.append((key, json.dumps(default), f.metadata.get("help", "")))
     return rows
 
@@ -444,8 +447,12 @@ def _check_fields(table: Any, prefix: str) -> None:
         if typing.get_origin(tp) is Literal:
             _coerce(value, tp, key)
         bounds = f.metadata.get("bounds", {})
-        if not all({"ge": value >= v, "gt": value > v, "le": value <= v, "lt": value < v}[op] for op, v in bounds.items()):
+        if not all(_holds(value, op, v) for op, v in bounds.items()):
             raise ConfigError(f"{key} must be {_range(bounds)}, got {value}")
+
+
+def _holds(value: float, op: str, limit: float) -> bool:
+    return {"ge": value >= limit, "gt": value > limit, "le": value <= limit, "lt": value < limit}[op]
 
 
 def _range(bounds: dict) -> str:
@@ -483,13 +490,15 @@ def check_train(tc: TrainConfig) -> None:
                           "whole dictionary)")
     if tc.workers > 0:
         if tc.workers % tc.latent_parallel:
-            raise ConfigError(f"train.latent_parallel={tc.latent_parallel} must divide the number of workers ({tc.workers})")
+            raise ConfigError(f"train.latent_parallel={tc.latent_parallel} must divide the number of workers "
+                              f"({tc.workers})")
         if tc.latents % tc.latent_parallel:
             raise ConfigError(f"train.latents ({tc.latents}) must be divisible by train.latent_parallel "
                               f"({tc.latent_parallel})")
     data_parallel = max(tc.workers // tc.latent_parallel, 1)
     if tc.batch_size % data_parallel:
-        raise ConfigError(f"train.batch_size ({tc.batch_size}) must be divisible by the {data_parallel} data-parallel ranks")
+        raise ConfigError(f"train.batch_size ({tc.batch_size}) must be divisible by the {data_parallel} "
+                          "data-parallel ranks")
     partitions = tc.data_partitions or data_parallel
     if partitions % data_parallel:
         raise ConfigError(f"train.data_partitions ({partitions}) must be a multiple of the data-parallel size "

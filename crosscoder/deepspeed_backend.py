@@ -46,6 +46,8 @@ class Objective(torch.nn.Module):
     submodule), so nothing is released half-way through the loss.
     """
 
+    model: CrossCoder
+
     def __init__(self, model: CrossCoder):
         super().__init__()
         object.__setattr__(self, "model", model)
@@ -101,7 +103,7 @@ class DeepSpeedBackend:
         objective = Objective(model)
         for name, param in objective.named_parameters():
             if name in SHARDED and self.layout.latent_parallel > 1:
-                param.model_parallel = True
+                setattr(param, "model_parallel", True)  # noqa: B010 - DeepSpeed reads this flag
         self.engine, _, _, _ = deepspeed.initialize(
             model=objective, model_parameters=list(objective.parameters()),
             config=deepspeed_config(self.cfg, self.tc.batch_size // self.data_parallel),

@@ -50,7 +50,8 @@ NAMES = "anna ben carl dana eva finn gina hugo iris jack kara leo".split()
 NUMBERS = "one two three four five six seven eight nine ten".split()
 HARMFUL_VERBS = "steal poison hack rob hurt attack".split()
 HARMFUL_NOUNS = "bomb weapon gun knife drug virus".split()
-CHAT_WORDS = ("please write tell me about a story poem list things what does it take how can i make to do eat sure here is "
+CHAT_WORDS = ("please write tell me about a story poem list things what does it take how can i make to do eat sure "
+              "here is "
               "sorry cannot help with that and the it you they this short long").split()
 
 
@@ -104,14 +105,16 @@ class Grammar:
             act = r.choice([f"{r.choice(HARMFUL_VERBS)} the {noun}", f"make a {r.choice(HARMFUL_NOUNS)}",
                             f"{r.choice(HARMFUL_VERBS)} {r.choice(NAMES)}"])
             ask = r.choice([f"how can i {act} ?", f"please tell me how to {act} .", f"what does it take to {act} ?"])
-            return [{"role": "user", "content": ask}, {"role": "assistant", "content": "sorry , i cannot help with that ."}]
+            return [{"role": "user", "content": ask},
+                    {"role": "assistant", "content": "sorry , i cannot help with that ."}]
         if kind < 0.6:  # length control
             length = r.choice(["short", "long"])
             ask = r.choice([f"please write a {length} story about the {noun} .",
                             f"tell me a {length} story about the {noun} ."])
             n = 1 if length == "short" else 4
             body = " ".join(self.sentence(topic) for _ in range(n))
-            return [{"role": "user", "content": ask}, {"role": "assistant", "content": f"sure , here is a {length} story . {body}"}]
+            return [{"role": "user", "content": ask},
+                    {"role": "assistant", "content": f"sure , here is a {length} story . {body}"}]
         if kind < 0.8:  # lists count
             n = r.randint(2, 5)
             items = " , ".join(f"{NUMBERS[i]} {r.choice(TOPICS[topic])}" for i in range(n))
@@ -159,7 +162,8 @@ def _settings(steps: int, hidden: int, layers: int, seed: int) -> dict:
 def is_made(directory: str | Path, steps: int = 500, hidden: int = 96, layers: int = 4, seed: int = 0) -> bool:
     """A pair with these settings is saved in ``directory``."""
     marker = Path(directory) / "demo_pair.json"
-    return (marker.is_file() and json.loads(marker.read_text()).get("settings") == _settings(steps, hidden, layers, seed)
+    settings = _settings(steps, hidden, layers, seed)
+    return (marker.is_file() and json.loads(marker.read_text()).get("settings") == settings
             and (Path(directory) / "chat" / "config.json").is_file())
 
 

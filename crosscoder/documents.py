@@ -21,9 +21,9 @@ holds the same chunks.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 
 class DataError(ValueError):

@@ -25,6 +25,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,8 +36,17 @@ from .config import RunConfig, from_dict, to_dict
 from .documents import Chunk, check_same_tokenizer, plan_chunks, read_documents
 from .language_models import ActivationReader, ModelSpec, load_model, load_tokenizer
 from .ray_connect import connect
-from .shards import (Manifest, ManifestMissing, ShardError, ShardInfo, ShardWriter, SourceInfo, read_manifest,
-                     shard_name, write_manifest)
+from .shards import (
+    Manifest,
+    ManifestMissing,
+    ShardError,
+    ShardInfo,
+    ShardWriter,
+    SourceInfo,
+    read_manifest,
+    shard_name,
+    write_manifest,
+)
 from .storage import Root, absolute_url, open_root
 from .telemetry import HarvestMetrics
 
@@ -70,8 +80,9 @@ class ShardHarvester:
         self.root = open_root(hc.output, self.cfg.storage)
         self.metrics = HarvestMetrics(self.cfg.metrics.port, actor_index, host=self.cfg.metrics.host)
 
-    def activations(self, tokens: list[list[int]]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Acts [B, T, D] (sources concatenated, stored dtype) for equal-length chunks, BOS excluded."""
+    def activations(self, tokens: list[list[int]]) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
+        """Acts [B, T, D] (sources concatenated, stored dtype) for equal-length chunks, BOS excluded;
+        the stored token ids; per source, the sum of the activations' norms."""
         hc = self.cfg.harvest
         prefix = [self.bos] if self.bos is not None else []
         ids = torch.tensor([prefix + t for t in tokens], dtype=torch.long)
@@ -158,8 +169,9 @@ def build_manifest(cfg, sources, widths, infos: list[ShardInfo], tokenizer: str,
     infos = sorted(infos, key=lambda s: s.name)
     complete = len(infos) == planned
     norm_scale = []
-    if infos and all(i.stats for i in infos):
-        sums = np.sum([i.stats["norm_sum"] for i in infos], axis=0)
+    stats = [i.stats for i in infos]
+    if infos and all(s is not None for s in stats):
+        sums = np.sum([s["norm_sum"] for s in stats if s is not None], axis=0)
         tokens = sum(i.tokens for i in infos)
         norm_scale = [float(math.sqrt(d) / max(s / tokens, 1e-12)) for d, s in zip(widths, sums)]
     return Manifest(
@@ -208,7 +220,8 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     tokenizers = {m.name: load_tokenizer(m.path, m.revision) for m in models}
     check_same_tokenizer(tokenizers)
     tokenizer = tokenizers[models[0].name]
-    chat_tokenizer = next((t for t in reversed(list(tokenizers.values())) if getattr(t, "chat_template", None)), tokenizer)
+    chat_tokenizer = next((t for t in reversed(list(tokenizers.values())) if getattr(t, "chat_template", None)),
+                          tokenizer)
     chunks = plan_chunks(read_documents(hc.data), tokenizer, chat_tokenizer, hc.seq_len, hc.tokens)
     if not chunks:
         raise ValueError(f"{hc.data}: no documents with at least 2 tokens")
@@ -225,10 +238,10 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     pending = [n for n in range(len(plan)) if shard_name(n) not in done]
 
     if pending:
-        connect(hc.actors * hc.cpus_per_actor)
+        connect(math.ceil(hc.actors * hc.cpus_per_actor))
         # the driver's storage credentials and settings reach the actors wherever they run
         env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "CROSSCODER_", "HF_"))}
-        Actor = ray.remote(num_cpus=hc.cpus_per_actor, num_gpus=hc.gpus_per_actor, max_restarts=0)(ShardHarvester)
+        Actor: Any = ray.remote(num_cpus=hc.cpus_per_actor, num_gpus=hc.gpus_per_actor, max_restarts=0)(ShardHarvester)
         Actor = Actor.options(runtime_env={"env_vars": env} if env else None)
         config = to_dict(cfg)
         actors = {i: Actor.remote(config, i) for i in range(max(1, min(hc.actors, len(pending))))}
@@ -251,7 +264,8 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
                 except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
                     attempts[n] += 1
                     if attempts[n] > hc.max_retries:
-                        raise RuntimeError(f"shard {shard_name(n)} failed {attempts[n]} times; last error: {e}") from None
+                        raise RuntimeError(f"shard {shard_name(n)} failed {attempts[n]} times; last error: {e}"
+                                           ) from None
                     if isinstance(e, ray.exceptions.RayActorError):
                         actors[i] = Actor.remote(config, i)  # replace the dead actor
                     queue.insert(0, n)

@@ -26,7 +26,8 @@ def sums_for_fve(x: Tensor, x_hat: Tensor, slices: list[slice]) -> Tensor:
     rows = []
     for sl in slices:
         xs, xh = x[:, sl].double(), x_hat[:, sl].double()
-        rows.append(torch.stack([(xs - xh).pow(2).sum(), xs.sum(), xs.pow(2).sum(), torch.tensor(float(xs.numel()), dtype=torch.float64)]))
+        count = torch.tensor(float(xs.numel()), dtype=torch.float64)
+        rows.append(torch.stack([(xs - xh).pow(2).sum(), xs.sum(), xs.pow(2).sum(), count]))
     return torch.stack(rows)
 
 

@@ -22,8 +22,8 @@ decoders small and equal across sources, so no source is preferred at step 0; eq
 every latent at relative norm 0.5), and the encoder is the decoder's transpose (Gao et al. 2024:
 it avoids early dead latents). For ``aligned``, latent i starts from the same direction in every
 source (truncated or padded to the source's width): independent random starts leave the
-alignment loss a permutation to find, which gradient descent does not (measured on planted data). ``b_enc`` = 0; ``b_dec`` is set by the trainer to the mean of the
-first batch.
+alignment loss a permutation to find, which gradient descent does not (measured on planted data).
+``b_enc`` = 0; ``b_dec`` is set by the trainer to the mean of the first batch.
 
 The model trains on normalised inputs (each source scaled so ``E‖x_s‖ = √d_s``);
 :meth:`CrossCoder.save_pretrained` folds the scales into the weights, so an export works on raw
@@ -125,17 +125,20 @@ class ForwardOutput:
     @property
     def f(self) -> Tensor:
         """[B, G, L] latent activations (materialised from the sparse code if needed)."""
-        return self.dense_f if self.dense_f is not None else self.code.dense()
+        if self.code is not None:
+            return self.code.dense()
+        assert self.dense_f is not None, "a forward output holds a sparse code or dense activations"
+        return self.dense_f
 
     def fired(self) -> Tensor:
         """bool [G, L]: latents active on at least one token of the batch."""
-        return self.code.fired() if self.code is not None else (self.dense_f.detach() != 0).any(0)
+        return self.code.fired() if self.code is not None else (self.f.detach() != 0).any(0)
 
     def active_count(self) -> Tensor:
         """Number of non-zero activations in the batch (L0 × tokens × groups)."""
         if self.code is not None:
             return torch.tensor(float(self.code.value.numel()))
-        return (self.dense_f.detach() != 0).sum().float()
+        return (self.f.detach() != 0).sum().float()
 
 
 def init_parameters(spec: CrossCoderSpec, seed: int, dec_init_norm: float, lo: int, hi: int, chunk: int = 65536):
@@ -159,13 +162,17 @@ def init_parameters(spec: CrossCoderSpec, seed: int, dec_init_norm: float, lo: i
         # so the per-source latent spaces start aligned and the alignment loss only has to keep them so
         first = W_dec[:, : spec.widths[0]]
         for sl, w in zip(spec.slices[1:], spec.widths[1:]):
-            W_dec[:, sl] = first[:, :w] if w <= first.shape[1] else torch.cat([first, W_dec[:, sl][:, first.shape[1]:]], 1)
+            own = W_dec[:, sl][:, first.shape[1]:]
+            W_dec[:, sl] = first[:, :w] if w <= first.shape[1] else torch.cat([first, own], 1)
     for sl in spec.slices:
         W_dec[:, sl] *= dec_init_norm / W_dec[:, sl].norm(dim=1, keepdim=True).clamp_min(1e-12)
     return W_dec
 
 
 class CrossCoder(nn.Module):
+    threshold: Tensor  # buffers, declared for type checkers
+    threshold_updates: Tensor
+
     def __init__(
         self,
         spec: CrossCoderSpec,
@@ -358,7 +365,7 @@ class CrossCoder(nn.Module):
         (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
-    def from_tensors(cls, spec: CrossCoderSpec, tensors: dict[str, Tensor]) -> "CrossCoder":
+    def from_tensors(cls, spec: CrossCoderSpec, tensors: dict[str, Tensor]) -> CrossCoder:
         missing = set(export_names(spec)) - set(tensors)
         if missing:
             raise ValueError(f"export is missing tensors: {sorted(missing)}")
@@ -378,7 +385,7 @@ class CrossCoder(nn.Module):
         return model.eval()
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "CrossCoder":
+    def from_pretrained(cls, directory: str | Path) -> CrossCoder:
         """Load an export (``<run>/crosscoder``); it works on raw activations (scales folded in)."""
         directory = Path(directory)
         config_path, weights_path = directory / "config.json", directory / "model.safetensors"

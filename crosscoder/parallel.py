@@ -60,7 +60,7 @@ class ParallelLayout:
         return lo, lo + per + (1 if self.lp_rank < extra else 0)
 
     @classmethod
-    def create(cls, latent_parallel: int) -> "ParallelLayout":
+    def create(cls, latent_parallel: int) -> ParallelLayout:
         """Build the process groups (collective: every rank must call it in the same order)."""
         world, rank = dist.get_world_size(), dist.get_rank()
         if latent_parallel < 1 or world % latent_parallel:
@@ -71,8 +71,8 @@ class ParallelLayout:
             group = dist.new_group(ranks)
             if rank in ranks:
                 layout.lp_group = group
-        for l in range(latent_parallel):
-            ranks = list(range(l, world, latent_parallel))
+        for slot in range(latent_parallel):
+            ranks = list(range(slot, world, latent_parallel))
             group = dist.new_group(ranks)
             if rank in ranks:
                 layout.dp_group = group
@@ -146,7 +146,8 @@ class DistributedCollectives(Collectives):
         # ranks may hold fewer than k columns (e.g. AuxK searches only its dead latents): pad with
         # -inf so every rank sends the same shape
         if k_local < k:
-            candidates = torch.cat([candidates, candidates.new_full((*candidates.shape[:-1], k - k_local), -torch.inf)], -1)
+            padding = candidates.new_full((*candidates.shape[:-1], k - k_local), -torch.inf)
+            candidates = torch.cat([candidates, padding], -1)
         self.counter.add(candidates, self.layout.lp_group)
         gathered = all_gather_cat(candidates.detach(), self.layout.lp_group, dim=-1)
         k = min(k, gathered.shape[-1])

@@ -119,7 +119,8 @@ def train(p: Plan, progress: bool = True):
 
     tc = p.cfg.train
     finished = TrainResult.read(p.run_dir)
-    if finished is not None and finished.is_finished(tc, spec_from(tc, read_manifest(open_root(p.data, p.cfg.storage)))):
+    spec = spec_from(tc, read_manifest(open_root(p.data, p.cfg.storage)))
+    if finished is not None and finished.is_finished(tc, spec):
         print(f"train: {p.run_dir} already trained to step {finished.steps}, skipping (raise train.steps to continue)")
         return finished
     if tc.workers <= 0:

@@ -102,5 +102,6 @@ def write_documents(path: str | Path, n_docs: int = 64, seed: int = 0, chat_frac
                             {"role": "assistant", "content": sentence(rng.randint(4, 20))}]
                 fh.write(json.dumps({"messages": messages}) + "\n")
             else:
-                fh.write(json.dumps({"text": " ".join(sentence(rng.randint(5, 15)) for _ in range(rng.randint(1, 6)))}) + "\n")
+                text = " ".join(sentence(rng.randint(5, 15)) for _ in range(rng.randint(1, 6)))
+                fh.write(json.dumps({"text": text}) + "\n")
     return str(path)

@@ -11,6 +11,7 @@ The cost is the dashboard's process, ~100 MiB and a second or two at start-up.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 
 def connect(num_cpus: int | None = None):
@@ -20,7 +21,7 @@ def connect(num_cpus: int | None = None):
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
-        kwargs = {"dashboard_host": "127.0.0.1", "log_to_driver": True, "configure_logging": False}
+        kwargs: dict[str, Any] = {"dashboard_host": "127.0.0.1", "log_to_driver": True, "configure_logging": False}
         if not address:
             kwargs["num_cpus"] = max(num_cpus or 0, os.cpu_count() or 1)
         ray.init(address=address, **kwargs)

@@ -38,7 +38,8 @@ def train_worker(config: dict) -> None:
 def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: bool = True,
                       stop_after: int | None = None) -> TrainResult:
     """Run the distributed trainer to the end (or ``stop_after`` steps); returns rank 0's result."""
-    from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .shards import read_manifest

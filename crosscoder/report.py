@@ -47,7 +47,7 @@ def figures(analysis: Analysis) -> dict[str, str]:
     out = {}
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.hist(c["rel_norm"][live], bins=np.linspace(0, 1, 41), color="#444444")
+    ax.hist(c["rel_norm"][live], bins=np.linspace(0, 1, 41).tolist(), color="#444444")
     for t in (analysis.exclusive_threshold, 1 - analysis.exclusive_threshold):
         ax.axvline(t, color="#d62728", ls="--", lw=1)
     ax.set_yscale("log")
@@ -59,7 +59,7 @@ def figures(analysis: Analysis) -> dict[str, str]:
     for cls in ("shared", "base_only", "chat_only"):
         vals = c["cosine"][(c["class"] == cls) & np.isfinite(c["cosine"])]
         if len(vals):
-            ax.hist(vals, bins=np.linspace(-1, 1, 41), alpha=0.6, label=cls, color=COLORS[cls])
+            ax.hist(vals, bins=np.linspace(-1, 1, 41).tolist(), alpha=0.6, label=cls, color=COLORS[cls])
     ax.set_xlabel(f"decoder cosine between {base} and {chat}")
     ax.set_ylabel("latents")
     ax.set_yscale("log")
@@ -124,7 +124,7 @@ def render(analysis: Analysis, title: str = "Crosscoder model-diffing report") -
     base, chat = analysis.sources
     counts = analysis.class_counts()
     arts = analysis.artifact_counts()
-    summary_rows = [["sources compared", f"{base} vs {chat}"], ["tokens analysed", f"{analysis.tokens:,}"],
+    summary_rows: list[list] = [["sources compared", f"{base} vs {chat}"], ["tokens analysed", f"{analysis.tokens:,}"],
                     ["latents", f"{len(c['class']):,}"]]
     summary_rows += [[f"{k} latents", v] for k, v in counts.items()]
     summary_rows += [[f"FVE {k}", f"{v:.4f}"] for k, v in analysis.fve.items()]

@@ -23,8 +23,8 @@ import json
 import os
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
 
 import numpy as np
 
@@ -103,7 +103,7 @@ class Manifest:
         return json.dumps(data, indent=1) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, where: str = MANIFEST) -> "Manifest":
+    def from_json(cls, text: str, where: str = MANIFEST) -> Manifest:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -146,7 +146,8 @@ def read_manifest(root: Root) -> Manifest:
     try:
         text = root.read_bytes(MANIFEST).decode()
     except FileNotFoundError:
-        raise ManifestMissing(f"{root.url}: no {MANIFEST} (not a shard dataset, or the harvest has not finished)") from None
+        raise ManifestMissing(f"{root.url}: no {MANIFEST} (not a shard dataset, or the harvest has not finished)"
+                              ) from None
     return Manifest.from_json(text, where=root.url_of(MANIFEST))
 
 
@@ -306,7 +307,8 @@ def parse_shard(data: bytes, manifest: Manifest, where: str) -> list[Sample]:
                 if key not in members:
                     members[key] = {}
                     order.append(key)
-                members[key][ext] = tar.extractfile(member).read()
+                content = tar.extractfile(member)
+                members[key][ext] = content.read() if content is not None else b""
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ShardError(f"{where}: truncated or corrupt tar: {e}") from None
     expected_dtype = np.dtype(manifest.dtype)
@@ -331,7 +333,8 @@ def parse_shard(data: bytes, manifest: Manifest, where: str) -> list[Sample]:
             )
         if tokens.ndim != 1 or tokens.shape[0] != acts.shape[0] or tokens.dtype != np.int32:
             raise ShardError(
-                f"{where}: sample {key!r} tokens {tokens.dtype}{list(tokens.shape)} do not match acts rows {acts.shape[0]}"
+                f"{where}: sample {key!r} tokens {tokens.dtype}{list(tokens.shape)} do not match acts rows "
+                f"{acts.shape[0]}"
             )
         out.append(Sample(key, tokens, acts, meta))
     return out

@@ -11,6 +11,7 @@ S3-compatible store works. No torch here.
 
 from __future__ import annotations
 
+import builtins
 import os
 import shutil
 import tempfile
@@ -106,9 +107,10 @@ class Root:
             raise StorageError(f"{self.url}: access to bucket {bucket!r} denied at {where}: {e}") from None
         except Exception as e:  # noqa: BLE001 - connection errors come in many types
             cause = e.__cause__ if isinstance(e, StorageError) and e.__cause__ else e
-            raise StorageError(f"{self.url}: cannot reach the object store at {where}: {type(cause).__name__}: {cause}") from None
+            raise StorageError(f"{self.url}: cannot reach the object store at {where}: "
+                               f"{type(cause).__name__}: {cause}") from None
 
-    def list(self) -> list[str]:
+    def list(self) -> builtins.list[str]:
         try:
             return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False))
         except FileNotFoundError:
@@ -143,7 +145,7 @@ class Root:
             fh.write(data)
         self.commit_file(tmp, name)
 
-    def temporary_files(self) -> list[str]:
+    def temporary_files(self) -> builtins.list[str]:
         """Left-over temporary files of interrupted local commits (S3 commits leave none)."""
         return [n for n in self.list() if ".tmp-" in n]
 

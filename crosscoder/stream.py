@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Generator, Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 import numpy as np
 
@@ -39,7 +39,7 @@ class Position:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Position":
+    def from_dict(cls, d: dict) -> Position:
         return cls(**{k: int(d[k]) for k in ("epoch", "window", "offset")})
 
 
@@ -142,7 +142,7 @@ class TokenStream:
             epoch, window, offset = epoch + 1, 0, 0
 
 
-def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
+def prefetch(iterator: Iterator, depth: int = 2) -> Generator:
     """Run ``iterator`` in a background thread, ``depth`` items ahead; exceptions are re-raised."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()

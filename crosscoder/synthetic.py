@@ -68,12 +68,13 @@ class PlantedDictionary:
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         arrays = {f"directions_{i}": d for i, d in enumerate(self.directions)}
-        np.savez(buf, magnitudes=self.magnitudes, classes=self.classes, frequency=self.frequency,
-                 parents=self.parents, class_names=np.array(CLASSES), **arrays)
+        arrays |= {"magnitudes": self.magnitudes, "classes": self.classes, "frequency": self.frequency,
+                   "parents": self.parents, "class_names": np.array(CLASSES)}
+        np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub reads the first keyword as allow_pickle
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "PlantedDictionary":
+    def from_bytes(cls, data: bytes) -> PlantedDictionary:
         z = np.load(io.BytesIO(data), allow_pickle=False)
         n = sum(1 for k in z.files if k.startswith("directions_"))
         # written before parents existed: no feature has one; before parents_per_child: one column

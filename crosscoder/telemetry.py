@@ -1,4 +1,4 @@
-"""Prometheus metrics (DESIGN.md, "Observability"): names, types and the HTTP endpoint.
+"""Prometheus metrics (docs/architecture.md, "Metrics"): names, types and the HTTP endpoint.
 
 Every process that does work (a harvest actor, a train rank) calls :func:`serve` with the
 configured base port plus its index; ``port = 0`` turns metrics off and every update becomes a
@@ -44,8 +44,9 @@ class HarvestMetrics:
                                list(labels), registry=r).labels(**labels)
         self._shards = Counter("crosscoder_harvest_shards", HARVEST_METRICS["crosscoder_harvest_shards_total"],
                                list(labels), registry=r).labels(**labels)
-        self._seconds = Histogram("crosscoder_harvest_shard_seconds", HARVEST_METRICS["crosscoder_harvest_shard_seconds"],
-                                  list(labels), buckets=STEP_BUCKETS + (120, 300, 600), registry=r).labels(**labels)
+        self._seconds = Histogram("crosscoder_harvest_shard_seconds",
+                                  HARVEST_METRICS["crosscoder_harvest_shard_seconds"], list(labels),
+                                  buckets=STEP_BUCKETS + (120, 300, 600), registry=r).labels(**labels)
         self.server, _ = start_http_server(self.port, addr=host, registry=r)
 
     def shard(self, tokens: int, seconds: float) -> None:
@@ -66,21 +67,22 @@ class TrainMetrics:
         self.port = port + rank if self.enabled else 0
         if not self.enabled:
             return
-        self.registry = CollectorRegistry()
+        r = self.registry = CollectorRegistry()
         base = {"rank": str(rank)} | (labels or {})
         names = list(base)
-        r = self.registry
-        self._tokens = Counter("crosscoder_train_tokens", TRAIN_METRICS["crosscoder_train_tokens_total"], names, registry=r).labels(**base)
-        self._steps = Counter("crosscoder_train_steps", TRAIN_METRICS["crosscoder_train_steps_total"], names, registry=r).labels(**base)
-        self._step_seconds = Histogram("crosscoder_train_step_seconds", TRAIN_METRICS["crosscoder_train_step_seconds"],
-                                       names, buckets=STEP_BUCKETS, registry=r).labels(**base)
-        self._wait = Counter("crosscoder_train_data_wait_seconds", TRAIN_METRICS["crosscoder_train_data_wait_seconds_total"],
-                             names, registry=r).labels(**base)
-        self._loss = Gauge("crosscoder_train_loss", TRAIN_METRICS["crosscoder_train_loss"], names + ["term"], registry=r)
-        self._fve = Gauge("crosscoder_train_fve", TRAIN_METRICS["crosscoder_train_fve"], names + ["source"], registry=r)
-        self._l0 = Gauge("crosscoder_train_l0", TRAIN_METRICS["crosscoder_train_l0"], names, registry=r).labels(**base)
-        self._dead = Gauge("crosscoder_train_dead_latents_ratio", TRAIN_METRICS["crosscoder_train_dead_latents_ratio"],
-                           names, registry=r).labels(**base)
+
+        def metric(kind, name: str, extra: tuple = (), **kwargs):
+            doc = TRAIN_METRICS[name + "_total" if kind is Counter else name]  # counters gain _total when exported
+            return kind(name, doc, names + list(extra), registry=r, **kwargs)
+
+        self._tokens = metric(Counter, "crosscoder_train_tokens").labels(**base)
+        self._steps = metric(Counter, "crosscoder_train_steps").labels(**base)
+        self._step_seconds = metric(Histogram, "crosscoder_train_step_seconds", buckets=STEP_BUCKETS).labels(**base)
+        self._wait = metric(Counter, "crosscoder_train_data_wait_seconds").labels(**base)
+        self._loss = metric(Gauge, "crosscoder_train_loss", ("term",))
+        self._fve = metric(Gauge, "crosscoder_train_fve", ("source",))
+        self._l0 = metric(Gauge, "crosscoder_train_l0").labels(**base)
+        self._dead = metric(Gauge, "crosscoder_train_dead_latents_ratio").labels(**base)
         self._base = base
         self.server, _ = start_http_server(self.port, addr=host, registry=r)
 

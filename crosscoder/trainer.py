@@ -29,9 +29,10 @@ import json
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -64,11 +65,16 @@ class RunDirError(ValueError):
 class Backend(Protocol):
     """What one process contributes to training; the loop calls these in this order."""
 
-    rank: int  # global rank: 0 writes the log, the result and the progress bar
-    data_rank: int
-    data_parallel: int
-    collectives: Collectives
-    keeps_whole_gradients: bool  # False under ZeRO-2/3: the sparse path keeps no gradient memory
+    @property
+    def rank(self) -> int: ...  # global rank: 0 writes the log, the result and the progress bar
+    @property
+    def data_rank(self) -> int: ...
+    @property
+    def data_parallel(self) -> int: ...
+    @property
+    def collectives(self) -> Collectives: ...
+    @property
+    def keeps_whole_gradients(self) -> bool: ...  # False under ZeRO-2/3: the sparse path keeps no gradient memory
 
     def latent_range(self, latents: int) -> tuple[int, int]: ...
     def has_checkpoint(self, run_dir: Path) -> bool: ...
@@ -102,7 +108,7 @@ class TrainResult:
         (self.run_dir / RESULT_FILE).write_text(json.dumps(data) + "\n")
 
     @classmethod
-    def read(cls, run_dir: Path) -> "TrainResult | None":
+    def read(cls, run_dir: Path) -> TrainResult | None:
         """The result a finished call left, or None; raises TrainingDiverged if it diverged."""
         path = Path(run_dir) / RESULT_FILE
         if not path.is_file():

@@ -14,8 +14,8 @@ import torch
 from crosscoder.analysis import CSV_COLUMNS, analyze, read_latents_csv, save
 from crosscoder.ce_recovered import ce_loss_recovered
 from crosscoder.config import AnalyzeConfig, SyntheticConfig
-from crosscoder.model import CrossCoder, CrossCoderSpec
 from crosscoder.language_models import ActivationReader
+from crosscoder.model import CrossCoder, CrossCoderSpec
 from crosscoder.report import write_report
 from crosscoder.shards import read_manifest
 from crosscoder.storage import Root

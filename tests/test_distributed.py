@@ -13,8 +13,8 @@ import torch
 
 from crosscoder import CrossCoder
 from crosscoder.config import ConfigError
-from crosscoder.ray_train import train_distributed
 from crosscoder.local_backend import checkpoint_dirs
+from crosscoder.ray_train import train_distributed
 from crosscoder.trainer import TrainingDiverged, train
 
 from .conftest import free_port, small_run_config, small_synthetic

@@ -21,9 +21,9 @@ from crosscoder.config import RunConfig
 from crosscoder.documents import DataError, check_same_tokenizer, plan_chunks, read_documents
 from crosscoder.harvest import harvest
 from crosscoder.language_models import ActivationReader, ModelError, ModelSpec, load_model, load_tokenizer
+from crosscoder.random_pair import make_family, make_pair, make_tokenizer, write_documents
 from crosscoder.shards import iter_samples, read_manifest, shard_name
 from crosscoder.storage import Root, StorageError
-from crosscoder.random_pair import make_family, make_pair, make_tokenizer, write_documents
 
 from .conftest import free_port
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from crosscoder.model import CrossCoder
+from crosscoder.random_pair import make_pair, write_documents
 from crosscoder.shards import read_manifest
 from crosscoder.storage import Root
-from crosscoder.random_pair import make_pair, write_documents
 
 from .conftest import free_port, wait_for_port
 

@@ -35,7 +35,7 @@ def test_every_dashboard_query_names_only_exported_metrics():
         unknown = names - series
         assert not unknown, f"panel {title!r}: {sorted(unknown)} are not exported by crosscoder/telemetry.py"
         used |= {re.sub(r"_(bucket|sum|count)$", "", n) if n not in TRAIN_METRICS else n for n in names}
-    # the dashboard shows every metric DESIGN.md lists
+    # the dashboard shows every metric telemetry.py exports (docs/architecture.md)
     required = set(TRAIN_METRICS) - {"crosscoder_train_steps_total"} | set(HARVEST_METRICS)
     assert required <= used, f"not on the dashboard: {sorted(required - used)}"
 

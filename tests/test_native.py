@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from crosscoder import kernels, native
+from crosscoder.collectives import LOCAL
 from crosscoder.losses import LossWeights, auxk_selector, total_loss
 from crosscoder.model import CrossCoder, CrossCoderSpec
-from crosscoder.collectives import LOCAL
 from crosscoder.sparsity import batchtopk_entries, batchtopk_mask, scores, topk_mask
 
 pytestmark = pytest.mark.precision  # vector-ISA builds and bf16 sums: rerun as a baseline CPU (.ci/run)

@@ -8,7 +8,14 @@ import pytest
 from crosscoder.config import SyntheticConfig
 from crosscoder.shards import iter_samples, read_manifest
 from crosscoder.storage import Root
-from crosscoder.synthetic import CLASSES, PlantedDictionary, plant_dictionary, read_planted, sample_activations, write_synthetic
+from crosscoder.synthetic import (
+    CLASSES,
+    PlantedDictionary,
+    plant_dictionary,
+    read_planted,
+    sample_activations,
+    write_synthetic,
+)
 
 
 def coupled_config(**overrides) -> SyntheticConfig:

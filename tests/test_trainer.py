@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from crosscoder import CrossCoder
+from crosscoder.local_backend import checkpoint_dirs
 from crosscoder.shards import read_manifest
 from crosscoder.storage import Root
-from crosscoder.local_backend import checkpoint_dirs
 from crosscoder.trainer import RunDirError, TrainingDiverged, learning_rate, spec_from, train
 
 from .conftest import small_run_config

@@ -1,0 +1,92 @@
+"""The pipeline through the CLI: one config check before any work, finished stages skipped on a re-run,
+and the shard layer importable without torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crosscoder.cli import main
+
+SYNTHETIC = Path(__file__).resolve().parents[1] / "launch" / "configs" / "synthetic.toml"
+SMALL = ["--synthetic.tokens", "4096", "--synthetic.seq_len", "64", "--synthetic.samples_per_shard", "16",
+         "--train.latents", "64", "--train.batch_size", "256", "--train.steps", "6", "--train.checkpoint_every", "3",
+         "--analyze.tokens", "1024", "--quiet"]
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--train.latents", "-5"], "train.latents must be at least 1, got -5"),
+    (["--train.k", "0"], "train.k must be at least 1, got 0"),
+    (["--train.k", "100"], r"train.k \(100\) must be at most train.latents \(64\)"),
+    (["--train.batch_size", "0"], "train.batch_size must be at least 1, got 0"),
+    (["--train.lr", "0"], "train.lr must be more than 0, got 0.0"),
+    (["--train.threshold_momentum", "1"], r"train.threshold_momentum must be in \[0, 1\), got 1.0"),
+    (["--train.arch", "causal"], "--train.arch must be acausal or aligned, got 'causal'"),
+    (["--train.zero_stage", "4"], "--train.zero_stage must be 0, 1, 2 or 3, got 4"),
+    (["--train.workers", "3", "--train.latent_parallel", "2"],
+     r"train.latent_parallel=2 must divide the number of workers \(3\)"),
+    (["--train.workers", "2", "--train.latent_parallel", "2", "--train.latents", "63", "--train.k", "4"],
+     r"train.latents \(63\) must be divisible by train.latent_parallel \(2\)"),
+    (["--train.latent_parallel", "2"], "train.latent_parallel=2 needs train.workers > 0"),
+    (["--train.workers", "2", "--train.batch_size", "255"],
+     r"train.batch_size \(255\) must be divisible by the 2 data-parallel ranks"),
+    (["--train.data_partitions", "3"], r"train.batch_size \(256\) must be divisible by the 3 data partitions"),
+    (["--train.workers", "2", "--train.data_partitions", "3"],
+     r"train.data_partitions \(3\) must be a multiple of the data-parallel size \(2\)"),
+    (["--harvest.hooks", '["model.layers.1", "model..x"]'], "harvest.hooks: 'model..x' is not a module path"),
+    (["--harvest.hooks", "[]"], "harvest.hooks is empty"),
+    (["--harvest.seq_len", "1"], "harvest.seq_len must be at least 2, got 1"),
+    (["--harvest.models", '[{path = "m", dtype = "int8"}]'], r"harvest.models\[0\].dtype must be float32, bfloat16 or float16"),
+    (["--harvest.models", '[{path = "m"}, {path = "n"}, {name = "model1", path = "o"}]'],
+     "harvest.models: names must be unique"),
+    (["--harvest.models", '[{name = "base"}]'], r"harvest.models\[0\]: needs 'path'"),
+    (["--synthetic.shared_fraction", "0.9"], "synthetic class fractions must sum to 1"),
+    (["--analyze.exclusive_threshold", "0.5"], r"analyze.exclusive_threshold must be in \(0, 0.5\), got 0.5"),
+    (["--harvest.tiny_models", "true"], "override --harvest.tiny_models: renamed --harvest.demo_pair"),
+])
+def test_every_config_mistake_is_one_line_before_any_work(tmp_path, capsys, override, message):
+    run = tmp_path / "run"
+    assert main(["run", "--config", str(SYNTHETIC), "--run", str(run), *SMALL, *override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("crosscoder: config error: ") and len(err.strip().splitlines()) == 1, err
+    assert __import__("re").search(message, err), err
+    assert not run.exists()  # nothing written: no shards, no run directory
+
+
+def test_a_renamed_key_in_a_file_names_its_new_name(tmp_path, capsys):
+    config = tmp_path / "old.toml"
+    config.write_text("[harvest]\ntiny_models = true\n")
+    assert main(["run", "--config", str(config), "--run", str(tmp_path / "run")]) == 2
+    assert "harvest.tiny_models was renamed harvest.demo_pair" in capsys.readouterr().err
+
+
+def test_a_finished_one_process_run_is_skipped_on_a_rerun(tmp_path, capsys):
+    """train.workers = 0: the second run neither trains nor analyses again (the distributed path:
+    tests/test_run_default.py); raising train.steps continues from the checkpoint."""
+    run = tmp_path / "run"
+    args = ["run", "--config", str(SYNTHETIC), "--run", str(run), *SMALL]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "step 6:" in first and "analyze: " in first and "skipping" not in first
+    export = run / "crosscoder" / "model.safetensors"
+    stamp, report = export.stat().st_mtime_ns, (run / "analysis" / "report.html").stat().st_mtime_ns
+    assert main(args) == 0
+    again = capsys.readouterr().out
+    assert "already complete" in again and "already trained to step 6, skipping" in again
+    assert "newer than the export, skipping" in again
+    assert export.stat().st_mtime_ns == stamp and (run / "analysis" / "report.html").stat().st_mtime_ns == report
+    assert main([*args, "--train.steps", "9"]) == 0
+    more = capsys.readouterr().out
+    assert "step 9:" in more and "analyze: " in more and "newer than the export" not in more
+    steps = [__import__("json").loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # each step logged once
+
+
+def test_the_shard_layer_loads_without_torch():
+    code = ("import sys; import crosscoder.shards, crosscoder.storage, crosscoder.stream, crosscoder.faults; "
+            "print('torch' in sys.modules, 'safetensors' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
