@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import tomli_w
+
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the file and key."""
@@ -383,37 +385,14 @@ def apply_overrides(cfg: RunConfig, overrides: list[tuple[str, str]]) -> RunConf
     return cfg
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None) + " }"
-    return str(value)
-
-
 def dumps_toml(cfg: RunConfig) -> str:
     """The resolved configuration as TOML (written to <run dir>/config.toml); None values are left out."""
-    lines = []
-    tables = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            tables.append((f.name, value))
-        elif value is not None:
-            lines.append(f"{f.name} = {_toml_value(value)}")
-    for name, table in tables:
-        lines.append(f"\n[{name}]")
-        for f in dataclasses.fields(table):
-            value = getattr(table, f.name)
-            if value is not None:
-                lines.append(f"{f.name} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
+    def without_none(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: without_none(v) for k, v in value.items() if v is not None}
+        return [without_none(v) for v in value] if isinstance(value, list) else value
+
+    return tomli_w.dumps(without_none(dataclasses.asdict(cfg)))
 
 
 def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -6,6 +6,8 @@ sources of different widths are reported at their own width.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -19,16 +21,6 @@ def fve_per_source(x: Tensor, x_hat: Tensor, slices: list[slice]) -> Tensor:
         total = (xs - xs.mean(0)).pow(2).sum().clamp_min(1e-12)
         out.append(1 - residual / total)
     return torch.stack(out)
-
-
-def sums_for_fve(x: Tensor, x_hat: Tensor, slices: list[slice]) -> Tensor:
-    """Sufficient statistics to compute FVE over many batches: per source [Σ‖e‖², Σx, Σx², n]."""
-    rows = []
-    for sl in slices:
-        xs, xh = x[:, sl].double(), x_hat[:, sl].double()
-        count = torch.tensor(float(xs.numel()), dtype=torch.float64)
-        rows.append(torch.stack([(xs - xh).pow(2).sum(), xs.sum(), xs.pow(2).sum(), count]))
-    return torch.stack(rows)
 
 
 class StreamingFVE:
@@ -51,10 +43,13 @@ class StreamingFVE:
             self.column_sums[s] += xs.sum(0)
         self.tokens += x.shape[0]
 
-    def result(self) -> Tensor:
-        """[S]; needs at least one update."""
-        total = self.sum_sq - torch.stack([c.pow(2).sum() for c in self.column_sums]) / self.tokens
-        return 1 - self.sse / total.clamp_min(1e-12)
+    def result(self, data_sum: Callable[[Tensor], Tensor] = lambda t: t, tokens: int | None = None) -> Tensor:
+        """[S]; needs at least one update. ``data_sum`` sums each statistic over data-parallel ranks
+        and ``tokens`` counts them all, for the FVE of a global batch split over ranks."""
+        sse, sum_sq = data_sum(self.sse), data_sum(self.sum_sq)
+        column_sums = [data_sum(c) for c in self.column_sums]
+        total = sum_sq - torch.stack([c.pow(2).sum() for c in column_sums]) / (tokens or self.tokens)
+        return 1 - sse / total.clamp_min(1e-12)
 
 
 def relative_decoder_norm(W_dec: Tensor, slices: list[slice], a: int = 0, b: int = 1) -> Tensor:

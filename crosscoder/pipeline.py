@@ -29,9 +29,6 @@ class Plan:
     data: str  # the shard root training reads (and analysis, unless analyze.data says otherwise)
     uses_demo_pair: bool = False  # the harvest's models are the demo pair, made in <run>/tiny
 
-    @property
-    def harvests(self) -> bool:
-        return bool(self.cfg.harvest.models)
 
 
 def plan(cfg: RunConfig, run_dir: str | Path | None = None, data: str | None = None) -> Plan:
@@ -114,11 +111,14 @@ def train(p: Plan, progress: bool = True):
     already trained to ``train.steps`` with this dictionary is not trained again."""
     from .shards import read_manifest
     from .storage import open_root
-    from .trainer import TrainResult, spec_from
+    from .trainer import TrainingDiverged, TrainResult, spec_from
     from .trainer import train as train_here
 
     tc = p.cfg.train
-    finished = TrainResult.read(p.run_dir)
+    try:
+        finished = TrainResult.read(p.run_dir)
+    except TrainingDiverged:
+        finished = None  # the last call stopped on a NaN: train again (e.g. with a lower learning rate)
     spec = spec_from(tc, read_manifest(open_root(p.data, p.cfg.storage)))
     if finished is not None and finished.is_finished(tc, spec):
         print(f"train: {p.run_dir} already trained to step {finished.steps}, skipping (raise train.steps to continue)")
@@ -162,7 +162,7 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, data: str | None = No
     """Every stage in order: the data (harvest when ``harvest.models`` or the demo pair is set, else
     planted synthetic shards), training, the planted-truth score (synthetic data), the analysis."""
     p = plan(cfg, run_dir, data)
-    if p.harvests:
+    if p.cfg.harvest.models:
         harvest(p, progress)
     else:
         synthetic(p, progress)

@@ -1,10 +1,7 @@
-"""Activation shards: the contract between harvest and training (docs/architecture.md, "Shards").
+"""Activation shards, the contract between harvest and training (its format: docs/architecture.md).
 
-A dataset root holds ``manifest.json`` and webdataset tar files ``shard-NNNNNN.tar``. One sample is
-one chunk of one document, stored as three members that share a key: ``<key>.tokens.npy`` (int32
-[T]), ``<key>.acts.npy`` ([T, D], the sources concatenated in manifest order, dtype from the
-manifest) and ``<key>.json``. Any webdataset reader can read them; this module writes and reads
-them with the standard library's ``tarfile`` so that:
+Any webdataset reader can read the shards; this module writes and reads them with the standard
+library's ``tarfile`` so that:
 
 - the bytes are a pure function of the content (fixed mtime, owner and mode; sorted JSON), which
   makes a retried or resumed harvest write the same shard, checkable by the manifest's sha256;

@@ -43,7 +43,7 @@ from .collectives import Collectives
 from .config import RunConfig, TrainConfig, dumps_toml, use_sparse_kernels, validate
 from .dead import DeadLatentTracker
 from .losses import LossWeights, default_aux_k
-from .metrics import sums_for_fve
+from .metrics import StreamingFVE
 from .model import CrossCoder, CrossCoderSpec, ForwardOutput
 from .shards import Manifest, read_manifest
 from .storage import open_root
@@ -168,19 +168,13 @@ def loss_weights(cfg: TrainConfig, spec: CrossCoderSpec, step: int) -> LossWeigh
 def step_metrics(spec: CrossCoderSpec, x: torch.Tensor, out: ForwardOutput, terms: dict[str, torch.Tensor],
                  tracker: DeadLatentTracker, collectives: Collectives) -> dict:
     """FVE per source, L0, loss terms and dead fraction of the global batch (every rank agrees)."""
-    stats = collectives.data_sum(sums_for_fve(x, out.x_hat.detach(), spec.slices))
-    fve = {}
-    for s, (name, sl) in enumerate(zip(spec.sources, spec.slices)):
-        sse, _, sum_sq, n = stats[s].tolist()
-        tokens = n / spec.widths[s]
-        # total variance of the global batch = Σx² − Σ_dims (Σ_tokens x)² / tokens
-        column_sums = collectives.data_sum(x[:, sl].double().sum(0))
-        fve[name] = 1 - sse / max(sum_sq - float(column_sums.pow(2).sum()) / tokens, 1e-12)
+    fve = StreamingFVE(spec.slices)
+    fve.update(x, out.x_hat.detach())
     active = collectives.data_sum(collectives.sum_count(out.active_count().to(torch.float64)))
     dead = collectives.sum_count(tracker.dead.sum().to(torch.float64))
     data_ranks = collectives.batch_tokens(x.shape[0]) // x.shape[0]
     return {
-        "fve": fve,
+        "fve": dict(zip(spec.sources, fve.result(collectives.data_sum, collectives.batch_tokens(x.shape[0])).tolist())),
         "l0": float(active) / (collectives.batch_tokens(x.shape[0]) * out.pre.shape[1]),
         "loss": {k: float(collectives.data_sum(v.double())) / data_ranks for k, v in terms.items()},
         "dead_fraction": float(dead) / (spec.groups * spec.latents),
