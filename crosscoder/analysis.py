@@ -31,6 +31,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -180,10 +181,10 @@ class _Decoder:
 class _TopExamples:
     """Running top-n activations of every latent with the global index of the token."""
 
-    def __init__(self, latents: int, n: int):
+    def __init__(self, latents: int, n: int, device: torch.device):
         self.n = n
-        self.values = torch.full((latents, n), -math.inf)
-        self.index = torch.full((latents, n), -1, dtype=torch.long)
+        self.values = torch.full((latents, n), -math.inf, device=device)
+        self.index = torch.full((latents, n), -1, dtype=torch.long, device=device)
 
     def update(self, f: torch.Tensor, offset: int) -> None:
         take = min(self.n, f.shape[0])
@@ -196,39 +197,40 @@ class _TopExamples:
 
 @torch.no_grad()
 def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = True) -> Analysis:
-    """Stream up to ``cfg.tokens`` tokens of ``root`` through ``model`` and compute every statistic."""
+    """Stream up to ``cfg.tokens`` tokens of ``root`` through ``model`` and compute every statistic,
+    on the model's device."""
     manifest = read_manifest(root)
-    spec = model.spec
+    spec, device = model.spec, model.W_dec.device
     check_compatible(manifest, spec.sources, spec.widths, root.url)
     a, b = _source_pair(model, cfg.sources)
     slices, scale = spec.slices, (spec.norm_scale or [1.0] * spec.n_sources)
     W_dec = model.W_dec.detach()
     dec = [W_dec[:, sl] * scale[s] for s, sl in enumerate(slices)]  # normalised units
     W_dec_normalised = torch.cat(dec, 1)
-    rel_norm = relative_decoder_norm(W_dec_normalised, slices, a, b).numpy()
+    rel_norm = relative_decoder_norm(W_dec_normalised, slices, a, b).cpu().numpy()
     notes = []
     if spec.widths[a] == spec.widths[b]:
-        cosine = decoder_cosine(W_dec_normalised, slices, a, b).numpy()
+        cosine = decoder_cosine(W_dec_normalised, slices, a, b).cpu().numpy()
     else:
         cosine = np.full(spec.latents, np.nan)
         notes.append("decoder cosine and Latent Scaling need sources of equal width; left empty")
     exclusive = (rel_norm < cfg.exclusive_threshold) | (rel_norm > 1 - cfg.exclusive_threshold)
-    candidates = torch.from_numpy(np.flatnonzero(exclusive))
+    candidates = torch.from_numpy(np.flatnonzero(exclusive)).to(device)
     scaling = None
     if spec.arch != "acausal":
         notes.append("Latent Scaling needs one shared latent space (acausal); the aligned variant has one per source")
     elif spec.widths[a] == spec.widths[b] and len(candidates):
-        owner = torch.from_numpy((rel_norm[candidates.numpy()] > 0.5).astype(np.int64))
+        owner = torch.from_numpy((rel_norm[np.flatnonzero(exclusive)] > 0.5).astype(np.int64)).to(device)
         scaling = LatentScaling((dec[a], dec[b]), candidates, owner)
 
     L = spec.latents
     decoder = _Decoder(manifest)
     special_ids = np.array(sorted(decoder.tokenizer.all_special_ids), dtype=np.int64) if decoder.tokenizer else None
-    special_count = torch.zeros(L, dtype=torch.float64)
-    count = torch.zeros(L, dtype=torch.float64)
-    act_sum = torch.zeros(L, dtype=torch.float64)
-    top = _TopExamples(L, cfg.top_examples)
-    fve_stream = StreamingFVE(slices)
+    special_count = torch.zeros(L, dtype=torch.float64, device=device)
+    count = torch.zeros(L, dtype=torch.float64, device=device)
+    act_sum = torch.zeros(L, dtype=torch.float64, device=device)
+    top = _TopExamples(L, cfg.top_examples, device)
+    fve_stream = StreamingFVE(slices, device)
     token_ids: list[np.ndarray] = []
     sample_of: list[np.ndarray] = []
     budget = min(cfg.tokens, manifest.tokens) if cfg.tokens > 0 else manifest.tokens
@@ -239,13 +241,13 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
     # class membership of each latent is known from the weights, except dead (known at the end)
     static_class = classify(rel_norm, np.ones(L), cfg.exclusive_threshold)
     fires_by_token = {c: np.zeros(0, dtype=np.int64) for c in ("shared", "base_only", "chat_only")}
-    masks = {c: torch.from_numpy(static_class == c) for c in fires_by_token}
+    masks = {c: torch.from_numpy(static_class == c).to(device) for c in fires_by_token}
 
     def flush():
         nonlocal seen
         acts = np.concatenate(pending)
         ids = np.concatenate(pending_ids)
-        x = torch.from_numpy(acts).float()
+        x = torch.from_numpy(acts).to(device).float()
         if not torch.isfinite(x).all():
             raise AnalysisError(f"{root.url}: non-finite activations among tokens {seen}..{seen + len(x)}")
         f_groups = model.encode(x)
@@ -257,11 +259,11 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
         fired = f > 0
         count.add_(fired.sum(0).double())
         if special_ids is not None:
-            special_count.add_(fired[torch.from_numpy(np.isin(ids, special_ids))].sum(0).double())
+            special_count.add_(fired[torch.from_numpy(np.isin(ids, special_ids)).to(device)].sum(0).double())
         act_sum.add_(f.sum(0).double())
         top.update(f, seen)
         for c, mask in masks.items():
-            per_token = fired[:, mask].sum(1).numpy()
+            per_token = fired[:, mask].sum(1).cpu().numpy()
             grown = np.bincount(ids, weights=per_token, minlength=len(fires_by_token[c])).astype(np.int64)
             grown[: len(fires_by_token[c])] += fires_by_token[c]
             fires_by_token[c] = grown
@@ -291,13 +293,14 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
     if seen == 0:
         raise AnalysisError(f"{root.url}: no tokens to analyse")
 
-    frequency = (count / seen).numpy()
+    frequency = (count / seen).cpu().numpy()
     cls = classify(rel_norm, frequency, cfg.exclusive_threshold)
-    fired_counts = count.numpy()
-    mean_act = np.where(fired_counts > 0, act_sum.numpy() / np.maximum(fired_counts, 1), 0.0)
+    fired_counts = count.cpu().numpy()
+    mean_act = np.where(fired_counts > 0, act_sum.cpu().numpy() / np.maximum(fired_counts, 1), 0.0)
+    top.values, top.index = top.values.cpu(), top.index.cpu()
     max_act = top.values[:, 0].clamp_min(0).numpy()
     nan = np.full(L, np.nan)
-    special_share = (np.where(fired_counts > 0, special_count.numpy() / np.maximum(fired_counts, 1), np.nan)
+    special_share = (np.where(fired_counts > 0, special_count.cpu().numpy() / np.maximum(fired_counts, 1), np.nan)
                      if special_ids is not None else np.full(L, np.nan))
     columns = {"index": np.arange(L), "frequency": frequency, "mean_activation": mean_act, "max_activation": max_act,
                "special_share": special_share, "rel_norm": rel_norm, "cosine": cosine, "class": cls,
@@ -307,7 +310,7 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
     if scaling is not None:
         r = scaling.result()
         idx = r.latents.numpy()
-        chat_owned = scaling.owner.numpy() == 1
+        chat_owned = scaling.owner.cpu().numpy() == 1
         # "base" = the first compared source, "chat" = the second, whichever owns the latent
         columns["beta_error_base"][idx] = np.where(chat_owned, r.beta_error_other, r.beta_error_owner)
         columns["beta_error_chat"][idx] = np.where(chat_owned, r.beta_error_owner, r.beta_error_other)
@@ -427,10 +430,12 @@ def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig, 
                              ) -> dict[str, dict]:
     """CE loss recovered per source on the first ``cfg.ce_sequences`` full-length harvested chunks.
 
-    The models are loaded from the paths the manifest records; each chunk is run as the harvest
-    ran it (BOS prepended, unless the harvest stored it), every source's activation is read, the
-    crosscoder reconstructs all sources from all of them, and each source's reconstruction is
-    spliced into its own model at its own hook, one source at a time.
+    Each model table of the harvest is loaded once, as the harvest loaded it (path, revision,
+    dtype, ``device_map``), on the crosscoder's device; two tables with one path and different
+    dtypes are two models. Each chunk is run as the harvest ran it (BOS prepended, unless the
+    harvest stored it), every source's activation is read, the crosscoder reconstructs all sources
+    from all of them, and each source's reconstruction is spliced into its own model at its own
+    hook, one source at a time.
     """
     from .ce_recovered import ce_loss_recovered
     from .language_models import ActivationReader, ModelSpec, load_model, load_tokenizer
@@ -449,30 +454,39 @@ def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig, 
             break
     if not chunks:
         return {}
+    device = model.W_dec.device
     bos = load_tokenizer(manifest.tokenizer).bos_token_id
     prefix = [] if harvest.get("keep_bos") or bos is None else [bos]
-    ids = torch.tensor([prefix + c.tolist() for c in chunks], dtype=torch.long)
+    ids = torch.tensor([prefix + c.tolist() for c in chunks], dtype=torch.long, device=device)
     start = len(prefix)
-    dtypes = {m.get("path"): m.get("dtype", "float32") for m in harvest.get("models", [])}
-    models: dict = {}
+    tables = {m.get("name", f"model{i}"): m | {"name": m.get("name", f"model{i}")}
+              for i, m in enumerate(harvest.get("models", []))}
+
+    def table_of(src) -> dict:  # sources are named <model> or <model>@<hook> (harvest.source_names)
+        name = src.name.split("@", 1)[0]
+        return tables.get(name) or next((m for m in tables.values() if m["path"] == src.model),
+                                        {"name": name, "path": src.model})
+
+    models: dict[str, Any] = {}
     hooks_of: dict[str, list[str]] = {}
-    revision: dict[str, str | None] = {}
     for src in manifest.sources:
-        hooks_of.setdefault(src.model, []).append(src.hook)
-        revision[src.model] = src.revision
-    for path in hooks_of:
-        models[path] = load_model(ModelSpec(name=path, path=path, revision=revision[path],
-                                            dtype=dtypes.get(path, "float32")))
+        table = table_of(src)
+        hooks_of.setdefault(table["name"], []).append(src.hook)
+        if table["name"] not in models:
+            models[table["name"]] = load_model(ModelSpec(
+                name=table["name"], path=table["path"], revision=src.revision, dtype=table.get("dtype", "float32"),
+                device_map=table.get("device_map"), max_memory=table.get("max_memory"), device=str(device)))
     acts = {}
-    for path, hooks in hooks_of.items():
-        for hook, a in zip(hooks, ActivationReader(models[path], hooks, path).read(ids)):
-            acts[(path, hook)] = a[:, start:].float()
+    for name, hooks in hooks_of.items():
+        for hook, a in zip(hooks, ActivationReader(models[name], hooks, name).read(ids)):
+            acts[(name, hook)] = a[:, start:].float().to(device)
     B, T = ids.shape[0], ids.shape[1] - start
-    x = torch.cat([acts[(s.model, s.hook)].reshape(B * T, -1) for s in manifest.sources], 1)
+    x = torch.cat([acts[(table_of(s)["name"], s.hook)].reshape(B * T, -1) for s in manifest.sources], 1)
     x_hat = model.reconstruct(x)
     out = {}
     for src, sl in zip(manifest.sources, model.spec.slices):
-        r = ce_loss_recovered(models[src.model], ids, src.hook, x_hat[:, sl].reshape(B, T, -1), start)
+        lm = models[table_of(src)["name"]]
+        r = ce_loss_recovered(lm, ids, src.hook, x_hat[:, sl].reshape(B, T, -1), start)
         out[src.name] = {"clean": r.clean, "spliced": r.spliced, "zero_ablated": r.zero_ablated,
                          "recovered": r.recovered, "sequences": B}
     return out

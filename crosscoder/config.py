@@ -46,14 +46,16 @@ def opt(default: Any, help: str, ge: float | None = None, gt: float | None = Non
 
 
 Dtype = Literal["float16", "float32"]
+Device = Literal["auto", "cpu", "cuda"]
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
-MODEL_KEYS = ("name", "path", "revision", "dtype", "device_map")
+MODEL_KEYS = ("name", "path", "revision", "dtype", "device_map", "max_memory")
 
 
 @dataclass
 class HarvestConfig:
     models: list[dict] = opt(
-        [], "models to harvest, each a table {name, path, revision, dtype, device_map}; sources = models × hooks"
+        [], "models to harvest, each a table {name, path, revision, dtype, device_map, max_memory}; sources = models "
+        "× hooks; device_map (auto, balanced, …) splits a model over the actor's GPUs, max_memory caps each"
     )
     demo_pair: bool = opt(
         False, "with models empty: make the demo base/chat pair (demo_pair.py: a small Llama trained on a word "
@@ -172,7 +174,9 @@ class TrainConfig:
         "the dense products run in fp32, see precision.py)")
     max_failures: int = opt(
         2, "distributed trainer: Ray Train restarts after a worker failure (resuming from the last checkpoint)", ge=0)
-    use_gpu: bool = opt(False, "distributed trainer: one GPU per worker (NCCL) instead of CPU (gloo)")
+    device: Device = opt(
+        "auto", "auto (CUDA when there is a GPU, else the CPU) | cpu | cuda; distributed: one GPU per worker (NCCL), "
+        "auto when the Ray cluster has a GPU per worker")
 
 
 @dataclass
@@ -196,6 +200,9 @@ class AnalyzeConfig:
     ce_sequences: int = opt(
         16, "sequences for CE loss recovered (harvested data only; needs the models); 0 = skip", ge=0
     )
+    device: Device = opt(
+        "auto", "where the analysis and CE loss recovered run: auto (CUDA when there is a GPU here, else a Ray "
+        "task on a GPU of the cluster when it has one, else the CPU) | cpu | cuda")
 
 
 @dataclass
@@ -224,7 +231,8 @@ class RunConfig:
 
 
 # keys renamed since an earlier release: named in the error, so an old config is one edit away
-RENAMED = {"harvest.tiny_models": "harvest.demo_pair", "harvest.tiny_steps": "harvest.demo_steps"}
+RENAMED = {"harvest.tiny_models": "harvest.demo_pair", "harvest.tiny_steps": "harvest.demo_steps",
+           "train.use_gpu": "train.device (auto | cpu | cuda)"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,7 +505,8 @@ def check_harvest(hc: HarvestConfig) -> None:
     for i, m in enumerate(hc.models):
         unknown = set(m) - set(MODEL_KEYS)
         if unknown or not isinstance(m.get("path"), str) or not m["path"]:
-            raise ConfigError(f"harvest.models[{i}]: needs 'path' (and may have name, revision, dtype, device_map)"
+            raise ConfigError(f"harvest.models[{i}]: needs 'path' (and may have name, revision, dtype, device_map, "
+                              "max_memory)"
                               + (f"; unknown keys {sorted(unknown)}" if unknown else ""))
         if m.get("dtype", "float32") not in MODEL_DTYPES:
             raise ConfigError(f"harvest.models[{i}].dtype must be {_choices(MODEL_DTYPES)}, got {m['dtype']!r}")
@@ -524,8 +533,9 @@ def check_synthetic(sc: SyntheticConfig) -> None:
 SPARSE_KERNELS_MIN_LATENTS = 4096
 
 
-def use_sparse_kernels(tc: TrainConfig) -> bool:
-    """Resolve ``train.sparse_kernels`` (on | off | auto) for this dictionary size."""
+def use_sparse_kernels(tc: TrainConfig, device_type: str = "cpu") -> bool:
+    """Resolve ``train.sparse_kernels`` (on | off | auto) for this dictionary size and device: on the
+    CPU the dense matmuls win below SPARSE_KERNELS_MIN_LATENTS; on a GPU the sparse path always runs."""
     if tc.sparse_kernels == "auto":
-        return tc.latents >= SPARSE_KERNELS_MIN_LATENTS
+        return device_type != "cpu" or tc.latents >= SPARSE_KERNELS_MIN_LATENTS
     return tc.sparse_kernels == "on"

@@ -14,11 +14,11 @@ from torch import Tensor
 
 
 class DeadLatentTracker:
-    def __init__(self, shape: tuple[int, ...], window_tokens: int):
+    def __init__(self, shape: tuple[int, ...], window_tokens: int, device: torch.device | str = "cpu"):
         if window_tokens <= 0:
             raise ValueError(f"dead-latent window must be positive, got {window_tokens}")
         self.window = int(window_tokens)
-        self.tokens_since_fired = torch.zeros(shape, dtype=torch.long)
+        self.tokens_since_fired = torch.zeros(shape, dtype=torch.long, device=device)
 
     def update(self, fired: Tensor, n_tokens: int) -> None:
         """``fired``: bool mask of latents that fired at least once in the batch; ``n_tokens``: its size."""
@@ -33,7 +33,7 @@ class DeadLatentTracker:
         return float(self.dead.float().mean())
 
     def state_dict(self) -> dict:
-        return {"window": self.window, "tokens_since_fired": self.tokens_since_fired.clone()}
+        return {"window": self.window, "tokens_since_fired": self.tokens_since_fired.cpu().clone()}
 
     def load_state_dict(self, state: dict) -> None:
         if tuple(state["tokens_since_fired"].shape) != tuple(self.tokens_since_fired.shape):
@@ -41,4 +41,4 @@ class DeadLatentTracker:
                 f"dead-latent state has shape {tuple(state['tokens_since_fired'].shape)}, "
                 f"expected {tuple(self.tokens_since_fired.shape)}"
             )
-        self.tokens_since_fired = state["tokens_since_fired"].clone()
+        self.tokens_since_fired = state["tokens_since_fired"].to(self.tokens_since_fired.device).clone()

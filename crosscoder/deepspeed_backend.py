@@ -80,13 +80,15 @@ def deepspeed_config(cfg: RunConfig, local_batch: int) -> dict:
 
 
 class DeepSpeedBackend:
-    def __init__(self, cfg: RunConfig):
-        self.cfg, self.tc = cfg, cfg.train
+    def __init__(self, cfg: RunConfig, device: torch.device = torch.device("cpu")):
+        """One rank; the process group (gloo on CPU, NCCL on CUDA) exists already, and on CUDA
+        ``device`` is this rank's GPU (every collective's tensors live there)."""
+        self.cfg, self.tc, self.device = cfg, cfg.train, device
         self.layout = ParallelLayout.create(self.tc.latent_parallel)
         self.rank, self.data_rank = self.layout.rank, self.layout.dp_rank
         self.data_parallel = self.layout.data_parallel
         self.counter = CommCounter()
-        self.collectives = DistributedCollectives(self.layout, self.counter)
+        self.collectives = DistributedCollectives(self.layout, self.counter, device)
         # ZeRO-2/3 partition gradients: memory kept for whole ones would undo that
         self.keeps_whole_gradients = self.tc.zero_stage < 2
 
@@ -148,7 +150,7 @@ class DeepSpeedBackend:
         for part in everyone:
             positions |= part
         slices: list = [None] * layout.world
-        dist.all_gather_object(slices, (state["dead"], model.threshold.detach().clone()))
+        dist.all_gather_object(slices, (state["dead"], model.threshold.detach().cpu()))
         client = {"spec": state["spec"], "layout": [layout.latent_parallel, layout.data_parallel],
                   "step": state["step"], "positions": positions,
                   "dead": [slices[r][0] for r in range(layout.latent_parallel)],
@@ -190,7 +192,7 @@ class DeepSpeedBackend:
                    "threshold": all_gather_cat(model.threshold.detach().float(), group, dim=1)}
         if self.layout.rank != 0:
             return None
-        full = CrossCoder(model.spec, dec_init_norm=1.0)
+        full = CrossCoder(model.spec, dec_init_norm=1.0)  # on the CPU: the export is written from there
         with torch.no_grad():
             for name, value in tensors.items():
                 getattr(full, name).copy_(value)

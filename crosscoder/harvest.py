@@ -34,7 +34,7 @@ from tqdm import tqdm
 from . import faults
 from .config import RunConfig, from_dict, to_dict
 from .documents import Chunk, check_same_tokenizer, plan_chunks, read_documents
-from .language_models import ActivationReader, ModelSpec, load_model, load_tokenizer
+from .language_models import ActivationReader, ModelSpec, load_tokenizer, load_trunk
 from .ray_connect import connect
 from .shards import (
     Manifest,
@@ -56,7 +56,7 @@ def model_specs(cfg: RunConfig) -> list[ModelSpec]:
     if not cfg.harvest.models:
         raise ValueError("harvest.models is empty: list the models, e.g. [{name='base', path='...'}, ...]")
     return [ModelSpec(name=m.get("name", f"model{i}"), path=m["path"], revision=m.get("revision"),
-                      dtype=m.get("dtype", "float32"), device_map=m.get("device_map"))
+                      dtype=m.get("dtype", "float32"), device_map=m.get("device_map"), max_memory=m.get("max_memory"))
             for i, m in enumerate(cfg.harvest.models)]
 
 
@@ -66,65 +66,99 @@ def source_names(models: list[ModelSpec], hooks: list[str]) -> list[tuple[str, M
 
 
 class ShardHarvester:
-    """Hosts the models and writes whole shards; used by each Ray actor (and directly in tests)."""
+    """Hosts the models and writes whole shards; used by each Ray actor (and directly in tests).
+
+    An actor with GPUs (``harvest.gpus_per_actor``) puts each model on its GPU, or splits it over
+    them with the model's ``device_map``. Chunks are run ``harvest.batch_size`` at a time, right-padded
+    with an attention mask (a causal model's real tokens never see the padding after them), so
+    chunks of different lengths, as chat data has, share a forward. On a GPU each batch's activations
+    go to pinned host memory without blocking, and are written while the next batch runs.
+    """
 
     def __init__(self, config: dict, actor_index: int = 0):
         self.cfg = from_dict(RunConfig, config)
         hc = self.cfg.harvest
+        self.device = "cuda" if hc.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
         self.models = model_specs(self.cfg)
         self.readers = {}
         for spec in self.models:
-            self.readers[spec.name] = ActivationReader(load_model(spec), hc.hooks, spec.name)
+            spec.device = self.device
+            model, paths = load_trunk(spec, hc.hooks)
+            self.readers[spec.name] = ActivationReader(model, paths, spec.name, shown=hc.hooks)
         tokenizer = load_tokenizer(self.models[0].path, self.models[0].revision)
         self.bos = tokenizer.bos_token_id
+        self.pad = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
         self.root = open_root(hc.output, self.cfg.storage)
         self.metrics = HarvestMetrics(self.cfg.metrics.port, actor_index, host=self.cfg.metrics.host)
 
-    def activations(self, tokens: list[list[int]]) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
-        """Acts [B, T, D] (sources concatenated, stored dtype) for equal-length chunks, BOS excluded;
-        the stored token ids; per source, the sum of the activations' norms."""
+    def activations(self, tokens: list[list[int]]) -> tuple[torch.Tensor, list[np.ndarray], torch.Tensor]:
+        """For chunks of any lengths: acts [B, T, D] on the models' device (sources concatenated,
+        stored dtype; rows past a chunk's length are padding), the stored token ids (BOS excluded
+        unless kept), and per source the sum of the real tokens' activation norms [S] (float64)."""
         hc = self.cfg.harvest
         prefix = [self.bos] if self.bos is not None else []
-        ids = torch.tensor([prefix + t for t in tokens], dtype=torch.long)
+        rows = [prefix + t for t in tokens]
+        ids = torch.full((len(rows), max(map(len, rows))), self.pad, dtype=torch.long, device="cpu")
+        mask = torch.zeros(ids.shape, dtype=torch.long, device="cpu")
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long, device="cpu")
+            mask[i, : len(row)] = 1
         skip = 0 if hc.keep_bos or not prefix else 1
-        parts = [act[:, skip:] for spec in self.models for act in self.readers[spec.name].read(ids)]
+        parts = [act[:, skip:] for spec in self.models for act in self.readers[spec.name].read(ids, mask)]
         # one pass per source: converted to the stored dtype while copied into its columns (no
-        # float32 concatenation first); .numpy() shares the memory
-        joined = torch.empty(*parts[0].shape[:2], sum(p.shape[-1] for p in parts), dtype=getattr(torch, hc.dtype))
+        # float32 concatenation first), on the device of the first part
+        device = parts[0].device
+        joined = torch.empty(*parts[0].shape[:2], sum(p.shape[-1] for p in parts), dtype=getattr(torch, hc.dtype),
+                             device=device)
         start = 0
         for part in parts:
             joined[..., start : start + part.shape[-1]].copy_(part)
             start += part.shape[-1]
-        norms = [torch.linalg.vector_norm(p, dim=-1, dtype=torch.float64).sum().item() for p in parts]
-        stored_ids = [np.asarray((prefix if not skip else []) + t, dtype=np.int32) for t in tokens]
-        return joined.numpy(), stored_ids, norms
+        real = mask[:, skip:].to(device, torch.float64)
+        norms = torch.stack([(torch.linalg.vector_norm(p, dim=-1, dtype=torch.float64).to(device) * real).sum()
+                             for p in parts])
+        stored_ids = [np.asarray(row[skip:], dtype=np.int32) for row in rows]
+        return joined, stored_ids, norms
 
     def write(self, index: int, chunks: list[Chunk]) -> dict:
         hc = self.cfg.harvest
         started = time.time()
         width = sum(r.width[i] for r in self.readers.values() for i in range(len(hc.hooks)))
         writer = ShardWriter(self.root, shard_name(index), width=width, dtype=hc.dtype)
-        norm_sum = np.zeros(len(self.models) * len(hc.hooks))
+        norm_sum: torch.Tensor | float = 0.0
+        waiting: tuple | None = None  # the previous batch: (chunks, host acts, ids, copy event)
+
+        def flush(batch, host, ids, event):
+            if event is not None:
+                event.synchronize()
+            for c, a, t in zip(batch, host, ids):
+                writer.add(f"{c.doc:08d}-{c.index:04d}", t, a[: len(t)].numpy(),
+                           {"doc": c.doc, "chunk": c.index, "offset": c.offset, "chat": c.chat})
+
         try:
-            i = 0
-            while i < len(chunks):
-                j = i
-                while j < len(chunks) and j - i < hc.batch_size and len(chunks[j].tokens) == len(chunks[i].tokens):
-                    j += 1
-                batch = chunks[i:j]
+            for i in range(0, len(chunks), hc.batch_size):
+                batch = chunks[i : i + hc.batch_size]
                 acts, ids, norms = self.activations([c.tokens for c in batch])
-                norm_sum += norms
-                for c, a, t in zip(batch, acts, ids):
-                    writer.add(f"{c.doc:08d}-{c.index:04d}", t, a,
-                               {"doc": c.doc, "chunk": c.index, "offset": c.offset, "chat": c.chat})
-                i = j
-                if i >= len(chunks) // 2:
+                norm_sum = norm_sum + norms
+                event = None
+                if acts.device.type == "cuda":  # to pinned memory without blocking; written after the next forward
+                    host = torch.empty(acts.shape, dtype=acts.dtype, device="cpu", pin_memory=True)
+                    host.copy_(acts, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record()
+                    acts = host
+                if waiting is not None:
+                    flush(*waiting)
+                waiting = (batch, acts, ids, event)
+                if i + len(batch) >= len(chunks) // 2:
                     faults.point("harvest", f"shard {index} half")
+            if waiting is not None:
+                flush(*waiting)
             info = writer.commit()
         except BaseException:
             writer.abort()
             raise
-        info.stats = {"norm_sum": norm_sum.tolist()}
+        info.stats = {"norm_sum": torch.as_tensor(norm_sum, device="cpu").tolist()}
         seconds = time.time() - started
         self.metrics.shard(info.tokens, seconds)
         return {"index": index, "info": asdict(info), "seconds": seconds}

@@ -7,14 +7,21 @@ norm or unembedding runs: harvesting layer 13 of a 26-layer model costs about ha
 The cost of stopping by exception: the model's own return value is never built, so this reads
 activations only (it is not a general forward).
 
+:func:`load_trunk` does not even load what the hooks do not reach: when every hook is inside a
+numbered decoder layer of the base model, it loads the base model (no LM head) with the layers up
+to the deepest hooked one, so memory, not only compute, stops there (a 26-layer model hooked at 13
+loads half its layers and no unembedding). :func:`load_model` loads the whole causal LM (CE loss
+recovered needs its logits).
+
 Models are loaded with ``from_pretrained`` from a local directory or a hub id (offline use needs a
-local directory), with a revision and dtype; ``device_map`` (e.g. ``"auto"``) splits a model too
-large for one device across the actor's devices. Missing models and unknown hook paths are errors
-that name the model and the path.
+local directory), with a revision and dtype, onto the actor's device: one GPU (``device``), or split
+over several with ``device_map`` (``auto``, ``balanced``, …, and an optional ``max_memory`` map,
+through accelerate). Missing models and unknown hook paths are errors that name the model and path.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +29,8 @@ import torch
 from torch import nn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# a numbered decoder layer in a module path: model.layers.13, transformer.h.5, …
+LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
 
 
 class ModelError(ValueError):
@@ -34,24 +43,25 @@ class ModelSpec:
     path: str
     revision: str | None = None
     dtype: str = "float32"
-    device_map: str | None = None
+    device_map: str | dict | None = None  # split over the process's devices (accelerate): auto, balanced, …
+    max_memory: dict | None = None  # with device_map: per device, e.g. {0: "20GiB", "cpu": "64GiB"}
+    device: str = "cpu"  # without device_map: where the whole model goes
 
 
-def load_model(spec: ModelSpec):
-    from transformers import AutoModelForCausalLM
-
+def _from_pretrained(loader, spec: ModelSpec, **kwargs):
     if spec.dtype not in DTYPES:
         raise ModelError(f"model {spec.name!r}: dtype {spec.dtype!r} is not one of {sorted(DTYPES)}")
     local = Path(spec.path).expanduser()
     if local.exists() and not (local / "config.json").is_file():
         raise ModelError(f"model {spec.name!r}: {local} has no config.json (not a saved transformers model)")
+    if spec.device_map is not None:
+        max_memory = {int(k) if str(k).isdigit() else k: v for k, v in (spec.max_memory or {}).items()}
+        kwargs |= {"device_map": spec.device_map, "max_memory": max_memory or None}
+    elif spec.device != "cpu":
+        kwargs["device_map"] = {"": spec.device}  # straight onto the GPU, no full copy on the host
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(local) if local.exists() else spec.path,
-            revision=spec.revision,
-            dtype=DTYPES[spec.dtype],
-            device_map=spec.device_map,
-        )
+        model = loader.from_pretrained(str(local) if local.exists() else spec.path, revision=spec.revision,
+                                       dtype=DTYPES[spec.dtype], **kwargs)
     except OSError as e:
         raise ModelError(
             f"model {spec.name!r}: cannot load {spec.path!r} (revision {spec.revision}): "
@@ -60,6 +70,46 @@ def load_model(spec: ModelSpec):
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def load_model(spec: ModelSpec):
+    """The whole causal language model (with its LM head)."""
+    from transformers import AutoModelForCausalLM
+
+    return _from_pretrained(AutoModelForCausalLM, spec)
+
+
+def load_trunk(spec: ModelSpec, hooks: list[str]) -> tuple[nn.Module, list[str]]:
+    """The model only as deep as ``hooks`` reach, and the hooks' paths in what was loaded.
+
+    When every hook lies in a numbered layer of the base model (``model.layers.13``, not
+    ``lm_head``), that is the base model without its LM head, with ``num_hidden_layers`` cut after
+    the deepest hooked layer; otherwise the whole causal LM.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    local = Path(spec.path).expanduser()
+    try:
+        config = AutoConfig.from_pretrained(str(local) if local.exists() else spec.path, revision=spec.revision)
+        prefix = AutoModelForCausalLM._model_mapping[type(config)].base_model_prefix  # type: ignore[attr-defined]
+    except (OSError, KeyError, ValueError):
+        return load_model(spec), list(hooks)  # let the full load report what is wrong
+    depths = [LAYER.search(h) for h in hooks]
+    layers = getattr(config, "num_hidden_layers", None)
+    if not (layers and all(depths) and all(h.startswith(prefix + ".") for h in hooks)):
+        return load_model(spec), list(hooks)
+    keep = min(layers, 1 + max(int(m.group(1)) for m in depths if m))
+    config.num_hidden_layers = keep
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:keep]
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the weights of the layers cut and the LM head are expected to go unused
+    try:
+        model = _from_pretrained(AutoModel, spec, config=config)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model, [h[len(prefix) + 1:] for h in hooks]
 
 
 def load_tokenizer(path: str, revision: str | None = None):
@@ -72,13 +122,13 @@ def load_tokenizer(path: str, revision: str | None = None):
         raise ModelError(f"tokenizer {path!r}: cannot load: {str(e).splitlines()[0]}") from None
 
 
-def resolve_module(model: nn.Module, path: str, model_name: str = "model") -> nn.Module:
+def resolve_module(model: nn.Module, path: str, model_name: str = "model", shown: str | None = None) -> nn.Module:
     try:
         return model.get_submodule(path)
     except AttributeError:
         layers = [n for n, _ in model.named_modules() if n.count(".") <= 2 and "layers." in n][:4]
         raise ModelError(
-            f"model {model_name!r} has no module {path!r}; hook points are module paths such as {layers}"
+            f"model {model_name!r} has no module {shown or path!r}; hook points are module paths such as {layers}"
         ) from None
 
 
@@ -89,10 +139,12 @@ class _Done(Exception):
 class ActivationReader:
     """Reads the outputs of ``hooks`` (module paths) of one model, in hook order, stopping early."""
 
-    def __init__(self, model: nn.Module, hooks: list[str], model_name: str = "model"):
+    def __init__(self, model: nn.Module, hooks: list[str], model_name: str = "model", shown: list[str] | None = None):
+        """``hooks``: module paths in ``model``; ``shown``: the names the user gave them, for errors
+        (they differ when :func:`load_trunk` loaded the base model only)."""
         self.model = model
-        self.hooks = list(hooks)
-        self.modules = [resolve_module(model, h, model_name) for h in self.hooks]
+        self.hooks = list(shown or hooks)
+        self.modules = [resolve_module(model, h, model_name, s) for h, s in zip(hooks, self.hooks)]
         order = {id(m): i for i, (_, m) in enumerate(model.named_modules())}
         self.deepest = max(self.modules, key=lambda m: order[id(m)])
         self.width = [self._width(m) for m in self.modules]

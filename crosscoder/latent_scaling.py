@@ -79,11 +79,11 @@ class LatentScaling:
         self.norm_sq = self.direction.pow(2).sum(1)
         # ⟨W_dec[m][j], d_j⟩: the latent's own contribution along its direction, per model
         self.self_dot = torch.stack([(r * self.direction).sum(1) for r in rows])  # [2, C]
-        C = len(self.latents)
-        self.f_sq = torch.zeros(C, dtype=torch.float64)
-        self.error_num = torch.zeros(2, C, dtype=torch.float64)
-        self.recon_num = torch.zeros(2, C, dtype=torch.float64)  # other latents only
-        self.recon_full_num = torch.zeros(2, C, dtype=torch.float64)  # the whole reconstruction
+        C, device = len(self.latents), self.direction.device
+        self.f_sq = torch.zeros(C, dtype=torch.float64, device=device)
+        self.error_num = torch.zeros(2, C, dtype=torch.float64, device=device)
+        self.recon_num = torch.zeros(2, C, dtype=torch.float64, device=device)  # other latents only
+        self.recon_full_num = torch.zeros(2, C, dtype=torch.float64, device=device)  # the whole reconstruction
 
     def update(self, x: tuple[Tensor, Tensor], x_hat: tuple[Tensor, Tensor], f: Tensor) -> None:
         """One batch: per model activations ``x[m]`` and reconstructions ``x_hat[m]`` [B, d], and the
@@ -101,14 +101,14 @@ class LatentScaling:
     def result(self) -> ScalingResult:
         denom = self.norm_sq * self.f_sq
         denom = torch.where(denom > 0, denom, torch.full_like(denom, float("nan")))
-        idx = torch.arange(len(self.latents))
+        idx = torch.arange(len(self.latents), device=denom.device)
         other = 1 - self.owner
         return ScalingResult(
-            latents=self.latents,
-            beta_error_other=self.error_num[other, idx] / denom,
-            beta_error_owner=self.error_num[self.owner, idx] / denom,
-            beta_recon_other=self.recon_num[other, idx] / denom,
-            beta_recon_owner=self.recon_full_num[self.owner, idx] / denom,
+            latents=self.latents.cpu(),
+            beta_error_other=(self.error_num[other, idx] / denom).cpu(),
+            beta_error_owner=(self.error_num[self.owner, idx] / denom).cpu(),
+            beta_recon_other=(self.recon_num[other, idx] / denom).cpu(),
+            beta_recon_owner=(self.recon_full_num[self.owner, idx] / denom).cpu(),
         )
 
 

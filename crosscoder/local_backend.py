@@ -36,8 +36,8 @@ class LocalBackend:
     collectives = LOCAL
     keeps_whole_gradients = True
 
-    def __init__(self, cfg: RunConfig):
-        self.tc = cfg.train
+    def __init__(self, cfg: RunConfig, device: torch.device = torch.device("cpu")):
+        self.tc, self.device = cfg.train, device
 
     def latent_range(self, latents: int) -> tuple[int, int]:
         return 0, latents
@@ -52,7 +52,7 @@ class LocalBackend:
                                           fused=True)
 
     def load(self, run_dir: Path) -> dict:
-        state = torch.load(checkpoint_dirs(run_dir)[-1] / "state.pt", weights_only=False)
+        state = torch.load(checkpoint_dirs(run_dir)[-1] / "state.pt", weights_only=False, map_location="cpu")
         if state["spec"] == asdict(self.model.spec):  # else the loop refuses the run directory
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -68,7 +68,7 @@ class LocalBackend:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
-                if self.tc.grad_clip > 0 else torch.tensor(0.0))
+                if self.tc.grad_clip > 0 else 0.0)
         self.optimizer.step()
         return float(norm)
 

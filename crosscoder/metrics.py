@@ -28,11 +28,11 @@ class StreamingFVE:
     the total variance is taken around each dimension's mean over every token seen, so it keeps
     per-source column sums ([d_s] each) besides the squared error and squared norm."""
 
-    def __init__(self, slices: list[slice]):
+    def __init__(self, slices: list[slice], device: torch.device | str = "cpu"):
         self.slices = slices
-        self.sse = torch.zeros(len(slices), dtype=torch.float64)
-        self.sum_sq = torch.zeros(len(slices), dtype=torch.float64)
-        self.column_sums = [torch.zeros(sl.stop - sl.start, dtype=torch.float64) for sl in slices]
+        self.sse = torch.zeros(len(slices), dtype=torch.float64, device=device)
+        self.sum_sq = torch.zeros(len(slices), dtype=torch.float64, device=device)
+        self.column_sums = [torch.zeros(sl.stop - sl.start, dtype=torch.float64, device=device) for sl in slices]
         self.tokens = 0
 
     def update(self, x: Tensor, x_hat: Tensor) -> None:

@@ -137,7 +137,7 @@ class ForwardOutput:
     def active_count(self) -> Tensor:
         """Number of non-zero activations in the batch (L0 × tokens × groups)."""
         if self.code is not None:
-            return torch.tensor(float(self.code.value.numel()))
+            return torch.tensor(float(self.code.value.numel()), device=self.code.value.device)
         return (self.f.detach() != 0).sum().float()
 
 
@@ -148,15 +148,15 @@ def init_parameters(spec: CrossCoderSpec, seed: int, dec_init_norm: float, lo: i
     single process would (what makes latent-parallel and single-process runs comparable), while
     holding only its own rows.
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     rows = []
     for start in range(0, hi, chunk):
         stop = min(start + chunk, spec.latents)
-        block = torch.randn(stop - start, spec.width, generator=gen)
+        block = torch.randn(stop - start, spec.width, generator=gen, device="cpu")
         if stop <= lo:
             continue
         rows.append(block[max(lo - start, 0) : hi - start])
-    W_dec = torch.cat(rows) if rows else torch.empty(0, spec.width)
+    W_dec = torch.cat(rows) if rows else torch.empty(0, spec.width, device="cpu")
     if spec.arch == "aligned":
         # every source's latent i starts from the same direction (truncated to the source's width),
         # so the per-source latent spaces start aligned and the alignment loss only has to keep them so
@@ -182,11 +182,13 @@ class CrossCoder(nn.Module):
         collectives: Collectives = LOCAL,
         sparse_kernels: bool = True,
         gradient_memory: bool = True,
+        device: torch.device | str = "cpu",
     ):
         """``collectives``: the reductions over latent shards and data ranks (collectives.py);
         ``sparse_kernels``: train acausal TopK/BatchTopK through the active entries (sparse_path.py;
         False = this module's dense math, same results); ``gradient_memory``: that path keeps its
-        weight gradients' memory across steps (off for ZeRO-2/3)."""
+        weight gradients' memory across steps (off for ZeRO-2/3); ``device``: where the weights live
+        (drawn on the CPU whatever the device, so every device starts from the same dictionary)."""
         super().__init__()
         self.spec = spec
         lo, hi = latent_range or (0, spec.latents)
@@ -194,14 +196,14 @@ class CrossCoder(nn.Module):
             raise ValueError(f"latent_range {latent_range} outside 0..{spec.latents}")
         self.latent_range = (lo, hi)
         n = hi - lo
-        W_dec = init_parameters(spec, seed, dec_init_norm, lo, hi)
+        W_dec = init_parameters(spec, seed, dec_init_norm, lo, hi).to(device)
         self.W_dec = nn.Parameter(W_dec)
         self.W_enc = nn.Parameter(W_dec.t().contiguous())
-        self.b_enc = nn.Parameter(torch.zeros(spec.groups, n))
-        self.b_dec = nn.Parameter(torch.zeros(spec.width))
+        self.b_enc = nn.Parameter(torch.zeros(spec.groups, n, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(spec.width, device=device))
         # BatchTopK inference threshold, per latent, in units of f (invariant to normalisation folding)
-        self.register_buffer("threshold", torch.zeros(spec.groups, n))
-        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("threshold", torch.zeros(spec.groups, n, device=device))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long, device=device))
         self.collectives = collectives
         k_sparse = spec.arch == "acausal" and spec.activation in ("topk", "batchtopk")
         self.sparse = SparsePath(gradient_memory) if sparse_kernels and k_sparse else None

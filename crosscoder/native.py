@@ -98,7 +98,7 @@ def scores_at_least(pre: Tensor, weights: Tensor, thresholds: Tensor | float) ->
     """(flat index [M] int64, score [M]) of the entries of ``relu(pre) · weights`` that reach their
     row's threshold and are > 0, row-major. pre [R, L], weights [L], thresholds [R] or one number
     for every row."""
-    thr = torch.as_tensor(thresholds, dtype=pre.dtype).expand(pre.shape[0]).contiguous()
+    thr = torch.as_tensor(thresholds, dtype=pre.dtype, device=pre.device).expand(pre.shape[0]).contiguous()
     return tuple(module().scores_at_least(pre.contiguous(), weights.to(pre.dtype).contiguous(), thr))
 
 

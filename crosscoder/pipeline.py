@@ -130,32 +130,72 @@ def train(p: Plan, progress: bool = True):
     return train_distributed(p.cfg, p.run_dir, p.data, progress=progress)
 
 
-def analyze(p: Plan, progress: bool = True, only_if_stale: bool = False):
+def analyze(p: Plan, progress: bool = True, only_if_stale: bool = False) -> dict | None:
     """``analysis/latents.csv``, ``summary.json`` and ``report.html``; with ``only_if_stale``, nothing
-    when the report is newer than the export. Returns the Analysis (None when skipped)."""
-    from . import analysis as an
-    from .report import write_report
+    when the report is newer than the export. Returns the summary (None when skipped).
 
+    Where it runs (``analyze.device``): on this process's GPU when it has one; else, on a Ray cluster
+    with GPUs (the driver of a job usually runs on a CPU head node), as a Ray task on one GPU, which
+    loads the crosscoder and, for CE loss recovered, each model once; else here on the CPU.
+    """
     out = p.run_dir / "analysis"
     report, export = out / "report.html", p.run_dir / "crosscoder" / "model.safetensors"
     if only_if_stale and report.is_file() and export.is_file() and report.stat().st_mtime >= export.stat().st_mtime:
         print(f"analyze: {report} is newer than the export, skipping (`crosscoder analyze` redoes it)\n"
               f"report: {report.absolute()}")
         return None
-    cfg = p.cfg
+    setting = p.cfg.analyze.device
+    if setting != "cpu" and not _local_cuda() and _cluster_gpus() > 0:
+        from .ray_connect import connect
+
+        print("analyze: on a GPU of the Ray cluster")
+        task = connect().remote(num_gpus=1)(analyze_here)
+        summary = connect().get(task.remote(p, False, "auto"))
+    else:
+        summary = analyze_here(p, progress, setting)
+    counts, arts = summary["classes"], summary["artifacts"]
+    print(f"analyze: {summary['tokens']} tokens; latents shared {counts['shared']}, base-only {counts['base_only']}, "
+          f"chat-only {counts['chat_only']}, dead {counts['dead']}; Latent Scaling flags "
+          f"{arts['chat_only']['flagged']} of {arts['chat_only']['latents']} chat-only latents")
+    for name, ce in summary["ce_loss_recovered"].items():
+        print(f"analyze: CE loss recovered {name}: {ce['recovered']:.3f}")
+    print(f"analysis: {(out / 'latents.csv').absolute()}\nreport: {report.absolute()}")
+    return summary
+
+
+def analyze_here(p: Plan, progress: bool, setting: str) -> dict:
+    """The analysis in this process, on the device ``setting`` resolves to; returns the summary."""
+    from . import analysis as an
+    from .device import resolve
+    from .report import write_report
+
+    cfg, out = p.cfg, p.run_dir / "analysis"
     model, root = an.load_for_run(p.run_dir, cfg.analyze.data or p.data, cfg.storage)
+    model.to(resolve(setting, "analyze.device", quiet=not progress))
     result = an.analyze(model, root, cfg.analyze, progress=progress)
     result.ce_recovered = an.ce_recovered_for_harvest(model, root, cfg.analyze, announce=progress)
     an.save(result, out)
-    write_report(result, report, title=f"Crosscoder model-diffing report: {cfg.name}")
-    counts, arts = result.class_counts(), result.artifact_counts()
-    print(f"analyze: {result.tokens} tokens; latents shared {counts['shared']}, base-only {counts['base_only']}, "
-          f"chat-only {counts['chat_only']}, dead {counts['dead']}; Latent Scaling flags "
-          f"{arts['chat_only']['flagged']} of {arts['chat_only']['latents']} chat-only latents")
-    for name, ce in result.ce_recovered.items():
-        print(f"analyze: CE loss recovered {name}: {ce['recovered']:.3f}")
-    print(f"analysis: {(out / 'latents.csv').absolute()}\nreport: {report.absolute()}")
-    return result
+    write_report(result, out / "report.html", title=f"Crosscoder model-diffing report: {cfg.name}")
+    return result.summary()
+
+
+def _local_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _cluster_gpus() -> float:
+    """GPUs of the Ray cluster this process uses (0 without one: no Ray is started for this)."""
+    import os
+
+    import ray
+
+    if not (ray.is_initialized() or os.environ.get("RAY_ADDRESS")):
+        return 0
+    from .ray_connect import connect
+
+    return connect().cluster_resources().get("GPU", 0)
 
 
 def run(cfg: RunConfig, run_dir: str | Path | None = None, data: str | None = None, progress: bool = True):

@@ -64,8 +64,11 @@ def upcasts(weight: Tensor) -> bool:
 
 
 def product_dtype(weight: Tensor) -> torch.dtype:
-    """The dtype products with ``weight`` are computed (and :func:`addmm_into` writes) in."""
-    return torch.float32 if upcasts(weight) else weight.dtype
+    """The dtype :func:`addmm_into` writes the training pre-activations in: fp32 where :func:`upcasts`
+    and on CUDA (bf16/fp16 operands, fp32 accumulation and output: the BatchTopK selection compares
+    fp32 scores), else the weights' own."""
+    reduced = weight.dtype in (torch.bfloat16, torch.float16)
+    return torch.float32 if upcasts(weight) or (weight.device.type == "cuda" and reduced) else weight.dtype
 
 
 def matmul(a: Tensor, weight: Tensor) -> Tensor:
@@ -90,8 +93,10 @@ def addmm_into(bias: Tensor, x: Tensor, weight: Tensor, out: Tensor) -> Tensor:
     Where :func:`upcasts`, one block of ``UPCAST_BLOCK`` latents at a time, each block's weights
     converted to fp32 just before its product.
     """
-    if not upcasts(weight):
+    if out.dtype == weight.dtype:
         return torch.addmm(bias, x, weight, out=out)
+    if not upcasts(weight):  # CUDA: reduced-precision operands, fp32 output in one GEMM
+        return torch.addmm(bias, x, weight, out_dtype=out.dtype, out=out)
     x32 = x.float()
     for start in range(0, weight.shape[1], UPCAST_BLOCK):
         stop = min(start + UPCAST_BLOCK, weight.shape[1])

@@ -42,6 +42,8 @@ from . import faults
 from .collectives import Collectives
 from .config import RunConfig, TrainConfig, dumps_toml, use_sparse_kernels, validate
 from .dead import DeadLatentTracker
+from .device import DeviceBatches
+from .device import resolve as resolve_device
 from .losses import LossWeights, default_aux_k
 from .metrics import StreamingFVE
 from .model import CrossCoder, CrossCoderSpec, ForwardOutput
@@ -75,6 +77,8 @@ class Backend(Protocol):
     def collectives(self) -> Collectives: ...
     @property
     def keeps_whole_gradients(self) -> bool: ...  # False under ZeRO-2/3: the sparse path keeps no gradient memory
+    @property
+    def device(self) -> torch.device: ...  # the model, optimizer state, batches and counters live there
 
     def latent_range(self, latents: int) -> tuple[int, int]: ...
     def has_checkpoint(self, run_dir: Path) -> bool: ...
@@ -142,10 +146,10 @@ def spec_from(cfg: TrainConfig, manifest: Manifest) -> CrossCoderSpec:
     )
 
 
-def scale_vector(spec: CrossCoderSpec) -> torch.Tensor:
+def scale_vector(spec: CrossCoderSpec, device: torch.device | str = "cpu") -> torch.Tensor:
     """[D]: each source's normalisation scale repeated over its width."""
     scale = spec.norm_scale or [1.0] * spec.n_sources
-    return torch.cat([torch.full((w,), float(c)) for w, c in zip(spec.widths, scale)])
+    return torch.cat([torch.full((w,), float(c), device=device) for w, c in zip(spec.widths, scale)])
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -221,7 +225,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
     if backend is None:
         from .local_backend import LocalBackend
 
-        backend = LocalBackend(cfg)
+        backend = LocalBackend(cfg, resolve_device(cfg.train.device))
     tc = cfg.train
     run_dir = Path(run_dir)
     data = data or tc.data
@@ -236,16 +240,17 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
         (run_dir / "config.toml").write_text(dumps_toml(cfg))
 
     torch.manual_seed(tc.seed)
-    collectives = backend.collectives
+    collectives, device = backend.collectives, backend.device
     model = CrossCoder(spec, seed=tc.seed, dec_init_norm=tc.dec_init_norm,
                        latent_range=backend.latent_range(spec.latents), collectives=collectives,
-                       sparse_kernels=use_sparse_kernels(tc), gradient_memory=backend.keeps_whole_gradients)
+                       sparse_kernels=use_sparse_kernels(tc, device.type),
+                       gradient_memory=backend.keeps_whole_gradients, device=device)
     partitions = tc.data_partitions or backend.data_parallel
     mine = [p for p in range(partitions) if p % backend.data_parallel == backend.data_rank]
     stream = PartitionedStream(root, manifest, tc.batch_size, partitions, mine, tc.shuffle_samples,
                                seed=tc.seed, max_epochs=tc.max_epochs)
-    scale = scale_vector(spec)
-    tracker = DeadLatentTracker((spec.groups, model.n_latents), tc.dead_tokens)
+    scale = scale_vector(spec, device)
+    tracker = DeadLatentTracker((spec.groups, model.n_latents), tc.dead_tokens, device)
 
     start, positions, first = 0, {}, []
     resuming = backend.has_checkpoint(run_dir)
@@ -254,7 +259,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
         # (DeepSpeed keeps master weights: a later in-place change would be overwritten)
         rest = stream.batches()
         first = [next(rest)]
-        x0 = torch.from_numpy(first[0].acts).float() * scale
+        x0 = torch.from_numpy(first[0].acts).to(device).float() * scale
         with torch.no_grad():
             model.b_dec.copy_((collectives.data_sum(x0.double().sum(0)) / tc.batch_size).float())
     backend.setup(model)
@@ -275,7 +280,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
         yield from head
         yield from tail
 
-    batches = prefetch(chained(first, rest))
+    batches = DeviceBatches(prefetch(chained(first, rest)), device, scale)
     result = TrainResult(run_dir=run_dir, steps=start, spec=asdict(spec))
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
     bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", disable=not (progress and is_main),
@@ -287,9 +292,8 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
         for step in range(start, end):
             faults.point("train", f"rank {backend.rank} step {step}")
             t0 = time.perf_counter()
-            batch = next(batches)
+            batch, x = next(batches)
             t_data = time.perf_counter() - t0
-            x = torch.from_numpy(batch.acts).float() * scale
             lr = learning_rate(tc, step)
             out, loss, terms = backend.forward(x, tracker.dead, loss_weights(tc, spec, step))
             if not collectives.all_ranks(all(math.isfinite(float(v)) for v in terms.values())):

@@ -119,3 +119,15 @@ def demo_pair(tmp_path_factory):
     where = tmp_path_factory.mktemp("demo")
     base, chat = make_demo_pair(where, steps=DEMO_STEPS, progress=False)
     return where, base, chat
+
+
+@pytest.fixture(scope="session")
+def ray_cluster_gpu():
+    """A local Ray instance with this machine's GPUs (the GPU suite)."""
+    import ray
+    import torch
+
+    ray.init(num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count(), include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()

@@ -46,6 +46,10 @@ def test_dockerfile_is_multistage_pinned_non_root_and_installs_torch_first(flavo
     assert any(word == "CMD" and "crosscoder" in args for word, args in steps)
     env = " ".join(args for word, args in steps if word == "ENV")
     assert "/opt/venv/bin" in env
+    if flavour == "cuda":  # a CUDA torch whose CUDA is the image's, accelerate pinned, DeepSpeed on CUDA
+        assert any("download.pytorch.org/whl/cu128" in r for r in runs) and "torch.version.cuda == '12.8'" in " ".join(runs)
+        assert "DS_ACCELERATOR=cuda" in env
+        assert "accelerate==" in (REPO / "requirements.txt").read_text()
 
 
 def test_compose_stack_mounts_files_that_exist_and_pins_images():

@@ -22,7 +22,7 @@ from crosscoder.documents import DataError, check_same_tokenizer, plan_chunks, r
 from crosscoder.harvest import harvest
 from crosscoder.language_models import ActivationReader, ModelError, ModelSpec, load_model, load_tokenizer
 from crosscoder.random_pair import make_family, make_pair, make_tokenizer, write_documents
-from crosscoder.shards import iter_samples, read_manifest, shard_name
+from crosscoder.shards import ShardInfo, iter_samples, read_manifest, shard_name
 from crosscoder.storage import Root, StorageError
 
 from .conftest import free_port
@@ -355,3 +355,79 @@ def test_harvest_metrics_are_served_while_shards_are_written(tiny, tmp_path):
     assert values['crosscoder_harvest_shards_total{actor="0"}'] == 2
     assert values['crosscoder_harvest_shard_seconds_count{actor="0"}'] == 2
     assert values['crosscoder_harvest_shard_seconds_sum{actor="0"}'] > 0
+
+
+def test_the_trunk_loads_no_layer_past_the_deepest_hook_and_no_lm_head(tiny):
+    """load_trunk: the base model without its LM head, cut after the deepest hooked layer (here 2 of
+    4), reads exactly the activations the whole model gives; a hook outside the numbered layers
+    loads the whole model."""
+    from crosscoder.language_models import load_trunk
+
+    full = load_model(ModelSpec("base", tiny["base"]))
+    trunk, paths = load_trunk(ModelSpec("base", tiny["base"]), HOOKS)
+    assert paths == ["layers.1", "layers.2"] and len(trunk.layers) == 3 and not hasattr(trunk, "lm_head")
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    layer, head = count(full.model.layers[0]), full.lm_head.weight.numel()
+    assert count(trunk) == count(full) - layer - head - full.model.norm.weight.numel() + trunk.norm.weight.numel()
+    ids = torch.tensor([[1, 10, 20, 30, 40, 50]])
+    for a, b in zip(ActivationReader(trunk, paths, "base", shown=HOOKS).read(ids), ActivationReader(full, HOOKS).read(ids)):
+        assert torch.equal(a, b)
+    whole, same = load_trunk(ModelSpec("base", tiny["base"]), ["model.layers.1", "lm_head"])
+    assert same == ["model.layers.1", "lm_head"] and hasattr(whole, "lm_head")
+    with pytest.raises(ModelError, match=r"model 'base' has no module 'model.layers.99'"):
+        ActivationReader(*load_trunk(ModelSpec("base", tiny["base"]), ["model.layers.99"]), "base",
+                         shown=["model.layers.99"])
+
+
+def test_device_map_auto_harvests_through_accelerate_on_the_cpu(tiny, tmp_path):
+    """A model table with device_map = "auto" (and a max_memory cap) loads through accelerate, which
+    places everything on the CPU here, and the actor's shard is the one a plain load writes."""
+    from crosscoder.config import to_dict
+    from crosscoder.documents import Chunk
+    from crosscoder.harvest import ShardHarvester
+
+    chunks = [Chunk(doc, 0, 0, list(range(10 + doc, 22 + doc)), False) for doc in range(5)]
+    shards = {}
+    for name, extra in (("plain", {}), ("auto", {"device_map": "auto", "max_memory": {"cpu": "2GiB"}})):
+        cfg = harvest_config(tiny, str(tmp_path / name))
+        cfg.harvest.models = [m | extra for m in cfg.harvest.models]
+        harvester = ShardHarvester(to_dict(cfg))
+        model = harvester.readers["base"].model
+        assert all(p.device.type == "cpu" for p in model.parameters())
+        if extra:
+            assert set((getattr(model, "hf_device_map", None) or {"": "cpu"}).values()) == {"cpu"}
+        harvester.write(0, chunks)
+        shards[name] = (tmp_path / name / shard_name(0)).read_bytes()
+    assert shards["auto"] == shards["plain"]
+
+
+def test_chunks_of_different_lengths_share_a_padded_forward_and_read_as_alone(tiny, tmp_path, monkeypatch):
+    """Chat data cuts chunks of many lengths; a batch is right-padded with an attention mask, so
+    every forward carries harvest.batch_size chunks (not one per length) and each chunk's
+    activations are those of a forward of that chunk alone."""
+    from crosscoder.config import to_dict
+    from crosscoder.documents import Chunk
+    from crosscoder.harvest import ShardHarvester
+    from crosscoder.storage import Root
+
+    cfg = harvest_config(tiny, str(tmp_path / "acts"), batch_size=4)
+    harvester = ShardHarvester(to_dict(cfg))
+    forwards = []
+    reader = harvester.readers["base"]
+    original = reader.read
+    monkeypatch.setattr(reader, "read", lambda ids, mask=None: forwards.append(tuple(ids.shape)) or original(ids, mask))
+    rng = np.random.default_rng(0)
+    chunks = [Chunk(doc, 0, 0, rng.integers(7, 40, size=int(n)).tolist(), True)
+              for doc, n in enumerate(rng.integers(3, 16, size=10))]
+    out = harvester.write(0, chunks)
+    assert len(forwards) == 3 and [shape[0] for shape in forwards] == [4, 4, 2]  # ceil(10 / 4), full batches
+    manifest_info = ShardInfo(**out["info"])
+    from crosscoder.shards import Manifest, SourceInfo, read_shard
+
+    manifest = Manifest(sources=[SourceInfo(f"s{i}", 64) for i in range(4)], dtype="float16")
+    samples = read_shard(Root(str(tmp_path / "acts")), manifest_info, manifest)
+    assert [len(s.tokens) for s in samples] == [len(c.tokens) for c in chunks]
+    monkeypatch.setattr(reader, "read", original)
+    for chunk, sample in zip(chunks, samples):
+        alone, _, _ = harvester.activations([chunk.tokens])
+        assert np.allclose(sample.acts.astype(np.float32), alone[0].float().numpy(), atol=2e-3, rtol=2e-3)

@@ -90,3 +90,27 @@ def test_the_shard_layer_loads_without_torch():
             "print('torch' in sys.modules, 'safetensors' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+DISPATCH = """
+import os, sys
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+import ray
+ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+from crosscoder.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_analysis_goes_to_a_gpu_of_the_ray_cluster_when_this_process_has_none(tmp_path):
+    """A job's driver often runs on a CPU head node: with GPUs in the Ray cluster, the analysis runs
+    as a Ray task on one of them. Here the cluster declares one GPU (no CUDA behind it), so the task
+    is scheduled on it and, finding no CUDA, analyses on the CPU."""
+    run = tmp_path / "run"
+    args = ["run", "--config", str(SYNTHETIC), "--run", str(run), *SMALL]
+    proc = subprocess.run([sys.executable, "-c", DISPATCH, *args], capture_output=True, text=True, timeout=600,
+                          env={k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "analyze: on a GPU of the Ray cluster" in proc.stdout
+    assert "analyze: 1024 tokens;" in proc.stdout and (run / "analysis" / "report.html").is_file()

@@ -1,0 +1,100 @@
+"""The GPU acceptance suite (marker ``gpu``; ``scripts/gpu-check.sh`` runs it with the GPU benchmark).
+
+Skipped, with one line saying why, where CUDA is absent: the same code paths run on the CPU in the
+normal suite (tests/test_device.py checks on the CPU that nothing is created off the model's
+device). What only a GPU shows: NCCL collectives, pinned-memory copies on a side stream, the
+PyTorch sparse path on CUDA (the compiled kernels are CPU-only), bf16 products with fp32
+pre-activations, and models placed or split over GPUs by ``device_map``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ..conftest import small_run_config
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU suite needs one")]
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+
+
+def log(run) -> dict[int, dict]:
+    return {row["step"]: row for row in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())}
+
+
+def exports_close(a, b, rtol: float, atol: float) -> None:
+    from crosscoder import CrossCoder
+
+    ta, tb = CrossCoder.from_pretrained(a).export_tensors(), CrossCoder.from_pretrained(b).export_tensors()
+    for name in ta:
+        assert torch.allclose(ta[name], tb[name], rtol=rtol, atol=atol), name
+
+
+def config(**kw):
+    return small_run_config(**({"steps": 8, "log_every": 1, "checkpoint_every": 4, "dead_tokens": 768,
+                                "latents": 96, "sparse_kernels": "on"} | kw))
+
+
+def test_training_on_cuda_follows_the_cpu_step_by_step(small_shards, tmp_path):
+    """fp32, one process: the same steps on the GPU (the PyTorch sparse path) and on the CPU (the
+    compiled kernels) agree within fp32 reduction order (TF32 is off for matmuls by default)."""
+    from crosscoder.trainer import train
+
+    train(config(device="cpu"), tmp_path / "cpu", data=small_shards, progress=False)
+    train(config(device="cuda"), tmp_path / "cuda", data=small_shards, progress=False)
+    cpu, cuda = log(tmp_path / "cpu"), log(tmp_path / "cuda")
+    for step in cpu:
+        assert np.isclose(cuda[step]["loss"]["total"], cpu[step]["loss"]["total"], rtol=1e-4), step
+        assert cuda[step]["l0"] == pytest.approx(cpu[step]["l0"], rel=1e-3), step
+    exports_close(tmp_path / "cpu" / "crosscoder", tmp_path / "cuda" / "crosscoder", rtol=1e-3, atol=1e-5)
+
+
+@two_gpus
+def test_two_gpus_latent_parallel_zero3_over_nccl_equal_one_gpu(ray_cluster_gpu, small_shards, tmp_path):
+    from crosscoder.ray_train import train_distributed
+    from crosscoder.trainer import train
+
+    train(config(device="cuda"), tmp_path / "one", data=small_shards, progress=False)
+    result = train_distributed(config(device="cuda", workers=2, latent_parallel=2, zero_stage=3), tmp_path / "two",
+                               small_shards, progress=False)
+    assert result.comm_bytes > 0
+    one, two = log(tmp_path / "one"), log(tmp_path / "two")
+    for step in one:
+        assert np.isclose(two[step]["loss"]["total"], one[step]["loss"]["total"], rtol=1e-4), step
+    exports_close(tmp_path / "one" / "crosscoder", tmp_path / "two" / "crosscoder", rtol=1e-3, atol=1e-5)
+
+
+def test_bf16_trains_200_steps_with_a_finite_falling_loss(ray_cluster_gpu, small_shards, tmp_path):
+    from crosscoder.ray_train import train_distributed
+
+    cfg = config(device="cuda", workers=1, precision="bf16", steps=200, checkpoint_every=100, log_every=10)
+    train_distributed(cfg, tmp_path / "run", small_shards, progress=False)
+    losses = [row["loss"]["total"] for row in log(tmp_path / "run").values()]
+    assert all(np.isfinite(losses)) and np.mean(losses[-3:]) < 0.5 * losses[0]
+
+
+@two_gpus
+def test_a_model_split_over_two_gpus_harvests_the_cpu_activations(tmp_path):
+    from crosscoder.config import RunConfig, to_dict
+    from crosscoder.documents import Chunk
+    from crosscoder.harvest import ShardHarvester
+    from crosscoder.random_pair import make_pair
+
+    base, chat = make_pair(tmp_path / "models", hidden=64, layers=4)
+    chunks = [Chunk(doc, 0, 0, list(range(10 + doc, 10 + doc + 5 + doc)), True) for doc in range(6)]
+    acts = {}
+    for name, gpus, extra in (("cpu", 0, {}), ("split", 2, {"device_map": "balanced"})):
+        cfg = RunConfig()
+        cfg.harvest.models = [{"name": "base", "path": base} | extra, {"name": "chat", "path": chat} | extra]
+        cfg.harvest.hooks, cfg.harvest.output, cfg.harvest.gpus_per_actor = ["model.layers.2"], str(tmp_path / name), gpus
+        harvester = ShardHarvester(to_dict(cfg))
+        if gpus:
+            devices = {p.device for p in harvester.readers["base"].model.parameters()}
+            assert len(devices) == 2, devices  # really split over the two GPUs
+        out, _, _ = harvester.activations([c.tokens for c in chunks])
+        acts[name] = out.float().cpu()
+    assert torch.allclose(acts["split"], acts["cpu"], atol=2e-3, rtol=2e-3)

@@ -1,0 +1,154 @@
+"""Device cleanliness, checked on the CPU: our code creates no tensor without saying on which device.
+
+A tensor made with ``torch.zeros(n)`` lands on the CPU whatever device the model is on; on a GPU the
+first operation mixing it with the model's tensors fails (or, for a collective, NCCL refuses it).
+On a CPU-only machine nothing fails, so these tests run a training step (one process, and two real
+gloo ranks with DeepSpeed) and a harvest batch under a torch function mode that records every
+factory call (``zeros``, ``full``, ``tensor``, ``randn``, …) made from the ``crosscoder`` package
+without an explicit ``device``. What only a GPU run shows (NCCL itself, pinned-memory copies,
+kernels that differ by device) is in tests/gpu/ (README, "Running on GPUs").
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .conftest import free_port, small_run_config
+
+PACKAGE = str(Path(__file__).resolve().parents[1] / "crosscoder") + os.sep
+FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.tensor, torch.as_tensor, torch.arange,
+             torch.randn, torch.rand, torch.randint, torch.eye, torch.linspace, torch.scalar_tensor}
+
+
+class ExplicitDevices(TorchFunctionMode):
+    """Records ``file:line function`` of every factory call from the package without ``device=``."""
+
+    def __init__(self):
+        super().__init__()
+        self.violations: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in FACTORIES and kwargs.get("device") is None:
+            frame = sys._getframe(1)
+            while frame is not None and not frame.f_code.co_filename.startswith(PACKAGE) \
+                    and f"{os.sep}torch{os.sep}" in frame.f_code.co_filename:
+                frame = frame.f_back
+            if frame is not None and frame.f_code.co_filename.startswith(PACKAGE):
+                where = frame.f_code.co_filename[len(PACKAGE):]
+                self.violations.add(f"{where}:{frame.f_lineno} torch.{func.__name__}")
+        return func(*args, **kwargs)
+
+
+def test_the_mode_catches_a_factory_call_without_a_device():
+    mode = ExplicitDevices()
+    with mode:
+        from crosscoder.dead import DeadLatentTracker
+
+        DeadLatentTracker((1, 4), 10, device="cpu")
+    assert not mode.violations
+    import crosscoder.dead as dead
+
+    code = compile("def leak():\n    return torch.zeros(3)\n", dead.__file__, "exec")
+    namespace = {"torch": torch}
+    exec(code, namespace)  # a function whose code lives in the package, as a regression would
+    with mode:
+        namespace["leak"]()
+    assert mode.violations == {"dead.py:2 torch.zeros"}
+
+
+@pytest.mark.parametrize("arch, activation", [("acausal", "batchtopk"), ("acausal", "topk"), ("aligned", "topk"),
+                                              ("acausal", "relu")])
+def test_a_training_step_in_one_process_names_every_device(small_shards, tmp_path, arch, activation):
+    from crosscoder.trainer import train
+
+    cfg = small_run_config(arch=arch, activation=activation, steps=2, checkpoint_every=1, sparse_kernels="on",
+                           dead_tokens=200, device="cpu")
+    mode = ExplicitDevices()
+    with mode:
+        train(cfg, tmp_path / "run", data=small_shards, progress=False)
+        train(cfg, tmp_path / "run2", data=small_shards, progress=False, stop_after=1)
+        cfg.train.steps = 3
+        train(cfg, tmp_path / "run2", data=small_shards, progress=False)  # resumed
+    assert not mode.violations, sorted(mode.violations)
+
+
+RANK = """
+import os, sys, json
+os.environ["DS_ACCELERATOR"] = "cpu"
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+from tests.test_device import ExplicitDevices
+from tests.conftest import small_run_config
+from crosscoder.deepspeed_backend import DeepSpeedBackend
+from crosscoder.trainer import train
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+cfg = small_run_config(steps=2, checkpoint_every=1, sparse_kernels="on", dead_tokens=200, workers=2,
+                       latent_parallel=2, zero_stage={stage}, device="cpu")
+mode = ExplicitDevices()
+with mode:
+    train(cfg, {run!r}, data={data!r}, progress=False, backend=DeepSpeedBackend(cfg))
+print("VIOLATIONS " + json.dumps(sorted(mode.violations)))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_two_deepspeed_ranks_name_every_device(small_shards, tmp_path, stage):
+    code = RANK.format(root=str(Path(__file__).resolve().parents[1]), port=free_port(), stage=stage,
+                       run=str(tmp_path / "run"), data=small_shards)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(rank)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "LOCAL_RANK": str(rank), "RANK": str(rank),
+                                              "WORLD_SIZE": "2"}) for rank in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-3000:]
+        line = next(line for line in out.splitlines() if line.startswith("VIOLATIONS "))
+        assert line == "VIOLATIONS []", line
+    assert (tmp_path / "run" / "crosscoder" / "model.safetensors").is_file()
+
+
+def test_a_harvest_batch_names_every_device(tmp_path):
+    from crosscoder.config import RunConfig, to_dict
+    from crosscoder.harvest import ShardHarvester
+    from crosscoder.random_pair import make_pair
+
+    base, chat = make_pair(tmp_path / "models", hidden=32, layers=3)
+    cfg = RunConfig()
+    cfg.harvest.models = [{"name": "base", "path": base}, {"name": "chat", "path": chat}]
+    cfg.harvest.hooks = ["model.layers.1"]
+    cfg.harvest.output = str(tmp_path / "shards")
+    harvester = ShardHarvester(to_dict(cfg))
+    mode = ExplicitDevices()
+    with mode:
+        acts, ids, norms = harvester.activations([[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15]])
+    assert acts.shape[0] == 3 and len(ids[1]) == 3
+    assert not mode.violations, sorted(mode.violations)
+
+
+def test_cuda_asked_for_on_a_machine_without_it_is_one_line_and_auto_falls_back(small_shards, tmp_path, capsys):
+    from crosscoder.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal is for machines without it")
+    args = ["train", "--run", str(tmp_path / "run"), "--data", small_shards, "--quiet", "--train.latents", "64",
+            "--train.batch_size", "256", "--train.steps", "2", "--train.k", "4"]
+    assert main([*args, "--train.device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        f"crosscoder: config error: train.device = 'cuda', but this machine has no CUDA device (torch "
+        f"{torch.__version__}); use auto or cpu"]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert main([*args, "--train.device", "auto"]) == 0
+    captured = capsys.readouterr()
+    assert "train.device: auto -> cpu (no CUDA device in this process)" in captured.err
+    assert "step 2:" in captured.out
