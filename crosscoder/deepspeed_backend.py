@@ -99,6 +99,9 @@ class DeepSpeedBackend:
         return (run_dir / "checkpoints" / "latest").is_file()
 
     def setup(self, model: CrossCoder) -> None:
+        from .builds import use_for_torch_extensions
+
+        use_for_torch_extensions()  # DeepSpeed's CPU comm op: this install's build, no stale-lock wait
         import deepspeed
 
         self.model = model

@@ -28,8 +28,9 @@ so selections agree bit for bit; sums run in another order than PyTorch's, so gr
 within float rounding (tests/test_model.py checks both against the PyTorch path).
 
 What it costs: a C++ compiler at first use. The module is built once by
-``torch.utils.cpp_extension.load`` into ``$TORCH_EXTENSIONS_DIR`` (scripts/install.sh builds it,
-so tests and workers find it cached), with AVX2 and FMA where the CPU has them (measured on this
+``torch.utils.cpp_extension.load`` into this install's own directory (builds.py: named by a hash
+of its source and flags; scripts/install.sh builds it, so tests and workers only load it), with
+AVX2 and FMA where the CPU has them (measured on this
 machine's EPYC: the kernels 13–22% faster than the x86-64 baseline build, same selections;
 the CPU image carries both builds). Without a compiler, or with ``CROSSCODER_NATIVE=0``, the
 pure PyTorch path in kernels.py/sparsity.py runs instead (same results, slower; one warning).
@@ -66,9 +67,16 @@ def module():
     try:
         from torch.utils.cpp_extension import load
 
+        from .builds import clear_stale_locks, extensions_dir, source_key
+
         name, flags = _target()
-        _module = load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *flags],
-                       extra_ldflags=["-fopenmp"], verbose=False)
+        cflags = ["-O3", "-fopenmp", *flags]
+        name = f"{name}_{source_key(SOURCE.read_bytes(), *cflags)}"  # a changed source or flag is a new build
+        build = extensions_dir() / name
+        build.mkdir(exist_ok=True)
+        clear_stale_locks(build)
+        _module = load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+                       build_directory=str(build), verbose=False)
     except Exception as error:  # no compiler, no ninja, a broken toolchain: the PyTorch path still works
         log.warning("compiled CPU kernels unavailable (%s: %s); using the PyTorch path, which is slower",
                     type(error).__name__, str(error).splitlines()[0] if str(error) else "")

@@ -14,12 +14,8 @@ PIP=".venv/bin/python -m pip"
 $PIP install --quiet --disable-pip-version-check "torch==2.13.0"
 DS_BUILD_OPS=0 DS_ACCELERATOR=cpu $PIP install --quiet --disable-pip-version-check -r requirements.txt
 $PIP install --quiet --disable-pip-version-check --no-deps -e .
-.venv/bin/python - <<'PY'
-import torch
-assert torch.__version__.startswith("2.13.0"), f"torch was replaced: {torch.__version__}"
-# build the compiled CPU kernels once (cached in $TORCH_EXTENSIONS_DIR); without a C++ compiler the
-# slower PyTorch path is used and this says so
-from crosscoder import native
-status = "compiled CPU kernels built" if native.module() is not None else "WARNING: compiled CPU kernels not built (no C++ compiler?)"
-print(f"crosscoder installed in .venv (torch {torch.__version__}); {status}")
-PY
+.venv/bin/python -c 'import torch; assert torch.__version__.startswith("2.13.0"), f"torch was replaced: {torch.__version__}"'
+# compiled code, built once into this venv (crosscoder/builds.py): our CPU kernels (without a C++
+# compiler the slower PyTorch path runs, and this says so) and DeepSpeed's CPU comm op
+.venv/bin/python -m crosscoder.builds
+echo "crosscoder installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

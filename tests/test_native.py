@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,7 +49,9 @@ def test_baseline_and_vector_builds_give_the_same_results(tmp_path, monkeypatch)
         outputs[isa] = torch.load(tmp_path / isa)
     auto, baseline = outputs["auto"], outputs["baseline"]
     monkeypatch.setenv("CROSSCODER_NATIVE_ISA", "auto")  # what "auto" picks here, even when this run forces baseline
-    assert baseline["name"] == "crosscoder_sparse_cpu" and auto["name"] == native._target()[0]
+    # each build is named by its target and a hash of its source and flags (builds.py)
+    assert baseline["name"].startswith("crosscoder_sparse_cpu_") and "avx2" not in baseline["name"]
+    assert auto["name"].startswith(native._target()[0] + "_")
     assert all(torch.equal(a, b) for a, b in zip(auto["scores"], baseline["scores"]))
     assert len(auto["scores"][0]) > 1000 and torch.equal(auto["topk"], baseline["topk"])
     for key in ("dot", "rows", "sums"):
@@ -245,3 +248,50 @@ def test_gradient_memory_is_reused_only_when_nobody_holds_the_last_gradient():
     accumulated = grads(fresh)
     for name, grad in grads(model).items():
         assert torch.allclose(grad, accumulated[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_a_stale_build_lock_is_removed_and_a_live_one_waited_on_within_a_bound(tmp_path, capsys):
+    """crosscoder/builds.py: a lock left by a killed build (older than a build takes) is removed with
+    a message; a lock of a build in progress is waited on until it goes; one that never goes is
+    treated as stale once it passes the bound, never waited on forever."""
+    import threading
+    import time
+
+    from crosscoder.builds import clear_stale_locks
+
+    stale = tmp_path / "ext" / "lock"
+    stale.parent.mkdir()
+    stale.touch()
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    clear_stale_locks(tmp_path, stale_after_s=600)
+    assert not stale.exists() and "removing the stale build lock" in capsys.readouterr().err
+    live = tmp_path / "ext" / "lock"
+    live.touch()
+    threading.Timer(1.5, live.unlink).start()  # the other build finishes
+    started = time.time()
+    clear_stale_locks(tmp_path, stale_after_s=600)
+    assert 1.0 < time.time() - started < 10 and "waiting for a build in progress" in capsys.readouterr().err
+    live.touch()  # a build that hangs: taken as stale at the bound
+    started = time.time()
+    clear_stale_locks(tmp_path, stale_after_s=3)
+    assert not live.exists() and time.time() - started < 10
+
+
+def test_the_kernels_load_through_a_stale_lock_in_a_fresh_install_directory(tmp_path):
+    """A build killed midway leaves its lock; the next process that loads the kernels removes it and
+    builds, instead of waiting on it forever (as torch's own cache did)."""
+    import time
+
+    env = {**os.environ, "CROSSCODER_EXTENSIONS_DIR": str(tmp_path)}
+    code = ("from crosscoder import native\nfrom crosscoder.builds import extensions_dir, source_key\n"
+            "name, flags = native._target()\n"
+            "print(extensions_dir() / (name + '_' + source_key(native.SOURCE.read_bytes(), '-O3', '-fopenmp', *flags)))")
+    build = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    lock = Path(build.strip()) / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    proc = subprocess.run([sys.executable, "-c", "from crosscoder import native; assert native.module() is not None"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"removing the stale build lock {lock}" in proc.stderr and not lock.exists()

@@ -48,6 +48,29 @@ def timed(fn, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def _step(method: str, spec: CrossCoderSpec, x: torch.Tensor, tracker: DeadLatentTracker, weights: LossWeights,
+          dtype: torch.dtype):
+    """One method's step as a closure over its own model, optimizer and buffer."""
+    model = CrossCoder(spec, dec_init_norm=0.5, sparse_kernels=method != "dense", device=x.device).to(dtype)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+    buffer = torch.empty(x.shape[0], spec.latents, device=x.device, dtype=torch.float32)
+
+    def step():
+        if method == "floor":
+            with torch.no_grad():
+                if dtype == torch.float32:
+                    torch.mm(x, model.W_enc, out=buffer)
+                else:
+                    torch.mm(x, model.W_enc, out_dtype=torch.float32, out=buffer)
+            return
+        opt.zero_grad(set_to_none=True)
+        _, loss, _ = forward_and_loss(model, x, tracker.dead, weights)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def training_step(d: int, latents: int, k: int, batch: int, dtype: torch.dtype, repeats: int) -> dict:
     device = torch.device("cuda")
     spec = CrossCoderSpec(["base", "chat"], [d, d], latents, k=k)
@@ -59,25 +82,8 @@ def training_step(d: int, latents: int, k: int, batch: int, dtype: torch.dtype, 
     out = {}
     for method in ("ours", "dense", "floor"):
         torch.cuda.reset_peak_memory_stats()
-        model = CrossCoder(spec, dec_init_norm=0.5, sparse_kernels=method != "dense", device=device).to(dtype)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
-        buffer = torch.empty(batch, latents, device=device, dtype=torch.float32 if dtype != torch.float32 else dtype)
-
-        def step():
-            if method == "floor":
-                with torch.no_grad():
-                    if dtype == torch.float32:
-                        torch.mm(x, model.W_enc, out=buffer)
-                    else:
-                        torch.mm(x, model.W_enc, out_dtype=torch.float32, out=buffer)
-                return
-            opt.zero_grad(set_to_none=True)
-            _, loss, _ = forward_and_loss(model, x, tracker.dead, weights)
-            loss.backward()
-            opt.step()
-
-        out[method] = {"seconds": timed(step, repeats), "peak_bytes": torch.cuda.max_memory_allocated()}
-        del model, opt, buffer
+        out[method] = {"seconds": timed(_step(method, spec, x, tracker, weights, dtype), repeats),
+                       "peak_bytes": torch.cuda.max_memory_allocated()}
         torch.cuda.empty_cache()
     out["ours_over_floor"] = out["ours"]["seconds"] / out["floor"]["seconds"]
     out["dense_over_ours"] = out["dense"]["seconds"] / out["ours"]["seconds"]

@@ -1,0 +1,118 @@
+"""Compiled code: built once per install, loaded by every process, never waited on forever.
+
+Two things are compiled with ``torch.utils.cpp_extension``: our CPU kernels (native.py) and
+DeepSpeed's shared-memory all-reduce op (``deepspeed_shm_comm``, built by DeepSpeed's CPU accelerator
+when a process group starts). By default torch builds both into one cache per user
+(``~/.cache/torch_extensions``), shared by every checkout and virtual environment: a load from
+another venv rebuilds in place while every other process waits, and a build killed midway leaves a
+``lock`` file that every later build waits on, silently, forever.
+
+Here every build goes into a directory owned by the install (``<venv>/var/crosscoder-extensions/
+<python>-<torch>``; ``CROSSCODER_EXTENSIONS_DIR`` overrides it), and our module's name carries a hash
+of its source, flags and torch version, so two installs never share or rebuild each other's code.
+``scripts/install.sh`` builds both (``python -m crosscoder.builds``), so Ray workers only load them.
+Before any load, a lock is examined: one older than a build can take (``STALE_AFTER_S``) is
+removed with a warning naming it; a younger one is waited on with a message every 30 s, and
+treated as stale once it is older than that bound. The cost: one more directory per venv (~10 MB).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+STALE_AFTER_S = 600.0  # a build takes under a minute here; ten leave room for a loaded machine
+REPORT_EVERY_S = 30.0
+
+
+def extensions_dir() -> Path:
+    """This install's build directory for compiled extensions (created)."""
+    override = os.environ.get("CROSSCODER_EXTENSIONS_DIR")
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    root = Path(override) if override else Path(sys.prefix) / "var" / "crosscoder-extensions"
+    where = root / f"{python}-torch{torch.__version__}"
+    where.mkdir(parents=True, exist_ok=True)
+    return where
+
+
+def source_key(*parts: str | bytes) -> str:
+    """A short hash of what a build depends on: sources, flags, torch version."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else part.encode())
+    return digest.hexdigest()[:12]
+
+
+def clear_stale_locks(directory: Path, stale_after_s: float = STALE_AFTER_S, sleep=time.sleep) -> None:
+    """Wait for (with a message) or remove the build locks under ``directory``; returns when none is left.
+
+    A lock is a build in progress in another process, or the leftover of one that was killed: a lock
+    older than ``stale_after_s`` is the latter and is removed with a warning; a younger one is waited
+    on until it goes or grows that old.
+    """
+    waited = 0.0
+    while True:
+        locks = [p for p in Path(directory).glob("**/lock") if p.is_file()]
+        if not locks:
+            return
+        now = time.time()
+        young = []
+        for lock in locks:
+            try:
+                age = now - lock.stat().st_mtime
+            except FileNotFoundError:
+                continue  # the build finished meanwhile
+            if age >= stale_after_s:
+                log.warning("removing the stale build lock %s (%.0f s old: left by a build that was killed)",
+                            lock, age)
+                print(f"crosscoder: removing the stale build lock {lock} ({age:.0f} s old)", file=sys.stderr)
+                lock.unlink(missing_ok=True)
+            else:
+                young.append((lock, age))
+        if not young:
+            return
+        if waited % REPORT_EVERY_S == 0:
+            lock, age = young[0]
+            print(f"crosscoder: waiting for a build in progress ({lock}, {age:.0f} s old; taken as stale at "
+                  f"{stale_after_s:.0f} s)", file=sys.stderr)
+        sleep(1.0)
+        waited += 1.0
+
+
+def use_for_torch_extensions() -> Path:
+    """Point torch's JIT builds in this process (DeepSpeed's ops) at this install's directory,
+    after clearing stale locks there; returns the directory."""
+    where = extensions_dir() / "torch"
+    where.mkdir(exist_ok=True)
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(where)
+    clear_stale_locks(where)
+    return where
+
+
+def build_all() -> None:
+    """What scripts/install.sh runs: our kernels for this CPU and DeepSpeed's CPU comm op."""
+    from . import native
+
+    status = "built" if native.module() is not None else "NOT built (no C++ compiler?), the PyTorch path will run"
+    print(f"compiled CPU kernels: {status} in {extensions_dir()}")
+    use_for_torch_extensions()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        from deepspeed.comm.torch import build_shm_op
+
+        op = build_shm_op()
+        print(f"DeepSpeed's CPU comm op: {'built' if op is not None else 'not needed here'} in "
+              f"{os.environ['TORCH_EXTENSIONS_DIR']}")
+    except Exception as error:  # noqa: BLE001 - DeepSpeed then builds it at its first process group
+        print(f"DeepSpeed's CPU comm op not built ({type(error).__name__}: {error}); DeepSpeed builds it on first use")
+
+
+if __name__ == "__main__":
+    build_all()
