@@ -76,6 +76,19 @@ def cmd_compare(runs: list[str]) -> int:
     return 0
 
 
+def cmd_validate(args) -> int:
+    """Check a dataset: manifest, shard sizes (one listing), and with --full every shard's sha256."""
+    from .config import StorageConfig
+    from .shards import validate
+    from .storage import open_root
+
+    manifest = validate(open_root(args.root, StorageConfig(endpoint_url=args.endpoint_url or "")), full=args.full,
+                        progress=not args.quiet)
+    what = "sizes and sha256 of every shard" if args.full else "sizes of every shard (--full also checks their sha256)"
+    print(f"{args.root}: {len(manifest.shards)} shards, {manifest.tokens} tokens; {what} match the manifest")
+    return 0
+
+
 def cmd_tiny(args) -> int:
     from . import random_pair
 
@@ -143,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Print, for each run directory, its latent classes and how many exclusive "
                          "latents Latent Scaling flags (e.g. an L1 and a BatchTopK crosscoder on the same shards).")
     cmp.add_argument("runs", nargs="+", help="run directories with analysis/summary.json")
+    val = sub.add_parser("validate", help="check a shard dataset against its manifest",
+                         description="Check a shard root: its manifest and every shard's size, from one listing; "
+                         "with --full, every shard's sha256 and samples too (reads them all).")
+    val.add_argument("root", help="shard root: a path, file://… or s3://bucket/prefix")
+    val.add_argument("--full", action="store_true", help="also read every shard and check its sha256")
+    val.add_argument("--endpoint-url", help="S3 endpoint (MinIO, moto, …); default AWS_ENDPOINT_URL or AWS")
+    val.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -161,9 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         for key, default, help_text in describe(RunConfig):
             print(f"{key:32s} {default:24s} {help_text}")
         return 0
-    if args.command == "tiny":
-        return cmd_tiny(args)
     try:
+        if args.command == "tiny":
+            return cmd_tiny(args)
+        if args.command == "validate":
+            return cmd_validate(args)
         return run_command(args, rest)
     except ConfigError as e:
         print(f"crosscoder: config error: {e}", file=sys.stderr)
@@ -174,13 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one clear line for expected failures
         from .analysis import AnalysisError
         from .documents import DataError
+        from .harvest import HarvestError
         from .language_models import ModelError
+        from .ray_connect import CodeMismatch
         from .shards import ShardError
         from .storage import StorageError
-        from .trainer import RunDirError, TrainingDiverged
+        from .stream import DataExhausted
+        from .trainer import RunDirError, TrainingDiverged, TrainingFailed
 
         if isinstance(e, (AnalysisError, ShardError, StorageError, RunDirError, TrainingDiverged, FileNotFoundError,
-                          DataError, ModelError)):
+                          DataError, ModelError, HarvestError, TrainingFailed, DataExhausted, CodeMismatch)):
             print(f"crosscoder: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
         raise

@@ -69,6 +69,9 @@ class HarvestConfig:
     output: str = opt("", "shard root: a path, file://… or s3://bucket/prefix")
     actors: int = opt(2, "number of Ray harvest actors", ge=1)
     cpus_per_actor: float = opt(1.0, "CPUs reserved by each actor", gt=0)
+    memory_per_actor: float = opt(
+        0.0, "GiB of memory each actor reserves, so Ray schedules actors within a node's memory; 0 = estimated "
+        "from the models' weight files (+1 GiB), or none for hub ids", ge=0)
     gpus_per_actor: float = opt(0.0, "GPUs reserved by each actor (a model larger than one is split with device_map)",
                                 ge=0)
     tokens: int = opt(1_000_000, "stop after this many harvested tokens", ge=1)
@@ -172,6 +175,9 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = opt(
         "fp32", "distributed trainer: fp32 | bf16 (DeepSpeed mixed precision; on a CPU without bf16 GEMM units "
         "the dense products run in fp32, see precision.py)")
+    memory_per_worker: float = opt(
+        0.0, "distributed trainer: GiB of memory each worker reserves (Ray schedules within a node); 0 = estimated "
+        "from the dictionary, batch and optimizer state", ge=0)
     max_failures: int = opt(
         2, "distributed trainer: Ray Train restarts after a worker failure (resuming from the last checkpoint)", ge=0)
     device: Device = opt(

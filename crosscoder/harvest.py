@@ -23,7 +23,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,10 @@ import torch
 from tqdm import tqdm
 
 from . import faults
-from .config import RunConfig, from_dict, to_dict
-from .documents import Chunk, check_same_tokenizer, plan_chunks, read_documents
-from .language_models import ActivationReader, ModelSpec, load_tokenizer, load_trunk
-from .ray_connect import connect
+from .config import ConfigError, RunConfig, from_dict, to_dict
+from .documents import Chunk, DataError, check_same_tokenizer, plan_chunks, read_documents
+from .language_models import ActivationReader, ModelError, ModelSpec, load_tokenizer, load_trunk
+from .ray_connect import CodeMismatch, check_code, code_fingerprint, connect, first_line, memory_request
 from .shards import (
     Manifest,
     ManifestMissing,
@@ -47,7 +47,7 @@ from .shards import (
     shard_name,
     write_manifest,
 )
-from .storage import Root, absolute_url, open_root
+from .storage import Root, StorageError, absolute_url, open_root
 from .telemetry import HarvestMetrics
 
 
@@ -75,7 +75,8 @@ class ShardHarvester:
     go to pinned host memory without blocking, and are written while the next batch runs.
     """
 
-    def __init__(self, config: dict, actor_index: int = 0):
+    def __init__(self, config: dict, actor_index: int = 0, code: str | None = None):
+        check_code(code, f"harvest actor {actor_index}")
         self.cfg = from_dict(RunConfig, config)
         hc = self.cfg.harvest
         self.device = "cuda" if hc.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
@@ -91,17 +92,17 @@ class ShardHarvester:
         self.root = open_root(hc.output, self.cfg.storage)
         self.metrics = HarvestMetrics(self.cfg.metrics.port, actor_index, host=self.cfg.metrics.host)
 
-    def activations(self, tokens: list[list[int]]) -> tuple[torch.Tensor, list[np.ndarray], torch.Tensor]:
+    def activations(self, tokens: list) -> tuple[torch.Tensor, list[np.ndarray], torch.Tensor]:
         """For chunks of any lengths: acts [B, T, D] on the models' device (sources concatenated,
         stored dtype; rows past a chunk's length are padding), the stored token ids (BOS excluded
         unless kept), and per source the sum of the real tokens' activation norms [S] (float64)."""
         hc = self.cfg.harvest
         prefix = [self.bos] if self.bos is not None else []
-        rows = [prefix + t for t in tokens]
+        rows = [np.concatenate([np.asarray(prefix, dtype=np.int64), np.asarray(t, dtype=np.int64)]) for t in tokens]
         ids = torch.full((len(rows), max(map(len, rows))), self.pad, dtype=torch.long, device="cpu")
         mask = torch.zeros(ids.shape, dtype=torch.long, device="cpu")
         for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long, device="cpu")
+            ids[i, : len(row)] = torch.from_numpy(row)
             mask[i, : len(row)] = 1
         skip = 0 if hc.keep_bos or not prefix else 1
         parts = [act[:, skip:] for spec in self.models for act in self.readers[spec.name].read(ids, mask)]
@@ -159,9 +160,47 @@ class ShardHarvester:
             writer.abort()
             raise
         info.stats = {"norm_sum": torch.as_tensor(norm_sum, device="cpu").tolist()}
+        info.etag = self.root.version_tag(info.name)  # a resume checks this, not the bytes
         seconds = time.time() - started
         self.metrics.shard(info.tokens, seconds)
         return {"index": index, "info": asdict(info), "seconds": seconds}
+
+
+class HarvestError(RuntimeError):
+    """A shard could not be harvested; the message names it and the cause."""
+
+
+PERMANENT = (ModelError, DataError, ShardError, StorageError, ConfigError, CodeMismatch)  # a retry would fail again
+
+
+def give_up_if_permanent(error: BaseException, shard: str) -> None:
+    """Raise at once, without retries, what no retry can mend: our own errors raised in an actor
+    (a missing model, bad data, an unreachable store, mismatched code), and an actor that failed
+    to start for that reason."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, PERMANENT):
+        raise cause
+    if getattr(error, "actor_init_failed", False):
+        raise HarvestError(f"the harvest actor could not start ({first_line(error)}); {shard} was not written")
+
+
+def estimated_actor_memory(models: list[ModelSpec]) -> float:
+    """Bytes an actor needs: its models' weight files, converted to the loaded dtype, and 1 GiB for
+    the rest; 0 (no request) when a model is a hub id whose files are not here."""
+    size = {"float32": 4, "bfloat16": 2, "float16": 2}
+    total = float(2**30)
+    for m in models:
+        where = Path(m.path).expanduser()
+        files = [*where.glob("*.safetensors"), *where.glob("*.bin")]
+        if not files or not (where / "config.json").is_file():
+            return 0
+        config = json.loads((where / "config.json").read_text())
+        stored = size.get(config.get("torch_dtype") or config.get("dtype") or "float32", 4)
+        total += sum(f.stat().st_size for f in files) * size.get(m.dtype, 4) / stored
+    return total
+
+
+MANIFEST_EVERY_S = 60.0  # the manifest is rewritten at most this often during a harvest, and at the end
 
 
 def fingerprint(cfg: RunConfig, n_chunks: int) -> str:
@@ -176,7 +215,8 @@ def fingerprint(cfg: RunConfig, n_chunks: int) -> str:
 
 
 def committed_shards(root: Root, fp: str) -> dict[str, ShardInfo]:
-    """Shards a previous run of the same harvest committed, verified by size and sha256."""
+    """Shards a previous run of the same harvest committed, checked by size and the store's version
+    tag from one listing (a shard recorded without a tag is read and its sha256 checked)."""
     try:
         manifest = read_manifest(root)
     except ManifestMissing:
@@ -187,14 +227,16 @@ def committed_shards(root: Root, fp: str) -> dict[str, ShardInfo]:
             f"{root.url}: holds shards of a different harvest (fingerprint {previous}, this config {fp}); "
             "use another harvest.output or delete it"
         )
+    listed = root.stat_all()
     ok = {}
     for info in manifest.shards:
-        try:
-            data = root.read_bytes(info.name)
-        except FileNotFoundError:
-            continue
-        if len(data) == info.bytes and hashlib.sha256(data).hexdigest() == info.sha256:
+        size, tag = listed.get(info.name, (-1, None))
+        if size != info.bytes:
+            continue  # missing or truncated: redone
+        if info.etag is not None and tag == info.etag:
             ok[info.name] = info
+        elif hashlib.sha256(root.read_bytes(info.name)).hexdigest() == info.sha256:
+            ok[info.name] = replace(info, etag=tag)
     return ok
 
 
@@ -244,8 +286,6 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
 
 def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     """Run (or resume) the harvest described by ``cfg.harvest``; returns the final manifest."""
-    import ray
-
     cfg = with_absolute_paths(cfg)
     hc = cfg.harvest
     if not hc.output:
@@ -272,16 +312,21 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     pending = [n for n in range(len(plan)) if shard_name(n) not in done]
 
     if pending:
-        connect(math.ceil(hc.actors * hc.cpus_per_actor))
+        ray = connect(math.ceil(hc.actors * hc.cpus_per_actor))
         # the driver's storage credentials and settings reach the actors wherever they run
         env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "CROSSCODER_", "HF_"))}
-        Actor: Any = ray.remote(num_cpus=hc.cpus_per_actor, num_gpus=hc.gpus_per_actor, max_restarts=0)(ShardHarvester)
+        n_actors = max(1, min(hc.actors, len(pending)))
+        memory = memory_request(ray, hc.memory_per_actor * 2**30 or estimated_actor_memory(models), n_actors,
+                                "harvest.memory_per_actor")
+        Actor: Any = ray.remote(num_cpus=hc.cpus_per_actor, num_gpus=hc.gpus_per_actor, memory=memory,
+                                max_restarts=0)(ShardHarvester)
         Actor = Actor.options(runtime_env={"env_vars": env} if env else None)
-        config = to_dict(cfg)
-        actors = {i: Actor.remote(config, i) for i in range(max(1, min(hc.actors, len(pending))))}
+        config, code = to_dict(cfg), code_fingerprint()
+        actors = {i: Actor.remote(config, i, code) for i in range(n_actors)}
         queue = list(pending)
         running: dict = {}
         attempts = {n: 0 for n in pending}
+        written = time.time()
         bar = tqdm(total=len(plan), initial=len(done), desc="harvest", unit="shard", disable=not progress,
                    mininterval=1.0)
         try:
@@ -295,20 +340,24 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
                 i, n = running.pop(ref)
                 try:
                     out = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                except ray.exceptions.RayError as error:  # actor or task error, OOM kill, lost node, …
+                    give_up_if_permanent(error, shard_name(n))
                     attempts[n] += 1
                     if attempts[n] > hc.max_retries:
-                        raise RuntimeError(f"shard {shard_name(n)} failed {attempts[n]} times; last error: {e}"
-                                           ) from None
-                    if isinstance(e, ray.exceptions.RayActorError):
-                        actors[i] = Actor.remote(config, i)  # replace the dead actor
+                        raise HarvestError(f"{shard_name(n)} failed {attempts[n]} times (harvest.max_retries = "
+                                           f"{hc.max_retries}); last: {first_line(error)}") from None
+                    if not isinstance(error, ray.exceptions.RayTaskError):  # the actor is gone: replace it
+                        actors[i] = Actor.remote(config, i, code)
                     queue.insert(0, n)
-                    bar.write(f"harvest: {shard_name(n)} will be redone ({type(e).__name__})")
+                    bar.write(f"harvest: {shard_name(n)} will be redone ({type(error).__name__}: "
+                              f"{first_line(error)[:160]})")
                     continue
                 info = ShardInfo(**out["info"])
                 done[info.name] = info
-                write_manifest(root, build_manifest(cfg, sources, widths, list(done.values()), tokenizer.name_or_path,
-                                                    fp, len(plan)))
+                if time.time() - written >= MANIFEST_EVERY_S:  # bounded: not once per shard
+                    write_manifest(root, build_manifest(cfg, sources, widths, list(done.values()),
+                                                        tokenizer.name_or_path, fp, len(plan)))
+                    written = time.time()
                 bar.update(1)
                 bar.set_postfix(tokens=sum(s.tokens for s in done.values()), refresh=False)
         finally:

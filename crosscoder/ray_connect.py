@@ -1,28 +1,106 @@
-"""One way to reach Ray for every command: the cluster at ``RAY_ADDRESS``, or a local one.
+"""One way to reach Ray for every command: the cluster at ``RAY_ADDRESS``, or a local one of our own.
 
-The harvest and the trainer both start Ray when it is not running, and a ``crosscoder run``
-starts it in one and re-uses it in the other, so the two must start the same thing. A local Ray
-gets its dashboard on 127.0.0.1 only: Ray Train's controller monitor reads actor states through
-the dashboard's state API, and without it logs "Failed to query Ray Train Controller actor state"
-every few seconds for the whole run (and could not remove a dead controller's placement group).
-The cost is the dashboard's process, ~100 MiB and a second or two at start-up.
+The harvest, the trainer and the analysis all start Ray when it is not running, and a ``crosscoder
+run`` starts it in one and re-uses it in the others, so they must start the same thing. A local
+Ray started here:
+
+- is reached by its own address: its GCS port is chosen first and ``RAY_ADDRESS`` names it in this
+  process and in every Ray process it starts, so two commands on one host (or two users) each talk
+  to their own Ray; without it, Ray Train's placement-group cleaner finds several instances and
+  fails with "Found multiple active Ray instances" on every distributed run;
+- runs the installed package: its workers get an empty working directory, so Ray does not put the
+  driver's working directory first on their ``sys.path`` (run from another checkout, the workers
+  would import that checkout's ``crosscoder``); :func:`code_fingerprint` is compared on each worker
+  besides (a cluster whose image differs from the driver's code is refused with a message);
+- has its dashboard on 127.0.0.1 only: Ray Train's controller monitor reads actor states through
+  the dashboard's state API and, without it, logs "Failed to query Ray Train Controller actor
+  state" every few seconds. The cost is the dashboard's process, ~100 MiB and a second or two.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import socket
+import sys
+import tempfile
+from pathlib import Path
 from typing import Any
+
+PACKAGE = Path(__file__).resolve().parent
+_started: str | None = None  # the address of the local Ray this process started
+
+
+class CodeMismatch(RuntimeError):
+    """A Ray worker imported other crosscoder code than the driver runs."""
 
 
 def connect(num_cpus: int | None = None):
-    """``ray``, initialised: at ``RAY_ADDRESS`` if set, else a local Ray with at least ``num_cpus``
-    CPUs (the machine's count if more). Does nothing if Ray is already initialised."""
+    """``ray``, initialised: at ``RAY_ADDRESS`` if set (and not a local Ray this process started
+    earlier), else a local Ray with at least ``num_cpus`` CPUs. Does nothing if Ray is initialised."""
+    global _started
     import ray
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        kwargs: dict[str, Any] = {"dashboard_host": "127.0.0.1", "log_to_driver": True, "configure_logging": False}
-        if not address:
-            kwargs["num_cpus"] = max(num_cpus or 0, os.cpu_count() or 1)
+    if ray.is_initialized():
+        return ray
+    address = os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"dashboard_host": "127.0.0.1", "log_to_driver": True, "configure_logging": False}
+    if address and address != _started:
         ray.init(address=address, **kwargs)
+        return ray
+    with socket.socket() as s:  # the GCS port, chosen first so the address is known before the start
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _started = f"127.0.0.1:{port}"
+    os.environ["RAY_ADDRESS"] = _started  # inherited by every process the local Ray starts
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(address="local", num_cpus=max(num_cpus or 0, os.cpu_count() or 1),
+                 runtime_env={"working_dir": tempfile.mkdtemp(prefix="crosscoder-ray-")}, **kwargs)
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
     return ray
+
+
+def code_fingerprint() -> str:
+    """A hash of this process's crosscoder sources (Python and C++), to compare driver and workers."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE.rglob("*")):
+        if path.suffix in (".py", ".cpp", ".toml") and "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(PACKAGE)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def check_code(driver: str | None, where: str) -> None:
+    """Refuse to work when this process's crosscoder differs from the driver's (``driver``: its
+    :func:`code_fingerprint`, or None when the caller did not say)."""
+    if driver is not None and driver != code_fingerprint():
+        raise CodeMismatch(
+            f"{where} on {socket.gethostname()} runs crosscoder from {PACKAGE} (code {code_fingerprint()}), not the "
+            f"driver's (code {driver}): install the same crosscoder on every node and run from a directory that "
+            "holds no other crosscoder checkout")
+
+
+def first_line(error: BaseException) -> str:
+    """The line that says what went wrong: a Ray error's cause, without its traceback."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    said = [line for line in lines if ": " in line and not line.startswith("File ")]
+    line = said[-1] if said else (lines[0] if lines else "")
+    return re.sub(r"^(?:\w+\.)+(?=\w+: )", "", line)  # crosscoder.shards.ShardError: … → ShardError: …
+
+
+def memory_request(ray, wanted: float, count: int, key: str) -> float:
+    """What each of ``count`` actors or workers asks Ray for: ``wanted`` bytes, or the cluster's share
+    when it has less (said once), so the request schedules within a node instead of waiting forever."""
+    if wanted <= 0:
+        return 0
+    available = ray.cluster_resources().get("memory", 0)
+    if available and wanted * count > available:
+        print(f"{key}: {wanted / 2**30:.1f} GiB each does not fit the cluster's {available / 2**30:.1f} GiB for "
+              f"{count}; asking for {available / count / 2**30:.1f} GiB each", file=sys.stderr)
+        return available / count
+    return wanted

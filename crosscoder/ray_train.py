@@ -19,13 +19,16 @@ import sys
 from pathlib import Path
 
 from .config import RunConfig, from_dict, to_dict, validate
-from .ray_connect import connect
-from .trainer import RESULT_FILE, TrainingDiverged, TrainResult
+from .ray_connect import check_code, code_fingerprint, connect, first_line, memory_request
+from .shards import Manifest, ShardError, check_sizes, read_manifest
+from .stream import DataExhausted
+from .trainer import RESULT_FILE, TrainingDiverged, TrainingFailed, TrainingStopped, TrainResult, spec_from
 
 
 def train_worker(config: dict) -> None:
     """Entry point of every rank (``config``: run config dict, run_dir, data, ...)."""
     os.environ.update(config["env"])
+    check_code(config["code"], "training worker")
     cfg = from_dict(RunConfig, config["config"])  # train.device resolved by the driver: cpu or cuda
     os.environ["DS_ACCELERATOR"] = cfg.train.device  # read when DeepSpeed is imported: never CPU on a GPU
     import torch
@@ -42,8 +45,22 @@ def train_worker(config: dict) -> None:
     try:
         train(cfg, config["run_dir"], config["data"], progress=config["progress"], stop_after=config["stop_after"],
               backend=DeepSpeedBackend(cfg, device))
-    except TrainingDiverged:
-        pass  # rank 0 wrote it to the result file; a retry would diverge again
+    except (TrainingDiverged, ShardError, DataExhausted, TrainingStopped):
+        pass  # written to the result file, which the driver reads: a retry would stop the same way
+
+
+def estimated_worker_memory(cfg: RunConfig, manifest: Manifest) -> float:
+    """Bytes a worker needs: its slice of the dictionary with gradient and Adam state (and bf16
+    copies), its encoder product, its shuffle window and prefetch, and 1.5 GiB for torch, DeepSpeed
+    and Ray."""
+    tc = cfg.train
+    spec = spec_from(tc, manifest)
+    data_parallel = tc.workers // tc.latent_parallel
+    params = (2 * spec.width + spec.groups) * spec.latents / tc.latent_parallel
+    per_param = 16 + (6 if tc.precision == "bf16" else 0)  # weights, gradient, two moments (+ bf16 copies)
+    product = 2 * 4 * tc.batch_size / data_parallel * spec.groups * spec.latents / tc.latent_parallel
+    window = 3 * tc.shuffle_samples * max(manifest.seq_len, 1) * spec.width * 4
+    return params * per_param + product + window + 1.5 * 2**30
 
 
 def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: bool = True,
@@ -53,7 +70,6 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: 
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .shards import read_manifest
     from .storage import absolute_url, open_root
 
     validate(cfg)  # a setting the workers would reject fails here, once, not per retry
@@ -61,7 +77,9 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: 
     tc = cfg.train
     run_dir = Path(run_dir).absolute()
     data = absolute_url(data)  # workers run in other working directories
-    read_manifest(open_root(data, cfg.storage))  # a missing dataset fails here, once, not per retry
+    root = open_root(data, cfg.storage)
+    manifest = read_manifest(root)  # a missing dataset or shard fails here, once, not per retry
+    check_sizes(root, manifest)
     run_dir.mkdir(parents=True, exist_ok=True)
     ray = connect(max(tc.workers, 1))
     if tc.device == "auto":  # explicit cuda is not checked: an autoscaler may add GPU nodes
@@ -70,23 +88,29 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: 
         print(f"train.device: auto -> {tc.device} ({gpus:g} GPUs in the Ray cluster for {tc.workers} workers)",
               file=sys.stderr)
     cuda = tc.device == "cuda"
+    memory = memory_request(ray, tc.memory_per_worker * 2**30 or estimated_worker_memory(cfg, manifest), tc.workers,
+                            "train.memory_per_worker")
+    resources = {"CPU": 1} | ({"memory": memory} if memory else {})
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "data": data,
                            "stop_after": stop_after, "progress": progress,
                            # the package's own switches (CROSSCODER_*: kernels, precision path, fault
                            # tests) reach workers of a cluster started before they were set
-                           "env": {k: v for k, v in os.environ.items() if k.startswith("CROSSCODER_")}},
+                           "env": {k: v for k, v in os.environ.items() if k.startswith("CROSSCODER_")},
+                           "code": code_fingerprint()},
         torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
-        scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=cuda, resources_per_worker={"CPU": 1}),
+        scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=cuda, resources_per_worker=resources),
         run_config=RayRunConfig(name=f"crosscoder-{cfg.name}", storage_path=str(run_dir / "ray"),
                                 failure_config=FailureConfig(max_failures=tc.max_failures)),
     )
     (run_dir / RESULT_FILE).unlink(missing_ok=True)
     result = trainer.fit()
     if result.error:
-        raise result.error
-    finished = TrainResult.read(run_dir)  # raises TrainingDiverged when the ranks stopped on a NaN
+        TrainResult.read(run_dir)  # a stop the workers recorded (a NaN, a corrupt shard) says it best
+        raise TrainingFailed(f"the workers failed after train.max_failures = {tc.max_failures} restarts: "
+                             f"{first_line(result.error)}")
+    finished = TrainResult.read(run_dir)  # raises TrainingDiverged, ShardError, … when the ranks stopped
     if finished is None:
         raise RuntimeError(f"{run_dir}: the workers finished without writing {RESULT_FILE}")
     return finished

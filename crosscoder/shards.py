@@ -62,6 +62,7 @@ class ShardInfo:
     bytes: int
     sha256: str
     stats: dict | None = None  # e.g. {"norm_sum": [...]}: per-source Σ‖x‖, for normalisation scales
+    etag: str | None = None  # the store's version tag at commit (Root.stat_all): resume checks it, no download
 
 
 @dataclass
@@ -335,6 +336,31 @@ def parse_shard(data: bytes, manifest: Manifest, where: str) -> list[Sample]:
             )
         out.append(Sample(key, tokens, acts, meta))
     return out
+
+
+def check_sizes(root: Root, manifest: Manifest) -> None:
+    """Every shard the manifest lists is there with its size, from one listing (no download);
+    raises ShardError naming the missing or truncated shards and what to do."""
+    listed = root.stat_all()
+    bad = [f"{s.name} ({'missing' if s.name not in listed else f'{listed[s.name][0]} bytes, manifest says {s.bytes}'})"
+           for s in manifest.shards if s.name not in listed or listed[s.name][0] != s.bytes]
+    if bad:
+        raise ShardError(f"{root.url}: {len(bad)} of {len(manifest.shards)} shards are missing or truncated: "
+                         f"{', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}; re-run the harvest to redo them "
+                         "(`crosscoder validate ROOT --full` checks every shard's sha256)")
+
+
+def validate(root: Root, full: bool = False, progress: bool = True) -> Manifest:
+    """Check a dataset: the manifest, every shard's size (one listing) and, with ``full``, every
+    shard's sha256 and samples (reads them all, with a progress bar). Raises ShardError."""
+    from tqdm import tqdm
+
+    manifest = read_manifest(root)
+    check_sizes(root, manifest)
+    if full:
+        for info in tqdm(manifest.shards, desc="validate", unit="shard", disable=not progress):
+            read_shard(root, info, manifest, verify=True)
+    return manifest
 
 
 def iter_samples(root: Root, manifest: Manifest | None = None, verify: bool = True) -> Iterator[Sample]:

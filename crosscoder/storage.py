@@ -23,6 +23,9 @@ import fsspec
 
 RETRIES = 5  # attempts of one storage operation on transient errors
 BACKOFF_S = 0.5  # first wait; doubles per attempt
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what a plain write would give (0644 under the usual umask): readable by the group
 
 
 class StorageError(OSError):
@@ -116,6 +119,26 @@ class Root:
         except FileNotFoundError:
             return []
 
+    def stat_all(self) -> dict[str, tuple[int, str]]:
+        """Every file's (size, version tag) from one listing, no download: the object store's ETag
+        (its content hash for single-part uploads), or size and modification time on a file system."""
+        try:
+            entries = self._retry("listing", lambda: self.fs.ls(self.path, detail=True, refresh=True)
+                                  if not self.is_local else self.fs.ls(self.path, detail=True))
+        except FileNotFoundError:
+            return {}
+        return {e["name"].rsplit("/", 1)[-1]: (int(e["size"]), self._tag(e)) for e in entries if e["type"] == "file"}
+
+    def _tag(self, entry: dict) -> str:
+        if self.is_local:
+            return f"{int(entry['size'])}-{os.stat(entry['name']).st_mtime_ns}"
+        return str(entry.get("ETag") or entry.get("etag") or "").strip('"')
+
+    def version_tag(self, name: str) -> str:
+        """``name``'s version tag as :meth:`stat_all` reports it (one metadata request)."""
+        info = self._retry(f"checking {name}", self.fs.info, self.full(name))
+        return self._tag(info | {"name": self.full(name)})
+
     def delete(self, name: str) -> None:
         try:
             self.fs.rm(self.full(name))
@@ -130,6 +153,7 @@ class Root:
             tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
             try:
                 shutil.move(str(local_file), tmp)
+                os.chmod(tmp, FILE_MODE)  # mkstemp made it 0600, unreadable to others on a shared volume
                 os.replace(tmp, final)
             finally:
                 if tmp.exists():

@@ -47,9 +47,9 @@ from .device import resolve as resolve_device
 from .losses import LossWeights, default_aux_k
 from .metrics import StreamingFVE
 from .model import CrossCoder, CrossCoderSpec, ForwardOutput
-from .shards import Manifest, read_manifest
+from .shards import Manifest, ShardError, check_sizes, read_manifest
 from .storage import open_root
-from .stream import PartitionBatch, PartitionedStream, Position, prefetch
+from .stream import DataExhausted, PartitionBatch, PartitionedStream, Position, prefetch
 from .telemetry import TrainMetrics
 
 RESULT_FILE = "train_result.json"
@@ -62,6 +62,37 @@ class TrainingDiverged(RuntimeError):
 
 class RunDirError(ValueError):
     """The run directory holds state that does not fit this run."""
+
+
+class TrainingStopped(RuntimeError):
+    """Another rank stopped (its data failed); this rank stops with it."""
+
+
+class TrainingFailed(RuntimeError):
+    """The distributed trainer failed after its retries; the message says why."""
+
+
+STOPS = {"TrainingDiverged": TrainingDiverged, "ShardError": ShardError, "DataExhausted": DataExhausted}
+
+
+def _stop(run_dir: Path, error: Exception) -> None:
+    """Record why training stopped, for the driver and for a re-run (any rank may write it)."""
+    (run_dir / RESULT_FILE).write_text(json.dumps({"error": str(error), "kind": type(error).__name__}) + "\n")
+
+
+def _next_batch(batches, collectives: Collectives, run_dir: Path, step: int):
+    """The next batch, or every rank stops together: a corrupt shard or the data's end on one rank
+    stops all of them at this step (the others would wait in a collective), without retries."""
+    try:
+        batch, error = next(batches), None
+    except (ShardError, DataExhausted) as failed:
+        batch, error = None, failed
+    if not collectives.all_ranks(error is None):
+        if error is None:
+            raise TrainingStopped(f"step {step}: another rank stopped on its data")
+        _stop(run_dir, error)
+        raise error
+    return batch
 
 
 class Backend(Protocol):
@@ -119,7 +150,7 @@ class TrainResult:
             return None
         data = json.loads(path.read_text())
         if "error" in data:
-            raise TrainingDiverged(data["error"])
+            raise STOPS.get(data.get("kind", "TrainingDiverged"), TrainingFailed)(data["error"])
         data["run_dir"] = Path(data["run_dir"])
         data["export_dir"] = Path(data["export_dir"]) if data["export_dir"] else None
         return cls(**data)
@@ -233,6 +264,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
         raise RunDirError("no training data: set train.data in the config or pass --data ROOT")
     root = open_root(data, cfg.storage)
     manifest = read_manifest(root)
+    check_sizes(root, manifest)  # a missing or truncated shard stops here, not steps later
     spec = spec_from(tc, manifest)
     is_main = backend.rank == 0
     if is_main:
@@ -258,7 +290,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
         # b_dec starts at the global batch mean, set before the optimizer copies the parameters
         # (DeepSpeed keeps master weights: a later in-place change would be overwritten)
         rest = stream.batches()
-        first = [next(rest)]
+        first = [_next_batch(rest, collectives, run_dir, 0)]
         x0 = torch.from_numpy(first[0].acts).to(device).float() * scale
         with torch.no_grad():
             model.b_dec.copy_((collectives.data_sum(x0.double().sum(0)) / tc.batch_size).float())
@@ -292,7 +324,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
         for step in range(start, end):
             faults.point("train", f"rank {backend.rank} step {step}")
             t0 = time.perf_counter()
-            batch, x = next(batches)
+            batch, x = _next_batch(batches, collectives, run_dir, step)
             t_data = time.perf_counter() - t0
             lr = learning_rate(tc, step)
             out, loss, terms = backend.forward(x, tracker.dead, loss_weights(tc, spec, step))
@@ -302,7 +334,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                            "last checkpoint is intact. Lower train.lr, check the data for inf/NaN, or raise "
                            "train.grad_clip.")
                 if is_main:
-                    (run_dir / RESULT_FILE).write_text(json.dumps({"error": message}) + "\n")
+                    _stop(run_dir, TrainingDiverged(message))
                 raise TrainingDiverged(message)
             grad_norm = backend.step(loss, lr)
             if out.batch_threshold is not None:

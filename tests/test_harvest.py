@@ -91,8 +91,8 @@ def test_s3_harvest_matches_a_direct_forward_of_both_models(ray_cluster, tiny, s
     norm_sum = np.zeros(4)
     for sample, chunk in zip(samples[:8], plan[:8]):
         assert sample.key == f"{chunk.doc:08d}-{chunk.index:04d}"
-        assert sample.tokens.tolist() == chunk.tokens
-        ref = direct_activations(tiny["base"], chunk.tokens) + direct_activations(tiny["chat"], chunk.tokens)
+        assert sample.tokens.tolist() == chunk.tokens.tolist()  # the plan holds int32 arrays
+        ref = direct_activations(tiny["base"], chunk.tokens.tolist()) + direct_activations(tiny["chat"], chunk.tokens.tolist())
         assert np.allclose(sample.acts.astype(np.float32), np.concatenate(ref, axis=1), atol=2e-3, rtol=2e-3)
     for sample in samples:
         acts = sample.acts.astype(np.float64)
@@ -178,8 +178,9 @@ class FlakyProxy(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 def start_flaky_proxy(upstream: str, failures: int):
     """An HTTP proxy in front of the S3 server that answers 503 to the first ``failures`` requests of
-    each HTTP method, so listings, reads and uploads (of shards and manifests) all meet errors."""
-    state = {"left": {}, "failed": 0}
+    each HTTP method, so listings, reads and uploads (of shards and manifests) all meet errors; it
+    logs every request as (method, path)."""
+    state: dict = {"left": {}, "failed": 0, "log": []}
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # answers the uploads' "Expect: 100-continue"
@@ -200,6 +201,7 @@ def start_flaky_proxy(upstream: str, failures: int):
 
         def _forward(self):
             body = self._body()
+            state["log"].append((self.command, self.path))
             if state["left"].setdefault(self.command, failures) > 0:
                 state["left"][self.command] -= 1
                 state["failed"] += 1

@@ -1,0 +1,207 @@
+"""Robust on busy shared machines and at real data sizes, through the real components: a worker killed
+by Ray's memory monitor, two commands on one host, bad shards found before work, resumes that
+download nothing, bounded manifest writes, group-readable files, the installed package on workers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from crosscoder.shards import ShardError, read_manifest, shard_name
+from crosscoder.storage import Root
+
+from .conftest import small_run_config
+from .test_harvest import HOOKS, harvest_config, start_flaky_proxy
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from crosscoder.random_pair import make_pair, write_documents
+
+    d = tmp_path_factory.mktemp("tiny")
+    base, chat = make_pair(d / "models", hidden=32, layers=3)
+    docs = write_documents(d / "docs.jsonl", n_docs=40)
+    return {"base": base, "chat": chat, "docs": docs, "dir": d}
+
+
+def harvest_toml(tiny, output: Path, **harvest) -> str:
+    keys = {"hooks": ["model.layers.1"], "data": tiny["docs"], "output": str(output), "actors": 1, "tokens": 400,
+            "seq_len": 16, "samples_per_shard": 6, "batch_size": 4} | harvest
+    lines = ["name = \"robust\"", "[harvest]",
+             f'models = [{{name = "base", path = "{tiny["base"]}"}}, {{name = "chat", path = "{tiny["chat"]}"}}]']
+    lines += [f"{k} = {v!r}".replace("'", '"') for k, v in keys.items()]
+    return "\n".join(lines) + "\n"
+
+
+def cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (env or {})
+    return subprocess.run([sys.executable, "-m", "crosscoder.cli", *args], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_an_actor_killed_by_rays_memory_monitor_is_retried_and_the_harvest_completes(tiny, tmp_path):
+    """Ray's memory monitor kills a worker that pushes the node past its threshold; the driver then
+    gets ray.exceptions.OutOfMemoryError, a RayError that is neither an actor nor a task error.
+    The threshold is set 3 GiB above what the machine uses now, and the actor writing shard 1
+    takes memory until it is killed (crosscoder/faults.py)."""
+    memory = psutil.virtual_memory()
+    threshold = (memory.total - memory.available + 3 * 2**30) / memory.total
+    config = tmp_path / "harvest.toml"
+    config.write_text(harvest_toml(tiny, tmp_path / "acts"))
+    env = {"RAY_memory_usage_threshold": f"{threshold:.4f}", "RAY_memory_monitor_refresh_ms": "100",
+           "CROSSCODER_FAULT": "harvest: shard 1 half", "CROSSCODER_FAULT_MARKER": str(tmp_path / "hog"),
+           "CROSSCODER_FAULT_KIND": "memory"}
+    proc = cli(["harvest", "--config", str(config), "--run", str(tmp_path / "run"), "--quiet"], tmp_path, env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (tmp_path / "hog").exists()
+    assert "shard-000001.tar will be redone (OutOfMemoryError" in proc.stdout + proc.stderr
+    manifest = read_manifest(Root(str(tmp_path / "acts")))
+    assert manifest.extra["harvest"]["complete"] and len(manifest.shards) == manifest.extra["harvest"]["planned_shards"]
+
+
+def test_two_commands_at_once_on_one_host_each_use_their_own_ray(tmp_path):
+    """Each command starts a local Ray reached by its own address; with two on one host, Ray
+    Train's placement-group cleaner otherwise fails with "Found multiple active Ray instances"."""
+    args = ["run", "--config", str(REPO / "launch" / "configs" / "synthetic.toml"), "--quiet",
+            "--synthetic.tokens", "4096", "--synthetic.seq_len", "64", "--synthetic.samples_per_shard", "16",
+            "--train.latents", "64", "--train.batch_size", "256", "--train.steps", "4", "--train.workers", "2",
+            "--analyze.tokens", "512"]
+    procs = [subprocess.Popen([sys.executable, "-m", "crosscoder.cli", *args, "--run", str(tmp_path / name)],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}) for name in "ab"]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for proc, out in zip(procs, outs):
+        assert proc.returncode == 0, out[-3000:]
+        assert "Found multiple active Ray instances" not in out
+        assert "step 4:" in out
+
+
+def test_a_truncated_shard_is_refused_before_the_first_step(small_shards, tmp_path, ray_cluster):
+    from crosscoder.ray_train import train_distributed
+    from crosscoder.trainer import train
+
+    data = tmp_path / "shards"
+    shutil.copytree(small_shards, data)
+    target = data / shard_name(3)
+    target.write_bytes(target.read_bytes()[:-1000])
+    message = rf"{data}: 1 of 8 shards are missing or truncated: {shard_name(3)} \(\d+ bytes, manifest says \d+\)"
+    with pytest.raises(ShardError, match=message):
+        train(small_run_config(steps=4), tmp_path / "one", data=str(data), progress=False)
+    assert not (tmp_path / "one" / "checkpoints").exists()
+    with pytest.raises(ShardError, match=message):
+        train_distributed(small_run_config(steps=4, workers=2), tmp_path / "two", str(data), progress=False)
+    assert not (tmp_path / "two" / "ray").exists()  # Ray Train never started
+    from crosscoder.cli import main
+
+    assert main(["validate", str(data)]) == 1
+
+
+def test_a_corrupt_shard_met_in_training_stops_every_rank_at_once_without_retries(small_shards, tmp_path,
+                                                                                 ray_cluster, capsys):
+    from crosscoder.cli import main
+    from crosscoder.ray_train import train_distributed
+
+    data = tmp_path / "shards"
+    shutil.copytree(small_shards, data)
+    for n in range(8):  # every shard: whichever a rank reads first is bad
+        blob = bytearray((data / shard_name(n)).read_bytes())
+        blob[len(blob) // 2] ^= 0xFF  # same size, other bytes
+        (data / shard_name(n)).write_bytes(bytes(blob))
+    started = time.time()
+    with pytest.raises(ShardError, match=r"shard-00000\d\.tar: sha256 .* does not match"):
+        train_distributed(small_run_config(steps=4, workers=2, max_failures=2), tmp_path / "run", str(data),
+                          progress=False)
+    assert time.time() - started < 120  # stopped at once, not retried twice by Ray Train
+    assert main(["validate", str(data), "--full", "--quiet"]) == 1
+    assert "does not match the manifest" in capsys.readouterr().err
+
+
+def test_a_resume_on_s3_downloads_no_committed_shard_and_the_manifest_is_written_a_bounded_number_of_times(
+        ray_cluster, tiny, s3_bucket, monkeypatch):
+    import crosscoder.harvest as harvest_module
+
+    endpoint, bucket = s3_bucket
+    writes = []
+    original = harvest_module.write_manifest
+    monkeypatch.setattr(harvest_module, "write_manifest", lambda root, m: writes.append(len(m.shards)) or original(root, m))
+    cfg = harvest_config(tiny, f"s3://{bucket}/resume", tokens=600, samples_per_shard=3)
+    cfg.storage.endpoint_url = endpoint
+    first = harvest_module.harvest(cfg, progress=False)
+    assert len(first.shards) >= 8 and writes == [len(first.shards)]  # once, at the end (the run took < 60 s)
+    assert all(info.etag for info in first.shards)
+    server, state = start_flaky_proxy(endpoint, failures=0)
+    try:
+        cfg.storage.endpoint_url = f"http://127.0.0.1:{server.server_address[1]}"
+        again = harvest_module.harvest(cfg, progress=False)
+    finally:
+        server.shutdown()
+    shard_reads = [path for method, path in state["log"] if method == "GET" and ".tar" in path]
+    assert shard_reads == [] and [s.name for s in again.shards] == [s.name for s in first.shards]
+    # a shard changed behind the harvest's back (another tag): read, checked and redone
+    root = Root(f"s3://{bucket}/resume", endpoint_url=endpoint)
+    root.write_bytes(shard_name(2), b"not a shard")
+    cfg.storage.endpoint_url = endpoint
+    redone = harvest_module.harvest(cfg, progress=False)
+    assert hashlib.sha256(root.read_bytes(shard_name(2))).hexdigest() == redone.shards[2].sha256
+
+
+def test_shards_and_the_manifest_are_readable_by_the_group(tmp_path):
+    """Files are committed with the mode a plain write gets under the process's umask (0644 under the
+    usual 022), not the 0600 of a temporary file, so others on a shared volume can read them."""
+    from crosscoder.config import SyntheticConfig
+    from crosscoder.storage import FILE_MODE
+    from crosscoder.synthetic import write_synthetic
+
+    umask = int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
+                     if line.startswith("Umask:")), 8)
+    write_synthetic(SyntheticConfig(widths=[8, 8], features=16, tokens=512, seq_len=32, samples_per_shard=8),
+                    str(tmp_path / "shards"), progress=False)
+    names = sorted(p.name for p in (tmp_path / "shards").iterdir())
+    assert "manifest.json" in names and shard_name(0) in names
+    for name in names:
+        mode = stat.S_IMODE((tmp_path / "shards" / name).stat().st_mode)
+        assert mode == FILE_MODE == 0o666 & ~umask, (name, oct(mode))
+        assert umask & 0o040 or mode & 0o040, (name, oct(mode))  # the group reads it unless the umask says no
+
+
+IMPOSTOR = 'raise ImportError("the crosscoder package of the working directory was imported")\n'
+
+
+def test_ray_workers_import_the_installed_package_and_refuse_other_code(tiny, tmp_path, ray_cluster):
+    """Run from a directory holding another crosscoder checkout, the actors still import the
+    installed package (a local Ray started by the command gives its workers an empty working
+    directory); an actor whose code differs from the driver's refuses to work, saying so."""
+    (tmp_path / "crosscoder").mkdir()
+    (tmp_path / "crosscoder" / "__init__.py").write_text(IMPOSTOR)
+    config = tmp_path / "harvest.toml"
+    config.write_text(harvest_toml(tiny, tmp_path / "acts"))
+    proc = subprocess.run([str(Path(sys.executable).parent / "crosscoder"), "harvest", "--config", str(config),
+                           "--run", str(tmp_path / "run"), "--quiet"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "working directory was imported" not in proc.stdout + proc.stderr
+    import crosscoder.harvest as harvest_module
+    from crosscoder.harvest import HarvestError
+
+    cfg = harvest_config(tiny, str(tmp_path / "mismatch"), tokens=100)
+    cfg.harvest.hooks = list(HOOKS[:1])
+    original = harvest_module.code_fingerprint
+    harvest_module.code_fingerprint = lambda: "0123456789abcdef"  # the driver's code, as another install has it
+    try:
+        with pytest.raises(HarvestError, match=r"could not start \(CodeMismatch: harvest actor \d on .* runs crosscoder "
+                                                r"from .* not the driver's \(code 0123456789abcdef\)"):
+            harvest_module.harvest(cfg, progress=False)
+    finally:
+        harvest_module.code_fingerprint = original
