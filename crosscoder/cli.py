@@ -178,8 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compare":
         return cmd_compare(args.runs)
     if args.command == "keys":
-        for key, default, help_text in describe(RunConfig):
-            print(f"{key:32s} {default:24s} {help_text}")
+        rows = describe(RunConfig)
+        key_width = max(len(key) for key, _, _ in rows)
+        default_width = max(len(default) for _, default, _ in rows)
+        for key, default, help_text in rows:
+            print(f"{key:{key_width}}  {default:{default_width}}  {help_text}")
         return 0
     try:
         if args.command == "tiny":

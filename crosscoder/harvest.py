@@ -34,7 +34,7 @@ from tqdm import tqdm
 from . import faults
 from .config import ConfigError, RunConfig, from_dict, to_dict
 from .documents import Chunk, DataError, check_same_tokenizer, plan_chunks, read_documents
-from .language_models import ActivationReader, ModelError, ModelSpec, load_tokenizer, load_trunk
+from .language_models import ActivationReader, ModelError, ModelSpec, load_config, load_tokenizer, load_trunk
 from .ray_connect import CodeMismatch, check_code, code_fingerprint, connect, first_line, memory_request
 from .shards import (
     Manifest,
@@ -261,11 +261,9 @@ def build_manifest(cfg, sources, widths, infos: list[ShardInfo], tokenizer: str,
 
 
 def model_widths(models: list[ModelSpec], hooks: list[str]) -> list[int]:
-    from transformers import AutoConfig
-
     widths = []
     for m in models:
-        config = AutoConfig.from_pretrained(m.path, revision=m.revision)
+        config = load_config(m.name, m.path, m.revision)
         widths += [int(config.hidden_size)] * len(hooks)
     return widths
 

@@ -21,6 +21,7 @@ through accelerate). Missing models and unknown hook paths are errors that name 
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,20 +49,46 @@ class ModelSpec:
     device: str = "cpu"  # without device_map: where the whole model goes
 
 
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "gpt2" or "org/name"
+
+
+def where(name: str, path: str) -> str:
+    """``path`` as ``from_pretrained`` should get it: an existing directory, or a hub id.
+
+    A path that looks local (absolute, relative with ./ or ../ or ~, more than one separator, or a
+    separator after an existing directory) and is not there is a ModelError at once, never a hub
+    lookup with its network retries; so is a hub id while the hub is offline and not cached.
+    """
+    local = Path(path).expanduser()
+    if local.exists():
+        if local.is_dir() and not (local / "config.json").is_file():
+            raise ModelError(f"model {name!r}: {local} has no config.json (not a saved transformers model)")
+        return str(local)
+    first = Path(path).parts[0] if Path(path).parts else ""
+    looks_local = (path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or not HUB_ID.match(path)
+                   or ("/" in path and Path(first).is_dir()))
+    if looks_local:
+        raise ModelError(f"model {name!r}: model directory {local.absolute()} does not exist")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if try_to_load_from_cache(path, "config.json") is None:
+            raise ModelError(f"model {name!r}: {path!r} is not a local directory and the Hugging Face hub is offline "
+                             "(HF_HUB_OFFLINE=1) with no cached copy; give a local directory")
+    return path
+
+
 def _from_pretrained(loader, spec: ModelSpec, **kwargs):
     if spec.dtype not in DTYPES:
         raise ModelError(f"model {spec.name!r}: dtype {spec.dtype!r} is not one of {sorted(DTYPES)}")
-    local = Path(spec.path).expanduser()
-    if local.exists() and not (local / "config.json").is_file():
-        raise ModelError(f"model {spec.name!r}: {local} has no config.json (not a saved transformers model)")
+    path = where(spec.name, spec.path)
     if spec.device_map is not None:
         max_memory = {int(k) if str(k).isdigit() else k: v for k, v in (spec.max_memory or {}).items()}
         kwargs |= {"device_map": spec.device_map, "max_memory": max_memory or None}
     elif spec.device != "cpu":
         kwargs["device_map"] = {"": spec.device}  # straight onto the GPU, no full copy on the host
     try:
-        model = loader.from_pretrained(str(local) if local.exists() else spec.path, revision=spec.revision,
-                                       dtype=DTYPES[spec.dtype], **kwargs)
+        model = loader.from_pretrained(path, revision=spec.revision, dtype=DTYPES[spec.dtype], **kwargs)
     except OSError as e:
         raise ModelError(
             f"model {spec.name!r}: cannot load {spec.path!r} (revision {spec.revision}): "
@@ -86,12 +113,11 @@ def load_trunk(spec: ModelSpec, hooks: list[str]) -> tuple[nn.Module, list[str]]
     ``lm_head``), that is the base model without its LM head, with ``num_hidden_layers`` cut after
     the deepest hooked layer; otherwise the whole causal LM.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    local = Path(spec.path).expanduser()
     try:
-        config = AutoConfig.from_pretrained(str(local) if local.exists() else spec.path, revision=spec.revision)
+        config = load_config(spec.name, spec.path, spec.revision)
         prefix = AutoModelForCausalLM._model_mapping[type(config)].base_model_prefix  # type: ignore[attr-defined]
     except (OSError, KeyError, ValueError):
         return load_model(spec), list(hooks)  # let the full load report what is wrong
@@ -112,12 +138,21 @@ def load_trunk(spec: ModelSpec, hooks: list[str]) -> tuple[nn.Module, list[str]]
     return model, [h[len(prefix) + 1:] for h in hooks]
 
 
+def load_config(name: str, path: str, revision: str | None = None):
+    """The model's transformers config (errors as for the model)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(where(name, path), revision=revision)
+    except OSError as e:
+        raise ModelError(f"model {name!r}: cannot load the config of {path!r}: {str(e).splitlines()[0]}") from None
+
+
 def load_tokenizer(path: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    local = Path(path).expanduser()
     try:
-        return AutoTokenizer.from_pretrained(str(local) if local.exists() else path, revision=revision)
+        return AutoTokenizer.from_pretrained(where(path, path), revision=revision)
     except OSError as e:
         raise ModelError(f"tokenizer {path!r}: cannot load: {str(e).splitlines()[0]}") from None
 

@@ -66,10 +66,11 @@ def make_demo_pair(p: Plan, progress: bool = True) -> None:
 
     where, steps = p.run_dir / "tiny", p.cfg.harvest.demo_steps
     if not demo_pair.is_made(where, steps=steps):
-        print(f"tiny models: training a demo base model and its chat fine-tune in {where} ({steps} + {steps} steps)")
+        print(f"tiny models: training a demo base model and its chat fine-tune in {where.absolute()} "
+              f"({steps} + {steps} steps)")
         demo_pair.make_demo_pair(where, steps=steps, progress=progress)
     if not (where / "documents.jsonl").is_file():
-        print(f"tiny models: writing demo documents to {where / 'documents.jsonl'}")
+        print(f"tiny models: writing demo documents to {(where / 'documents.jsonl').absolute()}")
         demo_pair.write_demo_documents(where / "documents.jsonl", n_docs=4000)
 
 
@@ -121,7 +122,8 @@ def train(p: Plan, progress: bool = True):
         finished = None  # the last call stopped on a NaN: train again (e.g. with a lower learning rate)
     spec = spec_from(tc, read_manifest(open_root(p.data, p.cfg.storage)))
     if finished is not None and finished.is_finished(tc, spec):
-        print(f"train: {p.run_dir} already trained to step {finished.steps}, skipping (raise train.steps to continue)")
+        print(f"train: {p.run_dir.absolute()} already trained to step {finished.steps}, skipping (raise train.steps "
+              "to continue)")
         return finished
     if tc.workers <= 0:
         return train_here(p.cfg, p.run_dir, data=p.data, progress=progress)
@@ -141,7 +143,7 @@ def analyze(p: Plan, progress: bool = True, only_if_stale: bool = False) -> dict
     out = p.run_dir / "analysis"
     report, export = out / "report.html", p.run_dir / "crosscoder" / "model.safetensors"
     if only_if_stale and report.is_file() and export.is_file() and report.stat().st_mtime >= export.stat().st_mtime:
-        print(f"analyze: {report} is newer than the export, skipping (`crosscoder analyze` redoes it)\n"
+        print(f"analyze: {report.absolute()} is newer than the export, skipping (`crosscoder analyze` redoes it)\n"
               f"report: {report.absolute()}")
         return None
     setting = p.cfg.analyze.device
@@ -221,7 +223,7 @@ def print_training_summary(result) -> None:
         print(f"step {result.steps}: loss {m['loss']['total']:.4g}, FVE {fve}, L0 {m['l0']:.1f}, "
               f"dead {m['dead_fraction']:.1%}")
     if result.export_dir:
-        print(f"crosscoder exported to {result.export_dir} (load with CrossCoder.from_pretrained)")
+        print(f"crosscoder exported to {Path(result.export_dir).absolute()} (load with CrossCoder.from_pretrained)")
 
 
 def print_planted_recovery(p: Plan, result) -> None:

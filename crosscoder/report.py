@@ -116,7 +116,8 @@ def _example_html(ex) -> str:
     for i, piece in enumerate(ex.tokens):
         text = html.escape(piece if piece.strip() else repr(piece))
         parts.append(f"<b class='hit'>{text}</b>" if i == ex.position else text)
-    return f"<div class='ex'><span class='v'>{ex.value:.3g}</span> " + " ".join(parts) + "</div>"
+    # one width for every value (two decimals, right-aligned), so the contexts line up
+    return f"<div class='ex'><span class='v'>{ex.value:9.2f}</span> " + " ".join(parts) + "</div>"
 
 
 def render(analysis: Analysis, title: str = "Crosscoder model-diffing report") -> str:
@@ -176,7 +177,7 @@ def render(analysis: Analysis, title: str = "Crosscoder model-diffing report") -
              "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
              "font-size:13px;text-align:left}figure{display:inline-block;margin:0.5em}"
              ".ex{font-family:monospace;font-size:12px;white-space:pre-wrap}.hit{background:#ffd54f}"
-             ".v{color:#888}.note{color:#a15c00}")
+             ".v{color:#888;white-space:pre;font-family:monospace}.note{color:#a15c00}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
 

@@ -114,3 +114,34 @@ def test_analysis_goes_to_a_gpu_of_the_ray_cluster_when_this_process_has_none(tm
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "analyze: on a GPU of the Ray cluster" in proc.stdout
     assert "analyze: 1024 tokens;" in proc.stdout and (run / "analysis" / "report.html").is_file()
+
+
+@pytest.mark.parametrize("path, message", [
+    ("{tmp}/tiny-models/no-such-model", "model directory {tmp}/tiny-models/no-such-model does not exist"),
+    ("tiny-models/no-such-model", "model directory {tmp}/tiny-models/no-such-model does not exist"),
+    ("./no-such-model", "model directory {tmp}/no-such-model does not exist"),
+    ("a/b/c", "model directory {tmp}/a/b/c does not exist"),
+    ("nobody/no-such-model", "'nobody/no-such-model' is not a local directory and the Hugging Face hub is offline"),
+])
+def test_a_missing_model_is_one_line_without_any_network_attempt(tmp_path, capsys, monkeypatch, path, message):
+    """A path that looks local and is not there is named as a missing directory, before transformers
+    or the hub is asked anything; a hub id while offline says the hub is offline."""
+    import huggingface_hub
+    import transformers
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"the hub was asked for {args[:1]}")
+
+    for name in ("AutoConfig", "AutoTokenizer", "AutoModel", "AutoModelForCausalLM"):
+        monkeypatch.setattr(getattr(transformers, name), "from_pretrained", no_network)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny-models").mkdir()
+    config = tmp_path / "c.toml"
+    config.write_text(f'[harvest]\nmodels = [{{name = "base", path = "{path.format(tmp=tmp_path)}"}}]\n'
+                      f'data = "{tmp_path}/docs.jsonl"\n')
+    assert main(["harvest", "--config", str(config), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("crosscoder: ModelError: "), err
+    assert message.format(tmp=tmp_path) in err[0], err
