@@ -66,9 +66,10 @@ class Collectives:
         """Element-wise OR of a bool mask over data-parallel ranks (e.g. "fired on some rank")."""
         return mask
 
-    def all_ranks(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on every rank (e.g. "the loss is finite")."""
-        return flag
+    def worst(self, code: int) -> int:
+        """The largest of every rank's ``code`` (0 = all is well), so all ranks take the same branch:
+        stop on a NaN loss, a corrupt shard or a Ctrl-C seen by any of them."""
+        return code
 
 
 LOCAL = Collectives()

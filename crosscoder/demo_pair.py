@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import torch
 
 from . import random_pair
+from .interrupts import StepBoundary
 
 TOPICS = {
     "animals": "cat dog bird fish horse cow sheep fox wolf bear rabbit mouse goat duck owl frog".split(),
@@ -131,28 +133,61 @@ def _rows(texts: list[list[int]], seq_len: int, bos: int) -> torch.Tensor:
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def _train(model, rows: torch.Tensor, steps: int, lr: float, batch: int, seed: int, desc: str, progress: bool):
+CHECKPOINT_EVERY_S = 30.0  # the demo's training keeps a checkpoint this fresh (and writes one on Ctrl-C)
+
+
+def _train(model, rows: torch.Tensor, steps: int, lr: float, batch: int, seed: int, desc: str, progress: bool,
+           state_file: Path) -> float:
+    """AdamW on random rows, resumable: the model, optimizer, schedule and sampler are saved to
+    ``state_file`` every CHECKPOINT_EVERY_S and at a Ctrl-C (at the end of the step), and a run that
+    finds the file continues from it, taking the same steps an uninterrupted run would."""
     from tqdm import tqdm
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / max(steps, 1)))
+    start, loss = 0, float("nan")
+    if state_file.is_file():
+        state = torch.load(state_file, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        gen.set_state(state["generator"])
+        start, loss = state["step"], state["loss"]
+        print(f"tiny models: {desc}: resuming at step {start} of {steps} from {state_file.absolute()}")
+
+    def save(step: int) -> None:
+        partial = state_file.with_name(state_file.name + ".partial")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "generator": gen.get_state(), "step": step, "loss": loss}, partial)
+        partial.replace(state_file)
+
     model.train()
-    bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress)
-    loss = torch.tensor(float("nan"))
-    for step in bar:
-        idx = torch.randint(0, len(rows), (batch,), generator=gen)
-        loss = model(input_ids=rows[idx], labels=rows[idx]).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=not progress)
+    saved = time.time()
+    with StepBoundary(f"this {desc} step") as stop:
+        for step in range(start, steps):
+            if stop.requested:
+                save(step)
+                raise KeyboardInterrupt(f"{desc} stopped at step {step} with a checkpoint")
+            idx = torch.randint(0, len(rows), (batch,), generator=gen, device="cpu")
+            step_loss = model(input_ids=rows[idx], labels=rows[idx]).loss
+            optimizer.zero_grad(set_to_none=True)
+            step_loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            loss = float(step_loss.detach())
+            bar.update(1)
+            if step % 25 == 0:
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            if time.time() - saved > CHECKPOINT_EVERY_S:
+                save(step + 1)
+                saved = time.time()
+    bar.close()
     model.eval()
-    return float(loss.detach())
+    return loss
 
 
 def _settings(steps: int, hidden: int, layers: int, seed: int) -> dict:
@@ -171,7 +206,8 @@ def make_demo_pair(directory: str | Path, steps: int = 500, hidden: int = 96, la
                    seed: int = 0, progress: bool = True) -> tuple[str, str]:
     """Train the base model (``steps``) and fine-tune the chat model (``steps`` more); save both.
 
-    Re-uses a pair already saved in ``directory`` with the same settings.
+    Re-uses a pair already saved in ``directory`` with the same settings, and resumes one whose
+    training was interrupted (each phase keeps a checkpoint, written at a Ctrl-C too).
     """
     directory = Path(directory)
     if is_made(directory, steps, hidden, layers, seed):
@@ -185,16 +221,32 @@ def make_demo_pair(directory: str | Path, steps: int = 500, hidden: int = 96, la
     seq_len, batch = 64, 32
     base_rows = _rows([tok.encode(grammar.text(), add_special_tokens=False) for _ in range(6000)], seq_len,
                       tok.bos_token_id)
-    base_loss = _train(model, base_rows, steps, 3e-3, batch, seed, "demo base model", progress)
-    random_pair.save(model, tok, directory / "base")
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = [directory / name for name in ("base-training.pt", "chat-training.pt", "base-training.json")]
+    started = directory / "settings.json"  # the settings the partial files above were made with
+    if started.is_file() and json.loads(started.read_text()) != settings:
+        for path in partial:
+            path.unlink(missing_ok=True)
+    started.write_text(json.dumps(settings) + "\n")
+    if partial[2].is_file():  # the base is finished: a re-run starts at the chat phase, from the saved base
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(directory / "base")
+        base_loss = json.loads(partial[2].read_text())["loss"]
+    else:
+        base_loss = _train(model, base_rows, steps, 3e-3, batch, seed, "demo base model", progress, partial[0])
+        random_pair.save(model, tok, directory / "base")
+        partial[2].write_text(json.dumps({"loss": base_loss}) + "\n")
     chats = [tok.apply_chat_template(grammar.conversation(), tokenize=False) for _ in range(6000)]
     mixed = [tok.encode(c, add_special_tokens=False) for c in chats]
     mixed += [tok.encode(grammar.text(), add_special_tokens=False) for _ in range(1500)]
     random.Random(seed).shuffle(mixed)
     chat_loss = _train(model, _rows(mixed, seq_len, tok.bos_token_id), steps, 2e-3, batch, seed + 1,
-                       "demo chat fine-tune", progress)
+                       "demo chat fine-tune", progress, partial[1])
     random_pair.save(model, tok, directory / "chat")
     marker.write_text(json.dumps({"settings": settings, "base_loss": base_loss, "chat_loss": chat_loss}) + "\n")
+    for path in [*partial, started]:
+        path.unlink(missing_ok=True)
     return str(directory / "base"), str(directory / "chat")
 
 

@@ -200,7 +200,7 @@ class DistributedCollectives(Collectives):
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.layout.dp_group)
         return flags.bool()
 
-    def all_ranks(self, flag: bool) -> bool:
-        value = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-        return bool(value.item())
+    def worst(self, code: int) -> int:
+        value = torch.tensor([code], dtype=torch.int32, device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return int(value.item())

@@ -16,13 +16,24 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 from .config import RunConfig, from_dict, to_dict, validate
 from .ray_connect import check_code, code_fingerprint, connect, first_line, memory_request
 from .shards import Manifest, ShardError, check_sizes, read_manifest
 from .stream import DataExhausted
-from .trainer import RESULT_FILE, TrainingDiverged, TrainingFailed, TrainingStopped, TrainResult, spec_from
+from .trainer import (
+    RESULT_FILE,
+    STOP_FILE,
+    Interrupted,
+    TrainingDiverged,
+    TrainingFailed,
+    TrainingStopped,
+    TrainResult,
+    spec_from,
+)
 
 
 def train_worker(config: dict) -> None:
@@ -47,6 +58,46 @@ def train_worker(config: dict) -> None:
               backend=DeepSpeedBackend(cfg, device))
     except (TrainingDiverged, ShardError, DataExhausted, TrainingStopped):
         pass  # written to the result file, which the driver reads: a retry would stop the same way
+    except Interrupted:
+        pass  # the driver asked (Ctrl-C): every rank checkpointed at the same step
+
+
+STOP_WAIT_S = 300.0  # how long the driver waits for the workers' checkpoint after a Ctrl-C
+
+
+def _fit_stopping_on_ctrl_c(trainer, run_dir: Path):
+    """``trainer.fit()``, where a Ctrl-C asks the workers to checkpoint at the end of their step and
+    stop (the stop file), instead of Ray Train's own handler, which aborts them and loses every step
+    since the last checkpoint; a second Ctrl-C, or no answer within STOP_WAIT_S, stops at once.
+    fit() runs in a thread, so Ray Train leaves the main thread's signal handling alone."""
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="crosscoder-fit", daemon=True)
+    thread.start()
+    stopping = None
+    while thread.is_alive():
+        try:
+            thread.join(0.5)
+            if stopping is not None and time.time() - stopping > STOP_WAIT_S:
+                raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            if stopping is not None:
+                raise
+            stopping = time.time()
+            (run_dir / STOP_FILE).touch()
+            print("\ncrosscoder: stopping: the workers write a checkpoint at the end of their step "
+                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+    if stopping is not None:
+        raise KeyboardInterrupt
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def estimated_worker_memory(cfg: RunConfig, manifest: Manifest) -> float:
@@ -105,7 +156,8 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: 
                                 failure_config=FailureConfig(max_failures=tc.max_failures)),
     )
     (run_dir / RESULT_FILE).unlink(missing_ok=True)
-    result = trainer.fit()
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
+    result = _fit_stopping_on_ctrl_c(trainer, run_dir)
     if result.error:
         TrainResult.read(run_dir)  # a stop the workers recorded (a NaN, a corrupt shard) says it best
         raise TrainingFailed(f"the workers failed after train.max_failures = {tc.max_failures} restarts: "

@@ -44,6 +44,7 @@ from .config import RunConfig, TrainConfig, dumps_toml, use_sparse_kernels, vali
 from .dead import DeadLatentTracker
 from .device import DeviceBatches
 from .device import resolve as resolve_device
+from .interrupts import StepBoundary
 from .losses import LossWeights, default_aux_k
 from .metrics import StreamingFVE
 from .model import CrossCoder, CrossCoderSpec, ForwardOutput
@@ -53,6 +54,7 @@ from .stream import DataExhausted, PartitionBatch, PartitionedStream, Position, 
 from .telemetry import TrainMetrics
 
 RESULT_FILE = "train_result.json"
+STOP_FILE = ".stop"  # the driver asks its workers to checkpoint and stop (ray_train.py)
 LOG_FILE = "train_log.jsonl"
 
 
@@ -80,19 +82,25 @@ def _stop(run_dir: Path, error: Exception) -> None:
     (run_dir / RESULT_FILE).write_text(json.dumps({"error": str(error), "kind": type(error).__name__}) + "\n")
 
 
-def _next_batch(batches, collectives: Collectives, run_dir: Path, step: int):
-    """The next batch, or every rank stops together: a corrupt shard or the data's end on one rank
-    stops all of them at this step (the others would wait in a collective), without retries."""
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or the driver's stop file): every rank checkpointed at a step boundary and stopped."""
+
+
+def _next_batch(batches, collectives: Collectives, run_dir: Path, step: int, stop_requested: bool):
+    """The next batch, or every rank stops together at this step boundary (the others would wait in
+    a collective): on a corrupt shard or the data's end on any rank, without retries (code 2), or on
+    a Ctrl-C or the driver's stop file seen by any rank (code 1, the caller checkpoints first)."""
     try:
         batch, error = next(batches), None
     except (ShardError, DataExhausted) as failed:
         batch, error = None, failed
-    if not collectives.all_ranks(error is None):
+    code = collectives.worst(2 if error is not None else 1 if stop_requested or (run_dir / STOP_FILE).exists() else 0)
+    if code == 2:
         if error is None:
             raise TrainingStopped(f"step {step}: another rank stopped on its data")
         _stop(run_dir, error)
         raise error
-    return batch
+    return batch if code == 0 else None
 
 
 class Backend(Protocol):
@@ -257,6 +265,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
         from .local_backend import LocalBackend
 
         backend = LocalBackend(cfg, resolve_device(cfg.train.device))
+        (Path(run_dir) / STOP_FILE).unlink(missing_ok=True)  # a stop request is for the run that got it
     tc = cfg.train
     run_dir = Path(run_dir)
     data = data or tc.data
@@ -290,7 +299,9 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
         # b_dec starts at the global batch mean, set before the optimizer copies the parameters
         # (DeepSpeed keeps master weights: a later in-place change would be overwritten)
         rest = stream.batches()
-        first = [_next_batch(rest, collectives, run_dir, 0)]
+        first = [_next_batch(rest, collectives, run_dir, 0, False)]
+        if first[0] is None:
+            raise Interrupted("stopped before the first step")
         x0 = torch.from_numpy(first[0].acts).to(device).float() * scale
         with torch.no_grad():
             model.b_dec.copy_((collectives.data_sum(x0.double().sum(0)) / tc.batch_size).float())
@@ -320,43 +331,56 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
     telemetry = TrainMetrics(cfg.metrics.port, backend.rank, host=cfg.metrics.host)
     started = time.time()
     model.train()
+
+    def checkpoint(done: int) -> None:
+        backend.save(run_dir, {"spec": asdict(spec), "step": done, "positions": positions_to(positions),
+                               "dead": tracker.state_dict(), "rng": rng_state()}, tc.keep_checkpoints)
+
+    boundary = StepBoundary("this training step")
     try:
-        for step in range(start, end):
-            faults.point("train", f"rank {backend.rank} step {step}")
-            t0 = time.perf_counter()
-            batch, x = _next_batch(batches, collectives, run_dir, step)
-            t_data = time.perf_counter() - t0
-            lr = learning_rate(tc, step)
-            out, loss, terms = backend.forward(x, tracker.dead, loss_weights(tc, spec, step))
-            if not collectives.all_ranks(all(math.isfinite(float(v)) for v in terms.values())):
-                message = (f"loss is not finite at step {step} (rank {backend.rank}: "
-                           f"{ {k: float(v) for k, v in terms.items()} }); the optimizer step was not taken and the "
-                           "last checkpoint is intact. Lower train.lr, check the data for inf/NaN, or raise "
-                           "train.grad_clip.")
-                if is_main:
-                    _stop(run_dir, TrainingDiverged(message))
-                raise TrainingDiverged(message)
-            grad_norm = backend.step(loss, lr)
-            if out.batch_threshold is not None:
-                model.update_threshold(out.batch_threshold, out.weights.detach(), tc.threshold_momentum)
-            tracker.update(collectives.any_over_data(out.fired()), tc.batch_size)
-            positions.update(batch.positions)
-            done = step + 1
-            metrics = step_metrics(spec, x, out, terms, tracker, collectives) | {
-                "step": done, "lr": lr, "grad_norm": grad_norm, "tokens": done * tc.batch_size, "epoch": batch.epoch}
-            result.losses.append(metrics["loss"]["total"])
-            result.last_metrics = metrics
-            telemetry.step(metrics, x.shape[0], time.perf_counter() - t0, t_data)
-            if is_main and (done % tc.log_every == 0 or done == end):
-                with (run_dir / LOG_FILE).open("a") as fh:
-                    fh.write(json.dumps(metrics | {"elapsed_s": time.time() - started}) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']['total']:.4g}", fve=f"{np.mean(list(metrics['fve'].values())):.3f}",
-                            l0=f"{metrics['l0']:.1f}", dead=f"{metrics['dead_fraction']:.2%}", refresh=False)
-            if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == end:
-                backend.save(run_dir, {"spec": asdict(spec), "step": done, "positions": positions_to(positions),
-                                       "dead": tracker.state_dict(), "rng": rng_state()}, tc.keep_checkpoints)
-            result.steps = done
+        with boundary:
+            for step in range(start, end):
+                faults.point("train", f"rank {backend.rank} step {step}")
+                t0 = time.perf_counter()
+                fed = _next_batch(batches, collectives, run_dir, step, boundary.requested)
+                if fed is None:  # Ctrl-C or the driver's stop file: the steps so far are kept, none redone
+                    if step > start:
+                        checkpoint(step)
+                    raise Interrupted(f"stopped at step {step} with a checkpoint; re-run the same command to resume")
+                batch, x = fed
+                t_data = time.perf_counter() - t0
+                lr = learning_rate(tc, step)
+                out, loss, terms = backend.forward(x, tracker.dead, loss_weights(tc, spec, step))
+                if collectives.worst(0 if all(math.isfinite(float(v)) for v in terms.values()) else 1):
+                    message = (f"loss is not finite at step {step} (rank {backend.rank}: "
+                               f"{ {k: float(v) for k, v in terms.items()} }); the optimizer step was not taken and "
+                               "the last checkpoint is intact. Lower train.lr, check the data for inf/NaN, or raise "
+                               "train.grad_clip.")
+                    if is_main:
+                        _stop(run_dir, TrainingDiverged(message))
+                    raise TrainingDiverged(message)
+                grad_norm = backend.step(loss, lr)
+                if out.batch_threshold is not None:
+                    model.update_threshold(out.batch_threshold, out.weights.detach(), tc.threshold_momentum)
+                tracker.update(collectives.any_over_data(out.fired()), tc.batch_size)
+                positions.update(batch.positions)
+                done = step + 1
+                metrics = step_metrics(spec, x, out, terms, tracker, collectives) | {
+                    "step": done, "lr": lr, "grad_norm": grad_norm, "tokens": done * tc.batch_size,
+                    "epoch": batch.epoch}
+                result.losses.append(metrics["loss"]["total"])
+                result.last_metrics = metrics
+                telemetry.step(metrics, x.shape[0], time.perf_counter() - t0, t_data)
+                if is_main and (done % tc.log_every == 0 or done == end):
+                    with (run_dir / LOG_FILE).open("a") as fh:
+                        fh.write(json.dumps(metrics | {"elapsed_s": time.time() - started}) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']['total']:.4g}", l0=f"{metrics['l0']:.1f}",
+                                fve=f"{np.mean(list(metrics['fve'].values())):.3f}",
+                                dead=f"{metrics['dead_fraction']:.2%}", refresh=False)
+                if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == end:
+                    checkpoint(done)
+                result.steps = done
     finally:
         bar.close()
         batches.close()

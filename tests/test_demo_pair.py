@@ -53,3 +53,45 @@ def test_demo_documents_mix_text_and_conversations(tmp_path):
         assert tok.unk_token_id not in tok.encode(text, add_special_tokens=False), text
     assert write_demo_documents(tmp_path / "again.jsonl", n_docs=400) and \
         open(tmp_path / "again.jsonl").read() == open(path).read()  # a pure function of the seed
+
+
+MAKE = """
+import sys, torch
+from crosscoder.demo_pair import make_demo_pair
+base, chat = make_demo_pair(sys.argv[1], steps=int(sys.argv[2]), hidden=32, layers=2, progress=False)
+from safetensors.torch import load_file
+torch.save(load_file(chat + "/model.safetensors"), sys.argv[1] + "/final.pt")
+"""
+
+
+def test_an_interrupted_demo_pair_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_one_does(tmp_path):
+    """Ctrl-C during the demo pair's training writes a checkpoint at the end of the step; the re-run
+    continues from it (not from step 0) and ends with the weights of an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    steps, cut = "160", tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-c", MAKE, str(cut), steps], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (cut / "settings.json").is_file() and time.time() < deadline:  # written as the base starts training
+        time.sleep(0.1)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "stopping after this demo base model step with a checkpoint" in err, err[-2000:]
+    state = torch.load(cut / "base-training.pt", weights_only=False)
+    assert 0 < state["step"] < int(steps)
+    again = subprocess.run([sys.executable, "-c", MAKE, str(cut), steps], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"demo base model: resuming at step {state['step']} of {steps}" in again.stdout
+    whole = subprocess.run([sys.executable, "-c", MAKE, str(tmp_path / "whole"), steps], capture_output=True,
+                           text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    resumed, reference = torch.load(cut / "final.pt"), torch.load(tmp_path / "whole" / "final.pt")
+    assert all(torch.equal(resumed[name], reference[name]) for name in reference)
+    assert not (cut / "base-training.pt").exists() and is_made(cut, int(steps), hidden=32, layers=2)

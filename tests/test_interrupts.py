@@ -1,0 +1,49 @@
+"""Ctrl-C during training, as a user presses it: a checkpoint at the end of the step, and a re-run that
+logs each step once (one process, and the driver of two Ray Train workers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def logged_steps(run: Path) -> list[int]:
+    path = run / "train_log.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ctrl_c_writes_a_checkpoint_and_the_rerun_logs_each_step_once(small_shards, tmp_path, workers):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "crosscoder.cli", "train", "--run", str(run), "--data", small_shards, "--quiet",
+            "--train.latents", "96", "--train.k", "4", "--train.batch_size", "256", "--train.lr", "3e-3",
+            "--train.log_every", "1", "--train.checkpoint_every", "0", "--train.workers", str(workers)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([*args, "--train.steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    deadline = time.time() + 300
+    while len(logged_steps(run)) < 5 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    pressed = time.time()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert time.time() - pressed < 120, "the checkpoint took too long"
+    assert "stopping" in err and "re-run the same command to resume from the last checkpoint" in err
+    checkpoints = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1, checkpoints  # the only one: written at the Ctrl-C (checkpoint_every = 0)
+    stopped = int(checkpoints[0].split("-")[1])
+    assert stopped >= 5 and logged_steps(run)[-1] >= stopped
+    again = subprocess.run([*args, "--train.steps", str(stopped + 3)], capture_output=True, text=True, timeout=600,
+                           env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert logged_steps(run) == list(range(1, stopped + 4))  # each step once: none redone, none lost
