@@ -74,6 +74,7 @@ class Analysis:
     scaling_threshold: float = 0.3
     exclusive_threshold: float = 0.1
     notes: list[str] = field(default_factory=list)
+    inference_l0: float = float("nan")  # mean active latents per token and group, encoded as at inference
 
     @property
     def classes(self) -> np.ndarray:
@@ -115,7 +116,7 @@ class Analysis:
     def summary(self) -> dict:
         return {"sources": list(self.sources), "tokens": self.tokens, "latents": len(self.classes),
                 "classes": self.class_counts(), "artifacts": self.artifact_counts(),
-                "special_tokens": self.special_token_counts(), "fve": self.fve,
+                "special_tokens": self.special_token_counts(), "fve": self.fve, "inference_l0": self.inference_l0,
                 "ce_loss_recovered": self.ce_recovered, "attribution": self.attribution,
                 "scaling_threshold": self.scaling_threshold, "exclusive_threshold": self.exclusive_threshold,
                 "notes": self.notes}
@@ -229,6 +230,7 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
     special_count = torch.zeros(L, dtype=torch.float64, device=device)
     count = torch.zeros(L, dtype=torch.float64, device=device)
     act_sum = torch.zeros(L, dtype=torch.float64, device=device)
+    active = torch.zeros((), dtype=torch.float64, device=device)
     top = _TopExamples(L, cfg.top_examples, device)
     fve_stream = StreamingFVE(slices, device)
     token_ids: list[np.ndarray] = []
@@ -257,6 +259,7 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
         xhn = torch.cat([x_hat[:, sl] * scale[s] for s, sl in enumerate(slices)], 1)
         fve_stream.update(xn, xhn)
         fired = f > 0
+        active.add_((f_groups > 0).sum().double())
         count.add_(fired.sum(0).double())
         if special_ids is not None:
             special_count.add_(fired[torch.from_numpy(np.isin(ids, special_ids)).to(device)].sum(0).double())
@@ -330,6 +333,7 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
     attribution = _attribution(fires_by_token, all_ids, decoder)
     fve = dict(zip(spec.sources, fve_stream.result().tolist()))
     return Analysis(sources=(spec.sources[a], spec.sources[b]), tokens=seen, columns=columns, fve=fve,
+                    inference_l0=float(active) / (seen * spec.groups),
                     examples=examples, attribution=attribution, scaling_threshold=cfg.scaling_threshold,
                     exclusive_threshold=cfg.exclusive_threshold, notes=notes)
 

@@ -29,6 +29,7 @@ import torch
 
 log = logging.getLogger(__name__)
 STALE_AFTER_S = 600.0  # a build takes under a minute here; ten leave room for a loaded machine
+STALE_LOAD_AFTER_S = 60.0  # where the build is done, a lock is a load's no-op check (a second), or a leftover
 REPORT_EVERY_S = 30.0
 
 
@@ -53,9 +54,10 @@ def source_key(*parts: str | bytes) -> str:
 def clear_stale_locks(directory: Path, stale_after_s: float = STALE_AFTER_S, sleep=time.sleep) -> None:
     """Wait for (with a message) or remove the build locks under ``directory``; returns when none is left.
 
-    A lock is a build in progress in another process, or the leftover of one that was killed: a lock
-    older than ``stale_after_s`` is the latter and is removed with a warning; a younger one is waited
-    on until it goes or grows that old.
+    A lock is a build (or a load: torch takes the lock to check a build is current) in progress in
+    another process, or the leftover of one that was killed: a lock older than ``stale_after_s`` (or
+    STALE_LOAD_AFTER_S where the build already produced its library) is the latter and is removed
+    with a warning; a younger one is waited on until it goes or grows that old.
     """
     waited = 0.0
     while True:
@@ -69,7 +71,8 @@ def clear_stale_locks(directory: Path, stale_after_s: float = STALE_AFTER_S, sle
                 age = now - lock.stat().st_mtime
             except FileNotFoundError:
                 continue  # the build finished meanwhile
-            if age >= stale_after_s:
+            built = any(lock.parent.glob("*.so"))
+            if age >= (min(stale_after_s, STALE_LOAD_AFTER_S) if built else stale_after_s):
                 log.warning("removing the stale build lock %s (%.0f s old: left by a build that was killed)",
                             lock, age)
                 print(f"crosscoder: removing the stale build lock {lock} ({age:.0f} s old)", file=sys.stderr)

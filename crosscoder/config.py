@@ -152,7 +152,10 @@ class TrainConfig:
         10.0, "aligned only: coefficient of the alignment loss (10: cross FVE ≈ own FVE on planted data)", ge=0)
     align_loss: Literal["mse", "normalized"] = opt(
         "normalized", "aligned only: mse | normalized (scale-invariant ‖f_s−f_t‖²/mean ‖f‖²)")
-    threshold_momentum: float = opt(0.99, "batchtopk: EMA momentum of the inference threshold", ge=0, lt=1)
+    threshold_momentum: float = opt(0.99, "batchtopk: EMA momentum of the running inference threshold", ge=0, lt=1)
+    calibration_batches: int = opt(
+        8, "batchtopk: at the end of training the inference thresholds are set on this many further batches so "
+        "that the mean inference L0 there is k (0 = keep the running average)", ge=0)
     dec_init_norm: float = opt(0.1, "initial norm of each latent's decoder row, per source", gt=0)
     sparse_kernels: Literal["on", "off", "auto"] = opt(
         "auto", "acausal topk/batchtopk: gradients and decoding only through the active latents (sparse_path.py): "

@@ -22,6 +22,7 @@ of the module that owns them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import asdict
@@ -202,6 +203,14 @@ class DeepSpeedBackend:
             full.b_dec.copy_(model.b_dec.detach().float())
             full.threshold_updates.copy_(model.threshold_updates)
         return full
+
+    def full_weights(self):
+        """This rank's slice of the weights, whole: ZeRO-3 partitions them outside the engine's forward."""
+        if self.tc.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()))
+        return contextlib.nullcontext()
 
     def report(self) -> dict:
         return {"comm_bytes": self.counter.bytes, "memory_bytes": self.resident_bytes()}

@@ -8,6 +8,7 @@ saving keeps its previous checkpoint; the oldest are removed beyond ``train.keep
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import asdict
@@ -89,6 +90,9 @@ class LocalBackend:
     def export(self, run_dir: Path, extra: dict) -> Path:
         self.model.save_pretrained(run_dir / "crosscoder", norm_scale=self.model.spec.norm_scale, extra=extra)
         return run_dir / "crosscoder"
+
+    def full_weights(self):
+        return contextlib.nullcontext()
 
     def report(self) -> dict:
         return {}

@@ -324,14 +324,38 @@ class CrossCoder(nn.Module):
         """Average the batch's k·B-th score into the per-latent inference threshold on f.
 
         A latent fires in training when ``f_i · w_i ≥ kth``, i.e. ``f_i ≥ kth / w_i``; the running
-        mean of that quantity is the threshold :meth:`encode` uses.
+        mean of that quantity is the threshold :meth:`encode` uses. The mean is an exponential one
+        with Adam's bias correction (``threshold`` holds the corrected value): every step's weight
+        is ``(1 − m) m^age / (1 − m^t)``, so after t steps the first one weighs ``m^(t−1)`` less than
+        with a mean started at the first value. The trainer replaces it at the end by a calibrated
+        threshold (:meth:`calibrate_threshold`), which no average of a moving quantity matches.
         """
         current = batch_threshold.view(-1, 1) / weights.clamp_min(1e-12)
-        if int(self.threshold_updates) == 0:
-            self.threshold.copy_(current)
-        else:
-            self.threshold.mul_(momentum).add_(current, alpha=1 - momentum)
+        t = int(self.threshold_updates)
+        raw = self.threshold * (1 - momentum**t)  # the uncorrected average of steps 1..t
+        self.threshold.copy_((raw * momentum + current * (1 - momentum)) / (1 - momentum ** (t + 1)))
         self.threshold_updates += 1
+
+    @torch.no_grad()
+    def calibrate_threshold(self, batches, k: int) -> int:
+        """Per-latent BatchTopK thresholds from ``batches`` of training inputs: with the final
+        weights, the ``k·N``-th largest score over all ``N`` tokens of all the batches (per group)
+        is the score a latent must reach, and ``threshold = score / w``: BatchTopK's own rule over
+        one large batch, so on those tokens the mean inference L0 is k. Returns N (global)."""
+        weights = self.selection_weights()
+        kept: Tensor | None = None  # per group, this shard's k·N largest scores so far (its candidates)
+        tokens = 0
+        for x in batches:
+            scores = self.pre_activations(x).clamp_min(0).mul_(weights)  # [B, G, L]
+            tokens += self.collectives.batch_tokens(x.shape[0])
+            flat = scores.transpose(0, 1).reshape(scores.shape[1], -1)  # [G, B·L]
+            top = flat.topk(min(k * tokens, flat.shape[1]), dim=1, sorted=False).values
+            both = top if kept is None else torch.cat([kept, top], 1)
+            kept = both.topk(min(k * tokens, both.shape[1]), dim=1, sorted=False).values
+        assert kept is not None, "calibration needs at least one batch"
+        score = torch.stack([self.collectives.kth_largest_batch(kept[g], k * tokens) for g in range(kept.shape[0])])
+        self.threshold.copy_(score.view(-1, 1) / weights.clamp_min(1e-12))
+        return tokens
 
     # ----------------------------------------------------------------------------------------
     # export

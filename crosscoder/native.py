@@ -39,6 +39,7 @@ CPU tensors only: on GPU the PyTorch path is used.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -73,6 +74,13 @@ def module():
         cflags = ["-O3", "-fopenmp", *flags]
         name = f"{name}_{source_key(SOURCE.read_bytes(), *cflags)}"  # a changed source or flag is a new build
         build = extensions_dir() / name
+        built = build / f"{name}.so"
+        if built.is_file():  # imported directly: torch's load() would take the build lock even to load
+            spec = importlib.util.spec_from_file_location(name, built)
+            assert spec is not None and spec.loader is not None
+            _module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(_module)
+            return _module
         build.mkdir(exist_ok=True)
         clear_stale_locks(build)
         _module = load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],

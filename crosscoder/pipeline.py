@@ -158,7 +158,8 @@ def analyze(p: Plan, progress: bool = True, only_if_stale: bool = False) -> dict
     counts, arts = summary["classes"], summary["artifacts"]
     print(f"analyze: {summary['tokens']} tokens; latents shared {counts['shared']}, base-only {counts['base_only']}, "
           f"chat-only {counts['chat_only']}, dead {counts['dead']}; Latent Scaling flags "
-          f"{arts['chat_only']['flagged']} of {arts['chat_only']['latents']} chat-only latents")
+          f"{arts['chat_only']['flagged']} of {arts['chat_only']['latents']} chat-only latents; inference L0 "
+          f"{summary['inference_l0']:.1f}")
     for name, ce in summary["ce_loss_recovered"].items():
         print(f"analyze: CE loss recovered {name}: {ce['recovered']:.3f}")
     print(f"analysis: {(out / 'latents.csv').absolute()}\nreport: {report.absolute()}")

@@ -129,6 +129,8 @@ def render(analysis: Analysis, title: str = "Crosscoder model-diffing report") -
                     ["latents", f"{len(c['class']):,}"]]
     summary_rows += [[f"{k} latents", v] for k, v in counts.items()]
     summary_rows += [[f"FVE {k}", f"{v:.4f}"] for k, v in analysis.fve.items()]
+    summary_rows.append(["inference L0 (active latents per token, as encode() fires them)",
+                         f"{analysis.inference_l0:.1f}"])
     summary_rows += [[f"CE loss recovered {k}", f"{v['recovered']:.4f} (clean {v['clean']:.3f}, spliced "
                       f"{v['spliced']:.3f}, zero-ablated {v['zero_ablated']:.3f} nats)"]
                      for k, v in analysis.ce_recovered.items()]

@@ -20,6 +20,7 @@ TRAIN_METRICS = {
     "crosscoder_train_loss": "loss terms",
     "crosscoder_train_fve": "fraction of variance explained, per source",
     "crosscoder_train_l0": "mean active latents per token",
+    "crosscoder_train_inference_l0": "mean active latents per token with the inference thresholds (batchtopk)",
     "crosscoder_train_dead_latents_ratio": "fraction of latents dead",
     "crosscoder_train_steps_total": "optimizer steps taken",
 }
@@ -82,6 +83,7 @@ class TrainMetrics:
         self._loss = metric(Gauge, "crosscoder_train_loss", ("term",))
         self._fve = metric(Gauge, "crosscoder_train_fve", ("source",))
         self._l0 = metric(Gauge, "crosscoder_train_l0").labels(**base)
+        self._inference_l0 = metric(Gauge, "crosscoder_train_inference_l0").labels(**base)
         self._dead = metric(Gauge, "crosscoder_train_dead_latents_ratio").labels(**base)
         self._base = base
         self.server, _ = start_http_server(self.port, addr=host, registry=r)
@@ -98,6 +100,8 @@ class TrainMetrics:
         for source, value in metrics["fve"].items():
             self._fve.labels(**self._base, source=source).set(value)
         self._l0.set(metrics["l0"])
+        if "inference_l0" in metrics:
+            self._inference_l0.set(metrics["inference_l0"])
         self._dead.set(metrics["dead_fraction"])
 
     def close(self) -> None:

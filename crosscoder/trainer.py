@@ -30,6 +30,7 @@ import math
 import random
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -49,6 +50,7 @@ from .losses import LossWeights, default_aux_k
 from .metrics import StreamingFVE
 from .model import CrossCoder, CrossCoderSpec, ForwardOutput
 from .shards import Manifest, ShardError, check_sizes, read_manifest
+from .sparsity import threshold_mask
 from .storage import open_root
 from .stream import DataExhausted, PartitionBatch, PartitionedStream, Position, prefetch
 from .telemetry import TrainMetrics
@@ -80,6 +82,19 @@ STOPS = {"TrainingDiverged": TrainingDiverged, "ShardError": ShardError, "DataEx
 def _stop(run_dir: Path, error: Exception) -> None:
     """Record why training stopped, for the driver and for a re-run (any rank may write it)."""
     (run_dir / RESULT_FILE).write_text(json.dumps({"error": str(error), "kind": type(error).__name__}) + "\n")
+
+
+def _inputs(batches, collectives: Collectives, count: int):
+    """Up to ``count`` more inputs from ``batches``, fewer when the data ends on any rank."""
+    for _ in range(count):
+        try:
+            _, x = next(batches)
+            code = 0
+        except DataExhausted:
+            code = 1
+        if collectives.worst(code):
+            return
+        yield x
 
 
 class Interrupted(KeyboardInterrupt):
@@ -118,6 +133,7 @@ class Backend(Protocol):
     def keeps_whole_gradients(self) -> bool: ...  # False under ZeRO-2/3: the sparse path keeps no gradient memory
     @property
     def device(self) -> torch.device: ...  # the model, optimizer state, batches and counters live there
+    def full_weights(self) -> AbstractContextManager: ...  # this rank's whole slice at hand (ZeRO-3 gathers)
 
     def latent_range(self, latents: int) -> tuple[int, int]: ...
     def has_checkpoint(self, run_dir: Path) -> bool: ...
@@ -368,6 +384,11 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                 metrics = step_metrics(spec, x, out, terms, tracker, collectives) | {
                     "step": done, "lr": lr, "grad_norm": grad_norm, "tokens": done * tc.batch_size,
                     "epoch": batch.epoch}
+                if spec.activation == "batchtopk" and (done % tc.log_every == 0 or done == end):
+                    # what encode() would keep with the running thresholds: the drift training cannot see
+                    fired = threshold_mask(out.pre.detach(), model.threshold).sum().to(torch.float64)
+                    metrics["inference_l0"] = float(collectives.data_sum(collectives.sum_count(fired))) / (
+                        collectives.batch_tokens(x.shape[0]) * out.pre.shape[1])
                 result.losses.append(metrics["loss"]["total"])
                 result.last_metrics = metrics
                 telemetry.step(metrics, x.shape[0], time.perf_counter() - t0, t_data)
@@ -378,6 +399,13 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                 bar.set_postfix(loss=f"{metrics['loss']['total']:.4g}", l0=f"{metrics['l0']:.1f}",
                                 fve=f"{np.mean(list(metrics['fve'].values())):.3f}",
                                 dead=f"{metrics['dead_fraction']:.2%}", refresh=False)
+                if done == tc.steps and spec.activation == "batchtopk" and tc.calibration_batches:
+                    with backend.full_weights():  # before the last checkpoint: a re-run exports the same
+                        calibrated = model.calibrate_threshold(_inputs(batches, collectives, tc.calibration_batches),
+                                                               spec.k)
+                    if is_main:
+                        print(f"train: inference thresholds calibrated on {calibrated} tokens (mean inference L0 "
+                              f"{spec.k} there)")
                 if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == end:
                     checkpoint(done)
                 result.steps = done

@@ -95,12 +95,16 @@ def test_batchtopk_uses_threshold_at_inference_independent_of_batch():
     assert 0.5 * 4 < float((f_full != 0).sum(-1).float().mean()) < 2 * 4
 
 
-def test_threshold_is_an_exponential_moving_average():
+def test_threshold_is_a_bias_corrected_exponential_moving_average():
+    """Adam's correction: after t steps each step weighs (1 − m) m^age / (1 − m^t); with m = 1/2, the
+    first value alone, then 1/3 and 2/3, so the first step does not linger as it did when the
+    average started at it (1/2 and 1/2)."""
     model = make(act="batchtopk")
     w = torch.ones(1, 64)
     model.update_threshold(torch.tensor([2.0]), w, momentum=0.5)
+    assert torch.allclose(model.threshold, torch.full((1, 64), 2.0))
     model.update_threshold(torch.tensor([4.0]), w, momentum=0.5)
-    assert torch.allclose(model.threshold, torch.full((1, 64), 3.0))
+    assert torch.allclose(model.threshold, torch.full((1, 64), 2.0 / 3 + 8.0 / 3))
 
 
 def test_l1_penalty_matches_hand_computed_value():

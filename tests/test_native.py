@@ -275,6 +275,11 @@ def test_a_stale_build_lock_is_removed_and_a_live_one_waited_on_within_a_bound(t
     started = time.time()
     clear_stale_locks(tmp_path, stale_after_s=3)
     assert not live.exists() and time.time() - started < 10
+    (tmp_path / "ext" / "ext.so").touch()  # built already: a lock is a load's check, stale after a minute
+    live.touch()
+    os.utime(live, (time.time() - 90, time.time() - 90))
+    clear_stale_locks(tmp_path, stale_after_s=600)
+    assert not live.exists()
 
 
 def test_the_kernels_load_through_a_stale_lock_in_a_fresh_install_directory(tmp_path):

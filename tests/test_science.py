@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from crosscoder import CrossCoder
-from crosscoder.config import RunConfig
+from crosscoder.config import RunConfig, SyntheticConfig
 from crosscoder.shards import read_manifest
 from crosscoder.storage import Root
 from crosscoder.stream import TokenStream
@@ -150,3 +150,29 @@ def test_analysis_classes_match_the_planted_truth(batchtopk_run, tmp_path):
     flagged = [lat for lat in exclusive if table["artifact"][lat]]
     assert len(flagged) <= 0.1 * len(exclusive), (len(flagged), len(exclusive))
     assert all(result.fve[s] > 0.85 for s in result.fve), result.fve
+
+
+def test_after_100_steps_the_inference_sparsity_is_k(tmp_path):
+    """The running threshold weighs the first steps' small scores for a long time (at 100 steps, the
+    first one still had 37% of the weight with the old average); calibrated at the end of training on
+    further batches, encode() fires about k latents per token on tokens it never saw."""
+    from crosscoder.analysis import analyze
+    from crosscoder.config import AnalyzeConfig
+
+    data = str(tmp_path / "shards")
+    s = SyntheticConfig(widths=[32, 32], features=128, tokens=60_000, seq_len=64, samples_per_shard=16,
+                        active_per_token=6.0)
+    write_synthetic(s, data, progress=False)
+    cfg = RunConfig(name="l0")
+    cfg.train.latents, cfg.train.k, cfg.train.batch_size, cfg.train.steps = 512, 8, 512, 100
+    cfg.train.lr, cfg.train.dead_tokens, cfg.train.shuffle_samples = 3e-3, 50_000, 16
+    result = train(cfg, tmp_path / "run", data=data, progress=False)
+    model = CrossCoder.from_pretrained(result.export_dir)
+    summary = analyze(model, Root(data), AnalyzeConfig(tokens=20_000, ce_sequences=0), progress=False)
+    assert abs(summary.inference_l0 - 8) <= 0.25 * 8, summary.inference_l0
+    # the running average alone (no calibration) is far from it at 100 steps: what was reported
+    cfg.train.calibration_batches = 0
+    uncalibrated = train(cfg, tmp_path / "plain", data=data, progress=False)
+    plain = analyze(CrossCoder.from_pretrained(uncalibrated.export_dir), Root(data),
+                    AnalyzeConfig(tokens=20_000, ce_sequences=0), progress=False)
+    assert plain.inference_l0 > 1.25 * 8 or plain.inference_l0 < 0.75 * 8, plain.inference_l0
