@@ -75,6 +75,7 @@ class Analysis:
     exclusive_threshold: float = 0.1
     notes: list[str] = field(default_factory=list)
     inference_l0: float = float("nan")  # mean active latents per token and group, encoded as at inference
+    cross_fve: dict[str, float] = field(default_factory=dict)  # aligned: "from->to" → FVE of decoding across
 
     @property
     def classes(self) -> np.ndarray:
@@ -113,10 +114,19 @@ class Analysis:
                 out[cls]["kept_mostly_special"] = int((mostly & kept & member).sum())
         return out
 
+    def present_counts(self) -> dict[str, int]:
+        """Live latents per set of sources they decode into (``present``), most common first."""
+        present = self.columns.get("present")
+        if present is None:
+            return {}
+        sets, counts = np.unique(present[self.classes != "dead"].astype(str), return_counts=True)
+        return {str(s): int(c) for s, c in sorted(zip(sets, counts), key=lambda p: -p[1])}
+
     def summary(self) -> dict:
         return {"sources": list(self.sources), "tokens": self.tokens, "latents": len(self.classes),
                 "classes": self.class_counts(), "artifacts": self.artifact_counts(),
                 "special_tokens": self.special_token_counts(), "fve": self.fve, "inference_l0": self.inference_l0,
+                "cross_fve": self.cross_fve, "present": self.present_counts(),
                 "ce_loss_recovered": self.ce_recovered, "attribution": self.attribution,
                 "scaling_threshold": self.scaling_threshold, "exclusive_threshold": self.exclusive_threshold,
                 "notes": self.notes}
@@ -209,6 +219,9 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
     dec = [W_dec[:, sl] * scale[s] for s, sl in enumerate(slices)]  # normalised units
     W_dec_normalised = torch.cat(dec, 1)
     rel_norm = relative_decoder_norm(W_dec_normalised, slices, a, b).cpu().numpy()
+    # every source's share of each latent's decoder norm (normalised units): the latent's profile
+    norms = torch.stack([d.norm(dim=1) for d in dec], 1).double()
+    profile = (norms / norms.sum(1, keepdim=True).clamp_min(1e-12)).cpu().numpy()  # [L, S]
     notes = []
     if spec.widths[a] == spec.widths[b]:
         cosine = decoder_cosine(W_dec_normalised, slices, a, b).cpu().numpy()
@@ -231,8 +244,12 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
     count = torch.zeros(L, dtype=torch.float64, device=device)
     act_sum = torch.zeros(L, dtype=torch.float64, device=device)
     active = torch.zeros((), dtype=torch.float64, device=device)
+    fired_shown = torch.zeros(L, dtype=torch.float64, device=device)  # firings outside chunk starts
+    excluded = [0]  # chunk-start positions left out of the examples and token statistics
     top = _TopExamples(L, cfg.top_examples, device)
     fve_stream = StreamingFVE(slices, device)
+    # aligned: each source's code decoded into every source (cross-layer mapping), FVE per (from, to)
+    cross = [StreamingFVE(slices, device) for _ in spec.sources] if spec.arch == "aligned" else []
     token_ids: list[np.ndarray] = []
     sample_of: list[np.ndarray] = []
     budget = min(cfg.tokens, manifest.tokens) if cfg.tokens > 0 else manifest.tokens
@@ -249,6 +266,11 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
         nonlocal seen
         acts = np.concatenate(pending)
         ids = np.concatenate(pending_ids)
+        # the first stored position of every chunk: an attention sink with a few times the usual norm,
+        # left out of the examples and token statistics unless analyze.chunk_starts
+        starts = np.zeros(len(ids), dtype=bool)
+        starts[np.cumsum([0] + [len(p) for p in pending_ids[:-1]])] = not cfg.chunk_starts
+        shown = torch.from_numpy(~starts).to(device)
         x = torch.from_numpy(acts).to(device).float()
         if not torch.isfinite(x).all():
             raise AnalysisError(f"{root.url}: non-finite activations among tokens {seen}..{seen + len(x)}")
@@ -258,15 +280,21 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
         xn = torch.cat([x[:, sl] * scale[s] for s, sl in enumerate(slices)], 1)
         xhn = torch.cat([x_hat[:, sl] * scale[s] for s, sl in enumerate(slices)], 1)
         fve_stream.update(xn, xhn)
+        for s, stream in enumerate(cross):
+            decoded = model.decode_group(f_groups[:, s])
+            stream.update(xn, torch.cat([decoded[:, sl] * scale[t] for t, sl in enumerate(slices)], 1))
         fired = f > 0
         active.add_((f_groups > 0).sum().double())
         count.add_(fired.sum(0).double())
+        counted = fired & shown[:, None]  # the token statistics and examples skip chunk starts
+        fired_shown.add_(counted.sum(0).double())
         if special_ids is not None:
-            special_count.add_(fired[torch.from_numpy(np.isin(ids, special_ids)).to(device)].sum(0).double())
+            special_count.add_(counted[torch.from_numpy(np.isin(ids, special_ids)).to(device)].sum(0).double())
         act_sum.add_(f.sum(0).double())
-        top.update(f, seen)
+        top.update(f * shown[:, None], seen)
+        excluded[0] += int(starts.sum())
         for c, mask in masks.items():
-            per_token = fired[:, mask].sum(1).cpu().numpy()
+            per_token = counted[:, mask].sum(1).cpu().numpy()
             grown = np.bincount(ids, weights=per_token, minlength=len(fires_by_token[c])).astype(np.int64)
             grown[: len(fires_by_token[c])] += fires_by_token[c]
             fires_by_token[c] = grown
@@ -303,7 +331,8 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
     top.values, top.index = top.values.cpu(), top.index.cpu()
     max_act = top.values[:, 0].clamp_min(0).numpy()
     nan = np.full(L, np.nan)
-    special_share = (np.where(fired_counts > 0, special_count.cpu().numpy() / np.maximum(fired_counts, 1), np.nan)
+    shown_counts = fired_shown.cpu().numpy()
+    special_share = (np.where(shown_counts > 0, special_count.cpu().numpy() / np.maximum(shown_counts, 1), np.nan)
                      if special_ids is not None else np.full(L, np.nan))
     columns = {"index": np.arange(L), "frequency": frequency, "mean_activation": mean_act, "max_activation": max_act,
                "special_share": special_share, "rel_norm": rel_norm, "cosine": cosine, "class": cls,
@@ -325,15 +354,26 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
         columns["artifact"][idx] = np.where(cls[idx] == "dead", "", labels)
 
     columns["artifact"] = untrained_token_labels(cls, special_share, columns["artifact"])
+    for s, name in enumerate(spec.sources):
+        columns[f"norm.{name}"] = profile[:, s]
+    holds = profile >= cfg.exclusive_threshold
+    columns["present"] = np.array(["+".join(n for n, h in zip(spec.sources, row) if h) for row in holds], dtype=object)
+    columns["present"][cls == "dead"] = ""
+    cross_fve = {f"{spec.sources[s]}->{spec.sources[t]}": value
+                 for s, stream in enumerate(cross) for t, value in enumerate(stream.result().tolist())}
     all_ids = np.concatenate(token_ids)
     sample_index = np.concatenate(sample_of)
     if decoder.tokenizer is None:
         notes.append("token ids shown as #id: the shards name no tokenizer that loads here")
+    if excluded[0]:
+        notes.append(f"{excluded[0]:,} chunk-start positions (the first stored token of each chunk, an attention sink "
+                     "with a few times the usual norm) are left out of the examples, the token attribution and the "
+                     "special-token shares; analyze.chunk_starts = true keeps them")
     examples = _examples(cls, top, all_ids, sample_index, decoder, cfg)
     attribution = _attribution(fires_by_token, all_ids, decoder)
     fve = dict(zip(spec.sources, fve_stream.result().tolist()))
     return Analysis(sources=(spec.sources[a], spec.sources[b]), tokens=seen, columns=columns, fve=fve,
-                    inference_l0=float(active) / (seen * spec.groups),
+                    inference_l0=float(active) / (seen * spec.groups), cross_fve=cross_fve,
                     examples=examples, attribution=attribution, scaling_threshold=cfg.scaling_threshold,
                     exclusive_threshold=cfg.exclusive_threshold, notes=notes)
 
@@ -380,11 +420,14 @@ def _attribution(fires_by_token: dict[str, np.ndarray], ids: np.ndarray, decoder
 
 
 def write_latents_csv(analysis: Analysis, path: Path) -> None:
+    """CSV_COLUMNS, then per source ``norm.<source>`` (its share of the latent's decoder norm) and
+    ``present`` (the sources holding at least exclusive_threshold of it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    names = [*CSV_COLUMNS, *(c for c in analysis.columns if c not in CSV_COLUMNS)]
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(CSV_COLUMNS)
-        cols = [analysis.columns[c] for c in CSV_COLUMNS]
+        writer.writerow(names)
+        cols = [analysis.columns[c] for c in names]
         for row in zip(*cols):
             writer.writerow([_fmt(v) for v in row])
 
@@ -400,9 +443,9 @@ def read_latents_csv(path: Path) -> dict[str, np.ndarray]:
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     out = {}
-    for c in CSV_COLUMNS:
+    for c in rows[0] if rows else CSV_COLUMNS:
         values = [r[c] for r in rows]
-        out[c] = np.array(values, dtype=object) if c in ("class", "artifact") else \
+        out[c] = np.array(values, dtype=object) if c in ("class", "artifact", "present") else \
             np.array([float(v) if v != "" else np.nan for v in values])
     return out
 
@@ -450,17 +493,22 @@ def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig, 
         return {}
     if announce:
         print(f"analyze: CE loss recovered on {cfg.ce_sequences} sequences (loads the models)")
+    from .harvest import prefix_token
+
+    token = prefix_token(load_tokenizer(manifest.tokenizer), harvest.get("prefix", "bos"))
+    # run as harvested: a document's first chunk behind the prefix token (before harvest.prefix existed,
+    # every chunk); only chunks that were run alike go in one batch, the first chunks when there is a prefix
+    prefix = [] if harvest.get("keep_bos") or token is None else [token]
     chunks = []
     for sample in iter_samples(root, manifest):
-        if len(sample.tokens) == manifest.seq_len:
+        if len(sample.tokens) == manifest.seq_len and (not prefix or "prefix" not in harvest
+                                                       or sample.meta.get("chunk", 0) == 0):
             chunks.append(sample.tokens)
         if len(chunks) >= cfg.ce_sequences:
             break
     if not chunks:
         return {}
     device = model.W_dec.device
-    bos = load_tokenizer(manifest.tokenizer).bos_token_id
-    prefix = [] if harvest.get("keep_bos") or bos is None else [bos]
     ids = torch.tensor([prefix + c.tolist() for c in chunks], dtype=torch.long, device=device)
     start = len(prefix)
     tables = {m.get("name", f"model{i}"): m | {"name": m.get("name", f"model{i}")}

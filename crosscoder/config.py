@@ -79,7 +79,10 @@ class HarvestConfig:
     samples_per_shard: int = opt(64, "samples (chunks) per shard file", ge=1)
     batch_size: int = opt(8, "chunks per forward pass", ge=1)
     dtype: Dtype = opt("float16", "dtype activations are stored in: float16 | float32")
-    keep_bos: bool = opt(False, "store the BOS position too (excluded by default: an attention sink with outlier "
+    prefix: str = opt(
+        "bos", "the token a document's first chunk is run behind: bos | eos (the document separator, for models "
+        "whose BOS is a chat-template token) | none | token:<text>; later chunks of a document get none")
+    keep_bos: bool = opt(False, "store the prefix position too (excluded by default: an attention sink with outlier "
                                 "norms)")
     max_retries: int = opt(3, "times a shard is retried after its actor died or failed", ge=0)
 
@@ -206,6 +209,9 @@ class AnalyzeConfig:
     batch_tokens: int = opt(4096, "tokens encoded per batch while streaming", ge=1)
     context: int = opt(12, "tokens of context shown before a max-activating token (and 3 after)", ge=0)
     report_latents: int = opt(12, "latents per class shown with their max-activating examples in the report", ge=0)
+    chunk_starts: bool = opt(
+        False, "keep the first stored position of each chunk (an attention sink with outlier norms) in the examples, "
+        "the token attribution and the special-token shares (frequencies and FVE always count every token)")
     ce_sequences: int = opt(
         16, "sequences for CE loss recovered (harvested data only; needs the models); 0 = skip", ge=0
     )
@@ -507,6 +513,8 @@ def check_harvest(hc: HarvestConfig) -> None:
     """The [harvest] hooks and model tables."""
     if not hc.hooks:
         raise ConfigError("harvest.hooks is empty: name at least one module path, e.g. model.layers.13")
+    if hc.prefix not in ("bos", "eos", "none") and not (hc.prefix.startswith("token:") and len(hc.prefix) > 6):
+        raise ConfigError(f"harvest.prefix must be bos, eos, none or token:<text>, got {hc.prefix!r}")
     for hook in hc.hooks:
         if not HOOK_PATH.match(hook):
             raise ConfigError(f"harvest.hooks: {hook!r} is not a module path such as model.layers.13")

@@ -87,38 +87,45 @@ class ShardHarvester:
             model, paths = load_trunk(spec, hc.hooks)
             self.readers[spec.name] = ActivationReader(model, paths, spec.name, shown=hc.hooks)
         tokenizer = load_tokenizer(self.models[0].path, self.models[0].revision)
-        self.bos = tokenizer.bos_token_id
+        self.prefix = prefix_token(tokenizer, hc.prefix)
         self.pad = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
         self.root = open_root(hc.output, self.cfg.storage)
         self.metrics = HarvestMetrics(self.cfg.metrics.port, actor_index, host=self.cfg.metrics.host)
 
-    def activations(self, tokens: list) -> tuple[torch.Tensor, list[np.ndarray], torch.Tensor]:
-        """For chunks of any lengths: acts [B, T, D] on the models' device (sources concatenated,
-        stored dtype; rows past a chunk's length are padding), the stored token ids (BOS excluded
-        unless kept), and per source the sum of the real tokens' activation norms [S] (float64)."""
+    def activations(self, tokens: list, firsts: list[bool] | None = None
+                    ) -> tuple[torch.Tensor, list[np.ndarray], torch.Tensor]:
+        """For chunks of any lengths (``firsts``: which begin their document; all by default): acts
+        [B, T, D] on the models' device (sources concatenated, stored dtype; rows past a chunk's
+        length are padding), the stored token ids, and per source the sum of their activation norms
+        [S] (float64). A document's first chunk is run behind the prefix token (harvest.prefix),
+        stored only with keep_bos; later chunks start with their own first token."""
         hc = self.cfg.harvest
-        prefix = [self.bos] if self.bos is not None else []
-        rows = [np.concatenate([np.asarray(prefix, dtype=np.int64), np.asarray(t, dtype=np.int64)]) for t in tokens]
+        firsts = firsts if firsts is not None else [True] * len(tokens)
+        prefixed = [self.prefix is not None and first for first in firsts]
+        rows = [np.concatenate([np.asarray([self.prefix] if p else [], dtype=np.int64), np.asarray(t, dtype=np.int64)])
+                for t, p in zip(tokens, prefixed)]
         ids = torch.full((len(rows), max(map(len, rows))), self.pad, dtype=torch.long, device="cpu")
         mask = torch.zeros(ids.shape, dtype=torch.long, device="cpu")
         for i, row in enumerate(rows):
             ids[i, : len(row)] = torch.from_numpy(row)
             mask[i, : len(row)] = 1
-        skip = 0 if hc.keep_bos or not prefix else 1
-        parts = [act[:, skip:] for spec in self.models for act in self.readers[spec.name].read(ids, mask)]
-        # one pass per source: converted to the stored dtype while copied into its columns (no
-        # float32 concatenation first), on the device of the first part
+        skips = [1 if p and not hc.keep_bos else 0 for p in prefixed]
+        lengths = [len(row) - skip for row, skip in zip(rows, skips)]
+        parts = [act for spec in self.models for act in self.readers[spec.name].read(ids, mask)]
+        # one pass per source and row: converted to the stored dtype while copied into its columns and
+        # left-aligned (no float32 concatenation first), on the device of the first part
         device = parts[0].device
-        joined = torch.empty(*parts[0].shape[:2], sum(p.shape[-1] for p in parts), dtype=getattr(torch, hc.dtype),
+        joined = torch.zeros(len(rows), max(lengths), sum(p.shape[-1] for p in parts), dtype=getattr(torch, hc.dtype),
                              device=device)
+        norms = torch.zeros(len(parts), dtype=torch.float64, device=device)
         start = 0
-        for part in parts:
-            joined[..., start : start + part.shape[-1]].copy_(part)
+        for s, part in enumerate(parts):
+            for i, (skip, n) in enumerate(zip(skips, lengths)):
+                stored = part[i, skip : skip + n]
+                joined[i, :n, start : start + part.shape[-1]].copy_(stored)
+                norms[s] += torch.linalg.vector_norm(stored, dim=-1, dtype=torch.float64).sum().to(device)
             start += part.shape[-1]
-        real = mask[:, skip:].to(device, torch.float64)
-        norms = torch.stack([(torch.linalg.vector_norm(p, dim=-1, dtype=torch.float64).to(device) * real).sum()
-                             for p in parts])
-        stored_ids = [np.asarray(row[skip:], dtype=np.int32) for row in rows]
+        stored_ids = [np.asarray(row[skip:], dtype=np.int32) for row, skip in zip(rows, skips)]
         return joined, stored_ids, norms
 
     def write(self, index: int, chunks: list[Chunk]) -> dict:
@@ -139,7 +146,7 @@ class ShardHarvester:
         try:
             for i in range(0, len(chunks), hc.batch_size):
                 batch = chunks[i : i + hc.batch_size]
-                acts, ids, norms = self.activations([c.tokens for c in batch])
+                acts, ids, norms = self.activations([c.tokens for c in batch], [c.index == 0 for c in batch])
                 norm_sum = norm_sum + norms
                 event = None
                 if acts.device.type == "cuda":  # to pinned memory without blocking; written after the next forward
@@ -164,6 +171,18 @@ class ShardHarvester:
         seconds = time.time() - started
         self.metrics.shard(info.tokens, seconds)
         return {"index": index, "info": asdict(info), "seconds": seconds}
+
+
+def prefix_token(tokenizer, setting: str) -> int | None:
+    """The token a document's first chunk is run behind (harvest.prefix): bos, eos, none or token:<text>."""
+    if setting == "none":
+        return None
+    if setting in ("bos", "eos"):
+        return getattr(tokenizer, f"{setting}_token_id")
+    ids = tokenizer.convert_tokens_to_ids([setting.removeprefix("token:")])
+    if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
+        raise ConfigError(f"harvest.prefix = {setting!r}: the tokenizer has no such token")
+    return int(ids[0])
 
 
 class HarvestError(RuntimeError):
@@ -256,7 +275,7 @@ def build_manifest(cfg, sources, widths, infos: list[ShardInfo], tokenizer: str,
         dtype=hc.dtype, seq_len=hc.seq_len, tokenizer=tokenizer, norm_scale=norm_scale, shards=infos,
         extra={"harvest": {"fingerprint": fp, "complete": complete, "planned_shards": planned,
                            "models": hc.models, "hooks": hc.hooks, "data": hc.data,
-                           "keep_bos": hc.keep_bos}},
+                           "keep_bos": hc.keep_bos, "prefix": hc.prefix}},
     )
 
 

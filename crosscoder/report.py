@@ -34,6 +34,13 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def labels(analysis: Analysis) -> dict[str, str]:
+    """How the report names the pairwise classes: by the two compared sources' names (base/chat
+    only when they are called that), since a cross-layer run compares layers, not models."""
+    first, second = analysis.sources
+    return {"shared": "shared", "base_only": f"{first}-only", "chat_only": f"{second}-only", "dead": "dead"}
+
+
 def figures(analysis: Analysis) -> dict[str, str]:
     """Title → base64 PNG."""
     import matplotlib
@@ -59,7 +66,8 @@ def figures(analysis: Analysis) -> dict[str, str]:
     for cls in ("shared", "base_only", "chat_only"):
         vals = c["cosine"][(c["class"] == cls) & np.isfinite(c["cosine"])]
         if len(vals):
-            ax.hist(vals, bins=np.linspace(-1, 1, 41).tolist(), alpha=0.6, label=cls, color=COLORS[cls])
+            ax.hist(vals, bins=np.linspace(-1, 1, 41).tolist(), alpha=0.6, label=labels(analysis)[cls],
+                    color=COLORS[cls])
     ax.set_xlabel(f"decoder cosine between {base} and {chat}")
     ax.set_ylabel("latents")
     ax.set_yscale("log")
@@ -70,8 +78,8 @@ def figures(analysis: Analysis) -> dict[str, str]:
     t = analysis.scaling_threshold
     for cls in ("base_only", "chat_only"):
         m = (c["class"] == cls) & np.isfinite(c["nu_error"]) & np.isfinite(c["nu_recon"])
-        ax.scatter(c["nu_error"][m], c["nu_recon"][m], s=12, alpha=0.7, label=f"{cls} ({int(m.sum())})",
-                   color=COLORS[cls])
+        ax.scatter(c["nu_error"][m], c["nu_recon"][m], s=12, alpha=0.7, color=COLORS[cls],
+                   label=f"{labels(analysis)[cls]} ({int(m.sum())})")
     ax.axvline(t, color="k", ls="--", lw=0.8)
     ax.axhline(t, color="k", ls="--", lw=0.8)
     finite = np.concatenate([c["nu_error"][np.isfinite(c["nu_error"])], c["nu_recon"][np.isfinite(c["nu_recon"])]])
@@ -94,6 +102,17 @@ def figures(analysis: Analysis) -> dict[str, str]:
     ax.set_ylim(min(0.0, *[analysis.fve[n] for n in names]), 1.05)
     ax.legend(fontsize=8)
     out["FVE and CE loss recovered per source"] = _png(fig)
+
+    profile_names = [k for k in c if k.startswith("norm.")]
+    if len(profile_names) > 2:  # more than a pair: each latent's decoder-norm share per source
+        shares = np.stack([c[k] for k in profile_names], 1)[live]
+        order = np.lexsort((-shares.max(1), shares.argmax(1)))
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        image = ax.imshow(shares[order].T, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1)
+        ax.set_yticks(range(len(profile_names)), [k[5:] for k in profile_names], fontsize=8)
+        ax.set_xlabel("live latents, by the source they decode most into")
+        fig.colorbar(image, ax=ax, label="share of the decoder norm")
+        out["Decoder-norm profile over all sources"] = _png(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
     freq = c["frequency"][live]
@@ -127,14 +146,27 @@ def render(analysis: Analysis, title: str = "Crosscoder model-diffing report") -
     arts = analysis.artifact_counts()
     summary_rows: list[list] = [["sources compared", f"{base} vs {chat}"], ["tokens analysed", f"{analysis.tokens:,}"],
                     ["latents", f"{len(c['class']):,}"]]
-    summary_rows += [[f"{k} latents", v] for k, v in counts.items()]
+    named = labels(analysis)
+    summary_rows += [[f"{named[k]} latents", v] for k, v in counts.items()]
     summary_rows += [[f"FVE {k}", f"{v:.4f}"] for k, v in analysis.fve.items()]
     summary_rows.append(["inference L0 (active latents per token, as encode() fires them)",
                          f"{analysis.inference_l0:.1f}"])
     summary_rows += [[f"CE loss recovered {k}", f"{v['recovered']:.4f} (clean {v['clean']:.3f}, spliced "
                       f"{v['spliced']:.3f}, zero-ablated {v['zero_ablated']:.3f} nats)"]
                      for k, v in analysis.ce_recovered.items()]
-    art_rows = [[cls, a["latents"], a["complete_shrinkage"], a["latent_decoupling"], a["untrained_tokens"],
+    sources = [k[5:] for k in c if k.startswith("norm.")]
+    if len(sources) > 2:  # the pairwise classes are one pair's; this is every source's
+        summary_rows += [[f"live latents decoding into {k.replace('+', ' + ') or 'none'}", v]
+                         for k, v in analysis.present_counts().items()]
+    cross = ""
+    if analysis.cross_fve:
+        names = list(analysis.fve)
+        matrix = [[f"from {s}"] + [f"{analysis.cross_fve.get(f'{s}->{t}', float('nan')):.3f}" for t in names]
+                  for s in names]
+        cross = ("<h2>Cross-layer mapping</h2><p>FVE of each source's activations decoded from another source's "
+                 "latents (aligned variant: encode at one layer, decode at another); the diagonal is each "
+                 "source's own reconstruction.</p>" + _table(matrix, ["", *[f"to {t}" for t in names]]))
+    art_rows = [[named[cls], a["latents"], a["complete_shrinkage"], a["latent_decoupling"], a["untrained_tokens"],
                  a["flagged"], a["latents"] - a["flagged"]] for cls, a in arts.items()]
     parts = [f"<h1>{html.escape(title)}</h1>",
              _table(summary_rows, ["", ""]),
@@ -144,10 +176,11 @@ def render(analysis: Analysis, title: str = "Crosscoder model-diffing report") -
              f"{1 - analysis.exclusive_threshold}) flagged when ν exceeds {analysis.scaling_threshold}: "
              "ν_ε high = Complete Shrinkage (the other model's error still holds the concept), ν_r high = "
              "Latent Decoupling (other latents reconstruct it in the other model). arXiv 2504.02922. "
-             "Untrained tokens: base-only latents firing mostly on the tokenizer's special tokens (the "
-             "chat template), whose base embeddings were never trained.</p>",
+             f"Untrained tokens: {named['base_only']} latents firing mostly on the tokenizer's special tokens "
+             f"(the chat template), whose embeddings {analysis.sources[0]} never trained.</p>",
              _table(art_rows, ["class", "latents", "complete shrinkage", "latent decoupling", "untrained tokens",
                                "flagged", "really exclusive"]),
+             cross,
              "<h2>Plots</h2>"]
     for name, png in figures(analysis).items():
         parts.append(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{png}'>"
@@ -158,18 +191,18 @@ def render(analysis: Analysis, title: str = "Crosscoder model-diffing report") -
     if special:
         parts.append("<p>Latents firing mostly (more than half of their firings) on the tokenizer's special "
                      "tokens, the chat template:</p>" + _table(
-                         [[cls, s["latents"], s["mostly_special"], s.get("kept_mostly_special", "—")]
+                         [[named[cls], s["latents"], s["mostly_special"], s.get("kept_mostly_special", "—")]
                           for cls, s in special.items()],
                          ["class", "latents", "mostly on special tokens", "of them kept by Latent Scaling"]))
     for cls, rows in analysis.attribution.items():
         table = [[r["token"], r["id"], f"{r['share']:.1%}", f"{r['lift']:.2f}", r["firings"]] for r in rows]
-        parts.append(f"<h3>{cls}</h3>" + (_table(table, ["token", "id", "share", "lift", "firings"]) if table
+        parts.append(f"<h3>{named[cls]}</h3>" + (_table(table, ["token", "id", "share", "lift", "firings"]) if table
                                           else "<p>no firings</p>"))
     parts.append("<h2>Max-activating examples</h2>")
     for latent, examples in analysis.examples.items():
         i = int(latent)
-        desc = (f"latent {i}: {c['class'][i]}, frequency {c['frequency'][i]:.2e}, rel norm {c['rel_norm'][i]:.3f}, "
-                f"cosine {c['cosine'][i]:.3f}")
+        desc = (f"latent {i}: {named[c['class'][i]]}, frequency {c['frequency'][i]:.2e}, "
+                f"rel norm {c['rel_norm'][i]:.3f}, cosine {c['cosine'][i]:.3f}")
         if np.isfinite(c["nu_error"][i]):
             desc += f", ν_ε {c['nu_error'][i]:.2f}, ν_r {c['nu_recon'][i]:.2f}"
         if c["artifact"][i]:

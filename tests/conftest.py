@@ -108,7 +108,7 @@ def ray_cluster():
     ray.shutdown()
 
 
-DEMO_STEPS = 400  # the demo pair's training steps in tests (the default is 500)
+DEMO_STEPS = 400  # the demo pair's training steps in tests (as in the embedded default)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from crosscoder.config import AnalyzeConfig, SyntheticConfig
 from crosscoder.language_models import ActivationReader
 from crosscoder.model import CrossCoder, CrossCoderSpec
 from crosscoder.report import write_report
-from crosscoder.shards import read_manifest
+from crosscoder.shards import iter_samples, read_manifest
 from crosscoder.storage import Root
 from crosscoder.synthetic import CLASSES, read_planted, write_synthetic
 
@@ -95,7 +95,10 @@ def test_latents_csv_round_trips_and_report_renders_in_chromium(artifacts, tmp_p
     *_, result, _ = artifacts
     save(result, tmp_path)
     back = read_latents_csv(tmp_path / "latents.csv")
-    assert set(back) == set(CSV_COLUMNS) and len(back["index"]) == len(result.classes)
+    # the fixed columns, then each source's share of the decoder norm and the sources a latent decodes into
+    assert set(back) == set(CSV_COLUMNS) | {"norm.base", "norm.chat", "present"}
+    assert len(back["index"]) == len(result.classes)
+    np.testing.assert_allclose(back["norm.chat"], result.columns["rel_norm"], rtol=1e-5)  # two sources: the same
     np.testing.assert_allclose(back["rel_norm"], result.columns["rel_norm"], rtol=1e-5)
     assert list(back["artifact"]) == list(result.columns["artifact"])
     report = write_report(result, tmp_path / "report.html")
@@ -221,3 +224,83 @@ def test_latents_firing_mostly_on_special_tokens_are_counted_per_class_with_thos
     assert "mostly on special tokens" in page and "<td>shared</td><td>2</td><td>1</td><td>—</td>" in page
     columns["special_share"] = np.full(len(cls), np.nan)  # shards without a tokenizer: nothing to count
     assert analysis.special_token_counts() == {} and "mostly on special tokens" not in render(analysis)
+
+
+def test_chunk_starts_are_left_out_of_the_examples_unless_asked_for(artifacts, tmp_path):
+    """The first stored position of a chunk is an attention sink with outlier norms; here every
+    chunk's first token is made 20 times larger, so with chunk starts kept they take every example
+    (an example whose activating token is its chunk's first has position 0), and left out (the
+    default) none does, and the report says how many were left out."""
+    from crosscoder.shards import ShardWriter, shard_name
+
+    _, _, _, _, _, run = artifacts
+    source = Root(str(run.parent / "shards"))
+    manifest = read_manifest(source)
+    loud = Root(str(tmp_path / "loud"))
+    infos = []
+    for n, info in enumerate(manifest.shards):
+        writer = ShardWriter(loud, shard_name(n), width=manifest.width, dtype=manifest.dtype)
+        for sample in iter_samples(source, type(manifest)(**{**manifest.__dict__, "shards": [info]})):
+            acts = sample.acts.copy()
+            acts[0] *= 20
+            writer.add(sample.key, sample.tokens, acts, sample.meta)
+        infos.append(writer.commit())
+    from crosscoder.shards import write_manifest
+
+    write_manifest(loud, type(manifest)(**{**manifest.__dict__, "shards": infos}))
+    model = CrossCoder.from_pretrained(run / "crosscoder")
+    kept = analyze(model, loud, AnalyzeConfig(tokens=20_000, top_examples=5, chunk_starts=True), progress=False)
+    left_out = analyze(model, loud, AnalyzeConfig(tokens=20_000, top_examples=5), progress=False)
+    starts_kept = [e.position == 0 for rows in kept.examples.values() for e in rows]
+    starts_left = [e.position == 0 for rows in left_out.examples.values() for e in rows]
+    assert starts_kept and sum(starts_kept) > 0.8 * len(starts_kept)
+    assert starts_left and not any(starts_left)
+    assert any("chunk-start positions" in note for note in left_out.notes)
+    assert not any("chunk-start positions" in note for note in kept.notes)
+
+
+@pytest.mark.parametrize("arch", ["acausal", "aligned"])
+def test_three_sources_get_a_profile_per_source_and_aligned_runs_a_cross_layer_table(tmp_path, arch):
+    """Three layers of one model (a cross-layer run): latents.csv gets each source's share of the
+    decoder norm and the sources a latent decodes into, the report a profile heatmap and names the
+    pairwise classes by source, and the aligned variant a cross-layer FVE table (from -> to)."""
+    from crosscoder.config import RunConfig
+    from crosscoder.shards import Manifest, ShardWriter, SourceInfo, shard_name, write_manifest
+    from crosscoder.trainer import train
+
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((24, 48)).astype(np.float32)
+    root = Root(str(tmp_path / "shards"))
+    infos = []
+    for n in range(4):
+        writer = ShardWriter(root, shard_name(n), width=48, dtype="float32")
+        for i in range(8):
+            codes = rng.random((64, 24)) * (rng.random((64, 24)) < 0.1)
+            writer.add(f"{n:04d}{i:04d}-0000", np.arange(64, dtype=np.int32), (codes @ features).astype(np.float32), {})
+        infos.append(writer.commit())
+    layers = ["layer4", "layer8", "layer12"]
+    write_manifest(root, Manifest(sources=[SourceInfo(name, 16) for name in layers], dtype="float32",
+                                  seq_len=64, shards=infos))
+    cfg = RunConfig(name="layers")
+    cfg.train.arch, cfg.train.activation, cfg.train.latents, cfg.train.k = arch, "topk", 64, 4
+    cfg.train.batch_size, cfg.train.steps, cfg.train.lr, cfg.train.dead_tokens = 256, 30, 3e-3, 10_000
+    result = train(cfg, tmp_path / "run", data=str(tmp_path / "shards"), progress=False)
+    analysis = analyze(CrossCoder.from_pretrained(result.export_dir), root, AnalyzeConfig(tokens=2048, ce_sequences=0),
+                       progress=False)
+    save(analysis, tmp_path / "analysis")
+    back = read_latents_csv(tmp_path / "analysis" / "latents.csv")
+    shares = np.stack([back[f"norm.{name}"] for name in layers], 1)
+    assert np.allclose(shares.sum(1), 1, atol=1e-4)
+    live = back["class"] != "dead"
+    assert all(set(p.split("+")) <= set(layers) and p for p in back["present"][live])
+    assert sum(analysis.present_counts().values()) == int(live.sum())
+    text = write_report(analysis, tmp_path / "report.html").read_text()
+    assert "Decoder-norm profile over all sources" in text and "layer4-only latents" in text
+    assert "base-only" not in text and "chat-only" not in text
+    if arch == "aligned":
+        assert set(analysis.cross_fve) == {f"{s}->{t}" for s in layers for t in layers}
+        assert "Cross-layer mapping" in text
+        own = [analysis.cross_fve[f"{s}->{s}"] for s in layers]
+        assert np.allclose(own, [analysis.fve[s] for s in layers], atol=1e-6)  # the diagonal is the own FVE
+    else:
+        assert analysis.cross_fve == {} and "Cross-layer mapping" not in text

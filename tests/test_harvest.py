@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from crosscoder.config import RunConfig
+from crosscoder.config import ConfigError, RunConfig
 from crosscoder.documents import DataError, check_same_tokenizer, plan_chunks, read_documents
 from crosscoder.harvest import harvest
 from crosscoder.language_models import ActivationReader, ModelError, ModelSpec, load_model, load_tokenizer
@@ -50,11 +50,13 @@ def harvest_config(tiny, output, **kw) -> RunConfig:
     return cfg
 
 
-def direct_activations(path, tokens: list[int]) -> list[np.ndarray]:
-    """Reference: a full forward with output_hidden_states (hidden_states[i+1] = layer i output)."""
+def direct_activations(path, tokens: list[int], first: bool = True) -> list[np.ndarray]:
+    """Reference: a full forward with output_hidden_states (hidden_states[i+1] = layer i output), a
+    document's first chunk behind the BOS (harvest.prefix = "bos"), later chunks with none."""
     model = load_model(ModelSpec("ref", path))
-    out = model(input_ids=torch.tensor([[1] + tokens]), output_hidden_states=True)
-    return [out.hidden_states[int(h.rsplit(".", 1)[1]) + 1][0, 1:].numpy() for h in HOOKS]
+    prefix = [1] if first else []
+    out = model(input_ids=torch.tensor([prefix + tokens]), output_hidden_states=True)
+    return [out.hidden_states[int(h.rsplit(".", 1)[1]) + 1][0, len(prefix):].numpy() for h in HOOKS]
 
 
 def test_early_stop_reads_the_same_activations_as_a_full_forward(tiny):
@@ -89,10 +91,13 @@ def test_s3_harvest_matches_a_direct_forward_of_both_models(ray_cluster, tiny, s
     samples = list(iter_samples(root, again))
     assert len(samples) == len(plan) and sum(len(s.tokens) for s in samples) == again.tokens >= 500
     norm_sum = np.zeros(4)
+    assert {c.index == 0 for c in plan[:8]} == {True, False}  # first and later chunks of documents
     for sample, chunk in zip(samples[:8], plan[:8]):
         assert sample.key == f"{chunk.doc:08d}-{chunk.index:04d}"
         assert sample.tokens.tolist() == chunk.tokens.tolist()  # the plan holds int32 arrays
-        ref = direct_activations(tiny["base"], chunk.tokens.tolist()) + direct_activations(tiny["chat"], chunk.tokens.tolist())
+        first = chunk.index == 0
+        ref = (direct_activations(tiny["base"], chunk.tokens.tolist(), first)
+               + direct_activations(tiny["chat"], chunk.tokens.tolist(), first))
         assert np.allclose(sample.acts.astype(np.float32), np.concatenate(ref, axis=1), atol=2e-3, rtol=2e-3)
     for sample in samples:
         acts = sample.acts.astype(np.float64)
@@ -433,3 +438,34 @@ def test_chunks_of_different_lengths_share_a_padded_forward_and_read_as_alone(ti
     for chunk, sample in zip(chunks, samples):
         alone, _, _ = harvester.activations([chunk.tokens])
         assert np.allclose(sample.acts.astype(np.float32), alone[0].float().numpy(), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("prefix, token", [("bos", "<|user|>"), ("eos", "</s>"), ("none", None),
+                                           ("token:<|end|>", "<|end|>")])
+def test_the_prefix_goes_before_a_documents_first_chunk_only(tiny, tmp_path, monkeypatch, prefix, token):
+    """A tokenizer whose BOS is a chat-template token, as SmolLM2's <|im_start|>: harvest.prefix picks
+    the token a document's first chunk runs behind; a later chunk of the document gains none (it
+    would be a template token the document never had); the prefix is not stored."""
+    from crosscoder.config import to_dict
+    from crosscoder.documents import Chunk
+    from crosscoder.harvest import ShardHarvester
+    from crosscoder.random_pair import make_model, make_tokenizer, save
+
+    tok = make_tokenizer()
+    tok.bos_token = "<|user|>"  # the template's role token, as BOS
+    model_dir = save(make_model(len(tok), hidden=32, layers=2), tok, tmp_path / "model")
+    cfg = harvest_config(tiny, str(tmp_path / "acts"), prefix=prefix)
+    cfg.harvest.models, cfg.harvest.hooks = [{"name": "m", "path": model_dir}], ["model.layers.1"]
+    harvester = ShardHarvester(to_dict(cfg))
+    seen = []
+    reader = harvester.readers["m"]
+    original = reader.read
+    monkeypatch.setattr(reader, "read", lambda ids, mask=None: seen.append(ids.clone()) or original(ids, mask))
+    first, later = Chunk(0, 0, 0, np.array([10, 11, 12], np.int32), False), Chunk(0, 1, 3, np.array([13, 14], np.int32), False)
+    _, stored, _ = harvester.activations([first.tokens, later.tokens], [True, False])
+    expected = [] if token is None else [tok.convert_tokens_to_ids(token)]
+    assert seen[0][0, : len(expected) + 3].tolist() == expected + [10, 11, 12]
+    assert seen[0][1, :2].tolist() == [13, 14]  # no invented token before a later chunk
+    assert [s.tolist() for s in stored] == [[10, 11, 12], [13, 14]]
+    with pytest.raises(ConfigError, match="harvest.prefix = 'token:<nope>': the tokenizer has no such token"):
+        ShardHarvester(to_dict(harvest_config(tiny, str(tmp_path / "x"), prefix="token:<nope>")))

@@ -36,7 +36,9 @@ def test_embedded_default_makes_tiny_models_harvests_trains_on_two_workers_and_r
     made, *_ = demo_pair
     run = tmp_path / "runs" / "default"
     shutil.copytree(made, run / "tiny")
-    short = ["--train.steps", "40", "--train.checkpoint_every", "20", "--harvest.tokens", "12000",
+    # --train.workers 2: the distributed path (Ray Train + DeepSpeed) through the whole command; the
+    # default's one-process training is run by test_pipeline.py
+    short = ["--train.workers", "2", "--train.steps", "40", "--train.checkpoint_every", "20", "--harvest.tokens", "12000",
              "--harvest.demo_steps", str(DEMO_STEPS), "--quiet"]
     first = crosscoder("run", *short, cwd=tmp_path)
     assert f"run directory: {run}" in first.stdout
