@@ -304,3 +304,35 @@ def test_three_sources_get_a_profile_per_source_and_aligned_runs_a_cross_layer_t
         assert np.allclose(own, [analysis.fve[s] for s in layers], atol=1e-6)  # the diagonal is the own FVE
     else:
         assert analysis.cross_fve == {} and "Cross-layer mapping" not in text
+
+
+def test_ce_loss_recovered_loads_one_model_per_table_with_its_own_dtype(tmp_path):
+    """Two sources from one model directory, harvested in float32 and in bfloat16 (a precision
+    comparison): each source's CE loss recovered runs through the model its own table loaded,
+    so the clean losses differ as the two precisions do; looked up by path, both got one model."""
+    from crosscoder.analysis import ce_recovered_for_harvest
+    from crosscoder.ce_recovered import next_token_loss
+    from crosscoder.language_models import ModelSpec, load_model
+    from crosscoder.random_pair import make_model, make_tokenizer, save as save_model
+    from crosscoder.shards import Manifest, ShardWriter, SourceInfo, shard_name, write_manifest
+
+    tok = make_tokenizer()
+    path = save_model(make_model(len(tok), hidden=32, layers=2), tok, tmp_path / "model")
+    rng = np.random.default_rng(0)
+    root = Root(str(tmp_path / "shards"))
+    writer = ShardWriter(root, shard_name(0), width=64, dtype="float32")
+    for i in range(4):
+        writer.add(f"{i:08d}-0000", rng.integers(5, len(tok), 16).astype(np.int32), np.zeros((16, 64), np.float32),
+                   {"doc": i, "chunk": 0})
+    tables = [{"name": "fp32", "path": path, "dtype": "float32"}, {"name": "bf16", "path": path, "dtype": "bfloat16"}]
+    write_manifest(root, Manifest(
+        sources=[SourceInfo(t["name"], 32, model=path, hook="model.layers.0") for t in tables], dtype="float32",
+        seq_len=16, tokenizer=path, shards=[writer.commit()],
+        extra={"harvest": {"models": tables, "prefix": "bos", "complete": True}}))
+    crosscoder = CrossCoder(CrossCoderSpec(["fp32", "bf16"], [32, 32], latents=64, activation="topk", k=8))
+    out = ce_recovered_for_harvest(crosscoder, root, AnalyzeConfig(ce_sequences=4))
+    ids = torch.tensor([[tok.bos_token_id, *s.tokens.tolist()] for s in iter_samples(root, read_manifest(root))])
+    for name, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
+        reference = next_token_loss(load_model(ModelSpec(name, path, dtype=dtype)), ids)
+        assert out[name]["clean"] == pytest.approx(reference, rel=1e-6)
+    assert out["fp32"]["clean"] != out["bf16"]["clean"]
