@@ -11,9 +11,11 @@ Chats go through the chat model's template (``tokenizer.apply_chat_template``) s
 models see the same token ids and their activation streams align token by token; every model in
 a harvest must share one tokenizer (a mismatch is an error, checked by :func:`check_same_tokenizer`).
 
-Each document becomes chunks of at most ``seq_len`` tokens; each chunk is run on its own, with the
-tokenizer's BOS token prepended when the tokenizer has one. The BOS position (an attention sink
-with outlier norms) is not stored unless ``keep_bos``. No padding is ever stored: chunks are run
+Each document becomes chunks of at most ``seq_len`` tokens; each chunk is run on its own. A
+document's first chunk runs behind ``harvest.prefix`` (the BOS, the EOS document separator, none
+or a named token: some tokenizers' BOS is a chat-template token); later chunks run behind nothing,
+so no chunk gains a token its document never had. The prefix position (an attention sink with
+outlier norms) is not stored unless ``keep_bos``. No padding is ever stored: chunks are run
 one length at a time. The plan is a pure function of (files, tokenizer, config), so shard n always
 holds the same chunks.
 """
