@@ -21,7 +21,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -35,7 +34,7 @@ from . import faults
 from .config import ConfigError, RunConfig, from_dict, to_dict
 from .documents import Chunk, DataError, check_same_tokenizer, plan_chunks, read_documents
 from .language_models import ActivationReader, ModelError, ModelSpec, load_config, load_tokenizer, load_trunk
-from .ray_connect import CodeMismatch, check_code, code_fingerprint, connect, first_line, memory_request
+from .ray_connect import CodeMismatch, check_code, code_fingerprint, connect, first_line, memory_request, worker_env
 from .shards import (
     Manifest,
     ManifestMissing,
@@ -90,7 +89,7 @@ class ShardHarvester:
         self.prefix = prefix_token(tokenizer, hc.prefix)
         self.pad = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
         self.root = open_root(hc.output, self.cfg.storage)
-        self.metrics = HarvestMetrics(self.cfg.metrics.port, actor_index, host=self.cfg.metrics.host)
+        self.metrics = HarvestMetrics(self.cfg.metrics.port, actor_index, host=self.cfg.metrics.host, run=self.cfg.name)
 
     def activations(self, tokens: list, firsts: list[bool] | None = None
                     ) -> tuple[torch.Tensor, list[np.ndarray], torch.Tensor]:
@@ -330,8 +329,7 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
 
     if pending:
         ray = connect(math.ceil(hc.actors * hc.cpus_per_actor))
-        # the driver's storage credentials and settings reach the actors wherever they run
-        env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "CROSSCODER_", "HF_"))}
+        env = worker_env()  # settings, never credentials (ray_connect.WORKER_ENV)
         n_actors = max(1, min(hc.actors, len(pending)))
         memory = memory_request(ray, hc.memory_per_actor * 2**30 or estimated_actor_memory(models), n_actors,
                                 "harvest.memory_per_actor")

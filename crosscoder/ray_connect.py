@@ -63,6 +63,20 @@ def connect(num_cpus: int | None = None):
     return ray
 
 
+# Settings a Ray worker started elsewhere needs to see as the driver does: where the object store and
+# the hub are, whether to stay offline, test-only switches. Never credentials (AWS keys, session
+# tokens, HF_TOKEN): Ray shows a runtime environment in its dashboard, its state API and its logs, so
+# workers take credentials from their own environment (a Kubernetes Secret in every pod; a local Ray
+# inherits the shell's).
+WORKER_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_ENDPOINT",
+              "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def worker_env() -> dict[str, str]:
+    """The driver's variables that go into the runtime environment of the Ray workers it starts."""
+    return {k: v for k, v in os.environ.items() if k in WORKER_ENV or k.startswith("CROSSCODER_")}
+
+
 def code_fingerprint() -> str:
     """A hash of this process's crosscoder sources (Python and C++), to compare driver and workers."""
     digest = hashlib.sha256()

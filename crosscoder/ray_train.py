@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from .config import RunConfig, from_dict, to_dict, validate
-from .ray_connect import check_code, code_fingerprint, connect, first_line, memory_request
+from .ray_connect import check_code, code_fingerprint, connect, first_line, memory_request, worker_env
 from .shards import Manifest, ShardError, check_sizes, read_manifest
 from .stream import DataExhausted
 from .trainer import (
@@ -148,7 +148,7 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: 
                            "stop_after": stop_after, "progress": progress,
                            # the package's own switches (CROSSCODER_*: kernels, precision path, fault
                            # tests) reach workers of a cluster started before they were set
-                           "env": {k: v for k, v in os.environ.items() if k.startswith("CROSSCODER_")},
+                           "env": worker_env(),
                            "code": code_fingerprint()},
         torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
         scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=cuda, resources_per_worker=resources),

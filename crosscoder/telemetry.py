@@ -1,9 +1,13 @@
 """Prometheus metrics (docs/architecture.md, "Metrics"): names, types and the HTTP endpoint.
 
-Every process that does work (a harvest actor, a train rank) calls :func:`serve` with the
-configured base port plus its index; ``port = 0`` turns metrics off and every update becomes a
-no-op, so the training loop never branches on whether metrics are on. Each process uses its own
-registry, so several ranks in one test process do not collide. No torch here.
+Every process that does work (a harvest actor, a train rank) serves its own registry on the first
+free port from the configured ``metrics.port`` on its host, so the processes of one pod (the ranks
+on an 8-GPU pod, the actors packed onto one) take ``port``, ``port + 1``, … and a pod's declared
+metrics ports are exactly as many as the processes it can hold; which process is which is in the
+labels (``rank``, ``actor``), and every series carries the run's name (``run``), so two runs on one
+cluster never overlay. ``port = 0`` turns metrics off and every update becomes a no-op, so the
+training loop never branches on whether metrics are on. Each process uses its own registry, so
+several ranks in one test process do not collide. No torch here.
 """
 
 from __future__ import annotations
@@ -33,14 +37,29 @@ HARVEST_METRICS = {
 }
 
 
+PORTS_TRIED = 64  # processes on one host that can serve metrics from one base port
+
+
+def serve(registry: CollectorRegistry, base: int, host: str):
+    """Serve ``registry`` on the first free port in ``base .. base + PORTS_TRIED - 1`` of ``host``;
+    returns (server, port)."""
+    for port in range(base, base + PORTS_TRIED):
+        try:
+            server, _ = start_http_server(port, addr=host, registry=registry)
+            return server, port
+        except OSError:  # taken by another process of this host (another rank or actor)
+            continue
+    raise OSError(f"metrics: no free port in {base}..{base + PORTS_TRIED - 1} on {host} (metrics.port)")
+
+
 class HarvestMetrics:
-    def __init__(self, port: int = 0, actor: int = 0, host: str = "0.0.0.0"):
+    def __init__(self, port: int = 0, actor: int = 0, host: str = "0.0.0.0", run: str = ""):
         self.enabled = port > 0
-        self.port = port + actor if self.enabled else 0
+        self.port = 0
         if not self.enabled:
             return
         r = self.registry = CollectorRegistry()
-        labels = {"actor": str(actor)}
+        labels = {"actor": str(actor), "run": run}
         self._tokens = Counter("crosscoder_harvest_tokens", HARVEST_METRICS["crosscoder_harvest_tokens_total"],
                                list(labels), registry=r).labels(**labels)
         self._shards = Counter("crosscoder_harvest_shards", HARVEST_METRICS["crosscoder_harvest_shards_total"],
@@ -48,7 +67,7 @@ class HarvestMetrics:
         self._seconds = Histogram("crosscoder_harvest_shard_seconds",
                                   HARVEST_METRICS["crosscoder_harvest_shard_seconds"], list(labels),
                                   buckets=STEP_BUCKETS + (120, 300, 600), registry=r).labels(**labels)
-        self.server, _ = start_http_server(self.port, addr=host, registry=r)
+        self.server, self.port = serve(r, port, host)
 
     def shard(self, tokens: int, seconds: float) -> None:
         if self.enabled:
@@ -63,13 +82,14 @@ class HarvestMetrics:
 
 
 class TrainMetrics:
-    def __init__(self, port: int = 0, rank: int = 0, labels: dict | None = None, host: str = "0.0.0.0"):
+    def __init__(self, port: int = 0, rank: int = 0, labels: dict | None = None, host: str = "0.0.0.0",
+                 run: str = ""):
         self.enabled = port > 0
-        self.port = port + rank if self.enabled else 0
+        self.port = 0
         if not self.enabled:
             return
         r = self.registry = CollectorRegistry()
-        base = {"rank": str(rank)} | (labels or {})
+        base = {"rank": str(rank), "run": run} | (labels or {})
         names = list(base)
 
         def metric(kind, name: str, extra: tuple = (), **kwargs):
@@ -86,7 +106,7 @@ class TrainMetrics:
         self._inference_l0 = metric(Gauge, "crosscoder_train_inference_l0").labels(**base)
         self._dead = metric(Gauge, "crosscoder_train_dead_latents_ratio").labels(**base)
         self._base = base
-        self.server, _ = start_http_server(self.port, addr=host, registry=r)
+        self.server, self.port = serve(r, port, host)
 
     def step(self, metrics: dict, tokens: int, step_seconds: float, wait_seconds: float) -> None:
         if not self.enabled:

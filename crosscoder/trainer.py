@@ -344,7 +344,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
     bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", disable=not (progress and is_main),
                dynamic_ncols=True, mininterval=1.0)
-    telemetry = TrainMetrics(cfg.metrics.port, backend.rank, host=cfg.metrics.host)
+    telemetry = TrainMetrics(cfg.metrics.port, backend.rank, host=cfg.metrics.host, run=cfg.name)
     started = time.time()
     model.train()
 

@@ -313,7 +313,8 @@ def test_ce_loss_recovered_loads_one_model_per_table_with_its_own_dtype(tmp_path
     from crosscoder.analysis import ce_recovered_for_harvest
     from crosscoder.ce_recovered import next_token_loss
     from crosscoder.language_models import ModelSpec, load_model
-    from crosscoder.random_pair import make_model, make_tokenizer, save as save_model
+    from crosscoder.random_pair import make_model, make_tokenizer
+    from crosscoder.random_pair import save as save_model
     from crosscoder.shards import Manifest, ShardWriter, SourceInfo, shard_name, write_manifest
 
     tok = make_tokenizer()

@@ -358,10 +358,10 @@ def test_harvest_metrics_are_served_while_shards_are_written(tiny, tmp_path):
         harvester.metrics.close()
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and line[0] != "#"}
     tokens = sum(len(c.tokens) for c in chunks)
-    assert values['crosscoder_harvest_tokens_total{actor="0"}'] == tokens
-    assert values['crosscoder_harvest_shards_total{actor="0"}'] == 2
-    assert values['crosscoder_harvest_shard_seconds_count{actor="0"}'] == 2
-    assert values['crosscoder_harvest_shard_seconds_sum{actor="0"}'] > 0
+    assert values['crosscoder_harvest_tokens_total{actor="0",run="harvest-test"}'] == tokens
+    assert values['crosscoder_harvest_shards_total{actor="0",run="harvest-test"}'] == 2
+    assert values['crosscoder_harvest_shard_seconds_count{actor="0",run="harvest-test"}'] == 2
+    assert values['crosscoder_harvest_shard_seconds_sum{actor="0",run="harvest-test"}'] > 0
 
 
 def test_the_trunk_loads_no_layer_past_the_deepest_hook_and_no_lm_head(tiny):

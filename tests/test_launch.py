@@ -30,12 +30,18 @@ def ray_cli(*args, env, timeout=120, check=True) -> subprocess.CompletedProcess:
     return proc
 
 
+# credentials in the head's environment, as a pod's Secrets put them there, and a plain setting
+SECRETS = {"HF_TOKEN": "hf_" + os.urandom(8).hex(), "AWS_SESSION_TOKEN": "session-" + os.urandom(8).hex()}
+SETTING = "region-" + os.urandom(4).hex()
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A Ray head started with `ray start --head` on 127.0.0.1, token auth on; yields (address, env)."""
     temp = tmp_path_factory.mktemp("rayhead")
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex(),
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PATH=f"{BIN}:{os.environ.get('PATH', '')}")
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PATH=f"{BIN}:{os.environ.get('PATH', '')}",
+               **SECRETS, AWS_REGION=SETTING)
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = free_port(), free_port()
     # every port this head opens is chosen free: the defaults (e.g. the dashboard agent's 52365) are
@@ -131,3 +137,12 @@ def test_submitted_config_harvests_trains_and_exports(ray_head, tmp_path):
     model = CrossCoder.from_pretrained(run / "crosscoder")
     assert model.spec.sources == ["base", "chat"] and model.spec.latents == 1024
     assert json.loads((run / "crosscoder" / "config.json").read_text())["normalization_folded"]
+    # no credential in a runtime environment Ray shows (its state API: the dashboard's actor table),
+    # in the job's log or in the run directory; a plain setting does travel to the actors
+    actors = ray_cli("list", "actors", "--detail", "--format=json", "--limit=1000", "--address", address, env=env).stdout
+    harvesters = [a for a in json.loads(actors) if a["class_name"] == "ShardHarvester"]
+    assert harvesters and all(SETTING in a["serialized_runtime_env"] for a in harvesters)
+    written = "".join(p.read_text(errors="replace") for p in run.rglob("*") if p.is_file() and p.suffix in
+                      (".toml", ".json", ".jsonl", ".txt", ".csv", ".html"))
+    for secret in SECRETS.values():
+        assert secret not in actors and secret not in logs and secret not in written

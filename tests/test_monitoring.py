@@ -45,9 +45,47 @@ def test_dashboard_provisioning_and_scrape_config_parse():
     assert providers["providers"][0]["options"]["path"]
     datasources = yaml.safe_load((MONITORING / "grafana/provisioning/datasources/prometheus.yaml").read_text())
     dashboard = json.loads((MONITORING / "grafana/dashboards/crosscoder.json").read_text())
+    # panels query the data source chosen in the dashboard's `datasource` variable (a Prometheus;
+    # the provisioned one is the default), so the dashboard also imports into an existing Grafana
     uids = {p["datasource"]["uid"] for p in dashboard["panels"]}
-    assert uids == {datasources["datasources"][0]["uid"]}
+    assert uids == {"${datasource}"}
+    chooser = next(v for v in dashboard["templating"]["list"] if v["name"] == "datasource")
+    assert chooser["type"] == "datasource" and chooser["query"] == datasources["datasources"][0]["type"]
+    assert datasources["datasources"][0]["isDefault"]
     scrape = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
     jobs = {j["job_name"]: j for j in scrape["scrape_configs"]}
     assert jobs["crosscoder-local"]["static_configs"][0]["targets"]
     assert jobs["crosscoder-kubernetes"]["kubernetes_sd_configs"][0]["role"] == "pod"
+
+
+def test_dashboard_selects_runs_and_jobs_so_two_runs_never_overlay():
+    dashboard = json.loads((MONITORING / "grafana" / "dashboards" / "crosscoder.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert {"datasource", "job", "run"} <= set(variables)
+    assert "run)" in variables["run"]["definition"] and variables["run"]["multi"]
+    for title, expr in dashboard_queries():
+        for selector in re.findall(r"\bcrosscoder_[a-z0-9_]+(\{[^}]*\})?", expr):
+            assert 'run=~"$run"' in selector and 'job=~"$job"' in selector, f"panel {title!r}: {expr}"
+        assert re.search(r"by \(run\b", expr), f"panel {title!r} does not keep runs apart: {expr}"
+
+
+def test_the_processes_of_one_host_take_consecutive_ports_and_label_their_run():
+    """Two ranks on one pod serve from one base port: the first free port each, so a pod's declared
+    ports are as many as its processes; every series names the run."""
+    import urllib.request
+
+    from crosscoder.telemetry import TrainMetrics
+
+    from .conftest import free_port
+
+    base = free_port()
+    first, second = (TrainMetrics(base, rank, host="127.0.0.1", run="gemma-l13") for rank in (3, 5))
+    try:
+        assert (first.port, second.port) == (base, base + 1)
+        second.step({"loss": {"mse": 0.5}, "fve": {"base": 0.9}, "l0": 32.0, "dead_fraction": 0.1}, 4096, 0.1, 0.0)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{base + 1}/metrics", timeout=5).read().decode()
+    finally:
+        first.close()
+        second.close()
+    assert 'crosscoder_train_tokens_total{rank="5",run="gemma-l13"} 4096.0' in text
+    assert 'crosscoder_train_fve{rank="5",run="gemma-l13",source="base"} 0.9' in text
