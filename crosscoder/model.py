@@ -337,21 +337,26 @@ class CrossCoder(nn.Module):
         self.threshold_updates += 1
 
     @torch.no_grad()
-    def calibrate_threshold(self, batches, k: int) -> int:
+    def calibrate_threshold(self, batches, k: int, max_tokens: int) -> int:
         """Per-latent BatchTopK thresholds from ``batches`` of training inputs: with the final
         weights, the ``k·N``-th largest score over all ``N`` tokens of all the batches (per group)
         is the score a latent must reach, and ``threshold = score / w``: BatchTopK's own rule over
-        one large batch, so on those tokens the mean inference L0 is k. Returns N (global)."""
-        weights = self.selection_weights()
-        kept: Tensor | None = None  # per group, this shard's k·N largest scores so far (its candidates)
+        one large batch, so on those tokens the mean inference L0 is k. Returns N (global).
+
+        ``max_tokens`` bounds N (global, all ranks): every batch keeps its ``k·max_tokens`` largest
+        scores as candidates, since the final ``k·N`` largest may all come from one batch (and, under
+        latent parallelism, from this rank's latents). Memory: ``k·max_tokens`` floats per group.
+        """
+        weights = self.selection_weights().float()
+        kept: Tensor | None = None  # per group, this shard's k·max_tokens largest scores so far
         tokens = 0
         for x in batches:
-            scores = self.pre_activations(x).clamp_min(0).mul_(weights)  # [B, G, L]
+            # fp32 scores, as in training's selection; inputs in the weights' dtype (bf16 engines)
+            scores = self.pre_activations(x.to(self.W_enc.dtype)).float().clamp_min(0).mul_(weights)  # [B, G, L]
             tokens += self.collectives.batch_tokens(x.shape[0])
             flat = scores.transpose(0, 1).reshape(scores.shape[1], -1)  # [G, B·L]
-            top = flat.topk(min(k * tokens, flat.shape[1]), dim=1, sorted=False).values
-            both = top if kept is None else torch.cat([kept, top], 1)
-            kept = both.topk(min(k * tokens, both.shape[1]), dim=1, sorted=False).values
+            both = flat if kept is None else torch.cat([kept, flat], 1)
+            kept = both.topk(min(k * max_tokens, both.shape[1]), dim=1, sorted=False).values
         assert kept is not None, "calibration needs at least one batch"
         score = torch.stack([self.collectives.kth_largest_batch(kept[g], k * tokens) for g in range(kept.shape[0])])
         self.threshold.copy_(score.view(-1, 1) / weights.clamp_min(1e-12))

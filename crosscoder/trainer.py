@@ -402,7 +402,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                 if done == tc.steps and spec.activation == "batchtopk" and tc.calibration_batches:
                     with backend.full_weights():  # before the last checkpoint: a re-run exports the same
                         calibrated = model.calibrate_threshold(_inputs(batches, collectives, tc.calibration_batches),
-                                                               spec.k)
+                                                               spec.k, tc.calibration_batches * tc.batch_size)
                     if is_main:
                         print(f"train: inference thresholds calibrated on {calibrated} tokens (mean inference L0 "
                               f"{spec.k} there)")

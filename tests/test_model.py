@@ -107,6 +107,26 @@ def test_threshold_is_a_bias_corrected_exponential_moving_average():
     assert torch.allclose(model.threshold, torch.full((1, 64), 2.0 / 3 + 8.0 / 3))
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_calibrated_threshold_is_batchtopk_over_all_the_calibration_tokens_at_once(arch):
+    """Streamed over batches, the calibration equals BatchTopK's rule on their concatenation, even when
+    one batch holds most of the k·N largest scores (the first, scaled up here), and it stops early
+    when the data ends before ``max_tokens``."""
+    model = make(arch=arch, act="batchtopk", k=4)
+    torch.manual_seed(1)
+    batches = [torch.randn(64, 64) * 3] + [torch.randn(64, 64) for _ in range(3)]
+    tokens = model.calibrate_threshold(iter(batches), 4, max_tokens=8 * 64)
+    assert tokens == 256
+    weights = model.selection_weights()
+    scores = model.pre_activations(torch.cat(batches)).clamp_min(0) * weights  # [N, G, L]
+    for g in range(scores.shape[1]):
+        kth = scores[:, g].flatten().topk(4 * 256).values[-1]
+        assert torch.allclose(model.threshold[g], kth / weights[g])
+    # on those tokens the inference L0 is k per group
+    fired = (model.encode(torch.cat(batches)) != 0).sum(-1).float().mean(0)
+    assert torch.allclose(fired, torch.full_like(fired, 4.0), atol=1 / 256)
+
+
 def test_l1_penalty_matches_hand_computed_value():
     spec = CrossCoderSpec(["a", "b"], [2, 1], latents=2, activation="relu")
     model = CrossCoder(spec)
