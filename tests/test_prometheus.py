@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 from crosscoder.config import dumps_toml
 
 from .conftest import free_port, small_run_config, wait_for_port
-from .test_monitoring import dashboard_queries
+from .test_monitoring import MONITORING, dashboard_queries
 
 pytestmark = pytest.mark.slow
 
@@ -26,6 +27,34 @@ def query(port: int, expr: str) -> list:
     body = json.loads(urllib.request.urlopen(url, timeout=10).read())
     assert body["status"] == "success", body
     return body["data"]["result"]
+
+
+def label_values(port: int, definition: str) -> list[str]:
+    """What Grafana's ``label_values(selector, label)`` variable query lists, asked of Prometheus."""
+    match = re.fullmatch(r"label_values\((.+), *(\w+)\)", definition)
+    assert match, definition
+    selector, label = match.groups()
+    url = f"http://127.0.0.1:{port}/api/v1/label/{label}/values?" + urllib.parse.urlencode({"match[]": selector})
+    body = json.loads(urllib.request.urlopen(url, timeout=10).read())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def dashboard_variables(port: int) -> dict[str, str]:
+    """The dashboard's query variables, each set as Grafana sets a multi-value selection of every value
+    its query lists (a regex alternation), in order: a later variable's query may use an earlier one."""
+    dashboard = json.loads((MONITORING / "grafana" / "dashboards" / "crosscoder.json").read_text())
+    values: dict[str, str] = {}
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] != "query":
+            continue
+        definition = variable["definition"]
+        for name, value in values.items():
+            definition = definition.replace(f"${name}", value)
+        listed = label_values(port, definition)
+        assert listed, f"dashboard variable {variable['name']!r}: its query lists nothing: {definition}"
+        values[variable["name"]] = "(" + "|".join(re.escape(v) for v in listed) + ")"
+    return values
 
 
 def wait_until_ready(port: int, timeout: float) -> None:
@@ -101,7 +130,12 @@ def test_prometheus_scrapes_the_trainer_and_every_training_panel_has_data(promet
     assert tokens >= 256 and tokens % 256 == 0  # whole batches of 256 tokens
     fve = {r["metric"]["source"]: float(r["value"][1]) for r in query(prometheus, "crosscoder_train_fve")}
     assert set(fve) == {"base", "chat"} and all(-5 < v <= 1 for v in fve.values())
+    variables = dashboard_variables(prometheus)
+    assert set(variables) == {"job", "run"} and variables["run"] == "(test)", variables
     for title, expr in dashboard_queries():
         if "crosscoder_train_" in expr:
+            for name, value in variables.items():
+                expr = expr.replace(f"${name}", value)
+            assert "$" not in expr, expr
             result = query(prometheus, expr)
             assert result, f"panel {title!r}: no data for {expr}"
