@@ -44,12 +44,12 @@ def resolve(args, rest) -> tuple[RunConfig, Path]:
     """The config (``--config``; else, for ``train``/``analyze --run DIR``, the run's own
     config.toml; else the embedded default for ``run``) with overrides, and the run directory."""
     path = args.config or (default_config_path() if args.command == "run" else None)
-    own = Path(args.run) / "config.toml" if args.run else None
+    own = Path(args.run) / "config.toml" if args.run and "{name}" not in args.run else None
     if path is None and own is not None and args.command in ("train", "analyze") and own.is_file():
         path = own
     cfg = load_config(path)
     apply_overrides(cfg, _split_overrides(rest))
-    run_dir = Path(args.run) if args.run else Path("runs") / cfg.name
+    run_dir = Path(args.run.replace("{name}", cfg.name)) if args.run else Path("runs") / cfg.name
     return cfg, run_dir
 
 
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", help="TOML config file (default for `run`: the embedded default)")
-        p.add_argument("--run", help="run directory (default runs/<config name>)")
+        p.add_argument("--run", help="run directory (default runs/<config name>; {name} in it is the config name)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         if name in ("train", "run", "analyze"):
             p.add_argument("--data", help="shard root (path, file://… or s3://…), overriding the config")

@@ -65,9 +65,10 @@ def test_a_renamed_key_in_a_file_names_its_new_name(tmp_path, capsys):
 
 def test_a_finished_one_process_run_is_skipped_on_a_rerun(tmp_path, capsys):
     """train.workers = 0: the second run neither trains nor analyses again (the distributed path:
-    tests/test_run_default.py); raising train.steps continues from the checkpoint."""
-    run = tmp_path / "run"
-    args = ["run", "--config", str(SYNTHETIC), "--run", str(run), *SMALL]
+    tests/test_run_default.py); raising train.steps continues from the checkpoint. The run directory
+    is given as the RayJob gives it, with {name} for the config's name."""
+    run = tmp_path / "synthetic"
+    args = ["run", "--config", str(SYNTHETIC), "--run", str(tmp_path / "{name}"), *SMALL]
     assert main(args) == 0
     first = capsys.readouterr().out
     assert "step 6:" in first and "analyze: " in first and "skipping" not in first
