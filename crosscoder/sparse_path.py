@@ -100,7 +100,9 @@ class SparsePath:
         all_token, all_latent = torch.cat([token, extra_token]), torch.cat([latent, extra_latent])
         memory = self.gradient_memory if model.training else None
         value = self.code(model, x, pre, all_token, torch.zeros_like(all_token), all_latent, memory).value
-        rows = 2 * B if extra is not None else B
+        # AuxK's rows ride in the same all-reduce only when it has entries: every rank agrees, as
+        # ``among`` counts the dead latents over all shards
+        rows = 2 * B if extra is not None and among > 0 else B
         decoded = model.collectives.sum_partial(
             sparse_decode(value, torch.cat([token, extra_token + B]), all_latent, model.W_dec, rows, memory))
         code = SparseCode(token, group, latent, value[: len(token)], (pre.shape[0], pre.shape[1], pre.shape[2]))

@@ -258,6 +258,33 @@ def test_sparse_kernels_equal_the_dense_path_in_loss_and_every_gradient(activati
             assert torch.allclose(th_s, th_d)
 
 
+def test_the_reconstruction_sum_carries_auxk_rows_only_when_latents_are_dead():
+    """What latent parallelism all-reduces per step: B rows of reconstruction, 2B when AuxK has dead
+    latents to decode with the main code (README, "bytes per step"); counted at the collective."""
+    from crosscoder.collectives import Collectives
+
+    class Counting(Collectives):
+        def __init__(self):
+            self.rows: list[int] = []
+
+        def sum_partial(self, partial):
+            self.rows.append(partial.shape[0])
+            return partial
+
+    spec = CrossCoderSpec(["base", "chat"], [24, 40], 256, activation="batchtopk", k=6)
+    x = torch.randn(48, 64)
+    for dead_every, rows in ((0, 48), (3, 96)):
+        counting = Counting()
+        model = CrossCoder(spec, seed=3, dec_init_norm=0.5, sparse_kernels=True, collectives=counting)
+        dead = torch.zeros(1, 256, dtype=torch.bool)
+        if dead_every:
+            dead[0, ::dead_every] = True
+        out = model(x, auxk_selector(model, dead, 16))
+        _, terms = total_loss(model, x, out, dead, LossWeights(aux=1 / 32, aux_k=16))
+        assert counting.rows == [rows], (dead_every, counting.rows)
+        assert (float(terms["auxk"]) > 0) == bool(dead_every)
+
+
 @pytest.mark.precision
 @pytest.mark.parametrize("native_bf16", [False, True])
 def test_bf16_weights_on_a_cpu_without_bf16_gemm_multiply_in_fp32(monkeypatch, native_bf16):
