@@ -13,7 +13,8 @@ The :class:`~crosscoder.trainer.Backend` of ``train.workers > 0``, run inside ea
    state holds every partition's data position, each latent slice's dead-latent counters and
    threshold, and the RNG states, gathered so any rank can load them; resuming needs the same
    latent × data layout (refused with a message otherwise);
-4. the export gathers the slices on rank 0 and writes the ``model.safetensors`` a single process writes.
+4. the export is written slice by slice and assembled by streaming (sliced_export.py): the file a
+   single process writes, without any process holding the whole dictionary.
 
 :class:`Objective` exists for ZeRO-3, which gathers a module's own parameters around its forward:
 every use of the weights, the AuxK decode and the L1 norms included, must happen inside one forward
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -34,8 +36,9 @@ from torch import Tensor
 
 from .config import RunConfig
 from .losses import LossWeights, forward_and_loss
-from .model import CrossCoder
-from .parallel import CommCounter, DistributedCollectives, ParallelLayout, all_gather_cat
+from .model import CrossCoder, export_layout, write_export_config
+from .parallel import CommCounter, DistributedCollectives, ParallelLayout
+from .sliced_export import assemble, write_slice
 
 SHARDED = ("W_enc", "W_dec", "b_enc")
 
@@ -172,37 +175,21 @@ class DeepSpeedBackend:
         dist.barrier()
 
     def export(self, run_dir: Path, extra: dict) -> Path | None:
-        if self.tc.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters())):
-                full = self.gather_full_model()
-        else:
-            full = self.gather_full_model()
+        """``<run>/crosscoder`` without gathering (sliced_export.py): one rank per latent slice writes
+        it, rank 0 assembles the file by streaming the slices; returns the path on rank 0."""
+        layout, model = self.layout, self.model
         export_dir = run_dir / "crosscoder"
-        if full is not None:
-            full.save_pretrained(export_dir, norm_scale=full.spec.norm_scale,
-                                 extra=extra | {"workers": self.layout.world,
-                                                "latent_parallel": self.layout.latent_parallel})
+        scale = list(model.spec.norm_scale or [1.0] * model.spec.n_sources)
+        if layout.dp_rank == 0:  # the data-parallel replicas of a slice hold the same weights
+            with self.full_weights():
+                write_slice(model.export_makers(scale), export_dir, layout.lp_rank)
         dist.barrier()
-        return export_dir if full is not None else None
-
-    def gather_full_model(self) -> CrossCoder | None:
-        """The whole dictionary on global rank 0 (None elsewhere); every rank must call it."""
-        model, group = self.model, self.layout.lp_group
-        tensors = {"W_enc": all_gather_cat(model.W_enc.detach().float(), group, dim=1),
-                   "W_dec": all_gather_cat(model.W_dec.detach().float(), group, dim=0),
-                   "b_enc": all_gather_cat(model.b_enc.detach().float(), group, dim=1),
-                   "threshold": all_gather_cat(model.threshold.detach().float(), group, dim=1)}
-        if self.layout.rank != 0:
-            return None
-        full = CrossCoder(model.spec, dec_init_norm=1.0)  # on the CPU: the export is written from there
-        with torch.no_grad():
-            for name, value in tensors.items():
-                getattr(full, name).copy_(value)
-            full.b_dec.copy_(model.b_dec.detach().float())
-            full.threshold_updates.copy_(model.threshold_updates)
-        return full
+        if layout.rank == 0:
+            assemble(export_dir, layout.latent_parallel, export_layout(model.spec))
+            write_export_config(model.spec, export_dir, scale, extra | {
+                "workers": layout.world, "latent_parallel": layout.latent_parallel})
+        dist.barrier()
+        return export_dir if layout.rank == 0 else None
 
     def full_weights(self):
         """This rank's slice of the weights, whole: ZeRO-3 partitions them outside the engine's forward."""
@@ -213,7 +200,9 @@ class DeepSpeedBackend:
         return contextlib.nullcontext()
 
     def report(self) -> dict:
-        return {"comm_bytes": self.counter.bytes, "memory_bytes": self.resident_bytes()}
+        # the process's peak resident memory so far: training and the export (on rank 0, the assembly)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"comm_bytes": self.counter.bytes, "memory_bytes": self.resident_bytes() | {"peak_rss": peak}}
 
     def resident_bytes(self) -> dict:
         """This rank's parameter and optimizer memory: module parameters (their ZeRO-3 partitions),

@@ -37,7 +37,9 @@ shards, collectives.py). Acausal TopK/BatchTopK training runs through the active
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -367,21 +369,30 @@ class CrossCoder(nn.Module):
 
     def export_tensors(self, norm_scale: list[float] | None = None) -> dict[str, Tensor]:
         """Named tensors of the export (docs/architecture.md), normalisation folded in (raw activation units)."""
+        return {name: make() for name, make in self.export_makers(norm_scale).items()}
+
+    def export_makers(self, norm_scale: list[float] | None = None) -> dict[str, Callable[[], Tensor]]:
+        """Per export tensor, a function that makes it (fp32, on the CPU) for this model's latent
+        range: a slice's export written one tensor at a time (sliced_export.py)."""
         scale = norm_scale or [1.0] * self.spec.n_sources
-        out: dict[str, Tensor] = {}
-        with torch.no_grad():
-            for s, (name, sl) in enumerate(zip(self.spec.sources, self.spec.slices)):
-                c = float(scale[s])
-                out[f"W_enc.{name}"] = (self.W_enc[sl] * c).contiguous()
-                out[f"W_dec.{name}"] = (self.W_dec[:, sl] / c).contiguous()
-                out[f"b_dec.{name}"] = (self.b_dec[sl] / c).contiguous()
-                if self.spec.arch == "aligned":
-                    out[f"b_enc.{name}"] = self.b_enc[s].clone()
-                    out[f"threshold.{name}"] = self.threshold[s].clone()
-            if self.spec.arch == "acausal":
-                out["b_enc"] = self.b_enc[0].clone()
-                out["threshold"] = self.threshold[0].clone()
-        return {k: v.detach().float().cpu() for k, v in out.items()}
+        out: dict[str, Callable[[], Tensor]] = {}
+        for s, name in enumerate(self.spec.sources):
+            for kind in ("W_enc", "W_dec", "b_dec") + (("b_enc", "threshold") if self.spec.arch == "aligned" else ()):
+                out[f"{kind}.{name}"] = functools.partial(self._export_piece, kind, s, float(scale[s]))
+        if self.spec.arch == "acausal":
+            out["b_enc"] = functools.partial(self._export_piece, "b_enc", 0, 1.0)
+            out["threshold"] = functools.partial(self._export_piece, "threshold", 0, 1.0)
+        return out
+
+    @torch.no_grad()
+    def _export_piece(self, kind: str, s: int, scale: float) -> Tensor:
+        """One export tensor: ``kind`` of source ``s`` (encoder rows × scale, decoder columns and bias
+        ÷ scale), or group ``s``'s encoder bias / threshold; fp32, CPU, contiguous."""
+        sl = self.spec.slices[s]
+        piece = {"W_enc": lambda: self.W_enc[sl] * scale, "W_dec": lambda: self.W_dec[:, sl] / scale,
+                 "b_dec": lambda: self.b_dec[sl] / scale, "b_enc": lambda: self.b_enc[s].clone(),
+                 "threshold": lambda: self.threshold[s].clone()}[kind]()
+        return piece.detach().float().cpu().contiguous()
 
     def save_pretrained(self, directory: str | Path, norm_scale: list[float] | None = None, extra: dict | None = None):
         """Write ``model.safetensors`` and ``config.json``; only meaningful for the full dictionary."""
@@ -391,9 +402,7 @@ class CrossCoder(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         scale = list(norm_scale or self.spec.norm_scale or [1.0] * self.spec.n_sources)
         save_file(self.export_tensors(scale), str(directory / "model.safetensors"))
-        config = asdict(self.spec) | {"norm_scale": scale, "normalization_folded": True, "format_version": 1}
-        config |= extra or {}
-        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_export_config(self.spec, directory, scale, extra)
 
     @classmethod
     def from_tensors(cls, spec: CrossCoderSpec, tensors: dict[str, Tensor]) -> CrossCoder:
@@ -429,6 +438,20 @@ class CrossCoder(nn.Module):
         model = cls.from_tensors(spec, load_file(str(weights_path)))
         model.export_config = config
         return model
+
+
+def write_export_config(spec: CrossCoderSpec, directory: Path, scale: list[float], extra: dict | None) -> None:
+    """The export's ``config.json``: the spec, the folded normalisation and ``extra``."""
+    config = asdict(spec) | {"norm_scale": scale, "normalization_folded": True, "format_version": 1}
+    config |= extra or {}
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def export_layout(spec: CrossCoderSpec) -> dict[str, str]:
+    """How each export tensor is split over latent ranks: ``columns`` ([d, L]), ``rows`` ([L, d] and
+    the per-latent vectors) or ``same`` (the decoder bias, whole on every rank)."""
+    kinds = {"W_enc": "columns", "W_dec": "rows", "b_dec": "same", "b_enc": "rows", "threshold": "rows"}
+    return {name: kinds[name.split(".")[0]] for name in export_names(spec)}
 
 
 def export_names(spec: CrossCoderSpec) -> list[str]:

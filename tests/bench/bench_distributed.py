@@ -9,7 +9,9 @@ Measures, with real Ray Train workers and DeepSpeed engines:
 3. bytes one rank sends per step through the latent-parallel collectives for L = 16k and 128k
    (goal: the same);
 4. the largest dictionary at d = 256, 2 sources that trains a few steps in one process on this
-   machine (goal ≥ 1M latents), found by trying sizes in fresh subprocesses under a memory limit.
+   machine (goal ≥ 1M latents), found by trying sizes in fresh subprocesses under a memory limit;
+5. each rank's peak resident memory over a whole run, export included, at L = 262,144, d = 256 × 2:
+   one worker vs each of two latent-parallel workers (goal ≤ 0.55×; rank 0 also assembles the export).
 Prints a table and writes JSON; not part of the test suite (no timed assertions).
 """
 
@@ -108,6 +110,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench-results" / "distributed.json"))
     parser.add_argument("--memory-limit-gib", type=float, default=23.0)
     parser.add_argument("--skip-largest", action="store_true")
+    parser.add_argument("--only-run-memory", action="store_true", help="only measurement 5")
     args = parser.parse_args()
     import ray
 
@@ -117,6 +120,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = make_data(str(work / "shards"))
+        print("5. peak RSS per rank over a whole run (export included), L=262144, d=256×2, batch 256", flush=True)
+        whole = run(config(262_144, 1, 1, 4, batch=256), data, work, "rss1")["memory_bytes"]["peak_rss"]
+        split = run(config(262_144, 2, 2, 4, batch=256), data, work, "rss2")["memory_bytes"]["peak_rss"]
+        results["run_memory"] = {"one_worker_peak_rss": whole, "latent_parallel_rank0_peak_rss": split,
+                                 "ratio": split / whole}
+        print(f"  one worker {whole / 2**30:.2f} GiB, rank 0 of 2 latent-parallel {split / 2**30:.2f} GiB: "
+              f"{split / whole:.3f}×", flush=True)
+        if args.only_run_memory:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+            return
         print("1. throughput, L=16384, d=256×2, k=32, global batch 1024", flush=True)
         one = run(config(16384, 1, 1, 12), data, work, "dp1")
         two = run(config(16384, 2, 1, 12), data, work, "dp2")
@@ -145,6 +159,8 @@ def main() -> None:
     print(f"| param+optimizer bytes per rank, 2 latent-parallel ranks vs 1 rank | {m['ratio']:.3f}× | ≤ 0.55× |")
     print(f"| bytes sent per step, L=16k | {b['L=16384']:,.0f} | |")
     print(f"| bytes sent per step, L=128k | {b['L=131072']:,.0f} ({b['ratio']:.3f}×) | the same |")
+    r = results["run_memory"]
+    print(f"| peak RSS over a whole run incl. export, L=262k, 2 latent-parallel ranks vs 1 | {r['ratio']:.3f}× | ≤ 0.55× |")
     if "largest" in results:
         ok = [r["latents"] for r in results["largest"] if r["trained"]]
         print(f"| largest dictionary trained (d=256, 2 sources) | {max(ok) if ok else 0:,} latents | ≥ 1M |")
