@@ -484,7 +484,7 @@ def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig, 
     from all of them, and each source's reconstruction is spliced into its own model at its own
     hook, one source at a time.
     """
-    from .ce_recovered import ce_loss_recovered
+    from .ce_recovered import CERecovered, ce_loss_recovered
     from .language_models import ActivationReader, ModelSpec, load_model, load_tokenizer
 
     manifest = read_manifest(root)
@@ -499,17 +499,22 @@ def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig, 
     # run as harvested: a document's first chunk behind the prefix token (before harvest.prefix existed,
     # every chunk); only chunks that were run alike go in one batch, the first chunks when there is a prefix
     prefix = [] if harvest.get("keep_bos") or token is None else [token]
-    chunks = []
+    # full-length chunks, as one batch; when the documents are all shorter than seq_len (short
+    # conversations), the first chunks of any length instead, run in batches of equal length
+    full: list[np.ndarray] = []
+    short: list[np.ndarray] = []
     for sample in iter_samples(root, manifest):
-        if len(sample.tokens) == manifest.seq_len and (not prefix or "prefix" not in harvest
-                                                       or sample.meta.get("chunk", 0) == 0):
-            chunks.append(sample.tokens)
-        if len(chunks) >= cfg.ce_sequences:
+        if not prefix or "prefix" not in harvest or sample.meta.get("chunk", 0) == 0:
+            if len(sample.tokens) == manifest.seq_len:
+                full.append(sample.tokens)
+            elif len(sample.tokens) >= 2 and len(short) < cfg.ce_sequences:
+                short.append(sample.tokens)
+        if len(full) >= cfg.ce_sequences:
             break
+    chunks = full or short
     if not chunks:
         return {}
     device = model.W_dec.device
-    ids = torch.tensor([prefix + c.tolist() for c in chunks], dtype=torch.long, device=device)
     start = len(prefix)
     tables = {m.get("name", f"model{i}"): m | {"name": m.get("name", f"model{i}")}
               for i, m in enumerate(harvest.get("models", []))}
@@ -528,17 +533,28 @@ def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig, 
             models[table["name"]] = load_model(ModelSpec(
                 name=table["name"], path=table["path"], revision=src.revision, dtype=table.get("dtype", "float32"),
                 device_map=table.get("device_map"), max_memory=table.get("max_memory"), device=str(device)))
-    acts = {}
-    for name, hooks in hooks_of.items():
-        for hook, a in zip(hooks, ActivationReader(models[name], hooks, name).read(ids)):
-            acts[(name, hook)] = a[:, start:].float().to(device)
-    B, T = ids.shape[0], ids.shape[1] - start
-    x = torch.cat([acts[(table_of(s)["name"], s.hook)].reshape(B * T, -1) for s in manifest.sources], 1)
-    x_hat = model.reconstruct(x)
+    by_length: dict[int, list] = {}
+    for c in chunks:
+        by_length.setdefault(len(c), []).append(c)
+    sums = {src.name: np.zeros(3) for src in manifest.sources}  # clean, spliced, zero-ablated × predictions
+    predictions = 0
+    for group in by_length.values():
+        ids = torch.tensor([prefix + c.tolist() for c in group], dtype=torch.long, device=device)
+        acts = {}
+        for name, hooks in hooks_of.items():
+            for hook, a in zip(hooks, ActivationReader(models[name], hooks, name).read(ids)):
+                acts[(name, hook)] = a[:, start:].float().to(device)
+        B, T = ids.shape[0], ids.shape[1] - start
+        x = torch.cat([acts[(table_of(s)["name"], s.hook)].reshape(B * T, -1) for s in manifest.sources], 1)
+        x_hat = model.reconstruct(x)
+        weight = B * (ids.shape[1] - 1)  # next-token predictions in this batch
+        predictions += weight
+        for src, sl in zip(manifest.sources, model.spec.slices):
+            r = ce_loss_recovered(models[table_of(src)["name"]], ids, src.hook, x_hat[:, sl].reshape(B, T, -1), start)
+            sums[src.name] += weight * np.array([r.clean, r.spliced, r.zero_ablated])
     out = {}
-    for src, sl in zip(manifest.sources, model.spec.slices):
-        lm = models[table_of(src)["name"]]
-        r = ce_loss_recovered(lm, ids, src.hook, x_hat[:, sl].reshape(B, T, -1), start)
-        out[src.name] = {"clean": r.clean, "spliced": r.spliced, "zero_ablated": r.zero_ablated,
-                         "recovered": r.recovered, "sequences": B}
+    for name, total in sums.items():
+        r = CERecovered(*(float(v) for v in total / predictions))
+        out[name] = {"clean": r.clean, "spliced": r.spliced, "zero_ablated": r.zero_ablated,
+                     "recovered": r.recovered, "sequences": len(chunks)}
     return out

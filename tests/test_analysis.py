@@ -337,3 +337,38 @@ def test_ce_loss_recovered_loads_one_model_per_table_with_its_own_dtype(tmp_path
         reference = next_token_loss(load_model(ModelSpec(name, path, dtype=dtype)), ids)
         assert out[name]["clean"] == pytest.approx(reference, rel=1e-6)
     assert out["fp32"]["clean"] != out["bf16"]["clean"]
+
+
+def test_ce_loss_recovered_on_documents_shorter_than_seq_len(tmp_path):
+    """Short conversations leave no full-length chunk: CE loss recovered then runs the first chunks
+    as they are, in batches of equal length, and averages over every next-token prediction (before,
+    it returned nothing)."""
+    from crosscoder.analysis import ce_recovered_for_harvest
+    from crosscoder.ce_recovered import next_token_loss
+    from crosscoder.language_models import ModelSpec, load_model
+    from crosscoder.random_pair import make_model, make_tokenizer
+    from crosscoder.random_pair import save as save_model
+    from crosscoder.shards import Manifest, ShardWriter, SourceInfo, shard_name, write_manifest
+
+    tok = make_tokenizer()
+    path = save_model(make_model(len(tok), hidden=32, layers=2), tok, tmp_path / "model")
+    rng = np.random.default_rng(0)
+    root = Root(str(tmp_path / "shards"))
+    writer = ShardWriter(root, shard_name(0), width=32, dtype="float32")
+    lengths = [9, 12, 12, 5, 7]
+    for i, n in enumerate(lengths):
+        writer.add(f"{i:08d}-0000", rng.integers(7, len(tok), n).astype(np.int32), np.zeros((n, 32), np.float32),
+                   {"doc": i, "chunk": 0})
+    write_manifest(root, Manifest(
+        sources=[SourceInfo("m", 32, model=path, hook="model.layers.0")], dtype="float32", seq_len=16,
+        tokenizer=path, shards=[writer.commit()],
+        extra={"harvest": {"models": [{"name": "m", "path": path}], "prefix": "bos", "complete": True}}))
+    crosscoder = CrossCoder(CrossCoderSpec(["m"], [32], latents=64, activation="topk", k=8))
+    out = ce_recovered_for_harvest(crosscoder, root, AnalyzeConfig(ce_sequences=4))["m"]
+    assert out["sequences"] == 4  # the first four chunks; none is full length
+    model = load_model(ModelSpec("m", path))
+    samples = list(iter_samples(root, read_manifest(root)))[:4]
+    losses = [next_token_loss(model, torch.tensor([[tok.bos_token_id, *s.tokens.tolist()]])) for s in samples]
+    weights = [len(s.tokens) for s in samples]  # predictions per chunk: its tokens (the BOS predicts the first)
+    assert out["clean"] == pytest.approx(np.average(losses, weights=weights), rel=1e-5)
+    assert np.isfinite(out["spliced"]) and out["zero_ablated"] != out["clean"]
