@@ -178,8 +178,11 @@ def prefix_token(tokenizer, setting: str) -> int | None:
         return None
     if setting in ("bos", "eos"):
         return getattr(tokenizer, f"{setting}_token_id")
-    ids = tokenizer.convert_tokens_to_ids([setting.removeprefix("token:")])
-    if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
+    token = setting.removeprefix("token:")
+    ids = tokenizer.convert_tokens_to_ids([token])
+    # an unknown token maps to the unknown token's id; the unknown token itself is a token (SmolLM2's
+    # GGUF tokenizer names <|endoftext|>, its document separator, as its unknown token)
+    if not ids or ids[0] is None or (ids[0] == tokenizer.unk_token_id and token != tokenizer.unk_token):
         raise ConfigError(f"harvest.prefix = {setting!r}: the tokenizer has no such token")
     return int(ids[0])
 

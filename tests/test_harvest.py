@@ -441,7 +441,10 @@ def test_chunks_of_different_lengths_share_a_padded_forward_and_read_as_alone(ti
 
 
 @pytest.mark.parametrize("prefix, token", [("bos", "<|user|>"), ("eos", "</s>"), ("none", None),
-                                           ("token:<|end|>", "<|end|>")])
+                                           ("token:<|end|>", "<|end|>"),
+                                           # the unknown token is a token too: SmolLM2's GGUF tokenizer
+                                           # names its document separator <|endoftext|> so
+                                           ("token:<unk>", "<unk>")])
 def test_the_prefix_goes_before_a_documents_first_chunk_only(tiny, tmp_path, monkeypatch, prefix, token):
     """A tokenizer whose BOS is a chat-template token, as SmolLM2's <|im_start|>: harvest.prefix picks
     the token a document's first chunk runs behind; a later chunk of the document gains none (it
