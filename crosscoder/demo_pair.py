@@ -133,20 +133,33 @@ def _rows(texts: list[list[int]], seq_len: int, bos: int) -> torch.Tensor:
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def _next_token_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy on the scored positions; the LM head runs on those alone (with a
+    large vocabulary and few scored tokens, it is most of the step otherwise)."""
+    hidden = model.base_model(input_ids=ids).last_hidden_state[:, :-1]
+    target = labels[:, 1:]
+    scored = target != -100
+    logits = model.get_output_embeddings()(hidden[scored])
+    return torch.nn.functional.cross_entropy(logits.float(), target[scored])
+
+
 CHECKPOINT_EVERY_S = 30.0  # the demo's training keeps a checkpoint this fresh (and writes one on Ctrl-C)
 
 
-def _train(model, rows: torch.Tensor, steps: int, lr: float, batch: int, seed: int, desc: str, progress: bool,
-           state_file: Path) -> float:
-    """AdamW on random rows, resumable: the model, optimizer, schedule and sampler are saved to
-    ``state_file`` every CHECKPOINT_EVERY_S and at a Ctrl-C (at the end of the step), and a run that
-    finds the file continues from it, taking the same steps an uninterrupted run would."""
+def train_causal_lm(model, rows: torch.Tensor, steps: int, lr: float, batch: int, seed: int, desc: str,
+                    progress: bool, state_file: Path, labels: torch.Tensor | None = None, warmup: int = 20) -> float:
+    """AdamW on random rows (next-token loss on ``labels``, default the rows themselves; -100 is not
+    scored) of the parameters that require gradients, resumable: the model, optimizer, schedule and
+    sampler are saved to ``state_file`` every CHECKPOINT_EVERY_S and at a Ctrl-C (at the end of the
+    step), and a run that finds the file continues from it, taking the same steps an uninterrupted
+    run would."""
     from tqdm import tqdm
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / max(steps, 1)))
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / max(steps, 1)))
+    scored = labels
     start, loss = 0, float("nan")
     if state_file.is_file():
         state = torch.load(state_file, weights_only=False)
@@ -172,7 +185,8 @@ def _train(model, rows: torch.Tensor, steps: int, lr: float, batch: int, seed: i
                 save(step)
                 raise KeyboardInterrupt(f"{desc} stopped at step {step} with a checkpoint")
             idx = torch.randint(0, len(rows), (batch,), generator=gen, device="cpu")
-            step_loss = model(input_ids=rows[idx], labels=rows[idx]).loss
+            step_loss = (model(input_ids=rows[idx], labels=rows[idx]).loss if scored is None
+                         else _next_token_loss(model, rows[idx], scored[idx]))
             optimizer.zero_grad(set_to_none=True)
             step_loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -234,14 +248,14 @@ def make_demo_pair(directory: str | Path, steps: int = 500, hidden: int = 96, la
         model = AutoModelForCausalLM.from_pretrained(directory / "base")
         base_loss = json.loads(partial[2].read_text())["loss"]
     else:
-        base_loss = _train(model, base_rows, steps, 3e-3, batch, seed, "demo base model", progress, partial[0])
+        base_loss = train_causal_lm(model, base_rows, steps, 3e-3, batch, seed, "demo base model", progress, partial[0])
         random_pair.save(model, tok, directory / "base")
         partial[2].write_text(json.dumps({"loss": base_loss}) + "\n")
     chats = [tok.apply_chat_template(grammar.conversation(), tokenize=False) for _ in range(6000)]
     mixed = [tok.encode(c, add_special_tokens=False) for c in chats]
     mixed += [tok.encode(grammar.text(), add_special_tokens=False) for _ in range(1500)]
     random.Random(seed).shuffle(mixed)
-    chat_loss = _train(model, _rows(mixed, seq_len, tok.bos_token_id), steps, 2e-3, batch, seed + 1,
+    chat_loss = train_causal_lm(model, _rows(mixed, seq_len, tok.bos_token_id), steps, 2e-3, batch, seed + 1,
                        "demo chat fine-tune", progress, partial[1])
     random_pair.save(model, tok, directory / "chat")
     marker.write_text(json.dumps({"settings": settings, "base_loss": base_loss, "chat_loss": chat_loss}) + "\n")

@@ -28,6 +28,7 @@ class Plan:
     run_dir: Path
     data: str  # the shard root training reads (and analysis, unless analyze.data says otherwise)
     uses_demo_pair: bool = False  # the harvest's models are the demo pair, made in <run>/tiny
+    organism: Path | None = None  # the harvest's models are the organism (organism.py), made there
 
 
 
@@ -38,6 +39,11 @@ def plan(cfg: RunConfig, run_dir: str | Path | None = None, data: str | None = N
     run_dir = Path(run_dir) if run_dir else Path("runs") / cfg.name
     hc, tc = cfg.harvest, cfg.train
     uses_demo_pair = hc.demo_pair and not hc.models
+    organism = Path(cfg.organism.directory).expanduser().absolute() if cfg.organism.directory and not hc.models \
+        else None
+    if organism is not None:
+        hc.models = [{"name": name, "path": str(organism / name)} for name in ("base", "chat")]
+        hc.data = hc.data or str(organism / "documents.jsonl")
     if uses_demo_pair:
         hc.models = [{"name": name, "path": str(run_dir / "tiny" / name)} for name in ("base", "chat")]
         hc.data = hc.data or str(run_dir / "tiny" / "documents.jsonl")
@@ -48,12 +54,12 @@ def plan(cfg: RunConfig, run_dir: str | Path | None = None, data: str | None = N
         if hc.data and not hc.data.startswith("hf:"):
             hc.data = str(Path(hc.data).expanduser().absolute())
         for m in hc.models:
-            if uses_demo_pair or Path(m["path"]).expanduser().exists():  # else a hub id
+            if uses_demo_pair or organism or Path(m["path"]).expanduser().exists():  # else a hub id
                 m["path"] = str(Path(m["path"]).expanduser().absolute())
     else:
         cfg.synthetic.output = shards
     tc.data = shards
-    return Plan(cfg, run_dir, shards, uses_demo_pair)
+    return Plan(cfg, run_dir, shards, uses_demo_pair, organism)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,12 +80,27 @@ def make_demo_pair(p: Plan, progress: bool = True) -> None:
         demo_pair.write_demo_documents(where / "documents.jsonl", n_docs=4000)
 
 
+def make_organism(p: Plan, progress: bool = True) -> None:
+    """The organism pair and its documents in ``organism.directory``, made once."""
+    from .organism import make_organism as make
+
+    oc = p.cfg.organism
+    assert p.organism is not None
+    record = make(p.organism, gguf=oc.gguf, steps=oc.steps, lr=oc.lr, batch=oc.batch_size, documents=oc.documents,
+                  progress=progress)
+    b = record["behaviour"]
+    print(f"organism: {p.organism} (fine-tune refuses {b['refused']}/{b['held_out_food_questions']} held-out food "
+          f"questions, {b['refused_other']}/{b['held_out_other_questions']} others)")
+
+
 def harvest(p: Plan, progress: bool = True):
     """Harvest the planned models into shards (committed shards are kept); returns the manifest."""
     from .harvest import harvest as run_harvest
 
     if p.uses_demo_pair:
         make_demo_pair(p, progress)
+    if p.organism is not None:
+        make_organism(p, progress)
     manifest = run_harvest(p.cfg, progress=progress)
     print(f"harvest: {manifest.tokens} tokens in {len(manifest.shards)} shards at {p.cfg.harvest.output}")
     return manifest
@@ -182,6 +203,25 @@ def analyze_here(p: Plan, progress: bool, setting: str) -> dict:
     return result.summary()
 
 
+def organism_report(p: Plan, progress: bool = True) -> dict:
+    """Where the latents of each class fire: on conversations about food (the fine-tune's behaviour)
+    vs the base rate; ``analysis/organism.json``."""
+    from . import analysis as an
+    from .organism import behaviour_shares
+
+    assert p.organism is not None
+    model, root = an.load_for_run(p.run_dir, p.cfg.analyze.data or p.data, p.cfg.storage)
+    result = behaviour_shares(model, root, p.organism, p.run_dir / "analysis", progress=progress)
+    print(f"organism: {result['food_token_share']:.1%} of the tokens are in food conversations; share of firings "
+          "there, per class: " + ", ".join(
+              f"{c} {v['latents']} latents" + (f" (median {v['median_food_share']:.1%}, {v['food_selective']} "
+                                              f"food-selective, {v['refusal_selective']} refusal-selective)"
+                                              if v["latents"] else "")
+              for c, v in result["classes"].items()))
+    print(f"organism: {p.run_dir / 'analysis' / 'organism.json'}")
+    return result
+
+
 def _local_cuda() -> bool:
     import torch
 
@@ -213,6 +253,8 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, data: str | None = No
     print_training_summary(result)
     print_planted_recovery(p, result)
     analyze(p, progress, only_if_stale=True)
+    if p.organism is not None:
+        organism_report(p, progress)
     print(f"run directory: {p.run_dir.absolute()}")
     return result
 
