@@ -159,7 +159,14 @@ class Root:
                 if tmp.exists():
                     tmp.unlink()
         else:
-            self._retry(f"uploading {name}", self.fs.put_file, str(local_file), self.full(name))
+            try:
+                self._retry(f"uploading {name}", self.fs.put_file, str(local_file), self.full(name))
+            except FileNotFoundError:
+                # the bucket checked at the start is gone: a store without persistence restarted, or
+                # it was emptied; a retry cannot mend that, and the shards committed before are gone too
+                bucket = self.path.split("/", 1)[0]
+                raise StorageError(f"{self.url}: uploading {name} failed: bucket {bucket!r} does not exist any "
+                                   "more (was the object store restarted or emptied?)") from None
             os.unlink(local_file)
 
     def write_bytes(self, name: str, data: bytes) -> None:

@@ -36,7 +36,7 @@ def tiny(tmp_path_factory):
     return {"base": base, "chat": chat, "docs": docs, "dir": d}
 
 
-def harvest_toml(tiny, output: Path, **harvest) -> str:
+def harvest_toml(tiny, output: Path | str, **harvest) -> str:
     keys = {"hooks": ["model.layers.1"], "data": tiny["docs"], "output": str(output), "actors": 1, "tokens": 400,
             "seq_len": 16, "samples_per_shard": 6, "batch_size": 4} | harvest
     lines = ["name = \"robust\"", "[harvest]",
@@ -205,3 +205,53 @@ def test_ray_workers_import_the_installed_package_and_refuse_other_code(tiny, tm
             harvest_module.harvest(cfg, progress=False)
     finally:
         harvest_module.code_fingerprint = original
+
+
+def test_an_object_store_restarted_empty_mid_harvest_stops_with_one_line(tiny, tmp_path):
+    """moto killed and restarted empty on its port while a `crosscoder harvest` writes to it (the
+    bucket and every committed shard gone, as after a store without persistence restarts): the
+    command stops with one `crosscoder:` line naming the store, not a traceback."""
+    import boto3
+
+    from .conftest import free_port, wait_for_port
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+
+    def start_store() -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(port, proc=proc)
+        return proc
+
+    store = start_store()
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="runs")
+    (tmp_path / "h.toml").write_text(
+        harvest_toml(tiny, "s3://runs/acts", tokens=4000, samples_per_shard=2)
+        + f'[storage]\nendpoint_url = "{endpoint}"\n')
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = subprocess.Popen([sys.executable, "-m", "crosscoder.cli", "harvest", "--config", str(tmp_path / "h.toml"),
+                                "--quiet"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        deadline = time.time() + 300
+        while not client.list_objects_v2(Bucket="runs", Prefix="acts/shard-").get("KeyCount", 0):
+            assert command.poll() is None and time.time() < deadline, "the harvest ended before a shard was committed"
+            time.sleep(0.2)
+        store.kill()
+        store.wait()
+        store = start_store()  # empty: no bucket
+        _, stderr = command.communicate(timeout=300)
+    finally:
+        if command.poll() is None:
+            command.kill()
+        store.kill()
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert command.returncode not in (0, None), stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert lines[-1].startswith("crosscoder: ") and "s3://runs/acts" in lines[-1], lines[-3:]
+    # the bucket gone (or, had the restart outlasted the store's retries, the store unreachable): no
+    # shard retried, as no retry mends either
+    assert ("bucket 'runs' does not exist any more" in lines[-1] or "attempts" in lines[-1]) \
+        and "failed 4 times" not in lines[-1], lines[-1]
