@@ -249,6 +249,14 @@ class MetricsConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Experiment logging beside ``train_log.jsonl``: the same scalars, from rank 0 only."""
+
+    backend: Literal["none", "tensorboard"] = opt(
+        "none", "none | tensorboard (event files in <run>/tensorboard, for `tensorboard --logdir`)")
+
+
+@dataclass
 class RunConfig:
     name: str = opt("default", "run name; default run directory runs/<name>")
     harvest: HarvestConfig = field(default_factory=HarvestConfig, metadata={"help": "[harvest] table"})
@@ -257,6 +265,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "[train] table"})
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig, metadata={"help": "[analyze] table"})
     metrics: MetricsConfig = field(default_factory=MetricsConfig, metadata={"help": "[metrics] table"})
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "[logging] table"})
     storage: StorageConfig = field(default_factory=StorageConfig, metadata={"help": "[storage] table"})
 
 

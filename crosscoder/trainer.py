@@ -45,6 +45,7 @@ from .config import RunConfig, TrainConfig, dumps_toml, use_sparse_kernels, vali
 from .dead import DeadLatentTracker
 from .device import DeviceBatches
 from .device import resolve as resolve_device
+from .experiment_log import ExperimentLog
 from .interrupts import StepBoundary
 from .losses import LossWeights, default_aux_k
 from .metrics import StreamingFVE
@@ -345,6 +346,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
     bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", disable=not (progress and is_main),
                dynamic_ncols=True, mininterval=1.0)
     telemetry = TrainMetrics(cfg.metrics.port, backend.rank, host=cfg.metrics.host, run=cfg.name)
+    experiment = ExperimentLog(cfg.logging.backend if is_main else "none", run_dir)
     started = time.time()
     model.train()
 
@@ -395,6 +397,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                 if is_main and (done % tc.log_every == 0 or done == end):
                     with (run_dir / LOG_FILE).open("a") as fh:
                         fh.write(json.dumps(metrics | {"elapsed_s": time.time() - started}) + "\n")
+                    experiment.log(metrics)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']['total']:.4g}", l0=f"{metrics['l0']:.1f}",
                                 fve=f"{np.mean(list(metrics['fve'].values())):.3f}",
@@ -413,6 +416,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
         bar.close()
         batches.close()
         telemetry.close()
+        experiment.close()
 
     if result.steps >= tc.steps:
         result.export_dir = backend.export(run_dir, {"trained_steps": result.steps, "data": data,
