@@ -156,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Print, for each run directory, its latent classes and how many exclusive "
                          "latents Latent Scaling flags (e.g. an L1 and a BatchTopK crosscoder on the same shards).")
     cmp.add_argument("runs", nargs="+", help="run directories with analysis/summary.json")
+    exp = sub.add_parser("export", help="write a run's crosscoder in another tool's format",
+                         description="Write <run>/crosscoder in another tool's format: dictionary_learning = a state "
+                         "dict that science-of-finetuning/dictionary_learning's BatchTopKCrossCoder.from_pretrained "
+                         "loads (acausal BatchTopK, sources of one width).")
+    exp.add_argument("run", help="run directory (its crosscoder/ export is read)")
+    exp.add_argument("--format", choices=["dictionary_learning"], default="dictionary_learning")
+    exp.add_argument("--out", help="output file (default <run>/exports/dictionary_learning.pt)")
     val = sub.add_parser("validate", help="check a shard dataset against its manifest",
                          description="Check a shard root: its manifest and every shard's size, from one listing; "
                          "with --full, every shard's sha256 and samples too (reads them all).")
@@ -164,6 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--endpoint-url", help="S3 endpoint (MinIO, moto, …); default AWS_ENDPOINT_URL or AWS")
     val.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def cmd_export(args) -> int:
+    from .interop import export_dictionary_learning
+
+    out = Path(args.out or Path(args.run) / "exports" / "dictionary_learning.pt")
+    fit = export_dictionary_learning(Path(args.run) / "crosscoder", out)
+    print(f"export: {out.absolute()} (dictionary_learning BatchTopKCrossCoder; scalar threshold {fit.threshold:.6g}, "
+          f"per-latent thresholds within {fit.relative_spread:.2%} of it at the median, {fit.max_relative_error:.2%} "
+          "at most)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_tiny(args)
         if args.command == "validate":
             return cmd_validate(args)
+        if args.command == "export":
+            return cmd_export(args)
         return run_command(args, rest)
     except ConfigError as e:
         print(f"crosscoder: config error: {e}", file=sys.stderr)
@@ -200,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         from .analysis import AnalysisError
         from .documents import DataError
         from .harvest import HarvestError
+        from .interop import ExportError
         from .language_models import ModelError
         from .ray_connect import CodeMismatch
         from .shards import ShardError
@@ -207,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         from .stream import DataExhausted
         from .trainer import RunDirError, TrainingDiverged, TrainingFailed
 
-        if isinstance(e, (AnalysisError, ShardError, StorageError, RunDirError, TrainingDiverged, FileNotFoundError,
-                          DataError, ModelError, HarvestError, TrainingFailed, DataExhausted, CodeMismatch)):
+        if isinstance(e, (AnalysisError, ExportError, ShardError, StorageError, RunDirError, TrainingDiverged,
+                          FileNotFoundError, DataError, ModelError, HarvestError, TrainingFailed, DataExhausted,
+                          CodeMismatch)):
             print(f"crosscoder: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
         raise
