@@ -1,0 +1,110 @@
+"""Benchmark of the whole training step as a user's run pays for it, against the encoder-product floor.
+
+    .venv/bin/python tests/bench/bench_step.py [--out bench-results/step.json] [--sizes 256x16384,256x65536]
+
+A step here is what ``crosscoder train`` does per step, timed by the trainer itself: the real
+``trainer.train`` loop (one process, fp32, the sparse and compiled kernels) on planted synthetic
+shards, i.e. the data stream, schedule, forward and loss with AuxK, backward, clipping, Adam, the
+threshold update, the dead-latent tracker and the step metrics. Its time per step is read from the
+run's ``train_log.jsonl`` (``log_every = 1``: the differences of ``elapsed_s``). The floor is the
+dense encoder product ``x @ W_enc`` into a kept buffer (as in bench_kernels.py). Segments of
+training steps and floor products alternate in one process (the run is resumed between segments),
+so both ratios are taken under the same machine load. S = 2 sources, k = 64, batch 2048. Not part
+of the test suite (no timed assertions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from crosscoder.config import RunConfig, SyntheticConfig  # noqa: E402
+from crosscoder.synthetic import write_synthetic  # noqa: E402
+from crosscoder.trainer import train  # noqa: E402
+
+BATCH, K = 2048, 64
+
+
+def floor_seconds(d: int, L: int, repeats: int) -> list[float]:
+    x = torch.randn(BATCH, 2 * d)
+    W = torch.randn(2 * d, L) / (2 * d) ** 0.5
+    out = torch.empty(BATCH, L)
+    torch.mm(x, W, out=out)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(x, W, out=out)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def step_seconds(run: Path, after: int) -> list[float]:
+    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    elapsed = {r["step"]: r["elapsed_s"] for r in rows}
+    steps = sorted(s for s in elapsed if s > after + 1 and s - 1 in elapsed)
+    return [elapsed[s] - elapsed[s - 1] for s in steps]
+
+
+def measure(d: int, L: int, work: Path, segments: int, per_segment: int) -> dict:
+    data = work / f"shards-{d}"
+    if not data.exists():
+        write_synthetic(SyntheticConfig(widths=[d, d], features=2048, tokens=BATCH * 48, seq_len=256,
+                                        samples_per_shard=32), str(data), progress=False)
+    cfg = RunConfig(name="bench-step")
+    t = cfg.train
+    t.latents, t.k, t.batch_size, t.steps = L, K, BATCH, segments * per_segment
+    t.log_every, t.checkpoint_every, t.keep_checkpoints, t.lr_warmup_steps = 1, 0, 1, 1
+    t.dead_tokens, t.calibration_batches, t.sparse_kernels = 200_000, 0, "on"
+    run = work / f"run-{d}-{L}"
+    ratios, steps_all, floors_all = [], [], []
+    for segment in range(segments):
+        train(cfg, run, data=str(data), progress=False, stop_after=per_segment)
+        steps = step_seconds(run, segment * per_segment + 2)  # 2 warm-up steps after each (re)start
+        floors = floor_seconds(d, L, per_segment)
+        steps_all += steps
+        floors_all += floors
+        ratios.append(statistics.median(steps) / statistics.median(floors))
+        print(f"  d={d} L={L:,} segment {segment + 1}: step {statistics.median(steps) * 1e3:.0f} ms, floor "
+              f"{statistics.median(floors) * 1e3:.0f} ms, ratio {ratios[-1]:.2f}", flush=True)
+    return {"d": d, "latents": L, "step_s": statistics.median(steps_all), "floor_s": statistics.median(floors_all),
+            "ratio_per_segment": ratios, "ratio": statistics.median(ratios)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(ROOT / "bench-results" / "step.json"))
+    parser.add_argument("--sizes", default="256x16384,256x65536,512x65536", help="d x L, comma separated")
+    parser.add_argument("--segments", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=12, help="steps per segment")
+    args = parser.parse_args()
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the CLI sets it
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes.split(","):
+            d, L = (int(v) for v in size.split("x"))
+            rows.append(measure(d, L, Path(tmp), args.segments, args.steps))
+    print("\n| d | L | full step | floor `x @ W_enc` | full step / floor, in turn (median of segments) |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['d']} | {r['latents']:,} | {r['step_s'] * 1e3:.0f} ms | {r['floor_s'] * 1e3:.0f} ms | "
+              f"{r['ratio']:.2f}× ({', '.join(f'{x:.2f}' for x in r['ratio_per_segment'])}) |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                                          "batch": BATCH, "k": K, "rows": rows}, indent=2) + "\n")
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
