@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import sys
 import threading
 import time
@@ -78,8 +79,24 @@ def _fit_stopping_on_ctrl_c(trainer, run_dir: Path):
         except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
             outcome["error"] = error
 
+    # Python's Ctrl-C handler, also when the process started with SIGINT ignored (a command started
+    # in the background by a non-interactive shell): a `kill -INT` then still asks for the checkpoint
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler) if main else None
     thread = threading.Thread(target=fit, name="crosscoder-fit", daemon=True)
     thread.start()
+    try:
+        _wait_stopping_on_ctrl_c(thread, run_dir)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _wait_stopping_on_ctrl_c(thread: threading.Thread, run_dir: Path) -> None:
+    """Join ``thread``; the first Ctrl-C writes the stop file, a second or STOP_WAIT_S later stops."""
     stopping = None
     while thread.is_alive():
         try:
@@ -95,9 +112,6 @@ def _fit_stopping_on_ctrl_c(trainer, run_dir: Path):
                   "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
     if stopping is not None:
         raise KeyboardInterrupt
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
 
 
 def estimated_worker_memory(cfg: RunConfig, manifest: Manifest) -> float:
