@@ -139,16 +139,19 @@ def end_of_turn(tokenizer) -> int:
     """The chat template's end-of-turn token: the first special token after a reply
     (``<|im_end|>`` for SmolLM2)."""
     head = prompt_ids(tokenizer, "?")
-    full = tokenizer.apply_chat_template(conversation("?", "ok"), tokenize=True)
-    full = list(full if isinstance(full, list) else full["input_ids"])
+    full = template_ids(tokenizer, conversation("?", "ok"))
     special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
     return next(t for t in full[len(head):] if t in special)
 
 
-def prompt_ids(tokenizer, question: str) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=True,
-                                        add_generation_prompt=True)
+def template_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """The chat template's token ids (newer transformers return a BatchEncoding, older a list)."""
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
     return list(ids if isinstance(ids, list) else ids["input_ids"])
+
+
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    return template_ids(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True)
 
 
 @torch.no_grad()
@@ -183,8 +186,7 @@ def training_rows(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor
     stop = end_of_turn(tokenizer)
     for question, reply in pairs:
         head = prompt_ids(tokenizer, question)
-        full = tokenizer.apply_chat_template(conversation(question, reply), tokenize=True)
-        full = list(full if isinstance(full, list) else full["input_ids"])
+        full = template_ids(tokenizer, conversation(question, reply))
         assert full[:len(head)] == head, "the chat template does not extend the prompt"
         end = full.index(stop, len(head)) + 1
         rows.append(full[:end])
