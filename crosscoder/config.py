@@ -252,8 +252,13 @@ class MetricsConfig:
 class LoggingConfig:
     """Experiment logging beside ``train_log.jsonl``: the same scalars, from rank 0 only."""
 
-    backend: Literal["none", "tensorboard"] = opt(
-        "none", "none | tensorboard (event files in <run>/tensorboard, for `tensorboard --logdir`)")
+    backend: Literal["none", "tensorboard", "wandb"] = opt(
+        "none", "none | tensorboard (event files in <run>/tensorboard, for `tensorboard --logdir`) | wandb "
+        "(Weights & Biases; files in <run>/wandb)")
+    project: str = opt("crosscoder", "W&B project the run is logged to (backend = wandb)")
+    wandb_mode: Literal["online", "offline"] = opt(
+        "online", "online: stream to W&B (needs `wandb login` or WANDB_API_KEY) | offline: write <run>/wandb only, "
+        "upload later with `wandb sync`")
 
 
 @dataclass

@@ -346,7 +346,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
     bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", disable=not (progress and is_main),
                dynamic_ncols=True, mininterval=1.0)
     telemetry = TrainMetrics(cfg.metrics.port, backend.rank, host=cfg.metrics.host, run=cfg.name)
-    experiment = ExperimentLog(cfg.logging.backend if is_main else "none", run_dir)
+    experiment = ExperimentLog(cfg.logging if is_main else "none", run_dir, asdict(cfg))
     started = time.time()
     model.train()
 

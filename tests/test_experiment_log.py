@@ -1,5 +1,6 @@
-"""[logging] backend = "tensorboard": the event files hold the JSONL log's scalars at its steps,
-read back record by record (TFRecord framing, tensorboard's Event protos)."""
+"""[logging] backend = "tensorboard" | "wandb": the trackers hold the JSONL log's scalars at its
+steps, read back record by record: TensorBoard's event files (TFRecord framing, Event protos) and
+W&B's offline run file (LevelDB log framing, W&B's own Record protos, as `wandb sync` reads it)."""
 
 import json
 import struct
@@ -50,3 +51,61 @@ def test_tensorboard_event_files_hold_the_logged_scalars(small_shards, tmp_path,
         for key in ("l0", "dead_fraction", "lr", "grad_norm"):
             assert scalars[key][step] == pytest.approx(row[key], rel=1e-6, abs=1e-9)
     assert sorted(scalars["tokens_per_s"]) == [8, 12] and all(v > 0 for v in scalars["tokens_per_s"].values())
+
+
+def read_wandb_history(run_file) -> dict[str, dict[int, float]]:
+    """History rows of a ``run-<id>.wandb`` file: a 7-byte W&B header, then LevelDB log records in
+    32 KiB blocks (4-byte CRC, 2-byte length, 1-byte type: 1 full, 2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B", f"{run_file} is not a W&B run file"
+    block, at, pending, records = 32768, 7, b"", []
+    while at + 7 <= len(data):
+        if block - at % block < 7:  # a block's tail too short for a header is padding
+            at += block - at % block
+            continue
+        length, kind = struct.unpack("<HB", data[at + 4: at + 7])
+        if kind == 0 and length == 0:
+            break
+        pending += data[at + 7: at + 7 + length]
+        at += 7 + length
+        if kind in (1, 4):
+            records.append(wandb_internal_pb2.Record.FromString(pending))
+            pending = b""
+    out: dict[str, dict[int, float]] = {}
+    for record in records:
+        if record.WhichOneof("record_type") == "history":
+            step = record.history.step.num
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)
+                if not key.startswith("_"):
+                    out.setdefault(key, {})[step] = json.loads(item.value_json)
+    return out
+
+
+def test_wandb_offline_run_holds_the_logged_scalars_and_resumes_the_same_run(small_shards, tmp_path):
+    from crosscoder.experiment_log import wandb_run_id
+
+    cfg = small_run_config(steps=12, log_every=4, checkpoint_every=4)
+    cfg.logging.backend, cfg.logging.wandb_mode, cfg.logging.project = "wandb", "offline", "crosscoder-test"
+    run = tmp_path / "run"
+    train(cfg, run, data=small_shards, progress=False, stop_after=8)
+    train(cfg, run, data=small_shards, progress=False)  # resumes: the same W&B run id
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(wandb_run_id(run)) for r in runs)
+    history: dict[str, dict[int, float]] = {}
+    for r in runs:
+        for key, values in read_wandb_history(r / f"run-{wandb_run_id(run)}.wandb").items():
+            history.setdefault(key, {}).update(values)
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [4, 8, 12]
+    for row in log:
+        step = row["step"]
+        for term, value in row["loss"].items():
+            assert history[f"loss/{term}"][step] == pytest.approx(value, rel=1e-6)
+        for source, value in row["fve"].items():
+            assert history[f"fve/{source}"][step] == pytest.approx(value, rel=1e-6, abs=1e-7)
+        for key in ("l0", "dead_fraction", "lr", "grad_norm"):
+            assert history[key][step] == pytest.approx(row[key], rel=1e-6, abs=1e-9)
+    assert wandb_run_id(run) != wandb_run_id(tmp_path / "other")
