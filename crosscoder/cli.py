@@ -163,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("run", help="run directory (its crosscoder/ export is read)")
     exp.add_argument("--format", choices=["dictionary_learning"], default="dictionary_learning")
     exp.add_argument("--out", help="output file (default <run>/exports/dictionary_learning.pt)")
+    push = sub.add_parser("push", help="upload a run's crosscoder with a model card to the Hugging Face Hub",
+                          description="Upload <run>/crosscoder (config.json, model.safetensors) and a generated "
+                          "README.md model card to a Hub model repo, created if needed. Uses huggingface_hub: "
+                          "HF_TOKEN or `hf auth login`, HF_ENDPOINT. CrossCoder.from_pretrained(REPO) loads it.")
+    push.add_argument("run", help="run directory (its crosscoder/ export is uploaded)")
+    push.add_argument("repo", help="Hub repo id, owner/name")
+    push.add_argument("--revision", help="branch to commit to (created if needed; default main)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--save-to", help="write what would be uploaded into this directory instead, and upload nothing")
     val = sub.add_parser("validate", help="check a shard dataset against its manifest",
                          description="Check a shard root: its manifest and every shard's size, from one listing; "
                          "with --full, every shard's sha256 and samples too (reads them all).")
@@ -181,6 +190,20 @@ def cmd_export(args) -> int:
     print(f"export: {out.absolute()} (dictionary_learning BatchTopKCrossCoder; scalar threshold {fit.threshold:.6g}, "
           f"per-latent thresholds within {fit.relative_spread:.2%} of it at the median, {fit.max_relative_error:.2%} "
           "at most)")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .hub import push, stage
+
+    export_dir = Path(args.run) / "crosscoder"
+    if args.save_to:
+        folder = stage(export_dir, args.save_to, args.repo)
+        print(f"push: wrote {', '.join(sorted(p.name for p in folder.iterdir()))} to {folder.absolute()}; nothing "
+              "uploaded")
+        return 0
+    url = push(export_dir, args.repo, revision=args.revision, private=args.private)
+    print(f"push: {args.repo} {url}")
     return 0
 
 
@@ -209,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_validate(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "push":
+            return cmd_push(args)
         return run_command(args, rest)
     except ConfigError as e:
         print(f"crosscoder: config error: {e}", file=sys.stderr)
@@ -220,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         from .analysis import AnalysisError
         from .documents import DataError
         from .harvest import HarvestError
+        from .hub import HubError
         from .interop import ExportError
         from .language_models import ModelError
         from .ray_connect import CodeMismatch
@@ -230,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(e, (AnalysisError, ExportError, ShardError, StorageError, RunDirError, TrainingDiverged,
                           FileNotFoundError, DataError, ModelError, HarvestError, TrainingFailed, DataExhausted,
-                          CodeMismatch)):
+                          CodeMismatch, HubError)):
             print(f"crosscoder: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
         raise

@@ -425,9 +425,18 @@ class CrossCoder(nn.Module):
         return model.eval()
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> CrossCoder:
-        """Load an export (``<run>/crosscoder``); it works on raw activations (scales folded in)."""
-        directory = Path(directory)
+    def from_pretrained(cls, name: str | Path, revision: str | None = None, cache_dir: str | Path | None = None,
+                        token: str | bool | None = None) -> CrossCoder:
+        """Load an export: a directory (``<run>/crosscoder``) or a Hugging Face Hub repo id
+        (``owner/name``, at ``revision``; hub.py). It works on raw activations (scales folded in)."""
+        directory = Path(name)
+        if not directory.exists():
+            from .hub import download, is_repo_id
+
+            if not is_repo_id(name):
+                raise FileNotFoundError(f"not a crosscoder export: {directory} does not exist (nor is it a "
+                                        "Hub repo id)")
+            directory = download(str(name), revision=revision, cache_dir=cache_dir, token=token)
         config_path, weights_path = directory / "config.json", directory / "model.safetensors"
         for p in (config_path, weights_path):
             if not p.is_file():
@@ -438,6 +447,24 @@ class CrossCoder(nn.Module):
         model = cls.from_tensors(spec, load_file(str(weights_path)))
         model.export_config = config
         return model
+
+    def push_to_hub(self, repo_id: str, revision: str | None = None, private: bool = False,
+                    token: str | bool | None = None) -> str:
+        """Upload this (whole) crosscoder with a model card to the Hub (hub.py); the commit's URL.
+
+        A model loaded by :meth:`from_pretrained` is in raw units already: its weights are written
+        as they are, with the config it was loaded with."""
+        import tempfile
+
+        from .hub import push
+
+        with tempfile.TemporaryDirectory(prefix="crosscoder-export-") as tmp:
+            loaded = getattr(self, "export_config", None)
+            if loaded is not None:
+                self.save_pretrained(tmp, norm_scale=[1.0] * self.spec.n_sources, extra=dict(loaded))
+            else:
+                self.save_pretrained(tmp)
+            return push(tmp, repo_id, revision=revision, private=private, token=token)
 
 
 def write_export_config(spec: CrossCoderSpec, directory: Path, scale: list[float], extra: dict | None) -> None:

@@ -83,6 +83,13 @@ class Manifest:
     def source_names(self) -> list[str]:
         return [s.name for s in self.sources]
 
+    def fingerprint(self) -> str:
+        """The data's identity: a hash of the sources, dtype and shard checksums, not of the
+        bookkeeping (a copy of the dataset in another store has the same fingerprint)."""
+        content = {"sources": [[s.name, s.d, s.model, s.hook] for s in self.sources], "dtype": self.dtype,
+                   "shards": [[s.name, s.samples, s.sha256] for s in self.shards]}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
     @property
     def tokens(self) -> int:
         return sum(s.tokens for s in self.shards)

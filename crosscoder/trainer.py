@@ -419,8 +419,10 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
         experiment.close()
 
     if result.steps >= tc.steps:
-        result.export_dir = backend.export(run_dir, {"trained_steps": result.steps, "data": data,
-                                                     "tokens": result.steps * tc.batch_size})
+        result.export_dir = backend.export(run_dir, {
+            "trained_steps": result.steps, "data": data, "tokens": result.steps * tc.batch_size,
+            "data_fingerprint": manifest.fingerprint(),
+            "source_models": {s.name: {"model": s.model, "hook": s.hook} for s in manifest.sources}})
     report = backend.report()
     result.comm_bytes, result.memory_bytes = report.get("comm_bytes", 0), report.get("memory_bytes", {})
     result.elapsed_s = time.time() - started

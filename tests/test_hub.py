@@ -1,0 +1,142 @@
+"""The Hugging Face Hub (hub.py), offline, through huggingface_hub itself.
+
+No network here, so the Hub's side is what huggingface_hub does without one: a pull by repo id is
+``snapshot_download`` answering from the Hub cache with ``HF_HUB_OFFLINE=1`` (and when the endpoint
+refuses connections), from a cache laid out as the library lays it out (checked by the library's
+own ``scan_cache_dir``); a push stops with one line when offline or unreachable; what a push
+uploads is written by ``--save-to`` and read back with ``ModelCard.load`` and ``from_pretrained``.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from crosscoder import CrossCoder
+from crosscoder.cli import main
+from crosscoder.hub import HubError, is_repo_id
+from crosscoder.shards import read_manifest
+from crosscoder.storage import open_root
+from crosscoder.trainer import train
+
+from .conftest import free_port, small_run_config
+
+
+@pytest.fixture(scope="module")
+def trained_run(small_shards, tmp_path_factory):
+    run = tmp_path_factory.mktemp("hub") / "run"
+    train(small_run_config(steps=16, checkpoint_every=0), run, data=small_shards, progress=False)
+    return run
+
+
+def put_in_hub_cache(cache, repo_id: str, revision: str, folder) -> str:
+    """``folder``'s files as huggingface_hub caches a downloaded revision: content-addressed blobs,
+    a snapshot of symlinks per commit, and ``refs/<revision>`` naming the commit."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    for path in sorted(folder.iterdir()):
+        data = path.read_bytes()
+        blob = hashlib.sha256(data).hexdigest()
+        (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        (repo / "blobs" / blob).write_bytes(data)
+        link = repo / "snapshots" / commit / path.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(repo / "blobs" / blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return commit
+
+
+def offline_python(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, **env})
+
+
+def test_push_save_to_writes_the_export_and_a_model_card_from_the_run(trained_run, small_shards, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "staged"
+    assert main(["push", str(trained_run), "me/tiny-crosscoder", "--save-to", str(out)]) == 0
+    assert "nothing uploaded" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    card = ModelCard.load(out / "README.md")  # the library parses the metadata header
+    facts = card.data.to_dict()["crosscoder"]
+    result = json.loads((trained_run / "train_result.json").read_text())
+    manifest = read_manifest(open_root(str(small_shards)))
+    cfg = small_run_config(steps=16)
+    assert card.data.library_name == "crosscoder"
+    assert facts["latents"] == cfg.train.latents and facts["k"] == cfg.train.k
+    assert facts["tokens_trained"] == 16 * cfg.train.batch_size
+    assert facts["dead_fraction"] == pytest.approx(result["last_metrics"]["dead_fraction"])
+    assert facts["fve"] == pytest.approx(result["last_metrics"]["fve"])
+    assert facts["data_fingerprint"] == manifest.fingerprint()
+    for source in manifest.sources:
+        assert f"| {source.name} | {source.d} |" in card.text
+    staged = CrossCoder.from_pretrained(out)
+    exported = load_file(str(trained_run / "crosscoder" / "model.safetensors"))
+    for name, tensor in staged.export_tensors([1.0] * staged.spec.n_sources).items():
+        torch.testing.assert_close(tensor, exported[name], rtol=0, atol=0)
+
+
+def test_pull_by_repo_id_and_revision_from_the_hub_cache_offline(trained_run, tmp_path):
+    from huggingface_hub import scan_cache_dir
+
+    staged, other = tmp_path / "main", tmp_path / "v1"
+    assert main(["push", str(trained_run), "me/tiny-crosscoder", "--save-to", str(staged)]) == 0
+    # a second revision: the same export with every threshold doubled
+    model = CrossCoder.from_pretrained(staged)
+    with torch.no_grad():
+        model.threshold.mul_(2)
+    model.save_pretrained(other, norm_scale=[1.0] * model.spec.n_sources, extra=model.export_config)
+    cache = tmp_path / "hub-cache"
+    commits = {rev: put_in_hub_cache(cache, "me/tiny-crosscoder", rev, folder)
+               for rev, folder in (("main", staged), ("v1", other))}
+    info = scan_cache_dir(cache)
+    assert not info.warnings, info.warnings
+    (repo,) = info.repos
+    assert repo.repo_id == "me/tiny-crosscoder" and {r.commit_hash for r in repo.revisions} == set(commits.values())
+
+    expected = {rev: CrossCoder.from_pretrained(folder).threshold.sum().item()
+                for rev, folder in (("main", staged), ("v1", other))}
+    code = ("import sys; from crosscoder import CrossCoder\n"
+            "for rev in ('main', 'v1'):\n"
+            "    m = CrossCoder.from_pretrained('me/tiny-crosscoder', revision=rev)\n"
+            "    print(rev, repr(m.threshold.sum().item()), m.spec.latents)\n")
+    for env in ({"HF_HUB_OFFLINE": "1"},  # offline mode: the cache answers
+                {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}):  # the Hub refuses
+        done = offline_python(code, env | {"HF_HUB_CACHE": str(cache)})
+        assert done.returncode == 0, done.stderr[-3000:]
+        got = {line.split()[0]: float(line.split()[1]) for line in done.stdout.splitlines()}
+        assert got == pytest.approx(expected) and expected["v1"] == pytest.approx(2 * expected["main"])
+
+    missing = offline_python("from crosscoder import CrossCoder; CrossCoder.from_pretrained('me/absent')",
+                             {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)})
+    assert missing.returncode != 0 and "HubError: me/absent: not in the Hub cache" in missing.stderr
+
+
+def test_push_without_a_hub_stops_with_one_line(trained_run):
+    for env, says in (({"HF_HUB_OFFLINE": "1"}, "cannot push, HF_HUB_OFFLINE is set"),
+                      ({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_TOKEN": "hf_x"},
+                       "the Hub cannot be reached")):
+        done = subprocess.run([sys.executable, "-m", "crosscoder.cli", "push", str(trained_run), "me/tiny"],
+                              capture_output=True, text=True, timeout=180, env={**os.environ, **env})
+        assert done.returncode == 1 and done.stderr.startswith(f"crosscoder: HubError: me/tiny: {says}"), done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_run_without_an_export_is_refused_and_repo_ids_are_told_from_paths(tmp_path, monkeypatch):
+    with pytest.raises(HubError, match="not a crosscoder export"):
+        from crosscoder.hub import stage
+
+        stage(tmp_path / "run" / "crosscoder", tmp_path / "out", "me/x")
+    assert is_repo_id("me/x") and is_repo_id("gpt2") and not is_repo_id("./runs/x") and not is_repo_id("a/b/c")
+    (tmp_path / "me").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert not is_repo_id("me")  # an existing directory is a directory
+    with pytest.raises(FileNotFoundError, match="not a crosscoder export"):
+        CrossCoder.from_pretrained(tmp_path / "nowhere" / "x")
