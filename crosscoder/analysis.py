@@ -76,6 +76,11 @@ class Analysis:
     notes: list[str] = field(default_factory=list)
     inference_l0: float = float("nan")  # mean active latents per token and group, encoded as at inference
     cross_fve: dict[str, float] = field(default_factory=dict)  # aligned: "from->to" → FVE of decoding across
+    # every latent's top-n activations ([L, n], descending) and the global index of each one's token in
+    # the analysed stream (manifest order; -1 = none), saved for per-latent dashboards (dashboard.py)
+    top_values: np.ndarray | None = None
+    top_index: np.ndarray | None = None
+    data_fingerprint: str = ""  # Manifest.fingerprint() of the analysed shards
 
     @property
     def classes(self) -> np.ndarray:
@@ -132,6 +137,7 @@ class Analysis:
                 "notes": self.notes}
 
 
+TOP_FILE = "top_activations.npz"  # the top-n buffers, for dashboard.py
 MOSTLY_SPECIAL = 0.5  # "fires mostly on special tokens": more than this share of a latent's firings
 
 
@@ -375,7 +381,8 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
     return Analysis(sources=(spec.sources[a], spec.sources[b]), tokens=seen, columns=columns, fve=fve,
                     inference_l0=float(active) / (seen * spec.groups), cross_fve=cross_fve,
                     examples=examples, attribution=attribution, scaling_threshold=cfg.scaling_threshold,
-                    exclusive_threshold=cfg.exclusive_threshold, notes=notes)
+                    exclusive_threshold=cfg.exclusive_threshold, notes=notes, top_values=top.values.numpy(),
+                    top_index=top.index.numpy(), data_fingerprint=manifest.fingerprint())
 
 
 def _examples(cls, top: _TopExamples, ids: np.ndarray, sample_index: np.ndarray, decoder: _Decoder,
@@ -469,6 +476,9 @@ def load_for_run(run_dir: Path, data: str, storage) -> tuple[CrossCoder, Root]:
 def save(analysis: Analysis, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_latents_csv(analysis, out_dir / "latents.csv")
+    if analysis.top_values is not None and analysis.top_index is not None:
+        np.savez(out_dir / TOP_FILE, values=analysis.top_values.astype(np.float32), index=analysis.top_index,
+                 tokens=np.int64(analysis.tokens), fingerprint=np.str_(analysis.data_fingerprint))
     (out_dir / "summary.json").write_text(json.dumps(analysis.summary(), indent=2, default=float) + "\n")
 
 

@@ -159,10 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="write a run's crosscoder in another tool's format",
                          description="Write <run>/crosscoder in another tool's format: dictionary_learning = a state "
                          "dict that science-of-finetuning/dictionary_learning's BatchTopKCrossCoder.from_pretrained "
-                         "loads (acausal BatchTopK, sources of one width).")
+                         "loads (acausal BatchTopK, sources of one width); neuronpedia = per-latent dashboards "
+                         "(Neuronpedia's batch JSON, as SAEDashboard writes it) from the run's analysis.")
     exp.add_argument("run", help="run directory (its crosscoder/ export is read)")
-    exp.add_argument("--format", choices=["dictionary_learning"], default="dictionary_learning")
-    exp.add_argument("--out", help="output file (default <run>/exports/dictionary_learning.pt)")
+    exp.add_argument("--format", choices=["dictionary_learning", "neuronpedia"], default="dictionary_learning")
+    exp.add_argument("--out", help="output file or directory (default <run>/exports/dictionary_learning.pt or "
+                     "<run>/exports/neuronpedia/)")
+    exp.add_argument("--data", help="neuronpedia: the analysed shard root (default: the run's analyze.data or "
+                     "train.data)")
+    exp.add_argument("--model-id", default="", help="neuronpedia: the batch's model_id")
+    exp.add_argument("--layer", type=int, default=0, help="neuronpedia: the batch's layer")
+    exp.add_argument("--sae-set", default="", help="neuronpedia: the batch's sae_set (default: the run's name)")
+    exp.add_argument("--quiet", action="store_true", help="no progress bar")
     push = sub.add_parser("push", help="upload a run's crosscoder with a model card to the Hugging Face Hub",
                           description="Upload <run>/crosscoder (config.json, model.safetensors) and a generated "
                           "README.md model card to a Hub model repo, created if needed. Uses huggingface_hub: "
@@ -183,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_export(args) -> int:
+    if args.format == "neuronpedia":
+        return cmd_export_dashboards(args)
     from .interop import export_dictionary_learning
 
     out = Path(args.out or Path(args.run) / "exports" / "dictionary_learning.pt")
@@ -190,6 +200,25 @@ def cmd_export(args) -> int:
     print(f"export: {out.absolute()} (dictionary_learning BatchTopKCrossCoder; scalar threshold {fit.threshold:.6g}, "
           f"per-latent thresholds within {fit.relative_spread:.2%} of it at the median, {fit.max_relative_error:.2%} "
           "at most)")
+    return 0
+
+
+def cmd_export_dashboards(args) -> int:
+    from .dashboard import export_dashboards
+    from .storage import open_root
+
+    run = Path(args.run)
+    cfg = load_config(run / "config.toml") if (run / "config.toml").is_file() else RunConfig()
+    exported = run / "crosscoder" / "config.json"
+    data = args.data or cfg.analyze.data or cfg.train.data or (
+        json.loads(exported.read_text()).get("data") if exported.is_file() else None)
+    if not data:
+        raise ConfigError(f"{run}: no shard root recorded; pass --data ROOT (the analysed shards)")
+    out = Path(args.out or run / "exports" / "neuronpedia")
+    done = export_dashboards(run, open_root(data, cfg.storage), out, sae_set=args.sae_set, model_id=args.model_id,
+                             layer=args.layer, progress=not args.quiet)
+    print(f"export: {done['features']} latent dashboards ({done['examples']} examples) in {done['batches']} "
+          f"Neuronpedia batch files and crosscoder.json (decoder norms per source) in {out.absolute()}")
     return 0
 
 

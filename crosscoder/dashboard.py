@@ -1,0 +1,190 @@
+"""Per-latent dashboards for Neuronpedia-style viewers, from the analysis's top activations.
+
+Format: Neuronpedia's dashboard batch, as SAEDashboard's ``NeuronpediaRunner`` writes it for upload
+(``batch-<n>.json``: ``model_id``, ``layer``, ``sae_set``, ``settings`` and ``features``; each
+feature has exactly the keys of SAEDashboard's ``NeuronpediaDashboardFeature``, read from its source,
+``sae_dashboard/neuronpedia/neuronpedia_feature.py`` at commit 6b20386). What fills them:
+
+- ``activations``: the latent's top-n examples from the analysis (its running top-n over the
+  analysed tokens, ``analysis/top_activations.npz``), each a window of decoded tokens around the
+  token (``analyze.context`` before, 3 after, within the document) with the latent's activation on
+  *every* token of the window, in one "top activations" bin (``bin_min`` -1, ``bin_max`` the
+  latent's max, ``bin_contains`` -1, SAEDashboard's values for that group);
+- ``frac_nonzero``: the analysis's firing frequency; ``num_tokens_for_dashboard``: tokens analysed;
+- ``freq_hist_data_bar_*``: a histogram of the examples' peak activations (not of all firings: the
+  analysis keeps no per-latent histogram);
+- left empty: the logit tables (the export has no unembedding) and the correlated neurons/features.
+
+What the schema has no key for, a crosscoder's per-source decoder norms, goes beside the batches in
+``crosscoder.json``: per latent, the decoder norm in each source (raw units, as exported), each
+source's share, the class and relative norm from ``latents.csv``.
+
+Why a second pass over the shards: the analysis keeps each example's value at its token only, and a
+dashboard colours every token of the window. The pass reads the analysed tokens once more in
+manifest order and encodes only the windows' rows (≤ n · (context + 4) per latent), after checking
+that the shards are the ones analysed (their fingerprint). Cost: one read of the analysed tokens,
+and memory for the windows' entries (for L = 64k, n = 20, 16 tokens: ~20M entries, ~320 MB).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .analysis import TOP_FILE, AnalysisError, _Decoder, read_latents_csv
+from .model import CrossCoder
+from .shards import iter_samples, read_manifest
+from .storage import Root
+
+# the keys of SAEDashboard's NeuronpediaDashboardFeature (commit 6b20386), in its order
+FEATURE_KEYS = ("feature_index", "neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
+                "correlated_neurons_indices", "correlated_neurons_l1", "correlated_neurons_pearson",
+                "correlated_features_indices", "correlated_features_l1", "correlated_features_pearson",
+                "neg_str", "neg_values", "pos_str", "pos_values", "frac_nonzero", "freq_hist_data_bar_values",
+                "freq_hist_data_bar_heights", "logits_hist_data_bar_heights", "logits_hist_data_bar_values",
+                "num_tokens_for_dashboard", "activations")
+AFTER = 3  # tokens shown after the activating one, as in the report
+
+
+def _windows(top_values: np.ndarray, top_index: np.ndarray, latents: np.ndarray, doc_start: np.ndarray,
+             doc_end: np.ndarray, context: int):
+    """For every (latent, example) with a positive value: its window ``[lo, hi)`` of global token
+    indices, and one entry per window token (row, latent, example slot, position)."""
+    lat, slot = np.nonzero(top_values[latents] > 0)
+    lat = latents[lat]
+    index = top_index[lat, slot]
+    doc = np.searchsorted(doc_start, index, side="right") - 1
+    lo = np.maximum(index - context, doc_start[doc])
+    hi = np.minimum(index + AFTER + 1, doc_end[doc])
+    width = hi - lo
+    entry_of = np.repeat(np.arange(len(lat)), width)
+    pos = np.arange(width.sum()) - np.repeat(np.cumsum(width) - width, width)
+    rows = lo[entry_of] + pos
+    return lat, slot, index, lo, hi, rows, entry_of, pos
+
+
+def export_dashboards(run_dir: str | Path, root: Root, out_dir: str | Path, sae_set: str = "", model_id: str = "",
+                      layer: int = 0, features_per_batch: int = 128, progress: bool = True) -> dict:
+    """Write ``batch-<n>.json`` (Neuronpedia's schema) and ``crosscoder.json`` for every live latent
+    of the analysed run ``run_dir``; returns counts for the command's message."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    analysis_dir = run_dir / "analysis"
+    for path in (analysis_dir / TOP_FILE, analysis_dir / "latents.csv", run_dir / "crosscoder" / "model.safetensors"):
+        if not path.is_file():
+            raise AnalysisError(f"{path} is missing: analyse the run first (crosscoder analyze --run {run_dir})")
+    top = np.load(analysis_dir / TOP_FILE)
+    columns = read_latents_csv(analysis_dir / "latents.csv")
+    manifest = read_manifest(root)
+    if str(top["fingerprint"]) != manifest.fingerprint():
+        raise AnalysisError(f"{root.url}: these shards are not the ones {analysis_dir} analysed (fingerprint "
+                            f"{manifest.fingerprint()}, analysed {top['fingerprint']}); pass the analysed data")
+    model = CrossCoder.from_pretrained(run_dir / "crosscoder")
+    summary = json.loads((analysis_dir / "summary.json").read_text()) if (analysis_dir / "summary.json").is_file() \
+        else {}
+    config = _run_config(run_dir)
+    context = config.analyze.context if config else 12
+    top_values, top_index, analysed = top["values"], top["index"], int(top["tokens"])
+    live = np.flatnonzero(columns["class"] != "dead")
+
+    # the analysed stream's documents (samples), in manifest order, up to the last needed token
+    needed_max = int(top_index[live][top_values[live] > 0].max(initial=-1))
+    starts, ends, ids = [], [], []
+    seen = 0
+    for sample in iter_samples(root, manifest):
+        if seen > needed_max or seen >= analysed:
+            break
+        n = min(len(sample.tokens), analysed - seen)
+        starts.append(seen)
+        ends.append(seen + n)
+        ids.append(sample.tokens[:n])
+        seen += n
+    doc_start, doc_end = np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64)
+    token_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+    lat, slot, index, lo, hi, rows, entry_of, pos = _windows(top_values, top_index, live, doc_start, doc_end, context)
+
+    # second pass: encode only the windows' rows and read each window entry's latent
+    values = np.zeros(len(rows), dtype=np.float32)
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    entry_latent = lat[entry_of]
+    seen = 0
+    bar = tqdm(total=int(doc_end[-1]) if len(doc_end) else 0, desc="dashboards", unit="tok", unit_scale=True,
+               disable=not progress)
+    with torch.no_grad():
+        for sample in iter_samples(root, manifest):
+            if seen >= (doc_end[-1] if len(doc_end) else 0):
+                break
+            n = min(len(sample.tokens), analysed - seen)
+            a, b = np.searchsorted(sorted_rows, [seen, seen + n])
+            if b > a:
+                wanted = order[a:b]
+                local, inverse = np.unique(rows[wanted] - seen, return_inverse=True)
+                x = torch.from_numpy(np.ascontiguousarray(sample.acts[local])).float()
+                f = model.encode(x).amax(1)  # [rows, L]: acausal has one group; aligned, active in any source
+                values[wanted] = f[torch.from_numpy(inverse), torch.from_numpy(entry_latent[wanted])].numpy()
+            seen += n
+            bar.update(n)
+    bar.close()
+
+    decoder = _Decoder(manifest)
+    norms = torch.stack([model.W_dec[:, sl].norm(dim=1) for sl in model.spec.slices], 1).detach().numpy()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    features = []
+    bounds = np.concatenate([[0], np.cumsum(hi - lo)])
+    by_latent: dict[int, list[int]] = {}
+    for e, latent in enumerate(lat.tolist()):
+        by_latent.setdefault(latent, []).append(e)
+    for latent in live.tolist():
+        examples = []
+        for e in by_latent.get(latent, []):
+            window = slice(bounds[e], bounds[e + 1])
+            examples.append({"bin_min": -1, "bin_max": float(top_values[latent, 0]), "bin_contains": -1,
+                             "tokens": decoder.pieces(token_ids[lo[e]:hi[e]]),
+                             "values": [round(float(v), 4) for v in values[window]]})
+        centres, heights = _histogram(top_values[latent][top_values[latent] > 0])
+        features.append({
+            "feature_index": latent, "neuron_alignment_indices": [], "neuron_alignment_values": [],
+            "neuron_alignment_l1": [], "correlated_neurons_indices": [], "correlated_neurons_l1": [],
+            "correlated_neurons_pearson": [], "correlated_features_indices": [], "correlated_features_l1": [],
+            "correlated_features_pearson": [], "neg_str": [], "neg_values": [], "pos_str": [], "pos_values": [],
+            "frac_nonzero": float(columns["frequency"][latent]),
+            "freq_hist_data_bar_values": centres, "freq_hist_data_bar_heights": heights,
+            "logits_hist_data_bar_heights": [], "logits_hist_data_bar_values": [],
+            "num_tokens_for_dashboard": analysed, "activations": examples})
+    sae_set = sae_set or run_dir.name
+    batches = 0
+    for b in range(0, len(features), features_per_batch):
+        batch = {"model_id": model_id, "layer": layer, "sae_set": sae_set,
+                 "features": features[b:b + features_per_batch],
+                 "settings": {"n_batches_to_sample_from": 0, "n_prompt_to_select": 0}}
+        (out_dir / f"batch-{batches}.json").write_text(json.dumps(batch) + "\n")
+        batches += 1
+    share = norms / np.maximum(norms.sum(1, keepdims=True), 1e-12)
+    sidecar = {"sources": model.spec.sources, "tokens_analysed": analysed, "data_fingerprint": manifest.fingerprint(),
+               "fve": summary.get("fve"), "latents": [
+                   {"index": int(i), "class": str(columns["class"][i]), "rel_norm": float(columns["rel_norm"][i]),
+                    "frequency": float(columns["frequency"][i]),
+                    "decoder_norm": dict(zip(model.spec.sources, norms[i].astype(float).tolist())),
+                    "decoder_share": dict(zip(model.spec.sources, share[i].astype(float).tolist()))}
+                   for i in live]}
+    (out_dir / "crosscoder.json").write_text(json.dumps(sidecar) + "\n")
+    return {"features": len(features), "batches": batches, "examples": len(lat), "out": out_dir}
+
+
+def _histogram(peaks: np.ndarray) -> tuple[list[float], list[float]]:
+    """Bar centres and heights of the examples' peak activations (up to 10 bars)."""
+    if not len(peaks):
+        return [], []
+    heights, edges = np.histogram(peaks, bins=min(10, len(peaks)))
+    return [round(float(c), 4) for c in (edges[:-1] + edges[1:]) / 2], [float(h) for h in heights]
+
+
+def _run_config(run_dir: Path):
+    from .config import load_config
+
+    path = run_dir / "config.toml"
+    return load_config(path) if path.is_file() else None

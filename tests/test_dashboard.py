@@ -1,0 +1,100 @@
+"""`crosscoder export --format neuronpedia`: per-latent dashboards in Neuronpedia's batch schema.
+
+SAEDashboard (which writes that schema) needs SAELens and TransformerLens and is not installed, so
+the schema's keys are restated from its source (dashboard.FEATURE_KEYS, commit 6b20386) and every
+value is checked against what it must equal: the analysis's frequency and top activations, the
+latent's activation re-computed on the window's tokens directly, the decoder norms of the export.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from crosscoder import CrossCoder
+from crosscoder.analysis import AnalysisError, read_latents_csv
+from crosscoder.cli import main
+from crosscoder.dashboard import FEATURE_KEYS
+from crosscoder.shards import iter_samples, read_manifest
+from crosscoder.storage import Root
+
+from .test_analysis import artifacts  # noqa: F401 - the planted run, analysed
+
+
+def test_dashboards_hold_every_live_latents_top_activations_with_values_on_every_token(artifacts, tmp_path,  # noqa: F811
+                                                                                       capsys):
+    *_, run = artifacts
+    data = run.parent / "shards"
+    out = tmp_path / "np"
+    assert main(["export", str(run), "--format", "neuronpedia", "--data", str(data), "--out", str(out),
+                 "--model-id", "planted", "--layer", "3", "--quiet"]) == 0
+    assert "Neuronpedia batch files" in capsys.readouterr().out
+    columns = read_latents_csv(run / "analysis" / "latents.csv")
+    top = np.load(run / "analysis" / "top_activations.npz")
+    live = np.flatnonzero(columns["class"] != "dead")
+    features = []
+    for path in sorted(out.glob("batch-*.json")):
+        batch = json.loads(path.read_text())
+        assert set(batch) == {"model_id", "layer", "sae_set", "features", "settings"}
+        assert (batch["model_id"], batch["layer"], batch["sae_set"]) == ("planted", 3, run.name)
+        features += batch["features"]
+    assert [f["feature_index"] for f in features] == live.tolist()
+
+    # the analysed stream in manifest order: each token's activations and its document
+    root = Root(str(data))
+    manifest = read_manifest(root)
+    acts, doc = [], []
+    for n, sample in enumerate(iter_samples(root, manifest)):
+        acts.append(sample.acts)
+        doc.append(np.full(len(sample.tokens), n))
+    acts_all, doc_all = np.concatenate(acts)[: int(top["tokens"])], np.concatenate(doc)[: int(top["tokens"])]
+    model = CrossCoder.from_pretrained(run / "crosscoder")
+    checked = 0
+    for feature in features:
+        latent = feature["feature_index"]
+        assert tuple(feature) == FEATURE_KEYS
+        assert feature["frac_nonzero"] == pytest.approx(columns["frequency"][latent])
+        assert feature["num_tokens_for_dashboard"] == int(top["tokens"])
+        peaks = top["values"][latent][top["values"][latent] > 0]
+        assert len(feature["activations"]) == len(peaks)
+        assert sum(feature["freq_hist_data_bar_heights"]) == len(peaks)
+        for example, peak, index in zip(feature["activations"], peaks, top["index"][latent]):
+            assert len(example["tokens"]) == len(example["values"]) and example["bin_max"] == pytest.approx(peaks[0])
+            assert max(example["values"]) == pytest.approx(peak, rel=1e-4, abs=1e-4)  # the analysis's value, again
+            # the window: up to 12 tokens before and 3 after, inside the document; every value recomputed
+            window = np.flatnonzero(doc_all == doc_all[index])
+            window = window[(window >= index - 12) & (window <= index + 3)]
+            assert len(window) == len(example["values"])
+            with torch.no_grad():
+                direct = model.encode(torch.from_numpy(acts_all[window]).float()).amax(1)[:, latent]
+            np.testing.assert_allclose(example["values"], direct.numpy(), rtol=1e-4, atol=1e-4)
+            assert example["tokens"] == [f"#{t}" for t in np.concatenate(
+                [s.tokens for s in iter_samples(root, manifest)])[window]]  # no tokenizer: ids
+            checked += 1
+    assert checked >= len(live)  # every live latent has at least one example here
+
+    sidecar = json.loads((out / "crosscoder.json").read_text())
+    assert sidecar["sources"] == ["base", "chat"] and len(sidecar["latents"]) == len(live)
+    norms = torch.stack([model.W_dec[:, sl].norm(dim=1) for sl in model.spec.slices], 1).detach().numpy()
+    for row in sidecar["latents"]:
+        i = row["index"]
+        assert [row["decoder_norm"]["base"], row["decoder_norm"]["chat"]] == pytest.approx(norms[i].tolist())
+        assert row["class"] == columns["class"][i]
+
+
+def test_dashboards_refuse_other_shards_and_an_unanalysed_run(artifacts, tmp_path):  # noqa: F811
+    *_, run = artifacts
+    from crosscoder.config import SyntheticConfig
+    from crosscoder.dashboard import export_dashboards
+    from crosscoder.synthetic import write_synthetic
+
+    other = tmp_path / "other"
+    write_synthetic(SyntheticConfig(widths=[48, 48], tokens=2_000, seq_len=64, samples_per_shard=16, seed=9),
+                    str(other), progress=False)
+    with pytest.raises(AnalysisError, match="not the ones .* analysed"):
+        export_dashboards(run, Root(str(other)), tmp_path / "out", progress=False)
+    bare = tmp_path / "bare"
+    (bare / "crosscoder").mkdir(parents=True)
+    with pytest.raises(AnalysisError, match="top_activations.npz is missing: analyse the run first"):
+        export_dashboards(bare, Root(str(other)), tmp_path / "out", progress=False)
