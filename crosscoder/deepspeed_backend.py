@@ -9,10 +9,18 @@ The :class:`~crosscoder.trainer.Backend` of ``train.workers > 0``, run inside ea
 2. DeepSpeed owns the optimizer (Adam, ZeRO stage, fp32 or bf16, gradient clipping) and is told the
    latent/data groups through the layout ("mpu"); latent-sharded parameters are flagged
    ``model_parallel`` so the gradient norm counts each shard once;
-3. checkpoints are DeepSpeed checkpoints (``<run>/checkpoints/step-<n>/``, ``latest``) whose client
-   state holds every partition's data position, each latent slice's dead-latent counters and
-   threshold, and the RNG states, gathered so any rank can load them; resuming needs the same
-   latent × data layout (refused with a message otherwise);
+3. checkpoints reshard: ``<run>/checkpoints/step-<n>/`` holds a ``torch.distributed.checkpoint``
+   (``dcp/``) of every latent-shaped tensor as a DTensor on the (data, latent) mesh — the fp32
+   weights and Adam's moments as DeepSpeed holds them (ZeRO partitions gathered with DeepSpeed's
+   ``safe_get_full_*``), the inference thresholds and the dead-latent counters, each sharded along
+   the latent axis and replicated over data ranks — plus ``loop.pt`` (step, Adam's step count,
+   every data partition's position, RNG states). DCP reshards on load, so a run resumes on another
+   number of workers or latent ranks (or another ZeRO stage ≤ 2) and continues the same
+   trajectory, as long as ``train.data_partitions`` is unchanged (the global batch is the same
+   tokens then). Loading needs Adam's state to exist, which torch creates at the first step: one
+   step with learning rate 0 on zero gradients makes it, then every value is overwritten. ZeRO-3
+   keeps DeepSpeed's own checkpoint (its partitioned low-precision weights are not reachable
+   through those calls), so it resumes on the same layout only (refused with a message otherwise);
 4. the export is written slice by slice and assembled by streaming (sliced_export.py): the file a
    single process writes, without any process holding the whole dictionary.
 
@@ -41,6 +49,8 @@ from .parallel import CommCounter, DistributedCollectives, ParallelLayout
 from .sliced_export import assemble, write_slice
 
 SHARDED = ("W_enc", "W_dec", "b_enc")
+LATENT_AXIS = {"W_enc": 1, "W_dec": 0, "b_enc": 1, "threshold": 1, "dead": 1}  # b_dec: whole on every rank
+MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's state per parameter, besides its step count
 
 
 class Objective(torch.nn.Module):
@@ -119,6 +129,114 @@ class DeepSpeedBackend:
             mpu=self.layout, dist_init_required=False)
 
     def load(self, run_dir: Path) -> dict:
+        from .trainer import RunDirError
+
+        root = run_dir / "checkpoints"
+        folder = root / (root / "latest").read_text().strip()
+        if not (folder / "loop.pt").is_file():  # ZeRO-3's (or an older release's) DeepSpeed checkpoint
+            return self._load_deepspeed(run_dir)
+        if self.tc.zero_stage == 3:
+            raise RunDirError(f"{folder}: written with ZeRO stage ≤ 2 (a resharding checkpoint), which ZeRO-3 cannot "
+                              "load; resume with train.zero_stage ≤ 2")
+        loop = torch.load(folder / "loop.pt", weights_only=False, map_location="cpu")
+        out = {"spec": loop["spec"], "step": loop["step"], "positions": loop["positions"], "dead": None,
+               "rng": loop["rng"][self.rank] if len(loop["rng"]) == self.layout.world else loop["rng"][0]}
+        if loop["spec"] != asdict(self.model.spec):  # the loop refuses the run directory
+            return out
+        import torch.distributed.checkpoint as dcp
+
+        self._create_optimizer_state()
+        targets = {name: torch.empty(shape, dtype=dtype, device=self.device)
+                   for name, (shape, dtype) in self._latent_state_shapes().items()}
+        shards = {name: self._on_mesh(name, t) for name, t in targets.items()}
+        dcp.load(shards, checkpoint_id=str(folder / "dcp"))
+        local = {name: t.to_local() for name, t in shards.items()}
+        self._set_weights_and_moments(local, loop["adam_step"])
+        self.model.threshold.copy_(local["threshold"])
+        self.model.threshold_updates.fill_(loop["threshold_updates"])
+        out["dead"] = {"window": self.tc.dead_tokens, "tokens_since_fired": local["dead"].cpu()}
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # the resharding checkpoint (see the module docstring)
+
+    def _on_mesh(self, name: str, local: Tensor):
+        """``local`` as this rank's piece of a DTensor on the (data, latent) mesh: sharded along the
+        latent axis of tensors that have one, replicated over data ranks."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        if getattr(self, "mesh", None) is None:
+            self.mesh = init_device_mesh(self.device.type, (self.layout.data_parallel, self.layout.latent_parallel),
+                                         mesh_dim_names=("data", "latent"))
+        axis = LATENT_AXIS.get(name.rsplit(".", 1)[-1])
+        placements = [Replicate(), Shard(axis) if axis is not None else Replicate()]
+        return DTensor.from_local(local.contiguous(), self.mesh, placements, run_check=False)
+
+    def _inner_optimizer(self):
+        """The torch optimizer under DeepSpeed's wrapper (ZeRO, bf16), or the one it uses directly."""
+        optimizer = self.engine.optimizer
+        return getattr(optimizer, "optimizer", optimizer)
+
+    def _latent_state_shapes(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        shapes = {}
+        for name, param in self.engine.module.named_parameters():
+            for key in ("weight",) + MOMENTS:
+                shapes[f"{key}.{name}"] = (param.shape, torch.float32)
+        shapes["threshold"] = (self.model.threshold.shape, self.model.threshold.dtype)
+        shapes["dead"] = (self.model.threshold.shape, torch.long)
+        return shapes
+
+    def _weights_and_moments(self) -> dict[str, Tensor]:
+        """This rank's fp32 weights and Adam moments, whole for its latent slice (collective: ZeRO
+        partitions are summed over the data group)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        state = self._inner_optimizer().state
+        out = {}
+        for name, param in self.engine.module.named_parameters():
+            full = safe_get_full_fp32_param(param)
+            if full is None:  # fp32 without ZeRO: torch's Adam holds the parameter itself
+                out[f"weight.{name}"] = param.detach().float()
+                out |= {f"{key}.{name}": state[param][key] for key in MOMENTS}
+            else:
+                out[f"weight.{name}"] = full
+                out |= {f"{key}.{name}": safe_get_full_optimizer_state(param, key) for key in MOMENTS}
+        return out
+
+    def _adam_step(self) -> float:
+        steps = {float(st["step"]) for st in self._inner_optimizer().state.values() if "step" in st}
+        if len(steps) != 1:
+            raise RuntimeError(f"Adam's step counts differ between parameter groups: {sorted(steps)}")
+        return steps.pop()
+
+    def _create_optimizer_state(self) -> None:
+        """Adam's state, which torch creates at the first step: one step with learning rate 0 on zero
+        gradients makes it without changing a weight (the values are overwritten next)."""
+        self.step(sum((param * 0.0).sum() for param in self.engine.module.parameters()), 0.0)
+
+    def _set_weights_and_moments(self, local: dict[str, Tensor], adam_step: float) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        state = self._inner_optimizer().state
+        with torch.no_grad():
+            for name, param in self.engine.module.named_parameters():
+                weight = local[f"weight.{name}"]
+                if not hasattr(param, "_hp_mapping"):  # fp32 without ZeRO: the parameter is Adam's own
+                    for key in MOMENTS:
+                        state[param][key].copy_(local[f"{key}.{name}"])
+                else:
+                    safe_set_full_fp32_param(param, weight)
+                    for key in MOMENTS:
+                        safe_set_full_optimizer_state(param, local[f"{key}.{name}"], key)
+                param.data.copy_(weight.to(param.dtype))  # the low-precision copy DeepSpeed makes after a step
+            for st in state.values():
+                if torch.is_tensor(st.get("step")):
+                    st["step"].fill_(adam_step)
+                elif "step" in st:
+                    st["step"] = adam_step
+
+    def _load_deepspeed(self, run_dir: Path) -> dict:
         layout = self.layout
         _, client = self.engine.load_checkpoint(str(run_dir / "checkpoints"), load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)
@@ -149,6 +267,47 @@ class DeepSpeedBackend:
         return float(norm) if norm is not None else 0.0
 
     def save(self, run_dir: Path, state: dict, keep: int) -> None:
+        """The resharding checkpoint (ZeRO ≤ 2) or DeepSpeed's own (ZeRO-3); see the module docstring."""
+        if self.tc.zero_stage == 3:
+            return self._save_deepspeed(run_dir, state, keep)
+        import torch.distributed.checkpoint as dcp
+
+        layout, model = self.layout, self.model
+        root = run_dir / "checkpoints"
+        folder = root / f"step-{state['step']}"
+        everyone: list = [None] * layout.world
+        dist.all_gather_object(everyone, (state["positions"], state["rng"]))
+        positions: dict = {}
+        for part, _ in everyone:
+            positions |= part
+        local = self._weights_and_moments() | {
+            "threshold": model.threshold.detach(),
+            "dead": state["dead"]["tokens_since_fired"].to(self.device)}
+        adam_step = self._adam_step()
+        if layout.rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)  # a step saved again after a restart
+        dist.barrier()
+        dcp.save({name: self._on_mesh(name, t) for name, t in local.items()}, checkpoint_id=str(folder / "dcp"))
+        if layout.rank == 0:
+            torch.save({"spec": state["spec"], "layout": [layout.latent_parallel, layout.data_parallel],
+                        "step": state["step"], "adam_step": adam_step, "positions": positions,
+                        "threshold_updates": int(model.threshold_updates), "rng": [rng for _, rng in everyone]},
+                       folder / "loop.pt")
+            (folder / "position.json").write_text(json.dumps(positions) + "\n")
+            (root / "latest.tmp").write_text(folder.name)
+            (root / "latest.tmp").rename(root / "latest")  # the checkpoint counts from here on
+            self._remove_old(root, keep)
+        dist.barrier()
+        return None
+
+    @staticmethod
+    def _remove_old(root: Path, keep: int) -> None:
+        tags = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")),
+                      key=lambda p: int(p.name.split("-")[1]))
+        for old in tags[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _save_deepspeed(self, run_dir: Path, state: dict, keep: int) -> None:
         """A DeepSpeed checkpoint plus everything else resume needs, gathered so any rank can load it."""
         layout, model = self.layout, self.model
         everyone: list = [None] * layout.world
@@ -168,10 +327,7 @@ class DeepSpeedBackend:
         dist.barrier()
         if layout.rank == 0:
             (root / f"step-{state['step']}" / "position.json").write_text(json.dumps(positions) + "\n")
-            tags = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")),
-                          key=lambda p: int(p.name.split("-")[1]))
-            for old in tags[:-keep] if keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
+            self._remove_old(root, keep)
         dist.barrier()
 
     def export(self, run_dir: Path, extra: dict) -> Path | None:

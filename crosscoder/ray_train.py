@@ -14,6 +14,7 @@ driver raises :class:`~crosscoder.trainer.TrainingDiverged` from the result file
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import sys
@@ -33,6 +34,7 @@ from .trainer import (
     TrainingFailed,
     TrainingStopped,
     TrainResult,
+    check_partitions,
     spec_from,
 )
 
@@ -146,6 +148,12 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: 
     manifest = read_manifest(root)  # a missing dataset or shard fails here, once, not per retry
     check_sizes(root, manifest)
     run_dir.mkdir(parents=True, exist_ok=True)
+    latest = run_dir / "checkpoints" / "latest"
+    if latest.is_file():  # a resume the workers would refuse fails here, once, not per retry
+        saved = run_dir / "checkpoints" / latest.read_text().strip() / "position.json"
+        if saved.is_file():
+            check_partitions(run_dir, len(json.loads(saved.read_text())),
+                             tc.data_partitions or tc.workers // tc.latent_parallel)
     ray = connect(max(tc.workers, 1))
     if tc.device == "auto":  # explicit cuda is not checked: an autoscaler may add GPU nodes
         gpus = ray.cluster_resources().get("GPU", 0)

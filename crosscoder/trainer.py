@@ -249,6 +249,16 @@ def positions_from(data: dict) -> dict[int, Position]:
     return {int(p): Position.from_dict(pos) for p, pos in data.items()}
 
 
+def check_partitions(run_dir: Path, saved: int, partitions: int) -> None:
+    """A checkpoint resumes only with the data partitions it was saved with (the global batches differ
+    otherwise); the number of ranks may change as long as the data ranks divide them."""
+    if saved != partitions:
+        raise RunDirError(
+            f"{run_dir}: its checkpoint streams the data as {saved} partitions, this run as {partitions}; set "
+            f"train.data_partitions = {saved} to resume it (any number of data-parallel ranks that divides it reads "
+            "the same global batches)")
+
+
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
@@ -330,6 +340,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                 f"{run_dir}: its checkpoint was trained with {state['spec']}, this config asks for "
                 f"{asdict(spec)}; use another --run directory or delete {run_dir / 'checkpoints'}")
         start, positions = state["step"], positions_from(state["positions"])
+        check_partitions(run_dir, len(positions), partitions)
         tracker.load_state_dict(state["dead"])
         set_rng_state(state["rng"])
         rest = stream.batches({p: pos for p, pos in positions.items() if p in mine})

@@ -100,10 +100,11 @@ def s3_bucket(s3_server):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray instance with 2 CPUs for the whole session (started once: it takes seconds)."""
+    """A local Ray instance for the whole session (started once: it takes seconds). 4 logical CPUs on
+    this 2-core machine: Ray Train asks one per worker, and the resharding test runs 4 workers."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
 

@@ -15,7 +15,7 @@ from crosscoder import CrossCoder
 from crosscoder.config import ConfigError
 from crosscoder.local_backend import checkpoint_dirs
 from crosscoder.ray_train import train_distributed
-from crosscoder.trainer import TrainingDiverged, train
+from crosscoder.trainer import RunDirError, TrainingDiverged, train
 
 from .conftest import free_port, small_run_config, small_synthetic
 
@@ -29,6 +29,14 @@ def log_by_step(run_dir) -> dict[int, dict]:
         row = json.loads(line)
         out[row["step"]] = row
     return out
+
+
+def read_resharding_checkpoint(folder, tmp_path) -> dict:
+    """A distributed checkpoint's tensors, whole (torch's own converter: no process group needed)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(folder / "dcp", tmp_path / "whole.pt")
+    return torch.load(tmp_path / "whole.pt", weights_only=False)
 
 
 def config(**kw):
@@ -89,9 +97,8 @@ def test_data_parallel_matches_single_process_at_the_same_global_batch(ray_clust
     # which latents count as dead: the counters agree latent by latent
     single_state = torch.load(checkpoint_dirs(single_run)[-1] / "state.pt", weights_only=False)
     assert single_state["step"] == 12
-    ds_states = list((tmp_path / "dp" / "checkpoints" / "step-12").glob("mp_rank_00_model_states.pt"))
-    client = torch.load(ds_states[0], weights_only=False)
-    assert torch.equal(client["dead"][0]["tokens_since_fired"], single_state["dead"]["tokens_since_fired"])
+    saved = read_resharding_checkpoint(tmp_path / "dp" / "checkpoints" / "step-12", tmp_path)
+    assert torch.equal(saved["dead"], single_state["dead"]["tokens_since_fired"])
     assert_same_exports(single_run / "crosscoder", tmp_path / "dp" / "crosscoder")
 
 
@@ -258,3 +265,35 @@ def test_training_streams_shards_from_s3(ray_cluster, s3_bucket, small_shards, t
     from_s3, from_disk = log_by_step(tmp_path / "s3"), log_by_step(local)
     for s in range(1, 7):
         assert np.isclose(from_s3[s]["loss"]["total"], from_disk[s]["loss"]["total"], rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoints_reshard_to_other_worker_and_latent_parallel_counts(ray_cluster, small_shards, tmp_path):
+    """Saved on 2 latent × 2 data ranks, resumed on 1 × 2 and on 4 × 1: each continues the trajectory
+    of an uninterrupted single process reading the same 4 data partitions."""
+    import shutil
+
+    reference = tmp_path / "reference"
+    train(config(data_partitions=4), reference, data=small_shards, progress=False)
+    first = train_distributed(config(workers=4, latent_parallel=2, data_partitions=4), tmp_path / "saved",
+                              small_shards, progress=False, stop_after=6)
+    assert first.steps == 6
+    saved = read_resharding_checkpoint(tmp_path / "saved" / "checkpoints" / "step-6", tmp_path)
+    assert saved["weight.W_dec"].shape == (96, 40) and saved["exp_avg_sq.W_enc"].shape == (40, 96)
+    assert saved["exp_avg_sq.W_enc"].abs().sum() > 0  # Adam's moments are in it, whole
+    expected = log_by_step(reference)
+    for latent_parallel, workers in ((1, 2), (4, 4)):
+        run = tmp_path / f"resumed-{latent_parallel}x{workers // latent_parallel}"
+        shutil.copytree(tmp_path / "saved", run, ignore=shutil.ignore_patterns("ray"))
+        cfg = config(workers=workers, latent_parallel=latent_parallel, data_partitions=4)
+        assert train_distributed(cfg, run, small_shards, progress=False).steps == 12
+        resumed = log_by_step(run)
+        for step in range(1, 13):
+            for term in ("mse", "auxk", "total"):
+                assert np.isclose(resumed[step]["loss"][term], expected[step]["loss"][term], rtol=1e-4, atol=1e-5), (
+                    latent_parallel, step, term)
+            assert round(resumed[step]["dead_fraction"] * 96) == round(expected[step]["dead_fraction"] * 96), step
+        assert_same_exports(reference / "crosscoder", run / "crosscoder")
+    # another partition count would read other global batches: refused with the setting to use
+    with pytest.raises(RunDirError, match="data_partitions = 4"):
+        train_distributed(config(workers=2, latent_parallel=2, data_partitions=2, steps=14), tmp_path / "saved",
+                          small_shards, progress=False)
