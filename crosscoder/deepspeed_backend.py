@@ -163,12 +163,12 @@ class DeepSpeedBackend:
     def _on_mesh(self, name: str, local: Tensor):
         """``local`` as this rank's piece of a DTensor on the (data, latent) mesh: sharded along the
         latent axis of tensors that have one, replicated over data ranks."""
-        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
-        if getattr(self, "mesh", None) is None:
-            self.mesh = init_device_mesh(self.device.type, (self.layout.data_parallel, self.layout.latent_parallel),
-                                         mesh_dim_names=("data", "latent"))
+        if getattr(self, "mesh", None) is None:  # rank r = data rank × latent_parallel + latent rank
+            ranks = torch.arange(self.layout.world, device="cpu").view(self.layout.data_parallel, -1)
+            self.mesh = DeviceMesh(self.device.type, ranks, mesh_dim_names=("data", "latent"))
         axis = LATENT_AXIS.get(name.rsplit(".", 1)[-1])
         placements = [Replicate(), Shard(axis) if axis is not None else Replicate()]
         return DTensor.from_local(local.contiguous(), self.mesh, placements, run_check=False)

@@ -27,6 +27,11 @@ FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.tensor, tor
              torch.randn, torch.rand, torch.randint, torch.eye, torch.linspace, torch.scalar_tensor}
 
 
+# torch modules whose factory calls build index metadata on the CPU by design (DCP's save plan asks
+# DTensor for each shard's offsets as an arange): the checkpoint calls them, they are not ours
+LIBRARY_BOOKKEEPING = (f"distributed{os.sep}checkpoint{os.sep}", f"distributed{os.sep}tensor{os.sep}_utils.py")
+
+
 class ExplicitDevices(TorchFunctionMode):
     """Records ``file:line function`` of every factory call from the package without ``device=``."""
 
@@ -40,6 +45,8 @@ class ExplicitDevices(TorchFunctionMode):
             frame = sys._getframe(1)
             while frame is not None and not frame.f_code.co_filename.startswith(PACKAGE) \
                     and f"{os.sep}torch{os.sep}" in frame.f_code.co_filename:
+                if any(part in frame.f_code.co_filename for part in LIBRARY_BOOKKEEPING):
+                    return func(*args, **kwargs)  # torch's own metadata (shard offsets), not our tensors
                 frame = frame.f_back
             if frame is not None and frame.f_code.co_filename.startswith(PACKAGE):
                 where = frame.f_code.co_filename[len(PACKAGE):]
