@@ -95,5 +95,6 @@ def topk_entries(pre: Tensor, weights: Tensor, k: int, collectives: Collectives)
 
 
 def threshold_mask(pre: Tensor, threshold: Tensor) -> Tensor:
-    """Inference rule of BatchTopK: a latent fires when its pre-activation exceeds its threshold."""
-    return (pre > threshold) & (pre > 0)
+    """Inference rule of BatchTopK: a latent fires when its pre-activation exceeds its threshold (and
+    0): one comparison with ``max(threshold, 0)``, one pass over ``[B, L]``."""
+    return pre > threshold.clamp_min(0)

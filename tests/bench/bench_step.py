@@ -1,16 +1,19 @@
 """Benchmark of the whole training step as a user's run pays for it, against the encoder-product floor.
 
-    .venv/bin/python tests/bench/bench_step.py [--out bench-results/step.json] [--sizes 256x16384,256x65536]
+    .venv/bin/python tests/bench/bench_step.py [--out bench-results/step.json] [--sizes 256x16384,256x65536x128]
 
 A step here is what ``crosscoder train`` does per step, timed by the trainer itself: the real
 ``trainer.train`` loop (one process, fp32, the sparse and compiled kernels) on planted synthetic
 shards, i.e. the data stream, schedule, forward and loss with AuxK, backward, clipping, Adam, the
-threshold update, the dead-latent tracker and the step metrics. Its time per step is read from the
-run's ``train_log.jsonl`` (``log_every = 1``: the differences of ``elapsed_s``). The floor is the
-dense encoder product ``x @ W_enc`` into a kept buffer (as in bench_kernels.py). Segments of
-training steps and floor products alternate in one process (the run is resumed between segments),
-so both ratios are taken under the same machine load. S = 2 sources, k = 64, batch 2048. Not part
-of the test suite (no timed assertions).
+threshold update, the dead-latent tracker and the step metrics, with the default ``log_every = 10``
+(the logged metrics, inference L0 included, cost a pass over ``[B, L]`` on those steps, as they do in
+a user's run). Its time per step is read from the run's ``train_log.jsonl``: the difference of
+``elapsed_s`` between two logged steps, over 10 steps (the first interval after each start, which
+holds the warm-up, is left out). The floor is the dense encoder product ``x @ W_enc`` into a kept
+buffer (as in bench_kernels.py). Segments of training steps and floor products alternate in one
+process (the run is resumed between segments), so both ratios are taken under the same machine
+load. S = 2 sources of width d, batch 2048, k = 64 unless a size says otherwise (``d x L x k``). Not
+part of the test suite (no timed assertions).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from crosscoder.config import RunConfig, SyntheticConfig  # noqa: E402
 from crosscoder.synthetic import write_synthetic  # noqa: E402
 from crosscoder.trainer import train  # noqa: E402
 
-BATCH, K = 2048, 64
+BATCH, K, LOG_EVERY = 2048, 64, 10
 
 
 def floor_seconds(d: int, L: int, repeats: int) -> list[float]:
@@ -51,58 +54,61 @@ def floor_seconds(d: int, L: int, repeats: int) -> list[float]:
 
 
 def step_seconds(run: Path, after: int) -> list[float]:
+    """Seconds per step between consecutive logged steps past ``after`` (the segment's start), the
+    interval that holds the restart's warm-up left out."""
     rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     elapsed = {r["step"]: r["elapsed_s"] for r in rows}
-    steps = sorted(s for s in elapsed if s > after + 1 and s - 1 in elapsed)
-    return [elapsed[s] - elapsed[s - 1] for s in steps]
+    steps = sorted(s for s in elapsed if s > after + LOG_EVERY and s - LOG_EVERY in elapsed)
+    return [(elapsed[s] - elapsed[s - LOG_EVERY]) / LOG_EVERY for s in steps]
 
 
-def measure(d: int, L: int, work: Path, segments: int, per_segment: int) -> dict:
+def measure(d: int, L: int, k: int, work: Path, segments: int, per_segment: int) -> dict:
     data = work / f"shards-{d}"
     if not data.exists():
         write_synthetic(SyntheticConfig(widths=[d, d], features=2048, tokens=BATCH * 48, seq_len=256,
                                         samples_per_shard=32), str(data), progress=False)
     cfg = RunConfig(name="bench-step")
     t = cfg.train
-    t.latents, t.k, t.batch_size, t.steps = L, K, BATCH, segments * per_segment
-    t.log_every, t.checkpoint_every, t.keep_checkpoints, t.lr_warmup_steps = 1, 0, 1, 1
+    t.latents, t.k, t.batch_size, t.steps = L, k, BATCH, segments * per_segment
+    t.log_every, t.checkpoint_every, t.keep_checkpoints, t.lr_warmup_steps = LOG_EVERY, 0, 1, 1
     t.dead_tokens, t.calibration_batches, t.sparse_kernels = 200_000, 0, "on"
-    run = work / f"run-{d}-{L}"
+    run = work / f"run-{d}-{L}-{k}"
     ratios, steps_all, floors_all = [], [], []
     for segment in range(segments):
         train(cfg, run, data=str(data), progress=False, stop_after=per_segment)
-        steps = step_seconds(run, segment * per_segment + 2)  # 2 warm-up steps after each (re)start
+        steps = step_seconds(run, segment * per_segment)
         floors = floor_seconds(d, L, per_segment)
         steps_all += steps
         floors_all += floors
         ratios.append(statistics.median(steps) / statistics.median(floors))
-        print(f"  d={d} L={L:,} segment {segment + 1}: step {statistics.median(steps) * 1e3:.0f} ms, floor "
+        print(f"  d={d} L={L:,} k={k} segment {segment + 1}: step {statistics.median(steps) * 1e3:.0f} ms, floor "
               f"{statistics.median(floors) * 1e3:.0f} ms, ratio {ratios[-1]:.2f}", flush=True)
-    return {"d": d, "latents": L, "step_s": statistics.median(steps_all), "floor_s": statistics.median(floors_all),
+    return {"d": d, "latents": L, "k": k, "step_s": statistics.median(steps_all), "floor_s": statistics.median(floors_all),
             "ratio_per_segment": ratios, "ratio": statistics.median(ratios)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "bench-results" / "step.json"))
-    parser.add_argument("--sizes", default="256x16384,256x65536,512x65536", help="d x L, comma separated")
-    parser.add_argument("--segments", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=12, help="steps per segment")
+    parser.add_argument("--sizes", default="256x16384,256x65536,512x65536,256x262144,256x65536x32,256x65536x128,"
+                        "256x65536x256", help="d x L or d x L x k, comma separated")
+    parser.add_argument("--segments", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20, help="steps per segment (a multiple of 10)")
     args = parser.parse_args()
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the CLI sets it
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
-            d, L = (int(v) for v in size.split("x"))
-            rows.append(measure(d, L, Path(tmp), args.segments, args.steps))
-    print("\n| d | L | full step | floor `x @ W_enc` | full step / floor, in turn (median of segments) |")
-    print("|---:|---:|---:|---:|---:|")
+            d, L, *rest = (int(v) for v in size.split("x"))
+            rows.append(measure(d, L, rest[0] if rest else K, Path(tmp), args.segments, args.steps))
+    print("\n| d | L | k | full step | floor `x @ W_enc` | full step / floor, in turn (median of segments) |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['d']} | {r['latents']:,} | {r['step_s'] * 1e3:.0f} ms | {r['floor_s'] * 1e3:.0f} ms | "
+        print(f"| {r['d']} | {r['latents']:,} | {r['k']} | {r['step_s'] * 1e3:.0f} ms | {r['floor_s'] * 1e3:.0f} ms | "
               f"{r['ratio']:.2f}× ({', '.join(f'{x:.2f}' for x in r['ratio_per_segment'])}) |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                                          "batch": BATCH, "k": K, "rows": rows}, indent=2) + "\n")
+                                          "batch": BATCH, "log_every": LOG_EVERY, "rows": rows}, indent=2) + "\n")
     print(f"\nwritten to {args.out}")
 
 
