@@ -11,7 +11,11 @@ Measures, with real Ray Train workers and DeepSpeed engines:
 4. the largest dictionary at d = 256, 2 sources that trains a few steps in one process on this
    machine (goal ≥ 1M latents), found by trying sizes in fresh subprocesses under a memory limit;
 5. each rank's peak resident memory over a whole run, export included, at L = 262,144, d = 256 × 2:
-   one worker vs each of two latent-parallel workers (goal ≤ 0.55×; rank 0 also assembles the export).
+   one worker vs each of two latent-parallel workers (goal ≤ 0.55×; rank 0 also assembles the export);
+6. (``--largest-latent-parallel``) the largest dictionary this machine trains with 2 latent-parallel
+   Ray Train workers on it: each rank's peak RSS over a whole run at two sizes gives its bytes per
+   latent (a line), which predicts the size at which both ranks together reach the memory limit;
+   a run at the largest multiple of 65,536 below that size checks the prediction.
 Prints a table and writes JSON; not part of the test suite (no timed assertions).
 """
 
@@ -105,12 +109,45 @@ def largest_dictionary(limit_bytes: int, batch: int = 256) -> list[dict]:
     return rows
 
 
+def largest_latent_parallel(data: str, work: Path, limit_bytes: float) -> dict:
+    """Measurement 6 (see the module docstring)."""
+    print("6. largest dictionary with 2 latent-parallel workers on this machine, d=256×2, batch 256", flush=True)
+    sizes = (131_072, 262_144)
+    peaks = []
+    for latents in sizes:
+        result = run(config(latents, 2, 2, 3, batch=256), data, work, f"lp-{latents}")
+        peaks.append(result["memory_bytes"]["peak_rss"])
+        print(f"  L={latents:,}: rank 0 peak RSS {peaks[-1] / 2**30:.2f} GiB", flush=True)
+    available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                     if line.startswith("MemAvailable:"))
+    limit_bytes = min(limit_bytes, 0.9 * available)  # what this machine has free now, with a margin
+    per_latent = (peaks[1] - peaks[0]) / (sizes[1] - sizes[0])
+    fixed = peaks[0] - per_latent * sizes[0]
+    predicted = int((limit_bytes / 2 - fixed) / per_latent)  # two ranks on this machine
+    trial = predicted // 65_536 * 65_536
+    print(f"  rank bytes per latent {per_latent:,.0f}, fixed {fixed / 2**30:.2f} GiB: 2 ranks reach "
+          f"{limit_bytes / 2**30:.0f} GiB at L ≈ {predicted:,}; trying L={trial:,}", flush=True)
+    try:
+        cfg = config(trial, 2, 2, 3, batch=256)
+        cfg.train.max_failures = 0  # a worker killed for memory is the answer, not something to retry
+        checked = run(cfg, data, work, "lp-largest")
+        trained, peak = checked["steps"] == 3, checked["memory_bytes"]["peak_rss"]
+    except Exception as error:  # noqa: BLE001 - a failure is the measurement
+        trained, peak = False, None
+        print(f"  L={trial:,} failed: {str(error).splitlines()[0][:200]}", flush=True)
+    if trained:
+        print(f"  L={trial:,} trains with 2 latent-parallel workers: rank 0 peak RSS {peak / 2**30:.2f} GiB", flush=True)
+    return {"sizes": sizes, "rank_peak_rss": peaks, "rank_bytes_per_latent": per_latent, "rank_fixed_bytes": fixed,
+            "predicted_largest": predicted, "trial": trial, "trained": trained, "trial_rank_peak_rss": peak}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "bench-results" / "distributed.json"))
     parser.add_argument("--memory-limit-gib", type=float, default=23.0)
     parser.add_argument("--skip-largest", action="store_true")
     parser.add_argument("--only-run-memory", action="store_true", help="only measurement 5")
+    parser.add_argument("--largest-latent-parallel", action="store_true", help="only measurement 6")
     args = parser.parse_args()
     import ray
 
@@ -120,6 +157,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = make_data(str(work / "shards"))
+        if args.largest_latent_parallel:
+            results["largest_latent_parallel"] = largest_latent_parallel(data, work, args.memory_limit_gib * 2**30)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+            return
         print("5. peak RSS per rank over a whole run (export included), L=262144, d=256×2, batch 256", flush=True)
         whole = run(config(262_144, 1, 1, 4, batch=256), data, work, "rss1")["memory_bytes"]["peak_rss"]
         split = run(config(262_144, 2, 2, 4, batch=256), data, work, "rss2")["memory_bytes"]["peak_rss"]
