@@ -395,12 +395,21 @@ class CrossCoder(nn.Module):
         return piece.detach().float().cpu().contiguous()
 
     def save_pretrained(self, directory: str | Path, norm_scale: list[float] | None = None, extra: dict | None = None):
-        """Write ``model.safetensors`` and ``config.json``; only meaningful for the full dictionary."""
+        """Write ``model.safetensors`` and ``config.json``; only meaningful for the full dictionary. A
+        model loaded by :meth:`from_pretrained` is written as loaded (its normalisation is folded in
+        already, and its config's other keys are kept)."""
         if self.latent_range != (0, self.spec.latents):
             raise ValueError("save_pretrained needs the full dictionary; gather the latent shards first")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         scale = list(norm_scale or self.spec.norm_scale or [1.0] * self.spec.n_sources)
+        loaded = getattr(self, "export_config", None)
+        if norm_scale is None and loaded is not None and loaded.get("normalization_folded"):
+            # loaded from an export: the weights are in raw units already; fold nothing, keep its record
+            save_file(self.export_tensors([1.0] * self.spec.n_sources), str(directory / "model.safetensors"))
+            write_export_config(self.spec, directory, scale, {k: v for k, v in loaded.items()
+                                                              if k not in asdict(self.spec)} | (extra or {}))
+            return
         save_file(self.export_tensors(scale), str(directory / "model.safetensors"))
         write_export_config(self.spec, directory, scale, extra)
 
@@ -450,20 +459,13 @@ class CrossCoder(nn.Module):
 
     def push_to_hub(self, repo_id: str, revision: str | None = None, private: bool = False,
                     token: str | bool | None = None) -> str:
-        """Upload this (whole) crosscoder with a model card to the Hub (hub.py); the commit's URL.
-
-        A model loaded by :meth:`from_pretrained` is in raw units already: its weights are written
-        as they are, with the config it was loaded with."""
+        """Upload this (whole) crosscoder with a model card to the Hub (hub.py); the commit's URL."""
         import tempfile
 
         from .hub import push
 
         with tempfile.TemporaryDirectory(prefix="crosscoder-export-") as tmp:
-            loaded = getattr(self, "export_config", None)
-            if loaded is not None:
-                self.save_pretrained(tmp, norm_scale=[1.0] * self.spec.n_sources, extra=dict(loaded))
-            else:
-                self.save_pretrained(tmp)
+            self.save_pretrained(tmp)
             return push(tmp, repo_id, revision=revision, private=private, token=token)
 
 

@@ -92,7 +92,7 @@ def test_pull_by_repo_id_and_revision_from_the_hub_cache_offline(trained_run, tm
     model = CrossCoder.from_pretrained(staged)
     with torch.no_grad():
         model.threshold.mul_(2)
-    model.save_pretrained(other, norm_scale=[1.0] * model.spec.n_sources, extra=model.export_config)
+    model.save_pretrained(other)
     cache = tmp_path / "hub-cache"
     commits = {rev: put_in_hub_cache(cache, "me/tiny-crosscoder", rev, folder)
                for rev, folder in (("main", staged), ("v1", other))}
@@ -140,3 +140,15 @@ def test_a_run_without_an_export_is_refused_and_repo_ids_are_told_from_paths(tmp
     assert not is_repo_id("me")  # an existing directory is a directory
     with pytest.raises(FileNotFoundError, match="not a crosscoder export"):
         CrossCoder.from_pretrained(tmp_path / "nowhere" / "x")
+
+
+def test_an_export_loaded_and_saved_again_is_the_same_export(trained_run, tmp_path):
+    """The loaded weights are in raw units already: saving them folds the normalisation no second
+    time, and the config keeps the training's scales and records."""
+    original = trained_run / "crosscoder"
+    model = CrossCoder.from_pretrained(original)
+    assert any(abs(c - 1) > 1e-3 for c in model.spec.norm_scale)  # a second fold would show
+    model.save_pretrained(tmp_path / "again")
+    before, after = load_file(str(original / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((tmp_path / "again" / "config.json").read_text()) == json.loads((original / "config.json").read_text())
