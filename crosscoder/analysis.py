@@ -385,6 +385,15 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
                     top_index=top.index.numpy(), data_fingerprint=manifest.fingerprint())
 
 
+CONTEXT_AFTER = 3  # tokens shown after a max-activating one (``analyze.context`` is the count before)
+
+
+def context_window(index, start, end, context: int):
+    """``[lo, hi)``: the tokens shown around token ``index`` of the document ``[start, end)`` (global
+    indices; numbers or arrays of them), ``context`` before it and CONTEXT_AFTER after."""
+    return np.maximum(index - context, start), np.minimum(index + CONTEXT_AFTER + 1, end)
+
+
 def _examples(cls, top: _TopExamples, ids: np.ndarray, sample_index: np.ndarray, decoder: _Decoder,
               cfg: AnalyzeConfig) -> dict[int, list[Example]]:
     """Max-activating examples of the latents the report shows: the most frequent of each class."""
@@ -401,7 +410,7 @@ def _examples(cls, top: _TopExamples, ids: np.ndarray, sample_index: np.ndarray,
             if index < 0 or value <= 0:
                 continue
             start, end = starts[sample_index[index]], starts[sample_index[index] + 1]
-            lo, hi = max(index - cfg.context, start), min(index + 4, end)
+            lo, hi = (int(v) for v in context_window(index, start, end, cfg.context))
             rows.append(Example(value, decoder.pieces(ids[lo:hi]), index - lo))
         out[latent] = rows
     return out

@@ -215,8 +215,8 @@ def cmd_export_dashboards(args) -> int:
     if not data:
         raise ConfigError(f"{run}: no shard root recorded; pass --data ROOT (the analysed shards)")
     out = Path(args.out or run / "exports" / "neuronpedia")
-    done = export_dashboards(run, open_root(data, cfg.storage), out, sae_set=args.sae_set, model_id=args.model_id,
-                             layer=args.layer, progress=not args.quiet)
+    done = export_dashboards(run, open_root(data, cfg.storage), out, context=cfg.analyze.context, sae_set=args.sae_set,
+                             model_id=args.model_id, layer=args.layer, progress=not args.quiet)
     print(f"export: {done['features']} latent dashboards ({done['examples']} examples) in {done['batches']} "
           f"Neuronpedia batch files and crosscoder.json (decoder norms per source) in {out.absolute()}")
     return 0

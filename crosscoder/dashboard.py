@@ -19,11 +19,12 @@ What the schema has no key for, a crosscoder's per-source decoder norms, goes be
 ``crosscoder.json``: per latent, the decoder norm in each source (raw units, as exported), each
 source's share, the class and relative norm from ``latents.csv``.
 
-Why a second pass over the shards: the analysis keeps each example's value at its token only, and a
-dashboard colours every token of the window. The pass reads the analysed tokens once more in
-manifest order and encodes only the windows' rows (≤ n · (context + 4) per latent), after checking
-that the shards are the ones analysed (their fingerprint). Cost: one read of the analysed tokens,
-and memory for the windows' entries (for L = 64k, n = 20, 16 tokens: ~20M entries, ~320 MB).
+Why another read of the shards: the analysis keeps each example's value at its token only, and a
+dashboard colours every token of the window. The export reads the analysed tokens once more in
+manifest order, up to the last example, after checking that the shards are the ones analysed (their
+fingerprint), and encodes in each document only the rows of the windows that fall in it. Cost: one
+read of the analysed tokens, and the windows' values kept until they are written (for L = 64k, n =
+20, 16 tokens: ~20M numbers).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .analysis import TOP_FILE, AnalysisError, _Decoder, read_latents_csv
+from .analysis import TOP_FILE, AnalysisError, _Decoder, context_window, read_latents_csv
 from .model import CrossCoder
 from .shards import iter_samples, read_manifest
 from .storage import Root
@@ -47,30 +48,13 @@ FEATURE_KEYS = ("feature_index", "neuron_alignment_indices", "neuron_alignment_v
                 "neg_str", "neg_values", "pos_str", "pos_values", "frac_nonzero", "freq_hist_data_bar_values",
                 "freq_hist_data_bar_heights", "logits_hist_data_bar_heights", "logits_hist_data_bar_values",
                 "num_tokens_for_dashboard", "activations")
-AFTER = 3  # tokens shown after the activating one, as in the report
 
 
-def _windows(top_values: np.ndarray, top_index: np.ndarray, latents: np.ndarray, doc_start: np.ndarray,
-             doc_end: np.ndarray, context: int):
-    """For every (latent, example) with a positive value: its window ``[lo, hi)`` of global token
-    indices, and one entry per window token (row, latent, example slot, position)."""
-    lat, slot = np.nonzero(top_values[latents] > 0)
-    lat = latents[lat]
-    index = top_index[lat, slot]
-    doc = np.searchsorted(doc_start, index, side="right") - 1
-    lo = np.maximum(index - context, doc_start[doc])
-    hi = np.minimum(index + AFTER + 1, doc_end[doc])
-    width = hi - lo
-    entry_of = np.repeat(np.arange(len(lat)), width)
-    pos = np.arange(width.sum()) - np.repeat(np.cumsum(width) - width, width)
-    rows = lo[entry_of] + pos
-    return lat, slot, index, lo, hi, rows, entry_of, pos
-
-
-def export_dashboards(run_dir: str | Path, root: Root, out_dir: str | Path, sae_set: str = "", model_id: str = "",
-                      layer: int = 0, features_per_batch: int = 128, progress: bool = True) -> dict:
+def export_dashboards(run_dir: str | Path, root: Root, out_dir: str | Path, context: int = 12, sae_set: str = "",
+                      model_id: str = "", layer: int = 0, features_per_batch: int = 128, progress: bool = True) -> dict:
     """Write ``batch-<n>.json`` (Neuronpedia's schema) and ``crosscoder.json`` for every live latent
-    of the analysed run ``run_dir``; returns counts for the command's message."""
+    of the analysed run ``run_dir``, each example with ``context`` tokens before its token (the
+    run's ``analyze.context``); returns counts for the command's message."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     analysis_dir = run_dir / "analysis"
     for path in (analysis_dir / TOP_FILE, analysis_dir / "latents.csv", run_dir / "crosscoder" / "model.safetensors"):
@@ -85,47 +69,36 @@ def export_dashboards(run_dir: str | Path, root: Root, out_dir: str | Path, sae_
     model = CrossCoder.from_pretrained(run_dir / "crosscoder")
     summary = json.loads((analysis_dir / "summary.json").read_text()) if (analysis_dir / "summary.json").is_file() \
         else {}
-    config = _run_config(run_dir)
-    context = config.analyze.context if config else 12
     top_values, top_index, analysed = top["values"], top["index"], int(top["tokens"])
     live = np.flatnonzero(columns["class"] != "dead")
 
-    # the analysed stream's documents (samples), in manifest order, up to the last needed token
-    needed_max = int(top_index[live][top_values[live] > 0].max(initial=-1))
-    starts, ends, ids = [], [], []
+    # every (latent, example) with a positive value, and its token's global index in the analysed stream
+    lat, slot = np.nonzero(top_values[live] > 0)
+    lat = live[lat]
+    index = top_index[lat, slot]
+    order = np.argsort(index, kind="stable")
+    sorted_index = index[order]
+    end = min(int(sorted_index[-1]) + 1 if len(index) else 0, analysed)
+    tokens: list = [None] * len(lat)  # per example: the window's token ids, and the latent's value on each
+    values: list = [None] * len(lat)
     seen = 0
-    for sample in iter_samples(root, manifest):
-        if seen > needed_max or seen >= analysed:
-            break
-        n = min(len(sample.tokens), analysed - seen)
-        starts.append(seen)
-        ends.append(seen + n)
-        ids.append(sample.tokens[:n])
-        seen += n
-    doc_start, doc_end = np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64)
-    token_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
-    lat, slot, index, lo, hi, rows, entry_of, pos = _windows(top_values, top_index, live, doc_start, doc_end, context)
-
-    # second pass: encode only the windows' rows and read each window entry's latent
-    values = np.zeros(len(rows), dtype=np.float32)
-    order = np.argsort(rows, kind="stable")
-    sorted_rows = rows[order]
-    entry_latent = lat[entry_of]
-    seen = 0
-    bar = tqdm(total=int(doc_end[-1]) if len(doc_end) else 0, desc="dashboards", unit="tok", unit_scale=True,
-               disable=not progress)
+    bar = tqdm(total=end, desc="dashboards", unit="tok", unit_scale=True, disable=not progress)
     with torch.no_grad():
-        for sample in iter_samples(root, manifest):
-            if seen >= (doc_end[-1] if len(doc_end) else 0):
+        for sample in iter_samples(root, manifest):  # one read, in the analysis's order, to the last example
+            if seen >= end:
                 break
             n = min(len(sample.tokens), analysed - seen)
-            a, b = np.searchsorted(sorted_rows, [seen, seen + n])
+            a, b = np.searchsorted(sorted_index, [seen, seen + n])
             if b > a:
-                wanted = order[a:b]
-                local, inverse = np.unique(rows[wanted] - seen, return_inverse=True)
-                x = torch.from_numpy(np.ascontiguousarray(sample.acts[local])).float()
+                mine = order[a:b]
+                lo, hi = context_window(index[mine] - seen, 0, n, context)  # within this document
+                rows = np.unique(np.concatenate([np.arange(first, stop) for first, stop in zip(lo, hi)]))
+                x = torch.from_numpy(np.ascontiguousarray(sample.acts[rows])).float()
                 f = model.encode(x).amax(1)  # [rows, L]: acausal has one group; aligned, active in any source
-                values[wanted] = f[torch.from_numpy(inverse), torch.from_numpy(entry_latent[wanted])].numpy()
+                for e, first, stop in zip(mine.tolist(), lo.tolist(), hi.tolist()):
+                    at = torch.from_numpy(np.searchsorted(rows, np.arange(first, stop)))
+                    values[e] = f[at, int(lat[e])].tolist()
+                    tokens[e] = sample.tokens[first:stop]
             seen += n
             bar.update(n)
     bar.close()
@@ -134,17 +107,13 @@ def export_dashboards(run_dir: str | Path, root: Root, out_dir: str | Path, sae_
     norms = torch.stack([model.W_dec[:, sl].norm(dim=1) for sl in model.spec.slices], 1).detach().numpy()
     out_dir.mkdir(parents=True, exist_ok=True)
     features = []
-    bounds = np.concatenate([[0], np.cumsum(hi - lo)])
     by_latent: dict[int, list[int]] = {}
     for e, latent in enumerate(lat.tolist()):
         by_latent.setdefault(latent, []).append(e)
     for latent in live.tolist():
-        examples = []
-        for e in by_latent.get(latent, []):
-            window = slice(bounds[e], bounds[e + 1])
-            examples.append({"bin_min": -1, "bin_max": float(top_values[latent, 0]), "bin_contains": -1,
-                             "tokens": decoder.pieces(token_ids[lo[e]:hi[e]]),
-                             "values": [round(float(v), 4) for v in values[window]]})
+        examples = [{"bin_min": -1, "bin_max": float(top_values[latent, 0]), "bin_contains": -1,
+                     "tokens": decoder.pieces(tokens[e]), "values": [round(v, 4) for v in values[e]]}
+                    for e in by_latent.get(latent, [])]
         centres, heights = _histogram(top_values[latent][top_values[latent] > 0])
         features.append({
             "feature_index": latent, "neuron_alignment_indices": [], "neuron_alignment_values": [],
@@ -181,10 +150,3 @@ def _histogram(peaks: np.ndarray) -> tuple[list[float], list[float]]:
         return [], []
     heights, edges = np.histogram(peaks, bins=min(10, len(peaks)))
     return [round(float(c), 4) for c in (edges[:-1] + edges[1:]) / 2], [float(h) for h in heights]
-
-
-def _run_config(run_dir: Path):
-    from .config import load_config
-
-    path = run_dir / "config.toml"
-    return load_config(path) if path.is_file() else None
