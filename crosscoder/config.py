@@ -528,16 +528,22 @@ def check_train(tc: TrainConfig) -> None:
         if tc.latents % tc.latent_parallel:
             raise ConfigError(f"train.latents ({tc.latents}) must be divisible by train.latent_parallel "
                               f"({tc.latent_parallel})")
-    data_parallel = max(tc.workers // tc.latent_parallel, 1)
+    data_parallel, partitions = data_layout(tc)
     if tc.batch_size % data_parallel:
         raise ConfigError(f"train.batch_size ({tc.batch_size}) must be divisible by the {data_parallel} "
                           "data-parallel ranks")
-    partitions = tc.data_partitions or data_parallel
     if partitions % data_parallel:
         raise ConfigError(f"train.data_partitions ({partitions}) must be a multiple of the data-parallel size "
                           f"({data_parallel})")
     if tc.batch_size % partitions:
         raise ConfigError(f"train.batch_size ({tc.batch_size}) must be divisible by the {partitions} data partitions")
+
+
+def data_layout(tc: TrainConfig) -> tuple[int, int]:
+    """(data-parallel ranks, data partitions) of a training config: ``train.data_partitions``, or one
+    token stream per data-parallel rank when it is 0."""
+    data_parallel = max(tc.workers // tc.latent_parallel, 1)
+    return data_parallel, tc.data_partitions or data_parallel
 
 
 def check_harvest(hc: HarvestConfig) -> None:

@@ -53,6 +53,12 @@ LATENT_AXIS = {"W_enc": 1, "W_dec": 0, "b_enc": 1, "threshold": 1, "dead": 1}  #
 MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's state per parameter, besides its step count
 
 
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The folder ``<run>/checkpoints/latest`` names (the last complete checkpoint), or None."""
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    return latest.parent / latest.read_text().strip() if latest.is_file() else None
+
+
 class Objective(torch.nn.Module):
     """The crosscoder's parameters and its training loss as one module (for ZeRO-3, see above).
 
@@ -110,7 +116,7 @@ class DeepSpeedBackend:
         return self.layout.latent_range(latents)
 
     def has_checkpoint(self, run_dir: Path) -> bool:
-        return (run_dir / "checkpoints" / "latest").is_file()
+        return latest_checkpoint(run_dir) is not None
 
     def setup(self, model: CrossCoder) -> None:
         from .builds import use_for_torch_extensions
@@ -131,8 +137,8 @@ class DeepSpeedBackend:
     def load(self, run_dir: Path) -> dict:
         from .trainer import RunDirError
 
-        root = run_dir / "checkpoints"
-        folder = root / (root / "latest").read_text().strip()
+        folder = latest_checkpoint(run_dir)
+        assert folder is not None, "load() is called when has_checkpoint()"
         if not (folder / "loop.pt").is_file():  # ZeRO-3's (or an older release's) DeepSpeed checkpoint
             return self._load_deepspeed(run_dir)
         if self.tc.zero_stage == 3:
@@ -275,11 +281,8 @@ class DeepSpeedBackend:
         layout, model = self.layout, self.model
         root = run_dir / "checkpoints"
         folder = root / f"step-{state['step']}"
-        everyone: list = [None] * layout.world
-        dist.all_gather_object(everyone, (state["positions"], state["rng"]))
-        positions: dict = {}
-        for part, _ in everyone:
-            positions |= part
+        everyone = self._gathered((state["positions"], state["rng"]))
+        positions = {p: pos for part, _ in everyone for p, pos in part.items()}  # every data partition's
         local = self._weights_and_moments() | {
             "threshold": model.threshold.detach(),
             "dead": state["dead"]["tokens_since_fired"].to(self.device)}
@@ -300,6 +303,12 @@ class DeepSpeedBackend:
         dist.barrier()
         return None
 
+    def _gathered(self, mine) -> list:
+        """Every rank's ``mine``, in rank order (collective)."""
+        everyone: list = [None] * self.layout.world
+        dist.all_gather_object(everyone, mine)
+        return everyone
+
     @staticmethod
     def _remove_old(root: Path, keep: int) -> None:
         tags = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")),
@@ -310,13 +319,8 @@ class DeepSpeedBackend:
     def _save_deepspeed(self, run_dir: Path, state: dict, keep: int) -> None:
         """A DeepSpeed checkpoint plus everything else resume needs, gathered so any rank can load it."""
         layout, model = self.layout, self.model
-        everyone: list = [None] * layout.world
-        dist.all_gather_object(everyone, state["positions"])
-        positions: dict = {}
-        for part in everyone:
-            positions |= part
-        slices: list = [None] * layout.world
-        dist.all_gather_object(slices, (state["dead"], model.threshold.detach().cpu()))
+        positions = {p: pos for part in self._gathered(state["positions"]) for p, pos in part.items()}
+        slices = self._gathered((state["dead"], model.threshold.detach().cpu()))
         client = {"spec": state["spec"], "layout": [layout.latent_parallel, layout.data_parallel],
                   "step": state["step"], "positions": positions,
                   "dead": [slices[r][0] for r in range(layout.latent_parallel)],

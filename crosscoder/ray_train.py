@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from .config import RunConfig, from_dict, to_dict, validate
+from .config import RunConfig, data_layout, from_dict, to_dict, validate
 from .ray_connect import check_code, code_fingerprint, connect, first_line, memory_request, worker_env
 from .shards import Manifest, ShardError, check_sizes, read_manifest
 from .stream import DataExhausted
@@ -148,12 +148,11 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: 
     manifest = read_manifest(root)  # a missing dataset or shard fails here, once, not per retry
     check_sizes(root, manifest)
     run_dir.mkdir(parents=True, exist_ok=True)
-    latest = run_dir / "checkpoints" / "latest"
-    if latest.is_file():  # a resume the workers would refuse fails here, once, not per retry
-        saved = run_dir / "checkpoints" / latest.read_text().strip() / "position.json"
-        if saved.is_file():
-            check_partitions(run_dir, len(json.loads(saved.read_text())),
-                             tc.data_partitions or tc.workers // tc.latent_parallel)
+    from .deepspeed_backend import latest_checkpoint
+
+    saved = latest_checkpoint(run_dir)  # a resume the workers would refuse fails here, once, not per retry
+    if saved is not None and (saved / "position.json").is_file():
+        check_partitions(run_dir, len(json.loads((saved / "position.json").read_text())), data_layout(tc)[1])
     ray = connect(max(tc.workers, 1))
     if tc.device == "auto":  # explicit cuda is not checked: an autoscaler may add GPU nodes
         gpus = ray.cluster_resources().get("GPU", 0)
