@@ -47,19 +47,16 @@ def scalars_of(metrics: dict) -> dict[str, float]:
 class ExperimentLog:
     """Writes nothing for backend "none"; see the module docstring for the others."""
 
-    def __init__(self, logging: LoggingConfig | str, run_dir: Path, config: dict | None = None):
-        if isinstance(logging, str):
-            logging = LoggingConfig(backend=logging)  # type: ignore[arg-type]
-        self.backend = logging.backend
+    def __init__(self, logging: LoggingConfig, run_dir: Path, config: dict | None = None):
         self.writer = None
         self.wandb_run = None
         self.last: tuple[float, int] | None = None  # (time, tokens) at the previous log, for throughput
         self.last_step = -1
-        if self.backend == "tensorboard":
+        if logging.backend == "tensorboard":
             from tensorboardX import SummaryWriter
 
             self.writer = SummaryWriter(logdir=str(Path(run_dir) / "tensorboard"), flush_secs=10)
-        elif self.backend == "wandb":
+        elif logging.backend == "wandb":
             import wandb
 
             run_dir = Path(run_dir)

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from . import faults
 from .collectives import Collectives
-from .config import RunConfig, TrainConfig, dumps_toml, use_sparse_kernels, validate
+from .config import LoggingConfig, RunConfig, TrainConfig, dumps_toml, use_sparse_kernels, validate
 from .dead import DeadLatentTracker
 from .device import DeviceBatches
 from .device import resolve as resolve_device
@@ -357,7 +357,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
     bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", disable=not (progress and is_main),
                dynamic_ncols=True, mininterval=1.0)
     telemetry = TrainMetrics(cfg.metrics.port, backend.rank, host=cfg.metrics.host, run=cfg.name)
-    experiment = ExperimentLog(cfg.logging if is_main else "none", run_dir, asdict(cfg))
+    experiment = ExperimentLog(cfg.logging if is_main else LoggingConfig(), run_dir, asdict(cfg))  # rank 0 only
     started = time.time()
     model.train()
 

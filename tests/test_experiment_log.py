@@ -31,6 +31,20 @@ def read_scalars(directory) -> dict[str, dict[int, float]]:
     return out
 
 
+def assert_logged_rows_held(run, tracked: dict[str, dict[int, float]]) -> None:
+    """Every train_log.jsonl row's scalars are in ``tracked`` (tag → step → value) at its step."""
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [4, 8, 12]
+    for row in log:
+        step = row["step"]
+        for term, value in row["loss"].items():
+            assert tracked[f"loss/{term}"][step] == pytest.approx(value, rel=1e-6)
+        for source, value in row["fve"].items():
+            assert tracked[f"fve/{source}"][step] == pytest.approx(value, rel=1e-6, abs=1e-7)
+        for key in ("l0", "dead_fraction", "lr", "grad_norm"):
+            assert tracked[key][step] == pytest.approx(row[key], rel=1e-6, abs=1e-9)
+
+
 @pytest.mark.parametrize("backend", ["tensorboard", "none"])
 def test_tensorboard_event_files_hold_the_logged_scalars(small_shards, tmp_path, backend):
     cfg = small_run_config(steps=12, log_every=4, checkpoint_every=0)
@@ -40,16 +54,7 @@ def test_tensorboard_event_files_hold_the_logged_scalars(small_shards, tmp_path,
         assert not (tmp_path / "run" / "tensorboard").exists()
         return
     scalars = read_scalars(tmp_path / "run" / "tensorboard")
-    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in log] == [4, 8, 12]
-    for row in log:
-        step = row["step"]
-        for term, value in row["loss"].items():
-            assert scalars[f"loss/{term}"][step] == pytest.approx(value, rel=1e-6)
-        for source, value in row["fve"].items():
-            assert scalars[f"fve/{source}"][step] == pytest.approx(value, rel=1e-6, abs=1e-7)
-        for key in ("l0", "dead_fraction", "lr", "grad_norm"):
-            assert scalars[key][step] == pytest.approx(row[key], rel=1e-6, abs=1e-9)
+    assert_logged_rows_held(tmp_path / "run", scalars)
     assert sorted(scalars["tokens_per_s"]) == [8, 12] and all(v > 0 for v in scalars["tokens_per_s"].values())
 
 
@@ -98,14 +103,5 @@ def test_wandb_offline_run_holds_the_logged_scalars_and_resumes_the_same_run(sma
     for r in runs:
         for key, values in read_wandb_history(r / f"run-{wandb_run_id(run)}.wandb").items():
             history.setdefault(key, {}).update(values)
-    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in log] == [4, 8, 12]
-    for row in log:
-        step = row["step"]
-        for term, value in row["loss"].items():
-            assert history[f"loss/{term}"][step] == pytest.approx(value, rel=1e-6)
-        for source, value in row["fve"].items():
-            assert history[f"fve/{source}"][step] == pytest.approx(value, rel=1e-6, abs=1e-7)
-        for key in ("l0", "dead_fraction", "lr", "grad_norm"):
-            assert history[key][step] == pytest.approx(row[key], rel=1e-6, abs=1e-9)
+    assert_logged_rows_held(run, history)
     assert wandb_run_id(run) != wandb_run_id(tmp_path / "other")
