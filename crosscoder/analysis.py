@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from .config import AnalyzeConfig
+from .errors import CrosscoderError
 from .latent_scaling import LatentScaling, artifact_labels
 from .metrics import StreamingFVE, decoder_cosine, relative_decoder_norm
 from .model import CrossCoder
@@ -51,7 +52,7 @@ CSV_COLUMNS = ("index", "frequency", "mean_activation", "max_activation", "speci
                "artifact")
 
 
-class AnalysisError(ValueError):
+class AnalysisError(CrosscoderError, ValueError):
     """The run or its data cannot be analysed; the message says which file or setting."""
 
 

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, apply_overrides, describe, load_config
+from .errors import CrosscoderError
 
 
 def _split_overrides(rest: list[str]) -> list[tuple[str, str]]:
@@ -270,25 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("crosscoder: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - one clear line for expected failures
-        from .analysis import AnalysisError
-        from .documents import DataError
-        from .harvest import HarvestError
-        from .hub import HubError
-        from .interop import ExportError
-        from .language_models import ModelError
-        from .ray_connect import CodeMismatch
-        from .shards import ShardError
-        from .storage import StorageError
-        from .stream import DataExhausted
-        from .trainer import RunDirError, TrainingDiverged, TrainingFailed
-
-        if isinstance(e, (AnalysisError, ExportError, ShardError, StorageError, RunDirError, TrainingDiverged,
-                          FileNotFoundError, DataError, ModelError, HarvestError, TrainingFailed, DataExhausted,
-                          CodeMismatch, HubError)):
-            print(f"crosscoder: {type(e).__name__}: {e}", file=sys.stderr)
-            return 1
-        raise
+    except (CrosscoderError, FileNotFoundError) as e:  # errors.py: a failure the user can fix, one line
+        print(f"crosscoder: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

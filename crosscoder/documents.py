@@ -29,8 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import CrosscoderError
 
-class DataError(ValueError):
+
+class DataError(CrosscoderError, ValueError):
     """An input document file is unreadable or malformed; the message names file and line."""
 
 

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from . import faults
 from .config import ConfigError, RunConfig, from_dict, to_dict
 from .documents import Chunk, DataError, check_same_tokenizer, plan_chunks, read_documents
+from .errors import CrosscoderError
 from .language_models import ActivationReader, ModelError, ModelSpec, load_config, load_tokenizer, load_trunk
 from .ray_connect import CodeMismatch, check_code, code_fingerprint, connect, first_line, memory_request, worker_env
 from .shards import (
@@ -187,7 +188,7 @@ def prefix_token(tokenizer, setting: str) -> int | None:
     return int(ids[0])
 
 
-class HarvestError(RuntimeError):
+class HarvestError(CrosscoderError, RuntimeError):
     """A shard could not be harvested; the message names it and the cause."""
 
 

@@ -21,12 +21,14 @@ import json
 import shutil
 from pathlib import Path
 
+from .errors import CrosscoderError
+
 # the files a pushed repo holds; a pull fetches only these
 REPO_FILES = ["config.json", "model.safetensors", "README.md"]
 LIBRARY = "crosscoder"
 
 
-class HubError(RuntimeError):
+class HubError(CrosscoderError, RuntimeError):
     """Talking to the Hub failed; the message names the repo and says why."""
 
 

@@ -27,12 +27,13 @@ from pathlib import Path
 
 import torch
 
+from .errors import CrosscoderError
 from .model import CrossCoder
 
 CROSSCODER_CODE_NORMALIZATION = 1  # dictionary_learning's CodeNormalization.CROSSCODER
 
 
-class ExportError(ValueError):
+class ExportError(CrosscoderError, ValueError):
     """The crosscoder cannot be written in the asked format; the message says why."""
 
 

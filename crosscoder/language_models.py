@@ -29,12 +29,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import CrosscoderError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # a numbered decoder layer in a module path: model.layers.13, transformer.h.5, …
 LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
 
 
-class ModelError(ValueError):
+class ModelError(CrosscoderError, ValueError):
     """A model cannot be loaded or hooked; the message names the model and what is wrong."""
 
 

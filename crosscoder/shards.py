@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .errors import CrosscoderError
 from .storage import Root
 
 FORMAT = "crosscoder-shards"
@@ -33,7 +34,7 @@ MANIFEST = "manifest.json"
 STORABLE_DTYPES = ("float16", "float32")
 
 
-class ShardError(ValueError):
+class ShardError(CrosscoderError, ValueError):
     """A dataset or shard is invalid; the message names the root, shard or field at fault."""
 
 

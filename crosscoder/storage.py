@@ -21,6 +21,8 @@ from pathlib import Path
 
 import fsspec
 
+from .errors import CrosscoderError
+
 RETRIES = 5  # attempts of one storage operation on transient errors
 BACKOFF_S = 0.5  # first wait; doubles per attempt
 _UMASK = os.umask(0)
@@ -28,7 +30,7 @@ os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK  # what a plain write would give (0644 under the usual umask): readable by the group
 
 
-class StorageError(OSError):
+class StorageError(CrosscoderError, OSError):
     """A storage root cannot be used; the message names the root and the cause."""
 
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .errors import CrosscoderError
 from .shards import Manifest, ShardError, read_shard
 from .storage import Root
 
@@ -50,7 +51,7 @@ class Batch:
     epoch: int  # epoch of the batch's last token
 
 
-class DataExhausted(Exception):
+class DataExhausted(CrosscoderError):
     """The stream reached ``max_epochs``."""
 
 

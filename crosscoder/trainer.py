@@ -45,6 +45,7 @@ from .config import LoggingConfig, RunConfig, TrainConfig, dumps_toml, use_spars
 from .dead import DeadLatentTracker
 from .device import DeviceBatches
 from .device import resolve as resolve_device
+from .errors import CrosscoderError
 from .experiment_log import ExperimentLog
 from .interrupts import StepBoundary
 from .losses import LossWeights, default_aux_k
@@ -61,11 +62,11 @@ STOP_FILE = ".stop"  # the driver asks its workers to checkpoint and stop (ray_t
 LOG_FILE = "train_log.jsonl"
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(CrosscoderError, RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
-class RunDirError(ValueError):
+class RunDirError(CrosscoderError, ValueError):
     """The run directory holds state that does not fit this run."""
 
 
@@ -73,7 +74,7 @@ class TrainingStopped(RuntimeError):
     """Another rank stopped (its data failed); this rank stops with it."""
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(CrosscoderError, RuntimeError):
     """The distributed trainer failed after its retries; the message says why."""
 
 

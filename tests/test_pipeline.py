@@ -146,3 +146,38 @@ def test_a_missing_model_is_one_line_without_any_network_attempt(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("crosscoder: ModelError: "), err
     assert message.format(tmp=tmp_path) in err[0], err
+
+
+def test_a_missing_organism_gguf_is_one_line(tmp_path, capsys):
+    """An error the user can fix in a stage the CLI's list did not name (the organism's) is one line too:
+    every such error derives from errors.CrosscoderError, which the CLI catches."""
+    gguf = tmp_path / "no-such.gguf"
+    code = main(["run", "--run", str(tmp_path / "run"), "--organism.directory", str(tmp_path / "organism"),
+                 "--organism.gguf", str(gguf), "--harvest.demo_pair", "false", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err == [f"crosscoder: OrganismError: organism.gguf: {gguf} does not exist"], err
+
+
+def test_every_error_the_user_can_fix_is_one_the_cli_prints_as_one_line():
+    """Each exception class the package raises for a user's file, setting, shard, model or run derives
+    from CrosscoderError; the only others are internal signals that never reach the user as an error."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import crosscoder
+    from crosscoder.errors import CrosscoderError
+
+    internal = {"ConfigError",  # its own line: "crosscoder: config error: …", exit 2
+                "TrainingStopped",  # one rank following another's stop; the stopping rank raises the cause
+                "Interrupted",  # Ctrl-C: a KeyboardInterrupt, exit 130
+                "_Done"}  # language_models: stops a forward pass after the deepest hook
+    found = {}
+    for module in pkgutil.iter_modules(crosscoder.__path__):
+        mod = importlib.import_module(f"crosscoder.{module.name}")
+        for name, obj in vars(mod).items():
+            if inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == mod.__name__:
+                found[name] = obj
+    assert {"ShardError", "OrganismError", "HubError", "DataExhausted", "TrainingDiverged"} <= set(found)
+    stray = sorted(n for n, c in found.items() if not issubclass(c, CrosscoderError) and n not in internal)
+    assert not stray, f"derive these from errors.CrosscoderError (or list them as internal): {stray}"
