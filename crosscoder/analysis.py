@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import AnalyzeConfig
+from .config import AnalyzeConfig, model_name
 from .errors import CrosscoderError
 from .latent_scaling import LatentScaling, artifact_labels
 from .metrics import StreamingFVE, decoder_cosine, relative_decoder_norm
@@ -221,7 +221,7 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
     spec, device = model.spec, model.W_dec.device
     check_compatible(manifest, spec.sources, spec.widths, root.url)
     a, b = _source_pair(model, cfg.sources)
-    slices, scale = spec.slices, (spec.norm_scale or [1.0] * spec.n_sources)
+    slices, scale, scale_vector = spec.slices, spec.scales, spec.scale_vector(device)
     W_dec = model.W_dec.detach()
     dec = [W_dec[:, sl] * scale[s] for s, sl in enumerate(slices)]  # normalised units
     W_dec_normalised = torch.cat(dec, 1)
@@ -284,12 +284,10 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
         f_groups = model.encode(x)
         x_hat = model.decode(f_groups)
         f = f_groups.amax(1)  # acausal: the one group; aligned: a latent is active if active in any source
-        xn = torch.cat([x[:, sl] * scale[s] for s, sl in enumerate(slices)], 1)
-        xhn = torch.cat([x_hat[:, sl] * scale[s] for s, sl in enumerate(slices)], 1)
+        xn, xhn = x * scale_vector, x_hat * scale_vector  # normalised units
         fve_stream.update(xn, xhn)
         for s, stream in enumerate(cross):
-            decoded = model.decode_group(f_groups[:, s])
-            stream.update(xn, torch.cat([decoded[:, sl] * scale[t] for t, sl in enumerate(slices)], 1))
+            stream.update(xn, model.decode_group(f_groups[:, s]) * scale_vector)
         fired = f > 0
         active.add_((f_groups > 0).sum().double())
         count.add_(fired.sum(0).double())
@@ -536,8 +534,7 @@ def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig, 
         return {}
     device = model.W_dec.device
     start = len(prefix)
-    tables = {m.get("name", f"model{i}"): m | {"name": m.get("name", f"model{i}")}
-              for i, m in enumerate(harvest.get("models", []))}
+    tables = {model_name(m, i): m | {"name": model_name(m, i)} for i, m in enumerate(harvest.get("models", []))}
 
     def table_of(src) -> dict:  # sources are named <model> or <model>@<hook> (harvest.source_names)
         name = src.name.split("@", 1)[0]

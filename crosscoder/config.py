@@ -51,6 +51,11 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")
 MODEL_KEYS = ("name", "path", "revision", "dtype", "device_map", "max_memory")
 
 
+def model_name(table: dict, index: int) -> str:
+    """The name of ``harvest.models[index]``: its ``name``, else ``model<index>``."""
+    return table.get("name", f"model{index}")
+
+
 @dataclass
 class HarvestConfig:
     models: list[dict] = opt(
@@ -564,7 +569,7 @@ def check_harvest(hc: HarvestConfig) -> None:
                               + (f"; unknown keys {sorted(unknown)}" if unknown else ""))
         if m.get("dtype", "float32") not in MODEL_DTYPES:
             raise ConfigError(f"harvest.models[{i}].dtype must be {_choices(MODEL_DTYPES)}, got {m['dtype']!r}")
-        names.append(m.get("name", f"model{i}"))
+        names.append(model_name(m, i))
     if len(set(names)) != len(names):
         raise ConfigError(f"harvest.models: names must be unique, got {names}")
 

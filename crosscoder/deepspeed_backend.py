@@ -47,6 +47,7 @@ from .losses import LossWeights, forward_and_loss
 from .model import CrossCoder, export_layout, write_export_config
 from .parallel import CommCounter, DistributedCollectives, ParallelLayout
 from .sliced_export import assemble, write_slice
+from .trainer import RunDirError, prune_checkpoints
 
 SHARDED = ("W_enc", "W_dec", "b_enc")
 LATENT_AXIS = {"W_enc": 1, "W_dec": 0, "b_enc": 1, "threshold": 1, "dead": 1}  # b_dec: whole on every rank
@@ -135,8 +136,6 @@ class DeepSpeedBackend:
             mpu=self.layout, dist_init_required=False)
 
     def load(self, run_dir: Path) -> dict:
-        from .trainer import RunDirError
-
         folder = latest_checkpoint(run_dir)
         assert folder is not None, "load() is called when has_checkpoint()"
         if not (folder / "loop.pt").is_file():  # ZeRO-3's (or an older release's) DeepSpeed checkpoint
@@ -249,8 +248,6 @@ class DeepSpeedBackend:
         if client is None:
             raise RuntimeError(f"{run_dir / 'checkpoints'}: the latest checkpoint could not be loaded")
         if client["layout"] != [layout.latent_parallel, layout.data_parallel]:
-            from .trainer import RunDirError
-
             raise RunDirError(f"{run_dir}: its checkpoint was written on latent×data {client['layout']} ranks, this "
                               f"run has {[layout.latent_parallel, layout.data_parallel]}; resume with the same "
                               "shape or use another --run directory")
@@ -299,7 +296,7 @@ class DeepSpeedBackend:
             (folder / "position.json").write_text(json.dumps(positions) + "\n")
             (root / "latest.tmp").write_text(folder.name)
             (root / "latest.tmp").rename(root / "latest")  # the checkpoint counts from here on
-            self._remove_old(root, keep)
+            prune_checkpoints(run_dir, keep)
         dist.barrier()
         return None
 
@@ -308,13 +305,6 @@ class DeepSpeedBackend:
         everyone: list = [None] * self.layout.world
         dist.all_gather_object(everyone, mine)
         return everyone
-
-    @staticmethod
-    def _remove_old(root: Path, keep: int) -> None:
-        tags = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")),
-                      key=lambda p: int(p.name.split("-")[1]))
-        for old in tags[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
 
     def _save_deepspeed(self, run_dir: Path, state: dict, keep: int) -> None:
         """A DeepSpeed checkpoint plus everything else resume needs, gathered so any rank can load it."""
@@ -331,7 +321,7 @@ class DeepSpeedBackend:
         dist.barrier()
         if layout.rank == 0:
             (root / f"step-{state['step']}" / "position.json").write_text(json.dumps(positions) + "\n")
-            self._remove_old(root, keep)
+            prune_checkpoints(run_dir, keep)
         dist.barrier()
 
     def export(self, run_dir: Path, extra: dict) -> Path | None:
@@ -339,7 +329,7 @@ class DeepSpeedBackend:
         it, rank 0 assembles the file by streaming the slices; returns the path on rank 0."""
         layout, model = self.layout, self.model
         export_dir = run_dir / "crosscoder"
-        scale = list(model.spec.norm_scale or [1.0] * model.spec.n_sources)
+        scale = model.spec.scales
         if layout.dp_rank == 0:  # the data-parallel replicas of a slice hold the same weights
             with self.full_weights():
                 write_slice(model.export_makers(scale), export_dir, layout.lp_rank)

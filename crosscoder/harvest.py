@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from . import faults
-from .config import ConfigError, RunConfig, from_dict, to_dict
+from .config import ConfigError, RunConfig, from_dict, model_name, to_dict
 from .documents import Chunk, DataError, check_same_tokenizer, plan_chunks, read_documents
 from .errors import CrosscoderError
 from .language_models import ActivationReader, ModelError, ModelSpec, load_config, load_tokenizer, load_trunk
@@ -54,8 +54,8 @@ from .telemetry import HarvestMetrics
 def model_specs(cfg: RunConfig) -> list[ModelSpec]:
     """The harvest's models (their tables are checked by config.validate)."""
     if not cfg.harvest.models:
-        raise ValueError("harvest.models is empty: list the models, e.g. [{name='base', path='...'}, ...]")
-    return [ModelSpec(name=m.get("name", f"model{i}"), path=m["path"], revision=m.get("revision"),
+        raise HarvestError("harvest.models is empty: list the models, e.g. [{name='base', path='...'}, ...]")
+    return [ModelSpec(name=model_name(m, i), path=m["path"], revision=m.get("revision"),
                       dtype=m.get("dtype", "float32"), device_map=m.get("device_map"), max_memory=m.get("max_memory"))
             for i, m in enumerate(cfg.harvest.models)]
 
@@ -309,7 +309,7 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     cfg = with_absolute_paths(cfg)
     hc = cfg.harvest
     if not hc.output:
-        raise ValueError("harvest.output is empty: set a path, file://… or s3://bucket/prefix")
+        raise HarvestError("harvest.output is empty: set a path, file://… or s3://bucket/prefix")
     models = model_specs(cfg)
     tokenizers = {m.name: load_tokenizer(m.path, m.revision) for m in models}
     check_same_tokenizer(tokenizers)
@@ -318,7 +318,7 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
                           tokenizer)
     chunks = plan_chunks(read_documents(hc.data), tokenizer, chat_tokenizer, hc.seq_len, hc.tokens)
     if not chunks:
-        raise ValueError(f"{hc.data}: no documents with at least 2 tokens")
+        raise HarvestError(f"{hc.data}: no documents with at least 2 tokens")
     per = hc.samples_per_shard
     plan = [chunks[i : i + per] for i in range(0, len(chunks), per)]
     sources = source_names(models, hc.hooks)

@@ -20,15 +20,12 @@ from .collectives import LOCAL
 from .config import RunConfig
 from .losses import forward_and_loss
 from .model import CrossCoder
+from .trainer import prune_checkpoints, step_dirs
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """The run's complete checkpoints, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.pt").is_file()]
-    return sorted(dirs, key=lambda p: int(p.name.split("-")[1]))
+    return [p for p in step_dirs(run_dir) if (p / "state.pt").is_file()]
 
 
 class LocalBackend:
@@ -84,8 +81,7 @@ class LocalBackend:
         (tmp / "position.json").write_text(json.dumps(state["positions"]) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(run_dir, keep)
 
     def export(self, run_dir: Path, extra: dict) -> Path:
         self.model.save_pretrained(run_dir / "crosscoder", norm_scale=self.model.spec.norm_scale, extra=extra)

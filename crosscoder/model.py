@@ -99,6 +99,15 @@ class CrossCoderSpec:
         return 1 if self.arch == "acausal" else self.n_sources
 
     @property
+    def scales(self) -> list[float]:
+        """Each source's normalisation scale (normalised = raw · scale; 1 where the data has none)."""
+        return [float(c) for c in self.norm_scale] or [1.0] * self.n_sources
+
+    def scale_vector(self, device: torch.device | str | None = None) -> Tensor:
+        """[D]: each source's scale repeated over its width."""
+        return torch.tensor(self.scales, device=device).repeat_interleave(torch.tensor(self.widths, device=device))
+
+    @property
     def slices(self) -> list[slice]:
         out, start = [], 0
         for w in self.widths:
@@ -402,7 +411,7 @@ class CrossCoder(nn.Module):
             raise ValueError("save_pretrained needs the full dictionary; gather the latent shards first")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        scale = list(norm_scale or self.spec.norm_scale or [1.0] * self.spec.n_sources)
+        scale = list(norm_scale or self.spec.scales)
         loaded = getattr(self, "export_config", None)
         if norm_scale is None and loaded is not None and loaded.get("normalization_folded"):
             # loaded from an export: the weights are in raw units already; fold nothing, keep its record

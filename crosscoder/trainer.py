@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -203,12 +204,6 @@ def spec_from(cfg: TrainConfig, manifest: Manifest) -> CrossCoderSpec:
     )
 
 
-def scale_vector(spec: CrossCoderSpec, device: torch.device | str = "cpu") -> torch.Tensor:
-    """[D]: each source's normalisation scale repeated over its width."""
-    scale = spec.norm_scale or [1.0] * spec.n_sources
-    return torch.cat([torch.full((w,), float(c), device=device) for w, c in zip(spec.widths, scale)])
-
-
 def learning_rate(cfg: TrainConfig, step: int) -> float:
     """Linear warm-up, constant, then linear decay to 0 over the last ``lr_decay_fraction``."""
     lr = cfg.lr
@@ -258,6 +253,19 @@ def check_partitions(run_dir: Path, saved: int, partitions: int) -> None:
             f"{run_dir}: its checkpoint streams the data as {saved} partitions, this run as {partitions}; set "
             f"train.data_partitions = {saved} to resume it (any number of data-parallel ranks that divides it reads "
             "the same global batches)")
+
+
+def step_dirs(run_dir: Path) -> list[Path]:
+    """The ``<run>/checkpoints/step-<n>`` folders, oldest first (both backends write these)."""
+    root = Path(run_dir) / "checkpoints"
+    steps = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")] if root.is_dir() else []
+    return sorted(steps, key=lambda p: int(p.name.split("-")[1]))
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints (0 = all)."""
+    for old in step_dirs(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def rng_state() -> dict:
@@ -318,7 +326,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
     mine = [p for p in range(partitions) if p % backend.data_parallel == backend.data_rank]
     stream = PartitionedStream(root, manifest, tc.batch_size, partitions, mine, tc.shuffle_samples,
                                seed=tc.seed, max_epochs=tc.max_epochs)
-    scale = scale_vector(spec, device)
+    scale = spec.scale_vector(device)
     tracker = DeadLatentTracker((spec.groups, model.n_latents), tc.dead_tokens, device)
 
     start, positions, first = 0, {}, []

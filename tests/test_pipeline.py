@@ -181,3 +181,11 @@ def test_every_error_the_user_can_fix_is_one_the_cli_prints_as_one_line():
     assert {"ShardError", "OrganismError", "HubError", "DataExhausted", "TrainingDiverged"} <= set(found)
     stray = sorted(n for n, c in found.items() if not issubclass(c, CrosscoderError) and n not in internal)
     assert not stray, f"derive these from errors.CrosscoderError (or list them as internal): {stray}"
+
+
+def test_a_harvest_without_models_is_one_line(tmp_path, capsys):
+    """`crosscoder harvest` with no models listed and no demo pair says what to set (it was a traceback
+    about an empty harvest.output)."""
+    code = main(["harvest", "--run", str(tmp_path / "run"), "--harvest.demo_pair", "false", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("crosscoder: HarvestError: no models to harvest"), err
