@@ -206,13 +206,15 @@ def cmd_export(args) -> int:
 
 def cmd_export_dashboards(args) -> int:
     from .dashboard import export_dashboards
+    from .interop import ExportError
     from .storage import open_root
 
     run = Path(args.run)
-    cfg = load_config(run / "config.toml") if (run / "config.toml").is_file() else RunConfig()
     exported = run / "crosscoder" / "config.json"
-    data = args.data or cfg.analyze.data or cfg.train.data or (
-        json.loads(exported.read_text()).get("data") if exported.is_file() else None)
+    if not exported.is_file():
+        raise ExportError(f"{exported.parent}: no crosscoder export; train the run first")
+    cfg = load_config(run / "config.toml") if (run / "config.toml").is_file() else RunConfig()
+    data = args.data or cfg.analyze.data or cfg.train.data or json.loads(exported.read_text()).get("data")
     if not data:
         raise ConfigError(f"{run}: no shard root recorded; pass --data ROOT (the analysed shards)")
     out = Path(args.out or run / "exports" / "neuronpedia")

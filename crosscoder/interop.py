@@ -82,6 +82,8 @@ def dictionary_learning_state(model: CrossCoder) -> tuple[dict[str, torch.Tensor
 
 def export_dictionary_learning(export_dir: str | Path, out: str | Path) -> ThresholdFit:
     """Write ``out`` (a ``.pt`` state dict) from the crosscoder exported in ``export_dir``."""
+    if not (Path(export_dir) / "model.safetensors").is_file():  # a local run's: never looked up on the Hub
+        raise ExportError(f"{export_dir}: no crosscoder export; train the run first")
     state, fit = dictionary_learning_state(CrossCoder.from_pretrained(export_dir))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

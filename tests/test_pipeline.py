@@ -189,3 +189,15 @@ def test_a_harvest_without_models_is_one_line(tmp_path, capsys):
     code = main(["harvest", "--run", str(tmp_path / "run"), "--harvest.demo_pair", "false", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and err[0].startswith("crosscoder: HarvestError: no models to harvest"), err
+
+
+@pytest.mark.parametrize("fmt", ["dictionary_learning", "neuronpedia"])
+def test_exporting_a_run_without_an_export_is_one_line(tmp_path, capsys, fmt):
+    """A run directory with no crosscoder export is named as such (the dictionary_learning export took
+    '<run>/crosscoder' for a Hub repo id and blamed the network; the dashboards asked for --data)."""
+    run = tmp_path / "untrained"
+    run.mkdir()
+    code = main(["export", str(run), "--format", fmt])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err == [f"crosscoder: ExportError: {run}/crosscoder: no crosscoder export; train the run "
+                                 "first"], err
