@@ -427,8 +427,8 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                         calibrated = model.calibrate_threshold(_inputs(batches, collectives, tc.calibration_batches),
                                                                spec.k, tc.calibration_batches * tc.batch_size)
                     if is_main:
-                        print(f"train: inference thresholds calibrated on {calibrated} tokens (mean inference L0 "
-                              f"{spec.k} there)")
+                        tqdm.write(f"train: inference thresholds calibrated on {calibrated} tokens (mean inference L0 "
+                                   f"{spec.k} there)")
                 if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == end:
                     checkpoint(done)
                 result.steps = done
