@@ -34,7 +34,15 @@ from . import faults
 from .config import ConfigError, RunConfig, from_dict, model_name, to_dict
 from .documents import Chunk, DataError, check_same_tokenizer, plan_chunks, read_documents
 from .errors import CrosscoderError
-from .language_models import ActivationReader, ModelError, ModelSpec, load_config, load_tokenizer, load_trunk
+from .language_models import (
+    ActivationReader,
+    ModelError,
+    ModelSpec,
+    check_hooks,
+    load_config,
+    load_tokenizer,
+    load_trunk,
+)
 from .ray_connect import CodeMismatch, check_code, code_fingerprint, connect, first_line, memory_request, worker_env
 from .shards import (
     Manifest,
@@ -323,6 +331,8 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     plan = [chunks[i : i + per] for i in range(0, len(chunks), per)]
     sources = source_names(models, hc.hooks)
     widths = model_widths(models, hc.hooks)
+    for m in models:
+        check_hooks(m, hc.hooks)
     root = open_root(hc.output, cfg.storage)
     root.check_writable()
     for leftover in root.temporary_files():

@@ -34,6 +34,7 @@ from .errors import CrosscoderError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # a numbered decoder layer in a module path: model.layers.13, transformer.h.5, …
 LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
+BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.\d+$")  # a block itself: model.layers.3, h.11
 
 
 class ModelError(CrosscoderError, ValueError):
@@ -160,13 +161,32 @@ def load_tokenizer(path: str, revision: str | None = None):
 
 
 def resolve_module(model: nn.Module, path: str, model_name: str = "model", shown: str | None = None) -> nn.Module:
+    """The module at ``path``; else a ModelError naming ``shown`` (the path as the user wrote it, when
+    ``model`` is a trunk loaded without the prefix) and the model's blocks, as the user would write them."""
     try:
         return model.get_submodule(path)
     except AttributeError:
-        layers = [n for n, _ in model.named_modules() if n.count(".") <= 2 and "layers." in n][:4]
-        raise ModelError(
-            f"model {model_name!r} has no module {shown or path!r}; hook points are module paths such as {layers}"
-        ) from None
+        prefix = shown[: len(shown) - len(path)] if shown and shown.endswith(path) else ""
+        names = [prefix + n for n, _ in model.named_modules() if n]
+        blocks = [n for n in names if BLOCK.search(n)]
+        hint = (f"its blocks are {blocks[0]} … {blocks[-1]}" if blocks
+                else f"hook points are module paths such as {names[:4]}")
+        raise ModelError(f"model {model_name!r} has no module {shown or path!r}; {hint}") from None
+
+
+def check_hooks(spec: ModelSpec, hooks: list[str]) -> None:
+    """Every hook is a module of the model, checked on its skeleton (built on the meta device: no
+    weights, no memory), so a misspelt hook is one line before any actor loads a model."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(spec.name, spec.path, spec.revision)
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError):  # not a causal LM that transformers knows: the actor's load says so
+        return
+    for hook in hooks:
+        resolve_module(skeleton, hook, spec.name)
 
 
 class _Done(Exception):

@@ -381,9 +381,28 @@ def test_the_trunk_loads_no_layer_past_the_deepest_hook_and_no_lm_head(tiny):
         assert torch.equal(a, b)
     whole, same = load_trunk(ModelSpec("base", tiny["base"]), ["model.layers.1", "lm_head"])
     assert same == ["model.layers.1", "lm_head"] and hasattr(whole, "lm_head")
-    with pytest.raises(ModelError, match=r"model 'base' has no module 'model.layers.99'"):
+    with pytest.raises(ModelError, match=r"model 'base' has no module 'model.layers.99'; its blocks are "
+                                         r"model.layers.0 … model.layers.3$"):  # named as the user writes them
         ActivationReader(*load_trunk(ModelSpec("base", tiny["base"]), ["model.layers.99"]), "base",
                          shown=["model.layers.99"])
+
+
+def test_a_misspelt_hook_stops_the_harvest_before_any_actor_or_shard(tiny, tmp_path, monkeypatch):
+    """The hooks are checked on each model's skeleton (meta device) on the driver: one line naming the
+    model's blocks, no Ray started, nothing written (the actor's own check came after Ray started
+    and printed its traceback through Ray's log)."""
+    import crosscoder.harvest as harvest_module
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(harvest_module, "connect", no_ray)
+    cfg = harvest_config(tiny, str(tmp_path / "out"))
+    cfg.harvest.hooks = ["model.layers.1", "model.layer.2"]
+    with pytest.raises(ModelError, match=r"model 'base' has no module 'model.layer.2'; its blocks are model.layers.0 "
+                                         r"… model.layers.3$"):
+        harvest(cfg, progress=False)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_device_map_auto_harvests_through_accelerate_on_the_cpu(tiny, tmp_path):
