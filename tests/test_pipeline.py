@@ -201,3 +201,14 @@ def test_exporting_a_run_without_an_export_is_one_line(tmp_path, capsys, fmt):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err == [f"crosscoder: ExportError: {run}/crosscoder: no crosscoder export; train the run "
                                  "first"], err
+
+
+def test_every_module_is_in_the_readme_table_and_the_architecture():
+    """The README's table of what is here and docs/architecture.md's layers name every module of the
+    package, so neither falls behind the tree."""
+    repo = Path(__file__).resolve().parents[1]
+    modules = sorted(p.name for p in (repo / "crosscoder").glob("*.py") if p.name != "__init__.py")
+    for doc in ("README.md", "docs/architecture.md"):
+        text = (repo / doc).read_text()
+        missing = [m for m in modules if f"{m}`" not in text]
+        assert not missing, f"{doc} does not name {missing}"
