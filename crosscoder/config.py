@@ -20,7 +20,6 @@ import dataclasses
 import json
 import re
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,26 +309,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value not in options or type(value) is bool:
             raise ConfigError(f"{where} must be {_choices(options)}, got {value!r}")
         return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item_tp,) = typing.get_args(tp) or (Any,)
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is Any:
-        return value
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {value!r}")
@@ -407,11 +391,8 @@ def _parse_override_value(text: str, tp: Any, key: str) -> Any:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text
-    if tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)):
-        if not isinstance(value, str) and text.lower() not in ("none", "null"):
-            value = text
-        if text.lower() in ("none", "null") and type(None) in typing.get_args(tp):
-            value = None
+    if tp is str and not isinstance(value, str):  # --name 2024 is the string "2024"
+        value = text
     if tp is bool and isinstance(value, str):
         value = {"true": True, "false": False, "1": True, "0": False}.get(value.lower(), value)
     return _coerce(value, tp, key)

@@ -35,6 +35,7 @@ import contextlib
 import json
 import resource
 import shutil
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -48,6 +49,11 @@ from .model import CrossCoder, export_layout, write_export_config
 from .parallel import CommCounter, DistributedCollectives, ParallelLayout
 from .sliced_export import assemble, write_slice
 from .trainer import RunDirError, prune_checkpoints
+
+# torch 2.13 deprecates the collective that DeepSpeed's ZeRO and torch's own checkpoint code call; the
+# warning names no step of ours and would be printed by every rank through Ray's log
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                        category=FutureWarning)
 
 SHARDED = ("W_enc", "W_dec", "b_enc")
 LATENT_AXIS = {"W_enc": 1, "W_dec": 0, "b_enc": 1, "threshold": 1, "dead": 1}  # b_dec: whole on every rank
