@@ -344,6 +344,8 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     if pending:
         ray = connect(math.ceil(hc.actors * hc.cpus_per_actor))
         env = worker_env()  # settings, never credentials (ray_connect.WORKER_ENV)
+        if not progress:  # --quiet: no "Loading weights" bar from every actor's transformers either
+            env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         n_actors = max(1, min(hc.actors, len(pending)))
         memory = memory_request(ray, hc.memory_per_actor * 2**30 or estimated_actor_memory(models), n_actors,
                                 "harvest.memory_per_actor")

@@ -335,8 +335,7 @@ def behaviour_shares(model, root, directory: str | Path, out_dir: Path, tokens: 
         if doc >= len(food_doc):
             raise OrganismError(f"{root.url}: sample {sample.key} is document {doc}, but {directory} lists "
                                 f"{len(food_doc)}: these shards were not harvested from this organism's documents")
-        start = 1 if int(sample.meta.get("chunk", 0)) == 0 else 0
-        part = sample.acts[start: start + budget - seen]
+        part = sample.acts[1: 1 + budget - seen]  # every chunk's first stored position left out, as the analysis does
         acts.append(part)
         flags.append(np.tile([food_doc[doc], refusal_doc[doc]], (len(part), 1)))
         seen += len(part)
