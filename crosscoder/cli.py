@@ -77,6 +77,16 @@ def cmd_compare(runs: list[str]) -> int:
     return 0
 
 
+def cmd_keys() -> int:
+    rows = describe(RunConfig)
+    key_width = max(len(key) for key, _, _ in rows)
+    default_width = max(len(default) for _, default, _ in rows)
+    for key, default, help_text in rows:
+        print(f"{key:{key_width}}  {default:{default_width}}  {help_text}")
+    sys.stdout.flush()  # a closed pipe fails here, inside main's handler, not at the interpreter's exit
+    return 0
+
+
 def cmd_validate(args) -> int:
     """Check a dataset: manifest, shard sizes (one listing), and with --full every shard's sha256."""
     from .config import StorageConfig
@@ -248,16 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "compare":
-        return cmd_compare(args.runs)
-    if args.command == "keys":
-        rows = describe(RunConfig)
-        key_width = max(len(key) for key, _, _ in rows)
-        default_width = max(len(default) for _, default, _ in rows)
-        for key, default, help_text in rows:
-            print(f"{key:{key_width}}  {default:{default_width}}  {help_text}")
-        return 0
     try:
+        if args.command == "compare":
+            return cmd_compare(args.runs)
+        if args.command == "keys":
+            return cmd_keys()
         if args.command == "tiny":
             return cmd_tiny(args)
         if args.command == "validate":
@@ -270,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"crosscoder: config error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `crosscoder keys | head`: the reader has gone; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print("crosscoder: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130

@@ -3,6 +3,7 @@ and the shard layer importable without torch."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -212,3 +213,13 @@ def test_every_module_is_in_the_readme_table_and_the_architecture():
         text = (repo / doc).read_text()
         missing = [m for m in modules if f"{m}`" not in text]
         assert not missing, f"{doc} does not name {missing}"
+
+
+def test_a_closed_pipe_ends_the_listing_quietly():
+    """`crosscoder keys | head` (the reader gone before the listing ends) prints no traceback."""
+    read, write = os.pipe()
+    os.close(read)  # every write fails: the reader has already gone
+    done = subprocess.run([sys.executable, "-m", "crosscoder.cli", "keys"], stdout=write, stderr=subprocess.PIPE,
+                          text=True, timeout=60)
+    os.close(write)
+    assert done.returncode == 1 and done.stderr == "", done.stderr
