@@ -3,7 +3,9 @@ and the shard layer importable without torch."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +55,7 @@ def test_every_config_mistake_is_one_line_before_any_work(tmp_path, capsys, over
     assert main(["run", "--config", str(SYNTHETIC), "--run", str(run), *SMALL, *override]) == 2
     err = capsys.readouterr().err
     assert err.startswith("crosscoder: config error: ") and len(err.strip().splitlines()) == 1, err
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
     assert not run.exists()  # nothing written: no shards, no run directory
 
 
@@ -83,7 +85,7 @@ def test_a_finished_one_process_run_is_skipped_on_a_rerun(tmp_path, capsys):
     assert main([*args, "--train.steps", "9"]) == 0
     more = capsys.readouterr().out
     assert "step 9:" in more and "analyze: " in more and "newer than the export" not in more
-    steps = [__import__("json").loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # each step logged once
 
 
@@ -112,7 +114,7 @@ def test_analysis_goes_to_a_gpu_of_the_ray_cluster_when_this_process_has_none(tm
     run = tmp_path / "run"
     args = ["run", "--config", str(SYNTHETIC), "--run", str(run), *SMALL]
     proc = subprocess.run([sys.executable, "-c", DISPATCH, *args], capture_output=True, text=True, timeout=600,
-                          env={k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"})
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "analyze: on a GPU of the Ray cluster" in proc.stdout
     assert "analyze: 1024 tokens;" in proc.stdout and (run / "analysis" / "report.html").is_file()
