@@ -16,13 +16,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
 from .config import RunConfig, data_layout, from_dict, to_dict, validate
+from .interrupts import StepBoundary
 from .ray_connect import check_code, code_fingerprint, connect, first_line, memory_request, worker_env
 from .shards import Manifest, ShardError, check_sizes, read_manifest
 from .stream import DataExhausted
@@ -81,38 +81,33 @@ def _fit_stopping_on_ctrl_c(trainer, run_dir: Path):
         except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
             outcome["error"] = error
 
-    # Python's Ctrl-C handler, also when the process started with SIGINT ignored (a command started
-    # in the background by a non-interactive shell): a `kill -INT` then still asks for the checkpoint
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler) if main else None
+    # StepBoundary's handler (installed also when the process started with SIGINT ignored, as a
+    # non-interactive shell starts a background command) records the first Ctrl-C instead of raising:
+    # a KeyboardInterrupt raised inside Thread.join makes CPython 3.11 take the running thread for
+    # finished (bpo-45274's cleanup releases the lock the thread holds), which ended the wait at once
+    # and shut Ray down before the workers' checkpoint whenever the signal reached the main thread
     thread = threading.Thread(target=fit, name="crosscoder-fit", daemon=True)
-    thread.start()
-    try:
-        _wait_stopping_on_ctrl_c(thread, run_dir)
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    with StepBoundary("the workers' step") as stop:
+        thread.start()
+        _wait_stopping_on_ctrl_c(thread, run_dir, stop)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
 
 
-def _wait_stopping_on_ctrl_c(thread: threading.Thread, run_dir: Path) -> None:
-    """Join ``thread``; the first Ctrl-C writes the stop file, a second or STOP_WAIT_S later stops."""
-    stopping = None
+def _wait_stopping_on_ctrl_c(thread: threading.Thread, run_dir: Path, stop: StepBoundary) -> None:
+    """Join ``thread``; after a first Ctrl-C (``stop.requested``) the stop file asks the workers to
+    checkpoint and stop, and KeyboardInterrupt follows when they have (or STOP_WAIT_S later); a
+    second Ctrl-C raises at once, from the handler."""
+    asked = None
     while thread.is_alive():
-        try:
-            thread.join(0.5)
-            if stopping is not None and time.time() - stopping > STOP_WAIT_S:
-                raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            if stopping is not None:
-                raise
-            stopping = time.time()
+        thread.join(0.5)
+        if stop.requested and asked is None:
+            asked = time.time()
             (run_dir / STOP_FILE).touch()
-            print("\ncrosscoder: stopping: the workers write a checkpoint at the end of their step "
-                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
-    if stopping is not None:
+        if asked is not None and time.time() - asked > STOP_WAIT_S:
+            raise KeyboardInterrupt
+    if stop.requested:
         raise KeyboardInterrupt
 
 

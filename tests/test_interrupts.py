@@ -32,9 +32,14 @@ def test_ctrl_c_writes_a_checkpoint_and_the_rerun_logs_each_step_once(small_shar
     # run the suite so): the command installs its own Ctrl-C handling, so `kill -INT` still works
     proc = subprocess.Popen([*args, "--train.steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    deadline = time.time() + 300
+    deadline = time.time() + 600  # Ray Train's start on a loaded 2-core machine took up to ~4 min
     while len(logged_steps(run)) < 5 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
+    if len(logged_steps(run)) < 5:  # a Ctrl-C before the first step rightly leaves no checkpoint: not this test
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"{len(logged_steps(run))} steps logged in 600 s (exit {proc.returncode}); stderr ends: "
+                    f"{err[-3000:]}")
     proc.send_signal(signal.SIGINT)
     pressed = time.time()
     try:
@@ -47,10 +52,40 @@ def test_ctrl_c_writes_a_checkpoint_and_the_rerun_logs_each_step_once(small_shar
     assert time.time() - pressed < 120, "the checkpoint took too long"
     assert "stopping" in err and "re-run the same command to resume from the last checkpoint" in err
     checkpoints = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
-    assert len(checkpoints) == 1, checkpoints  # the only one: written at the Ctrl-C (checkpoint_every = 0)
+    assert len(checkpoints) == 1, (checkpoints, err[-3000:])  # the only one: written at the Ctrl-C
     stopped = int(checkpoints[0].split("-")[1])
     assert stopped >= 5 and logged_steps(run)[-1] >= stopped
     again = subprocess.run([*args, "--train.steps", str(stopped + 3)], capture_output=True, text=True, timeout=600,
                            env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert logged_steps(run) == list(range(1, stopped + 4))  # each step once: none redone, none lost
+
+
+def test_a_ctrl_c_reaching_the_main_thread_waits_for_the_workers_checkpoint(tmp_path):
+    """The driver waits for Ray Train's fit() in a thread. A Ctrl-C delivered to the main thread while
+    it is inside Thread.join must not end the wait: CPython 3.11 then took the running thread for
+    finished, the driver shut Ray down at once and the workers never wrote their checkpoint (a flaky
+    failure of the test above whenever the kernel picked the main thread for the signal)."""
+    import threading
+
+    from crosscoder.interrupts import StepBoundary
+    from crosscoder.ray_train import _wait_stopping_on_ctrl_c
+    from crosscoder.trainer import STOP_FILE
+
+    def fit() -> None:  # the workers: they stop once they see the stop file, after a "checkpoint"
+        while not (tmp_path / STOP_FILE).exists():
+            time.sleep(0.05)
+        time.sleep(2.0)
+
+    thread = threading.Thread(target=fit, daemon=True)
+
+    def press() -> None:  # Ctrl-C to the main thread itself: its join is interrupted (EINTR)
+        time.sleep(0.5)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    with StepBoundary("the workers' step") as stop:
+        thread.start()
+        threading.Thread(target=press, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            _wait_stopping_on_ctrl_c(thread, tmp_path, stop)
+    assert not thread.is_alive() and stop.requested
