@@ -48,7 +48,7 @@ from .losses import LossWeights, forward_and_loss
 from .model import CrossCoder, export_layout, write_export_config
 from .parallel import CommCounter, DistributedCollectives, ParallelLayout
 from .sliced_export import assemble, write_slice
-from .trainer import RunDirError, prune_checkpoints
+from .trainer import RunDirError, latest_checkpoint, prune_checkpoints
 
 # torch 2.13 deprecates the collective that DeepSpeed's ZeRO and torch's own checkpoint code call; the
 # warning names no step of ours and would be printed by every rank through Ray's log
@@ -58,12 +58,6 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into
 SHARDED = ("W_enc", "W_dec", "b_enc")
 LATENT_AXIS = {"W_enc": 1, "W_dec": 0, "b_enc": 1, "threshold": 1, "dead": 1}  # b_dec: whole on every rank
 MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's state per parameter, besides its step count
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The folder ``<run>/checkpoints/latest`` names (the last complete checkpoint), or None."""
-    latest = Path(run_dir) / "checkpoints" / "latest"
-    return latest.parent / latest.read_text().strip() if latest.is_file() else None
 
 
 class Objective(torch.nn.Module):

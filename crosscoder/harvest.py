@@ -62,7 +62,8 @@ from .telemetry import HarvestMetrics
 def model_specs(cfg: RunConfig) -> list[ModelSpec]:
     """The harvest's models (their tables are checked by config.validate)."""
     if not cfg.harvest.models:
-        raise HarvestError("harvest.models is empty: list the models, e.g. [{name='base', path='...'}, ...]")
+        raise HarvestError("no models to harvest: list them in harvest.models, or set harvest.demo_pair = true (the "
+                           "demo base/chat pair) or organism.directory")
     return [ModelSpec(name=model_name(m, i), path=m["path"], revision=m.get("revision"),
                       dtype=m.get("dtype", "float32"), device_map=m.get("device_map"), max_memory=m.get("max_memory"))
             for i, m in enumerate(cfg.harvest.models)]
@@ -291,9 +292,12 @@ def build_manifest(cfg, sources, widths, infos: list[ShardInfo], tokenizer: str,
 
 
 def model_widths(models: list[ModelSpec], hooks: list[str]) -> list[int]:
+    """Each source's width, from its model's config; every hook is checked on the model's skeleton
+    on the way (language_models.check_hooks), before any actor loads a model."""
     widths = []
     for m in models:
         config = load_config(m.name, m.path, m.revision)
+        check_hooks(config, hooks, m.name)
         widths += [int(config.hidden_size)] * len(hooks)
     return widths
 
@@ -316,9 +320,10 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     """Run (or resume) the harvest described by ``cfg.harvest``; returns the final manifest."""
     cfg = with_absolute_paths(cfg)
     hc = cfg.harvest
+    models = model_specs(cfg)
     if not hc.output:
         raise HarvestError("harvest.output is empty: set a path, file://… or s3://bucket/prefix")
-    models = model_specs(cfg)
+    widths = model_widths(models, hc.hooks)  # a misspelt hook stops here, before the documents are tokenized
     tokenizers = {m.name: load_tokenizer(m.path, m.revision) for m in models}
     check_same_tokenizer(tokenizers)
     tokenizer = tokenizers[models[0].name]
@@ -330,9 +335,6 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     per = hc.samples_per_shard
     plan = [chunks[i : i + per] for i in range(0, len(chunks), per)]
     sources = source_names(models, hc.hooks)
-    widths = model_widths(models, hc.hooks)
-    for m in models:
-        check_hooks(m, hc.hooks)
     root = open_root(hc.output, cfg.storage)
     root.check_writable()
     for leftover in root.temporary_files():

@@ -33,8 +33,9 @@ from .errors import CrosscoderError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # a numbered decoder layer in a module path: model.layers.13, transformer.h.5, …
-LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
-BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.\d+$")  # a block itself: model.layers.3, h.11
+BLOCKS = r"(?:layers|h|blocks|layer)"  # what the numbered decoder blocks' list is called
+LAYER = re.compile(rf"\.{BLOCKS}\.(\d+)(?:\.|$)")
+BLOCK = re.compile(rf"(?:^|\.){BLOCKS}\.\d+$")  # a block itself: model.layers.3, h.11
 
 
 class ModelError(CrosscoderError, ValueError):
@@ -174,19 +175,19 @@ def resolve_module(model: nn.Module, path: str, model_name: str = "model", shown
         raise ModelError(f"model {model_name!r} has no module {shown or path!r}; {hint}") from None
 
 
-def check_hooks(spec: ModelSpec, hooks: list[str]) -> None:
-    """Every hook is a module of the model, checked on its skeleton (built on the meta device: no
-    weights, no memory), so a misspelt hook is one line before any actor loads a model."""
+def check_hooks(config, hooks: list[str], model_name: str) -> None:
+    """Every hook is a module of the model of ``config`` (its transformers config), checked on its
+    skeleton (built on the meta device: no weights, no memory), so a misspelt hook is one line
+    before any actor loads a model."""
     from transformers import AutoModelForCausalLM
 
-    config = load_config(spec.name, spec.path, spec.revision)
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError):  # not a causal LM that transformers knows: the actor's load says so
         return
     for hook in hooks:
-        resolve_module(skeleton, hook, spec.name)
+        resolve_module(skeleton, hook, model_name)
 
 
 class _Done(Exception):

@@ -95,12 +95,8 @@ def make_organism(p: Plan, progress: bool = True) -> None:
 
 def harvest(p: Plan, progress: bool = True):
     """Harvest the planned models into shards (committed shards are kept); returns the manifest."""
-    from .harvest import HarvestError
     from .harvest import harvest as run_harvest
 
-    if not p.cfg.harvest.models:
-        raise HarvestError("no models to harvest: list them in harvest.models, or set harvest.demo_pair = true (the "
-                           "demo base/chat pair) or organism.directory")
     if p.uses_demo_pair:
         make_demo_pair(p, progress)
     if p.organism is not None:

@@ -35,6 +35,7 @@ from .trainer import (
     TrainingStopped,
     TrainResult,
     check_partitions,
+    latest_checkpoint,
     spec_from,
 )
 
@@ -143,8 +144,6 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: 
     manifest = read_manifest(root)  # a missing dataset or shard fails here, once, not per retry
     check_sizes(root, manifest)
     run_dir.mkdir(parents=True, exist_ok=True)
-    from .deepspeed_backend import latest_checkpoint
-
     saved = latest_checkpoint(run_dir)  # a resume the workers would refuse fails here, once, not per retry
     if saved is not None and (saved / "position.json").is_file():
         check_partitions(run_dir, len(json.loads((saved / "position.json").read_text())), data_layout(tc)[1])

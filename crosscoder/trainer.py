@@ -262,6 +262,13 @@ def step_dirs(run_dir: Path) -> list[Path]:
     return sorted(steps, key=lambda p: int(p.name.split("-")[1]))
 
 
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The folder ``<run>/checkpoints/latest`` names (the DeepSpeed backend's last complete
+    checkpoint), or None."""
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    return latest.parent / latest.read_text().strip() if latest.is_file() else None
+
+
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Keep the newest ``keep`` checkpoints (0 = all)."""
     for old in step_dirs(run_dir)[:-keep] if keep > 0 else []:
