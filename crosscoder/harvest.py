@@ -187,7 +187,13 @@ def prefix_token(tokenizer, setting: str) -> int | None:
     if setting == "none":
         return None
     if setting in ("bos", "eos"):
-        return getattr(tokenizer, f"{setting}_token_id")
+        token_id = getattr(tokenizer, f"{setting}_token_id")
+        if token_id is None:  # Qwen2's tokenizers have no BOS: without a prefix a document's first token
+            # becomes the attention sink, with outlier norms, and would be stored
+            raise ConfigError(f"harvest.prefix = {setting!r}: the tokenizer of {tokenizer.name_or_path} has no "
+                              f"{setting.upper()} token; set harvest.prefix = "
+                              f"{'eos' if setting == 'bos' else 'bos'}, token:<text> or none")
+        return int(token_id)
     token = setting.removeprefix("token:")
     ids = tokenizer.convert_tokens_to_ids([token])
     # an unknown token maps to the unknown token's id; the unknown token itself is a token (SmolLM2's
@@ -327,6 +333,7 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     tokenizers = {m.name: load_tokenizer(m.path, m.revision) for m in models}
     check_same_tokenizer(tokenizers)
     tokenizer = tokenizers[models[0].name]
+    prefix_token(tokenizer, hc.prefix)  # a prefix the tokenizer lacks stops here, before Ray starts
     chat_tokenizer = next((t for t in reversed(list(tokenizers.values())) if getattr(t, "chat_template", None)),
                           tokenizer)
     chunks = plan_chunks(read_documents(hc.data), tokenizer, chat_tokenizer, hc.seq_len, hc.tokens)

@@ -405,6 +405,28 @@ def test_a_misspelt_hook_stops_the_harvest_before_any_actor_or_shard(tiny, tmp_p
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_a_tokenizer_without_the_prefix_token_stops_the_harvest_before_ray(tiny, tmp_path, monkeypatch):
+    """Qwen2's tokenizers have no BOS: the default harvest.prefix = bos would run documents behind
+    nothing and store their first token, the attention sink. One config error naming the fix, on
+    the driver, before Ray starts and before anything is written."""
+    import crosscoder.harvest as harvest_module
+    from crosscoder.random_pair import make_model, make_tokenizer, save
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(harvest_module, "connect", no_ray)
+    tok = make_tokenizer()
+    tok.bos_token = None
+    model_dir = save(make_model(len(tok), hidden=32, layers=2), tok, tmp_path / "no-bos")
+    cfg = harvest_config(tiny, str(tmp_path / "out"))
+    cfg.harvest.models, cfg.harvest.hooks = [{"name": "m", "path": model_dir}], ["model.layers.1"]
+    with pytest.raises(ConfigError, match=r"harvest.prefix = 'bos': the tokenizer of .*no-bos has no BOS token; set "
+                                          r"harvest.prefix = eos, token:<text> or none$"):
+        harvest(cfg, progress=False)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_device_map_auto_harvests_through_accelerate_on_the_cpu(tiny, tmp_path):
     """A model table with device_map = "auto" (and a max_memory cap) loads through accelerate, which
     places everything on the CPU here, and the actor's shard is the one a plain load writes."""
