@@ -36,6 +36,13 @@ class DataError(CrosscoderError, ValueError):
     """An input document file is unreadable or malformed; the message names file and line."""
 
 
+class Record(dict):
+    """A document, ``{"text": ...}`` or ``{"messages": [...]}``, that knows where it was read
+    (``where``: ``file:line`` or ``hf:… row:n``), so an error met later, in the chat template, names it."""
+
+    where = "a document"
+
+
 @dataclass(eq=False)
 class Chunk:
     doc: int  # document index in the input
@@ -69,9 +76,9 @@ def read_documents(source: str) -> Iterator[dict]:
                 yield _record(row, str(path), number)
     else:
         with path.open() as fh:
-            for line in fh:
+            for number, line in enumerate(fh, 1):
                 if line.strip():
-                    yield {"text": line.rstrip("\n")}
+                    yield _record({"text": line.rstrip("\n")}, str(path), number)
 
 
 def _dataset_records(source: str) -> Iterator[dict]:
@@ -105,15 +112,18 @@ def _dataset_records(source: str) -> Iterator[dict]:
         raise DataError(f"{source}: cannot read the dataset ({type(error).__name__}: {first})") from error
 
 
-def _record(row, where: str, number: int) -> dict:
+def _record(row, where: str, number: int) -> Record:
     if isinstance(row, dict) and isinstance(row.get("text"), str):
-        return {"text": row["text"]}
-    if isinstance(row, dict) and isinstance(row.get("messages"), list):
+        record = Record(text=row["text"])
+    elif isinstance(row, dict) and isinstance(row.get("messages"), list):
         for m in row["messages"]:
             if not (isinstance(m, dict) and "role" in m and "content" in m):
                 raise DataError(f"{where}:{number}: every message needs 'role' and 'content'")
-        return {"messages": row["messages"]}
-    raise DataError(f"{where}:{number}: expected an object with 'text' or 'messages'")
+        record = Record(messages=row["messages"])
+    else:
+        raise DataError(f"{where}:{number}: expected an object with 'text' or 'messages'")
+    record.where = f"{where}:{number}"
+    return record
 
 
 def check_same_tokenizer(tokenizers: dict, probe: str = "The quick brown fox, 12345 — éà!") -> None:
@@ -136,7 +146,12 @@ def tokenize(record: dict, tokenizer, chat_tokenizer) -> tuple[list[int], bool]:
     if "messages" in record:
         if not getattr(chat_tokenizer, "chat_template", None):
             raise DataError("chat data needs a tokenizer with a chat template (the chat model's)")
-        ids = chat_tokenizer.apply_chat_template(record["messages"], tokenize=True, add_generation_prompt=False)
+        try:
+            ids = chat_tokenizer.apply_chat_template(record["messages"], tokenize=True, add_generation_prompt=False)
+        except Exception as error:  # the template's own raise_exception (Gemma's: no system role), a bad key
+            where, reason = getattr(record, "where", "a conversation"), (str(error).strip() or "?").splitlines()[0]
+            raise DataError(f"{where}: the chat model's template refused this conversation "
+                            f"({type(error).__name__}: {reason})") from None
         if not isinstance(ids, list):  # newer transformers return a BatchEncoding
             ids = ids["input_ids"]
         ids = list(ids)

@@ -292,6 +292,16 @@ def test_bad_models_and_tokenizers_are_named(tiny, tmp_path):
     bad.write_text('{"text": "ok"}\n{"oops": 1}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: expected an object with 'text' or 'messages'"):
         list(read_documents(str(bad)))
+    # a conversation the chat template refuses (Gemma's has no system role) is named by its line
+    strict = make_tokenizer()
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                            "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text('{"messages": [{"role": "user", "content": "the cat"}]}\n\n'
+                     '{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a"}]}\n')
+    with pytest.raises(DataError, match=r"chats.jsonl:3: the chat model's template refused this conversation "
+                                        r"\(TemplateError: System role not supported\)$"):
+        plan_chunks(read_documents(str(chats)), strict, strict, 16, 500)
 
 
 def test_hf_datasets_saved_or_as_data_files_read_like_the_jsonl_file(tiny, tmp_path):
