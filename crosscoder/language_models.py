@@ -176,9 +176,11 @@ def resolve_module(model: nn.Module, path: str, model_name: str = "model", shown
 
 
 def check_hooks(config, hooks: list[str], model_name: str) -> None:
-    """Every hook is a module of the model of ``config`` (its transformers config), checked on its
-    skeleton (built on the meta device: no weights, no memory), so a misspelt hook is one line
-    before any actor loads a model."""
+    """Every hook is a module of the model of ``config`` (its transformers config) whose output has
+    the model's width, checked on its skeleton (built on the meta device: no weights, no memory),
+    so a misspelt hook, or one inside the MLP or attention (``mlp.up_proj``: the MLP's width), is
+    one line before any actor loads a model. A module whose width its type does not tell
+    (``mlp.act_fn``) is checked by :meth:`ActivationReader.read` on the first batch."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -187,7 +189,17 @@ def check_hooks(config, hooks: list[str], model_name: str) -> None:
     except (ValueError, KeyError):  # not a causal LM that transformers knows: the actor's load says so
         return
     for hook in hooks:
-        resolve_module(skeleton, hook, model_name)
+        module = resolve_module(skeleton, hook, model_name)
+        width = getattr(module, "out_features", None) or getattr(module, "embedding_dim", None)
+        if isinstance(width, int):
+            check_width(model_name, hook, width, int(config.hidden_size))
+
+
+def check_width(model_name: str, hook: str, width: int, hidden: int) -> None:
+    """A hook's output width is the model's (the harvest stores residual-stream-wide sources)."""
+    if width != hidden:
+        raise ModelError(f"model {model_name!r}: {hook!r} outputs width {width}, not the model's hidden size {hidden}; "
+                         "hooks are residual-stream points: a block (model.layers.N), or its attention or MLP output")
 
 
 class _Done(Exception):
@@ -200,7 +212,7 @@ class ActivationReader:
     def __init__(self, model: nn.Module, hooks: list[str], model_name: str = "model", shown: list[str] | None = None):
         """``hooks``: module paths in ``model``; ``shown``: the names the user gave them, for errors
         (they differ when :func:`load_trunk` loaded the base model only)."""
-        self.model = model
+        self.model, self.model_name = model, model_name
         self.hooks = list(shown or hooks)
         self.modules = [resolve_module(model, h, model_name, s) for h, s in zip(hooks, self.hooks)]
         order = {id(m): i for i, (_, m) in enumerate(model.named_modules())}
@@ -239,4 +251,7 @@ class ActivationReader:
         missing = [self.hooks[i] for i in range(len(self.modules)) if i not in captured]
         if missing:
             raise ModelError(f"hook points {missing} did not run in the forward pass")
+        for i, hook in enumerate(self.hooks):
+            if self.width[i]:
+                check_width(self.model_name, hook, captured[i].shape[-1], self.width[i])
         return [captured[i] for i in range(len(self.modules))]

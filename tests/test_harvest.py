@@ -415,6 +415,31 @@ def test_a_misspelt_hook_stops_the_harvest_before_any_actor_or_shard(tiny, tmp_p
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_a_hook_narrower_or_wider_than_the_residual_stream_is_named(tiny, tmp_path, monkeypatch):
+    """Sources are residual-stream wide. A hook inside the MLP (its up projection: the MLP's width) is
+    refused on the driver from the skeleton's module type, before Ray; one whose type tells no width
+    (the MLP's activation function) on the first batch, by the reader; both name model, hook and
+    widths (it was a shard's "acts must be [T, D]" error from inside the actor)."""
+    import crosscoder.harvest as harvest_module
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(harvest_module, "connect", no_ray)
+    cfg = harvest_config(tiny, str(tmp_path / "out"))
+    cfg.harvest.hooks = ["model.layers.1", "model.layers.2.mlp.up_proj"]
+    with pytest.raises(ModelError, match=r"model 'base': 'model.layers.2.mlp.up_proj' outputs width 128, not the "
+                                         r"model's hidden size 64; hooks are residual-stream points"):
+        harvest(cfg, progress=False)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    reader = ActivationReader(load_model(ModelSpec("base", tiny["base"])), ["model.layers.1.mlp.act_fn"], "base")
+    with pytest.raises(ModelError, match=r"model 'base': 'model.layers.1.mlp.act_fn' outputs width 128, not the "
+                                         r"model's hidden size 64"):
+        reader.read(torch.tensor([[5, 6, 7]]))
+    assert [a.shape[-1] for a in ActivationReader(reader.model, ["model.layers.1.mlp"], "base").read(
+        torch.tensor([[5, 6, 7]]))] == [64]  # the MLP's output is residual-wide
+
+
 def test_a_tokenizer_without_the_prefix_token_stops_the_harvest_before_ray(tiny, tmp_path, monkeypatch):
     """Qwen2's tokenizers have no BOS: the default harvest.prefix = bos would run documents behind
     nothing and store their first token, the attention sink. One config error naming the fix, on
