@@ -143,11 +143,13 @@ class ShardHarvester:
         width = sum(r.width[i] for r in self.readers.values() for i in range(len(hc.hooks)))
         writer = ShardWriter(self.root, shard_name(index), width=width, dtype=hc.dtype)
         norm_sum: torch.Tensor | float = 0.0
-        waiting: tuple | None = None  # the previous batch: (chunks, host acts, ids, copy event)
+        waiting: tuple | None = None  # the previous batch: (chunks, host acts, ids, copy event, finite, norms)
 
-        def flush(batch, host, ids, event):
+        def flush(batch, host, ids, event, finite, norms):
             if event is not None:
                 event.synchronize()
+            if not bool(finite):
+                raise self.non_finite(index, batch, host, norms)
             for c, a, t in zip(batch, host, ids):
                 writer.add(f"{c.doc:08d}-{c.index:04d}", t, a[: len(t)].numpy(),
                            {"doc": c.doc, "chunk": c.index, "offset": c.offset, "chat": c.chat})
@@ -157,16 +159,19 @@ class ShardHarvester:
                 batch = chunks[i : i + hc.batch_size]
                 acts, ids, norms = self.activations([c.tokens for c in batch], [c.index == 0 for c in batch])
                 norm_sum = norm_sum + norms
+                finite = torch.isfinite(acts).all()  # read when the batch is written: no wait for the device here
                 event = None
                 if acts.device.type == "cuda":  # to pinned memory without blocking; written after the next forward
                     host = torch.empty(acts.shape, dtype=acts.dtype, device="cpu", pin_memory=True)
                     host.copy_(acts, non_blocking=True)
+                    finite = torch.empty((), dtype=torch.bool, device="cpu", pin_memory=True).copy_(finite,
+                                                                                                   non_blocking=True)
                     event = torch.cuda.Event()
                     event.record()
                     acts = host
                 if waiting is not None:
                     flush(*waiting)
-                waiting = (batch, acts, ids, event)
+                waiting = (batch, acts, ids, event, finite, norms)
                 if i + len(batch) >= len(chunks) // 2:
                     faults.point("harvest", f"shard {index} half")
             if waiting is not None:
@@ -180,6 +185,27 @@ class ShardHarvester:
         seconds = time.time() - started
         self.metrics.shard(info.tokens, seconds)
         return {"index": index, "info": asdict(info), "seconds": seconds}
+
+
+    def non_finite(self, index: int, batch: list[Chunk], acts: torch.Tensor, norms: torch.Tensor) -> ModelError:
+        """The error for a batch with an inf or NaN to store: the model produced it (a model run in
+        float16 overflows; Gemma's do), or a finite value beyond float16's range met harvest.dtype."""
+        names = [name for name, _, _ in source_names(self.models, self.cfg.harvest.hooks)]
+        widths = [w for spec in self.models for w in self.readers[spec.name].width]
+        start = 0
+        for name, width, norm in zip(names, widths, norms.cpu().tolist()):
+            part = acts[..., start : start + width]
+            start += width
+            rows = (~torch.isfinite(part)).flatten(1).any(1).nonzero().flatten().tolist()
+            if not rows:
+                continue
+            where = f"{shard_name(index)}, source {name!r}, document {batch[rows[0]].doc} of the plan"
+            if not math.isfinite(norm):
+                return ModelError(f"{where}: the model produced inf or NaN activations (a model run in float16 "
+                                  "overflows; Gemma's do): load it in bfloat16 or float32 (dtype in harvest.models)")
+            return ModelError(f"{where}: activations beyond float16's range (65504): store them as float32 "
+                              "(harvest.dtype = float32)")
+        return ModelError(f"{shard_name(index)}: inf or NaN activations")
 
 
 def prefix_token(tokenizer, setting: str) -> int | None:

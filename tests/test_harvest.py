@@ -440,6 +440,38 @@ def test_a_hook_narrower_or_wider_than_the_residual_stream_is_named(tiny, tmp_pa
         torch.tensor([[5, 6, 7]]))] == [64]  # the MLP's output is residual-wide
 
 
+@pytest.mark.parametrize("poison, message", [
+    (float("inf"), r"the model produced inf or NaN activations \(a model run in float16 overflows"),
+    (float("nan"), r"the model produced inf or NaN activations"),
+    (1e5, r"activations beyond float16's range \(65504\): store them as float32 \(harvest.dtype = float32\)")])
+def test_activations_that_float16_cannot_hold_stop_the_shard_by_name(tiny, tmp_path, monkeypatch, poison, message):
+    """An inf or NaN from the model, or a finite value past float16's range, would be stored as inf and
+    surface steps into training as a NaN loss: the shard stops, naming shard, source, document and
+    fix, and nothing is committed."""
+    from crosscoder.config import to_dict
+    from crosscoder.documents import Chunk
+    from crosscoder.harvest import ShardHarvester
+
+    harvester = ShardHarvester(to_dict(harvest_config(tiny, str(tmp_path / "acts"))))
+    reader = harvester.readers["chat"]
+    original = reader.read
+
+    def poisoned(ids, mask=None):
+        parts = original(ids, mask)
+        if len(parts[1]) > 2:  # the first batch (4 chunks): chat's second hook, doc 2, a stored position
+            parts[1][2, 3, 5] = poison
+        return parts
+
+    monkeypatch.setattr(reader, "read", poisoned)
+    chunks = [Chunk(doc, 0, 0, np.arange(10 + doc, 20 + doc, dtype=np.int32), False) for doc in range(5)]
+    with pytest.raises(ModelError, match=rf"^shard-000003.tar, source 'chat@{HOOKS[1]}', document 2 of the plan: "
+                                         rf"{message}"):
+        harvester.write(3, chunks)
+    assert not list((tmp_path / "acts").glob("shard-*"))  # nothing committed
+    monkeypatch.setattr(reader, "read", original)
+    assert harvester.write(3, chunks)["info"]["name"] == "shard-000003.tar"
+
+
 def test_a_tokenizer_without_the_prefix_token_stops_the_harvest_before_ray(tiny, tmp_path, monkeypatch):
     """Qwen2's tokenizers have no BOS: the default harvest.prefix = bos would run documents behind
     nothing and store their first token, the attention sink. One config error naming the fix, on
