@@ -98,3 +98,40 @@ def test_a_model_split_over_two_gpus_harvests_the_cpu_activations(tmp_path):
         out, _, _ = harvester.activations([c.tokens for c in chunks])
         acts[name] = out.float().cpu()
     assert torch.allclose(acts["split"], acts["cpu"], atol=2e-3, rtol=2e-3)
+
+
+def test_a_shard_written_from_the_gpu_holds_the_cpu_activations_and_stops_on_an_inf(tmp_path):
+    """One GPU per actor: each batch goes to pinned memory without blocking and is written after the
+    next forward, its finite flag with it. The shard holds what the CPU actor writes (within the
+    float16 rounding of different kernels), and an inf from the model stops it by name."""
+    import io
+    import tarfile
+
+    from crosscoder.config import RunConfig, to_dict
+    from crosscoder.documents import Chunk
+    from crosscoder.harvest import ShardHarvester
+    from crosscoder.language_models import ModelError
+    from crosscoder.random_pair import make_pair
+
+    base, chat = make_pair(tmp_path / "models", hidden=64, layers=4)
+    chunks = [Chunk(doc, 0, 0, np.arange(10 + doc, 20 + 2 * doc, dtype=np.int32), False) for doc in range(11)]
+    arrays = {}
+    for name, gpus in (("cpu", 0), ("gpu", 1)):
+        cfg = RunConfig()
+        cfg.harvest.models = [{"name": "base", "path": base}, {"name": "chat", "path": chat}]
+        cfg.harvest.hooks, cfg.harvest.output, cfg.harvest.gpus_per_actor = ["model.layers.2"], str(tmp_path / name), gpus
+        cfg.harvest.batch_size = 4  # three batches: two of them pipelined behind a forward
+        harvester = ShardHarvester(to_dict(cfg))
+        assert harvester.device == ("cuda" if gpus else "cpu")
+        harvester.write(0, chunks)
+        with tarfile.open(tmp_path / name / "shard-000000.tar") as tar:
+            arrays[name] = {m.name: np.load(io.BytesIO(tar.extractfile(m).read())) for m in tar if m.name.endswith(".npy")}
+    assert arrays["gpu"].keys() == arrays["cpu"].keys() and len(arrays["gpu"]) == 2 * len(chunks)
+    for key, array in arrays["cpu"].items():
+        assert np.allclose(arrays["gpu"][key].astype(np.float32), array.astype(np.float32), atol=2e-3, rtol=2e-3), key
+    reader = harvester.readers["chat"]
+    original = reader.read
+    reader.read = lambda ids, mask=None: [p.index_fill_(0, torch.tensor([1], device=p.device), float("inf"))
+                                          for p in original(ids, mask)]
+    with pytest.raises(ModelError, match=r"shard-000001.tar, source 'chat', document 1 of the plan: the model produced"):
+        harvester.write(1, chunks)
