@@ -88,15 +88,16 @@ def cmd_keys() -> int:
 
 
 def cmd_validate(args) -> int:
-    """Check a dataset: manifest, shard sizes (one listing), and with --full every shard's sha256."""
+    """Check a dataset: manifest, shard sizes (one listing), and with --full every shard's sha256 and values."""
     from .config import StorageConfig
     from .shards import validate
     from .storage import open_root
 
     manifest = validate(open_root(args.root, StorageConfig(endpoint_url=args.endpoint_url or "")), full=args.full,
                         progress=not args.quiet)
-    what = "sizes and sha256 of every shard" if args.full else "sizes of every shard (--full also checks their sha256)"
-    print(f"{args.root}: {len(manifest.shards)} shards, {manifest.tokens} tokens; {what} match the manifest")
+    what = ("sizes and sha256 of every shard match the manifest, every activation is finite" if args.full
+            else "sizes of every shard match the manifest (--full also checks their sha256 and values)")
+    print(f"{args.root}: {len(manifest.shards)} shards, {manifest.tokens} tokens; {what}")
     return 0
 
 
@@ -195,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Check a shard root: its manifest and every shard's size, from one listing; "
                          "with --full, every shard's sha256 and samples too (reads them all).")
     val.add_argument("root", help="shard root: a path, file://… or s3://bucket/prefix")
-    val.add_argument("--full", action="store_true", help="also read every shard and check its sha256")
+    val.add_argument("--full", action="store_true", help="also read every shard and check its sha256 and values")
     val.add_argument("--endpoint-url", help="S3 endpoint (MinIO, moto, …); default AWS_ENDPOINT_URL or AWS")
     val.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser

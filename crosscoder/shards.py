@@ -360,14 +360,22 @@ def check_sizes(root: Root, manifest: Manifest) -> None:
 
 def validate(root: Root, full: bool = False, progress: bool = True) -> Manifest:
     """Check a dataset: the manifest, every shard's size (one listing) and, with ``full``, every
-    shard's sha256 and samples (reads them all, with a progress bar). Raises ShardError."""
+    shard's sha256 and samples, and that every activation is finite (reads them all, with a
+    progress bar; training does not pay for the finiteness pass). Raises ShardError."""
     from tqdm import tqdm
 
     manifest = read_manifest(root)
     check_sizes(root, manifest)
     if full:
         for info in tqdm(manifest.shards, desc="validate", unit="shard", disable=not progress):
-            read_shard(root, info, manifest, verify=True)
+            for sample in read_shard(root, info, manifest, verify=True):
+                if not np.isfinite(sample.acts).all():
+                    bad = ~np.isfinite(sample.acts).all(0)  # per column
+                    ends = np.cumsum([s.d for s in manifest.sources])
+                    name = manifest.sources[int(np.searchsorted(ends, np.argmax(bad), side="right"))].name
+                    raise ShardError(f"{root.url_of(info.name)}: sample {sample.key!r} holds inf or NaN activations "
+                                     f"(source {name!r}); delete the shard and re-run the harvest, which names the "
+                                     "cause")
     return manifest
 
 

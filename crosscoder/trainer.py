@@ -397,10 +397,12 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                 lr = learning_rate(tc, step)
                 out, loss, terms = backend.forward(x, tracker.dead, loss_weights(tc, spec, step))
                 if collectives.worst(0 if all(math.isfinite(float(v)) for v in terms.values()) else 1):
+                    cause = ("this rank's batch holds inf or NaN activations: `crosscoder validate DATA --full` names "
+                             "the shards" if not bool(torch.isfinite(x).all())
+                             else "lower train.lr, or raise train.grad_clip")
                     message = (f"loss is not finite at step {step} (rank {backend.rank}: "
                                f"{ {k: float(v) for k, v in terms.items()} }); the optimizer step was not taken and "
-                               "the last checkpoint is intact. Lower train.lr, check the data for inf/NaN, or raise "
-                               "train.grad_clip.")
+                               f"the last checkpoint is intact; {cause}.")
                     if is_main:
                         _stop(run_dir, TrainingDiverged(message))
                     raise TrainingDiverged(message)

@@ -70,12 +70,45 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_last_checkpoint(tmp_path,
     good = checkpoint_dirs(tmp_path / "run")[-1]
     before = (good / "state.pt").read_bytes()
     cfg.train.lr = 1e30  # diverges at once
-    with pytest.raises(TrainingDiverged, match=r"loss is not finite at step \d+"):
+    with pytest.raises(TrainingDiverged, match=r"loss is not finite at step \d+ .* the last checkpoint is intact; "
+                                               r"lower train.lr, or raise train.grad_clip\.$"):
         train(cfg, tmp_path / "run", data=small_shards, progress=False)
     last = checkpoint_dirs(tmp_path / "run")[-1]
     assert last == good and (good / "state.pt").read_bytes() == before
     state = torch.load(last / "state.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_inf_in_the_data_is_named_by_the_nan_stop_and_found_by_validate_full(tmp_path, capsys):
+    """Shards holding an inf (harvested by another tool, or before the harvest checked) make the loss
+    NaN: the stop says the batch is at fault, not the learning rate, and `validate --full` names the
+    shard, sample and source."""
+    from crosscoder.shards import Manifest, ShardError, ShardWriter, SourceInfo, shard_name, validate, write_manifest
+
+    root, rng, infos = Root(str(tmp_path / "data")), np.random.default_rng(0), []
+    for n in range(4):
+        writer = ShardWriter(root, shard_name(n), width=40, dtype="float16")
+        for i in range(8):
+            acts = rng.standard_normal((64, 40)).astype(np.float16)
+            if n == 2:
+                acts[5, 30] = np.inf  # the chat source's columns: 16..39
+            writer.add(f"{n:04d}-{i:04d}", np.arange(64, dtype=np.int32), acts)
+        infos.append(writer.commit())
+    write_manifest(root, Manifest(sources=[SourceInfo("base", 16), SourceInfo("chat", 24)], seq_len=64,
+                                  norm_scale=[1.0, 1.0], shards=infos))
+    cfg = small_run_config(steps=40, data_partitions=4)  # partition 2 reads shard 2: every batch meets an inf
+    with pytest.raises(TrainingDiverged, match=r"loss is not finite at step \d+ .* this rank's batch holds inf or NaN "
+                                               r"activations: `crosscoder validate DATA --full` names the shards\.$"):
+        train(cfg, tmp_path / "run", data=str(tmp_path / "data"), progress=False)
+    with pytest.raises(ShardError, match=r"shard-000002.tar: sample '0002-0000' holds inf or NaN activations "
+                                         r"\(source 'chat'\); delete the shard and re-run the harvest"):
+        validate(root, full=True, progress=False)
+    from crosscoder.cli import main
+
+    capsys.readouterr()
+    assert main(["validate", str(tmp_path / "data")]) == 0  # sizes only: the listing cannot see values
+    assert main(["validate", str(tmp_path / "data"), "--full", "--quiet"]) == 1
+    assert "sample '0002-0000' holds inf or NaN activations" in capsys.readouterr().err
 
 
 def test_incompatible_run_directory_is_refused(tmp_path, small_shards):
