@@ -397,16 +397,21 @@ def test_the_trunk_loads_no_layer_past_the_deepest_hook_and_no_lm_head(tiny):
                          shown=["model.layers.99"])
 
 
-def test_a_misspelt_hook_stops_the_harvest_before_any_actor_or_shard(tiny, tmp_path, monkeypatch):
+@pytest.fixture
+def no_ray(monkeypatch):
+    """The harvest's driver fails the test if it starts Ray: for checks that must come first."""
+    import crosscoder.harvest as harvest_module
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(harvest_module, "connect", started)
+
+
+def test_a_misspelt_hook_stops_the_harvest_before_any_actor_or_shard(tiny, tmp_path, no_ray):
     """The hooks are checked on each model's skeleton (meta device) on the driver: one line naming the
     model's blocks, no Ray started, nothing written (the actor's own check came after Ray started
     and printed its traceback through Ray's log)."""
-    import crosscoder.harvest as harvest_module
-
-    def no_ray(*args, **kwargs):
-        raise AssertionError("Ray was started")
-
-    monkeypatch.setattr(harvest_module, "connect", no_ray)
     cfg = harvest_config(tiny, str(tmp_path / "out"))
     cfg.harvest.hooks = ["model.layers.1", "model.layer.2"]
     with pytest.raises(ModelError, match=r"model 'base' has no module 'model.layer.2'; its blocks are model.layers.0 "
@@ -415,17 +420,11 @@ def test_a_misspelt_hook_stops_the_harvest_before_any_actor_or_shard(tiny, tmp_p
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_a_hook_narrower_or_wider_than_the_residual_stream_is_named(tiny, tmp_path, monkeypatch):
+def test_a_hook_narrower_or_wider_than_the_residual_stream_is_named(tiny, tmp_path, no_ray):
     """Sources are residual-stream wide. A hook inside the MLP (its up projection: the MLP's width) is
     refused on the driver from the skeleton's module type, before Ray; one whose type tells no width
     (the MLP's activation function) on the first batch, by the reader; both name model, hook and
     widths (it was a shard's "acts must be [T, D]" error from inside the actor)."""
-    import crosscoder.harvest as harvest_module
-
-    def no_ray(*args, **kwargs):
-        raise AssertionError("Ray was started")
-
-    monkeypatch.setattr(harvest_module, "connect", no_ray)
     cfg = harvest_config(tiny, str(tmp_path / "out"))
     cfg.harvest.hooks = ["model.layers.1", "model.layers.2.mlp.up_proj"]
     with pytest.raises(ModelError, match=r"model 'base': 'model.layers.2.mlp.up_proj' outputs width 128, not the "
@@ -472,17 +471,12 @@ def test_activations_that_float16_cannot_hold_stop_the_shard_by_name(tiny, tmp_p
     assert harvester.write(3, chunks)["info"]["name"] == "shard-000003.tar"
 
 
-def test_a_tokenizer_without_the_prefix_token_stops_the_harvest_before_ray(tiny, tmp_path, monkeypatch):
+def test_a_tokenizer_without_the_prefix_token_stops_the_harvest_before_ray(tiny, tmp_path, no_ray):
     """Qwen2's tokenizers have no BOS: the default harvest.prefix = bos would run documents behind
     nothing and store their first token, the attention sink. One config error naming the fix, on
     the driver, before Ray starts and before anything is written."""
-    import crosscoder.harvest as harvest_module
     from crosscoder.random_pair import make_model, make_tokenizer, save
 
-    def no_ray(*args, **kwargs):
-        raise AssertionError("Ray was started")
-
-    monkeypatch.setattr(harvest_module, "connect", no_ray)
     tok = make_tokenizer()
     tok.bos_token = None
     model_dir = save(make_model(len(tok), hidden=32, layers=2), tok, tmp_path / "no-bos")
