@@ -21,6 +21,8 @@ import copy
 import hashlib
 import json
 import math
+import os
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -89,6 +91,11 @@ class ShardHarvester:
         self.cfg = from_dict(RunConfig, config)
         hc = self.cfg.harvest
         self.device = "cuda" if hc.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+        if hc.gpus_per_actor > 0 and self.device == "cpu":  # a CPU build of torch on a GPU node: say so, once
+            print(f"harvest actor {actor_index}: harvest.gpus_per_actor = {hc.gpus_per_actor:g}, but this process sees "
+                  f"no CUDA device (torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
+                  f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}): harvesting on the CPU",
+                  file=sys.stderr, flush=True)
         self.models = model_specs(self.cfg)
         self.readers = {}
         for spec in self.models:

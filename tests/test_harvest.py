@@ -471,6 +471,20 @@ def test_activations_that_float16_cannot_hold_stop_the_shard_by_name(tiny, tmp_p
     assert harvester.write(3, chunks)["info"]["name"] == "shard-000003.tar"
 
 
+def test_an_actor_given_a_gpu_without_cuda_says_it_harvests_on_the_cpu(tiny, tmp_path, monkeypatch, capsys):
+    """A CPU build of torch on a GPU node would harvest 100x slower without a word: the actor says so."""
+    from crosscoder.config import to_dict
+    from crosscoder.harvest import ShardHarvester
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = harvest_config(tiny, str(tmp_path / "acts"), gpus_per_actor=1.0)
+    assert ShardHarvester(to_dict(cfg), actor_index=3).device == "cpu"
+    assert ("harvest actor 3: harvest.gpus_per_actor = 1, but this process sees no CUDA device (torch "
+            f"{torch.__version__}") in capsys.readouterr().err
+    ShardHarvester(to_dict(harvest_config(tiny, str(tmp_path / "acts"))))
+    assert "harvest actor" not in capsys.readouterr().err  # no GPU asked for: nothing to say
+
+
 def test_a_tokenizer_without_the_prefix_token_stops_the_harvest_before_ray(tiny, tmp_path, no_ray):
     """Qwen2's tokenizers have no BOS: the default harvest.prefix = bos would run documents behind
     nothing and store their first token, the attention sink. One config error naming the fix, on
