@@ -74,8 +74,9 @@ class HarvestConfig:
     actors: int = opt(2, "number of Ray harvest actors", ge=1)
     cpus_per_actor: float = opt(1.0, "CPUs reserved by each actor", gt=0)
     memory_per_actor: float = opt(
-        0.0, "GiB of memory each actor reserves, so Ray schedules actors within a node's memory; 0 = estimated "
-        "from the models' weight files (+1 GiB), or none for hub ids", ge=0)
+        0.0, "GiB of host memory each actor reserves, so Ray schedules actors within a node's memory; 0 = "
+        "estimated from the models' weight files (+1 GiB; with GPUs only those accelerate may offload to the host), "
+        "or none for hub ids", ge=0)
     gpus_per_actor: float = opt(0.0, "GPUs reserved by each actor (a model larger than one is split with device_map)",
                                 ge=0)
     tokens: int = opt(1_000_000, "stop after this many harvested tokens", ge=1)

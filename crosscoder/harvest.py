@@ -254,12 +254,17 @@ def give_up_if_permanent(error: BaseException, shard: str) -> None:
         raise HarvestError(f"the harvest actor could not start ({first_line(error)}); {shard} was not written")
 
 
-def estimated_actor_memory(models: list[ModelSpec]) -> float:
-    """Bytes an actor needs: its models' weight files, converted to the loaded dtype, and 1 GiB for
-    the rest; 0 (no request) when a model is a hub id whose files are not here."""
+def estimated_actor_memory(models: list[ModelSpec], gpus: float = 0.0) -> float:
+    """Host bytes an actor needs: its models' weight files, converted to the loaded dtype, and 1 GiB
+    for the rest; 0 (no request) when a model is a hub id whose files are not here. An actor with
+    GPUs loads its models straight onto them, so their weights count only where accelerate may
+    offload a model to the host (a ``device_map`` with no ``max_memory``, or one naming ``cpu``): a
+    pair of 70B models on a GPU node with less RAM than their weights still schedules."""
     size = {"float32": 4, "bfloat16": 2, "float16": 2}
     total = float(2**30)
     for m in models:
+        if gpus > 0 and (m.device_map is None or (m.max_memory and "cpu" not in m.max_memory)):
+            continue
         where = Path(m.path).expanduser()
         files = [*where.glob("*.safetensors"), *where.glob("*.bin")]
         if not files or not (where / "config.json").is_file():
@@ -389,8 +394,8 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
         if not progress:  # --quiet: no "Loading weights" bar from every actor's transformers either
             env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         n_actors = max(1, min(hc.actors, len(pending)))
-        memory = memory_request(ray, hc.memory_per_actor * 2**30 or estimated_actor_memory(models), n_actors,
-                                "harvest.memory_per_actor")
+        wanted = hc.memory_per_actor * 2**30 or estimated_actor_memory(models, hc.gpus_per_actor)
+        memory = memory_request(ray, wanted, n_actors, "harvest.memory_per_actor")
         Actor: Any = ray.remote(num_cpus=hc.cpus_per_actor, num_gpus=hc.gpus_per_actor, memory=memory,
                                 max_restarts=0)(ShardHarvester)
         Actor = Actor.options(runtime_env={"env_vars": env} if env else None)

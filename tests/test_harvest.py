@@ -485,6 +485,24 @@ def test_an_actor_given_a_gpu_without_cuda_says_it_harvests_on_the_cpu(tiny, tmp
     assert "harvest actor" not in capsys.readouterr().err  # no GPU asked for: nothing to say
 
 
+def test_an_actors_host_memory_counts_the_weights_only_where_they_may_live_on_the_host(tiny):
+    """On a CPU actor the weights are host memory; an actor with GPUs loads them straight onto its GPUs,
+    unless accelerate may offload (a device_map with no max_memory, or one naming cpu). Counting
+    them there asked Ray for host memory a GPU node may not have, and the actor never scheduled."""
+    from crosscoder.harvest import estimated_actor_memory
+
+    weights = sum(f.stat().st_size for f in Path(tiny["base"]).glob("*.safetensors"))
+    spec = ModelSpec("base", tiny["base"])  # float32, as stored
+    gib = float(2**30)
+    assert estimated_actor_memory([spec, spec]) == gib + 2 * weights
+    assert estimated_actor_memory([spec, spec], gpus=1) == gib
+    for table, counted in (({"device_map": "auto"}, True), ({"device_map": "auto", "max_memory": {0: "70GiB"}}, False),
+                           ({"device_map": "auto", "max_memory": {0: "70GiB", "cpu": "200GiB"}}, True)):
+        split = ModelSpec("base", tiny["base"], **table)
+        assert estimated_actor_memory([split], gpus=8) == gib + weights * counted, table
+    assert estimated_actor_memory([ModelSpec("base", "nobody/not-here")]) == 0  # unknown size: no request
+
+
 def test_a_tokenizer_without_the_prefix_token_stops_the_harvest_before_ray(tiny, tmp_path, no_ray):
     """Qwen2's tokenizers have no BOS: the default harvest.prefix = bos would run documents behind
     nothing and store their first token, the attention sink. One config error naming the fix, on
