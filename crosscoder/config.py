@@ -201,8 +201,9 @@ class TrainConfig:
         "fp32", "distributed trainer: fp32 | bf16 (DeepSpeed mixed precision; on a CPU without bf16 GEMM units "
         "the dense products run in fp32, see precision.py)")
     memory_per_worker: float = opt(
-        0.0, "distributed trainer: GiB of memory each worker reserves (Ray schedules within a node); 0 = estimated "
-        "from the dictionary, batch and optimizer state", ge=0)
+        0.0, "distributed trainer: GiB of host memory each worker reserves (Ray schedules within a node); 0 = "
+        "estimated from the dictionary, batch and optimizer state (on GPUs, which hold those: one copy of the slice)",
+        ge=0)
     max_failures: int = opt(
         2, "distributed trainer: Ray Train restarts after a worker failure (resuming from the last checkpoint)", ge=0)
     device: Device = opt(

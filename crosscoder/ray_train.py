@@ -113,16 +113,20 @@ def _wait_stopping_on_ctrl_c(thread: threading.Thread, run_dir: Path, stop: Step
 
 
 def estimated_worker_memory(cfg: RunConfig, manifest: Manifest) -> float:
-    """Bytes a worker needs: its slice of the dictionary with gradient and Adam state (and bf16
+    """Host bytes a worker needs: its slice of the dictionary with gradient and Adam state (and bf16
     copies), its encoder product, its shuffle window and prefetch, and 1.5 GiB for torch, DeepSpeed
-    and Ray."""
+    and Ray. On a GPU (``train.device = cuda``) the slice, its state and the product live on the
+    device: the host holds the window and one fp32 copy of the slice while a checkpoint or the
+    export is written, so a GPU node's RAM is not asked for what its GPUs hold."""
     tc = cfg.train
     spec = spec_from(tc, manifest)
     data_parallel = tc.workers // tc.latent_parallel
     params = (2 * spec.width + spec.groups) * spec.latents / tc.latent_parallel
+    window = 3 * tc.shuffle_samples * max(manifest.seq_len, 1) * spec.width * 4
+    if tc.device == "cuda":
+        return params * 4 + window + 1.5 * 2**30
     per_param = 16 + (6 if tc.precision == "bf16" else 0)  # weights, gradient, two moments (+ bf16 copies)
     product = 2 * 4 * tc.batch_size / data_parallel * spec.groups * spec.latents / tc.latent_parallel
-    window = 3 * tc.shuffle_samples * max(manifest.seq_len, 1) * spec.width * 4
     return params * per_param + product + window + 1.5 * 2**30
 
 

@@ -182,6 +182,25 @@ def test_bad_distributed_settings_fail_on_the_driver_before_any_worker_starts(sm
     assert not (tmp_path / "run").exists()  # stopped before the run directory and Ray Train
 
 
+def test_a_workers_host_memory_leaves_out_what_its_gpu_holds(small_shards):
+    """On the CPU a worker's host memory holds its dictionary slice with gradient and Adam state and
+    the encoder product; on a GPU those live on the device, and asking the node's RAM for them could
+    leave a GPU worker unscheduled. Figures from the formula: 2 sources of 16 + 24, 96 latents."""
+    from crosscoder.ray_train import estimated_worker_memory
+    from crosscoder.shards import read_manifest
+    from crosscoder.storage import Root
+
+    manifest = read_manifest(Root(small_shards))
+    cfg = config(workers=2, latent_parallel=2)
+    params = (2 * 40 + 1) * 96 / 2  # W_enc, W_dec, b_enc of one latent slice
+    window = 3 * cfg.train.shuffle_samples * manifest.seq_len * 40 * 4
+    product = 2 * 4 * cfg.train.batch_size * 96 / 2
+    base = 1.5 * 2**30
+    assert estimated_worker_memory(cfg, manifest) == params * 16 + product + window + base
+    cfg.train.device = "cuda"
+    assert estimated_worker_memory(cfg, manifest) == params * 4 + window + base
+
+
 def test_killed_worker_is_restarted_and_resumes_the_same_trajectory(ray_cluster, single_reference, small_shards,
                                                                      tmp_path, monkeypatch):
     # rank 1 dies hard at step 6 (crosscoder/faults.py); Ray Train restarts both workers, which
