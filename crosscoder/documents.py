@@ -142,12 +142,17 @@ def check_same_tokenizer(tokenizers: dict, probe: str = "The quick brown fox, 12
 
 
 def tokenize(record: dict, tokenizer, chat_tokenizer) -> tuple[list[int], bool]:
-    """Token ids of a record without special BOS (added per chunk), and whether it is a chat."""
+    """Token ids of a record without special BOS (added per chunk), and whether it is a chat.
+
+    ``verbose=False`` on both paths: a document longer than the model's maximum length raises no
+    "indexing errors" warning, since it is cut into ``harvest.seq_len`` chunks before a model sees it."""
     if "messages" in record:
         if not getattr(chat_tokenizer, "chat_template", None):
-            raise DataError("chat data needs a tokenizer with a chat template (the chat model's)")
+            raise DataError(f"{getattr(record, 'where', 'a conversation')}: chat data needs a tokenizer with a chat "
+                            "template (the chat model's)")
         try:
-            ids = chat_tokenizer.apply_chat_template(record["messages"], tokenize=True, add_generation_prompt=False)
+            ids = chat_tokenizer.apply_chat_template(record["messages"], tokenize=True, add_generation_prompt=False,
+                                                     tokenizer_kwargs={"verbose": False})
         except Exception as error:  # the template's own raise_exception (Gemma's: no system role), a bad key
             where, reason = getattr(record, "where", "a conversation"), (str(error).strip() or "?").splitlines()[0]
             raise DataError(f"{where}: the chat model's template refused this conversation "
@@ -157,7 +162,7 @@ def tokenize(record: dict, tokenizer, chat_tokenizer) -> tuple[list[int], bool]:
         ids = list(ids)
         chat = True
     else:
-        ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(record["text"], add_special_tokens=False, verbose=False)["input_ids"]
         chat = False
     bos = tokenizer.bos_token_id
     if bos is not None and ids and ids[0] == bos:

@@ -3,6 +3,7 @@ cluster with actors, a real S3 protocol server (moto), and the shard format read
 
 import hashlib
 import http.server
+import json
 import os
 import shutil
 import socketserver
@@ -302,6 +303,24 @@ def test_bad_models_and_tokenizers_are_named(tiny, tmp_path):
     with pytest.raises(DataError, match=r"chats.jsonl:3: the chat model's template refused this conversation "
                                         r"\(TemplateError: System role not supported\)$"):
         plan_chunks(read_documents(str(chats)), strict, strict, 16, 500)
+    plain = make_tokenizer()
+    plain.chat_template = None
+    with pytest.raises(DataError, match=r"chats.jsonl:1: chat data needs a tokenizer with a chat template"):
+        plan_chunks(read_documents(str(chats)), plain, plain, 16, 500)
+
+
+def test_documents_longer_than_the_models_maximum_length_are_cut_without_a_warning(tmp_path, capfd):
+    """transformers warns of "indexing errors" for a document longer than model_max_length; the
+    harvest cuts every document into seq_len chunks first, so the warning would only alarm."""
+    tok = make_tokenizer()
+    tok.model_max_length = 16
+    docs = tmp_path / "long.jsonl"
+    docs.write_text(json.dumps({"text": "the cat " * 40}) + "\n"
+                    + json.dumps({"messages": [{"role": "user", "content": "the cat " * 40}]}) + "\n")
+    capfd.readouterr()
+    chunks = plan_chunks(read_documents(str(docs)), tok, tok, 16, 10_000)
+    assert [len(c.tokens) for c in chunks][:5] == [16] * 5 and sum(c.chat for c in chunks) >= 5
+    assert "indexing errors" not in capfd.readouterr().err
 
 
 def test_hf_datasets_saved_or_as_data_files_read_like_the_jsonl_file(tiny, tmp_path):
