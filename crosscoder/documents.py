@@ -165,9 +165,18 @@ def tokenize(record: dict, tokenizer, chat_tokenizer) -> tuple[list[int], bool]:
         ids = tokenizer(record["text"], add_special_tokens=False, verbose=False)["input_ids"]
         chat = False
     bos = tokenizer.bos_token_id
-    if bos is not None and ids and ids[0] == bos:
+    if bos is not None and ids and ids[0] == bos and (not chat or _template_writes_bos(chat_tokenizer)):
         ids = ids[1:]
     return ids, chat
+
+
+def _template_writes_bos(tokenizer) -> bool:
+    """Whether the chat template starts a conversation with ``bos_token`` itself (Llama 3's, Gemma's):
+    that BOS is the harvest's prefix, not part of the conversation. A template that writes its role
+    token, which a tokenizer may also call its BOS (SmolLM2's ``<|im_start|>``), keeps it: stripping
+    it took the conversation's first token away."""
+    template = tokenizer.chat_template
+    return any("bos_token" in t for t in (template.values() if isinstance(template, dict) else [template]))
 
 
 def plan_chunks(records: Iterator[dict], tokenizer, chat_tokenizer, seq_len: int, max_tokens: int,

@@ -309,6 +309,27 @@ def test_bad_models_and_tokenizers_are_named(tiny, tmp_path):
         plan_chunks(read_documents(str(chats)), plain, plain, 16, 500)
 
 
+def test_a_templates_own_bos_is_left_to_the_prefix_but_a_role_token_named_bos_is_kept():
+    """Llama 3's and Gemma's templates begin a conversation with bos_token: it is dropped, the harvest
+    puts its prefix there instead. SmolLM2's tokenizer calls the template's role token <|im_start|>
+    its BOS: a conversation begins with it as a token of its own, and keeps it (it was dropped)."""
+    from crosscoder.documents import tokenize
+    from crosscoder.random_pair import CHAT_TEMPLATE
+
+    chat = {"messages": [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "a dog"}]}
+    role_as_bos = make_tokenizer()
+    role_as_bos.bos_token = "<|user|>"
+    ids, is_chat = tokenize(chat, role_as_bos, role_as_bos)
+    assert is_chat and ids[0] == role_as_bos.convert_tokens_to_ids("<|user|>")
+    writes_bos = make_tokenizer()
+    writes_bos.chat_template = "{{ bos_token }}" + CHAT_TEMPLATE
+    rendered = writes_bos.apply_chat_template(chat["messages"], tokenize=True)["input_ids"]
+    assert rendered[0] == writes_bos.bos_token_id
+    assert tokenize(chat, writes_bos, writes_bos)[0] == list(rendered[1:])
+    assert tokenize({"text": "the cat"}, role_as_bos, role_as_bos)[0] == role_as_bos("the cat",
+                                                                                    add_special_tokens=False)["input_ids"]
+
+
 def test_documents_longer_than_the_models_maximum_length_are_cut_without_a_warning(tmp_path, capfd):
     """transformers warns of "indexing errors" for a document longer than model_max_length; the
     harvest cuts every document into seq_len chunks first, so the warning would only alarm."""
