@@ -98,12 +98,27 @@ def s3_bucket(s3_server):
     return s3_server, name
 
 
+def _shut_down_a_commands_ray() -> None:
+    """A command run in this process by an earlier test (crosscoder run) leaves its local Ray up, and
+    RAY_ADDRESS naming it (ray_connect.connect): stop it, so a session fixture starts its own
+    whatever order the test files run in."""
+    import ray
+
+    from crosscoder import ray_connect
+
+    if ray.is_initialized():
+        ray.shutdown()
+    if ray_connect._started is not None and os.environ.get("RAY_ADDRESS") == ray_connect._started:
+        del os.environ["RAY_ADDRESS"]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray instance for the whole session (started once: it takes seconds). 4 logical CPUs on
     this 2-core machine: Ray Train asks one per worker, and the resharding test runs 4 workers."""
     import ray
 
+    _shut_down_a_commands_ray()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
@@ -128,6 +143,7 @@ def ray_cluster_gpu():
     import ray
     import torch
 
+    _shut_down_a_commands_ray()
     ray.init(num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count(), include_dashboard=False,
              log_to_driver=False, configure_logging=False)
     yield
