@@ -193,7 +193,6 @@ class ShardHarvester:
         self.metrics.shard(info.tokens, seconds)
         return {"index": index, "info": asdict(info), "seconds": seconds}
 
-
     def non_finite(self, index: int, batch: list[Chunk], acts: torch.Tensor, norms: torch.Tensor) -> ModelError:
         """The error for a batch with an inf or NaN to store: the model produced it (a model run in
         float16 overflows; Gemma's do), or a finite value beyond float16's range met harvest.dtype."""
