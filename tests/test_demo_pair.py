@@ -55,6 +55,17 @@ def test_demo_documents_mix_text_and_conversations(tmp_path):
         open(tmp_path / "again.jsonl").read() == open(path).read()  # a pure function of the seed
 
 
+CTRL_C_AT_STEP = """
+import os, signal, sys, torch
+_steps, _step = [0], torch.optim.AdamW.step
+def _counted(self, *args, **kwargs):  # SIGINT to this process as optimizer step argv[3] runs
+    _steps[0] += 1
+    if _steps[0] == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGINT)
+    return _step(self, *args, **kwargs)
+torch.optim.AdamW.step = _counted
+"""
+
 MAKE = """
 import sys, torch
 from crosscoder.demo_pair import make_demo_pair
@@ -67,25 +78,20 @@ torch.save(load_file(chat + "/model.safetensors"), sys.argv[1] + "/final.pt")
 def test_an_interrupted_demo_pair_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_one_does(tmp_path):
     """Ctrl-C during the demo pair's training writes a checkpoint at the end of the step; the re-run
     continues from it (not from step 0) and ends with the weights of an uninterrupted run."""
-    import signal
     import subprocess
     import sys
-    import time
 
     import torch
 
     steps, cut = "160", tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-c", MAKE, str(cut), steps], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (cut / "settings.json").is_file() and time.time() < deadline:  # written as the base starts training
-        time.sleep(0.1)
-    time.sleep(2.0)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and "stopping after this demo base model step with a checkpoint" in err, err[-2000:]
+    # the Ctrl-C lands during the base model's 40th step whatever the machine's speed (a signal sent
+    # 2 s after training began came after the last step on a fast machine)
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_AT_STEP + MAKE, str(cut), steps, "40"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0 and "stopping after this demo base model step with a checkpoint" in proc.stderr, \
+        proc.stderr[-2000:]
     state = torch.load(cut / "base-training.pt", weights_only=False)
-    assert 0 < state["step"] < int(steps)
+    assert state["step"] == 40
     again = subprocess.run([sys.executable, "-c", MAKE, str(cut), steps], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"demo base model: resuming at step {state['step']} of {steps}" in again.stdout
