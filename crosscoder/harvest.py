@@ -4,9 +4,10 @@ The driver tokenizes the documents once and *plans* the dataset: chunk list → 
 ``[n·S, (n+1)·S)``. A pool of actors, each hosting every model (split over the actor's devices
 with ``device_map`` when needed), takes shards: for each it runs the models only as deep as the
 deepest hook (language_models.py), writes the shard locally and commits it to the output root atomically
-(storage.py). A shard's bytes are a pure function of (config, n), so a shard redone after an actor
-died, or skipped on a re-run because the manifest already lists it with a matching sha256, is
-exactly the shard an uninterrupted run writes.
+(storage.py). A shard's bytes are a pure function of (config, chunk plan, n), so a shard redone
+after an actor died, or skipped on a re-run because the manifest already lists it with a matching
+sha256, is exactly the shard an uninterrupted run writes; a re-run whose config or plan differs
+(the manifest records both) is refused rather than mixed.
 
 Only the driver writes ``manifest.json``: after every committed shard (listing only complete
 shards, ``harvest.complete = false``), and at the end with the normalisation scales computed from
@@ -288,18 +289,36 @@ def fingerprint(cfg: RunConfig, n_chunks: int) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def committed_shards(root: Root, fp: str) -> dict[str, ShardInfo]:
+def plan_digest(chunks: list[Chunk]) -> str:
+    """sha256 of the chunk plan, each chunk's place and token ids: what the shards hold, whatever
+    changed it since (the documents, a hub dataset's revision, the tokenizer, the tokenization)."""
+    digest = hashlib.sha256()
+    for c in chunks:
+        digest.update(np.asarray([c.doc, c.index, c.offset, int(c.chat), len(c.tokens)], dtype=np.int64).tobytes())
+        digest.update(np.ascontiguousarray(c.tokens, dtype=np.int32).tobytes())
+    return digest.hexdigest()
+
+
+def committed_shards(root: Root, fp: str, plan: str) -> dict[str, ShardInfo]:
     """Shards a previous run of the same harvest committed, checked by size and the store's version
-    tag from one listing (a shard recorded without a tag is read and its sha256 checked)."""
+    tag from one listing (a shard recorded without a tag is read and its sha256 checked). Another
+    config, or the same config with another chunk plan (``plan``: :func:`plan_digest`; manifests
+    written before it was recorded are not compared), is refused: resuming would mix the two."""
     try:
         manifest = read_manifest(root)
     except ManifestMissing:
         return {}
-    previous = manifest.extra.get("harvest", {}).get("fingerprint")
-    if previous != fp:
+    recorded = manifest.extra.get("harvest", {})
+    if recorded.get("fingerprint") != fp:
         raise ShardError(
-            f"{root.url}: holds shards of a different harvest (fingerprint {previous}, this config {fp}); "
-            "use another harvest.output or delete it"
+            f"{root.url}: holds shards of a different harvest (fingerprint {recorded.get('fingerprint')}, this config "
+            f"{fp}); use another harvest.output or delete it"
+        )
+    if recorded.get("plan_sha256", plan) != plan:
+        raise ShardError(
+            f"{root.url}: holds shards of this config but of another chunk plan (plan {recorded['plan_sha256'][:12]}…, "
+            f"now {plan[:12]}…): the documents, the tokenizer or the tokenization changed since; use another "
+            "harvest.output or delete it"
         )
     listed = root.stat_all()
     ok = {}
@@ -314,7 +333,8 @@ def committed_shards(root: Root, fp: str) -> dict[str, ShardInfo]:
     return ok
 
 
-def build_manifest(cfg, sources, widths, infos: list[ShardInfo], tokenizer: str, fp: str, planned: int) -> Manifest:
+def build_manifest(cfg, sources, widths, infos: list[ShardInfo], tokenizer: str, fp: str, planned: int,
+                   plan: str) -> Manifest:
     hc = cfg.harvest
     infos = sorted(infos, key=lambda s: s.name)
     complete = len(infos) == planned
@@ -328,7 +348,7 @@ def build_manifest(cfg, sources, widths, infos: list[ShardInfo], tokenizer: str,
         sources=[SourceInfo(name, d, model=m.path, revision=m.revision, hook=h)
                  for (name, m, h), d in zip(sources, widths)],
         dtype=hc.dtype, seq_len=hc.seq_len, tokenizer=tokenizer, norm_scale=norm_scale, shards=infos,
-        extra={"harvest": {"fingerprint": fp, "complete": complete, "planned_shards": planned,
+        extra={"harvest": {"fingerprint": fp, "plan_sha256": plan, "complete": complete, "planned_shards": planned,
                            "models": hc.models, "hooks": hc.hooks, "data": hc.data,
                            "keep_bos": hc.keep_bos, "prefix": hc.prefix}},
     )
@@ -383,8 +403,8 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     root.check_writable()
     for leftover in root.temporary_files():
         root.delete(leftover)
-    fp = fingerprint(cfg, len(chunks))
-    done = committed_shards(root, fp)
+    fp, digest = fingerprint(cfg, len(chunks)), plan_digest(chunks)
+    done = committed_shards(root, fp, digest)
     pending = [n for n in range(len(plan)) if shard_name(n) not in done]
 
     if pending:
@@ -433,7 +453,7 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
                 done[info.name] = info
                 if time.time() - written >= MANIFEST_EVERY_S:  # bounded: not once per shard
                     write_manifest(root, build_manifest(cfg, sources, widths, list(done.values()),
-                                                        tokenizer.name_or_path, fp, len(plan)))
+                                                        tokenizer.name_or_path, fp, len(plan), digest))
                     written = time.time()
                 bar.update(1)
                 bar.set_postfix(tokens=sum(s.tokens for s in done.values()), refresh=False)
@@ -441,6 +461,7 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
             bar.close()
             for actor in actors.values():
                 ray.kill(actor)
-    manifest = build_manifest(cfg, sources, widths, list(done.values()), tokenizer.name_or_path, fp, len(plan))
+    manifest = build_manifest(cfg, sources, widths, list(done.values()), tokenizer.name_or_path, fp, len(plan),
+                              digest)
     write_manifest(root, manifest)
     return manifest

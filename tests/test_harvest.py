@@ -178,6 +178,40 @@ def test_output_of_another_harvest_is_refused(ray_cluster, tiny, uninterrupted):
         harvest(harvest_config(tiny, str(uninterrupted), seq_len=12), progress=False)
 
 
+def test_a_resume_after_the_tokenization_changed_is_refused_not_mixed(ray_cluster, tiny, uninterrupted, tmp_path,
+                                                                    monkeypatch):
+    """The same config can plan other chunks (a hub dataset's new revision, a tokenizer update, a
+    fix in the tokenization): the manifest records the plan's sha256, and a resume that plans other
+    token ids is refused before anything is written. A manifest written before the plan was
+    recorded is accepted and gets it."""
+    import crosscoder.harvest as harvest_module
+    from crosscoder.shards import ShardError
+
+    out = tmp_path / "acts"
+    shutil.copytree(uninterrupted, out)
+    before = read_all_bytes(out)
+    original = harvest_module.plan_chunks
+
+    def retokenized(*args, **kwargs):
+        chunks = original(*args, **kwargs)
+        chunks[5].tokens = chunks[5].tokens.copy()
+        chunks[5].tokens[0] += 1  # one token id of one chunk differs
+        return chunks
+
+    monkeypatch.setattr(harvest_module, "plan_chunks", retokenized)
+    with pytest.raises(ShardError, match=r"holds shards of this config but of another chunk plan \(plan [0-9a-f]{12}…, "
+                                         r"now [0-9a-f]{12}…\): the documents, the tokenizer or the tokenization"):
+        harvest(harvest_config(tiny, str(out)), progress=False)
+    assert read_all_bytes(out) == before
+    monkeypatch.setattr(harvest_module, "plan_chunks", original)
+    manifest = json.loads((out / "manifest.json").read_text())
+    recorded = manifest["harvest"].pop("plan_sha256")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    harvest(harvest_config(tiny, str(out)), progress=False)  # an older manifest: accepted, nothing redone
+    assert read_all_bytes(out) == before
+    assert read_manifest(Root(str(out))).extra["harvest"]["plan_sha256"] == recorded
+
+
 class FlakyProxy(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
 

@@ -63,14 +63,14 @@ def measure(endpoint: str, n: int) -> dict:
     commit_s = time.perf_counter() - started
     sources = [("base", ModelSpec("base", "base"), "model.layers.0")]
     started = time.perf_counter()
-    manifest = build_manifest(cfg, sources, [4], infos, "tok", fp, n)
+    manifest = build_manifest(cfg, sources, [4], infos, "tok", fp, n, "plan")
     write_manifest(root, manifest)
     write_s = time.perf_counter() - started
     server, state = start_flaky_proxy(endpoint, failures=0)
     try:
         proxied = Root(f"s3://{bucket}/acts", endpoint_url=f"http://127.0.0.1:{server.server_address[1]}")
         started = time.perf_counter()
-        ok = committed_shards(proxied, fp)
+        ok = committed_shards(proxied, fp, "plan")
         resume_s = time.perf_counter() - started
     finally:
         server.shutdown()
