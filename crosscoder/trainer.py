@@ -397,9 +397,10 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                 lr = learning_rate(tc, step)
                 out, loss, terms = backend.forward(x, tracker.dead, loss_weights(tc, spec, step))
                 if collectives.worst(0 if all(math.isfinite(float(v)) for v in terms.values()) else 1):
-                    cause = ("this rank's batch holds inf or NaN activations: `crosscoder validate DATA --full` names "
-                             "the shards" if not bool(torch.isfinite(x).all())
-                             else "lower train.lr, or raise train.grad_clip")
+                    # over every rank: the message rank 0 records must name an inf another rank's batch held
+                    data_bad = collectives.worst(0 if bool(torch.isfinite(x).all()) else 1)
+                    cause = ("a batch of this step holds inf or NaN activations: `crosscoder validate DATA --full` "
+                             "names the shards" if data_bad else "lower train.lr, or raise train.grad_clip")
                     message = (f"loss is not finite at step {step} (rank {backend.rank}: "
                                f"{ {k: float(v) for k, v in terms.items()} }); the optimizer step was not taken and "
                                f"the last checkpoint is intact; {cause}.")

@@ -98,6 +98,28 @@ def s3_bucket(s3_server):
     return s3_server, name
 
 
+def shards_with_an_inf(path, bad_shard: int):
+    """4 shards of 8 samples × 64 tokens, sources base (16) and chat (24), every value finite but an
+    inf in the chat columns of each sample of ``bad_shard``; returns the Root."""
+    import numpy as np
+
+    from crosscoder.shards import Manifest, ShardWriter, SourceInfo, shard_name, write_manifest
+    from crosscoder.storage import Root
+
+    root, rng, infos = Root(str(path)), np.random.default_rng(0), []
+    for n in range(4):
+        writer = ShardWriter(root, shard_name(n), width=40, dtype="float16")
+        for i in range(8):
+            acts = rng.standard_normal((64, 40)).astype(np.float16)
+            if n == bad_shard:
+                acts[5, 30] = np.inf  # the chat source's columns: 16..39
+            writer.add(f"{n:04d}-{i:04d}", np.arange(64, dtype=np.int32), acts)
+        infos.append(writer.commit())
+    write_manifest(root, Manifest(sources=[SourceInfo("base", 16), SourceInfo("chat", 24)], seq_len=64,
+                                  norm_scale=[1.0, 1.0], shards=infos))
+    return root
+
+
 def _shut_down_a_commands_ray() -> None:
     """A command run in this process by an earlier test (crosscoder run) leaves its local Ray up, and
     RAY_ADDRESS naming it (ray_connect.connect): stop it, so a session fixture starts its own

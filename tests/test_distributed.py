@@ -232,6 +232,18 @@ def test_nan_loss_stops_every_rank_without_retries(ray_cluster, small_shards, tm
     assert not (tmp_path / "run" / "crosscoder").exists()
 
 
+def test_an_inf_on_another_rank_is_named_in_the_stop_rank_0_records(ray_cluster, tmp_path):
+    """Rank 1's partition reads the shard holding an inf; rank 0's batch is finite. The stop rank 0
+    records, which the driver raises, says a batch held an inf (it said: lower the learning rate)."""
+    from .conftest import shards_with_an_inf
+
+    shards_with_an_inf(tmp_path / "data", bad_shard=1)
+    cfg = config(workers=2, latent_parallel=1, data_partitions=4, max_failures=0)  # partition 1 → rank 1
+    with pytest.raises(TrainingDiverged, match=r"not finite at step \d+ \(rank 0: .* a batch of this step holds inf "
+                                               r"or NaN activations: `crosscoder validate DATA --full` names the shards"):
+        train_distributed(cfg, tmp_path / "run", str(tmp_path / "data"), progress=False)
+
+
 def test_running_trainer_serves_every_metric(small_shards, tmp_path):
     cfg = config(steps=400, checkpoint_every=0)
     cfg.metrics.port, cfg.metrics.host = free_port(), "127.0.0.1"

@@ -13,7 +13,7 @@ from crosscoder.shards import read_manifest
 from crosscoder.storage import Root
 from crosscoder.trainer import RunDirError, TrainingDiverged, learning_rate, spec_from, train
 
-from .conftest import small_run_config
+from .conftest import shards_with_an_inf, small_run_config
 
 
 @pytest.mark.parametrize("arch,act", [("acausal", "batchtopk"), ("aligned", "topk"), ("acausal", "relu")])
@@ -83,21 +83,11 @@ def test_inf_in_the_data_is_named_by_the_nan_stop_and_found_by_validate_full(tmp
     """Shards holding an inf (harvested by another tool, or before the harvest checked) make the loss
     NaN: the stop says the batch is at fault, not the learning rate, and `validate --full` names the
     shard, sample and source."""
-    from crosscoder.shards import Manifest, ShardError, ShardWriter, SourceInfo, shard_name, validate, write_manifest
+    from crosscoder.shards import ShardError, validate
 
-    root, rng, infos = Root(str(tmp_path / "data")), np.random.default_rng(0), []
-    for n in range(4):
-        writer = ShardWriter(root, shard_name(n), width=40, dtype="float16")
-        for i in range(8):
-            acts = rng.standard_normal((64, 40)).astype(np.float16)
-            if n == 2:
-                acts[5, 30] = np.inf  # the chat source's columns: 16..39
-            writer.add(f"{n:04d}-{i:04d}", np.arange(64, dtype=np.int32), acts)
-        infos.append(writer.commit())
-    write_manifest(root, Manifest(sources=[SourceInfo("base", 16), SourceInfo("chat", 24)], seq_len=64,
-                                  norm_scale=[1.0, 1.0], shards=infos))
+    root = shards_with_an_inf(tmp_path / "data", bad_shard=2)
     cfg = small_run_config(steps=40, data_partitions=4)  # partition 2 reads shard 2: every batch meets an inf
-    with pytest.raises(TrainingDiverged, match=r"loss is not finite at step \d+ .* this rank's batch holds inf or NaN "
+    with pytest.raises(TrainingDiverged, match=r"loss is not finite at step \d+ .* a batch of this step holds inf or NaN "
                                                r"activations: `crosscoder validate DATA --full` names the shards\.$"):
         train(cfg, tmp_path / "run", data=str(tmp_path / "data"), progress=False)
     with pytest.raises(ShardError, match=r"shard-000002.tar: sample '0002-0000' holds inf or NaN activations "
