@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import tomllib
 import typing
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
+
+SEED_MAX = 2**63 - 1  # torch takes signed 64-bit seeds; numpy refuses negative ones
 
 
 class ConfigError(ValueError):
@@ -144,7 +147,7 @@ class SyntheticConfig:
     seq_len: int = opt(128, "tokens per sample", ge=1)
     samples_per_shard: int = opt(64, "samples per shard", ge=1)
     dtype: Dtype = opt("float16", "stored dtype: float16 | float32")
-    seed: int = opt(0, "seed of the planted dictionary and of the samples")
+    seed: int = opt(0, "seed of the planted dictionary and of the samples", ge=0, le=SEED_MAX)
 
 
 @dataclass
@@ -184,7 +187,7 @@ class TrainConfig:
         "on | off (the dense reference computation: same results) | auto (on from 4096 latents; below, the "
         "dense matmuls are faster on CPU)"
     )
-    seed: int = opt(0, "seed of initialisation and data order")
+    seed: int = opt(0, "seed of initialisation and data order", ge=0, le=SEED_MAX)
     shuffle_samples: int = opt(64, "token shuffle window, in samples: tokens are shuffled within each window", ge=1)
     data_partitions: int = opt(
         0, "independent token streams the global batch is cut into (0 = one per data-parallel rank); "
@@ -465,6 +468,8 @@ def _check_fields(table: Any, prefix: str) -> None:
             continue
         if typing.get_origin(tp) is Literal:
             _coerce(value, tp, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
         bounds = f.metadata.get("bounds", {})
         if not all(_holds(value, op, v) for op, v in bounds.items()):
             raise ConfigError(f"{key} must be {_range(bounds)}, got {value}")
@@ -562,8 +567,8 @@ def check_synthetic(sc: SyntheticConfig) -> None:
     _check_fields(sc, "synthetic.")
     if len(sc.widths) != 2 or any(w < 1 for w in sc.widths):
         raise ConfigError(f"synthetic.widths must be two positive widths (base, chat), got {sc.widths}")
-    if len(sc.raw_scale) != len(sc.widths):
-        raise ConfigError(f"synthetic.raw_scale needs one entry per source, got {sc.raw_scale}")
+    if len(sc.raw_scale) != len(sc.widths) or not all(0 < s < math.inf for s in sc.raw_scale):
+        raise ConfigError(f"synthetic.raw_scale needs one positive scale per source, got {sc.raw_scale}")
     fractions = [sc.shared_fraction, sc.base_only_fraction, sc.chat_only_fraction, sc.rotated_fraction,
                  sc.strong_fraction]
     if abs(sum(fractions) - 1) > 1e-6:

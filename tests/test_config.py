@@ -38,8 +38,9 @@ def test_unknown_table_and_wrong_type_are_errors(tmp_path):
 
 def test_overrides_are_typed_and_checked():
     cfg = RunConfig()
-    apply_overrides(cfg, _split_overrides(["--train.k", "64", "--train.lr=3e-4", "--synthetic.widths", "[32, 48]"]))
-    assert cfg.train.k == 64 and cfg.train.lr == 3e-4 and cfg.synthetic.widths == [32, 48]
+    apply_overrides(cfg, _split_overrides(["--train.k", "64", "--train.lr=3e-4", "--synthetic.widths", "[32, 48]",
+                                           "--name", "sweep-3"]))
+    assert cfg.train.k == 64 and cfg.train.lr == 3e-4 and cfg.synthetic.widths == [32, 48] and cfg.name == "sweep-3"
     apply_overrides(cfg, [("train.data", "s3://bucket/x")])
     assert cfg.train.data == "s3://bucket/x"
     with pytest.raises(ConfigError, match="unknown key 'kk'"):

@@ -49,6 +49,12 @@ SMALL = ["--synthetic.tokens", "4096", "--synthetic.seq_len", "64", "--synthetic
     (["--synthetic.shared_fraction", "0.9"], "synthetic class fractions must sum to 1"),
     (["--analyze.exclusive_threshold", "0.5"], r"analyze.exclusive_threshold must be in \(0, 0.5\), got 0.5"),
     (["--harvest.tiny_models", "true"], "override --harvest.tiny_models: renamed --harvest.demo_pair"),
+    (["--train.lr", "inf"], "train.lr must be a finite number, got inf"),
+    (["--harvest.cpus_per_actor", "inf"], "harvest.cpus_per_actor must be a finite number, got inf"),
+    (["--train.seed", "-1"], r"train.seed must be in \[0, 9223372036854775807\], got -1"),
+    (["--synthetic.seed", "-1"], r"synthetic.seed must be in \[0, 9223372036854775807\], got -1"),
+    (["--synthetic.raw_scale", "[0, 1]"], "synthetic.raw_scale needs one positive scale per source"),
+    (["--nmae", "x"], "unexpected argument '--nmae'; overrides look like --train.k 64"),
 ])
 def test_every_config_mistake_is_one_line_before_any_work(tmp_path, capsys, override, message):
     run = tmp_path / "run"
