@@ -109,6 +109,9 @@ def cmd_validate(args) -> int:
 def cmd_tiny(args) -> int:
     from . import random_pair
 
+    if args.hidden < 4 or args.hidden % 4 or args.layers < 1 or args.documents < 1:
+        raise ConfigError(f"--hidden must be a positive multiple of 4 (the models' attention heads), --layers and "
+                          f"--documents positive; got {args.hidden}, {args.layers}, {args.documents}")
     output = Path(args.output)
     base, chat = random_pair.make_pair(output, hidden=args.hidden, layers=args.layers)
     docs = random_pair.write_documents(output / "documents.jsonl", n_docs=args.documents)
@@ -144,6 +147,7 @@ COMMANDS = {
     "analyze": "model-diffing analysis of a trained run: latents.csv and report.html",
     "run": "every stage in order; with no arguments, the embedded default",
 }
+CONFIGURED = set(COMMANDS) - {"tiny"}  # the commands that read a config, so take --section.key overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if rest and args.command not in CONFIGURED:  # only these take config overrides; others never ignore one
+        print(f"crosscoder {args.command}: unrecognized arguments: {' '.join(rest)} "
+              f"(`crosscoder {args.command} --help` lists its options)", file=sys.stderr)
+        return 2
     try:
         if args.command == "compare":
             return cmd_compare(args.runs)

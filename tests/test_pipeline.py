@@ -247,3 +247,21 @@ def test_an_interrupted_command_says_how_it_resumes(tmp_path, capsys, monkeypatc
     code = main([command, "--run", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 130 and err == [f"crosscoder: interrupted; re-run the same command to resume {resumes}"], err
+
+
+@pytest.mark.parametrize("argv, refused", [
+    (["validate", "s3://bucket/x", "--storage.endpoint_url", "http://127.0.0.1:9"],
+     "--storage.endpoint_url http://127.0.0.1:9"),
+    (["keys", "--train.k", "4"], "--train.k 4"), (["compare", "runs/a", "--quiet"], "--quiet")])
+def test_a_command_without_a_config_refuses_what_it_does_not_take(capsys, argv, refused):
+    """`validate` reads its endpoint from --endpoint-url; a config override given to it (or to another
+    command that reads no config) was ignored silently, and validate went to AWS instead."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"crosscoder {argv[0]}: unrecognized arguments: {refused} ("), err
+
+
+def test_tiny_refuses_a_width_its_attention_heads_cannot_split(tmp_path, capsys):
+    assert main(["tiny", "--output", str(tmp_path / "tiny"), "--hidden", "30"]) == 2
+    assert "--hidden must be a positive multiple of 4" in capsys.readouterr().err
+    assert not (tmp_path / "tiny").exists()
