@@ -51,6 +51,7 @@ Dtype = Literal["float16", "float32"]
 Device = Literal["auto", "cpu", "cuda"]
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 MODEL_KEYS = ("name", "path", "revision", "dtype", "device_map", "max_memory")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's strategies; or a device, a table
 
 
 def model_name(table: dict, index: int) -> str:
@@ -557,6 +558,17 @@ def check_harvest(hc: HarvestConfig) -> None:
                               + (f"; unknown keys {sorted(unknown)}" if unknown else ""))
         if m.get("dtype", "float32") not in MODEL_DTYPES:
             raise ConfigError(f"harvest.models[{i}].dtype must be {_choices(MODEL_DTYPES)}, got {m['dtype']!r}")
+        for key in ("name", "revision"):
+            if not isinstance(m.get(key, ""), str):
+                raise ConfigError(f"harvest.models[{i}].{key} must be a string, got {m[key]!r}")
+        device_map = m.get("device_map", "auto")
+        if not (isinstance(device_map, dict) or device_map in DEVICE_MAPS
+                or re.fullmatch(r"cpu|cuda(:\d+)?", str(device_map))):
+            raise ConfigError(f"harvest.models[{i}].device_map must be {_choices(DEVICE_MAPS)}, a device (cuda:0) "
+                              f"or a table of module → device, got {device_map!r}")
+        if not isinstance(m.get("max_memory", {}), dict) or ("max_memory" in m and "device_map" not in m):
+            raise ConfigError(f"harvest.models[{i}].max_memory must be a table of device → size such as "
+                              f'{{0 = "20GiB", cpu = "64GiB"}}, with a device_map; got {m["max_memory"]!r}')
         names.append(model_name(m, i))
     if len(set(names)) != len(names):
         raise ConfigError(f"harvest.models: names must be unique, got {names}")
