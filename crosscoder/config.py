@@ -504,7 +504,7 @@ def validate(cfg: RunConfig) -> None:
     check_synthetic(cfg.synthetic)
     if cfg.organism.directory and cfg.harvest.demo_pair:
         raise ConfigError("organism.directory and harvest.demo_pair both choose the harvest's models: set one")
-    if cfg.analyze.sources and len(cfg.analyze.sources) != 2:
+    if cfg.analyze.sources and len(set(cfg.analyze.sources)) != 2:
         raise ConfigError(f"analyze.sources names the two compared sources, got {cfg.analyze.sources}")
 
 

@@ -51,6 +51,7 @@ SMALL = ["--synthetic.tokens", "4096", "--synthetic.seq_len", "64", "--synthetic
     (["--harvest.models", '[{path = "m", max_memory = {0 = "20GiB"}}]'],
      r"harvest.models\[0\].max_memory must be a table .* with a device_map"),
     (["--synthetic.shared_fraction", "0.9"], "synthetic class fractions must sum to 1"),
+    (["--analyze.sources", '["chat", "chat"]'], r"analyze.sources names the two compared sources"),
     (["--analyze.exclusive_threshold", "0.5"], r"analyze.exclusive_threshold must be in \(0, 0.5\), got 0.5"),
     (["--harvest.tiny_models", "true"], "override --harvest.tiny_models: renamed --harvest.demo_pair"),
     (["--train.lr", "inf"], "train.lr must be a finite number, got inf"),
