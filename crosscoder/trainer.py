@@ -352,9 +352,12 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
     if resuming:
         state = backend.load(run_dir)
         if state["spec"] != asdict(spec):
+            old, new = state["spec"], asdict(spec)
+            differ = [key for key in new if old.get(key) != new[key]]
             raise RunDirError(
-                f"{run_dir}: its checkpoint was trained with {state['spec']}, this config asks for "
-                f"{asdict(spec)}; use another --run directory or delete {run_dir / 'checkpoints'}")
+                f"{run_dir}: its checkpoint was trained with {', '.join(f'{k}={old.get(k)}' for k in differ)}; "
+                f"this config asks for {', '.join(f'{k}={new[k]}' for k in differ)}; use another --run "
+                f"directory or delete {run_dir / 'checkpoints'}")
         start, positions = state["step"], positions_from(state["positions"])
         check_partitions(run_dir, len(positions), partitions)
         tracker.load_state_dict(state["dead"])

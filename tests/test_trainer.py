@@ -105,7 +105,7 @@ def test_incompatible_run_directory_is_refused(tmp_path, small_shards):
     cfg = small_run_config(steps=5)
     train(cfg, tmp_path / "run", data=small_shards, progress=False)
     cfg.train.latents = 128
-    with pytest.raises(RunDirError, match="use another --run directory"):
+    with pytest.raises(RunDirError, match=r"trained with latents=\d+; this config asks for latents=128; use another"):
         train(cfg, tmp_path / "run", data=small_shards, progress=False)
 
 
