@@ -120,7 +120,10 @@ class TokenStream:
         have = 0
         while True:
             if self.max_epochs and epoch >= self.max_epochs:
-                raise DataExhausted(f"data exhausted after {self.max_epochs} epoch(s)")
+                raise DataExhausted(
+                    f"{self.root.url}: the data ran out after train.max_epochs = {self.max_epochs} epoch(s) of "
+                    f"{self.samples_per_epoch} samples (data partition {self.rank}'s shards); raise "
+                    "train.max_epochs (0 cycles) or train on more data")
             for w, acts in self._windows(epoch, window):
                 acts = acts[offset:]
                 start = 0

@@ -106,8 +106,9 @@ class Interrupted(KeyboardInterrupt):
 
 def _next_batch(batches, collectives: Collectives, run_dir: Path, step: int, stop_requested: bool):
     """The next batch, or every rank stops together at this step boundary (the others would wait in
-    a collective): on a corrupt shard or the data's end on any rank, without retries (code 2), or on
-    a Ctrl-C or the driver's stop file seen by any rank (code 1, the caller checkpoints first)."""
+    a collective): on a corrupt shard or the data's end on any rank, without retries (code 2: the
+    error, recorded by its rank, or TrainingStopped on the others), or on a Ctrl-C or the driver's
+    stop file seen by any rank (code 1: None). Either way the loop checkpoints the steps done."""
     try:
         batch, error = next(batches), None
     except (ShardError, DataExhausted) as failed:
@@ -116,7 +117,7 @@ def _next_batch(batches, collectives: Collectives, run_dir: Path, step: int, sto
     if code == 2:
         if error is None:
             raise TrainingStopped(f"step {step}: another rank stopped on its data")
-        _stop(run_dir, error)
+        _stop(run_dir, error)  # the rank that holds the cause records it
         raise error
     return batch if code == 0 else None
 
@@ -390,7 +391,16 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
             for step in range(start, end):
                 faults.point("train", f"rank {backend.rank} step {step}")
                 t0 = time.perf_counter()
-                fed = _next_batch(batches, collectives, run_dir, step, boundary.requested)
+                try:
+                    fed = _next_batch(batches, collectives, run_dir, step, boundary.requested)
+                except (ShardError, DataExhausted, TrainingStopped) as stopped:
+                    if step > start:  # the steps so far are kept: mend the shard or add data, and re-run
+                        checkpoint(step)
+                        stopped.args = (f"{stopped} (stopped at step {step} with a checkpoint; a re-run resumes "
+                                        "there)",)
+                        if not isinstance(stopped, TrainingStopped):
+                            _stop(run_dir, stopped)
+                    raise
                 if fed is None:  # Ctrl-C or the driver's stop file: the steps so far are kept, none redone
                     if step > start:
                         checkpoint(step)

@@ -232,6 +232,19 @@ def test_nan_loss_stops_every_rank_without_retries(ray_cluster, small_shards, tm
     assert not (tmp_path / "run" / "crosscoder").exists()
 
 
+def test_the_end_of_the_data_checkpoints_every_rank_and_stops_without_retries(ray_cluster, small_shards, tmp_path):
+    """Both ranks run out at step 32 (4 shards of 16 samples each, 128 tokens a step): the collective
+    checkpoint is taken by both, then the stop; Ray Train does not restart them."""
+    from crosscoder.stream import DataExhausted
+
+    cfg = config(workers=2, latent_parallel=1, steps=40, max_epochs=1, checkpoint_every=25, max_failures=2)
+    start = time.time()
+    with pytest.raises(DataExhausted, match=r"the data ran out after .*\(stopped at step 32 with a checkpoint"):
+        train_distributed(cfg, tmp_path / "run", small_shards, progress=False)
+    assert time.time() - start < 120  # not retried
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-32"
+
+
 def test_an_inf_on_another_rank_is_named_in_the_stop_rank_0_records(ray_cluster, tmp_path):
     """Rank 1's partition reads the shard holding an inf; rank 0's batch is finite. The stop rank 0
     records, which the driver raises, says a batch held an inf (it said: lower the learning rate)."""

@@ -109,6 +109,22 @@ def test_incompatible_run_directory_is_refused(tmp_path, small_shards):
         train(cfg, tmp_path / "run", data=small_shards, progress=False)
 
 
+def test_the_end_of_the_data_keeps_the_steps_done_and_a_rerun_continues(tmp_path, small_shards):
+    """train.max_epochs = 1 on 32 batches' worth of tokens: the stop at step 32 names the fix and
+    checkpoints first (it lost every step since the last checkpoint); a re-run that allows more
+    epochs resumes at step 32."""
+    from crosscoder.stream import DataExhausted
+
+    cfg = small_run_config(steps=40, max_epochs=1, checkpoint_every=25, keep_checkpoints=0)
+    with pytest.raises(DataExhausted, match=r"the data ran out after train.max_epochs = 1 epoch\(s\) of 128 samples.*"
+                                            r"raise train.max_epochs .*stopped at step 32 with a checkpoint"):
+        train(cfg, tmp_path / "run", data=small_shards, progress=False)
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-25", "step-32"]
+    cfg.train.max_epochs = 0
+    again = train(cfg, tmp_path / "run", data=small_shards, progress=False)
+    assert len(again.losses) == 8 and again.steps == 40 and again.export_dir is not None
+
+
 def test_learning_rate_schedule():
     cfg = small_run_config(steps=100, lr=1.0, lr_warmup_steps=10, lr_decay_fraction=0.2).train
     assert math.isclose(learning_rate(cfg, 0), 0.1)
