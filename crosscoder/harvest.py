@@ -396,6 +396,10 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     chunks = plan_chunks(read_documents(hc.data), tokenizer, chat_tokenizer, hc.seq_len, hc.tokens)
     if not chunks:
         raise HarvestError(f"{hc.data}: no documents with at least 2 tokens")
+    planned = sum(len(c.tokens) for c in chunks)
+    if planned < hc.tokens:
+        print(f"harvest: {hc.data} holds {planned} tokens in chunks of at least 2, fewer than harvest.tokens = "
+              f"{hc.tokens}; harvesting them all", flush=True)
     per = hc.samples_per_shard
     plan = [chunks[i : i + per] for i in range(0, len(chunks), per)]
     sources = source_names(models, hc.hooks)

@@ -5,6 +5,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import shutil
 import socketserver
 import subprocess
@@ -492,6 +493,23 @@ def test_a_misspelt_hook_stops_the_harvest_before_any_actor_or_shard(tiny, tmp_p
                                          r"… model.layers.3$"):
         harvest(cfg, progress=False)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_documents_shorter_than_harvest_tokens_are_said_to_be(tiny, tmp_path, no_ray, capsys):
+    """Asked for more tokens than the documents hold, the harvest takes them all and says so first
+    (a run on 2 tokens of a typo'd file ended with 'harvest: 2 tokens' and nothing more)."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": "the cat sat on the mat " * 3}) + "\n" for _ in range(2)))
+    cfg = harvest_config(tiny, str(tmp_path / "out"), data=str(docs), tokens=10**6)
+    with pytest.raises(AssertionError, match="Ray was started"):
+        harvest(cfg, progress=False)
+    out = capsys.readouterr().out
+    assert re.search(rf"^harvest: {docs} holds \d+ tokens in chunks of at least 2, fewer than harvest.tokens = "
+                     r"1000000; harvesting them all$", out, re.M), out
+    cfg.harvest.tokens = 20
+    with pytest.raises(AssertionError, match="Ray was started"):
+        harvest(cfg, progress=False)
+    assert "fewer than" not in capsys.readouterr().out
 
 
 def test_a_hook_narrower_or_wider_than_the_residual_stream_is_named(tiny, tmp_path, no_ray):
