@@ -120,3 +120,12 @@ def memory_request(ray, wanted: float, count: int, key: str) -> float:
               f"{count}; asking for {available / count / 2**30:.1f} GiB each", file=sys.stderr)
         return available / count
     return wanted
+
+
+def say_if_gpus_are_missing(ray, wanted: float, count: int, key: str) -> None:
+    """A GPU request the cluster cannot meet now waits (an autoscaler may add GPU nodes), silently
+    in Ray, for ever on a fixed cluster: say so once, up front."""
+    have = ray.cluster_resources().get("GPU", 0)
+    if wanted * count > have:
+        print(f"{key}: {count} × {wanted:g} GPUs asked for, the Ray cluster has {have:g} now; waiting for them "
+              "(an autoscaler may add GPU nodes; Ctrl-C stops)", file=sys.stderr, flush=True)

@@ -245,6 +245,28 @@ def test_the_end_of_the_data_checkpoints_every_rank_and_stops_without_retries(ra
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-32"
 
 
+def test_workers_asking_for_gpus_the_cluster_lacks_say_that_they_wait(ray_cluster, small_shards, tmp_path,
+                                                                      monkeypatch, capsys):
+    """train.device = cuda on a cluster without the GPUs waits (an autoscaler may add them): Ray Train
+    said nothing for a minute, then logged a startup timeout and tried again, for ever. The driver
+    now says so first; the test stops it there, where Ray Train would start waiting."""
+    import crosscoder.ray_train as ray_train_module
+
+    class Waiting(Exception):
+        pass
+
+    def say_then_stop(*args):
+        original(*args)
+        raise Waiting
+
+    original = ray_train_module.say_if_gpus_are_missing
+    monkeypatch.setattr(ray_train_module, "say_if_gpus_are_missing", say_then_stop)
+    with pytest.raises(Waiting):
+        train_distributed(config(workers=2, device="cuda"), tmp_path / "run", small_shards, progress=False)
+    assert ("train.device = cuda: 2 × 1 GPUs asked for, the Ray cluster has 0 now; waiting for them (an autoscaler "
+            "may add GPU nodes; Ctrl-C stops)") in capsys.readouterr().err
+
+
 def test_an_inf_on_another_rank_is_named_in_the_stop_rank_0_records(ray_cluster, tmp_path):
     """Rank 1's partition reads the shard holding an inf; rank 0's batch is finite. The stop rank 0
     records, which the driver raises, says a batch held an inf (it said: lower the learning rate)."""

@@ -563,6 +563,26 @@ def test_activations_that_float16_cannot_hold_stop_the_shard_by_name(tiny, tmp_p
     assert harvester.write(3, chunks)["info"]["name"] == "shard-000003.tar"
 
 
+def test_actors_asking_for_gpus_the_cluster_lacks_say_that_they_wait(ray_cluster, tiny, tmp_path, monkeypatch,
+                                                                     capsys):
+    """Ray keeps such actors pending without a word (an autoscaler may add GPU nodes); the driver says
+    so before it creates them (the test stops it there)."""
+    import crosscoder.harvest as harvest_module
+
+    class Waiting(Exception):
+        pass
+
+    def say_then_stop(*args):
+        original(*args)
+        raise Waiting
+
+    original = harvest_module.say_if_gpus_are_missing
+    monkeypatch.setattr(harvest_module, "say_if_gpus_are_missing", say_then_stop)
+    with pytest.raises(Waiting):
+        harvest(harvest_config(tiny, str(tmp_path / "acts"), gpus_per_actor=0.5), progress=False)
+    assert "harvest.gpus_per_actor: 2 × 0.5 GPUs asked for, the Ray cluster has 0 now; waiting" in capsys.readouterr().err
+
+
 def test_an_actor_given_a_gpu_without_cuda_says_it_harvests_on_the_cpu(tiny, tmp_path, monkeypatch, capsys):
     """A CPU build of torch on a GPU node would harvest 100x slower without a word: the actor says so."""
     from crosscoder.config import to_dict
