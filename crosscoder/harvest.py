@@ -53,7 +53,7 @@ from .ray_connect import (
     connect,
     first_line,
     memory_request,
-    say_if_gpus_are_missing,
+    note_gpu_wait,
     worker_env,
 )
 from .shards import (
@@ -429,7 +429,7 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
         wanted = hc.memory_per_actor * 2**30 or estimated_actor_memory(models, hc.gpus_per_actor)
         memory = memory_request(ray, wanted, n_actors, "harvest.memory_per_actor")
         if hc.gpus_per_actor:
-            say_if_gpus_are_missing(ray, hc.gpus_per_actor, n_actors, "harvest.gpus_per_actor")
+            note_gpu_wait(ray, hc.gpus_per_actor, n_actors, "harvest.gpus_per_actor")
         Actor: Any = ray.remote(num_cpus=hc.cpus_per_actor, num_gpus=hc.gpus_per_actor, memory=memory,
                                 max_restarts=0)(ShardHarvester)
         Actor = Actor.options(runtime_env={"env_vars": env} if env else None)

@@ -122,7 +122,7 @@ def memory_request(ray, wanted: float, count: int, key: str) -> float:
     return wanted
 
 
-def say_if_gpus_are_missing(ray, wanted: float, count: int, key: str) -> None:
+def note_gpu_wait(ray, wanted: float, count: int, key: str) -> None:
     """A GPU request the cluster cannot meet now waits (an autoscaler may add GPU nodes), silently
     in Ray, for ever on a fixed cluster: say so once, up front."""
     have = ray.cluster_resources().get("GPU", 0)

@@ -23,15 +23,7 @@ from pathlib import Path
 
 from .config import RunConfig, data_layout, from_dict, to_dict, validate
 from .interrupts import StepBoundary
-from .ray_connect import (
-    check_code,
-    code_fingerprint,
-    connect,
-    first_line,
-    memory_request,
-    say_if_gpus_are_missing,
-    worker_env,
-)
+from .ray_connect import check_code, code_fingerprint, connect, first_line, memory_request, note_gpu_wait, worker_env
 from .shards import Manifest, ShardError, check_sizes, read_manifest
 from .stream import DataExhausted
 from .trainer import (
@@ -166,7 +158,7 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: 
         print(f"train.device: auto -> {tc.device} ({gpus:g} GPUs in the Ray cluster for {tc.workers} workers)",
               file=sys.stderr)
     elif tc.device == "cuda":
-        say_if_gpus_are_missing(ray, 1, tc.workers, "train.device = cuda")
+        note_gpu_wait(ray, 1, tc.workers, "train.device = cuda")
     cuda = tc.device == "cuda"
     memory = memory_request(ray, tc.memory_per_worker * 2**30 or estimated_worker_memory(cfg, manifest), tc.workers,
                             "train.memory_per_worker")

@@ -259,8 +259,8 @@ def test_workers_asking_for_gpus_the_cluster_lacks_say_that_they_wait(ray_cluste
         original(*args)
         raise Waiting
 
-    original = ray_train_module.say_if_gpus_are_missing
-    monkeypatch.setattr(ray_train_module, "say_if_gpus_are_missing", say_then_stop)
+    original = ray_train_module.note_gpu_wait
+    monkeypatch.setattr(ray_train_module, "note_gpu_wait", say_then_stop)
     with pytest.raises(Waiting):
         train_distributed(config(workers=2, device="cuda"), tmp_path / "run", small_shards, progress=False)
     assert ("train.device = cuda: 2 × 1 GPUs asked for, the Ray cluster has 0 now; waiting for them (an autoscaler "

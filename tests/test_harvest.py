@@ -576,8 +576,8 @@ def test_actors_asking_for_gpus_the_cluster_lacks_say_that_they_wait(ray_cluster
         original(*args)
         raise Waiting
 
-    original = harvest_module.say_if_gpus_are_missing
-    monkeypatch.setattr(harvest_module, "say_if_gpus_are_missing", say_then_stop)
+    original = harvest_module.note_gpu_wait
+    monkeypatch.setattr(harvest_module, "note_gpu_wait", say_then_stop)
     with pytest.raises(Waiting):
         harvest(harvest_config(tiny, str(tmp_path / "acts"), gpus_per_actor=0.5), progress=False)
     assert "harvest.gpus_per_actor: 2 × 0.5 GPUs asked for, the Ray cluster has 0 now; waiting" in capsys.readouterr().err
