@@ -476,6 +476,11 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
             bar.close()
             for actor in actors.values():
                 ray.kill(actor)
+            for ref in running:  # after a stop, the tasks in flight: read now, a failed one's error is not
+                try:             # printed by Ray at exit as "Unhandled error", after the stop's own line
+                    ray.get(ref, timeout=10)
+                except Exception:  # killed above, or failed like the one that stopped the harvest
+                    pass
     manifest = build_manifest(cfg, sources, widths, list(done.values()), tokenizer.name_or_path, fp, len(plan),
                               digest)
     write_manifest(root, manifest)
