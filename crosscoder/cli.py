@@ -293,9 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except KeyboardInterrupt:
-        resumes = ("from the shards already committed" if args.command == "harvest"
-                   else "from the last checkpoint")
-        print(f"crosscoder: interrupted; re-run the same command to resume {resumes}", file=sys.stderr)
+        again = {"harvest": "resume from the shards already committed", "train": "resume from the last checkpoint",
+                 "run": "resume (committed shards and the last checkpoint are kept)"}
+        print(f"crosscoder: interrupted; re-run the same command to {again.get(args.command, 'start it again')}",
+              file=sys.stderr)
         return 130
     except (CrosscoderError, FileNotFoundError) as e:  # errors.py: a failure the user can fix, one line
         print(f"crosscoder: {type(e).__name__}: {e}", file=sys.stderr)

@@ -238,11 +238,13 @@ def test_a_closed_pipe_ends_the_listing_quietly():
     assert done.returncode == 1 and done.stderr == "", done.stderr
 
 
-@pytest.mark.parametrize("command, resumes", [("harvest", "from the shards already committed"),
-                                              ("train", "from the last checkpoint")])
+@pytest.mark.parametrize("command, resumes", [("harvest", "resume from the shards already committed"),
+                                              ("train", "resume from the last checkpoint"),
+                                              ("analyze", "start it again")])
 def test_an_interrupted_command_says_how_it_resumes(tmp_path, capsys, monkeypatch, command, resumes):
     """Ctrl-C ends a command with one line (exit 130) that says what a re-run continues from: a harvest
-    keeps its committed shards (it has no checkpoint), training its last checkpoint."""
+    keeps its committed shards (it has no checkpoint), training its last checkpoint; an analysis
+    (which said 'resume from the last checkpoint') starts again."""
     import crosscoder.pipeline as pipeline
 
     def pressed(*args, **kwargs):
@@ -251,7 +253,7 @@ def test_an_interrupted_command_says_how_it_resumes(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(pipeline, command, pressed)
     code = main([command, "--run", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 130 and err == [f"crosscoder: interrupted; re-run the same command to resume {resumes}"], err
+    assert code == 130 and err == [f"crosscoder: interrupted; re-run the same command to {resumes}"], err
 
 
 @pytest.mark.parametrize("argv, refused", [
