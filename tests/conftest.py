@@ -170,3 +170,19 @@ def ray_cluster_gpu():
              log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
+
+
+class WaitingForGpus(Exception):
+    """Raised by :func:`stop_at_the_gpu_note` where Ray would start waiting for GPUs."""
+
+
+def stop_at_the_gpu_note(monkeypatch, module) -> None:
+    """``module``'s driver says its GPU request waits (ray_connect.note_gpu_wait), then stops there
+    instead of waiting: for tests on a cluster without GPUs."""
+    original = module.note_gpu_wait
+
+    def say_then_stop(*args):
+        original(*args)
+        raise WaitingForGpus
+
+    monkeypatch.setattr(module, "note_gpu_wait", say_then_stop)

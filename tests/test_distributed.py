@@ -254,16 +254,10 @@ def test_workers_asking_for_gpus_the_cluster_lacks_say_that_they_wait(ray_cluste
     now says so first; the test stops it there, where Ray Train would start waiting."""
     import crosscoder.ray_train as ray_train_module
 
-    class Waiting(Exception):
-        pass
+    from .conftest import WaitingForGpus, stop_at_the_gpu_note
 
-    def say_then_stop(*args):
-        original(*args)
-        raise Waiting
-
-    original = ray_train_module.note_gpu_wait
-    monkeypatch.setattr(ray_train_module, "note_gpu_wait", say_then_stop)
-    with pytest.raises(Waiting):
+    stop_at_the_gpu_note(monkeypatch, ray_train_module)
+    with pytest.raises(WaitingForGpus):
         train_distributed(config(workers=2, device="cuda"), tmp_path / "run", small_shards, progress=False)
     assert ("train.device = cuda: 2 × 1 GPUs asked for, the Ray cluster has 0 now; waiting for them (an autoscaler "
             "may add GPU nodes; Ctrl-C stops)") in capsys.readouterr().err

@@ -569,16 +569,10 @@ def test_actors_asking_for_gpus_the_cluster_lacks_say_that_they_wait(ray_cluster
     so before it creates them (the test stops it there)."""
     import crosscoder.harvest as harvest_module
 
-    class Waiting(Exception):
-        pass
+    from .conftest import WaitingForGpus, stop_at_the_gpu_note
 
-    def say_then_stop(*args):
-        original(*args)
-        raise Waiting
-
-    original = harvest_module.note_gpu_wait
-    monkeypatch.setattr(harvest_module, "note_gpu_wait", say_then_stop)
-    with pytest.raises(Waiting):
+    stop_at_the_gpu_note(monkeypatch, harvest_module)
+    with pytest.raises(WaitingForGpus):
         harvest(harvest_config(tiny, str(tmp_path / "acts"), gpus_per_actor=0.5), progress=False)
     assert "harvest.gpus_per_actor: 2 × 0.5 GPUs asked for, the Ray cluster has 0 now; waiting" in capsys.readouterr().err
 
