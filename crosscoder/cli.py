@@ -67,13 +67,20 @@ def cmd_compare(runs: list[str]) -> int:
         if not path.is_file():
             print(f"crosscoder: {path} is missing; run `crosscoder analyze --run {run}` first", file=sys.stderr)
             return 1
-        s = json.loads(path.read_text())
-        config = json.loads((Path(run) / "crosscoder" / "config.json").read_text())
-        a = s["artifacts"]
-        rows.append([run, config.get("activation", "?"), s["latents"], s["classes"]["dead"],
-                     f"{min(s['fve'].values()):.3f}", a["chat_only"]["latents"], a["chat_only"]["complete_shrinkage"],
-                     a["chat_only"]["latent_decoupling"], a["chat_only"]["latents"] - a["chat_only"]["flagged"],
-                     a["base_only"]["latents"], a["base_only"]["flagged"]])
+        export = Path(run) / "crosscoder" / "config.json"
+        config = json.loads(export.read_text()) if export.is_file() else {}
+        try:
+            s = json.loads(path.read_text())
+            a = s["artifacts"]
+            rows.append([run, config.get("activation", "?"), s["latents"], s["classes"]["dead"],
+                         f"{min(s['fve'].values()):.3f}", a["chat_only"]["latents"],
+                         a["chat_only"]["complete_shrinkage"], a["chat_only"]["latent_decoupling"],
+                         a["chat_only"]["latents"] - a["chat_only"]["flagged"], a["base_only"]["latents"],
+                         a["base_only"]["flagged"]])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            print(f"crosscoder: {path} is not an analysis summary this version reads ({type(e).__name__}: {e}); "
+                  f"run `crosscoder analyze --run {run}` again", file=sys.stderr)
+            return 1
     header = ["run", "sparsity", "latents", "dead", "min FVE", "chat-only", "shrinkage", "decoupling",
               "chat-only kept", "base-only", "base-only flagged"]
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]

@@ -176,6 +176,18 @@ def test_compare_prints_exclusive_latents_and_flags_per_run(artifacts):
     assert missing.returncode == 1 and "summary.json is missing" in missing.stderr
 
 
+def test_compare_names_a_summary_it_cannot_read(tmp_path, capsys):
+    """A summary.json from another version (or cut short) was a KeyError traceback."""
+    from crosscoder.cli import main
+
+    (tmp_path / "old" / "analysis").mkdir(parents=True)
+    (tmp_path / "old" / "analysis" / "summary.json").write_text('{"latents": 64}')
+    assert main(["compare", str(tmp_path / "old")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "summary.json is not an analysis summary this version reads (KeyError: 'artifacts'); " \
+        f"run `crosscoder analyze --run {tmp_path / 'old'}` again" in err[0], err
+
+
 def test_streamed_fve_equals_fve_of_all_analysed_tokens_at_once(artifacts):
     """The analysis streams batches; its FVE must be the one-shot FVE of the same tokens (the
     variance taken around each dimension's mean, not one scalar mean)."""
