@@ -69,9 +69,10 @@ def test_dashboard_selects_runs_and_jobs_so_two_runs_never_overlay():
         assert re.search(r"by \(run\b", expr), f"panel {title!r} does not keep runs apart: {expr}"
 
 
-def test_the_processes_of_one_host_take_consecutive_ports_and_label_their_run():
+def test_the_processes_of_one_host_take_consecutive_ports_and_label_their_run(capsys):
     """Two ranks on one pod serve from one base port: the first free port each, so a pod's declared
-    ports are as many as its processes; every series names the run."""
+    ports are as many as its processes; every series names the run; each says where it serves (the
+    one that moved on from a taken port served there without a word)."""
     import urllib.request
 
     from crosscoder.telemetry import TrainMetrics
@@ -82,6 +83,8 @@ def test_the_processes_of_one_host_take_consecutive_ports_and_label_their_run():
     first, second = (TrainMetrics(base, rank, host="127.0.0.1", run="gemma-l13") for rank in (3, 5))
     try:
         assert (first.port, second.port) == (base, base + 1)
+        assert capsys.readouterr().err.splitlines() == [f"metrics: http://127.0.0.1:{base}/metrics",
+                                                        f"metrics: http://127.0.0.1:{base + 1}/metrics ({base} taken)"]
         second.step({"loss": {"mse": 0.5}, "fve": {"base": 0.9}, "l0": 32.0, "dead_fraction": 0.1}, 4096, 0.1, 0.0)
         text = urllib.request.urlopen(f"http://127.0.0.1:{base + 1}/metrics", timeout=5).read().decode()
     finally:
