@@ -9,7 +9,6 @@ in pipeline.py; a failure the user can fix is one ``crosscoder: ...`` line, not 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -19,16 +18,14 @@ from pathlib import Path
 from .config import ConfigError, RunConfig, apply_overrides, describe, load_config
 from .errors import CrosscoderError
 
-# keys outside any table (`--name`): a table field is made by its dataclass as default_factory
-TOP_LEVEL_KEYS = {f.name for f in dataclasses.fields(RunConfig) if not dataclasses.is_dataclass(f.default_factory)}
-
 
 def _split_overrides(rest: list[str]) -> list[tuple[str, str]]:
     out, i = [], 0
     while i < len(rest):
         arg = rest[i]
         name = arg.split("=", 1)[0][2:]
-        if not arg.startswith("--") or ("." not in name and name not in TOP_LEVEL_KEYS):
+        # a dotless flag only for a key outside any table (`--name`): others are stray arguments
+        if not arg.startswith("--") or ("." not in name and name not in {key for key, _, _ in describe()}):
             raise ConfigError(f"unexpected argument {arg!r}; overrides look like --train.k 64")
         if "=" in arg:
             key, value = arg[2:].split("=", 1)

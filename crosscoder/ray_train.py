@@ -152,7 +152,7 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: 
     if saved is not None and (saved / "position.json").is_file():
         check_partitions(run_dir, len(json.loads((saved / "position.json").read_text())), data_layout(tc)[1])
     ray = connect(max(tc.workers, 1))
-    if tc.device == "auto":  # explicit cuda is not checked: an autoscaler may add GPU nodes
+    if tc.device == "auto":  # explicit cuda is not refused (an autoscaler may add GPU nodes), only said to wait
         gpus = ray.cluster_resources().get("GPU", 0)
         tc.device = "cuda" if gpus >= tc.workers else "cpu"
         print(f"train.device: auto -> {tc.device} ({gpus:g} GPUs in the Ray cluster for {tc.workers} workers)",
