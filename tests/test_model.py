@@ -347,3 +347,25 @@ def test_the_precision_switch_is_read_at_each_product_and_refuses_bad_values(mon
     monkeypatch.setenv(precision.FORCE_VARIABLE, "fp8")
     with pytest.raises(ValueError, match="must be auto, upcast or native, got 'fp8'"):
         precision.upcasts(w)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loading_an_export_writes_its_tensors_once_without_drawing_a_dictionary(arch, tmp_path, monkeypatch):
+    model = make(arch)
+    with torch.no_grad():
+        model.b_enc.normal_()
+        model.b_dec.normal_()
+        model.threshold.uniform_(0.1, 1.0)
+    model.save_pretrained(tmp_path / "export")
+
+    def no_draw(*args, **kwargs):
+        raise AssertionError("a random dictionary was drawn only to be overwritten")
+
+    monkeypatch.setattr("crosscoder.model.init_parameters", no_draw)
+    loaded = CrossCoder.from_pretrained(tmp_path / "export", device="cpu")
+    for name, tensor in model.state_dict().items():
+        if name != "threshold_updates":  # an export's thresholds count as estimated: 1
+            assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert not loaded.training and int(loaded.threshold_updates) == 1
+    x = torch.randn(5, 64)
+    assert torch.equal(loaded.encode(x), model.eval().encode(x))
