@@ -194,8 +194,8 @@ def analyze_here(p: Plan, progress: bool, setting: str) -> dict:
     from .report import write_report
 
     cfg, out = p.cfg, p.run_dir / "analysis"
-    model, root = an.load_for_run(p.run_dir, cfg.analyze.data or p.data, cfg.storage)
-    model.to(resolve(setting, "analyze.device", quiet=not progress))
+    device = resolve(setting, "analyze.device", quiet=not progress)
+    model, root = an.load_for_run(p.run_dir, cfg.analyze.data or p.data, cfg.storage, device)
     result = an.analyze(model, root, cfg.analyze, progress=progress)
     result.ce_recovered = an.ce_recovered_for_harvest(model, root, cfg.analyze, announce=progress)
     an.save(result, out)
