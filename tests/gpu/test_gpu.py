@@ -51,6 +51,13 @@ def test_training_on_cuda_follows_the_cpu_step_by_step(small_shards, tmp_path):
         assert np.isclose(cuda[step]["loss"]["total"], cpu[step]["loss"]["total"], rtol=1e-4), step
         assert cuda[step]["l0"] == pytest.approx(cpu[step]["l0"], rel=1e-3), step
     exports_close(tmp_path / "cpu" / "crosscoder", tmp_path / "cuda" / "crosscoder", rtol=1e-3, atol=1e-5)
+    from crosscoder import CrossCoder
+
+    on_gpu = CrossCoder.from_pretrained(tmp_path / "cuda" / "crosscoder", device="cuda")
+    assert on_gpu.W_dec.is_cuda and on_gpu.threshold.is_cuda
+    on_cpu = CrossCoder.from_pretrained(tmp_path / "cuda" / "crosscoder")
+    for name, tensor in on_cpu.state_dict().items():
+        assert torch.equal(on_gpu.state_dict()[name].cpu(), tensor), name
 
 
 @two_gpus
