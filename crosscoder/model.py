@@ -153,32 +153,38 @@ class ForwardOutput:
         return (self.f.detach() != 0).sum().float()
 
 
-def init_parameters(spec: CrossCoderSpec, seed: int, dec_init_norm: float, lo: int, hi: int, chunk: int = 65536):
+def init_parameters(spec: CrossCoderSpec, seed: int, dec_init_norm: float, lo: int, hi: int,
+                    device: torch.device | str = "cpu", chunk: int = 65536) -> Tensor:
     """Decoder rows ``lo:hi`` of the full dictionary, as a full run with ``seed`` would make them.
 
-    Rows are generated in fixed chunks from one generator, so a latent shard gets exactly the rows a
-    single process would (what makes latent-parallel and single-process runs comparable), while
-    holding only its own rows.
+    Rows are drawn on the CPU in fixed chunks from one generator, so a latent shard gets exactly the
+    rows a single process would (what makes latent-parallel and single-process runs comparable), on
+    any device. Each chunk is shaped (per row) and copied to ``device`` on its own: the host holds one
+    chunk, not the dictionary.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    rows = []
+    W_dec = torch.empty(hi - lo, spec.width, device=device)
     for start in range(0, hi, chunk):
         stop = min(start + chunk, spec.latents)
         block = torch.randn(stop - start, spec.width, generator=gen, device="cpu")
-        if stop <= lo:
-            continue
-        rows.append(block[max(lo - start, 0) : hi - start])
-    W_dec = torch.cat(rows) if rows else torch.empty(0, spec.width, device="cpu")
+        if stop > lo:
+            first, last = max(lo, start), min(hi, stop)
+            W_dec[first - lo : last - lo] = _shaped(spec, block[first - start : last - start], dec_init_norm)
+    return W_dec
+
+
+def _shaped(spec: CrossCoderSpec, rows: Tensor, dec_init_norm: float) -> Tensor:
+    """Random decoder rows → initial ones (in place): aligned sources share directions, norms set."""
     if spec.arch == "aligned":
         # every source's latent i starts from the same direction (truncated to the source's width),
         # so the per-source latent spaces start aligned and the alignment loss only has to keep them so
-        first = W_dec[:, : spec.widths[0]]
+        first = rows[:, : spec.widths[0]]
         for sl, w in zip(spec.slices[1:], spec.widths[1:]):
-            own = W_dec[:, sl][:, first.shape[1]:]
-            W_dec[:, sl] = first[:, :w] if w <= first.shape[1] else torch.cat([first, own], 1)
+            own = rows[:, sl][:, first.shape[1]:]
+            rows[:, sl] = first[:, :w] if w <= first.shape[1] else torch.cat([first, own], 1)
     for sl in spec.slices:
-        W_dec[:, sl] *= dec_init_norm / W_dec[:, sl].norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return W_dec
+        rows[:, sl] *= dec_init_norm / rows[:, sl].norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return rows
 
 
 class CrossCoder(nn.Module):
@@ -212,7 +218,7 @@ class CrossCoder(nn.Module):
         if torch.device(device).type == "meta":  # shapes only: from_tensors fills the weights
             W_dec = torch.empty(n, spec.width, device=device)
         else:
-            W_dec = init_parameters(spec, seed, dec_init_norm, lo, hi).to(device)
+            W_dec = init_parameters(spec, seed, dec_init_norm, lo, hi, device)
         self.W_dec = nn.Parameter(W_dec)
         self.W_enc = nn.Parameter(W_dec.t().contiguous())
         self.b_enc = nn.Parameter(torch.zeros(spec.groups, n, device=device))

@@ -6,7 +6,7 @@ import torch
 from crosscoder.dead import DeadLatentTracker
 from crosscoder.losses import LossWeights, alignment_loss, auxk_loss, auxk_selector, l1_penalty, total_loss
 from crosscoder.metrics import decoder_cosine, fve_per_source, relative_decoder_norm
-from crosscoder.model import CrossCoder, CrossCoderSpec, export_names
+from crosscoder.model import CrossCoder, CrossCoderSpec, export_names, init_parameters
 
 ARCHS = ["acausal", "aligned"]
 ACTS = ["relu", "topk", "batchtopk"]
@@ -214,10 +214,16 @@ def test_bad_spec_is_rejected_with_a_clear_message(kwargs, match):
         CrossCoderSpec(**kwargs)
 
 
-def test_latent_range_init_matches_the_full_dictionary_slice():
-    full = make(latents=96)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_latent_range_init_matches_the_full_dictionary_slice(arch):
+    full = make(arch, latents=96)
     part = CrossCoder(full.spec, seed=0, dec_init_norm=0.5, latent_range=(32, 80))
     assert torch.equal(part.W_dec, full.W_dec[32:80])
+    # drawn in chunks (65,536 rows in a real run): a slice across chunk boundaries gets the same rows
+    whole = init_parameters(full.spec, 0, 0.5, 0, 96, chunk=7)
+    for lo, hi in [(0, 7), (3, 40), (32, 80), (90, 96)]:
+        assert torch.equal(init_parameters(full.spec, 0, 0.5, lo, hi, chunk=7), whole[lo:hi]), (lo, hi)
+    assert torch.allclose(whole[:, :24].norm(dim=1), torch.tensor(0.5))
 
 
 @pytest.mark.precision
