@@ -123,23 +123,26 @@ def cmd_tiny(args) -> int:
     return 0
 
 
-def run_command(args, rest) -> int:
+def run_command(args, rest, argv: list[str] | None = None) -> int:
     from . import pipeline
+    from .run_lock import hold
 
     cfg, run_dir = resolve(args, rest)
     progress, data = not args.quiet, getattr(args, "data", None)
+    command = " ".join(["crosscoder", *(argv if argv is not None else sys.argv[1:])])
     if args.command == "run":
-        pipeline.run(cfg, run_dir, data, progress=progress)
+        pipeline.run(cfg, run_dir, data, progress=progress, command=command)
         return 0
     plan = pipeline.plan(cfg, run_dir, data)
-    if args.command == "harvest":
-        pipeline.harvest(plan, progress)
-    elif args.command == "synthetic":
-        pipeline.synthetic(plan, progress, output=args.output, keep_complete=False)
-    elif args.command == "train":
-        pipeline.print_training_summary(pipeline.train(plan, progress))
-    elif args.command == "analyze":
-        pipeline.analyze(plan, progress)
+    with hold(plan.run_dir, command):
+        if args.command == "harvest":
+            pipeline.harvest(plan, progress)
+        elif args.command == "synthetic":
+            pipeline.synthetic(plan, progress, output=args.output, keep_complete=False)
+        elif args.command == "train":
+            pipeline.print_training_summary(pipeline.train(plan, progress))
+        elif args.command == "analyze":
+            pipeline.analyze(plan, progress)
     return 0
 
 
@@ -289,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_export(args)
         if args.command == "push":
             return cmd_push(args)
-        return run_command(args, rest)
+        return run_command(args, rest, argv)
     except ConfigError as e:
         print(f"crosscoder: config error: {e}", file=sys.stderr)
         return 2

@@ -241,10 +241,19 @@ def _cluster_gpus() -> float:
     return connect().cluster_resources().get("GPU", 0)
 
 
-def run(cfg: RunConfig, run_dir: str | Path | None = None, data: str | None = None, progress: bool = True):
+def run(cfg: RunConfig, run_dir: str | Path | None = None, data: str | None = None, progress: bool = True,
+        command: str = "crosscoder.pipeline.run"):
     """Every stage in order: the data (harvest when ``harvest.models`` or the demo pair is set, else
-    planted synthetic shards), training, the planted-truth score (synthetic data), the analysis."""
+    planted synthetic shards), training, the planted-truth score (synthetic data), the analysis.
+    The run directory is held for the whole run (run_lock.py): a second one there is refused."""
+    from .run_lock import hold
+
     p = plan(cfg, run_dir, data)
+    with hold(p.run_dir, command):
+        return _run(p, progress)
+
+
+def _run(p: Plan, progress: bool):
     if p.cfg.harvest.models:
         harvest(p, progress)
     else:

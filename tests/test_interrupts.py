@@ -22,7 +22,7 @@ def logged_steps(run: Path) -> list[int]:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_ctrl_c_writes_a_checkpoint_and_the_rerun_logs_each_step_once(small_shards, tmp_path, workers):
+def test_ctrl_c_writes_a_checkpoint_and_the_rerun_logs_each_step_once(small_shards, tmp_path, workers, capsys):
     run = tmp_path / "run"
     args = [sys.executable, "-m", "crosscoder.cli", "train", "--run", str(run), "--data", small_shards, "--quiet",
             "--train.latents", "96", "--train.k", "4", "--train.batch_size", "256", "--train.lr", "3e-3",
@@ -40,6 +40,13 @@ def test_ctrl_c_writes_a_checkpoint_and_the_rerun_logs_each_step_once(small_shar
         out, err = proc.communicate()
         pytest.fail(f"{len(logged_steps(run))} steps logged in 600 s (exit {proc.returncode}); stderr ends: "
                     f"{err[-3000:]}")
+    # a second command on the run directory while this one trains is refused, naming it, and
+    # changes nothing (two would write checkpoints over each other)
+    from crosscoder.cli import main
+
+    assert main(args[3:] + ["--train.steps", "7"]) == 1
+    said = capsys.readouterr().err
+    assert f"is in use by another crosscoder process (pid {proc.pid} on " in said and "use another --run" in said
     proc.send_signal(signal.SIGINT)
     pressed = time.time()
     try:

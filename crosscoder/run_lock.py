@@ -1,0 +1,69 @@
+"""One crosscoder process at a time in a run directory.
+
+Two drivers on one run directory (a job submitted twice, a second terminal) would both write
+checkpoints ``step-N`` over each other, interleave ``train_log.jsonl``, remove each other's stop
+file and leave an export that neither run made. :func:`hold` takes an exclusive ``flock`` on
+``<run>/.lock`` for a command's whole life and writes who holds it there, so the second command
+is refused at once with a line naming the first (pid, host, command, start time).
+
+Why ``flock``: the kernel releases it when the holder exits, however it exits (``kill -9``, a
+node's OOM killer), so there is never a stale lock to clean up; the file stays, harmless. Its cost
+and limit: it protects the run directory only as far as the filesystem honours ``flock``. Local
+disks do, and so do NFSv4 and CephFS across clients; a filesystem that refuses locks is said once
+and the command runs without one. A shard root outside the run directory (``s3://…``) is not
+covered: two harvests into one bucket prefix are the user's to avoid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import CrosscoderError
+
+LOCK_FILE = ".lock"
+
+
+class RunDirBusy(CrosscoderError, RuntimeError):
+    """Another crosscoder process holds the run directory."""
+
+
+@contextlib.contextmanager
+def hold(run_dir: Path, command: str) -> Iterator[None]:
+    """Hold ``run_dir`` for the ``with`` block (created if needed); :class:`RunDirBusy` if taken."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                print(f"{path}: this filesystem refuses file locks ({e.strerror}); running without one (do not "
+                      "start a second command on this run directory)", file=sys.stderr)
+                yield
+                return
+            raise RunDirBusy(f"{run_dir} is in use by another crosscoder process ({_holder(path)}); wait for it to "
+                             "finish, stop it, or use another --run") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n").encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _holder(path: Path) -> str:
+    try:
+        h = json.loads(path.read_text())
+        return f"pid {h['pid']} on {h['host']}, `{h['command']}`, since {h['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its details are not written yet"
