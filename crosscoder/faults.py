@@ -27,7 +27,7 @@ def point(site: str, where: str) -> None:
     marker = Path(os.environ["CROSSCODER_FAULT_MARKER"])
     if marker.exists():
         return
-    marker.touch()
+    marker.write_text(f"{os.getpid()}\n")  # which process died, for the test's checks
     if os.environ.get("CROSSCODER_FAULT_KIND", "exit") == "memory":
         held = []
         for _ in range(64):  # up to 16 GiB, a page at a time, until the process is killed

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -65,6 +66,7 @@ from .shards import (
     SourceInfo,
     read_manifest,
     shard_name,
+    sweep_partial_shards,
     write_manifest,
 )
 from .storage import Root, StorageError, absolute_url, open_root
@@ -116,6 +118,7 @@ class ShardHarvester:
         self.prefix = prefix_token(tokenizer, hc.prefix)
         self.pad = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
         self.root = open_root(hc.output, self.cfg.storage)
+        self.actor_index = actor_index
         self.metrics = HarvestMetrics(self.cfg.metrics.port, actor_index, host=self.cfg.metrics.host, run=self.cfg.name)
 
     def activations(self, tokens: list, firsts: list[bool] | None = None
@@ -157,8 +160,13 @@ class ShardHarvester:
     def write(self, index: int, chunks: list[Chunk]) -> dict:
         hc = self.cfg.harvest
         started = time.time()
+        # each shard first removes what writers killed on this node left (an actor that dies mid-shard
+        # cannot): checked by each file's lock, a few files at most
+        files, freed = sweep_partial_shards()
+        if files:
+            print(f"harvest actor {self.actor_index}: removed {files} partial shard file(s) ({freed / 2**20:.0f} MiB) "
+                  f"that killed harvest actors left in {tempfile.gettempdir()}", file=sys.stderr, flush=True)
         width = sum(r.width[i] for r in self.readers.values() for i in range(len(hc.hooks)))
-        writer = ShardWriter(self.root, shard_name(index), width=width, dtype=hc.dtype)
         norm_sum: torch.Tensor | float = 0.0
         waiting: tuple | None = None  # the previous batch: (chunks, host acts, ids, copy event, finite, norms)
 
@@ -171,7 +179,7 @@ class ShardHarvester:
                 writer.add(f"{c.doc:08d}-{c.index:04d}", t, a[: len(t)].numpy(),
                            {"doc": c.doc, "chunk": c.index, "offset": c.offset, "chat": c.chat})
 
-        try:
+        with ShardWriter(self.root, shard_name(index), width=width, dtype=hc.dtype) as writer:  # removed on an error
             for i in range(0, len(chunks), hc.batch_size):
                 batch = chunks[i : i + hc.batch_size]
                 acts, ids, norms = self.activations([c.tokens for c in batch], [c.index == 0 for c in batch])
@@ -194,9 +202,6 @@ class ShardHarvester:
             if waiting is not None:
                 flush(*waiting)
             info = writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
         info.stats = {"norm_sum": torch.as_tensor(norm_sum, device="cpu").tolist()}
         info.etag = self.root.version_tag(info.name)  # a resume checks this, not the bytes
         seconds = time.time() - started

@@ -14,6 +14,7 @@ Pure numpy: no torch, so harvest writers and other tools can use it without the 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -22,6 +23,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -32,6 +34,7 @@ FORMAT = "crosscoder-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
 STORABLE_DTYPES = ("float16", "float32")
+PART_SUFFIX = ".part"  # a shard being written, in the local temporary directory
 
 
 class ShardError(CrosscoderError, ValueError):
@@ -211,13 +214,23 @@ class _HashingFile(io.RawIOBase):
 
 
 class ShardWriter:
-    """Write one shard to a local temporary file, then commit it to the root atomically."""
+    """Write one shard to a local temporary file, then commit it to the root atomically.
+
+    The temporary file (``<tmp>/shard-NNNNNN.tar.<pid>.<random>.part``) is ``flock``-ed from its
+    birth until it is committed or aborted, so :func:`sweep_partial_shards` can tell a live writer's
+    file from one a killed writer left. Use it as a context manager: leaving the block without
+    :meth:`commit` (an error, a Ctrl-C) removes the file."""
 
     def __init__(self, root: Root, name: str, width: int, dtype: str = "float16", tmp_dir: str | None = None):
         if dtype not in STORABLE_DTYPES:
             raise ShardError(f"{name}: dtype {dtype!r} cannot be stored; use one of {STORABLE_DTYPES}")
         self.root, self.name, self.width, self.dtype = root, name, width, np.dtype(dtype)
-        fd, self.tmp_path = tempfile.mkstemp(prefix=f"{name}.", suffix=".part", dir=tmp_dir)
+        fd, creating = tempfile.mkstemp(prefix=f"{name}.{os.getpid()}.", suffix=".creating", dir=tmp_dir)
+        # the lock sits on a descriptor of its own, so it outlives closing the file before the commit
+        self._lock = os.open(creating, os.O_RDONLY)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        self.tmp_path = creating[: -len(".creating")] + PART_SUFFIX
+        os.rename(creating, self.tmp_path)  # only ever seen as .part while locked
         self._fh = os.fdopen(fd, "wb")
         self._hashing = _HashingFile(self._fh)
         # a 1 MiB stream buffer: tarfile's default (10 KiB) re-slices its buffer once per 10 KiB written
@@ -258,7 +271,12 @@ class ShardWriter:
         self._tar.close()
         self._fh.close()
         info = ShardInfo(self.name, self.samples, self.tokens, self._hashing.size, self._hashing.sha.hexdigest())
-        self.root.commit_file(self.tmp_path, self.name)
+        try:
+            self.root.commit_file(self.tmp_path, self.name)
+        except BaseException:
+            self.abort()
+            raise
+        self._release()
         return info
 
     def abort(self) -> None:
@@ -268,6 +286,42 @@ class ShardWriter:
         finally:
             if os.path.exists(self.tmp_path):
                 os.unlink(self.tmp_path)
+            self._release()
+
+    def _release(self) -> None:
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock >= 0:  # neither committed nor aborted
+            self.abort()
+
+
+def sweep_partial_shards(tmp_dir: str | None = None) -> tuple[int, int]:
+    """Remove the temporary shard files that killed writers left in ``tmp_dir`` (the system's
+    temporary directory by default): a harvest actor killed mid-shard (out of memory, a preempted
+    node) cannot remove its own, and each is up to a shard's size. A file whose writer lives is
+    locked and kept. Returns (files, bytes) removed."""
+    files = freed = 0
+    for path in Path(tmp_dir or tempfile.gettempdir()).glob(f"shard-*{PART_SUFFIX}"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            size = os.fstat(fd).st_size
+            path.unlink()
+            files, freed = files + 1, freed + size
+        except OSError:
+            pass  # its writer lives (or another sweep took it first)
+        finally:
+            os.close(fd)
+    return files, freed
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import ConfigError, SyntheticConfig, check_synthetic
-from .shards import Manifest, ShardWriter, SourceInfo, shard_name, write_manifest
+from .shards import Manifest, ShardWriter, SourceInfo, shard_name, sweep_partial_shards, write_manifest
 from .storage import Root
 
 CLASSES = ("shared", "base_only", "chat_only", "rotated", "strong")
@@ -173,6 +173,7 @@ def write_synthetic(cfg: SyntheticConfig, output: str, progress: bool = True, ro
     """Write planted-truth shards, ``planted.npz`` and the manifest to ``output`` (or ``root``)."""
     planted = plant_dictionary(cfg)  # checks the config first
     root = root or Root(output)
+    sweep_partial_shards()  # what a killed run left in the temporary directory
     root.write_bytes(PLANTED, planted.to_bytes())
     samples_total = -(-cfg.tokens // cfg.seq_len)
     n_shards = -(-samples_total // cfg.samples_per_shard)
@@ -181,15 +182,15 @@ def write_synthetic(cfg: SyntheticConfig, output: str, progress: bool = True, ro
     shards = []
     for n in tqdm(range(n_shards), desc="synthetic shards", unit="shard", disable=not progress):
         rng = np.random.default_rng([cfg.seed, 1, n])
-        writer = ShardWriter(root, shard_name(n), width=sum(cfg.widths), dtype=cfg.dtype)
-        first = n * cfg.samples_per_shard
-        for doc in range(first, min(first + cfg.samples_per_shard, samples_total)):
-            acts = sample_activations(planted, cfg, cfg.seq_len, rng)
-            tokens = rng.integers(0, 1000, size=cfg.seq_len, dtype=np.int32)
-            writer.add(f"{doc:08d}-0000", tokens, acts, {"doc": doc, "chunk": 0, "offset": 0})
-            for s in range(len(cfg.widths)):
-                norm_sum[s] += np.linalg.norm(acts[:, slices[s] : slices[s + 1]].astype(np.float64), axis=1).sum()
-        shards.append(writer.commit())
+        with ShardWriter(root, shard_name(n), width=sum(cfg.widths), dtype=cfg.dtype) as writer:
+            first = n * cfg.samples_per_shard
+            for doc in range(first, min(first + cfg.samples_per_shard, samples_total)):
+                acts = sample_activations(planted, cfg, cfg.seq_len, rng)
+                tokens = rng.integers(0, 1000, size=cfg.seq_len, dtype=np.int32)
+                writer.add(f"{doc:08d}-0000", tokens, acts, {"doc": doc, "chunk": 0, "offset": 0})
+                for s in range(len(cfg.widths)):
+                    norm_sum[s] += np.linalg.norm(acts[:, slices[s] : slices[s + 1]].astype(np.float64), axis=1).sum()
+            shards.append(writer.commit())
     total_tokens = sum(s.tokens for s in shards)
     mean_norm = norm_sum / total_tokens
     manifest = Manifest(

@@ -130,6 +130,10 @@ def test_actor_killed_mid_shard_is_replaced_and_the_shard_redone(ray_cluster, ti
     out = tmp_path / "acts"
     manifest = harvest(harvest_config(tiny, str(out)), progress=False)
     assert marker.exists()  # an actor really died writing shard 1
+    import tempfile
+
+    killed_pid = int(marker.read_text())  # its half-written shard-000001 was swept by the shard written after it
+    assert not list(Path(tempfile.gettempdir()).glob(f"shard-000001.tar.{killed_pid}.*"))
     names = [s.name for s in manifest.shards]
     assert names == sorted(set(names)) and len(names) == manifest.extra["harvest"]["planned_shards"]
     assert not [p for p in out.iterdir() if ".tmp-" in p.name or p.suffix == ".part"]

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -108,6 +109,52 @@ def test_writer_rejects_wrong_width(tmp_path):
     with pytest.raises(ShardError, match=r"acts must be \[T=4, D=8\]"):
         w.add("a", np.zeros(4, np.int32), np.zeros((4, 7), np.float16))
     w.abort()
+
+
+KILLED_WRITER = """
+import os, sys
+import numpy as np
+from crosscoder.shards import ShardWriter, shard_name
+from crosscoder.storage import Root
+w = ShardWriter(Root(sys.argv[1]), shard_name(7), width=4, tmp_dir=sys.argv[2])
+w.add("a", np.zeros(3, np.int32), np.ones((3, 4), np.float16))
+os._exit(9)  # killed mid-shard: no chance to remove its file
+"""
+
+
+def test_partial_shards_of_killed_writers_are_swept_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from crosscoder.shards import sweep_partial_shards
+
+    tmp, root = tmp_path / "tmp", Root(str(tmp_path / "root"))
+    tmp.mkdir()
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "root"), str(tmp)], timeout=60)
+    assert killed.returncode == 9
+    (left,) = tmp.glob("shard-000007.tar.*.part")
+    assert re.fullmatch(r"shard-000007\.tar\.\d+\.\w+\.part", left.name)  # the writer's pid in it
+    size = left.stat().st_size
+    with ShardWriter(root, shard_name(0), width=4, tmp_dir=str(tmp)) as live:
+        live.add("a", np.zeros(3, np.int32), np.ones((3, 4), np.float16))
+        assert sweep_partial_shards(str(tmp)) == (1, size)
+        assert not left.exists() and len(list(tmp.glob("*.part"))) == 1  # the live writer's is kept
+        info = live.commit()
+    assert (tmp_path / "root" / shard_name(0)).stat().st_size == info.bytes  # committed whole after the sweep
+    assert not list(tmp.iterdir())
+    # leaving the block without a commit (an error, a Ctrl-C) removes the file
+    with pytest.raises(KeyboardInterrupt), ShardWriter(root, shard_name(1), width=4, tmp_dir=str(tmp)) as w:
+        w.add("a", np.zeros(3, np.int32), np.ones((3, 4), np.float16))
+        raise KeyboardInterrupt
+    assert not list(tmp.iterdir())
+    # and so does a commit the root refuses
+    (tmp_path / "blocked").write_text("a file where the root's directory should be")
+    with pytest.raises(OSError), ShardWriter(Root(str(tmp_path / "blocked" / "root")), shard_name(2), width=4,
+                                             tmp_dir=str(tmp)) as w:
+        w.add("a", np.zeros(3, np.int32), np.ones((3, 4), np.float16))
+        w.commit()
+    assert not list(tmp.iterdir())
+    assert sweep_partial_shards(str(tmp)) == (0, 0)
 
 
 def test_missing_or_bad_manifest(tmp_path):
