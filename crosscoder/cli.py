@@ -9,6 +9,7 @@ in pipeline.py; a failure the user can fix is one ``crosscoder: ...`` line, not 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -307,6 +308,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (CrosscoderError, FileNotFoundError) as e:  # errors.py: a failure the user can fix, one line
         print(f"crosscoder: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 else e.filename or "a file"
+        print(f"crosscoder: cannot write {where}: {e.strerror}; free space (or raise the quota) and re-run the same "
+              "command: committed shards and the last checkpoint are kept", file=sys.stderr)
         return 1
 
 

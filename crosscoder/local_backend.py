@@ -20,7 +20,7 @@ from .collectives import LOCAL
 from .config import RunConfig
 from .losses import forward_and_loss
 from .model import CrossCoder
-from .trainer import prune_checkpoints, step_dirs
+from .trainer import CheckpointError, prune_checkpoints, step_dirs
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -75,10 +75,21 @@ class LocalBackend:
         final, tmp = root / f"step-{state['step']}", root / f".step-{state['step']}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        torch.save({"spec": state["spec"], "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "dead": state["dead"], "rng": state["rng"], "step": state["step"], "position": state["positions"]},
-                   tmp / "state.pt")
-        (tmp / "position.json").write_text(json.dumps(state["positions"]) + "\n")
+        try:
+            torch.save({"spec": state["spec"], "model": self.model.state_dict(),
+                        "optimizer": self.optimizer.state_dict(), "dead": state["dead"], "rng": state["rng"],
+                        "step": state["step"], "position": state["positions"]}, tmp / "state.pt")
+            (tmp / "position.json").write_text(json.dumps(state["positions"]) + "\n")
+        except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError of its zip writer
+            free = shutil.disk_usage(root).free
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = checkpoint_dirs(run_dir)
+            raise CheckpointError(
+                f"{final}: the checkpoint could not be written ({type(error).__name__}: "
+                f"{(str(error).strip().splitlines() or [''])[0]}; {free / 2**20:.0f} MiB were free there); "
+                + (f"{kept[-1].name} is kept: free space (or lower train.keep_checkpoints) and re-run the same "
+                   "command to resume from it" if kept else "no checkpoint was complete yet: free space and re-run")
+            ) from error
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         prune_checkpoints(run_dir, keep)

@@ -14,6 +14,7 @@ Pure numpy: no torch, so harvest writers and other tools can use it without the 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import io
@@ -261,15 +262,27 @@ class ShardWriter:
                 f"{self.name}/{key}: acts must be [T={tokens.shape[0]}, D={self.width}], got {acts.shape}"
             )
         self._keys.add(key)
-        self._add(f"{key}.tokens.npy", _npy(tokens.astype(np.int32, copy=False)))
-        self._add(f"{key}.acts.npy", _npy(acts.astype(self.dtype, copy=False)))
-        self._add(f"{key}.json", json.dumps(meta or {}, sort_keys=True).encode())
+        with self._named():
+            self._add(f"{key}.tokens.npy", _npy(tokens.astype(np.int32, copy=False)))
+            self._add(f"{key}.acts.npy", _npy(acts.astype(self.dtype, copy=False)))
+            self._add(f"{key}.json", json.dumps(meta or {}, sort_keys=True).encode())
         self.samples += 1
         self.tokens += int(tokens.shape[0])
 
+    @contextlib.contextmanager
+    def _named(self):
+        """A failed write (a full disk) names the temporary file, which a file object's error does not."""
+        try:
+            yield
+        except OSError as e:
+            if e.filename is not None:
+                raise
+            raise OSError(e.errno, e.strerror, self.tmp_path) from e
+
     def commit(self) -> ShardInfo:
-        self._tar.close()
-        self._fh.close()
+        with self._named():
+            self._tar.close()
+            self._fh.close()
         info = ShardInfo(self.name, self.samples, self.tokens, self._hashing.size, self._hashing.sha.hexdigest())
         try:
             self.root.commit_file(self.tmp_path, self.name)
@@ -281,8 +294,10 @@ class ShardWriter:
 
     def abort(self) -> None:
         try:
-            self._tar.close()
-            self._fh.close()
+            with contextlib.suppress(OSError):  # the file is discarded: a full disk failing its flush is moot
+                self._tar.close()
+            with contextlib.suppress(OSError):
+                self._fh.close()
         finally:
             if os.path.exists(self.tmp_path):
                 os.unlink(self.tmp_path)

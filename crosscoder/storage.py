@@ -174,9 +174,16 @@ class Root:
     def write_bytes(self, name: str, data: bytes) -> None:
         """Atomic small write (the manifest)."""
         fd, tmp = tempfile.mkstemp(prefix="crosscoder-", suffix=".part")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        self.commit_file(tmp, name)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            self.commit_file(tmp, name)
+        except BaseException as e:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            if isinstance(e, OSError) and e.filename is None:  # a full disk: name the file
+                raise OSError(e.errno, e.strerror, tmp) from e
+            raise
 
     def temporary_files(self) -> builtins.list[str]:
         """Left-over temporary files of interrupted local commits (S3 commits leave none)."""

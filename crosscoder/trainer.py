@@ -71,6 +71,10 @@ class RunDirError(CrosscoderError, ValueError):
     """The run directory holds state that does not fit this run."""
 
 
+class CheckpointError(CrosscoderError, OSError):
+    """A checkpoint could not be written (a full disk, a quota); the last complete one is kept."""
+
+
 class TrainingStopped(RuntimeError):
     """Another rank stopped (its data failed); this rank stops with it."""
 

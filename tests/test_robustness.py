@@ -255,3 +255,57 @@ def test_an_object_store_restarted_empty_mid_harvest_stops_with_one_line(tiny, t
     # shard retried, as no retry mends either
     assert ("bucket 'runs' does not exist any more" in lines[-1] or "attempts" in lines[-1]) \
         and "failed 4 times" not in lines[-1], lines[-1]
+
+
+def test_a_checkpoint_the_disk_refuses_is_one_line_and_the_last_one_is_kept(small_shards, tmp_path):
+    """A write that fails mid-checkpoint (here the file-size limit, as a full disk or a quota fails it)
+    stops training with one line naming the checkpoint and the one kept; nothing half-written stays,
+    and a re-run with room resumes from the kept checkpoint, each step logged once."""
+    import json
+    import resource
+    import signal
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "crosscoder.cli", "train", "--run", str(run), "--data", small_shards, "--quiet",
+            "--train.latents", "96", "--train.k", "4", "--train.batch_size", "256", "--train.log_every", "1",
+            "--train.checkpoint_every", "10"]
+
+    def limited() -> None:  # files of at most 64 KiB: the first checkpoint's state.pt is ~100 KiB
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    first = subprocess.run([*args, "--train.steps", "10"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (run / "checkpoints" / "step-10" / "state.pt").stat().st_size > 64 << 10
+    full = subprocess.run([*args, "--train.steps", "30"], capture_output=True, text=True, timeout=300,
+                          preexec_fn=limited)
+    assert full.returncode == 1, full.stderr[-2000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"crosscoder: CheckpointError: {run / 'checkpoints' / 'step-20'}: the checkpoint could "
+                           "not be written (") and "step-10 is kept" in last, full.stderr[-2000:]
+    assert "Traceback" not in full.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-10"]  # no half-written one
+    again = subprocess.run([*args, "--train.steps", "30"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 31))
+
+
+def test_a_shard_the_disk_refuses_is_one_line_and_leaves_no_temporary_file(tmp_path):
+    import resource
+    import signal
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # planted.npz (0.5 MiB) fits, a shard not
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = subprocess.run([sys.executable, "-m", "crosscoder.cli", "synthetic", "--run", str(tmp_path / "run"),
+                          "--quiet", "--synthetic.tokens", "100000"], capture_output=True, text=True, timeout=300,
+                         preexec_fn=limited, env=os.environ | {"TMPDIR": str(tmp)})
+    assert out.returncode == 1, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"crosscoder: cannot write {tmp}/shard-000000.tar.") and "File too large" in last, last
+    assert "Traceback" not in out.stderr
+    assert not list(tmp.iterdir())  # the writer removed its temporary shard
