@@ -131,16 +131,19 @@ def synthetic(p: Plan, progress: bool = True, output: str | None = None, keep_co
 def train(p: Plan, progress: bool = True):
     """Train in this process (``train.workers = 0``) or on Ray Train + DeepSpeed workers; a run
     already trained to ``train.steps`` with this dictionary is not trained again."""
+    from .errors import CrosscoderError
     from .shards import read_manifest
     from .storage import open_root
-    from .trainer import TrainingDiverged, TrainResult, spec_from
+    from .trainer import TrainResult, spec_from
     from .trainer import train as train_here
 
     tc = p.cfg.train
     try:
         finished = TrainResult.read(p.run_dir)
-    except TrainingDiverged:
-        finished = None  # the last call stopped on a NaN: train again (e.g. with a lower learning rate)
+    except CrosscoderError:
+        # the last call stopped (a NaN, a bad shard, the data's end, a full disk): train again, from
+        # its last checkpoint, once the cause is mended (a lower learning rate, the shard, more epochs)
+        finished = None
     spec = spec_from(tc, read_manifest(open_root(p.data, p.cfg.storage)))
     if finished is not None and finished.is_finished(tc, spec):
         print(f"train: {p.run_dir.absolute()} already trained to step {finished.steps}, skipping (raise train.steps "

@@ -121,7 +121,10 @@ def test_the_end_of_the_data_keeps_the_steps_done_and_a_rerun_continues(tmp_path
         train(cfg, tmp_path / "run", data=small_shards, progress=False)
     assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-25", "step-32"]
     cfg.train.max_epochs = 0
-    again = train(cfg, tmp_path / "run", data=small_shards, progress=False)
+    from crosscoder import pipeline
+
+    # as `crosscoder train` re-runs it: the stop recorded in train_result.json is not a finished run
+    again = pipeline.train(pipeline.plan(cfg, tmp_path / "run", small_shards), progress=False)
     assert len(again.losses) == 8 and again.steps == 40 and again.export_dir is not None
 
 
