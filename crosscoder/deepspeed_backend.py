@@ -42,13 +42,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.checkpoint.api import CheckpointException
 
+from . import faults
 from .config import RunConfig
 from .losses import LossWeights, forward_and_loss
 from .model import CrossCoder, export_layout, write_export_config
 from .parallel import CommCounter, DistributedCollectives, ParallelLayout
 from .sliced_export import assemble, write_slice
-from .trainer import RunDirError, latest_checkpoint, prune_checkpoints
+from .trainer import RunDirError, checkpoint_error, latest_checkpoint, prune_checkpoints
 
 # torch 2.13 deprecates the collective that DeepSpeed's ZeRO and torch's own checkpoint code call; the
 # warning names no step of ours and would be printed by every rank through Ray's log
@@ -287,13 +289,25 @@ class DeepSpeedBackend:
         if layout.rank == 0:
             shutil.rmtree(folder, ignore_errors=True)  # a step saved again after a restart
         dist.barrier()
-        dcp.save({name: self._on_mesh(name, t) for name, t in local.items()}, checkpoint_id=str(folder / "dcp"))
+        failed: BaseException | None = None
+        try:  # a full disk or a quota: every rank learns it below and stops alike, the last checkpoint kept
+            dcp.save({name: self._on_mesh(name, t) for name, t in local.items()}, checkpoint_id=str(folder / "dcp"))
+            if layout.rank == 0:
+                faults.point("checkpoint", f"rank 0 step {state['step']}")
+                torch.save({"spec": state["spec"], "layout": [layout.latent_parallel, layout.data_parallel],
+                            "step": state["step"], "adam_step": adam_step, "positions": positions,
+                            "threshold_updates": int(model.threshold_updates), "rng": [rng for _, rng in everyone]},
+                           folder / "loop.pt")
+                (folder / "position.json").write_text(json.dumps(positions) + "\n")
+        except (OSError, RuntimeError, CheckpointException) as error:  # DCP raises the last on every rank
+            failed = error
+        if self.collectives.worst(1 if failed is not None else 0):
+            stop = checkpoint_error(folder, failed, latest_checkpoint(run_dir))
+            dist.barrier()  # every rank has measured the free space
+            if layout.rank == 0:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise stop
         if layout.rank == 0:
-            torch.save({"spec": state["spec"], "layout": [layout.latent_parallel, layout.data_parallel],
-                        "step": state["step"], "adam_step": adam_step, "positions": positions,
-                        "threshold_updates": int(model.threshold_updates), "rng": [rng for _, rng in everyone]},
-                       folder / "loop.pt")
-            (folder / "position.json").write_text(json.dumps(positions) + "\n")
             (root / "latest.tmp").write_text(folder.name)
             (root / "latest.tmp").rename(root / "latest")  # the checkpoint counts from here on
             prune_checkpoints(run_dir, keep)

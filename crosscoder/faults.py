@@ -6,13 +6,15 @@ e.g. ``"train: rank 1 step 6"`` or ``"harvest: shard 1 half"``, and ``CROSSCODER
 file path: the process that reaches that point while the marker does not exist creates it and exits
 at once with status 17, so the retried or restarted work passes the point. With
 ``CROSSCODER_FAULT_KIND=memory`` it instead takes memory until something kills it (Ray's memory
-monitor, in the tests that set its threshold), as a worker that outgrows its node is killed. Both
-variables unset (as in any real run) make :func:`point` a dictionary lookup. The Ray processes the
-harvest and the trainer start receive every ``CROSSCODER_*`` variable of the driver.
+monitor, in the tests that set its threshold), as a worker that outgrows its node is killed; with
+``CROSSCODER_FAULT_KIND=disk`` it raises the error a full disk raises (ENOSPC) where a write comes.
+Both variables unset (as in any real run) make :func:`point` a dictionary lookup. The Ray processes
+the harvest and the trainer start receive every ``CROSSCODER_*`` variable of the driver.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -28,7 +30,10 @@ def point(site: str, where: str) -> None:
     if marker.exists():
         return
     marker.write_text(f"{os.getpid()}\n")  # which process died, for the test's checks
-    if os.environ.get("CROSSCODER_FAULT_KIND", "exit") == "memory":
+    kind = os.environ.get("CROSSCODER_FAULT_KIND", "exit")
+    if kind == "disk":  # the write that was to come fails as on a full disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{where} (injected)")
+    if kind == "memory":
         held = []
         for _ in range(64):  # up to 16 GiB, a page at a time, until the process is killed
             block = bytearray(256 * 2**20)

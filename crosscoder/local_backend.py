@@ -20,7 +20,7 @@ from .collectives import LOCAL
 from .config import RunConfig
 from .losses import forward_and_loss
 from .model import CrossCoder
-from .trainer import CheckpointError, prune_checkpoints, step_dirs
+from .trainer import checkpoint_error, prune_checkpoints, step_dirs
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -81,15 +81,10 @@ class LocalBackend:
                         "step": state["step"], "position": state["positions"]}, tmp / "state.pt")
             (tmp / "position.json").write_text(json.dumps(state["positions"]) + "\n")
         except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError of its zip writer
-            free = shutil.disk_usage(root).free
-            shutil.rmtree(tmp, ignore_errors=True)
             kept = checkpoint_dirs(run_dir)
-            raise CheckpointError(
-                f"{final}: the checkpoint could not be written ({type(error).__name__}: "
-                f"{(str(error).strip().splitlines() or [''])[0]}; {free / 2**20:.0f} MiB were free there); "
-                + (f"{kept[-1].name} is kept: free space (or lower train.keep_checkpoints) and re-run the same "
-                   "command to resume from it" if kept else "no checkpoint was complete yet: free space and re-run")
-            ) from error
+            stop = checkpoint_error(final, error, kept[-1] if kept else None)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise stop from error
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         prune_checkpoints(run_dir, keep)

@@ -29,6 +29,7 @@ from .stream import DataExhausted
 from .trainer import (
     RESULT_FILE,
     STOP_FILE,
+    CheckpointError,
     Interrupted,
     TrainingDiverged,
     TrainingFailed,
@@ -36,6 +37,7 @@ from .trainer import (
     TrainResult,
     check_partitions,
     latest_checkpoint,
+    record_stop,
     spec_from,
 )
 
@@ -62,6 +64,8 @@ def train_worker(config: dict) -> None:
               backend=DeepSpeedBackend(cfg, device))
     except (TrainingDiverged, ShardError, DataExhausted, TrainingStopped):
         pass  # written to the result file, which the driver reads: a retry would stop the same way
+    except CheckpointError as stop:  # every rank raises it; a retry would fill the same disk
+        record_stop(Path(config["run_dir"]), stop)
     except Interrupted:
         pass  # the driver asked (Ctrl-C): every rank checkpointed at the same step
 

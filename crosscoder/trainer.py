@@ -83,10 +83,11 @@ class TrainingFailed(CrosscoderError, RuntimeError):
     """The distributed trainer failed after its retries; the message says why."""
 
 
-STOPS = {"TrainingDiverged": TrainingDiverged, "ShardError": ShardError, "DataExhausted": DataExhausted}
+STOPS = {"TrainingDiverged": TrainingDiverged, "ShardError": ShardError, "DataExhausted": DataExhausted,
+         "CheckpointError": CheckpointError}
 
 
-def _stop(run_dir: Path, error: Exception) -> None:
+def record_stop(run_dir: Path, error: Exception) -> None:
     """Record why training stopped, for the driver and for a re-run (any rank may write it)."""
     (run_dir / RESULT_FILE).write_text(json.dumps({"error": str(error), "kind": type(error).__name__}) + "\n")
 
@@ -121,7 +122,7 @@ def _next_batch(batches, collectives: Collectives, run_dir: Path, step: int, sto
     if code == 2:
         if error is None:
             raise TrainingStopped(f"step {step}: another rank stopped on its data")
-        _stop(run_dir, error)  # the rank that holds the cause records it
+        record_stop(run_dir, error)  # the rank that holds the cause records it
         raise error
     return batch if code == 0 else None
 
@@ -267,6 +268,26 @@ def step_dirs(run_dir: Path) -> list[Path]:
     return sorted(steps, key=lambda p: int(p.name.split("-")[1]))
 
 
+def checkpoint_error(folder: Path, error: BaseException | None, kept: Path | None) -> CheckpointError:
+    """The stop for a checkpoint ``folder`` the filesystem refused (a full disk, a quota): the cause,
+    the free space (measured before the half-written folder is removed) and what a re-run resumes from.
+    ``error`` None: another rank's part failed."""
+    failures = getattr(error, "failures", None)  # torch.distributed.checkpoint's CheckpointException: per rank
+    if failures:
+        rank, failure = next(iter(failures.items()))
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        said = f"rank {rank}: {type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
+    elif error is not None:
+        said = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+    else:
+        said = "another rank could not write its part"
+    free = shutil.disk_usage(folder.parent).free
+    then = (f"{kept.name} is kept: free space (or lower train.keep_checkpoints) and re-run the same command to "
+            "resume from it" if kept else "no checkpoint was complete yet: free space and re-run")
+    return CheckpointError(f"{folder}: the checkpoint could not be written ({said}; {free / 2**20:.0f} MiB were free "
+                           f"there); {then}")
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The folder ``<run>/checkpoints/latest`` names (the DeepSpeed backend's last complete
     checkpoint), or None."""
@@ -403,7 +424,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                         stopped.args = (f"{stopped} (stopped at step {step} with a checkpoint; a re-run resumes "
                                         "there)",)
                         if not isinstance(stopped, TrainingStopped):
-                            _stop(run_dir, stopped)
+                            record_stop(run_dir, stopped)
                     raise
                 if fed is None:  # Ctrl-C or the driver's stop file: the steps so far are kept, none redone
                     if step > start:
@@ -422,7 +443,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                                f"{ {k: float(v) for k, v in terms.items()} }); the optimizer step was not taken and "
                                f"the last checkpoint is intact; {cause}.")
                     if is_main:
-                        _stop(run_dir, TrainingDiverged(message))
+                        record_stop(run_dir, TrainingDiverged(message))
                     raise TrainingDiverged(message)
                 grad_norm = backend.step(loss, lr)
                 if out.batch_threshold is not None:

@@ -309,3 +309,53 @@ def test_a_shard_the_disk_refuses_is_one_line_and_leaves_no_temporary_file(tmp_p
     assert last.startswith(f"crosscoder: cannot write {tmp}/shard-000000.tar.") and "File too large" in last, last
     assert "Traceback" not in out.stderr
     assert not list(tmp.iterdir())  # the writer removed its temporary shard
+
+
+DISK_RANK = """
+import os, resource, signal, sys
+os.environ["DS_ACCELERATOR"] = "cpu"
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+from tests.conftest import small_run_config
+from crosscoder.deepspeed_backend import DeepSpeedBackend
+from crosscoder.trainer import train
+rank, steps, limited = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+if limited and rank == 1:  # this rank's part of a checkpoint (~90 KiB) no longer fits, as on a full disk
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (32 << 10, 32 << 10))
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+cfg = small_run_config(steps=steps, checkpoint_every=1, sparse_kernels="off", workers=2, latent_parallel=2,
+                       device="cpu")
+train(cfg, {run!r}, data={data!r}, progress=False, backend=DeepSpeedBackend(cfg))
+"""
+
+
+def test_a_distributed_checkpoint_one_rank_cannot_write_stops_every_rank_with_the_last_one_kept(small_shards,
+                                                                                                tmp_path):
+    """Rank 1's file of the step-3 checkpoint fails (the file-size limit, as a full disk): both ranks
+    stop with one CheckpointError naming the checkpoint kept, instead of one rank raising while the
+    other waits in the next collective; the half-written folder is removed."""
+    from .conftest import free_port
+
+    run = tmp_path / "run"
+
+    def ranks(steps: int, limited: bool) -> list[tuple[int, str]]:
+        code = DISK_RANK.format(root=str(REPO), port=free_port(), run=str(run), data=small_shards)
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(rank), str(steps), "1" if limited else "0"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "LOCAL_RANK": str(rank), "RANK": str(rank), "WORLD_SIZE": "2"})
+                 for rank in (0, 1)]
+        outs = []
+        for proc in procs:
+            _, err = proc.communicate(timeout=300)
+            outs.append((proc.returncode, err))
+        return outs
+
+    assert [code for code, _ in ranks(2, limited=False)] == [0, 0]  # step-1 and step-2; builds cached
+    for code, err in ranks(4, limited=True):
+        assert code != 0
+        last = err.strip().splitlines()[-1]
+        assert (f"crosscoder.trainer.CheckpointError: {run / 'checkpoints' / 'step-3'}: the checkpoint could not be "
+                "written (rank 1: OSError: [Errno 27] File too large;") in last and "step-2 is kept" in last, err[-3000:]
+    assert (run / "checkpoints" / "latest").read_text() == "step-2"
+    assert not (run / "checkpoints" / "step-3").exists()
