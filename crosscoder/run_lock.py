@@ -46,16 +46,15 @@ def hold(run_dir: Path, command: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                print(f"{path}: this filesystem refuses file locks ({e.strerror}); running without one (do not "
-                      "start a second command on this run directory)", file=sys.stderr)
-                yield
-                return
-            raise RunDirBusy(f"{run_dir} is in use by another crosscoder process ({_holder(path)}); wait for it to "
-                             "finish, stop it, or use another --run") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n").encode())
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunDirBusy(f"{run_dir} is in use by another crosscoder process ({_holder(path)}); wait for "
+                                 "it to finish, stop it, or use another --run") from None
+            print(f"{path}: this filesystem refuses file locks ({e.strerror}); running without one (do not start "
+                  "a second command on this run directory)", file=sys.stderr)
+        else:
+            os.ftruncate(fd, 0)
+            os.write(fd, (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                                      "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n").encode())
         yield
     finally:
         os.close(fd)  # releases the lock
