@@ -20,7 +20,9 @@ The :class:`~crosscoder.trainer.Backend` of ``train.workers > 0``, run inside ea
    tokens then). Loading needs Adam's state to exist, which torch creates at the first step: one
    step with learning rate 0 on zero gradients makes it, then every value is overwritten. ZeRO-3
    keeps DeepSpeed's own checkpoint (its partitioned low-precision weights are not reachable
-   through those calls), so it resumes on the same layout only (refused with a message otherwise);
+   through those calls), so it resumes on the same layout only (refused with a message otherwise).
+   Either way ``checkpoints/latest`` names a checkpoint only once every rank's files are written:
+   a full disk on one rank leaves the previous one named (DeepSpeed's own ``latest`` did not wait);
 4. the export is written slice by slice and assembled by streaming (sliced_export.py): the file a
    single process writes, without any process holding the whole dictionary.
 
@@ -331,10 +333,21 @@ class DeepSpeedBackend:
                   "threshold": [slices[r][1] for r in range(layout.latent_parallel)],
                   "threshold_updates": int(model.threshold_updates), "rng": state["rng"]}
         root = run_dir / "checkpoints"
-        self.engine.save_checkpoint(str(root), tag=f"step-{state['step']}", client_state=client)
+        folder = root / f"step-{state['step']}"
+        try:  # DeepSpeed's `latest` is written by rank 0 whether or not the other ranks' files were: not used
+            self.engine.save_checkpoint(str(root), tag=folder.name, client_state=client, save_latest=False)
+        except (OSError, RuntimeError) as error:
+            # a full disk on this rank (or, on the others, its end: they wait in DeepSpeed's barrier until
+            # its process exits), so a worker failure: Ray Train restarts from `latest`, still the last whole one
+            stop = checkpoint_error(folder, error, latest_checkpoint(run_dir))
+            if layout.rank == 0:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise RuntimeError(str(stop)) from error
         dist.barrier()
         if layout.rank == 0:
-            (root / f"step-{state['step']}" / "position.json").write_text(json.dumps(positions) + "\n")
+            (folder / "position.json").write_text(json.dumps(positions) + "\n")
+            (root / "latest.tmp").write_text(folder.name)
+            (root / "latest.tmp").rename(root / "latest")  # every rank's files are written: it counts from here on
             prune_checkpoints(run_dir, keep)
         dist.barrier()
 
