@@ -424,13 +424,14 @@ class CrossCoder(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         scale = list(norm_scale or self.spec.scales)
         loaded = getattr(self, "export_config", None)
-        if norm_scale is None and loaded is not None and loaded.get("normalization_folded"):
-            # loaded from an export: the weights are in raw units already; fold nothing, keep its record
-            save_file(self.export_tensors([1.0] * self.spec.n_sources), str(directory / "model.safetensors"))
-            write_export_config(self.spec, directory, scale, {k: v for k, v in loaded.items()
-                                                              if k not in asdict(self.spec)} | (extra or {}))
-            return
-        save_file(self.export_tensors(scale), str(directory / "model.safetensors"))
+        folded = norm_scale is None and loaded is not None and loaded.get("normalization_folded")
+        # loaded from an export: the weights are in raw units already; fold nothing, keep its record
+        tensors = self.export_tensors([1.0] * self.spec.n_sources if folded else scale)
+        partial = directory / "model.safetensors.partial"  # a process killed while writing leaves the last export
+        save_file(tensors, str(partial))
+        partial.replace(directory / "model.safetensors")
+        if folded and loaded is not None:
+            extra = {k: v for k, v in loaded.items() if k not in asdict(self.spec)} | (extra or {})
         write_export_config(self.spec, directory, scale, extra)
 
     @classmethod

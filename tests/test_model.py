@@ -375,3 +375,24 @@ def test_loading_an_export_writes_its_tensors_once_without_drawing_a_dictionary(
     assert not loaded.training and int(loaded.threshold_updates) == 1
     x = torch.randn(5, 64)
     assert torch.equal(loaded.encode(x), model.eval().encode(x))
+
+
+def test_an_export_cut_short_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    """A process killed while writing model.safetensors (a preempted node, at 1M latents a long write)
+    left a truncated file in its place; now the file is written beside it and renamed."""
+    import crosscoder.model as model_module
+
+    first = make()
+    first.save_pretrained(tmp_path / "export")
+    second = make(seed=1)
+
+    def cut_short(tensors, path):
+        with open(path, "wb") as fh:
+            fh.write(b"\0" * 100)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model_module, "save_file", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        second.save_pretrained(tmp_path / "export")
+    loaded = CrossCoder.from_pretrained(tmp_path / "export")
+    assert torch.equal(loaded.W_dec, first.W_dec)
