@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CrosscoderError
-from .storage import Root
+from .storage import Root, naming
 
 FORMAT = "crosscoder-shards"
 VERSION = 1
@@ -262,25 +262,15 @@ class ShardWriter:
                 f"{self.name}/{key}: acts must be [T={tokens.shape[0]}, D={self.width}], got {acts.shape}"
             )
         self._keys.add(key)
-        with self._named():
+        with naming(self.tmp_path):
             self._add(f"{key}.tokens.npy", _npy(tokens.astype(np.int32, copy=False)))
             self._add(f"{key}.acts.npy", _npy(acts.astype(self.dtype, copy=False)))
             self._add(f"{key}.json", json.dumps(meta or {}, sort_keys=True).encode())
         self.samples += 1
         self.tokens += int(tokens.shape[0])
 
-    @contextlib.contextmanager
-    def _named(self):
-        """A failed write (a full disk) names the temporary file, which a file object's error does not."""
-        try:
-            yield
-        except OSError as e:
-            if e.filename is not None:
-                raise
-            raise OSError(e.errno, e.strerror, self.tmp_path) from e
-
     def commit(self) -> ShardInfo:
-        with self._named():
+        with naming(self.tmp_path):
             self._tar.close()
             self._fh.close()
         info = ShardInfo(self.name, self.samples, self.tokens, self._hashing.size, self._hashing.sha.hexdigest())

@@ -12,11 +12,13 @@ S3-compatible store works. No torch here.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import os
 import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
@@ -32,6 +34,18 @@ FILE_MODE = 0o666 & ~_UMASK  # what a plain write would give (0644 under the usu
 
 class StorageError(CrosscoderError, OSError):
     """A storage root cannot be used; the message names the root and the cause."""
+
+
+@contextlib.contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """A failed write in the block (a full disk, a quota) names ``path``, which a file object's error
+    does not: ``[Errno 28] No space left on device`` says nothing of where."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def _protocol(url: str) -> str:
@@ -175,14 +189,12 @@ class Root:
         """Atomic small write (the manifest)."""
         fd, tmp = tempfile.mkstemp(prefix="crosscoder-", suffix=".part")
         try:
-            with os.fdopen(fd, "wb") as fh:
+            with naming(tmp), os.fdopen(fd, "wb") as fh:
                 fh.write(data)
             self.commit_file(tmp, name)
-        except BaseException as e:
+        except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-            if isinstance(e, OSError) and e.filename is None:  # a full disk: name the file
-                raise OSError(e.errno, e.strerror, tmp) from e
             raise
 
     def temporary_files(self) -> builtins.list[str]:

@@ -273,14 +273,14 @@ def checkpoint_error(folder: Path, error: BaseException | None, kept: Path | Non
     the free space (measured before the half-written folder is removed) and what a re-run resumes from.
     ``error`` None: another rank's part failed."""
     failures = getattr(error, "failures", None)  # torch.distributed.checkpoint's CheckpointException: per rank
-    if failures:
-        rank, failure = next(iter(failures.items()))
-        cause = failure[0] if isinstance(failure, tuple) else failure
-        said = f"rank {rank}: {type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
-    elif error is not None:
-        said = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
-    else:
+    rank, cause = next(iter(failures.items())) if failures else (None, error)
+    if isinstance(cause, tuple):  # (exception, its traceback)
+        cause = cause[0]
+    if cause is None:
         said = "another rank could not write its part"
+    else:
+        said = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
+        said = f"rank {rank}: {said}" if rank is not None else said
     free = shutil.disk_usage(folder.parent).free
     then = (f"{kept.name} is kept: free space (or lower train.keep_checkpoints) and re-run the same command to "
             "resume from it" if kept else "no checkpoint was complete yet: free space and re-run")

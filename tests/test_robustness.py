@@ -257,22 +257,29 @@ def test_an_object_store_restarted_empty_mid_harvest_stops_with_one_line(tiny, t
         and "failed 4 times" not in lines[-1], lines[-1]
 
 
+def files_of_at_most(size: int):
+    """A preexec_fn: the child's writes past ``size`` bytes fail (EFBIG), as a full disk fails them."""
+    def limit() -> None:
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error to handle, not a signal that kills
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    return limit
+
+
 def test_a_checkpoint_the_disk_refuses_is_one_line_and_the_last_one_is_kept(small_shards, tmp_path):
     """A write that fails mid-checkpoint (here the file-size limit, as a full disk or a quota fails it)
     stops training with one line naming the checkpoint and the one kept; nothing half-written stays,
     and a re-run with room resumes from the kept checkpoint, each step logged once."""
     import json
-    import resource
-    import signal
 
     run = tmp_path / "run"
     args = [sys.executable, "-m", "crosscoder.cli", "train", "--run", str(run), "--data", small_shards, "--quiet",
             "--train.latents", "96", "--train.k", "4", "--train.batch_size", "256", "--train.log_every", "1",
             "--train.checkpoint_every", "10"]
 
-    def limited() -> None:  # files of at most 64 KiB: the first checkpoint's state.pt is ~100 KiB
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+    limited = files_of_at_most(64 << 10)  # the first checkpoint's state.pt is ~100 KiB
 
     first = subprocess.run([*args, "--train.steps", "10"], capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -292,12 +299,7 @@ def test_a_checkpoint_the_disk_refuses_is_one_line_and_the_last_one_is_kept(smal
 
 
 def test_a_shard_the_disk_refuses_is_one_line_and_leaves_no_temporary_file(tmp_path):
-    import resource
-    import signal
-
-    def limited() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # planted.npz (0.5 MiB) fits, a shard not
+    limited = files_of_at_most(1 << 20)  # planted.npz (0.5 MiB) fits, a shard not
 
     tmp = tmp_path / "tmp"
     tmp.mkdir()
