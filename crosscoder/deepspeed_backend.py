@@ -52,7 +52,7 @@ from .losses import LossWeights, forward_and_loss
 from .model import CrossCoder, export_layout, write_export_config
 from .parallel import CommCounter, DistributedCollectives, ParallelLayout
 from .sliced_export import assemble, write_slice
-from .trainer import RunDirError, checkpoint_error, latest_checkpoint, prune_checkpoints
+from .trainer import RESULT_FILE, RunDirError, checkpoint_error, latest_checkpoint, prune_checkpoints, record_stop
 
 # torch 2.13 deprecates the collective that DeepSpeed's ZeRO and torch's own checkpoint code call; the
 # warning names no step of ours and would be printed by every rank through Ray's log
@@ -335,11 +335,17 @@ class DeepSpeedBackend:
         root = run_dir / "checkpoints"
         folder = root / f"step-{state['step']}"
         try:  # DeepSpeed's `latest` is written by rank 0 whether or not the other ranks' files were: not used
+            if layout.rank == 0:
+                faults.point("checkpoint", f"rank 0 step {state['step']}")
             self.engine.save_checkpoint(str(root), tag=folder.name, client_state=client, save_latest=False)
         except (OSError, RuntimeError) as error:
-            # a full disk on this rank (or, on the others, its end: they wait in DeepSpeed's barrier until
-            # its process exits), so a worker failure: Ray Train restarts from `latest`, still the last whole one
+            # a full disk on this rank, or on the others its end (they wait in DeepSpeed's barrier until its
+            # process exits): not reduced over the ranks, as a collective after DeepSpeed's failed save could
+            # hang. The first rank to fail records the cause, then exits as a worker failure: Ray Train's
+            # restart finds the record and stops (ray_train.train_worker), `latest` still the last whole one
             stop = checkpoint_error(folder, error, latest_checkpoint(run_dir))
+            if not (run_dir / RESULT_FILE).exists():  # the others fail after the first, on its exit
+                record_stop(run_dir, stop)
             if layout.rank == 0:
                 shutil.rmtree(folder, ignore_errors=True)
             raise RuntimeError(str(stop)) from error

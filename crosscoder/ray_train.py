@@ -7,8 +7,10 @@ GPU per worker); each runs :func:`train_worker`, the shared training loop
 ``ray job submit``) and with no cluster (a local Ray, ray_connect.py). A worker that dies makes Ray
 Train restart every worker, up to ``train.max_failures`` times; the workers resume from the run
 directory's last checkpoint, so the run directory must be on storage every worker sees (a shared
-file system on a cluster). A NaN loss is not retried: every rank stops at the same step and the
-driver raises :class:`~crosscoder.trainer.TrainingDiverged` from the result file.
+file system on a cluster). A stop is not retried: on a NaN loss, a corrupt shard or a checkpoint
+the disk refused, every rank stops at the same step and the driver raises the stop (e.g.
+:class:`~crosscoder.trainer.TrainingDiverged`) from the result file; where one rank's stop ends its
+process instead (ZeRO-3's checkpoint), the restart that follows finds the stop recorded and ends.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def train_worker(config: dict) -> None:
     from .deepspeed_backend import DeepSpeedBackend
     from .trainer import train
 
+    if (Path(config["run_dir"]) / RESULT_FILE).exists():
+        return  # a restart after a stop an attempt recorded (the driver removes the file before fit): it stands
     device = torch.device("cpu")
     if cfg.train.device == "cuda":
         from ray.train.torch import get_device

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -88,8 +89,12 @@ STOPS = {"TrainingDiverged": TrainingDiverged, "ShardError": ShardError, "DataEx
 
 
 def record_stop(run_dir: Path, error: Exception) -> None:
-    """Record why training stopped, for the driver and for a re-run (any rank may write it)."""
-    (run_dir / RESULT_FILE).write_text(json.dumps({"error": str(error), "kind": type(error).__name__}) + "\n")
+    """Record why training stopped, for the driver and for a re-run. Any rank may write it, several
+    at once (a checkpoint every rank failed to write): each writes its own file and renames it over
+    the result, so the file is one rank's whole record, never two interleaved."""
+    mine = run_dir / f"{RESULT_FILE}.{os.getpid()}.tmp"
+    mine.write_text(json.dumps({"error": str(error), "kind": type(error).__name__}) + "\n")
+    mine.replace(run_dir / RESULT_FILE)
 
 
 def _inputs(batches, collectives: Collectives, count: int):

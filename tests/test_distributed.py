@@ -247,18 +247,21 @@ def test_the_end_of_the_data_checkpoints_every_rank_and_stops_without_retries(ra
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-32"
 
 
+@pytest.mark.parametrize("stage", [1, 3])
 def test_a_checkpoint_the_disk_refuses_stops_the_run_once_with_the_last_one_kept(ray_cluster, small_shards, tmp_path,
-                                                                                 monkeypatch):
-    """Rank 0's write of the step-3 checkpoint's loop state fails as on a full disk (ENOSPC, from
-    crosscoder/faults.py; tests/test_robustness.py fails a rank's own DCP file with a real file-size
-    limit): every rank stops with the same CheckpointError, which the driver raises. Not retried: a
-    restart (the fault is applied once) would have trained to the end."""
+                                                                                 monkeypatch, stage):
+    """Rank 0's write of the step-3 checkpoint fails as on a full disk (ENOSPC, from
+    crosscoder/faults.py; tests/test_robustness.py fails a rank's own file with a real file-size
+    limit): the driver raises the CheckpointError. ZeRO 1: every rank stops with it. ZeRO-3: rank 0
+    records it and exits (the others wait in DeepSpeed's barrier), and Ray Train's restart stops on
+    the record. Not retried to the end either way: a restart (the fault is applied once) would have
+    trained to the end, and at ZeRO-3 one did, before the record was read on restart."""
     from crosscoder.trainer import CheckpointError
 
     monkeypatch.setenv("CROSSCODER_FAULT", "checkpoint: rank 0 step 3")
     monkeypatch.setenv("CROSSCODER_FAULT_KIND", "disk")
     monkeypatch.setenv("CROSSCODER_FAULT_MARKER", str(tmp_path / "full"))
-    cfg = config(workers=2, latent_parallel=2, steps=6, checkpoint_every=1, max_failures=2)
+    cfg = config(workers=2, latent_parallel=2, steps=6, checkpoint_every=1, max_failures=2, zero_stage=stage)
     with pytest.raises(CheckpointError, match=r"step-3: the checkpoint could not be written \(OSError: \[Errno 28\] "
                                               r"No space left on device: .* step-2 is kept: free space"):
         train_distributed(cfg, tmp_path / "run", small_shards, progress=False)
