@@ -17,6 +17,7 @@ the CLI collected, and converts each value to the declared field type.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -302,6 +303,20 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _unknown(names: list[str], table: str, known: dict[str, Any]) -> str:
+    """"unknown key 'latnts' (did you mean 'latents'?)": the nearest key of this table, or the
+    table that has the key (``--train.port`` → ``metrics.port``), then this table's keys."""
+    hints = []
+    for name in names:
+        elsewhere = [key for key, _, _ in describe() if key.rsplit(".", 1)[-1] == name and key != f"{table}.{name}"]
+        near = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+        if elsewhere or near:
+            guess = " or ".join(elsewhere) if elsewhere else repr(near[0])
+            hints.append(f"did you mean {guess}?" if len(names) == 1 else f"{name!r}: did you mean {guess}?")
+    said = f"unknown key{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))}"
+    return said + (f" ({'; '.join(hints)})" if hints else "") + f"; known keys: {', '.join(known)}"
+
+
 def _choices(options) -> str:
     names = [str(o) for o in options]
     return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
@@ -355,10 +370,7 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
         if f"{where}.{key}" in RENAMED:
             raise ConfigError(f"{where}.{key} was renamed {RENAMED[f'{where}.{key}']}")
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-            f"known keys: {', '.join(types_)}"
-        )
+        raise ConfigError(f"{where}: {_unknown(unknown, where, types_)}")
     kwargs = {}
     for name, value in data.items():
         tp = types_[name]
@@ -416,9 +428,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[tuple[str, str]]) -> RunConf
             if key in RENAMED:
                 raise ConfigError(f"override --{key}: renamed --{RENAMED[key]}")
             if part not in types_:
-                raise ConfigError(
-                    f"override --{key}: unknown key {part!r}; known keys: {', '.join(types_)}"
-                )
+                raise ConfigError(f"override --{key}: {_unknown([part], '.'.join(parts[:i]), types_)}")
             if i == len(parts) - 1:
                 tp = types_[part]
                 if _is_dataclass_type(tp):

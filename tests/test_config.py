@@ -25,6 +25,18 @@ def test_unknown_key_names_file_and_key(tmp_path):
         load_config(p)
 
 
+def test_an_unknown_key_names_the_nearest_one_or_the_table_that_has_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown keys 'lattents', 'workerz' \('lattents': did you mean 'latents'\?; "
+                                          r"'workerz': did you mean 'workers'\?\); known keys: data, "):
+        load_config(write(tmp_path, "[train]\nlattents = 5\nworkerz = 2\n"))
+    with pytest.raises(ConfigError, match=r"--train\.port: unknown key 'port' \(did you mean metrics\.port\?\)"):
+        apply_overrides(RunConfig(), [("train.port", "9000")])
+    with pytest.raises(ConfigError, match=r"--trian\.k: unknown key 'trian' \(did you mean 'train'\?\)"):
+        apply_overrides(RunConfig(), [("trian.k", "3")])
+    with pytest.raises(ConfigError, match=r"unknown key 'zzz'; known keys"):  # nothing near: no guess
+        apply_overrides(RunConfig(), [("train.zzz", "3")])
+
+
 def test_unknown_table_and_wrong_type_are_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'trian'"):
         load_config(write(tmp_path, "[trian]\nk = 5\n"))
