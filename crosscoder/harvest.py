@@ -9,15 +9,18 @@ after an actor died, or skipped on a re-run because the manifest already lists i
 sha256, is exactly the shard an uninterrupted run writes; a re-run whose config or plan differs
 (the manifest records both) is refused rather than mixed.
 
-Only the driver writes ``manifest.json``: after every committed shard (listing only complete
-shards, ``harvest.complete = false``), and at the end with the normalisation scales computed from
-every shard's per-source norm sums (``norm_scale[s] = √d_s / E‖x_s‖``). Costs: the plan holds all
-token ids in the driver's memory (4 bytes per token: 400 MB for 100M tokens), and a retried
-shard's partial work is lost.
+Only the driver writes ``manifest.json``: at most every ``MANIFEST_EVERY_S`` while shards commit
+(listing only complete shards, ``harvest.complete = false``), and at the end with the
+normalisation scales computed from every shard's per-source norm sums (``norm_scale[s] = √d_s /
+E‖x_s‖``). A local root is held for the harvest (run_lock.shared_output): a second harvest into it,
+as a sweep of configs over one dataset starts, waits and then keeps the shards. Costs: the plan
+holds all token ids in the driver's memory (4 bytes per token: 400 MB for 100M tokens), and a
+retried shard's partial work is lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -57,6 +60,7 @@ from .ray_connect import (
     note_gpu_wait,
     worker_env,
 )
+from .run_lock import shared_output
 from .shards import (
     Manifest,
     ManifestMissing,
@@ -418,75 +422,77 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     plan = [chunks[i : i + per] for i in range(0, len(chunks), per)]
     sources = source_names(models, hc.hooks)
     root = open_root(hc.output, cfg.storage)
-    root.check_writable()
-    for leftover in root.temporary_files():
-        root.delete(leftover)
-    fp, digest = fingerprint(cfg, len(chunks)), plan_digest(chunks)
-    done = committed_shards(root, fp, digest)
-    pending = [n for n in range(len(plan)) if shard_name(n) not in done]
+    # a local root may be shared by runs (a sweep over one dataset): the second waits, then keeps the shards
+    with shared_output(Path(root.path), "harvest") if root.is_local else contextlib.nullcontext():
+        root.check_writable()
+        for leftover in root.temporary_files():
+            root.delete(leftover)
+        fp, digest = fingerprint(cfg, len(chunks)), plan_digest(chunks)
+        done = committed_shards(root, fp, digest)
+        pending = [n for n in range(len(plan)) if shard_name(n) not in done]
 
-    if pending:
-        ray = connect(math.ceil(hc.actors * hc.cpus_per_actor))
-        env = worker_env()  # settings, never credentials (ray_connect.WORKER_ENV)
-        if not progress:  # --quiet: no "Loading weights" bar from every actor's transformers either
-            env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-        n_actors = max(1, min(hc.actors, len(pending)))
-        wanted = hc.memory_per_actor * 2**30 or estimated_actor_memory(models, hc.gpus_per_actor)
-        memory = memory_request(ray, wanted, n_actors, "harvest.memory_per_actor")
-        if hc.gpus_per_actor:
-            note_gpu_wait(ray, hc.gpus_per_actor, n_actors, "harvest.gpus_per_actor")
-        Actor: Any = ray.remote(num_cpus=hc.cpus_per_actor, num_gpus=hc.gpus_per_actor, memory=memory,
-                                max_restarts=0)(ShardHarvester)
-        Actor = Actor.options(runtime_env={"env_vars": env} if env else None)
-        config, code = to_dict(cfg), code_fingerprint()
-        actors = {i: Actor.remote(config, i, code) for i in range(n_actors)}
-        queue = list(pending)
-        running: dict = {}
-        attempts = {n: 0 for n in pending}
-        written = time.time()
-        bar = tqdm(total=len(plan), initial=len(done), desc="harvest", unit="shard", disable=not progress,
-                   mininterval=1.0)
-        try:
-            while queue or running:
-                for i, actor in actors.items():
-                    if queue and all(a != i for a, _ in running.values()):
-                        n = queue.pop(0)
-                        running[actor.write.remote(n, plan[n])] = (i, n)
-                ready, _ = ray.wait(list(running), num_returns=1)
-                ref = ready[0]
-                i, n = running.pop(ref)
-                try:
-                    out = ray.get(ref)
-                except ray.exceptions.RayError as error:  # actor or task error, OOM kill, lost node, …
-                    give_up_if_permanent(error, shard_name(n))
-                    attempts[n] += 1
-                    if attempts[n] > hc.max_retries:
-                        raise HarvestError(f"{shard_name(n)} failed {attempts[n]} times (harvest.max_retries = "
-                                           f"{hc.max_retries}); last: {first_line(error)}") from None
-                    if not isinstance(error, ray.exceptions.RayTaskError):  # the actor is gone: replace it
-                        actors[i] = Actor.remote(config, i, code)
-                    queue.insert(0, n)
-                    bar.write(f"harvest: {shard_name(n)} will be redone ({type(error).__name__}: "
-                              f"{first_line(error)[:160]})")
-                    continue
-                info = ShardInfo(**out["info"])
-                done[info.name] = info
-                if time.time() - written >= MANIFEST_EVERY_S:  # bounded: not once per shard
-                    write_manifest(root, build_manifest(cfg, sources, widths, list(done.values()),
-                                                        tokenizer.name_or_path, fp, len(plan), digest))
-                    written = time.time()
-                bar.update(1)
-                bar.set_postfix(tokens=sum(s.tokens for s in done.values()), refresh=False)
-        finally:
-            bar.close()
-            for actor in actors.values():
-                ray.kill(actor)
-            for ref in running:  # after a stop, the tasks in flight: read now, a failed one's error is not
-                try:             # printed by Ray at exit as "Unhandled error", after the stop's own line
-                    ray.get(ref, timeout=10)
-                except Exception:  # killed above, or failed like the one that stopped the harvest
-                    pass
-    manifest = build_manifest(cfg, sources, widths, list(done.values()), tokenizer.name_or_path, fp, len(plan),
-                              digest)
-    write_manifest(root, manifest)
-    return manifest
+        if pending:
+            ray = connect(math.ceil(hc.actors * hc.cpus_per_actor))
+            env = worker_env()  # settings, never credentials (ray_connect.WORKER_ENV)
+            if not progress:  # --quiet: no "Loading weights" bar from every actor's transformers either
+                env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+            n_actors = max(1, min(hc.actors, len(pending)))
+            wanted = hc.memory_per_actor * 2**30 or estimated_actor_memory(models, hc.gpus_per_actor)
+            memory = memory_request(ray, wanted, n_actors, "harvest.memory_per_actor")
+            if hc.gpus_per_actor:
+                note_gpu_wait(ray, hc.gpus_per_actor, n_actors, "harvest.gpus_per_actor")
+            Actor: Any = ray.remote(num_cpus=hc.cpus_per_actor, num_gpus=hc.gpus_per_actor, memory=memory,
+                                    max_restarts=0)(ShardHarvester)
+            Actor = Actor.options(runtime_env={"env_vars": env} if env else None)
+            config, code = to_dict(cfg), code_fingerprint()
+            actors = {i: Actor.remote(config, i, code) for i in range(n_actors)}
+            queue = list(pending)
+            running: dict = {}
+            attempts = {n: 0 for n in pending}
+            written = time.time()
+            bar = tqdm(total=len(plan), initial=len(done), desc="harvest", unit="shard", disable=not progress,
+                       mininterval=1.0)
+            try:
+                while queue or running:
+                    for i, actor in actors.items():
+                        if queue and all(a != i for a, _ in running.values()):
+                            n = queue.pop(0)
+                            running[actor.write.remote(n, plan[n])] = (i, n)
+                    ready, _ = ray.wait(list(running), num_returns=1)
+                    ref = ready[0]
+                    i, n = running.pop(ref)
+                    try:
+                        out = ray.get(ref)
+                    except ray.exceptions.RayError as error:  # actor or task error, OOM kill, lost node, …
+                        give_up_if_permanent(error, shard_name(n))
+                        attempts[n] += 1
+                        if attempts[n] > hc.max_retries:
+                            raise HarvestError(f"{shard_name(n)} failed {attempts[n]} times (harvest.max_retries = "
+                                               f"{hc.max_retries}); last: {first_line(error)}") from None
+                        if not isinstance(error, ray.exceptions.RayTaskError):  # the actor is gone: replace it
+                            actors[i] = Actor.remote(config, i, code)
+                        queue.insert(0, n)
+                        bar.write(f"harvest: {shard_name(n)} will be redone ({type(error).__name__}: "
+                                  f"{first_line(error)[:160]})")
+                        continue
+                    info = ShardInfo(**out["info"])
+                    done[info.name] = info
+                    if time.time() - written >= MANIFEST_EVERY_S:  # bounded: not once per shard
+                        write_manifest(root, build_manifest(cfg, sources, widths, list(done.values()),
+                                                            tokenizer.name_or_path, fp, len(plan), digest))
+                        written = time.time()
+                    bar.update(1)
+                    bar.set_postfix(tokens=sum(s.tokens for s in done.values()), refresh=False)
+            finally:
+                bar.close()
+                for actor in actors.values():
+                    ray.kill(actor)
+                for ref in running:  # after a stop, the tasks in flight: read now, a failed one's error is not
+                    try:             # printed by Ray at exit as "Unhandled error", after the stop's own line
+                        ray.get(ref, timeout=10)
+                    except Exception:  # killed above, or failed like the one that stopped the harvest
+                        pass
+        manifest = build_manifest(cfg, sources, widths, list(done.values()), tokenizer.name_or_path, fp, len(plan),
+                                  digest)
+        write_manifest(root, manifest)
+        return manifest

