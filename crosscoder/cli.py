@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"crosscoder {args.command}: unrecognized arguments: {' '.join(rest)} "
               f"(`crosscoder {args.command} --help` lists its options)", file=sys.stderr)
         return 2
+    if getattr(args, "quiet", False):  # nor transformers' and huggingface_hub's bars (loading weights, downloads)
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     try:
         if args.command == "compare":
             return cmd_compare(args.runs)

@@ -132,6 +132,7 @@ def test_submitted_config_harvests_trains_and_exports(ray_head, tmp_path):
     logs = ray_cli("job", "logs", "--address", address, job_id, env=env).stdout
     assert "SUCCEEDED" in status, f"{status}\n{logs}"
     assert f"run directory: {run}" in logs and "crosscoder exported to" in logs
+    assert "analyze: CE loss recovered" in logs and "Loading weights" not in logs  # --quiet: no bar, actors' or driver's
     manifest = read_manifest(Root(str(tmp_path / "shards")))
     assert [s.name for s in manifest.sources] == ["base", "chat"] and manifest.extra["harvest"]["complete"]
     model = CrossCoder.from_pretrained(run / "crosscoder")
