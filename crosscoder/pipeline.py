@@ -4,7 +4,8 @@
 is one stage below; a Python user calls the same functions (``crosscoder.pipeline.run(cfg)``).
 Every stage is skipped when its output is there and up to date, so re-running a command resumes:
 committed shards are kept, a finished training (same dictionary, export present) and an analysis
-newer than the export are not redone.
+newer than the export are not redone, and a finished, analysed run whose shards were since removed
+does not make them again.
 
 Paths are resolved once, by :func:`plan`: a copy of the config with the demo pair's models filled
 in, default outputs under the run directory and local paths made absolute (Ray actors and workers
@@ -132,7 +133,7 @@ def train(p: Plan, progress: bool = True):
     """Train in this process (``train.workers = 0``) or on Ray Train + DeepSpeed workers; a run
     already trained to ``train.steps`` with this dictionary is not trained again."""
     from .errors import CrosscoderError
-    from .shards import read_manifest
+    from .shards import ManifestMissing, read_manifest
     from .storage import open_root
     from .trainer import TrainResult, spec_from
     from .trainer import train as train_here
@@ -144,7 +145,16 @@ def train(p: Plan, progress: bool = True):
         # the last call stopped (a NaN, a bad shard, the data's end, a full disk): train again, from
         # its last checkpoint, once the cause is mended (a lower learning rate, the shard, more epochs)
         finished = None
-    spec = spec_from(tc, read_manifest(open_root(p.data, p.cfg.storage)))
+    try:
+        manifest = read_manifest(open_root(p.data, p.cfg.storage))
+    except ManifestMissing:
+        done = finished_without_data(p)
+        if done is None:
+            raise
+        print(f"train: {p.run_dir.absolute()} already trained to step {done.steps}; its shards ({p.data}) are gone, "
+              "which a finished run does not need, skipping")
+        return done
+    spec = spec_from(tc, manifest)
     if finished is not None and finished.is_finished(tc, spec):
         print(f"train: {p.run_dir.absolute()} already trained to step {finished.steps}, skipping (raise train.steps "
               "to continue)")
@@ -154,6 +164,54 @@ def train(p: Plan, progress: bool = True):
     from .ray_train import train_distributed
 
     return train_distributed(p.cfg, p.run_dir, p.data, progress=progress)
+
+
+def finished_without_data(p: Plan):
+    """The result of a run trained to ``train.steps`` whose shards were since removed (they are
+    large, and a finished run needs them no more), or None. Only when nothing that made the data
+    or sets the dictionary changed since (``<run>/config.toml``, written by the training): then
+    making the data again would give what was trained on, and training would be skipped."""
+    from .config import ConfigError, load_config
+    from .errors import CrosscoderError
+    from .trainer import TrainResult
+
+    saved, tc = p.run_dir / "config.toml", p.cfg.train
+    try:
+        finished = TrainResult.read(p.run_dir)
+        then = load_config(saved) if saved.is_file() else None
+    except (CrosscoderError, ConfigError):  # a recorded stop: not finished
+        return None
+    if finished is None or then is None or finished.export_dir is None:
+        return None
+    same_data = (then.harvest, then.synthetic, then.organism, then.train.data) == (
+        p.cfg.harvest, p.cfg.synthetic, p.cfg.organism, tc.data)
+    same_dictionary = all(finished.spec.get(key) == getattr(tc, key) for key in ("latents", "k", "arch", "activation"))
+    trained = finished.steps >= tc.steps and (finished.export_dir / "model.safetensors").is_file()
+    return finished if same_data and same_dictionary and trained else None
+
+
+def _has_manifest(p: Plan) -> bool:
+    """False only when the shard root has no manifest (an unreachable store counts as True: the
+    data stage names the cause)."""
+    from .errors import CrosscoderError
+    from .shards import ManifestMissing, read_manifest
+    from .storage import open_root
+
+    try:
+        read_manifest(open_root(p.data, p.cfg.storage))
+    except ManifestMissing:
+        return False
+    except (CrosscoderError, OSError):
+        pass
+    return True
+
+
+def _analysed(p: Plan) -> bool:
+    """The report (and the organism's, for an organism run) is newer than the export."""
+    export = p.run_dir / "crosscoder" / "model.safetensors"
+    outputs = [p.run_dir / "analysis" / "report.html"] + (
+        [p.run_dir / "analysis" / "organism.json"] if p.organism is not None else [])
+    return export.is_file() and all(o.is_file() and o.stat().st_mtime >= export.stat().st_mtime for o in outputs)
 
 
 def analyze(p: Plan, progress: bool = True, only_if_stale: bool = False) -> dict | None:
@@ -257,6 +315,13 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, data: str | None = No
 
 
 def _run(p: Plan, progress: bool):
+    done = finished_without_data(p) if _analysed(p) and not _has_manifest(p) else None
+    if done is not None:  # its shards were removed after the run: not made again
+        print(f"run: {p.run_dir.absolute()} is trained (step {done.steps}) and analysed; its shards ({p.data}) were "
+              "removed and are not made again (the analysis would need them: `crosscoder analyze` says so)")
+        print_training_summary(done)
+        print(f"report: {(p.run_dir / 'analysis' / 'report.html').absolute()}\nrun directory: {p.run_dir.absolute()}")
+        return done
     if p.cfg.harvest.models:
         harvest(p, progress)
     else:

@@ -100,6 +100,33 @@ def test_a_finished_one_process_run_is_skipped_on_a_rerun(tmp_path, capsys):
     assert steps == sorted(set(steps))  # each step logged once
 
 
+def test_a_finished_run_whose_shards_were_removed_is_not_made_again(tmp_path, capsys):
+    """Shards are large, and a run trained and analysed needs them no more. A re-run of `crosscoder
+    run` then made every shard again (hours on real data) only to skip training and the analysis, and
+    `crosscoder train` stopped on the missing manifest. Now both skip; a changed setting that needs
+    the data (more steps) makes it again."""
+    import shutil
+
+    from crosscoder.config import load_config
+
+    run = tmp_path / "synthetic"
+    args = ["run", "--config", str(SYNTHETIC), "--run", str(run), *SMALL]
+    assert main(args) == 0
+    shards = Path(load_config(run / "config.toml").train.data)
+    capsys.readouterr()
+    shutil.rmtree(shards)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"is trained (step 6) and analysed; its shards ({shards}) were removed and are not made again" in out
+    assert "step 6:" in out and f"run directory: {run}" in out and not shards.exists()
+    assert main(["train", "--config", str(SYNTHETIC), "--run", str(run), *SMALL]) == 0
+    assert "already trained to step 6; its shards" in capsys.readouterr().out and not shards.exists()
+    assert main(["train", "--config", str(SYNTHETIC), "--run", str(run), *SMALL, "--train.latents", "32"]) == 1
+    assert "ManifestMissing" in capsys.readouterr().err  # another dictionary: it needs the data
+    assert main([*args, "--train.steps", "9"]) == 0
+    assert "step 9:" in capsys.readouterr().out and (shards / "manifest.json").is_file()
+
+
 def test_the_shard_layer_loads_without_torch():
     code = ("import sys; import crosscoder.shards, crosscoder.storage, crosscoder.stream, crosscoder.faults; "
             "print('torch' in sys.modules, 'safetensors' in sys.modules)")
