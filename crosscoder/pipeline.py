@@ -318,7 +318,7 @@ def _run(p: Plan, progress: bool):
     done = finished_without_data(p) if _analysed(p) and not _has_manifest(p) else None
     if done is not None:  # its shards were removed after the run: not made again
         print(f"run: {p.run_dir.absolute()} is trained (step {done.steps}) and analysed; its shards ({p.data}) were "
-              "removed and are not made again (the analysis would need them: `crosscoder analyze` says so)")
+              "removed and are not made again (`crosscoder analyze` would need them)")
         print_training_summary(done)
         print(f"report: {(p.run_dir / 'analysis' / 'report.html').absolute()}\nrun directory: {p.run_dir.absolute()}")
         return done
