@@ -422,9 +422,9 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     plan = [chunks[i : i + per] for i in range(0, len(chunks), per)]
     sources = source_names(models, hc.hooks)
     root = open_root(hc.output, cfg.storage)
+    root.check_writable()
     # a local root may be shared by runs (a sweep over one dataset): the second waits, then keeps the shards
     with shared_output(Path(root.path), "harvest") if root.is_local else contextlib.nullcontext():
-        root.check_writable()
         for leftover in root.temporary_files():
             root.delete(leftover)
         fp, digest = fingerprint(cfg, len(chunks)), plan_digest(chunks)
