@@ -13,10 +13,11 @@ disks do, and so do NFSv4 and CephFS across clients; a filesystem that refuses l
 and the command runs without one.
 
 Outputs that several runs share (a shard root that a sweep of training configs reads, the
-organism's models that two configs use) are held the same way by :func:`shared_output`, which
-waits instead of refusing: the second run then finds the work done and keeps it, so a sweep
-started all at once harvests its dataset once. A shard root on S3 has no such lock (S3 has no
-lock that a killed holder releases): two harvests into one bucket prefix are the user's to avoid.
+organism's models that two configs use) are held the same way, on ``<dir>/.output.lock`` (its own
+name: a shard root may be the run directory itself), by :func:`shared_output`, which waits
+instead of refusing: the second run then finds the work done and keeps it, so a sweep started
+all at once harvests its dataset once. A shard root on S3 has no such lock (S3 has no lock that
+a killed holder releases): two harvests into one bucket prefix are the user's to avoid.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 from .errors import CrosscoderError
 
 LOCK_FILE = ".lock"
+OUTPUT_LOCK_FILE = ".output.lock"
 
 
 class RunDirBusy(CrosscoderError, RuntimeError):
@@ -44,7 +46,7 @@ class RunDirBusy(CrosscoderError, RuntimeError):
 @contextlib.contextmanager
 def hold(run_dir: Path, command: str) -> Iterator[None]:
     """Hold ``run_dir`` for the ``with`` block (created if needed); :class:`RunDirBusy` if taken."""
-    with _locked(run_dir, command) as (_, free):
+    with _locked(run_dir / LOCK_FILE, command) as (_, free):
         if not free:
             raise RunDirBusy(f"{run_dir} is in use by another crosscoder process ({_holder(run_dir / LOCK_FILE)}); "
                              "wait for it to finish, stop it, or use another --run")
@@ -56,22 +58,21 @@ def shared_output(directory: Path, what: str) -> Iterator[None]:
     """Hold ``directory``, an output several runs may share, for the ``with`` block; while another
     process holds it, say who (one line, ``what`` first) and wait for it (Ctrl-C stops waiting)."""
     command = " ".join(["crosscoder", *sys.argv[1:]])
-    with _locked(directory, command) as (fd, free):
+    with _locked(directory / OUTPUT_LOCK_FILE, command) as (fd, free):
         if not free:
             print(f"{what}: waiting for another crosscoder process writing {directory} "
-                  f"({_holder(directory / LOCK_FILE)}); its work will be kept", file=sys.stderr, flush=True)
+                  f"({_holder(directory / OUTPUT_LOCK_FILE)}); its work will be kept", file=sys.stderr, flush=True)
             fcntl.flock(fd, fcntl.LOCK_EX)
             _write_holder(fd, command)
         yield
 
 
 @contextlib.contextmanager
-def _locked(directory: Path, command: str) -> Iterator[tuple[int, bool]]:
-    """Try the lock on ``<directory>/.lock`` once: (its descriptor, whether it was free); released
-    when the block ends (the descriptor closes). A filesystem that refuses locks is said, and
-    counts as free."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_FILE
+def _locked(path: Path, command: str) -> Iterator[tuple[int, bool]]:
+    """Try the lock on ``path`` (its folder created) once: (its descriptor, whether it was free);
+    released when the block ends (the descriptor closes). A filesystem that refuses locks is said,
+    and counts as free."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from crosscoder.run_lock import LOCK_FILE, RunDirBusy, hold, shared_output
+from crosscoder.run_lock import LOCK_FILE, OUTPUT_LOCK_FILE, RunDirBusy, hold, shared_output
 
 HOLDER = """
 import sys, time
@@ -87,13 +87,14 @@ def test_a_shared_output_is_waited_for_naming_the_holder_then_taken(tmp_path, ca
         proc.stdin.write("release\n")
         proc.stdin.flush()
         assert entered.wait(30)  # the holder's end lets the waiter in
-        assert f'"pid": {os.getpid()}' in (out / LOCK_FILE).read_text()  # and it says so in the lock file
+        assert f'"pid": {os.getpid()}' in (out / OUTPUT_LOCK_FILE).read_text()  # and it says so in the lock file
         leave.set()
     finally:
         proc.kill()
         proc.wait(timeout=30)
     with shared_output(out, "harvest"):  # free at once: nothing said
-        pass
+        with hold(out, "crosscoder harvest --run out"):  # a shard root that is the run directory itself
+            pass
     assert "waiting" not in capsys.readouterr().err
 
 
