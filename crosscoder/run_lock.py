@@ -62,9 +62,27 @@ def shared_output(directory: Path, what: str) -> Iterator[None]:
         if not free:
             print(f"{what}: waiting for another crosscoder process writing {directory} "
                   f"({_holder(directory / OUTPUT_LOCK_FILE)}); its work will be kept", file=sys.stderr, flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _wait_for(fd, what, directory)
             _write_holder(fd, command)
         yield
+
+
+REMIND_EVERY_S = 300.0  # a wait for a shared output (an organism takes half an hour) is said again this often
+
+
+def _wait_for(fd: int, what: str, directory: Path) -> None:
+    """Take the lock on ``fd``, polling, and say every REMIND_EVERY_S that the wait goes on."""
+    started = said = time.monotonic()
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(0.5)
+        if time.monotonic() - said >= REMIND_EVERY_S:
+            said = time.monotonic()
+            print(f"{what}: still waiting for {directory} ({(said - started) / 60:.0f} min)", file=sys.stderr,
+                  flush=True)
 
 
 @contextlib.contextmanager

@@ -65,7 +65,10 @@ def in_a_thread(work) -> threading.Event:
     return done
 
 
-def test_a_shared_output_is_waited_for_naming_the_holder_then_taken(tmp_path, capsys):
+def test_a_shared_output_is_waited_for_naming_the_holder_then_taken(tmp_path, capsys, monkeypatch):
+    import crosscoder.run_lock as run_lock
+
+    monkeypatch.setattr(run_lock, "REMIND_EVERY_S", 0.6)
     out = tmp_path / "shards"
     proc = subprocess.Popen([sys.executable, "-c", SHARER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
@@ -79,10 +82,10 @@ def test_a_shared_output_is_waited_for_naming_the_holder_then_taken(tmp_path, ca
                 leave.wait(30)
 
         in_a_thread(second)
-        assert not entered.wait(1.0)  # waiting, not refused
+        assert not entered.wait(1.5)  # waiting, not refused
         err = capsys.readouterr().err
         assert f"harvest: waiting for another crosscoder process writing {out} (pid {proc.pid} on " in err, err
-        assert "its work will be kept" in err
+        assert "its work will be kept" in err and f"harvest: still waiting for {out} (0 min)" in err  # said again
         assert proc.stdin is not None
         proc.stdin.write("release\n")
         proc.stdin.flush()
