@@ -12,15 +12,14 @@ sha256, is exactly the shard an uninterrupted run writes; a re-run whose config 
 Only the driver writes ``manifest.json``: at most every ``MANIFEST_EVERY_S`` while shards commit
 (listing only complete shards, ``harvest.complete = false``), and at the end with the
 normalisation scales computed from every shard's per-source norm sums (``norm_scale[s] = √d_s /
-E‖x_s‖``). A local root is held for the harvest (run_lock.shared_output): a second harvest into it,
-as a sweep of configs over one dataset starts, waits and then keeps the shards. Costs: the plan
-holds all token ids in the driver's memory (4 bytes per token: 400 MB for 100M tokens), and a
-retried shard's partial work is lost.
+E‖x_s‖``). The root is held for the harvest (run_lock.shared_root: a flock, or a lease on S3): a
+second harvest into it, as a sweep of configs over one dataset starts, waits and then keeps the
+shards. Costs: the plan holds all token ids in the driver's memory (4 bytes per token: 400 MB for
+100M tokens), and a retried shard's partial work is lost.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -60,7 +59,7 @@ from .ray_connect import (
     note_gpu_wait,
     worker_env,
 )
-from .run_lock import shared_output
+from .run_lock import shared_root
 from .shards import (
     Manifest,
     ManifestMissing,
@@ -423,8 +422,8 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     sources = source_names(models, hc.hooks)
     root = open_root(hc.output, cfg.storage)
     root.check_writable()
-    # a local root may be shared by runs (a sweep over one dataset): the second waits, then keeps the shards
-    with shared_output(Path(root.path), "harvest") if root.is_local else contextlib.nullcontext():
+    # a root may be shared by runs (a sweep over one dataset): the second waits, then keeps the shards
+    with shared_root(root, "harvest"):
         for leftover in root.temporary_files():
             root.delete(leftover)
         fp, digest = fingerprint(cfg, len(chunks)), plan_digest(chunks)

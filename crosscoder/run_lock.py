@@ -16,8 +16,9 @@ Outputs that several runs share (a shard root that a sweep of training configs r
 organism's models that two configs use) are held the same way, on ``<dir>/.output.lock`` (its own
 name: a shard root may be the run directory itself), by :func:`shared_output`, which waits
 instead of refusing: the second run then finds the work done and keeps it, so a sweep started
-all at once harvests its dataset once. A shard root on S3 has no such lock (S3 has no lock that
-a killed holder releases): two harvests into one bucket prefix are the user's to avoid.
+all at once harvests its dataset once. A shard root on an object store has no ``flock``: there
+:func:`shared_root` holds a lease instead (a lock object written only if absent and renewed while
+held), which a killed holder's successor takes once it is stale; its limits are in its docstring.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import CrosscoderError
+from .storage import Root, StorageError
 
 LOCK_FILE = ".lock"
 OUTPUT_LOCK_FILE = ".output.lock"
@@ -108,15 +111,119 @@ def _locked(path: Path, command: str) -> Iterator[tuple[int, bool]]:
         os.close(fd)  # releases the lock
 
 
+def _record(command: str) -> bytes:
+    """Who holds a lock: what a lock file or lock object holds."""
+    return (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                        "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n").encode()
+
+
 def _write_holder(fd: int, command: str) -> None:
     os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-                               "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n").encode(), 0)
+    os.pwrite(fd, _record(command), 0)
 
 
 def _holder(path: Path) -> str:
     try:
-        h = json.loads(path.read_text())
-        return f"pid {h['pid']} on {h['host']}, `{h['command']}`, since {h['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
+        return _described(path.read_bytes())
+    except OSError:
         return "its details are not written yet"
+
+
+def _described(record: bytes) -> str:
+    try:
+        h = json.loads(record)
+        return f"pid {h['pid']} on {h['host']}, `{h['command']}`, since {h['since']}"
+    except (ValueError, KeyError, TypeError):
+        return "its details are not written yet"
+
+
+# ---------------------------------------------------------------------------------------------
+# a shard root on an object store: a lease
+
+LEASE_RENEW_S = 60.0  # the holder rewrites its lock object this often
+LEASE_STALE_S = 600.0  # a lock object not rewritten for this long is a dead holder's (clocks may differ a little)
+LEASE_POLL_S = 5.0  # a waiter looks again this often
+
+
+@contextlib.contextmanager
+def shared_root(root: Root, what: str) -> Iterator[None]:
+    """:func:`shared_output` for a storage root: a ``flock`` on a local one; on an object store a
+    lease, the object ``.output.lock`` created only if absent (a conditional write) and rewritten
+    every LEASE_RENEW_S by a thread while held. A killed holder cannot release it: a waiter takes
+    it once it has not been rewritten for LEASE_STALE_S, saying so. Its limits: two waiters that
+    find one stale lock at the same moment may both take it (as if there were no lock), and a store
+    that refuses conditional writes gets no lock (said once)."""
+    if root.is_local:
+        with shared_output(Path(root.path), what):
+            yield
+        return
+    command = " ".join(["crosscoder", *sys.argv[1:]])
+    mine = _record(command)
+    if not _take_lease(root, what, mine):
+        yield
+        return
+    stop = threading.Event()
+    renewer = threading.Thread(target=_renew, args=(root, what, mine, stop), name="crosscoder-lease", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join(timeout=LEASE_RENEW_S)  # a rewrite in flight ends first, so it cannot follow the delete
+        with contextlib.suppress(StorageError, OSError):
+            if root.read_bytes(OUTPUT_LOCK_FILE) == mine:
+                root.delete(OUTPUT_LOCK_FILE)
+
+
+def _take_lease(root: Root, what: str, mine: bytes) -> bool:
+    """Wait for the lease and take it (True), or find that the store gives none (False)."""
+    lock = root.url_of(OUTPUT_LOCK_FILE)
+    started = said = None
+    while True:
+        try:
+            if root.create(OUTPUT_LOCK_FILE, mine):
+                if root.read_bytes(OUTPUT_LOCK_FILE) == mine:
+                    return True
+                # another process's write won after ours was created: the store ignores the condition
+                raise StorageError("the store does not honour conditional writes (If-None-Match)")
+            try:
+                modified, holder = root.modified(OUTPUT_LOCK_FILE), _described(root.read_bytes(OUTPUT_LOCK_FILE))
+            except FileNotFoundError:
+                continue  # released between the two requests
+            if modified is None:
+                continue
+            age = time.time() - modified
+            if age > LEASE_STALE_S:
+                print(f"{what}: removing {lock}, not renewed for {age / 60:.0f} min: its holder ({holder}) is gone",
+                      file=sys.stderr, flush=True)
+                root.delete(OUTPUT_LOCK_FILE)
+                continue
+        except (StorageError, OSError) as e:  # e.g. the bucket is gone, or the lock may not be deleted
+            cause = (str(e).splitlines() or [type(e).__name__])[0]
+            print(f"{what}: {lock}: no lock can be taken there ({cause}); going on without one (do not start a "
+                  "second harvest into this root)", file=sys.stderr, flush=True)
+            return False
+        now = time.monotonic()
+        if started is None or said is None:
+            started = said = now
+            print(f"{what}: waiting for another crosscoder process writing {root.url} ({holder}); its work will be "
+                  "kept", file=sys.stderr, flush=True)
+        elif now - said >= REMIND_EVERY_S:
+            said = now
+            print(f"{what}: still waiting for {root.url} ({(now - started) / 60:.0f} min)", file=sys.stderr,
+                  flush=True)
+        time.sleep(LEASE_POLL_S)
+
+
+def _renew(root: Root, what: str, mine: bytes, stop: threading.Event) -> None:
+    """Rewrite the lease until ``stop``; a failed rewrite is retried at the next turn (the lease
+    outlives ten of them), a lease another process took is said and left to it."""
+    while not stop.wait(LEASE_RENEW_S):
+        try:
+            if root.read_bytes(OUTPUT_LOCK_FILE) != mine:
+                print(f"{what}: {root.url_of(OUTPUT_LOCK_FILE)} was taken by another process (it found it stale); "
+                      "two harvests may now write this root", file=sys.stderr, flush=True)
+                return
+            root.write_bytes(OUTPUT_LOCK_FILE, mine)
+        except (StorageError, OSError):
+            continue

@@ -91,7 +91,7 @@ class Root:
         for attempt in range(RETRIES):
             try:
                 return fn(*args)
-            except (FileNotFoundError, PermissionError, IsADirectoryError):
+            except (FileNotFoundError, PermissionError, IsADirectoryError, FileExistsError):
                 raise
             except OSError as e:
                 if self.is_local or attempt == RETRIES - 1:
@@ -154,6 +154,25 @@ class Root:
         """``name``'s version tag as :meth:`stat_all` reports it (one metadata request)."""
         info = self._retry(f"checking {name}", self.fs.info, self.full(name))
         return self._tag(info | {"name": self.full(name)})
+
+    def create(self, name: str, data: bytes) -> bool:
+        """Write ``name`` only if it does not exist, in one step (an object store's conditional
+        write, ``If-None-Match: *``; ``O_EXCL`` on a file system); False if it exists."""
+        try:
+            self._retry(f"creating {name}", lambda: self.fs.pipe_file(self.full(name), data, mode="create"))
+            return True
+        except FileExistsError:
+            return False
+
+    def modified(self, name: str) -> float | None:
+        """When ``name`` was last written (seconds since the epoch, by the store's clock), or None."""
+        self.fs.invalidate_cache(self.full(name))
+        try:
+            info = self._retry(f"checking {name}", self.fs.info, self.full(name))
+        except FileNotFoundError:
+            return None
+        when = info.get("LastModified") or info.get("mtime")
+        return when.timestamp() if hasattr(when, "timestamp") else float(when)
 
     def delete(self, name: str) -> None:
         try:

@@ -87,6 +87,7 @@ def test_s3_harvest_matches_a_direct_forward_of_both_models(ray_cluster, tiny, s
     assert [s.d for s in again.sources] == [64] * 4 and again.extra["harvest"]["complete"]
     assert [s.name for s in again.shards] == [shard_name(i) for i in range(len(again.shards))]
     assert not [n for n in root.list() if ".tmp-" in n or n.endswith(".part")]
+    assert ".output.lock" not in root.list()  # the lease (run_lock.shared_root) is released
 
     tok = load_tokenizer(tiny["base"])
     plan = plan_chunks(read_documents(tiny["docs"]), tok, tok, 16, 500)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,3 +117,67 @@ def test_two_runs_on_one_organism_make_it_once(tmp_path, capsys):
         record = {"settings": organism.settings(3, 1e-3, 2), "behaviour": {"refused": 7}}
         (made / "organism.json").write_text(json.dumps(record))  # what the first run leaves
     assert done.wait(30) and got == [record]  # kept, not made again (that would take minutes and a GGUF)
+
+
+LEASER = """
+import sys
+from crosscoder import run_lock
+from crosscoder.storage import Root
+run_lock.LEASE_RENEW_S, run_lock.LEASE_STALE_S = 0.3, 2.0
+with run_lock.shared_root(Root(sys.argv[1], endpoint_url=sys.argv[2]), "harvest"):
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("holder_ends", ["releases", "is killed"])
+def test_an_object_store_root_is_leased_renewed_while_held_and_taken_when_its_holder_is_gone(
+        s3_bucket, tmp_path, capsys, monkeypatch, holder_ends):
+    """S3 has no flock: a lock object written only if absent, rewritten every LEASE_RENEW_S while
+    held. A live holder's lease is waited for past LEASE_STALE_S (the rewrites keep it fresh); a
+    released one is taken at once; a killed holder's is taken once stale, saying so."""
+    import crosscoder.run_lock as run_lock
+    from crosscoder.storage import Root
+
+    endpoint, bucket = s3_bucket
+    url = f"s3://{bucket}/acts"
+    monkeypatch.setattr(run_lock, "LEASE_RENEW_S", 0.3)
+    monkeypatch.setattr(run_lock, "LEASE_STALE_S", 2.0)
+    monkeypatch.setattr(run_lock, "LEASE_POLL_S", 0.2)
+    proc = subprocess.Popen([sys.executable, "-c", LEASER, url, endpoint], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    root = Root(url, endpoint_url=endpoint)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        entered, leave = threading.Event(), threading.Event()
+
+        def second():
+            with run_lock.shared_root(root, "harvest"):
+                entered.set()
+                leave.wait(30)
+
+        in_a_thread(second)
+        assert not entered.wait(4.0)  # twice LEASE_STALE_S: the holder's rewrites keep its lease fresh
+        err = capsys.readouterr().err
+        assert f"harvest: waiting for another crosscoder process writing {url} (pid {proc.pid} on " in err, err
+        assert proc.stdin is not None
+        if holder_ends == "releases":
+            proc.stdin.write("release\n")
+            proc.stdin.flush()
+            assert entered.wait(10)
+            assert "not renewed" not in capsys.readouterr().err
+        else:
+            proc.kill()
+            proc.wait(timeout=30)
+            assert entered.wait(15)
+            assert re.search(rf"harvest: removing {url}/.output.lock, not renewed for \d+ min: its holder "
+                             rf"\(pid {proc.pid} on .*\) is gone", capsys.readouterr().err)
+        assert f'"pid": {os.getpid()}' in root.read_bytes(".output.lock").decode()  # the second holds it now
+        leave.set()
+        deadline = time.time() + 10
+        while root.exists(".output.lock") and time.time() < deadline:
+            time.sleep(0.1)
+        assert not root.exists(".output.lock")  # released at the block's end
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
