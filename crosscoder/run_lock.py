@@ -40,6 +40,7 @@ from .storage import Root, StorageError
 
 LOCK_FILE = ".lock"
 OUTPUT_LOCK_FILE = ".output.lock"
+REMIND_EVERY_S = 300.0  # a wait for a shared output (an organism takes half an hour) is said again this often
 
 
 class RunDirBusy(CrosscoderError, RuntimeError):
@@ -63,29 +64,37 @@ def shared_output(directory: Path, what: str) -> Iterator[None]:
     command = " ".join(["crosscoder", *sys.argv[1:]])
     with _locked(directory / OUTPUT_LOCK_FILE, command) as (fd, free):
         if not free:
-            print(f"{what}: waiting for another crosscoder process writing {directory} "
-                  f"({_holder(directory / OUTPUT_LOCK_FILE)}); its work will be kept", file=sys.stderr, flush=True)
-            _wait_for(fd, what, directory)
+            wait = _Wait(what, str(directory), _holder(directory / OUTPUT_LOCK_FILE))
+            while not _try_flock(fd):
+                time.sleep(0.5)
+                wait.remind()
             _write_holder(fd, command)
         yield
 
 
-REMIND_EVERY_S = 300.0  # a wait for a shared output (an organism takes half an hour) is said again this often
+class _Wait:
+    """A wait for a shared output: said once with its holder, then every REMIND_EVERY_S."""
+
+    def __init__(self, what: str, where: str, holder: str):
+        self.what, self.where = what, where
+        self.started = self.said = time.monotonic()
+        print(f"{what}: waiting for another crosscoder process writing {where} ({holder}); its work will be kept",
+              file=sys.stderr, flush=True)
+
+    def remind(self) -> None:
+        now = time.monotonic()
+        if now - self.said >= REMIND_EVERY_S:
+            self.said = now
+            print(f"{self.what}: still waiting for {self.where} ({(now - self.started) / 60:.0f} min)",
+                  file=sys.stderr, flush=True)
 
 
-def _wait_for(fd: int, what: str, directory: Path) -> None:
-    """Take the lock on ``fd``, polling, and say every REMIND_EVERY_S that the wait goes on."""
-    started = said = time.monotonic()
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            time.sleep(0.5)
-        if time.monotonic() - said >= REMIND_EVERY_S:
-            said = time.monotonic()
-            print(f"{what}: still waiting for {directory} ({(said - started) / 60:.0f} min)", file=sys.stderr,
-                  flush=True)
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 @contextlib.contextmanager
@@ -177,8 +186,7 @@ def shared_root(root: Root, what: str) -> Iterator[None]:
 
 def _take_lease(root: Root, what: str, mine: bytes) -> bool:
     """Wait for the lease and take it (True), or find that the store gives none (False)."""
-    lock = root.url_of(OUTPUT_LOCK_FILE)
-    started = said = None
+    lock, wait = root.url_of(OUTPUT_LOCK_FILE), None
     while True:
         try:
             if root.create(OUTPUT_LOCK_FILE, mine):
@@ -203,15 +211,9 @@ def _take_lease(root: Root, what: str, mine: bytes) -> bool:
             print(f"{what}: {lock}: no lock can be taken there ({cause}); going on without one (do not start a "
                   "second harvest into this root)", file=sys.stderr, flush=True)
             return False
-        now = time.monotonic()
-        if started is None or said is None:
-            started = said = now
-            print(f"{what}: waiting for another crosscoder process writing {root.url} ({holder}); its work will be "
-                  "kept", file=sys.stderr, flush=True)
-        elif now - said >= REMIND_EVERY_S:
-            said = now
-            print(f"{what}: still waiting for {root.url} ({(now - started) / 60:.0f} min)", file=sys.stderr,
-                  flush=True)
+        if wait is None:
+            wait = _Wait(what, root.url, holder)
+        wait.remind()
         time.sleep(LEASE_POLL_S)
 
 
