@@ -159,7 +159,8 @@ def shared_root(root: Root, what: str) -> Iterator[None]:
     """:func:`shared_output` for a storage root: a ``flock`` on a local one; on an object store a
     lease, the object ``.output.lock`` created only if absent (a conditional write) and rewritten
     every LEASE_RENEW_S by a thread while held. A killed holder cannot release it: a waiter takes
-    it once it has not been rewritten for LEASE_STALE_S, saying so. Its limits: two waiters that
+    it once it has not been rewritten for LEASE_STALE_S, or at once when the holder ran on the
+    waiter's host and its process is gone, saying so. Its limits: two waiters that
     find one stale lock at the same moment may both take it (as if there were no lock), and a store
     that refuses conditional writes gets no lock (said once)."""
     if root.is_local:
@@ -195,15 +196,15 @@ def _take_lease(root: Root, what: str, mine: bytes) -> bool:
                 # another process's write won after ours was created: the store ignores the condition
                 raise StorageError("the store does not honour conditional writes (If-None-Match)")
             try:
-                modified, holder = root.modified(OUTPUT_LOCK_FILE), _described(root.read_bytes(OUTPUT_LOCK_FILE))
+                modified, record = root.modified(OUTPUT_LOCK_FILE), root.read_bytes(OUTPUT_LOCK_FILE)
             except FileNotFoundError:
                 continue  # released between the two requests
             if modified is None:
                 continue
-            age = time.time() - modified
-            if age > LEASE_STALE_S:
-                print(f"{what}: removing {lock}, not renewed for {age / 60:.0f} min: its holder ({holder}) is gone",
-                      file=sys.stderr, flush=True)
+            holder, age = _described(record), time.time() - modified
+            if age > LEASE_STALE_S or _dead_here(record):
+                why = f"not renewed for {age / 60:.0f} min" if age > LEASE_STALE_S else "its process is not running"
+                print(f"{what}: removing {lock} ({why}): its holder ({holder}) is gone", file=sys.stderr, flush=True)
                 root.delete(OUTPUT_LOCK_FILE)
                 continue
         except (StorageError, OSError) as e:  # e.g. the bucket is gone, or the lock may not be deleted
@@ -215,6 +216,21 @@ def _take_lease(root: Root, what: str, mine: bytes) -> bool:
             wait = _Wait(what, root.url, holder)
         wait.remind()
         time.sleep(LEASE_POLL_S)
+
+
+def _dead_here(record: bytes) -> bool:
+    """The holder ran on this host and its process is gone (a killed command re-run on one machine
+    need not wait for the lease to go stale)."""
+    try:
+        h = json.loads(record)
+        if h["host"] != socket.gethostname():
+            return False
+        os.kill(int(h["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, KeyError, TypeError, OSError):  # unreadable, or alive under another user
+        pass
+    return False
 
 
 def _renew(root: Root, what: str, mine: bytes, stop: threading.Event) -> None:

@@ -120,22 +120,25 @@ def test_two_runs_on_one_organism_make_it_once(tmp_path, capsys):
 
 
 LEASER = """
-import sys
+import socket, sys
 from crosscoder import run_lock
 from crosscoder.storage import Root
 run_lock.LEASE_RENEW_S, run_lock.LEASE_STALE_S = 0.3, 2.0
+if sys.argv[3] == "elsewhere":
+    socket.gethostname = lambda: "another-node"
 with run_lock.shared_root(Root(sys.argv[1], endpoint_url=sys.argv[2]), "harvest"):
     print("held", flush=True)
     sys.stdin.readline()
 """
 
 
-@pytest.mark.parametrize("holder_ends", ["releases", "is killed"])
+@pytest.mark.parametrize("holder_ends", ["releases", "is killed here", "is killed elsewhere"])
 def test_an_object_store_root_is_leased_renewed_while_held_and_taken_when_its_holder_is_gone(
         s3_bucket, tmp_path, capsys, monkeypatch, holder_ends):
     """S3 has no flock: a lock object written only if absent, rewritten every LEASE_RENEW_S while
     held. A live holder's lease is waited for past LEASE_STALE_S (the rewrites keep it fresh); a
-    released one is taken at once; a killed holder's is taken once stale, saying so."""
+    released one is taken at once; a killed holder's is taken once stale (on another node) or at
+    once (on this host, where its pid is seen gone), saying so."""
     import crosscoder.run_lock as run_lock
     from crosscoder.storage import Root
 
@@ -144,8 +147,8 @@ def test_an_object_store_root_is_leased_renewed_while_held_and_taken_when_its_ho
     monkeypatch.setattr(run_lock, "LEASE_RENEW_S", 0.3)
     monkeypatch.setattr(run_lock, "LEASE_STALE_S", 2.0)
     monkeypatch.setattr(run_lock, "LEASE_POLL_S", 0.2)
-    proc = subprocess.Popen([sys.executable, "-c", LEASER, url, endpoint], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", LEASER, url, endpoint, holder_ends.rsplit(" ", 1)[-1]],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     root = Root(url, endpoint_url=endpoint)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
@@ -170,8 +173,9 @@ def test_an_object_store_root_is_leased_renewed_while_held_and_taken_when_its_ho
             proc.kill()
             proc.wait(timeout=30)
             assert entered.wait(15)
-            assert re.search(rf"harvest: removing {url}/.output.lock, not renewed for \d+ min: its holder "
-                             rf"\(pid {proc.pid} on .*\) is gone", capsys.readouterr().err)
+            why = r"its process is not running" if holder_ends == "is killed here" else r"not renewed for \d+ min"
+            assert re.search(rf"harvest: removing {url}/.output.lock \({why}\): its holder \(pid {proc.pid} on .*\) "
+                             r"is gone", capsys.readouterr().err)
         assert f'"pid": {os.getpid()}' in root.read_bytes(".output.lock").decode()  # the second holds it now
         leave.set()
         deadline = time.time() + 10
