@@ -225,8 +225,10 @@ def make_organism(directory: str | Path, gguf: str = "", steps: int = 150, lr: f
     Two runs started at once on one organism (the BatchTopK and L1 configs) make it once: the second
     waits for the first (run_lock.shared_output)."""
     directory = Path(directory)
+    if is_made(directory, steps, lr, batch):  # no lock: a made organism may be read-only, shared by users
+        return json.loads((directory / "organism.json").read_text())
     with shared_output(directory, "organism"):
-        if is_made(directory, steps, lr, batch):
+        if is_made(directory, steps, lr, batch):  # made by the run this one waited for
             return json.loads((directory / "organism.json").read_text())
         return _make(directory, gguf, steps, lr, batch, documents, progress)
 

@@ -109,22 +109,32 @@ def harvest(p: Plan, progress: bool = True):
 
 def synthetic(p: Plan, progress: bool = True, output: str | None = None, keep_complete: bool = True):
     """Planted synthetic shards at ``output`` (default: the training root); with ``keep_complete``,
-    a root that already holds a complete dataset is left as it is."""
+    a root that already holds a complete dataset is left as it is. The root is held while written
+    (run_lock.shared_root): a sweep started at once writes it once."""
+    from .run_lock import shared_root
     from .shards import ManifestMissing, read_manifest
     from .storage import open_root
     from .synthetic import write_synthetic
 
     output = absolute_url(output or p.cfg.synthetic.output or p.data)
     root = open_root(output, p.cfg.storage)
-    if keep_complete:
+
+    def complete():
         try:
             manifest = read_manifest(root)
             print(f"shards: {output} already complete ({len(manifest.shards)} shards), skipping generation")
             return manifest
         except ManifestMissing:
-            pass
-    print(f"shards: writing planted synthetic activations to {output}")
-    manifest = write_synthetic(p.cfg.synthetic, output, progress=progress, root=root)
+            return None
+
+    if keep_complete and (manifest := complete()):  # a complete root may be read-only: no lock taken
+        return manifest
+    root.check_writable()
+    with shared_root(root, "shards"):
+        if keep_complete and (manifest := complete()):  # written by the run this one waited for
+            return manifest
+        print(f"shards: writing planted synthetic activations to {output}")
+        manifest = write_synthetic(p.cfg.synthetic, output, progress=progress, root=root)
     print(f"wrote {len(manifest.shards)} shards, {manifest.tokens} tokens, to {output}")
     return manifest
 

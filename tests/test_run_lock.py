@@ -119,6 +119,29 @@ def test_two_runs_on_one_organism_make_it_once(tmp_path, capsys):
     assert done.wait(30) and got == [record]  # kept, not made again (that would take minutes and a GGUF)
 
 
+def test_two_runs_on_one_synthetic_root_write_it_once(tmp_path, capsys):
+    """A sweep over planted synthetic data started at once: the second waits for the first's shards
+    and keeps them."""
+    from crosscoder.config import RunConfig
+    from crosscoder.pipeline import plan, synthetic
+    from crosscoder.synthetic import write_synthetic
+
+    cfg = RunConfig()
+    cfg.synthetic.tokens, cfg.synthetic.seq_len, cfg.synthetic.samples_per_shard = 2048, 64, 8
+    cfg.synthetic.output = str(tmp_path / "shards")
+    p = plan(cfg, tmp_path / "run")
+    with shared_output(tmp_path / "shards", "shards"):  # the first run, writing
+        got: list = []
+        done = in_a_thread(lambda: got.append(synthetic(p, progress=False)))
+        time.sleep(1.0)
+        assert not done.is_set() and "shards: waiting for another crosscoder process" in capsys.readouterr().err
+        first = write_synthetic(cfg.synthetic, str(tmp_path / "shards"), progress=False)
+        stamps = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "shards").glob("shard-*.tar")}
+    assert done.wait(30) and got[0].to_json() == first.to_json()
+    assert "already complete" in capsys.readouterr().out
+    assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "shards").glob("shard-*.tar")} == stamps
+
+
 LEASER = """
 import socket, sys
 from crosscoder import run_lock
