@@ -14,7 +14,8 @@ Only the driver writes ``manifest.json``: at most every ``MANIFEST_EVERY_S`` whi
 normalisation scales computed from every shard's per-source norm sums (``norm_scale[s] = √d_s /
 E‖x_s‖``). The root is held for the harvest (run_lock.shared_root: a flock, or a lease on S3): a
 second harvest into it, as a sweep of configs over one dataset starts, waits and then keeps the
-shards. Costs: the plan holds all token ids in the driver's memory (4 bytes per token: 400 MB for
+shards. A finished dataset is checked by one listing and nothing is written to it (it may be
+read-only). Costs: the plan holds all token ids in the driver's memory (4 bytes per token: 400 MB for
 100M tokens), and a retried shard's partial work is lost.
 """
 
@@ -350,6 +351,19 @@ def committed_shards(root: Root, fp: str, plan: str) -> dict[str, ShardInfo]:
     return ok
 
 
+def finished_harvest(root: Root, fp: str, plan: str, planned: int) -> Manifest | None:
+    """The manifest of this harvest when it is complete and every shard is as recorded (one
+    listing, nothing written), else None; another harvest's root is refused (committed_shards)."""
+    try:
+        manifest = read_manifest(root)
+    except ManifestMissing:
+        return None
+    if not manifest.extra.get("harvest", {}).get("complete") or len(manifest.shards) != planned:
+        return None
+    done = committed_shards(root, fp, plan)
+    return manifest if all(done.get(info.name) == info for info in manifest.shards) else None
+
+
 def build_manifest(cfg, sources, widths, infos: list[ShardInfo], tokenizer: str, fp: str, planned: int,
                    plan: str) -> Manifest:
     hc = cfg.harvest
@@ -421,12 +435,17 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     plan = [chunks[i : i + per] for i in range(0, len(chunks), per)]
     sources = source_names(models, hc.hooks)
     root = open_root(hc.output, cfg.storage)
+    fp, digest = fingerprint(cfg, len(chunks)), plan_digest(chunks)
+    if not root.is_local:
+        root.check_writable()  # the store answers and the bucket exists (a listing): one clear error, early
+    finished = finished_harvest(root, fp, digest, len(plan))
+    if finished is not None:
+        return finished  # nothing written: a finished dataset may be read-only, shared by users
     root.check_writable()
     # a root may be shared by runs (a sweep over one dataset): the second waits, then keeps the shards
     with shared_root(root, "harvest"):
         for leftover in root.temporary_files():
             root.delete(leftover)
-        fp, digest = fingerprint(cfg, len(chunks)), plan_digest(chunks)
         done = committed_shards(root, fp, digest)
         pending = [n for n in range(len(plan)) if shard_name(n) not in done]
 

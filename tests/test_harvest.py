@@ -183,13 +183,20 @@ def test_a_harvest_into_a_root_another_harvest_holds_waits_then_keeps_its_shards
     and removed the first's temporary files of commits in flight (so the first's commit failed), then
     both wrote the same shards. Now the second says whom it waits for, touches nothing meanwhile, and
     then keeps what the first committed."""
+    import json
     import threading
 
     from crosscoder.run_lock import shared_output
 
     out = tmp_path / "acts"
     shutil.copytree(uninterrupted, out)
-    in_flight = out / f".{shard_name(0)}.tmp-0f1ea7"
+    manifest = json.loads((out / "manifest.json").read_text())  # the first harvest, mid-way: 3 shards so far
+    planned = len(manifest["shards"])
+    manifest["shards"], manifest["harvest"]["complete"] = manifest["shards"][:3], False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for n in range(3, planned):
+        (out / shard_name(n)).unlink()
+    in_flight = out / f".{shard_name(3)}.tmp-0f1ea7"
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")}
     done = threading.Event()
     with shared_output(out, "test"):  # the first harvest, committing
@@ -204,8 +211,26 @@ def test_a_harvest_into_a_root_another_harvest_holds_waits_then_keeps_its_shards
         assert in_flight.exists() and not done.is_set()
         in_flight.unlink()  # the first's commit completes
     assert done.wait(120)
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")} == before  # kept, none rewritten
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")}
+    assert {n: after[n] for n in before} == before  # kept, none rewritten
+    assert read_all_bytes(out) == read_all_bytes(uninterrupted)  # and the rest harvested
     assert read_manifest(Root(str(out))).extra["harvest"]["complete"]
+
+
+def test_a_finished_harvest_is_read_without_writing_anything(ray_cluster, tiny, uninterrupted, tmp_path):
+    """A finished dataset may be shared read-only: a re-run (``crosscoder run`` with the same
+    [harvest]) checks it by one listing and writes nothing, not even its lock file or the manifest
+    (it rewrote the manifest, and checked that the root was writable first)."""
+    out = tmp_path / "acts"
+    shutil.copytree(uninterrupted, out)
+    (out / ".output.lock").unlink(missing_ok=True)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    manifest = harvest(harvest_config(tiny, str(out)), progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert manifest.to_json() == read_manifest(Root(str(out))).to_json()
+    (out / shard_name(2)).write_bytes((out / shard_name(2)).read_bytes()[:-10])  # a damaged shard is still redone
+    harvest(harvest_config(tiny, str(out)), progress=False)
+    assert read_all_bytes(out) == read_all_bytes(uninterrupted)
 
 
 def test_output_of_another_harvest_is_refused(ray_cluster, tiny, uninterrupted):
