@@ -441,7 +441,8 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     finished = finished_harvest(root, fp, digest, len(plan))
     if finished is not None:
         return finished  # nothing written: a finished dataset may be read-only, shared by users
-    root.check_writable()
+    if root.is_local:
+        root.check_writable()
     # a root may be shared by runs (a sweep over one dataset): the second waits, then keeps the shards
     with shared_root(root, "harvest"):
         for leftover in root.temporary_files():
