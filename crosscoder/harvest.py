@@ -358,9 +358,12 @@ def finished_harvest(root: Root, fp: str, plan: str, planned: int) -> Manifest |
         manifest = read_manifest(root)
     except ManifestMissing:
         return None
-    if not manifest.extra.get("harvest", {}).get("complete") or len(manifest.shards) != planned:
+    recorded = manifest.extra.get("harvest", {})
+    if not recorded.get("complete") or len(manifest.shards) != planned:
         return None
-    done = committed_shards(root, fp, plan)
+    done = committed_shards(root, fp, plan)  # refuses another harvest's or another plan's root
+    if recorded.get("plan_sha256") != plan:
+        return None  # written before the plan was recorded: the manifest is rewritten with it
     return manifest if all(done.get(info.name) == info for info in manifest.shards) else None
 
 
