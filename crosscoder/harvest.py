@@ -29,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -317,15 +318,17 @@ def plan_digest(chunks: list[Chunk]) -> str:
     return digest.hexdigest()
 
 
-def committed_shards(root: Root, fp: str, plan: str) -> dict[str, ShardInfo]:
+def committed_shards(root: Root, fp: str, plan: str, manifest: Manifest | None = None) -> dict[str, ShardInfo]:
     """Shards a previous run of the same harvest committed, checked by size and the store's version
     tag from one listing (a shard recorded without a tag is read and its sha256 checked). Another
     config, or the same config with another chunk plan (``plan``: :func:`plan_digest`; manifests
-    written before it was recorded are not compared), is refused: resuming would mix the two."""
-    try:
-        manifest = read_manifest(root)
-    except ManifestMissing:
-        return {}
+    written before it was recorded are not compared), is refused: resuming would mix the two.
+    ``manifest``: the root's, when the caller has read it already."""
+    if manifest is None:
+        try:
+            manifest = read_manifest(root)
+        except ManifestMissing:
+            return {}
     recorded = manifest.extra.get("harvest", {})
     if recorded.get("fingerprint") != fp:
         raise ShardError(
@@ -361,7 +364,7 @@ def finished_harvest(root: Root, fp: str, plan: str, planned: int) -> Manifest |
     recorded = manifest.extra.get("harvest", {})
     if not recorded.get("complete") or len(manifest.shards) != planned:
         return None
-    done = committed_shards(root, fp, plan)  # refuses another harvest's or another plan's root
+    done = committed_shards(root, fp, plan, manifest)  # refuses another harvest's or another plan's root
     if recorded.get("plan_sha256") != plan:
         return None  # written before the plan was recorded: the manifest is rewritten with it
     return manifest if all(done.get(info.name) == info for info in manifest.shards) else None
@@ -446,75 +449,86 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
         return finished  # nothing written: a finished dataset may be read-only, shared by users
     if root.is_local:
         root.check_writable()
+
+    def record() -> Manifest:  # the manifest of the shards done so far, written to the root
+        manifest = build_manifest(cfg, sources, widths, list(done.values()), tokenizer.name_or_path, fp, len(plan),
+                                  digest)
+        write_manifest(root, manifest)
+        return manifest
+
     # a root may be shared by runs (a sweep over one dataset): the second waits, then keeps the shards
     with shared_root(root, "harvest"):
         for leftover in root.temporary_files():
             root.delete(leftover)
         done = committed_shards(root, fp, digest)
         pending = [n for n in range(len(plan)) if shard_name(n) not in done]
-
         if pending:
-            ray = connect(math.ceil(hc.actors * hc.cpus_per_actor))
-            env = worker_env()  # settings, never credentials (ray_connect.WORKER_ENV)
-            if not progress:  # --quiet: no "Loading weights" bar from every actor's transformers either
-                env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-            n_actors = max(1, min(hc.actors, len(pending)))
-            wanted = hc.memory_per_actor * 2**30 or estimated_actor_memory(models, hc.gpus_per_actor)
-            memory = memory_request(ray, wanted, n_actors, "harvest.memory_per_actor")
-            if hc.gpus_per_actor:
-                note_gpu_wait(ray, hc.gpus_per_actor, n_actors, "harvest.gpus_per_actor")
-            Actor: Any = ray.remote(num_cpus=hc.cpus_per_actor, num_gpus=hc.gpus_per_actor, memory=memory,
-                                    max_restarts=0)(ShardHarvester)
-            Actor = Actor.options(runtime_env={"env_vars": env} if env else None)
-            config, code = to_dict(cfg), code_fingerprint()
-            actors = {i: Actor.remote(config, i, code) for i in range(n_actors)}
-            queue = list(pending)
-            running: dict = {}
-            attempts = {n: 0 for n in pending}
-            written = time.time()
-            bar = tqdm(total=len(plan), initial=len(done), desc="harvest", unit="shard", disable=not progress,
-                       mininterval=1.0)
+            write_shards(cfg, models, plan, pending, done, record, progress)
+        return record()
+
+
+def write_shards(cfg: RunConfig, models: list[ModelSpec], plan: list[list[Chunk]], pending: list[int],
+                 done: dict[str, ShardInfo], record: Callable[[], Manifest], progress: bool) -> None:
+    """Write the ``pending`` shards of ``plan`` on Ray actors into ``done``, calling ``record`` at
+    most every MANIFEST_EVERY_S. A failed shard is redone (on a new actor when its actor died) up to
+    ``harvest.max_retries`` times; a permanent error (give_up_if_permanent) stops at once."""
+    hc = cfg.harvest
+    ray = connect(math.ceil(hc.actors * hc.cpus_per_actor))
+    env = worker_env()  # settings, never credentials (ray_connect.WORKER_ENV)
+    if not progress:  # --quiet: no "Loading weights" bar from every actor's transformers either
+        env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    n_actors = max(1, min(hc.actors, len(pending)))
+    wanted = hc.memory_per_actor * 2**30 or estimated_actor_memory(models, hc.gpus_per_actor)
+    memory = memory_request(ray, wanted, n_actors, "harvest.memory_per_actor")
+    if hc.gpus_per_actor:
+        note_gpu_wait(ray, hc.gpus_per_actor, n_actors, "harvest.gpus_per_actor")
+    Actor: Any = ray.remote(num_cpus=hc.cpus_per_actor, num_gpus=hc.gpus_per_actor, memory=memory,
+                            max_restarts=0)(ShardHarvester)
+    Actor = Actor.options(runtime_env={"env_vars": env} if env else None)
+    config, code = to_dict(cfg), code_fingerprint()
+    actors = {i: Actor.remote(config, i, code) for i in range(n_actors)}
+    queue = list(pending)
+    running: dict = {}
+    attempts = {n: 0 for n in pending}
+    written = time.time()
+    bar = tqdm(total=len(plan), initial=len(done), desc="harvest", unit="shard", disable=not progress,
+               mininterval=1.0)
+    try:
+        while queue or running:
+            for i, actor in actors.items():
+                if queue and all(a != i for a, _ in running.values()):
+                    n = queue.pop(0)
+                    running[actor.write.remote(n, plan[n])] = (i, n)
+            ready, _ = ray.wait(list(running), num_returns=1)
+            ref = ready[0]
+            i, n = running.pop(ref)
             try:
-                while queue or running:
-                    for i, actor in actors.items():
-                        if queue and all(a != i for a, _ in running.values()):
-                            n = queue.pop(0)
-                            running[actor.write.remote(n, plan[n])] = (i, n)
-                    ready, _ = ray.wait(list(running), num_returns=1)
-                    ref = ready[0]
-                    i, n = running.pop(ref)
-                    try:
-                        out = ray.get(ref)
-                    except ray.exceptions.RayError as error:  # actor or task error, OOM kill, lost node, …
-                        give_up_if_permanent(error, shard_name(n))
-                        attempts[n] += 1
-                        if attempts[n] > hc.max_retries:
-                            raise HarvestError(f"{shard_name(n)} failed {attempts[n]} times (harvest.max_retries = "
-                                               f"{hc.max_retries}); last: {first_line(error)}") from None
-                        if not isinstance(error, ray.exceptions.RayTaskError):  # the actor is gone: replace it
-                            actors[i] = Actor.remote(config, i, code)
-                        queue.insert(0, n)
-                        bar.write(f"harvest: {shard_name(n)} will be redone ({type(error).__name__}: "
-                                  f"{first_line(error)[:160]})")
-                        continue
-                    info = ShardInfo(**out["info"])
-                    done[info.name] = info
-                    if time.time() - written >= MANIFEST_EVERY_S:  # bounded: not once per shard
-                        write_manifest(root, build_manifest(cfg, sources, widths, list(done.values()),
-                                                            tokenizer.name_or_path, fp, len(plan), digest))
-                        written = time.time()
-                    bar.update(1)
-                    bar.set_postfix(tokens=sum(s.tokens for s in done.values()), refresh=False)
-            finally:
-                bar.close()
-                for actor in actors.values():
-                    ray.kill(actor)
-                for ref in running:  # after a stop, the tasks in flight: read now, a failed one's error is not
-                    try:             # printed by Ray at exit as "Unhandled error", after the stop's own line
-                        ray.get(ref, timeout=10)
-                    except Exception:  # killed above, or failed like the one that stopped the harvest
-                        pass
-        manifest = build_manifest(cfg, sources, widths, list(done.values()), tokenizer.name_or_path, fp, len(plan),
-                                  digest)
-        write_manifest(root, manifest)
-        return manifest
+                out = ray.get(ref)
+            except ray.exceptions.RayError as error:  # actor or task error, OOM kill, lost node, …
+                give_up_if_permanent(error, shard_name(n))
+                attempts[n] += 1
+                if attempts[n] > hc.max_retries:
+                    raise HarvestError(f"{shard_name(n)} failed {attempts[n]} times (harvest.max_retries = "
+                                       f"{hc.max_retries}); last: {first_line(error)}") from None
+                if not isinstance(error, ray.exceptions.RayTaskError):  # the actor is gone: replace it
+                    actors[i] = Actor.remote(config, i, code)
+                queue.insert(0, n)
+                bar.write(f"harvest: {shard_name(n)} will be redone ({type(error).__name__}: "
+                          f"{first_line(error)[:160]})")
+                continue
+            info = ShardInfo(**out["info"])
+            done[info.name] = info
+            if time.time() - written >= MANIFEST_EVERY_S:  # bounded: not once per shard
+                record()
+                written = time.time()
+            bar.update(1)
+            bar.set_postfix(tokens=sum(s.tokens for s in done.values()), refresh=False)
+    finally:
+        bar.close()
+        for actor in actors.values():
+            ray.kill(actor)
+        for ref in running:  # after a stop, the tasks in flight: read now, a failed one's error is not
+            try:             # printed by Ray at exit as "Unhandled error", after the stop's own line
+                ray.get(ref, timeout=10)
+            except Exception:  # killed above, or failed like the one that stopped the harvest
+                pass
