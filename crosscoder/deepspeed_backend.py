@@ -312,7 +312,7 @@ class DeepSpeedBackend:
         if layout.rank == 0:
             (root / "latest.tmp").write_text(folder.name)
             (root / "latest.tmp").rename(root / "latest")  # the checkpoint counts from here on
-            prune_checkpoints(run_dir, keep)
+            prune_checkpoints(run_dir, keep, folder)
         dist.barrier()
         return None
 
@@ -354,7 +354,7 @@ class DeepSpeedBackend:
             (folder / "position.json").write_text(json.dumps(positions) + "\n")
             (root / "latest.tmp").write_text(folder.name)
             (root / "latest.tmp").rename(root / "latest")  # every rank's files are written: it counts from here on
-            prune_checkpoints(run_dir, keep)
+            prune_checkpoints(run_dir, keep, folder)
         dist.barrier()
 
     def export(self, run_dir: Path, extra: dict) -> Path | None:

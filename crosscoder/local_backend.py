@@ -87,7 +87,7 @@ class LocalBackend:
             raise stop from error
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        prune_checkpoints(run_dir, keep)
+        prune_checkpoints(run_dir, keep, final)
 
     def export(self, run_dir: Path, extra: dict) -> Path:
         self.model.save_pretrained(run_dir / "crosscoder", norm_scale=self.model.spec.norm_scale, extra=extra)

@@ -74,6 +74,22 @@ def train_worker(config: dict) -> None:
         pass  # the driver asked (Ctrl-C): every rank checkpointed at the same step
 
 
+def workers_failed(error: BaseException, max_failures: int, kept: Path | None) -> TrainingFailed:
+    """Ray Train's error after the last restart it was allowed, in one line: the ranks whose process
+    died (the others' broken connections follow from it), else each failed rank's own error line."""
+    from ray.exceptions import ActorDiedError
+
+    failures = sorted((getattr(error, "worker_failures", None) or {}).items())
+    died = [rank for rank, cause in failures
+            if isinstance(cause, ActorDiedError) or "health check failed" in str(cause)]
+    if died:
+        said = f"the process of rank {', '.join(map(str, died))} died: killed, out of memory or crashed"
+    else:
+        said = "; ".join(f"rank {rank}: {first_line(cause)[:200]}" for rank, cause in failures) or first_line(error)
+    then = f"re-run the same command to resume from {kept.name}" if kept else "no checkpoint was complete yet"
+    return TrainingFailed(f"the workers failed after train.max_failures = {max_failures} restarts ({said}); {then}")
+
+
 STOP_WAIT_S = 300.0  # how long the driver waits for the workers' checkpoint after a Ctrl-C
 
 
@@ -141,7 +157,7 @@ def estimated_worker_memory(cfg: RunConfig, manifest: Manifest) -> float:
 def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: bool = True,
                       stop_after: int | None = None) -> TrainResult:
     """Run the distributed trainer to the end (or ``stop_after`` steps); returns rank 0's result."""
-    from ray.train import FailureConfig, ScalingConfig
+    from ray.train import FailureConfig, ScalingConfig, TrainingFailedError
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -186,11 +202,14 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: 
     )
     (run_dir / RESULT_FILE).unlink(missing_ok=True)
     (run_dir / STOP_FILE).unlink(missing_ok=True)
-    result = _fit_stopping_on_ctrl_c(trainer, run_dir)
-    if result.error:
+    try:
+        result = _fit_stopping_on_ctrl_c(trainer, run_dir)
+        error = result.error
+    except TrainingFailedError as failed:  # a worker failed once more than train.max_failures allows
+        error = failed
+    if error:
         TrainResult.read(run_dir)  # a stop the workers recorded (a NaN, a corrupt shard) says it best
-        raise TrainingFailed(f"the workers failed after train.max_failures = {tc.max_failures} restarts: "
-                             f"{first_line(result.error)}")
+        raise workers_failed(error, tc.max_failures, latest_checkpoint(run_dir)) from None
     finished = TrainResult.read(run_dir)  # raises TrainingDiverged, ShardError, … when the ranks stopped
     if finished is None:
         raise RuntimeError(f"{run_dir}: the workers finished without writing {RESULT_FILE}")

@@ -270,7 +270,11 @@ def step_dirs(run_dir: Path) -> list[Path]:
     """The ``<run>/checkpoints/step-<n>`` folders, oldest first (both backends write these)."""
     root = Path(run_dir) / "checkpoints"
     steps = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")] if root.is_dir() else []
-    return sorted(steps, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(steps, key=_step_of)
+
+
+def _step_of(folder: Path) -> int:
+    return int(folder.name.split("-")[1])
 
 
 def checkpoint_error(folder: Path, error: BaseException | None, kept: Path | None) -> CheckpointError:
@@ -300,9 +304,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return latest.parent / latest.read_text().strip() if latest.is_file() else None
 
 
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints (0 = all)."""
-    for old in step_dirs(run_dir)[:-keep] if keep > 0 else []:
+def prune_checkpoints(run_dir: Path, keep: int, written: Path) -> None:
+    """After ``written`` is saved: keep the newest ``keep`` checkpoints up to it (0 = all) and remove
+    every folder of a later step. Such a folder is what a process killed while saving left (the run
+    resumed from an earlier checkpoint since): counted among the newest, it would have the
+    checkpoint just written removed in its place."""
+    folders = step_dirs(run_dir)
+    current = sum(1 for f in folders if _step_of(f) <= _step_of(written))
+    for old in folders[current:] + (folders[:current][:-keep] if keep > 0 else []):
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -15,7 +15,7 @@ from crosscoder import CrossCoder
 from crosscoder.config import ConfigError
 from crosscoder.local_backend import checkpoint_dirs
 from crosscoder.ray_train import train_distributed
-from crosscoder.trainer import RunDirError, TrainingDiverged, train
+from crosscoder.trainer import RunDirError, TrainingDiverged, TrainingFailed, train
 
 from .conftest import free_port, small_run_config, small_synthetic
 
@@ -245,6 +245,28 @@ def test_the_end_of_the_data_checkpoints_every_rank_and_stops_without_retries(ra
         train_distributed(cfg, tmp_path / "run", small_shards, progress=False)
     assert time.time() - start < 120  # not retried
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-32"
+
+
+def test_a_save_killed_midway_leaves_no_folder_that_displaces_the_next_checkpoint(ray_cluster, small_shards,
+                                                                                   tmp_path, monkeypatch):
+    """Rank 0 dies while saving step-4 (the tensors written, the loop state not) and the run is not
+    restarted: step-4 stays, half-written, and `latest` names step-2. The re-run saves step-3 with
+    train.keep_checkpoints = 1: the leftover counted as the newest folder and step-3, the one
+    `latest` names, was removed in its place, so the next re-run had nothing to resume from."""
+    monkeypatch.setenv("CROSSCODER_FAULT", "checkpoint: rank 0 step 4")
+    monkeypatch.setenv("CROSSCODER_FAULT_MARKER", str(tmp_path / "killed"))
+    run, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    cfg = config(workers=2, latent_parallel=2, checkpoint_every=2, keep_checkpoints=1, max_failures=0)
+    with pytest.raises(TrainingFailed, match=r"the workers failed after train.max_failures = 0 restarts \(the process "
+                                              r"of rank 0 died: killed, out of memory or crashed\); re-run the same "
+                                              r"command to resume from step-2$"):
+        train_distributed(cfg, run, small_shards, progress=False)
+    assert (checkpoints / "step-4" / "dcp").is_dir() and not (checkpoints / "step-4" / "loop.pt").exists()
+    assert (checkpoints / "latest").read_text() == "step-2"
+    train_distributed(cfg, run, small_shards, progress=False, stop_after=1)  # step 3, with a checkpoint
+    assert (checkpoints / "latest").read_text() == "step-3"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step-3"]
+    assert train_distributed(cfg, run, small_shards, progress=False).steps == 12  # resumed from step-3
 
 
 @pytest.mark.parametrize("stage", [1, 3])
