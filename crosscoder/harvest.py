@@ -10,7 +10,8 @@ sha256, is exactly the shard an uninterrupted run writes; a re-run whose config 
 (the manifest records both) is refused rather than mixed.
 
 Only the driver writes ``manifest.json``: at most every ``MANIFEST_EVERY_S`` while shards commit
-(listing only complete shards, ``harvest.complete = false``), and at the end with the
+(listing only complete shards, ``harvest.complete = false``), when the harvest stops (retries
+spent, a permanent error, Ctrl-C: a re-run keeps the shards done), and at the end with the
 normalisation scales computed from every shard's per-source norm sums (``norm_scale[s] = √d_s /
 E‖x_s‖``). The root is held for the harvest (run_lock.shared_root: a flock, or a lease on S3): a
 second harvest into it, as a sweep of configs over one dataset starts, waits and then keeps the
@@ -21,6 +22,7 @@ read-only). Costs: the plan holds all token ids in the driver's memory (4 bytes 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -59,6 +61,7 @@ from .ray_connect import (
     first_line,
     memory_request,
     note_gpu_wait,
+    process_died,
     worker_env,
 )
 from .run_lock import shared_root
@@ -508,8 +511,12 @@ def write_shards(cfg: RunConfig, models: list[ModelSpec], plan: list[list[Chunk]
                 give_up_if_permanent(error, shard_name(n))
                 attempts[n] += 1
                 if attempts[n] > hc.max_retries:
-                    raise HarvestError(f"{shard_name(n)} failed {attempts[n]} times (harvest.max_retries = "
-                                       f"{hc.max_retries}); last: {first_line(error)}") from None
+                    last = "its actor's process died: killed, out of memory or crashed" if process_died(error) \
+                        else first_line(error)
+                    times = f"{attempts[n]} time{'s' if attempts[n] > 1 else ''}"
+                    raise HarvestError(f"{shard_name(n)} failed {times} (harvest.max_retries = "
+                                       f"{hc.max_retries}); last: {last}; the committed shards are kept: "
+                                       "re-run the same command to write the rest") from None
                 if not isinstance(error, ray.exceptions.RayTaskError):  # the actor is gone: replace it
                     actors[i] = Actor.remote(config, i, code)
                 queue.insert(0, n)
@@ -523,6 +530,10 @@ def write_shards(cfg: RunConfig, models: list[ModelSpec], plan: list[list[Chunk]
                 written = time.time()
             bar.update(1)
             bar.set_postfix(tokens=sum(s.tokens for s in done.values()), refresh=False)
+    except BaseException:  # a stop (retries spent, a permanent error, Ctrl-C): the shards done are kept
+        with contextlib.suppress(Exception):  # the store may be what failed: its error is the one to say
+            record()
+        raise
     finally:
         bar.close()
         for actor in actors.values():

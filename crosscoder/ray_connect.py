@@ -109,6 +109,14 @@ def first_line(error: BaseException) -> str:
     return re.sub(r"^(?:\w+\.)+(?=\w+: )", "", line)  # crosscoder.shards.ShardError: … → ShardError: …
 
 
+def process_died(error: BaseException) -> bool:
+    """Whether a Ray error says a worker's process ended (killed, the kernel's OOM killer, a crash)
+    rather than raised an exception; Ray's text for it is a paragraph of guesses."""
+    from ray.exceptions import ActorDiedError, WorkerCrashedError
+
+    return isinstance(error, (ActorDiedError, WorkerCrashedError)) or "health check failed" in str(error)
+
+
 def memory_request(ray, wanted: float, count: int, key: str) -> float:
     """What each of ``count`` actors or workers asks Ray for: ``wanted`` bytes, or the cluster's share
     when it has less (said once), so the request schedules within a node instead of waiting forever."""

@@ -25,7 +25,16 @@ from pathlib import Path
 
 from .config import RunConfig, data_layout, from_dict, to_dict, validate
 from .interrupts import StepBoundary
-from .ray_connect import check_code, code_fingerprint, connect, first_line, memory_request, note_gpu_wait, worker_env
+from .ray_connect import (
+    check_code,
+    code_fingerprint,
+    connect,
+    first_line,
+    memory_request,
+    note_gpu_wait,
+    process_died,
+    worker_env,
+)
 from .shards import Manifest, ShardError, check_sizes, read_manifest
 from .stream import DataExhausted
 from .trainer import (
@@ -77,11 +86,8 @@ def train_worker(config: dict) -> None:
 def workers_failed(error: BaseException, max_failures: int, kept: Path | None) -> TrainingFailed:
     """Ray Train's error after the last restart it was allowed, in one line: the ranks whose process
     died (the others' broken connections follow from it), else each failed rank's own error line."""
-    from ray.exceptions import ActorDiedError
-
     failures = sorted((getattr(error, "worker_failures", None) or {}).items())
-    died = [rank for rank, cause in failures
-            if isinstance(cause, ActorDiedError) or "health check failed" in str(cause)]
+    died = [rank for rank, cause in failures if process_died(cause)]
     if died:
         said = f"the process of rank {', '.join(map(str, died))} died: killed, out of memory or crashed"
     else:

@@ -21,7 +21,7 @@ import torch
 
 from crosscoder.config import ConfigError, RunConfig
 from crosscoder.documents import DataError, check_same_tokenizer, plan_chunks, read_documents
-from crosscoder.harvest import harvest
+from crosscoder.harvest import HarvestError, harvest
 from crosscoder.language_models import ActivationReader, ModelError, ModelSpec, load_model, load_tokenizer
 from crosscoder.random_pair import make_family, make_pair, make_tokenizer, write_documents
 from crosscoder.shards import ShardInfo, iter_samples, read_manifest, shard_name
@@ -138,6 +138,26 @@ def test_actor_killed_mid_shard_is_replaced_and_the_shard_redone(ray_cluster, ti
     names = [s.name for s in manifest.shards]
     assert names == sorted(set(names)) and len(names) == manifest.extra["harvest"]["planned_shards"]
     assert not [p for p in out.iterdir() if ".tmp-" in p.name or p.suffix == ".part"]
+    assert read_all_bytes(out) == read_all_bytes(uninterrupted)
+
+
+def test_a_shard_failing_past_its_retries_stops_in_one_line_keeping_the_shards_done(ray_cluster, tiny, uninterrupted,
+                                                                                     tmp_path, monkeypatch):
+    """harvest.max_retries = 0 and the actor dies writing shard 1: the stop says so in one line (not
+    Ray's paragraph), and shard 0 is in the manifest (written only every 60 s before), so the re-run
+    keeps it and writes the rest."""
+    monkeypatch.setenv("CROSSCODER_FAULT", "harvest: shard 1 half")
+    monkeypatch.setenv("CROSSCODER_FAULT_MARKER", str(tmp_path / "killed"))
+    out = tmp_path / "acts"
+    with pytest.raises(HarvestError, match=r"^shard-000001.tar failed 1 time \(harvest.max_retries = 0\); last: its "
+                                           r"actor's process died: killed, out of memory or crashed; the committed "
+                                           r"shards are kept: re-run the same command to write the rest$"):
+        harvest(harvest_config(tiny, str(out), actors=1, max_retries=0), progress=False)
+    kept = read_manifest(Root(str(out)))
+    assert [s.name for s in kept.shards] == [shard_name(0)] and not kept.extra["harvest"]["complete"]
+    os.utime(out / shard_name(0), (1_000_000_000, 1_000_000_000))
+    harvest(harvest_config(tiny, str(out), actors=1), progress=False)
+    assert (out / shard_name(0)).stat().st_mtime == 1_000_000_000  # kept, not written again
     assert read_all_bytes(out) == read_all_bytes(uninterrupted)
 
 
