@@ -89,7 +89,8 @@ def workers_failed(error: BaseException, max_failures: int, kept: Path | None) -
     failures = sorted((getattr(error, "worker_failures", None) or {}).items())
     died = [rank for rank, cause in failures if process_died(cause)]
     if died:
-        said = f"the process of rank {', '.join(map(str, died))} died: killed, out of memory or crashed"
+        said = f"the process of rank{'s' * (len(died) > 1)} {', '.join(map(str, died))} died: killed, out of " \
+               "memory or crashed"
     else:
         said = "; ".join(f"rank {rank}: {first_line(cause)[:200]}" for rank, cause in failures) or first_line(error)
     then = f"re-run the same command to resume from {kept.name}" if kept else "no checkpoint was complete yet"
