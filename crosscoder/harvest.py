@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import hashlib
 import json
 import math
@@ -263,15 +264,20 @@ class HarvestError(CrosscoderError, RuntimeError):
 
 
 PERMANENT = (ModelError, DataError, ShardError, StorageError, ConfigError, CodeMismatch)  # a retry would fail again
+DISK_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a retry at once would write into the same disk
 
 
 def give_up_if_permanent(error: BaseException, shard: str) -> None:
     """Raise at once, without retries, what no retry can mend: our own errors raised in an actor
-    (a missing model, bad data, an unreachable store, mismatched code), and an actor that failed
-    to start for that reason."""
+    (a missing model, bad data, an unreachable store, mismatched code), a disk that refused the
+    shard (full, over quota, read-only: the retry would redo the shard's forward passes into the
+    same disk), and an actor that failed to start for one of these reasons."""
     cause = getattr(error, "cause", None)
     if isinstance(cause, PERMANENT):
         raise cause
+    if isinstance(cause, OSError) and cause.errno in DISK_REFUSED:
+        raise HarvestError(f"{shard} could not be written ({type(cause).__name__}: {cause}); free space (or raise "
+                           "the quota) and re-run the same command: the committed shards are kept") from None
     if getattr(error, "actor_init_failed", False):
         raise HarvestError(f"the harvest actor could not start ({first_line(error)}); {shard} was not written")
 

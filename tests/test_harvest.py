@@ -161,6 +161,23 @@ def test_a_shard_failing_past_its_retries_stops_in_one_line_keeping_the_shards_d
     assert read_all_bytes(out) == read_all_bytes(uninterrupted)
 
 
+def test_a_disk_that_refuses_a_shard_stops_the_harvest_at_once(ray_cluster, tiny, uninterrupted, tmp_path,
+                                                                monkeypatch):
+    """The actor's write of shard 1 fails as on a full disk (ENOSPC, crosscoder/faults.py; once, so a
+    retry would pass, as one did before): one line, no retry, the shards done kept."""
+    monkeypatch.setenv("CROSSCODER_FAULT", "harvest: shard 1 half")
+    monkeypatch.setenv("CROSSCODER_FAULT_KIND", "disk")
+    monkeypatch.setenv("CROSSCODER_FAULT_MARKER", str(tmp_path / "full"))
+    out = tmp_path / "acts"
+    with pytest.raises(HarvestError, match=r"^shard-000001.tar could not be written \(OSError: \[Errno 28\] No space "
+                                           r"left on device: .*\); free space \(or raise the quota\) and re-run the "
+                                           r"same command: the committed shards are kept$"):
+        harvest(harvest_config(tiny, str(out), actors=1), progress=False)
+    assert (tmp_path / "full").exists()
+    assert [s.name for s in read_manifest(Root(str(out))).shards] == [shard_name(0)]
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != ".output.lock"]
+
+
 def test_stopped_harvest_rerun_skips_committed_shards_and_writes_the_same_bytes(ray_cluster, tiny, uninterrupted,
                                                                                 tmp_path):
     # the state a harvest stopped mid-way leaves: a manifest listing the shards committed so far
