@@ -405,6 +405,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
         rest = stream.batches({p: pos for p, pos in positions.items() if p in mine})
         if is_main:
             _cut_log(run_dir / LOG_FILE, start)
+            print(f"train: resuming {run_dir.absolute()} from step {start} of {tc.steps}")
 
     def chained(head: list, tail: Iterator[PartitionBatch]) -> Iterator[PartitionBatch]:
         yield from head

@@ -17,12 +17,14 @@ from .conftest import shards_with_an_inf, small_run_config
 
 
 @pytest.mark.parametrize("arch,act", [("acausal", "batchtopk"), ("aligned", "topk"), ("acausal", "relu")])
-def test_resume_reproduces_the_uninterrupted_trajectory(tmp_path, small_shards, arch, act):
+def test_resume_reproduces_the_uninterrupted_trajectory(tmp_path, small_shards, arch, act, capsys):
     cfg = small_run_config(arch=arch, activation=act, steps=24, checkpoint_every=0, dead_tokens=600)
     full = train(cfg, tmp_path / "full", data=small_shards, progress=False)
     first = train(cfg, tmp_path / "cut", data=small_shards, progress=False, stop_after=9)
     assert first.export_dir is None and [p.name for p in checkpoint_dirs(tmp_path / "cut")] == ["step-9"]
+    capsys.readouterr()
     second = train(cfg, tmp_path / "cut", data=small_shards, progress=False)
+    assert f"train: resuming {(tmp_path / 'cut').absolute()} from step 9 of 24" in capsys.readouterr().out
     resumed = first.losses + second.losses
     assert len(resumed) == len(full.losses) == 24
     assert np.allclose(resumed, full.losses, rtol=0, atol=1e-6), (resumed, full.losses)
