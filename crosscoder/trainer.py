@@ -454,9 +454,11 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                     data_bad = collectives.worst(0 if bool(torch.isfinite(x).all()) else 1)
                     cause = ("a batch of this step holds inf or NaN activations: `crosscoder validate DATA --full` "
                              "names the shards" if data_bad else "lower train.lr, or raise train.grad_clip")
+                    kept = ("the last checkpoint is intact" if backend.has_checkpoint(run_dir)
+                            else "no checkpoint was written yet")
                     message = (f"loss is not finite at step {step} (rank {backend.rank}: "
                                f"{ {k: float(v) for k, v in terms.items()} }); the optimizer step was not taken and "
-                               f"the last checkpoint is intact; {cause}.")
+                               f"{kept}; {cause}.")
                     if is_main:
                         record_stop(run_dir, TrainingDiverged(message))
                     raise TrainingDiverged(message)

@@ -68,6 +68,9 @@ def test_from_pretrained_errors_name_the_problem(tmp_path):
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_last_checkpoint(tmp_path, small_shards):
     cfg = small_run_config(steps=40, checkpoint_every=5)
+    with pytest.raises(TrainingDiverged, match=r"loss is not finite at step \d+ .* no checkpoint was written yet; "):
+        train(small_run_config(steps=40, lr=1e30), tmp_path / "fresh", data=small_shards, progress=False)
+    assert not checkpoint_dirs(tmp_path / "fresh")
     train(cfg, tmp_path / "run", data=small_shards, progress=False, stop_after=10)
     good = checkpoint_dirs(tmp_path / "run")[-1]
     before = (good / "state.pt").read_bytes()
