@@ -420,22 +420,44 @@ def check_sizes(root: Root, manifest: Manifest) -> None:
 def validate(root: Root, full: bool = False, progress: bool = True) -> Manifest:
     """Check a dataset: the manifest, every shard's size (one listing) and, with ``full``, every
     shard's sha256 and samples, and that every activation is finite (reads them all, with a
-    progress bar; training does not pay for the finiteness pass). Raises ShardError."""
+    progress bar; training does not pay for the finiteness pass). Raises ShardError; with ``full``,
+    one that names every bad shard (up to 5, and how many), so they can be redone in one harvest."""
     from tqdm import tqdm
 
     manifest = read_manifest(root)
     check_sizes(root, manifest)
-    if full:
-        for info in tqdm(manifest.shards, desc="validate", unit="shard", disable=not progress):
-            for sample in read_shard(root, info, manifest, verify=True):
-                if not np.isfinite(sample.acts).all():
-                    bad = ~np.isfinite(sample.acts).all(0)  # per column
-                    ends = np.cumsum([s.d for s in manifest.sources])
-                    name = manifest.sources[int(np.searchsorted(ends, np.argmax(bad), side="right"))].name
-                    raise ShardError(f"{root.url_of(info.name)}: sample {sample.key!r} holds inf or NaN activations "
-                                     f"(source {name!r}); delete the shard and re-run the harvest, which names the "
-                                     "cause")
-    return manifest
+    if not full:
+        return manifest
+    bad: list[str] = []
+    for info in tqdm(manifest.shards, desc="validate", unit="shard", disable=not progress):
+        try:
+            problem = _nonfinite(root.url_of(info.name), read_shard(root, info, manifest, verify=True), manifest)
+        except ShardError as error:
+            problem = str(error)
+        if problem:
+            bad.append(problem)
+    if not bad:
+        return manifest
+    them = "the shard" if len(bad) == 1 else "them"
+    redo = (f"synthetic data is written whole: delete {root.url} and re-run" if "synthetic" in manifest.extra
+            else f"delete {them} and re-run the harvest, which redoes only the missing shards (naming the cause "
+                 "if it recurs)")
+    if len(bad) == 1:
+        raise ShardError(f"{bad[0]}; {redo}")
+    shown = "; ".join(problem.removeprefix(root.url.rstrip("/") + "/") for problem in bad[:5])
+    raise ShardError(f"{root.url}: {len(bad)} of {len(manifest.shards)} shards are bad: {shown}"
+                     f"{' …' if len(bad) > 5 else ''}; {redo}")
+
+
+def _nonfinite(where: str, samples: list[Sample], manifest: Manifest) -> str:
+    """The first sample holding an inf or NaN and its source, or ``""``."""
+    for sample in samples:
+        if not np.isfinite(sample.acts).all():
+            column = int(np.argmax(~np.isfinite(sample.acts).all(0)))
+            ends = np.cumsum([s.d for s in manifest.sources])
+            name = manifest.sources[int(np.searchsorted(ends, column, side="right"))].name
+            return f"{where}: sample {sample.key!r} holds inf or NaN activations (source {name!r})"
+    return ""
 
 
 def iter_samples(root: Root, manifest: Manifest | None = None, verify: bool = True) -> Iterator[Sample]:

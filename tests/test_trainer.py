@@ -104,6 +104,15 @@ def test_inf_in_the_data_is_named_by_the_nan_stop_and_found_by_validate_full(tmp
     assert main(["validate", str(tmp_path / "data")]) == 0  # sizes only: the listing cannot see values
     assert main(["validate", str(tmp_path / "data"), "--full", "--quiet"]) == 1
     assert "sample '0002-0000' holds inf or NaN activations" in capsys.readouterr().err
+    # a second bad shard (a flipped byte, same size): one error names both, so one harvest redoes them
+    shard = tmp_path / "data" / "shard-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"data: 2 of 4 shards are bad: shard-000000.tar: sha256 \w+… does not match "
+                                         r"the manifest's \w+…; shard-000002.tar: sample '0002-0000' holds inf or NaN "
+                                         r"activations \(source 'chat'\); delete them and re-run the harvest"):
+        validate(root, full=True, progress=False)
 
 
 def test_incompatible_run_directory_is_refused(tmp_path, small_shards):
