@@ -15,6 +15,7 @@ two batches of pinned host memory and one in flight on the device.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +25,15 @@ import torch
 from torch import Tensor
 
 from .config import ConfigError
+
+
+def settle_deepspeed_accelerator() -> None:
+    """transformers imports DeepSpeed when it is installed, and DeepSpeed's accelerator probe then
+    warns that it "was unable to detect" a GPU on every machine without one: on a CPU machine, say
+    ``cpu`` (what it would pick) before anything imports it. This command's own device line says
+    the same, in its words. A ``DS_ACCELERATOR`` already set is left alone."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def resolve(setting: str, key: str = "train.device", quiet: bool = False) -> torch.device:

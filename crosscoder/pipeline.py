@@ -36,6 +36,9 @@ class Plan:
 def plan(cfg: RunConfig, run_dir: str | Path | None = None, data: str | None = None) -> Plan:
     """Check ``cfg`` and resolve where everything goes; ``data`` overrides the training shard root."""
     validate(cfg)
+    from .device import settle_deepspeed_accelerator
+
+    settle_deepspeed_accelerator()
     cfg = copy.deepcopy(cfg)
     run_dir = Path(run_dir) if run_dir else Path("runs") / cfg.name
     hc, tc = cfg.harvest, cfg.train

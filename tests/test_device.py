@@ -159,3 +159,24 @@ def test_cuda_asked_for_on_a_machine_without_it_is_one_line_and_auto_falls_back(
     captured = capsys.readouterr()
     assert "train.device: auto -> cpu (no CUDA device in this process)" in captured.err
     assert "step 2:" in captured.out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is DeepSpeed's on a machine without a GPU")
+def test_a_command_on_a_cpu_machine_prints_no_deepspeed_gpu_warning(tmp_path):
+    """Saving a transformers model (the demo pair, the organism) imports DeepSpeed through accelerate,
+    and DeepSpeed's accelerator probe warns that it 'was unable to detect' a GPU; a command
+    (pipeline.plan) settles the accelerator first. Without plan the warning shows, so the test sees
+    DeepSpeed's current wording."""
+    save = ("from transformers import LlamaConfig, LlamaForCausalLM; LlamaForCausalLM(LlamaConfig(hidden_size=8, "
+            "intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, "
+            f"vocab_size=32)).save_pretrained({str(tmp_path / 'model')!r})")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    said = {}
+    for name, first in (("bare", ""), ("plan", "from crosscoder.config import RunConfig; "
+                                                "from crosscoder.pipeline import plan; plan(RunConfig()); ")):
+        done = subprocess.run([sys.executable, "-c", first + save], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        said[name] = done.stdout + done.stderr
+    assert "unable to detect" in said["bare"]
+    assert "unable to detect" not in said["plan"], said["plan"]
