@@ -11,6 +11,11 @@ at the hook point and measuring the language-model loss weighs errors by what th
 usual reference; mean-ablation is gentler and gives lower numbers). Positions before ``start``
 (the BOS that harvests exclude) keep their clean activation, because the crosscoder never saw them.
 
+The ratio means something only when zero-ablation hurts: in a model that barely uses the hooked
+activation (an untrained one, or a layer the loss does not depend on) the gap ``CE_zero − CE_clean``
+is within noise and the ratio is noise over noise (a random tiny pair gives 1.5 and 5.5). Below
+:data:`MIN_ABLATION_GAP` of the clean loss the result says so instead of standing as a score.
+
 The splice is a forward hook that returns the replacement, so any ``transformers`` causal LM works
 without modification. The cost is three forwards per batch (clean, spliced, zero-ablated), all the
 way through the unembedding.
@@ -26,6 +31,22 @@ from torch import Tensor, nn
 
 from .language_models import resolve_module
 
+MIN_ABLATION_GAP = 0.01  # zero-ablation must raise the loss by 1% of the clean loss for the ratio to mean anything
+
+
+def meaningful(clean: float, zero_ablated: float) -> bool:
+    """Zero-ablating the hooked activation hurts enough for ``recovered`` to be a score."""
+    return zero_ablated - clean >= MIN_ABLATION_GAP * clean
+
+
+def describe(ce: dict) -> str:
+    """``recovered`` of a summary entry (clean, spliced, zero_ablated, recovered), or why it is not a score."""
+    if meaningful(ce["clean"], ce["zero_ablated"]):
+        return f"{ce['recovered']:.3f}"
+    return (f"{ce['recovered']:.3f}, not meaningful: zero-ablating the hooked activation moves the loss by only "
+            f"{ce['zero_ablated'] - ce['clean']:+.4f} of {ce['clean']:.3f} nats (under "
+            f"{MIN_ABLATION_GAP:.0%}), so the model barely uses it (an untrained model?)")
+
 
 @dataclass
 class CERecovered:
@@ -37,6 +58,10 @@ class CERecovered:
     def recovered(self) -> float:
         gap = self.zero_ablated - self.clean
         return float("nan") if abs(gap) < 1e-12 else (self.zero_ablated - self.spliced) / gap
+
+    @property
+    def meaningful(self) -> bool:
+        return meaningful(self.clean, self.zero_ablated)
 
 
 @torch.no_grad()

@@ -255,8 +255,10 @@ def analyze(p: Plan, progress: bool = True, only_if_stale: bool = False) -> dict
           f"chat-only {counts['chat_only']}, dead {counts['dead']}; Latent Scaling flags "
           f"{arts['chat_only']['flagged']} of {arts['chat_only']['latents']} chat-only latents; inference L0 "
           f"{summary['inference_l0']:.1f}")
+    from .ce_recovered import describe
+
     for name, ce in summary["ce_loss_recovered"].items():
-        print(f"analyze: CE loss recovered {name}: {ce['recovered']:.3f}")
+        print(f"analyze: CE loss recovered {name}: {describe(ce)}")
     print(f"analysis: {(out / 'latents.csv').absolute()}\nreport: {report.absolute()}")
     return summary
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .analysis import Analysis
+from .ce_recovered import MIN_ABLATION_GAP, meaningful
 
 COLORS = {"shared": "#7f7f7f", "base_only": "#1f77b4", "chat_only": "#d62728", "dead": "#bbbbbb"}
 
@@ -152,7 +153,9 @@ def render(analysis: Analysis, title: str = "Crosscoder model-diffing report") -
     summary_rows.append(["inference L0 (active latents per token, as encode() fires them)",
                          f"{analysis.inference_l0:.1f}"])
     summary_rows += [[f"CE loss recovered {k}", f"{v['recovered']:.4f} (clean {v['clean']:.3f}, spliced "
-                      f"{v['spliced']:.3f}, zero-ablated {v['zero_ablated']:.3f} nats)"]
+                      f"{v['spliced']:.3f}, zero-ablated {v['zero_ablated']:.3f} nats)"
+                      + ("" if meaningful(v["clean"], v["zero_ablated"]) else
+                         f"; not meaningful: zero-ablation raises the loss by under {MIN_ABLATION_GAP:.0%}")]
                      for k, v in analysis.ce_recovered.items()]
     sources = [k[5:] for k in c if k.startswith("norm.")]
     if len(sources) > 2:  # the pairwise classes are one pair's; this is every source's

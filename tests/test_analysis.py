@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from crosscoder.analysis import CSV_COLUMNS, analyze, read_latents_csv, save
-from crosscoder.ce_recovered import ce_loss_recovered
+from crosscoder.ce_recovered import ce_loss_recovered, describe
 from crosscoder.config import AnalyzeConfig, SyntheticConfig
 from crosscoder.language_models import ActivationReader
 from crosscoder.model import CrossCoder, CrossCoderSpec
@@ -134,6 +134,12 @@ def test_ce_loss_recovered_is_one_for_a_perfect_reconstruction_and_zero_for_zero
     start = torch.randint(0, V, (16, 1))
     ids = 7 + (start + torch.arange(20)) % V
     ids[:, 0] = tok.bos_token_id
+    # untrained, the model barely uses the layer: the ratio is not a score, and says so
+    (act,) = ActivationReader(lm, ["model.layers.1"]).read(ids)
+    untrained = ce_loss_recovered(lm, ids, "model.layers.1", act[:, 1:] * 0.5, start=1)
+    assert not untrained.meaningful
+    assert "not meaningful: zero-ablating the hooked activation moves the loss by only" in describe(
+        vars(untrained) | {"recovered": untrained.recovered})
     lm.train()
     optimizer = torch.optim.Adam(lm.parameters(), lr=1e-2)
     for _ in range(60):
@@ -145,6 +151,7 @@ def test_ce_loss_recovered_is_one_for_a_perfect_reconstruction_and_zero_for_zero
     perfect = ce_loss_recovered(lm, ids, "model.layers.1", act[:, 1:], start=1)
     assert abs(perfect.recovered - 1) < 1e-4 and abs(perfect.spliced - perfect.clean) < 1e-4
     assert perfect.zero_ablated > perfect.clean + 1  # zero-ablating a middle layer hurts
+    assert perfect.meaningful and describe(vars(perfect) | {"recovered": perfect.recovered}) == "1.000"
     zero = ce_loss_recovered(lm, ids, "model.layers.1", torch.zeros_like(act[:, 1:]), start=1)
     assert abs(zero.recovered) < 1e-6
     noisy = ce_loss_recovered(lm, ids, "model.layers.1", act[:, 1:] + 1.5 * act[:, 1:].std() * torch.randn_like(act[:, 1:]),
