@@ -75,6 +75,7 @@ class Analysis:
     scaling_threshold: float = 0.3
     exclusive_threshold: float = 0.1
     notes: list[str] = field(default_factory=list)
+    scaling_skipped: str = ""  # why Latent Scaling did not run (aligned, or unequal widths); "" when it ran
     inference_l0: float = float("nan")  # mean active latents per token and group, encoded as at inference
     cross_fve: dict[str, float] = field(default_factory=dict)  # aligned: "from->to" → FVE of decoding across
     # every latent's top-n activations ([L, n], descending) and the global index of each one's token in
@@ -135,7 +136,7 @@ class Analysis:
                 "cross_fve": self.cross_fve, "present": self.present_counts(),
                 "ce_loss_recovered": self.ce_recovered, "attribution": self.attribution,
                 "scaling_threshold": self.scaling_threshold, "exclusive_threshold": self.exclusive_threshold,
-                "notes": self.notes}
+                "latent_scaling_skipped": self.scaling_skipped, "notes": self.notes}
 
 
 TOP_FILE = "top_activations.npz"  # the top-n buffers, for dashboard.py
@@ -157,6 +158,13 @@ def untrained_token_labels(cls: np.ndarray, special_share: np.ndarray, artifact:
     for i in np.flatnonzero(hit):
         out[i] = "+".join(filter(None, [out[i], "untrained_tokens"]))
     return out
+
+
+def class_names(sources: tuple[str, str] | list[str]) -> dict[str, str]:
+    """How the pairwise classes are named: by the two compared sources (base/chat only when they are
+    called that), since a cross-layer run compares layers, not models."""
+    first, second = sources
+    return {"shared": "shared", "base_only": f"{first}-only", "chat_only": f"{second}-only", "dead": "dead"}
 
 
 def classify(rel_norm: np.ndarray, frequency: np.ndarray, threshold: float) -> np.ndarray:
@@ -229,16 +237,18 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
     # every source's share of each latent's decoder norm (normalised units): the latent's profile
     norms = torch.stack([d.norm(dim=1) for d in dec], 1).double()
     profile = (norms / norms.sum(1, keepdim=True).clamp_min(1e-12)).cpu().numpy()  # [L, S]
-    notes = []
+    notes, skipped = [], ""
     if spec.widths[a] == spec.widths[b]:
         cosine = decoder_cosine(W_dec_normalised, slices, a, b).cpu().numpy()
     else:
         cosine = np.full(spec.latents, np.nan)
+        skipped = "it needs sources of equal width"
         notes.append("decoder cosine and Latent Scaling need sources of equal width; left empty")
     exclusive = (rel_norm < cfg.exclusive_threshold) | (rel_norm > 1 - cfg.exclusive_threshold)
     candidates = torch.from_numpy(np.flatnonzero(exclusive)).to(device)
     scaling = None
     if spec.arch != "acausal":
+        skipped = "it needs one shared latent space (acausal)"
         notes.append("Latent Scaling needs one shared latent space (acausal); the aligned variant has one per source")
     elif spec.widths[a] == spec.widths[b] and len(candidates):
         owner = torch.from_numpy((rel_norm[np.flatnonzero(exclusive)] > 0.5).astype(np.int64)).to(device)
@@ -380,8 +390,8 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
     return Analysis(sources=(spec.sources[a], spec.sources[b]), tokens=seen, columns=columns, fve=fve,
                     inference_l0=float(active) / (seen * spec.groups), cross_fve=cross_fve,
                     examples=examples, attribution=attribution, scaling_threshold=cfg.scaling_threshold,
-                    exclusive_threshold=cfg.exclusive_threshold, notes=notes, top_values=top.values.numpy(),
-                    top_index=top.index.numpy(), data_fingerprint=manifest.fingerprint())
+                    exclusive_threshold=cfg.exclusive_threshold, notes=notes, scaling_skipped=skipped,
+                    top_values=top.values.numpy(), top_index=top.index.numpy(), data_fingerprint=manifest.fingerprint())
 
 
 CONTEXT_AFTER = 3  # tokens shown after a max-activating one (``analyze.context`` is the count before)

@@ -250,13 +250,16 @@ def analyze(p: Plan, progress: bool = True, only_if_stale: bool = False) -> dict
         summary = connect().get(task.remote(p, False, "auto"))
     else:
         summary = analyze_here(p, progress, setting)
-    counts, arts = summary["classes"], summary["artifacts"]
-    print(f"analyze: {summary['tokens']} tokens; latents shared {counts['shared']}, base-only {counts['base_only']}, "
-          f"chat-only {counts['chat_only']}, dead {counts['dead']}; Latent Scaling flags "
-          f"{arts['chat_only']['flagged']} of {arts['chat_only']['latents']} chat-only latents; inference L0 "
-          f"{summary['inference_l0']:.1f}")
+    from .analysis import class_names
     from .ce_recovered import describe
 
+    counts, arts, named = summary["classes"], summary["artifacts"], class_names(summary["sources"])
+    skipped = summary.get("latent_scaling_skipped", "")
+    scaling = (f"Latent Scaling not run ({skipped})" if skipped else f"Latent Scaling flags "
+               f"{arts['chat_only']['flagged']} of {arts['chat_only']['latents']} {named['chat_only']} latents")
+    print(f"analyze: {summary['tokens']} tokens; latents shared {counts['shared']}, {named['base_only']} "
+          f"{counts['base_only']}, {named['chat_only']} {counts['chat_only']}, dead {counts['dead']}; {scaling}; "
+          f"inference L0 {summary['inference_l0']:.1f}")
     for name, ce in summary["ce_loss_recovered"].items():
         print(f"analyze: CE loss recovered {name}: {describe(ce)}")
     print(f"analysis: {(out / 'latents.csv').absolute()}\nreport: {report.absolute()}")

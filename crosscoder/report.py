@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .analysis import Analysis
+from .analysis import Analysis, class_names
 from .ce_recovered import MIN_ABLATION_GAP, meaningful
 
 COLORS = {"shared": "#7f7f7f", "base_only": "#1f77b4", "chat_only": "#d62728", "dead": "#bbbbbb"}
@@ -36,10 +36,8 @@ def _png(fig) -> str:
 
 
 def labels(analysis: Analysis) -> dict[str, str]:
-    """How the report names the pairwise classes: by the two compared sources' names (base/chat
-    only when they are called that), since a cross-layer run compares layers, not models."""
-    first, second = analysis.sources
-    return {"shared": "shared", "base_only": f"{first}-only", "chat_only": f"{second}-only", "dead": "dead"}
+    """How the report names the pairwise classes (analysis.class_names)."""
+    return class_names(analysis.sources)
 
 
 def figures(analysis: Analysis) -> dict[str, str]:

@@ -3,6 +3,7 @@ latents.csv and the HTML report (rendered by a real headless Chromium)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -279,10 +280,11 @@ def test_chunk_starts_are_left_out_of_the_examples_unless_asked_for(artifacts, t
 
 
 @pytest.mark.parametrize("arch", ["acausal", "aligned"])
-def test_three_sources_get_a_profile_per_source_and_aligned_runs_a_cross_layer_table(tmp_path, arch):
+def test_three_sources_get_a_profile_per_source_and_aligned_runs_a_cross_layer_table(tmp_path, arch, capsys):
     """Three layers of one model (a cross-layer run): latents.csv gets each source's share of the
     decoder norm and the sources a latent decodes into, the report a profile heatmap and names the
-    pairwise classes by source, and the aligned variant a cross-layer FVE table (from -> to)."""
+    pairwise classes by source, and the aligned variant a cross-layer FVE table (from -> to). The
+    command's summary line names the classes by source too, and says when Latent Scaling did not run."""
     from crosscoder.config import RunConfig
     from crosscoder.shards import Manifest, ShardWriter, SourceInfo, shard_name, write_manifest
     from crosscoder.trainer import train
@@ -323,6 +325,17 @@ def test_three_sources_get_a_profile_per_source_and_aligned_runs_a_cross_layer_t
         assert np.allclose(own, [analysis.fve[s] for s in layers], atol=1e-6)  # the diagonal is the own FVE
     else:
         assert analysis.cross_fve == {} and "Cross-layer mapping" not in text
+    from crosscoder import pipeline
+
+    capsys.readouterr()
+    pipeline.analyze(pipeline.plan(cfg, tmp_path / "run", str(tmp_path / "shards")), progress=False)
+    line = next(out for out in capsys.readouterr().out.splitlines() if out.startswith("analyze: 2048 tokens;"))
+    assert re.search(r"latents shared \d+, layer4-only \d+, layer8-only \d+, dead \d+; ", line), line
+    assert "base-only" not in line and "chat-only" not in line
+    if arch == "aligned":
+        assert "; Latent Scaling not run (it needs one shared latent space (acausal)); inference L0" in line, line
+    else:
+        assert re.search(r"; Latent Scaling flags \d+ of \d+ layer8-only latents; inference L0", line), line
 
 
 def test_ce_loss_recovered_loads_one_model_per_table_with_its_own_dtype(tmp_path):
