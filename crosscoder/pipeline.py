@@ -115,9 +115,9 @@ def synthetic(p: Plan, progress: bool = True, output: str | None = None, keep_co
     a root that already holds a complete dataset is left as it is. The root is held while written
     (run_lock.shared_root): a sweep started at once writes it once."""
     from .run_lock import shared_root
-    from .shards import ManifestMissing, read_manifest
+    from .shards import ManifestMissing, ShardError, check_sizes, read_manifest
     from .storage import open_root
-    from .synthetic import write_synthetic
+    from .synthetic import check_same_synthetic, write_synthetic
 
     output = absolute_url(output or p.cfg.synthetic.output or p.data)
     root = open_root(output, p.cfg.storage)
@@ -125,10 +125,16 @@ def synthetic(p: Plan, progress: bool = True, output: str | None = None, keep_co
     def complete():
         try:
             manifest = read_manifest(root)
-            print(f"shards: {output} already complete ({len(manifest.shards)} shards), skipping generation")
-            return manifest
         except ManifestMissing:
             return None
+        check_same_synthetic(output, manifest, p.cfg.synthetic)
+        try:
+            check_sizes(root, manifest)
+        except ShardError as missing:  # every shard is a function of (config, n): writing it again mends it
+            print(f"shards: {missing}; writing the synthetic data again")
+            return None
+        print(f"shards: {output} already complete ({len(manifest.shards)} shards), skipping generation")
+        return manifest
 
     if keep_complete and (manifest := complete()):  # a complete root may be read-only: no lock taken
         return manifest

@@ -439,7 +439,7 @@ def validate(root: Root, full: bool = False, progress: bool = True) -> Manifest:
     if not bad:
         return manifest
     them = "the shard" if len(bad) == 1 else "them"
-    redo = (f"synthetic data is written whole: delete {root.url} and re-run" if "synthetic" in manifest.extra
+    redo = (f"delete {them} and re-run, which writes the synthetic data again" if "synthetic" in manifest.extra
             else f"delete {them} and re-run the harvest, which redoes only the missing shards (naming the cause "
                  "if it recurs)")
     if len(bad) == 1:

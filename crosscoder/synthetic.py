@@ -34,13 +34,14 @@ function of (config, n), like a harvest's. No torch here.
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from tqdm import tqdm
 
 from .config import ConfigError, SyntheticConfig, check_synthetic
-from .shards import Manifest, ShardWriter, SourceInfo, shard_name, sweep_partial_shards, write_manifest
+from .shards import Manifest, ShardError, ShardWriter, SourceInfo, shard_name, sweep_partial_shards, write_manifest
 from .storage import Root
 
 CLASSES = ("shared", "base_only", "chat_only", "rotated", "strong")
@@ -205,6 +206,21 @@ def write_synthetic(cfg: SyntheticConfig, output: str, progress: bool = True, ro
     )
     write_manifest(root, manifest)
     return manifest
+
+
+def check_same_synthetic(output: str, manifest: Manifest, cfg: SyntheticConfig) -> None:
+    """A root kept as complete holds synthetic data of this config (its output aside), else a
+    ShardError naming what differs: training on it would test another planted truth than asked."""
+    if "synthetic" not in manifest.extra:
+        raise ShardError(f"{output}: holds harvested shards, not synthetic data; use another synthetic.output or "
+                         "delete it")
+    recorded = json.loads(json.dumps(manifest.extra["synthetic"]))
+    wanted = json.loads(json.dumps(asdict(cfg)))
+    differ = [key for key in wanted if key != "output" and key in recorded and recorded[key] != wanted[key]]
+    if differ:
+        said = ", ".join(f"synthetic.{key} = {recorded[key]} there, {wanted[key]} here" for key in differ)
+        raise ShardError(f"{output}: holds synthetic data of another config ({said}); use another --run or "
+                         "synthetic.output, or delete it")
 
 
 def read_planted(root: Root) -> PlantedDictionary:

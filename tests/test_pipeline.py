@@ -299,3 +299,26 @@ def test_tiny_refuses_a_width_its_attention_heads_cannot_split(tmp_path, capsys)
     assert main(["tiny", "--output", str(tmp_path / "tiny"), "--hidden", "30"]) == 2
     assert "--hidden must be a positive multiple of 4" in capsys.readouterr().err
     assert not (tmp_path / "tiny").exists()
+
+
+def test_a_synthetic_root_with_a_shard_gone_is_written_again_and_one_of_another_config_is_refused(tmp_path, capsys):
+    """Kept synthetic data must be this config's and whole: a deleted shard (as `validate --full`
+    advises for a bad one) is written again, the same bytes, and a root of other synthetic settings
+    is one line naming them, not silently trained on (a harvest's root is refused the same way)."""
+    shards = tmp_path / "shards"
+    args = ["synthetic", "--config", str(SYNTHETIC), "--run", str(tmp_path / "run"), "--synthetic.output", str(shards),
+            *SMALL]
+    assert main(args) == 0
+    gone = shards / "shard-000002.tar"
+    before = gone.read_bytes()
+    gone.unlink()
+    run = ["run", "--config", str(SYNTHETIC), "--run", str(tmp_path / "run"), "--synthetic.output", str(shards), *SMALL]
+    capsys.readouterr()
+    assert main(run) == 0
+    out = capsys.readouterr().out
+    assert "shard-000002.tar (missing)" in out and "writing the synthetic data again" in out
+    assert gone.read_bytes() == before
+    assert main([*run, "--synthetic.features", "128"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"crosscoder: ShardError: {shards}: holds synthetic data of another config "
+                          "(synthetic.features = 256 there, 128 here)"), err
