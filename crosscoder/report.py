@@ -35,11 +35,6 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def labels(analysis: Analysis) -> dict[str, str]:
-    """How the report names the pairwise classes (analysis.class_names)."""
-    return class_names(analysis.sources)
-
-
 def figures(analysis: Analysis) -> dict[str, str]:
     """Title → base64 PNG."""
     import matplotlib
@@ -65,7 +60,7 @@ def figures(analysis: Analysis) -> dict[str, str]:
     for cls in ("shared", "base_only", "chat_only"):
         vals = c["cosine"][(c["class"] == cls) & np.isfinite(c["cosine"])]
         if len(vals):
-            ax.hist(vals, bins=np.linspace(-1, 1, 41).tolist(), alpha=0.6, label=labels(analysis)[cls],
+            ax.hist(vals, bins=np.linspace(-1, 1, 41).tolist(), alpha=0.6, label=class_names(analysis.sources)[cls],
                     color=COLORS[cls])
     ax.set_xlabel(f"decoder cosine between {base} and {chat}")
     ax.set_ylabel("latents")
@@ -78,7 +73,7 @@ def figures(analysis: Analysis) -> dict[str, str]:
     for cls in ("base_only", "chat_only"):
         m = (c["class"] == cls) & np.isfinite(c["nu_error"]) & np.isfinite(c["nu_recon"])
         ax.scatter(c["nu_error"][m], c["nu_recon"][m], s=12, alpha=0.7, color=COLORS[cls],
-                   label=f"{labels(analysis)[cls]} ({int(m.sum())})")
+                   label=f"{class_names(analysis.sources)[cls]} ({int(m.sum())})")
     ax.axvline(t, color="k", ls="--", lw=0.8)
     ax.axhline(t, color="k", ls="--", lw=0.8)
     finite = np.concatenate([c["nu_error"][np.isfinite(c["nu_error"])], c["nu_recon"][np.isfinite(c["nu_recon"])]])
@@ -145,7 +140,7 @@ def render(analysis: Analysis, title: str = "Crosscoder model-diffing report") -
     arts = analysis.artifact_counts()
     summary_rows: list[list] = [["sources compared", f"{base} vs {chat}"], ["tokens analysed", f"{analysis.tokens:,}"],
                     ["latents", f"{len(c['class']):,}"]]
-    named = labels(analysis)
+    named = class_names(analysis.sources)
     summary_rows += [[f"{named[k]} latents", v] for k, v in counts.items()]
     summary_rows += [[f"FVE {k}", f"{v:.4f}"] for k, v in analysis.fve.items()]
     summary_rows.append(["inference L0 (active latents per token, as encode() fires them)",

@@ -428,14 +428,14 @@ def validate(root: Root, full: bool = False, progress: bool = True) -> Manifest:
     check_sizes(root, manifest)
     if not full:
         return manifest
-    bad: list[str] = []
+    bad: list[tuple[str, str]] = []  # (shard, its problem: a message that begins with the shard's url)
     for info in tqdm(manifest.shards, desc="validate", unit="shard", disable=not progress):
         try:
             problem = _nonfinite(root.url_of(info.name), read_shard(root, info, manifest, verify=True), manifest)
         except ShardError as error:
             problem = str(error)
         if problem:
-            bad.append(problem)
+            bad.append((info.name, problem))
     if not bad:
         return manifest
     them = "the shard" if len(bad) == 1 else "them"
@@ -443,8 +443,8 @@ def validate(root: Root, full: bool = False, progress: bool = True) -> Manifest:
             else f"delete {them} and re-run the harvest, which redoes only the missing shards (naming the cause "
                  "if it recurs)")
     if len(bad) == 1:
-        raise ShardError(f"{bad[0]}; {redo}")
-    shown = "; ".join(problem.removeprefix(root.url.rstrip("/") + "/") for problem in bad[:5])
+        raise ShardError(f"{bad[0][1]}; {redo}")
+    shown = "; ".join(problem.replace(root.url_of(name), name, 1) for name, problem in bad[:5])
     raise ShardError(f"{root.url}: {len(bad)} of {len(manifest.shards)} shards are bad: {shown}"
                      f"{' …' if len(bad) > 5 else ''}; {redo}")
 
