@@ -51,7 +51,7 @@ def opt(default: Any, help: str, ge: float | None = None, gt: float | None = Non
 Dtype = Literal["float16", "float32"]
 Device = Literal["auto", "cpu", "cuda"]
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
-MODEL_KEYS = ("name", "path", "revision", "dtype", "device_map", "max_memory")
+MODEL_KEYS = ("name", "path", "revision", "dtype", "device_map", "max_memory", "hooks")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's strategies; or a device, a table
 
 
@@ -63,8 +63,9 @@ def model_name(table: dict, index: int) -> str:
 @dataclass
 class HarvestConfig:
     models: list[dict] = opt(
-        [], "models to harvest, each a table {name, path, revision, dtype, device_map, max_memory}; sources = models "
-        "× hooks; device_map (auto, balanced, …) splits a model over the actor's GPUs, max_memory caps each"
+        [], "models to harvest, each a table {name, path, revision, dtype, device_map, max_memory, hooks}; sources = "
+        "each model × its hooks (the table's own, e.g. a deeper model's middle layer for scaling transfer, else "
+        "harvest.hooks); device_map (auto, balanced, …) splits a model over the actor's GPUs, max_memory caps each"
     )
     demo_pair: bool = opt(
         False, "with models empty: make the demo base/chat pair (demo_pair.py: a small Llama trained on a word "
@@ -72,7 +73,8 @@ class HarvestConfig:
         "download, and harvest those; the embedded default uses it"
     )
     demo_steps: int = opt(500, "training steps of the demo base model, and again of its chat fine-tune", ge=1)
-    hooks: list[str] = opt(["model.layers.1"], "module paths whose outputs are harvested (residual stream)")
+    hooks: list[str] = opt(["model.layers.1"], "module paths whose outputs are harvested (residual stream), in each "
+                                               "model whose table names no hooks of its own")
     data: str = opt("", "JSONL ({text} or {messages}) or .txt file of documents, or hf:<dataset>[:<split>] "
                         "(a save_to_disk or data-file directory, or a hub name)")
     output: str = opt("", "shard root: a path, file://… or s3://bucket/prefix")
@@ -556,9 +558,7 @@ def check_harvest(hc: HarvestConfig) -> None:
         raise ConfigError("harvest.hooks is empty: name at least one module path, e.g. model.layers.13")
     if hc.prefix not in ("bos", "eos", "none") and not (hc.prefix.startswith("token:") and len(hc.prefix) > 6):
         raise ConfigError(f"harvest.prefix must be bos, eos, none or token:<text>, got {hc.prefix!r}")
-    for hook in hc.hooks:
-        if not HOOK_PATH.match(hook):
-            raise ConfigError(f"harvest.hooks: {hook!r} is not a module path such as model.layers.13")
+    check_hooks(hc.hooks, "harvest.hooks")
     names = []
     for i, m in enumerate(hc.models):
         unknown = set(m) - set(MODEL_KEYS)
@@ -579,9 +579,22 @@ def check_harvest(hc: HarvestConfig) -> None:
         if not isinstance(m.get("max_memory", {}), dict) or ("max_memory" in m and "device_map" not in m):
             raise ConfigError(f"harvest.models[{i}].max_memory must be a table of device → size such as "
                               f'{{0 = "20GiB", cpu = "64GiB"}}, with a device_map; got {m["max_memory"]!r}')
+        if "hooks" in m:
+            check_hooks(m["hooks"], f"harvest.models[{i}].hooks")
         names.append(model_name(m, i))
     if len(set(names)) != len(names):
         raise ConfigError(f"harvest.models: names must be unique, got {names}")
+
+
+def check_hooks(hooks: Any, key: str) -> None:
+    """A non-empty list of module paths, each well formed."""
+    if not isinstance(hooks, list) or not hooks:
+        raise ConfigError(f"{key} must be a non-empty list of module paths, e.g. [\"model.layers.13\"]; got {hooks!r}")
+    for hook in hooks:
+        if not isinstance(hook, str) or not HOOK_PATH.match(hook):
+            raise ConfigError(f"{key}: {hook!r} is not a module path such as model.layers.13")
+    if len(set(hooks)) != len(hooks):
+        raise ConfigError(f"{key} names a module twice: {hooks}")
 
 
 def check_synthetic(sc: SyntheticConfig) -> None:

@@ -88,13 +88,15 @@ def model_specs(cfg: RunConfig) -> list[ModelSpec]:
         raise HarvestError("no models to harvest: list them in harvest.models, or set harvest.demo_pair = true (the "
                            "demo base/chat pair) or organism.directory")
     return [ModelSpec(name=model_name(m, i), path=m["path"], revision=m.get("revision"),
-                      dtype=m.get("dtype", "float32"), device_map=m.get("device_map"), max_memory=m.get("max_memory"))
+                      dtype=m.get("dtype", "float32"), device_map=m.get("device_map"), max_memory=m.get("max_memory"),
+                      hooks=list(m.get("hooks", cfg.harvest.hooks)))
             for i, m in enumerate(cfg.harvest.models)]
 
 
-def source_names(models: list[ModelSpec], hooks: list[str]) -> list[tuple[str, ModelSpec, str]]:
-    """Sources in manifest order: models × hooks; named by model, or model@hook with several hooks."""
-    return [(m.name if len(hooks) == 1 else f"{m.name}@{h}", m, h) for m in models for h in hooks]
+def source_names(models: list[ModelSpec]) -> list[tuple[str, ModelSpec, str]]:
+    """Sources in manifest order: each model × its hooks; named by model, or model@hook where a
+    model has several hooks."""
+    return [(m.name if len(m.hooks) == 1 else f"{m.name}@{h}", m, h) for m in models for h in m.hooks]
 
 
 class ShardHarvester:
@@ -121,8 +123,8 @@ class ShardHarvester:
         self.readers = {}
         for spec in self.models:
             spec.device = self.device
-            model, paths = load_trunk(spec, hc.hooks)
-            self.readers[spec.name] = ActivationReader(model, paths, spec.name, shown=hc.hooks)
+            model, paths = load_trunk(spec, spec.hooks)
+            self.readers[spec.name] = ActivationReader(model, paths, spec.name, shown=spec.hooks)
         tokenizer = load_tokenizer(self.models[0].path, self.models[0].revision)
         self.prefix = prefix_token(tokenizer, hc.prefix)
         self.pad = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
@@ -175,7 +177,7 @@ class ShardHarvester:
         if files:
             print(f"harvest actor {self.actor_index}: removed {files} partial shard file(s) ({freed / 2**20:.0f} MiB) "
                   f"that killed harvest actors left in {tempfile.gettempdir()}", file=sys.stderr, flush=True)
-        width = sum(r.width[i] for r in self.readers.values() for i in range(len(hc.hooks)))
+        width = sum(sum(r.width) for r in self.readers.values())
         norm_sum: torch.Tensor | float = 0.0
         waiting: tuple | None = None  # the previous batch: (chunks, host acts, ids, copy event, finite, norms)
 
@@ -220,7 +222,7 @@ class ShardHarvester:
     def non_finite(self, index: int, batch: list[Chunk], acts: torch.Tensor, norms: torch.Tensor) -> ModelError:
         """The error for a batch with an inf or NaN to store: the model produced it (a model run in
         float16 overflows; Gemma's do), or a finite value beyond float16's range met harvest.dtype."""
-        names = [name for name, _, _ in source_names(self.models, self.cfg.harvest.hooks)]
+        names = [name for name, _, _ in source_names(self.models)]
         widths = [w for spec in self.models for w in self.readers[spec.name].width]
         start = 0
         for name, width, norm in zip(names, widths, norms.cpu().tolist()):
@@ -400,14 +402,14 @@ def build_manifest(cfg, sources, widths, infos: list[ShardInfo], tokenizer: str,
     )
 
 
-def model_widths(models: list[ModelSpec], hooks: list[str]) -> list[int]:
+def model_widths(models: list[ModelSpec]) -> list[int]:
     """Each source's width, from its model's config; every hook is checked on the model's skeleton
     on the way (language_models.check_hooks), before any actor loads a model."""
     widths = []
     for m in models:
         config = load_config(m.name, m.path, m.revision)
-        check_hooks(config, hooks, m.name)
-        widths += [int(config.hidden_size)] * len(hooks)
+        check_hooks(config, m.hooks, m.name)
+        widths += [int(config.hidden_size)] * len(m.hooks)
     return widths
 
 
@@ -432,7 +434,7 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     models = model_specs(cfg)
     if not hc.output:
         raise HarvestError("harvest.output is empty: set a path, file://… or s3://bucket/prefix")
-    widths = model_widths(models, hc.hooks)  # a misspelt hook stops here, before the documents are tokenized
+    widths = model_widths(models)  # a misspelt hook stops here, before the documents are tokenized
     tokenizers = {m.name: load_tokenizer(m.path, m.revision) for m in models}
     check_same_tokenizer(tokenizers)
     tokenizer = tokenizers[models[0].name]
@@ -448,7 +450,7 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
               f"{hc.tokens}; harvesting them all", flush=True)
     per = hc.samples_per_shard
     plan = [chunks[i : i + per] for i in range(0, len(chunks), per)]
-    sources = source_names(models, hc.hooks)
+    sources = source_names(models)
     root = open_root(hc.output, cfg.storage)
     fp, digest = fingerprint(cfg, len(chunks)), plan_digest(chunks)
     if not root.is_local:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -51,6 +51,7 @@ class ModelSpec:
     device_map: str | dict | None = None  # split over the process's devices (accelerate): auto, balanced, …
     max_memory: dict | None = None  # with device_map: per device, e.g. {0: "20GiB", "cpu": "64GiB"}
     device: str = "cpu"  # without device_map: where the whole model goes
+    hooks: list[str] = field(default_factory=list)  # the harvest's module paths in this model
 
 
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "gpt2" or "org/name"

@@ -80,11 +80,15 @@ def make_pair(directory: str | Path, hidden: int = 64, layers: int = 4, seed: in
     return save(base, tok, directory / "base"), save(perturbed_copy(base), tok, directory / "chat")
 
 
-def make_family(directory: str | Path, widths: tuple[int, ...] = (64, 96), layers: int = 4) -> list[str]:
-    """Models of one family (one tokenizer) at different widths, for scaling transfer."""
+def make_family(directory: str | Path, widths: tuple[int, ...] = (64, 96), layers: int | tuple[int, ...] = 4
+                ) -> list[str]:
+    """Models of one family (one tokenizer) at different widths, and depths if ``layers`` gives one
+    per model, for scaling transfer."""
     directory = Path(directory)
     tok = make_tokenizer()
-    return [save(make_model(len(tok), w, layers, seed=i), tok, directory / f"w{w}") for i, w in enumerate(widths)]
+    depths = layers if isinstance(layers, tuple) else (layers,) * len(widths)
+    return [save(make_model(len(tok), w, n, seed=i), tok, directory / f"w{w}")
+            for i, (w, n) in enumerate(zip(widths, depths, strict=True))]
 
 
 def write_documents(path: str | Path, n_docs: int = 64, seed: int = 0, chat_fraction: float = 0.5) -> str:

@@ -56,34 +56,36 @@ def figures(analysis: Analysis) -> dict[str, str]:
     ax.set_ylabel("live latents")
     out["Relative decoder norm"] = _png(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    for cls in ("shared", "base_only", "chat_only"):
-        vals = c["cosine"][(c["class"] == cls) & np.isfinite(c["cosine"])]
-        if len(vals):
-            ax.hist(vals, bins=np.linspace(-1, 1, 41).tolist(), alpha=0.6, label=class_names(analysis.sources)[cls],
-                    color=COLORS[cls])
-    ax.set_xlabel(f"decoder cosine between {base} and {chat}")
-    ax.set_ylabel("latents")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    out["Decoder cosine"] = _png(fig)
+    if np.isfinite(c["cosine"][live]).any():  # none between sources of different widths
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for cls in ("shared", "base_only", "chat_only"):
+            vals = c["cosine"][(c["class"] == cls) & np.isfinite(c["cosine"])]
+            if len(vals):
+                ax.hist(vals, bins=np.linspace(-1, 1, 41).tolist(), alpha=0.6,
+                        label=class_names(analysis.sources)[cls], color=COLORS[cls])
+        ax.set_xlabel(f"decoder cosine between {base} and {chat}")
+        ax.set_ylabel("latents")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        out["Decoder cosine"] = _png(fig)
 
-    fig, ax = plt.subplots(figsize=(5, 4.2))
-    t = analysis.scaling_threshold
-    for cls in ("base_only", "chat_only"):
-        m = (c["class"] == cls) & np.isfinite(c["nu_error"]) & np.isfinite(c["nu_recon"])
-        ax.scatter(c["nu_error"][m], c["nu_recon"][m], s=12, alpha=0.7, color=COLORS[cls],
-                   label=f"{class_names(analysis.sources)[cls]} ({int(m.sum())})")
-    ax.axvline(t, color="k", ls="--", lw=0.8)
-    ax.axhline(t, color="k", ls="--", lw=0.8)
-    finite = np.concatenate([c["nu_error"][np.isfinite(c["nu_error"])], c["nu_recon"][np.isfinite(c["nu_recon"])]])
-    top = max(1.1, float(np.percentile(finite, 99)) + 0.1) if len(finite) else 1.1
-    ax.set_xlim(-0.1, top)
-    ax.set_ylim(-0.1, top)
-    ax.set_xlabel("ν_ε  (error: Complete Shrinkage →)")
-    ax.set_ylabel("ν_r  (reconstruction: Latent Decoupling →)")
-    ax.legend(fontsize=8)
-    out["Latent Scaling of exclusive latents"] = _png(fig)
+    if not analysis.scaling_skipped:  # aligned runs, sources of different widths
+        fig, ax = plt.subplots(figsize=(5, 4.2))
+        t = analysis.scaling_threshold
+        for cls in ("base_only", "chat_only"):
+            m = (c["class"] == cls) & np.isfinite(c["nu_error"]) & np.isfinite(c["nu_recon"])
+            ax.scatter(c["nu_error"][m], c["nu_recon"][m], s=12, alpha=0.7, color=COLORS[cls],
+                       label=f"{class_names(analysis.sources)[cls]} ({int(m.sum())})")
+        ax.axvline(t, color="k", ls="--", lw=0.8)
+        ax.axhline(t, color="k", ls="--", lw=0.8)
+        finite = np.concatenate([c["nu_error"][np.isfinite(c["nu_error"])], c["nu_recon"][np.isfinite(c["nu_recon"])]])
+        top = max(1.1, float(np.percentile(finite, 99)) + 0.1) if len(finite) else 1.1
+        ax.set_xlim(-0.1, top)
+        ax.set_ylim(-0.1, top)
+        ax.set_xlabel("ν_ε  (error: Complete Shrinkage →)")
+        ax.set_ylabel("ν_r  (reconstruction: Latent Decoupling →)")
+        ax.legend(fontsize=8)
+        out["Latent Scaling of exclusive latents"] = _png(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
     names = list(analysis.fve)
@@ -168,14 +170,15 @@ def render(analysis: Analysis, title: str = "Crosscoder model-diffing report") -
              _table(summary_rows, ["", ""]),
              "".join(f"<p class='note'>{html.escape(n)}</p>" for n in analysis.notes),
              "<h2>Latent Scaling</h2>",
+             f"<p>Not run: {html.escape(analysis.scaling_skipped)}.</p>" if analysis.scaling_skipped else
              f"<p>Exclusive latents (relative norm below {analysis.exclusive_threshold} or above "
              f"{1 - analysis.exclusive_threshold}) flagged when ν exceeds {analysis.scaling_threshold}: "
              "ν_ε high = Complete Shrinkage (the other model's error still holds the concept), ν_r high = "
              "Latent Decoupling (other latents reconstruct it in the other model). arXiv 2504.02922. "
              f"Untrained tokens: {named['base_only']} latents firing mostly on the tokenizer's special tokens "
-             f"(the chat template), whose embeddings {analysis.sources[0]} never trained.</p>",
-             _table(art_rows, ["class", "latents", "complete shrinkage", "latent decoupling", "untrained tokens",
-                               "flagged", "really exclusive"]),
+             f"(the chat template), whose embeddings {analysis.sources[0]} never trained.</p>"
+             + _table(art_rows, ["class", "latents", "complete shrinkage", "latent decoupling", "untrained tokens",
+                                 "flagged", "really exclusive"]),
              cross,
              "<h2>Plots</h2>"]
     for name, png in figures(analysis).items():
@@ -198,7 +201,9 @@ def render(analysis: Analysis, title: str = "Crosscoder model-diffing report") -
     for latent, examples in analysis.examples.items():
         i = int(latent)
         desc = (f"latent {i}: {named[c['class'][i]]}, frequency {c['frequency'][i]:.2e}, "
-                f"rel norm {c['rel_norm'][i]:.3f}, cosine {c['cosine'][i]:.3f}")
+                f"rel norm {c['rel_norm'][i]:.3f}")
+        if np.isfinite(c["cosine"][i]):
+            desc += f", cosine {c['cosine'][i]:.3f}"
         if np.isfinite(c["nu_error"][i]):
             desc += f", ν_ε {c['nu_error'][i]:.2f}, ν_r {c['nu_recon'][i]:.2f}"
         if c["artifact"][i]:

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -52,13 +53,13 @@ def harvest_config(tiny, output, **kw) -> RunConfig:
     return cfg
 
 
-def direct_activations(path, tokens: list[int], first: bool = True) -> list[np.ndarray]:
+def direct_activations(path, tokens: list[int], first: bool = True, hooks=HOOKS) -> list[np.ndarray]:
     """Reference: a full forward with output_hidden_states (hidden_states[i+1] = layer i output), a
     document's first chunk behind the BOS (harvest.prefix = "bos"), later chunks with none."""
     model = load_model(ModelSpec("ref", path))
     prefix = [1] if first else []
     out = model(input_ids=torch.tensor([prefix + tokens]), output_hidden_states=True)
-    return [out.hidden_states[int(h.rsplit(".", 1)[1]) + 1][0, len(prefix):].numpy() for h in HOOKS]
+    return [out.hidden_states[int(h.rsplit(".", 1)[1]) + 1][0, len(prefix):].numpy() for h in hooks]
 
 
 def test_early_stop_reads_the_same_activations_as_a_full_forward(tiny):
@@ -509,19 +510,59 @@ def test_hf_datasets_saved_or_as_data_files_read_like_the_jsonl_file(tiny, tmp_p
     assert "DataError: hf:nobody/no-such-dataset: cannot read the dataset" in proc.stderr
 
 
-def test_models_of_different_widths_harvest_into_one_dataset_the_trainer_trains_on(ray_cluster, tiny, tmp_path):
+def test_models_of_different_sizes_harvest_at_their_own_layers_into_one_dataset(ray_cluster, tiny, tmp_path):
+    """Scaling transfer: a 2-layer model of width 64 and a 4-layer one of width 96 (one tokenizer),
+    the small one at harvest.hooks (the end of its first half), the large one at the layers its
+    table names (its own first half ends a block later). The shards hold each model's activations at its own layers, the trainer
+    trains on them, and CE loss recovered splices each source back at its own layer."""
+    from crosscoder.analysis import ce_recovered_for_harvest
+    from crosscoder.config import AnalyzeConfig
+    from crosscoder.model import CrossCoder
+    from crosscoder.storage import open_root
     from crosscoder.trainer import train
 
-    small, large = make_family(tmp_path / "family", widths=(64, 96))
-    cfg = harvest_config(tiny, str(tmp_path / "acts"), hooks=["model.layers.2"], tokens=800)
-    cfg.harvest.models = [{"name": "small", "path": small}, {"name": "large", "path": large}]
+    small, large = make_family(tmp_path / "family", widths=(64, 96), layers=(2, 4))
+    cfg = harvest_config(tiny, str(tmp_path / "acts"), hooks=["model.layers.0"], tokens=800)
+    cfg.harvest.models = [{"name": "small", "path": small},
+                          {"name": "large", "path": large, "hooks": ["model.layers.1", "model.layers.2"]}]
     manifest = harvest(cfg, progress=False)
-    assert [(s.name, s.d) for s in manifest.sources] == [("small", 64), ("large", 96)]
+    assert [(s.name, s.d, s.hook) for s in manifest.sources] == [
+        ("small", 64, "model.layers.0"), ("large@model.layers.1", 96, "model.layers.1"),
+        ("large@model.layers.2", 96, "model.layers.2")]
+    sample = next(iter_samples(Root(str(tmp_path / "acts")), manifest))
+    tokens, first = sample.tokens.tolist(), sample.meta["chunk"] == 0
+    # (not a model's last layer: output_hidden_states gives that one after the final norm)
+    expected = [*direct_activations(small, tokens, first, ["model.layers.0"]),
+                *direct_activations(large, tokens, first, ["model.layers.1", "model.layers.2"])]
+    np.testing.assert_allclose(sample.acts.astype(np.float32), np.concatenate(expected, 1), atol=2e-3, rtol=2e-3)
+    with pytest.raises(ModelError, match=r"large.*model\.layers\.7"):  # checked on the model's own skeleton
+        cfg.harvest.models[1]["hooks"] = ["model.layers.7"]
+        harvest(cfg, progress=False)
+    cfg.harvest.models[1]["hooks"] = ["model.layers.1", "model.layers.2"]
     cfg.train.latents, cfg.train.k, cfg.train.batch_size, cfg.train.steps = 128, 8, 128, 20
     cfg.train.shuffle_samples, cfg.train.lr, cfg.train.lr_warmup_steps, cfg.train.steps = 8, 3e-3, 5, 60
     result = train(cfg, tmp_path / "run", data=str(tmp_path / "acts"), progress=False)
     assert sum(result.losses[-5:]) < 0.8 * sum(result.losses[:5])
-    assert set(result.last_metrics["fve"]) == {"small", "large"}
+    assert set(result.last_metrics["fve"]) == {s.name for s in manifest.sources}
+    ce = ce_recovered_for_harvest(CrossCoder.from_pretrained(tmp_path / "run" / "crosscoder"),
+                                  open_root(str(tmp_path / "acts")), AnalyzeConfig(ce_sequences=4))
+    assert set(ce) == {s.name for s in manifest.sources}
+    one, three = ce["large@model.layers.1"], ce["large@model.layers.2"]
+    assert one["clean"] == three["clean"] != ce["small"]["clean"]  # one model loaded per table
+    assert one["zero_ablated"] != three["zero_ablated"]  # each spliced at its own layer
+    # the report compares the first two sources, of different widths: no cosine or Latent Scaling
+    # (each needs equal widths), said once, and no empty plot (matplotlib's warnings are errors here)
+    from crosscoder.analysis import analyze
+    from crosscoder.report import write_report
+
+    analysis = analyze(CrossCoder.from_pretrained(tmp_path / "run" / "crosscoder"), open_root(str(tmp_path / "acts")),
+                       AnalyzeConfig(ce_sequences=0), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text = write_report(analysis, tmp_path / "report.html").read_text()
+    assert "small-only latents" in text and "Not run: it needs sources of equal width." in text
+    assert "Decoder cosine" not in text and "Latent Scaling of exclusive latents" not in text
+    assert "Relative decoder norm" in text and ", cosine " not in text
 
 
 def test_harvest_metrics_are_served_while_shards_are_written(tiny, tmp_path):

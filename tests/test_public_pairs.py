@@ -66,3 +66,28 @@ def test_every_shipped_config_loads_and_passes_the_config_check():
     assert len(files) >= 8
     for path in files:
         validate(load_config(path))
+
+
+def smollm2_360m():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    return LlamaForCausalLM(LlamaConfig(vocab_size=49_152, hidden_size=960, intermediate_size=2560,
+                                        num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5))
+
+
+def test_scaling_transfer_config_reads_each_size_just_past_its_own_middle_block():
+    """SmolLM2-135M (30 blocks) and -360M (32): each model table names its own hook, the block just
+    past the middle of its own depth, so the two sources sit at the same relative depth."""
+    from crosscoder.harvest import model_specs, source_names
+
+    cfg = load_config(CONFIGS / "smollm2-135m-360m.toml")
+    validate(cfg)
+    sources = source_names(model_specs(cfg))
+    assert [(name, m.path, hook) for name, m, hook in sources] == [
+        ("small", "HuggingFaceTB/SmolLM2-135M", "model.layers.15"),
+        ("large", "HuggingFaceTB/SmolLM2-360M", "model.layers.16")]
+    for (_, _, hook), architecture, width in zip(sources, (smollm2_135m, smollm2_360m), (576, 960)):
+        with torch.device("meta"):
+            model = architecture()
+        depth = len(model.model.layers)
+        assert resolve_module(model, hook) is model.model.layers[depth // 2] and model.config.hidden_size == width
+    assert cfg.train.latents >= 16 * 960 and cfg.harvest.prefix == "token:<|endoftext|>"
