@@ -4,7 +4,11 @@ What it computes, for the two compared sources (``base``, ``chat``: the first tw
 
 - from the weights: relative decoder norm ``Δ_i = ‖d_chat‖ / (‖d_base‖ + ‖d_chat‖)`` and decoder
   cosine, both in normalised units (each source scaled so ``E‖x_s‖ = √d_s``, where the sources are
-  comparable even when the raw scales of the two models differ), and the class from ``Δ``;
+  comparable even when the raw scales of the two models differ), and the class from ``Δ``. Norms
+  are compared per dimension (each source's divided by ``√d_s``): in normalised units a concept
+  that carries the same share of two sources' variance has decoder norms in the ratio
+  ``√(d_b/d_a)``, which for models of different widths (scaling transfer; 512 vs 2048 puts a
+  shared concept at Δ = 0.67) would shift every latent toward the wider one;
 - from one pass over up to ``analyze.tokens`` harvested tokens, in manifest order: firing frequency
   (a latent that never fires is ``dead``), FVE per source, the top-``n`` max-activating tokens of
   every latent (merged per batch with one ``topk`` over ``[L, n + B]``), token attribution per class
@@ -233,9 +237,10 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
     W_dec = model.W_dec.detach()
     dec = [W_dec[:, sl] * scale[s] for s, sl in enumerate(slices)]  # normalised units
     W_dec_normalised = torch.cat(dec, 1)
-    rel_norm = relative_decoder_norm(W_dec_normalised, slices, a, b).cpu().numpy()
-    # every source's share of each latent's decoder norm (normalised units): the latent's profile
-    norms = torch.stack([d.norm(dim=1) for d in dec], 1).double()
+    per_dimension = torch.cat([d / math.sqrt(w) for d, w in zip(dec, spec.widths)], 1)  # width-neutral norms
+    rel_norm = relative_decoder_norm(per_dimension, slices, a, b).cpu().numpy()
+    # every source's share of each latent's decoder norm (per dimension): the latent's profile
+    norms = torch.stack([per_dimension[:, sl].norm(dim=1) for sl in slices], 1).double()
     profile = (norms / norms.sum(1, keepdim=True).clamp_min(1e-12)).cpu().numpy()  # [L, S]
     notes, skipped = [], ""
     if spec.widths[a] == spec.widths[b]:

@@ -249,7 +249,8 @@ def score_recovery(W_dec: np.ndarray, widths: list[int], planted: PlantedDiction
     """Match every planted feature to its best latent of an export's decoder ``W_dec`` [L, D] (raw units).
 
     Cosines and relative norms are taken in normalised units (each source scaled by its
-    ``norm_scale``), where the crosscoder was trained and where the sources are comparable.
+    ``norm_scale``), where the crosscoder was trained and where the sources are comparable; the
+    norms per dimension, as the analysis takes them.
     """
     slices = np.cumsum([0, *widths])
     W_dec = np.concatenate([W_dec[:, slices[s] : slices[s + 1]] * norm_scale[s] for s in range(len(widths))], 1)
@@ -259,7 +260,8 @@ def score_recovery(W_dec: np.ndarray, widths: list[int], planted: PlantedDiction
     )
     cos = _unit(truth) @ _unit(W_dec).T
     latent = cos.argmax(1)
-    norms = [np.linalg.norm(W_dec[latent, slices[s] : slices[s + 1]], axis=1) for s in range(2)]
+    # per dimension, as the analysis compares them (analysis.py): width-neutral
+    norms = [np.linalg.norm(W_dec[latent, slices[s] : slices[s + 1]], axis=1) / np.sqrt(widths[s]) for s in range(2)]
     rel = norms[1] / (norms[0] + norms[1]).clip(1e-12)
     predicted = np.where(rel < exclusive_threshold, "base_only",
                          np.where(rel > 1 - exclusive_threshold, "chat_only", "shared")).tolist()

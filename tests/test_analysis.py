@@ -92,6 +92,37 @@ def test_latent_scaling_flags_shrinkage_and_decoupling_but_not_genuine_exclusive
     assert counts["chat_only"]["flagged"] == 2 and counts["base_only"]["flagged"] == 1
 
 
+def test_relative_norms_do_not_lean_toward_the_wider_source(tmp_path):
+    """Scaling transfer, widths 32 and 128: a planted concept as strong in both sources (the same
+    share of each one's variance) has rel_norm 0.5, not the 0.67 that normalised units give (decoder
+    norms in the ratio √(128/32)); each planted class is found. score_recovery agrees."""
+    from crosscoder.synthetic import score_recovery
+
+    cfg = SyntheticConfig(widths=[32, 128], features=16, shared_fraction=0.5, base_only_fraction=0.25,
+                          chat_only_fraction=0.25, rotated_fraction=0.0, strong_fraction=0.0, active_per_token=2.0,
+                          noise=0.0, tokens=4096, seq_len=64, samples_per_shard=64, dtype="float32", seed=5)
+    write_synthetic(cfg, str(tmp_path / "shards"), progress=False)
+    root = Root(str(tmp_path / "shards"))
+    manifest, planted = read_manifest(root), read_planted(root)
+    truth = np.concatenate([planted.directions[s] * planted.magnitudes[:, s : s + 1] for s in range(2)], 1)
+    model = CrossCoder(CrossCoderSpec(["base", "chat"], [32, 128], latents=16, activation="relu",
+                                      norm_scale=manifest.norm_scale))
+    with torch.no_grad():
+        model.W_enc.copy_(torch.from_numpy(np.linalg.pinv(truth)).float())
+        model.W_dec.copy_(torch.from_numpy(truth).float())
+        model.b_enc.zero_()
+        model.b_dec.zero_()
+    result = analyze(model.eval(), root, AnalyzeConfig(tokens=4096, ce_sequences=0), progress=False)
+    classes = [CLASSES[c] for c in planted.classes]
+    shared = np.array([c == "shared" for c in classes])
+    rel = result.columns["rel_norm"]
+    assert np.abs(rel[shared] - 0.5).max() < 0.05, rel[shared]
+    assert list(result.columns["class"]) == [{"base_only": "base_only", "chat_only": "chat_only"}.get(c, "shared")
+                                             for c in classes]
+    recovery = score_recovery(truth, [32, 128], planted, cfg.raw_scale, manifest.norm_scale)
+    np.testing.assert_allclose(recovery.rel_norm, rel, atol=1e-5)
+
+
 def test_latents_csv_round_trips_and_report_renders_in_chromium(artifacts, tmp_path):
     *_, result, _ = artifacts
     save(result, tmp_path)
