@@ -16,8 +16,9 @@ feature has exactly the keys of SAEDashboard's ``NeuronpediaDashboardFeature``, 
 - left empty: the logit tables (the export has no unembedding) and the correlated neurons/features.
 
 What the schema has no key for, a crosscoder's per-source decoder norms, goes beside the batches in
-``crosscoder.json``: per latent, the decoder norm in each source (raw units, as exported), each
-source's share, the class and relative norm from ``latents.csv``.
+``crosscoder.json``: per latent, the decoder norm in each source (raw units, as exported), and from
+``latents.csv`` each source's share (``norm.<source>``: normalised units, per dimension, where
+sources of different scales and widths compare), the class and the relative norm.
 
 Why another read of the shards: the analysis keeps each example's value at its token only, and a
 dashboard colours every token of the window. The export reads the analysed tokens once more in
@@ -132,13 +133,12 @@ def export_dashboards(run_dir: str | Path, root: Root, out_dir: str | Path, cont
                  "settings": {"n_batches_to_sample_from": 0, "n_prompt_to_select": 0}}
         (out_dir / f"batch-{batches}.json").write_text(json.dumps(batch) + "\n")
         batches += 1
-    share = norms / np.maximum(norms.sum(1, keepdims=True), 1e-12)
     sidecar = {"sources": model.spec.sources, "tokens_analysed": analysed, "data_fingerprint": manifest.fingerprint(),
                "fve": summary.get("fve"), "latents": [
                    {"index": int(i), "class": str(columns["class"][i]), "rel_norm": float(columns["rel_norm"][i]),
                     "frequency": float(columns["frequency"][i]),
                     "decoder_norm": dict(zip(model.spec.sources, norms[i].astype(float).tolist())),
-                    "decoder_share": dict(zip(model.spec.sources, share[i].astype(float).tolist()))}
+                    "decoder_share": {s: float(columns[f"norm.{s}"][i]) for s in model.spec.sources}}
                    for i in live]}
     (out_dir / "crosscoder.json").write_text(json.dumps(sidecar) + "\n")
     return {"features": len(features), "batches": batches, "examples": len(lat), "out": out_dir}

@@ -81,6 +81,9 @@ def test_dashboards_hold_every_live_latents_top_activations_with_values_on_every
         i = row["index"]
         assert [row["decoder_norm"]["base"], row["decoder_norm"]["chat"]] == pytest.approx(norms[i].tolist())
         assert row["class"] == columns["class"][i]
+        # the shares are the analysis's (normalised, per dimension), as rel_norm is, not the raw norms'
+        assert row["decoder_share"] == {"base": columns["norm.base"][i], "chat": columns["norm.chat"][i]}
+        assert row["decoder_share"]["chat"] == pytest.approx(row["rel_norm"], abs=1e-6)
 
 
 def test_dashboards_refuse_other_shards_and_an_unanalysed_run(artifacts, tmp_path):  # noqa: F811
