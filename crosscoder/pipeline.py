@@ -30,6 +30,7 @@ class Plan:
     data: str  # the shard root training reads (and analysis, unless analyze.data says otherwise)
     uses_demo_pair: bool = False  # the harvest's models are the demo pair, made in <run>/tiny
     organism: Path | None = None  # the harvest's models are the organism (organism.py), made there
+    given_data: bool = False  # train.data or --data names the shards and synthetic.output does not: kept as found
 
 
 
@@ -42,6 +43,7 @@ def plan(cfg: RunConfig, run_dir: str | Path | None = None, data: str | None = N
     cfg = copy.deepcopy(cfg)
     run_dir = Path(run_dir) if run_dir else Path("runs") / cfg.name
     hc, tc = cfg.harvest, cfg.train
+    given_data = bool(data or tc.data) and not cfg.synthetic.output
     uses_demo_pair = hc.demo_pair and not hc.models
     organism = Path(cfg.organism.directory).expanduser().absolute() if cfg.organism.directory and not hc.models \
         else None
@@ -63,7 +65,7 @@ def plan(cfg: RunConfig, run_dir: str | Path | None = None, data: str | None = N
     else:
         cfg.synthetic.output = shards
     tc.data = shards
-    return Plan(cfg, run_dir, shards, uses_demo_pair, organism)
+    return Plan(cfg, run_dir, shards, uses_demo_pair, organism, given_data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,13 +114,16 @@ def harvest(p: Plan, progress: bool = True):
 
 def synthetic(p: Plan, progress: bool = True, output: str | None = None, keep_complete: bool = True):
     """Planted synthetic shards at ``output`` (default: the training root); with ``keep_complete``,
-    a root that already holds a complete dataset is left as it is. The root is held while written
-    (run_lock.shared_root): a sweep started at once writes it once."""
+    a root that already holds this config's complete dataset is left as it is, and a dataset the
+    config names as its training data (``train.data`` or ``--data``, as an L1 run names the shards
+    of the BatchTopK run it is compared with) is trained on whatever it holds. The root is held
+    while written (run_lock.shared_root): a sweep started at once writes it once."""
     from .run_lock import shared_root
     from .shards import ManifestMissing, ShardError, check_sizes, read_manifest
     from .storage import open_root
     from .synthetic import check_same_synthetic, write_synthetic
 
+    given = p.given_data and output is None
     output = absolute_url(output or p.cfg.synthetic.output or p.data)
     root = open_root(output, p.cfg.storage)
 
@@ -127,7 +132,16 @@ def synthetic(p: Plan, progress: bool = True, output: str | None = None, keep_co
             manifest = read_manifest(root)
         except ManifestMissing:
             return None
-        check_same_synthetic(output, manifest, p.cfg.synthetic)
+        try:
+            check_same_synthetic(output, manifest, p.cfg.synthetic)
+        except ShardError:
+            if not given:
+                raise
+            check_sizes(root, manifest)  # not this config's data: nothing to write again, a gap is an error
+            held = "synthetic data of another config" if "synthetic" in manifest.extra else "harvested activations"
+            print(f"shards: {output} holds {held} ({len(manifest.shards)} shards), named as the training data; "
+                  "training on them as they are")
+            return manifest
         try:
             check_sizes(root, manifest)
         except ShardError as missing:  # every shard is a function of (config, n): writing it again mends it

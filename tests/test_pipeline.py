@@ -326,3 +326,42 @@ def test_a_synthetic_root_with_a_shard_gone_is_written_again_and_one_of_another_
     err = capsys.readouterr().err
     assert err.startswith(f"crosscoder: ShardError: {shards}: holds synthetic data of another config "
                           "(synthetic.features = 256 there, 128 here)"), err
+
+
+def test_a_config_that_names_another_runs_shards_trains_on_them_as_they_are(tmp_path, monkeypatch, capsys):
+    """The shipped L1 configs train on the shards of the BatchTopK run they are compared with
+    (`train.data = "runs/synthetic/shards"`; demo-l1.toml names the demo's harvested shards). Those
+    were refused as "synthetic data of another config" / "harvested shards, not synthetic data",
+    since the L1 config's own [synthetic] table is the default one; a root the config names as its
+    training data is now trained on as it is, harvested or synthetic."""
+    import shutil
+
+    from crosscoder.shards import read_manifest, write_manifest
+    from crosscoder.storage import Root
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--config", str(SYNTHETIC), *SMALL]) == 0  # writes runs/synthetic/shards
+    shards = tmp_path / "runs" / "synthetic" / "shards"
+    before = {f.name: f.stat().st_mtime_ns for f in shards.iterdir()}
+    l1 = SYNTHETIC.with_name("synthetic-l1.toml")
+    capsys.readouterr()
+    train_small = ["--train.latents", "64", "--train.batch_size", "256", "--train.steps", "6",
+                   "--train.checkpoint_every", "3", "--train.l1_warmup_steps", "3", "--analyze.tokens", "1024", "--quiet"]
+    assert main(["run", "--config", str(l1), *train_small]) == 0
+    out = capsys.readouterr().out
+    assert f"shards: {shards} holds synthetic data of another config (" in out and "step 6:" in out
+    assert {f.name: f.stat().st_mtime_ns for f in shards.iterdir()} == before  # nothing written there
+    assert main(["compare", "runs/synthetic", "runs/synthetic-l1"]) == 0
+    assert "relu" in capsys.readouterr().out
+    # a harvested dataset (a manifest without the generator's record) named by --data
+    harvested = tmp_path / "harvested"
+    shutil.copytree(shards, harvested)
+    manifest = read_manifest(Root(str(harvested)))
+    del manifest.extra["synthetic"]
+    write_manifest(Root(str(harvested)), manifest)
+    assert main(["run", "--config", str(l1), "--run", "runs/on-harvested", "--data", str(harvested), *train_small]) == 0
+    assert f"shards: {harvested} holds harvested activations (" in capsys.readouterr().out
+    # named as synthetic.output, the generator's target, it is still refused
+    assert main(["run", "--config", str(SYNTHETIC), "--run", "runs/other", "--synthetic.output", str(harvested),
+                 *SMALL]) == 1
+    assert "holds harvested shards, not synthetic data" in capsys.readouterr().err
