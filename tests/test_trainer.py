@@ -142,6 +142,26 @@ def test_the_end_of_the_data_keeps_the_steps_done_and_a_rerun_continues(tmp_path
     assert len(again.losses) == 8 and again.steps == 40 and again.export_dir is not None
 
 
+def test_training_on_an_unfinished_harvest_says_so(tmp_path, small_shards, capsys):
+    """A root whose harvest stopped part way (or is still written by another run) is trained on, as
+    `--data` asks, but not silently: one line says how many of the planned shards it holds."""
+    import shutil
+
+    from crosscoder.shards import write_manifest
+
+    partial = tmp_path / "partial"
+    shutil.copytree(small_shards, partial)
+    manifest = read_manifest(Root(str(partial)))
+    manifest.extra["harvest"] = {"complete": False, "planned_shards": len(manifest.shards) + 5}
+    write_manifest(Root(str(partial)), manifest)
+    train(small_run_config(steps=2), tmp_path / "run", data=str(partial), progress=False)
+    out = capsys.readouterr().out
+    assert (f"train: {partial} holds {len(manifest.shards)} of the harvest's {len(manifest.shards) + 5} shards "
+            "(the harvest has not finished; running it again completes it); training on those") in out, out
+    train(small_run_config(steps=2), tmp_path / "whole", data=small_shards, progress=False)
+    assert "has not finished" not in capsys.readouterr().out
+
+
 def test_learning_rate_schedule():
     cfg = small_run_config(steps=100, lr=1.0, lr_warmup_steps=10, lr_decay_fraction=0.2).train
     assert math.isclose(learning_rate(cfg, 0), 0.1)
