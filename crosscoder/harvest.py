@@ -308,7 +308,10 @@ def estimated_actor_memory(models: list[ModelSpec], gpus: float = 0.0) -> float:
 MANIFEST_EVERY_S = 60.0  # the manifest is rewritten at most this often during a harvest, and at the end
 
 
-def fingerprint(cfg: RunConfig, n_chunks: int) -> str:
+def harvest_settings(cfg: RunConfig, n_chunks: int) -> dict:
+    """What decides a harvest's shards: its [harvest] settings but where and how fast it runs, the
+    number of chunks, and the documents file's sha256. Recorded in the manifest, so a root of
+    another harvest is refused naming the settings that differ."""
     hc = cfg.harvest
     key = {k: v for k, v in asdict(hc).items() if k not in ("actors", "cpus_per_actor", "gpus_per_actor", "output",
                                                             "max_retries", "batch_size")}
@@ -316,7 +319,22 @@ def fingerprint(cfg: RunConfig, n_chunks: int) -> str:
     data = Path(hc.data)
     if data.is_file():
         key["data_sha256"] = hashlib.sha256(data.read_bytes()).hexdigest()
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return json.loads(json.dumps(key))
+
+
+def fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _differences(recorded: dict, settings: dict) -> str:
+    """`; harvest.tokens = 1000 there, 2000 here` for each setting that differs (values shortened)."""
+    def short(value) -> str:
+        text = json.dumps(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    names = {"n_chunks": "chunks planned", "data_sha256": "sha256 of harvest.data"}
+    keys = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+    return "".join(f"; {names.get(k, 'harvest.' + k)} = {short(recorded.get(k))} there, {short(settings.get(k))} here"
+                   for k in keys)
 
 
 def plan_digest(chunks: list[Chunk]) -> str:
@@ -329,7 +347,7 @@ def plan_digest(chunks: list[Chunk]) -> str:
     return digest.hexdigest()
 
 
-def committed_shards(root: Root, fp: str, plan: str, manifest: Manifest | None = None) -> dict[str, ShardInfo]:
+def committed_shards(root: Root, settings: dict, plan: str, manifest: Manifest | None = None) -> dict[str, ShardInfo]:
     """Shards a previous run of the same harvest committed, checked by size and the store's version
     tag from one listing (a shard recorded without a tag is read and its sha256 checked). Another
     config, or the same config with another chunk plan (``plan``: :func:`plan_digest`; manifests
@@ -340,11 +358,12 @@ def committed_shards(root: Root, fp: str, plan: str, manifest: Manifest | None =
             manifest = read_manifest(root)
         except ManifestMissing:
             return {}
-    recorded = manifest.extra.get("harvest", {})
+    recorded, fp = manifest.extra.get("harvest", {}), fingerprint(settings)
     if recorded.get("fingerprint") != fp:
+        differ = _differences(recorded["settings"], settings) if "settings" in recorded else ""
         raise ShardError(
             f"{root.url}: holds shards of a different harvest (fingerprint {recorded.get('fingerprint')}, this config "
-            f"{fp}); use another harvest.output or delete it"
+            f"{fp}{differ}); use another harvest.output or delete it"
         )
     if recorded.get("plan_sha256", plan) != plan:
         raise ShardError(
@@ -365,7 +384,7 @@ def committed_shards(root: Root, fp: str, plan: str, manifest: Manifest | None =
     return ok
 
 
-def finished_harvest(root: Root, fp: str, plan: str, planned: int) -> Manifest | None:
+def finished_harvest(root: Root, settings: dict, plan: str, planned: int) -> Manifest | None:
     """The manifest of this harvest when it is complete and every shard is as recorded (one
     listing, nothing written), else None; another harvest's root is refused (committed_shards)."""
     try:
@@ -375,13 +394,13 @@ def finished_harvest(root: Root, fp: str, plan: str, planned: int) -> Manifest |
     recorded = manifest.extra.get("harvest", {})
     if not recorded.get("complete") or len(manifest.shards) != planned:
         return None
-    done = committed_shards(root, fp, plan, manifest)  # refuses another harvest's or another plan's root
+    done = committed_shards(root, settings, plan, manifest)  # refuses another harvest's or another plan's root
     if recorded.get("plan_sha256") != plan:
         return None  # written before the plan was recorded: the manifest is rewritten with it
     return manifest if all(done.get(info.name) == info for info in manifest.shards) else None
 
 
-def build_manifest(cfg, sources, widths, infos: list[ShardInfo], tokenizer: str, fp: str, planned: int,
+def build_manifest(cfg, sources, widths, infos: list[ShardInfo], tokenizer: str, settings: dict, planned: int,
                    plan: str) -> Manifest:
     hc = cfg.harvest
     infos = sorted(infos, key=lambda s: s.name)
@@ -396,9 +415,9 @@ def build_manifest(cfg, sources, widths, infos: list[ShardInfo], tokenizer: str,
         sources=[SourceInfo(name, d, model=m.path, revision=m.revision, hook=h)
                  for (name, m, h), d in zip(sources, widths)],
         dtype=hc.dtype, seq_len=hc.seq_len, tokenizer=tokenizer, norm_scale=norm_scale, shards=infos,
-        extra={"harvest": {"fingerprint": fp, "plan_sha256": plan, "complete": complete, "planned_shards": planned,
-                           "models": hc.models, "hooks": hc.hooks, "data": hc.data,
-                           "keep_bos": hc.keep_bos, "prefix": hc.prefix}},
+        extra={"harvest": {"fingerprint": fingerprint(settings), "settings": settings, "plan_sha256": plan,
+                           "complete": complete, "planned_shards": planned, "models": hc.models, "hooks": hc.hooks,
+                           "data": hc.data, "keep_bos": hc.keep_bos, "prefix": hc.prefix}},
     )
 
 
@@ -452,18 +471,18 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     plan = [chunks[i : i + per] for i in range(0, len(chunks), per)]
     sources = source_names(models)
     root = open_root(hc.output, cfg.storage)
-    fp, digest = fingerprint(cfg, len(chunks)), plan_digest(chunks)
+    settings, digest = harvest_settings(cfg, len(chunks)), plan_digest(chunks)
     if not root.is_local:
         root.check_writable()  # the store answers and the bucket exists (a listing): one clear error, early
-    finished = finished_harvest(root, fp, digest, len(plan))
+    finished = finished_harvest(root, settings, digest, len(plan))
     if finished is not None:
         return finished  # nothing written: a finished dataset may be read-only, shared by users
     if root.is_local:
         root.check_writable()
 
     def record() -> Manifest:  # the manifest of the shards done so far, written to the root
-        manifest = build_manifest(cfg, sources, widths, list(done.values()), tokenizer.name_or_path, fp, len(plan),
-                                  digest)
+        manifest = build_manifest(cfg, sources, widths, list(done.values()), tokenizer.name_or_path, settings,
+                                  len(plan), digest)
         write_manifest(root, manifest)
         return manifest
 
@@ -471,7 +490,7 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     with shared_root(root, "harvest"):
         for leftover in root.temporary_files():
             root.delete(leftover)
-        done = committed_shards(root, fp, digest)
+        done = committed_shards(root, settings, digest)
         pending = [n for n in range(len(plan)) if shard_name(n) not in done]
         if pending:
             write_shards(cfg, models, plan, pending, done, record, progress)

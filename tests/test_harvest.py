@@ -274,8 +274,13 @@ def test_a_finished_harvest_is_read_without_writing_anything(ray_cluster, tiny, 
 def test_output_of_another_harvest_is_refused(ray_cluster, tiny, uninterrupted):
     from crosscoder.shards import ShardError
 
-    with pytest.raises(ShardError, match="holds shards of a different harvest"):
+    # the settings that differ are named (a user who raised harvest.tokens learns why)
+    with pytest.raises(ShardError, match=r"holds shards of a different harvest \(fingerprint \w+, this config \w+; "
+                                         r"chunks planned = \d+ there, \d+ here; harvest.seq_len = 16 there, 12 here\)"):
         harvest(harvest_config(tiny, str(uninterrupted), seq_len=12), progress=False)
+    with pytest.raises(ShardError, match=r"this config \w+; chunks planned = \d+ there, \d+ here; harvest.tokens = 500 "
+                                         r"there, 600 here\)"):
+        harvest(harvest_config(tiny, str(uninterrupted), tokens=600), progress=False)
 
 
 def test_a_resume_after_the_tokenization_changed_is_refused_not_mixed(ray_cluster, tiny, uninterrupted, tmp_path,

@@ -35,7 +35,7 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 import numpy as np  # noqa: E402
 
 from crosscoder.config import RunConfig  # noqa: E402
-from crosscoder.harvest import build_manifest, committed_shards, fingerprint  # noqa: E402
+from crosscoder.harvest import build_manifest, committed_shards, harvest_settings  # noqa: E402
 from crosscoder.language_models import ModelSpec  # noqa: E402
 from crosscoder.shards import ShardWriter, shard_name, write_manifest  # noqa: E402
 from crosscoder.storage import Root  # noqa: E402
@@ -51,7 +51,7 @@ def measure(endpoint: str, n: int) -> dict:
     root = Root(f"s3://{bucket}/acts", endpoint_url=endpoint)
     cfg = RunConfig()
     cfg.harvest.models = [{"name": "base", "path": "base"}]
-    fp = fingerprint(cfg, n)
+    settings = harvest_settings(cfg, n)
     infos = []
     started = time.perf_counter()
     for i in range(n):
@@ -63,14 +63,14 @@ def measure(endpoint: str, n: int) -> dict:
     commit_s = time.perf_counter() - started
     sources = [("base", ModelSpec("base", "base"), "model.layers.0")]
     started = time.perf_counter()
-    manifest = build_manifest(cfg, sources, [4], infos, "tok", fp, n, "plan")
+    manifest = build_manifest(cfg, sources, [4], infos, "tok", settings, n, "plan")
     write_manifest(root, manifest)
     write_s = time.perf_counter() - started
     server, state = start_flaky_proxy(endpoint, failures=0)
     try:
         proxied = Root(f"s3://{bucket}/acts", endpoint_url=f"http://127.0.0.1:{server.server_address[1]}")
         started = time.perf_counter()
-        ok = committed_shards(proxied, fp, "plan")
+        ok = committed_shards(proxied, settings, "plan")
         resume_s = time.perf_counter() - started
     finally:
         server.shutdown()
