@@ -44,7 +44,7 @@ from tqdm import tqdm
 from .config import AnalyzeConfig, model_name
 from .errors import CrosscoderError
 from .latent_scaling import LatentScaling, artifact_labels
-from .metrics import StreamingFVE, decoder_cosine, relative_decoder_norm
+from .metrics import StreamingFVE, decoder_cosine, decoder_norms, relative_decoder_norm
 from .model import CrossCoder
 from .shards import Manifest, ShardError, check_compatible, iter_samples, read_manifest
 from .storage import Root
@@ -237,10 +237,9 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
     W_dec = model.W_dec.detach()
     dec = [W_dec[:, sl] * scale[s] for s, sl in enumerate(slices)]  # normalised units
     W_dec_normalised = torch.cat(dec, 1)
-    per_dimension = torch.cat([d / math.sqrt(w) for d, w in zip(dec, spec.widths)], 1)  # width-neutral norms
-    rel_norm = relative_decoder_norm(per_dimension, slices, a, b).cpu().numpy()
+    rel_norm = relative_decoder_norm(W_dec_normalised, slices, a, b, per_dimension=True).cpu().numpy()
     # every source's share of each latent's decoder norm (per dimension): the latent's profile
-    norms = torch.stack([per_dimension[:, sl].norm(dim=1) for sl in slices], 1).double()
+    norms = decoder_norms(W_dec_normalised, slices, per_dimension=True).double()
     profile = (norms / norms.sum(1, keepdim=True).clamp_min(1e-12)).cpu().numpy()  # [L, S]
     notes, skipped = [], ""
     if spec.widths[a] == spec.widths[b]:

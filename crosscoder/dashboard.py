@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from .analysis import TOP_FILE, AnalysisError, _Decoder, context_window, read_latents_csv
+from .metrics import decoder_norms
 from .model import CrossCoder
 from .shards import iter_samples, read_manifest
 from .storage import Root
@@ -105,7 +106,7 @@ def export_dashboards(run_dir: str | Path, root: Root, out_dir: str | Path, cont
     bar.close()
 
     decoder = _Decoder(manifest)
-    norms = torch.stack([model.W_dec[:, sl].norm(dim=1) for sl in model.spec.slices], 1).detach().numpy()
+    norms = decoder_norms(model.W_dec.detach(), model.spec.slices).numpy()  # raw units, as exported
     out_dir.mkdir(parents=True, exist_ok=True)
     features = []
     by_latent: dict[int, list[int]] = {}

@@ -52,11 +52,20 @@ class StreamingFVE:
         return 1 - sse / total.clamp_min(1e-12)
 
 
-def relative_decoder_norm(W_dec: Tensor, slices: list[slice], a: int = 0, b: int = 1) -> Tensor:
-    """Δ_i = ‖W_dec[b][i]‖ / (‖W_dec[a][i]‖ + ‖W_dec[b][i]‖), in [0, 1]: 0 = only source a, 1 = only b."""
-    na = W_dec[:, slices[a]].norm(dim=1)
-    nb = W_dec[:, slices[b]].norm(dim=1)
-    return nb / (na + nb).clamp_min(1e-12)
+def decoder_norms(W_dec: Tensor, slices: list[slice], per_dimension: bool = False) -> Tensor:
+    """Each latent's decoder norm in each source: [L, S]; ``per_dimension`` divides each by √(the
+    source's width). With activations normalised to ``E‖x_s‖ = √d_s``, a direction as strong in two
+    sources of different widths has norms in the ratio √(d_b/d_a), and equal norms per dimension."""
+    return torch.stack([W_dec[:, sl].norm(dim=1) / ((sl.stop - sl.start) ** 0.5 if per_dimension else 1)
+                        for sl in slices], 1)
+
+
+def relative_decoder_norm(W_dec: Tensor, slices: list[slice], a: int = 0, b: int = 1,
+                          per_dimension: bool = False) -> Tensor:
+    """Δ_i = n_b / (n_a + n_b) with n_s = ‖W_dec[s][i]‖ (per dimension: / √d_s), in [0, 1]: 0 = only
+    source a, 1 = only b."""
+    norms = decoder_norms(W_dec, [slices[a], slices[b]], per_dimension)
+    return norms[:, 1] / norms.sum(1).clamp_min(1e-12)
 
 
 def decoder_cosine(W_dec: Tensor, slices: list[slice], a: int = 0, b: int = 1) -> Tensor:
