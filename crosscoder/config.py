@@ -554,8 +554,6 @@ def data_layout(tc: TrainConfig) -> tuple[int, int]:
 
 def check_harvest(hc: HarvestConfig) -> None:
     """The [harvest] hooks and model tables."""
-    if not hc.hooks:
-        raise ConfigError("harvest.hooks is empty: name at least one module path, e.g. model.layers.13")
     if hc.prefix not in ("bos", "eos", "none") and not (hc.prefix.startswith("token:") and len(hc.prefix) > 6):
         raise ConfigError(f"harvest.prefix must be bos, eos, none or token:<text>, got {hc.prefix!r}")
     check_hooks(hc.hooks, "harvest.hooks")
@@ -588,8 +586,10 @@ def check_harvest(hc: HarvestConfig) -> None:
 
 def check_hooks(hooks: Any, key: str) -> None:
     """A non-empty list of module paths, each well formed."""
-    if not isinstance(hooks, list) or not hooks:
-        raise ConfigError(f"{key} must be a non-empty list of module paths, e.g. [\"model.layers.13\"]; got {hooks!r}")
+    if not isinstance(hooks, list):
+        raise ConfigError(f"{key} must be a list of module paths, e.g. [\"model.layers.13\"]; got {hooks!r}")
+    if not hooks:
+        raise ConfigError(f"{key} is empty: name at least one module path, e.g. model.layers.13")
     for hook in hooks:
         if not isinstance(hook, str) or not HOOK_PATH.match(hook):
             raise ConfigError(f"{key}: {hook!r} is not a module path such as model.layers.13")

@@ -359,11 +359,12 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
     check_sizes(root, manifest)  # a missing or truncated shard stops here, not steps later
     spec = spec_from(tc, manifest)
     is_main = backend.rank == 0
-    harvested = manifest.extra.get("harvest", {})
-    if is_main and harvested.get("complete") is False:  # stopped, or still being written by another run
-        print(f"train: {data} holds {len(manifest.shards)} of the harvest's {harvested.get('planned_shards', '?')} "
-              "shards (the harvest has not finished; running it again completes it); training on those", flush=True)
     if is_main:
+        harvested = manifest.extra.get("harvest", {})
+        if harvested.get("complete") is False:  # stopped, or still being written by another run
+            print(f"train: {data} holds {len(manifest.shards)} of the harvest's {harvested.get('planned_shards', '?')} "
+                  "shards (the harvest has not finished; running it again completes it); training on those",
+                  flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(dumps_toml(cfg))
 

@@ -43,7 +43,7 @@ SMALL = ["--synthetic.tokens", "4096", "--synthetic.seq_len", "64", "--synthetic
     (["--harvest.hooks", "[]"], "harvest.hooks is empty"),
     (["--harvest.models", '[{path = "m", hooks = ["model.layers.3", "lm head"]}]'],
      r"harvest.models\[0\].hooks: 'lm head' is not a module path"),
-    (["--harvest.models", '[{path = "m", hooks = []}]'], r"harvest.models\[0\].hooks must be a non-empty list"),
+    (["--harvest.models", '[{path = "m", hooks = []}]'], r"harvest.models\[0\].hooks is empty: name at least one module path"),
     (["--harvest.hooks", '["model.layers.1", "model.layers.1"]'], "harvest.hooks names a module twice"),
     (["--harvest.seq_len", "1"], "harvest.seq_len must be at least 2, got 1"),
     (["--harvest.models", '[{path = "m", dtype = "int8"}]'], r"harvest.models\[0\].dtype must be float32, bfloat16 or float16"),
