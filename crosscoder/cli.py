@@ -158,6 +158,21 @@ COMMANDS = {
 CONFIGURED = set(COMMANDS) - {"tiny"}  # the commands that read a config, so take --section.key overrides
 
 
+def _add_run_directory(parser: argparse.ArgumentParser, what: str) -> None:
+    """The run directory of ``export`` and ``push``: positional, or ``--run`` as the other commands take it."""
+    parser.add_argument("run", nargs="?", help=f"run directory ({what}); or --run DIR")
+    parser.add_argument("--run", dest="run_option", metavar="DIR", help="the run directory, as `train --run` takes it")
+
+
+def _run_directory(args) -> Path:
+    if args.run and args.run_option and Path(args.run) != Path(args.run_option):
+        raise ConfigError(f"two run directories given: {args.run} and --run {args.run_option}")
+    if not (args.run or args.run_option):
+        raise ConfigError(f"crosscoder {args.command} needs the run directory: crosscoder {args.command} RUN_DIR ... "
+                          "(or --run RUN_DIR)")
+    return Path(args.run or args.run_option)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crosscoder",
@@ -190,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "dict that science-of-finetuning/dictionary_learning's BatchTopKCrossCoder.from_pretrained "
                          "loads (acausal BatchTopK, sources of one width); neuronpedia = per-latent dashboards "
                          "(Neuronpedia's batch JSON, as SAEDashboard writes it) from the run's analysis.")
-    exp.add_argument("run", help="run directory (its crosscoder/ export is read)")
+    _add_run_directory(exp, "its crosscoder/ export is read")
     exp.add_argument("--format", choices=["dictionary_learning", "neuronpedia"], default="dictionary_learning")
     exp.add_argument("--out", help="output file or directory (default <run>/exports/dictionary_learning.pt or "
                      "<run>/exports/neuronpedia/)")
@@ -204,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Upload <run>/crosscoder (config.json, model.safetensors) and a generated "
                           "README.md model card to a Hub model repo, created if needed. Uses huggingface_hub: "
                           "HF_TOKEN or `hf auth login`, HF_ENDPOINT. CrossCoder.from_pretrained(REPO) loads it.")
-    push.add_argument("run", help="run directory (its crosscoder/ export is uploaded)")
+    _add_run_directory(push, "its crosscoder/ export is uploaded")
     push.add_argument("repo", help="Hub repo id, owner/name")
     push.add_argument("--revision", help="branch to commit to (created if needed; default main)")
     push.add_argument("--private", action="store_true", help="create the repo private")
@@ -224,8 +239,9 @@ def cmd_export(args) -> int:
         return cmd_export_dashboards(args)
     from .interop import export_dictionary_learning
 
-    out = Path(args.out or Path(args.run) / "exports" / "dictionary_learning.pt")
-    fit = export_dictionary_learning(Path(args.run) / "crosscoder", out)
+    run = _run_directory(args)
+    out = Path(args.out or run / "exports" / "dictionary_learning.pt")
+    fit = export_dictionary_learning(run / "crosscoder", out)
     print(f"export: {out.absolute()} (dictionary_learning BatchTopKCrossCoder; scalar threshold {fit.threshold:.6g}, "
           f"per-latent thresholds within {fit.relative_spread:.2%} of it at the median, {fit.max_relative_error:.2%} "
           "at most)")
@@ -237,7 +253,7 @@ def cmd_export_dashboards(args) -> int:
     from .interop import ExportError
     from .storage import open_root
 
-    run = Path(args.run)
+    run = _run_directory(args)
     exported = run / "crosscoder" / "config.json"
     if not exported.is_file():
         raise ExportError(f"{exported.parent}: no crosscoder export; train the run first")
@@ -256,7 +272,7 @@ def cmd_export_dashboards(args) -> int:
 def cmd_push(args) -> int:
     from .hub import push, stage
 
-    export_dir = Path(args.run) / "crosscoder"
+    export_dir = _run_directory(args) / "crosscoder"
     if args.save_to:
         folder = stage(export_dir, args.save_to, args.repo)
         print(f"push: wrote {', '.join(sorted(p.name for p in folder.iterdir()))} to {folder.absolute()}; nothing "

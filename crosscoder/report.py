@@ -161,9 +161,10 @@ def render(analysis: Analysis, title: str = "Crosscoder model-diffing report") -
         names = list(analysis.fve)
         matrix = [[f"from {s}"] + [f"{analysis.cross_fve.get(f'{s}->{t}', float('nan')):.3f}" for t in names]
                   for s in names]
-        cross = ("<h2>Cross-layer mapping</h2><p>FVE of each source's activations decoded from another source's "
-                 "latents (aligned variant: encode at one layer, decode at another); the diagonal is each "
-                 "source's own reconstruction.</p>" + _table(matrix, ["", *[f"to {t}" for t in names]]))
+        cross = ("<h2>Cross-source mapping</h2><p>FVE of each source's activations decoded from another source's "
+                 "latents (aligned variant: encode at one source, a layer or a model, and decode at another); "
+                 "the diagonal is each source's own reconstruction.</p>"
+                 + _table(matrix, ["", *[f"to {t}" for t in names]]))
     art_rows = [[named[cls], a["latents"], a["complete_shrinkage"], a["latent_decoupling"], a["untrained_tokens"],
                  a["flagged"], a["latents"] - a["flagged"]] for cls, a in arts.items()]
     parts = [f"<h1>{html.escape(title)}</h1>",

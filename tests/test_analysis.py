@@ -353,11 +353,11 @@ def test_three_sources_get_a_profile_per_source_and_aligned_runs_a_cross_layer_t
         assert "Not run: it needs one shared latent space (acausal)." in text
         assert "Latent Scaling of exclusive latents" not in text and "complete shrinkage" not in text
         assert set(analysis.cross_fve) == {f"{s}->{t}" for s in layers for t in layers}
-        assert "Cross-layer mapping" in text
+        assert "Cross-source mapping" in text
         own = [analysis.cross_fve[f"{s}->{s}"] for s in layers]
         assert np.allclose(own, [analysis.fve[s] for s in layers], atol=1e-6)  # the diagonal is the own FVE
     else:
-        assert analysis.cross_fve == {} and "Cross-layer mapping" not in text
+        assert analysis.cross_fve == {} and "Cross-source mapping" not in text
         assert "Latent Scaling of exclusive latents" in text and "Not run" not in text
     from crosscoder import pipeline
 

@@ -248,6 +248,23 @@ def test_exporting_a_run_without_an_export_is_one_line(tmp_path, capsys, fmt):
                                  "first"], err
 
 
+def test_export_and_push_take_the_run_directory_as_train_does(tmp_path, capsys):
+    """`export` and `push` take the run directory positionally or by `--run`, as train and analyze
+    take it (`--run` was an unrecognized argument); two different ones, or none, is one line."""
+    run = tmp_path / "untrained"
+    run.mkdir()
+    assert main(["export", "--run", str(run)]) == 1
+    assert capsys.readouterr().err.strip() == f"crosscoder: ExportError: {run}/crosscoder: no crosscoder export; " \
+        "train the run first"
+    assert main(["push", "--run", str(run), "me/tiny", "--save-to", str(tmp_path / "out")]) == 1
+    assert "not a crosscoder export" in capsys.readouterr().err
+    assert main(["export", str(run), "--run", str(tmp_path / "other")]) == 2
+    assert capsys.readouterr().err.strip() == f"crosscoder: config error: two run directories given: {run} and " \
+        f"--run {tmp_path / 'other'}"
+    assert main(["export"]) == 2
+    assert "crosscoder export needs the run directory" in capsys.readouterr().err
+
+
 def test_every_module_is_in_the_readme_table_and_the_architecture():
     """The README's table of what is here and docs/architecture.md's layers name every module of the
     package, so neither falls behind the tree."""
