@@ -9,7 +9,10 @@ threshold update, the dead-latent tracker and the step metrics, with the default
 (the logged metrics, inference L0 included, cost a pass over ``[B, L]`` on those steps, as they do in
 a user's run). Its time per step is read from the run's ``train_log.jsonl``: the difference of
 ``elapsed_s`` between two logged steps, over 10 steps (the first interval after each start, which
-holds the warm-up, is left out). The floor is the dense encoder product ``x @ W_enc`` into a kept
+holds the warm-up, is left out). Each size runs in two states (``--dead-tokens``): with a window of
+two batches, so some latents count dead from the first steps and AuxK selects and decodes up to
+``k_aux`` (half the input width) entries per token on every step, as in most of a real run; and with
+200,000 tokens, longer than the bench, so nothing is dead yet and AuxK adds nothing. The floor is the dense encoder product ``x @ W_enc`` into a kept
 buffer (as in bench_kernels.py). Segments of training steps and floor products alternate in one
 process (the run is resumed between segments), so both ratios are taken under the same machine
 load. S = 2 sources of width d, batch 2048, k = 64 unless a size says otherwise (``d x L x k``). Not
@@ -62,7 +65,7 @@ def step_seconds(run: Path, after: int) -> list[float]:
     return [(elapsed[s] - elapsed[s - LOG_EVERY]) / LOG_EVERY for s in steps]
 
 
-def measure(d: int, L: int, k: int, work: Path, segments: int, per_segment: int) -> dict:
+def measure(d: int, L: int, k: int, work: Path, segments: int, per_segment: int, dead_tokens: int) -> dict:
     data = work / f"shards-{d}"
     if not data.exists():
         write_synthetic(SyntheticConfig(widths=[d, d], features=2048, tokens=BATCH * 48, seq_len=256,
@@ -71,8 +74,8 @@ def measure(d: int, L: int, k: int, work: Path, segments: int, per_segment: int)
     t = cfg.train
     t.latents, t.k, t.batch_size, t.steps = L, k, BATCH, segments * per_segment
     t.log_every, t.checkpoint_every, t.keep_checkpoints, t.lr_warmup_steps = LOG_EVERY, 0, 1, 1
-    t.dead_tokens, t.calibration_batches, t.sparse_kernels = 200_000, 0, "on"
-    run = work / f"run-{d}-{L}-{k}"
+    t.dead_tokens, t.calibration_batches, t.sparse_kernels = dead_tokens, 0, "on"
+    run = work / f"run-{d}-{L}-{k}-{dead_tokens}"
     ratios, steps_all, floors_all = [], [], []
     for segment in range(segments):
         train(cfg, run, data=str(data), progress=False, stop_after=per_segment)
@@ -81,9 +84,12 @@ def measure(d: int, L: int, k: int, work: Path, segments: int, per_segment: int)
         steps_all += steps
         floors_all += floors
         ratios.append(statistics.median(steps) / statistics.median(floors))
-        print(f"  d={d} L={L:,} k={k} segment {segment + 1}: step {statistics.median(steps) * 1e3:.0f} ms, floor "
+        print(f"  d={d} L={L:,} k={k} dead window {dead_tokens:,} segment {segment + 1}: step {statistics.median(steps) * 1e3:.0f} ms, floor "
               f"{statistics.median(floors) * 1e3:.0f} ms, ratio {ratios[-1]:.2f}", flush=True)
-    return {"d": d, "latents": L, "k": k, "step_s": statistics.median(steps_all), "floor_s": statistics.median(floors_all),
+    logged = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    return {"d": d, "latents": L, "k": k, "dead_tokens": dead_tokens,
+            "dead_fraction": statistics.median(r["dead_fraction"] for r in logged),
+            "step_s": statistics.median(steps_all), "floor_s": statistics.median(floors_all),
             "ratio_per_segment": ratios, "ratio": statistics.median(ratios)}
 
 
@@ -94,17 +100,21 @@ def main() -> None:
                         "256x65536x256", help="d x L or d x L x k, comma separated")
     parser.add_argument("--segments", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20, help="steps per segment (a multiple of 10)")
+    parser.add_argument("--dead-tokens", default=f"{2 * BATCH},200000",
+                        help="train.dead_tokens values, comma separated: the states each size runs in")
     args = parser.parse_args()
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the CLI sets it
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
             d, L, *rest = (int(v) for v in size.split("x"))
-            rows.append(measure(d, L, rest[0] if rest else K, Path(tmp), args.segments, args.steps))
-    print("\n| d | L | k | full step | floor `x @ W_enc` | full step / floor, in turn (median of segments) |")
-    print("|---:|---:|---:|---:|---:|---:|")
+            for dead_tokens in map(int, args.dead_tokens.split(",")):
+                rows.append(measure(d, L, rest[0] if rest else K, Path(tmp), args.segments, args.steps, dead_tokens))
+    print("\n| d | L | k | dead (AuxK) | full step | floor `x @ W_enc` | full step / floor, in turn (median of segments) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['d']} | {r['latents']:,} | {r['k']} | {r['step_s'] * 1e3:.0f} ms | {r['floor_s'] * 1e3:.0f} ms | "
+        print(f"| {r['d']} | {r['latents']:,} | {r['k']} | {r['dead_fraction']:.0%} | {r['step_s'] * 1e3:.0f} ms | "
+              f"{r['floor_s'] * 1e3:.0f} ms | "
               f"{r['ratio']:.2f}× ({', '.join(f'{x:.2f}' for x in r['ratio_per_segment'])}) |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
