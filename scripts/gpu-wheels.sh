@@ -41,10 +41,8 @@ while [ $# -gt 0 ]; do
 done
 VENV=${PYTHON:-.venv/bin/python}  # the environment whose installed metadata and pins are taken
 [ -x "$VENV" ] || { echo "gpu-wheels: no $VENV; run scripts/install.sh first (or set PYTHON)" >&2; exit 1; }
-mkdir -p "$OUT"
-
 # the closure of the package's requirements (with their extras), as pinned in requirements.txt
-"$VENV" - "$HAVE" "$WITHOUT" > "$OUT/needed.txt" <<'PY'
+NEEDED=$("$VENV" - "$HAVE" "$WITHOUT" <<'PY'
 import re
 import sys
 from importlib import metadata
@@ -95,7 +93,10 @@ for name in sorted({name for name, _ in seen} - have):
         sys.exit(f"gpu-wheels: {name} is required but not pinned in requirements.txt")
     print(f"{name}=={pins[name]}")
 PY
-if [ "$LIST" = 1 ]; then cat "$OUT/needed.txt"; exit 0; fi
+)
+if [ "$LIST" = 1 ]; then echo "$NEEDED"; exit 0; fi
+mkdir -p "$OUT"
+echo "$NEEDED" > "$OUT/needed.txt"
 echo "gpu-wheels: $(wc -l < "$OUT/needed.txt") packages for Python $PY_VERSION (list: $OUT/needed.txt)"
 
 grep -v '^deepspeed==' "$OUT/needed.txt" > "$OUT/binary.txt" || true

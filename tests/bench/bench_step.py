@@ -12,8 +12,8 @@ a user's run). Its time per step is read from the run's ``train_log.jsonl``: the
 holds the warm-up, is left out). Each size runs in two states (``--dead-tokens``): with a window of
 two batches, so some latents count dead from the first steps and AuxK selects and decodes up to
 ``k_aux`` (half the input width) entries per token on every step, as in most of a real run; and with
-200,000 tokens, longer than the bench, so nothing is dead yet and AuxK adds nothing. The floor is the dense encoder product ``x @ W_enc`` into a kept
-buffer (as in bench_kernels.py). Segments of training steps and floor products alternate in one
+200,000 tokens, longer than the bench, so nothing is dead yet and AuxK adds nothing. The floor is
+the dense encoder product ``x @ W_enc`` into a kept buffer (as in bench_kernels.py). Segments of training steps and floor products alternate in one
 process (the run is resumed between segments), so both ratios are taken under the same machine
 load. S = 2 sources of width d, batch 2048, k = 64 unless a size says otherwise (``d x L x k``). Not
 part of the test suite (no timed assertions).
@@ -84,8 +84,9 @@ def measure(d: int, L: int, k: int, work: Path, segments: int, per_segment: int,
         steps_all += steps
         floors_all += floors
         ratios.append(statistics.median(steps) / statistics.median(floors))
-        print(f"  d={d} L={L:,} k={k} dead window {dead_tokens:,} segment {segment + 1}: step {statistics.median(steps) * 1e3:.0f} ms, floor "
-              f"{statistics.median(floors) * 1e3:.0f} ms, ratio {ratios[-1]:.2f}", flush=True)
+        print(f"  d={d} L={L:,} k={k} dead window {dead_tokens:,} segment {segment + 1}: step "
+              f"{statistics.median(steps) * 1e3:.0f} ms, floor {statistics.median(floors) * 1e3:.0f} ms, ratio "
+              f"{ratios[-1]:.2f}", flush=True)
     logged = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     return {"d": d, "latents": L, "k": k, "dead_tokens": dead_tokens,
             "dead_fraction": statistics.median(r["dead_fraction"] for r in logged),
