@@ -159,8 +159,8 @@ class TrainConfig:
     data: str = opt("", "shard root (default: harvest.output or synthetic.output)")
     arch: Literal["acausal", "aligned"] = opt(
         "acausal", "acausal (one shared dictionary) | aligned (per-source latents + alignment loss)")
-    activation: Literal["relu", "topk", "batchtopk"] = opt(
-        "batchtopk", "relu (+ decoder-norm-weighted L1) | topk | batchtopk")
+    activation: Literal["relu", "topk", "batchtopk", "jumprelu"] = opt(
+        "batchtopk", "relu (+ decoder-norm-weighted L1) | topk | batchtopk | jumprelu (learned thresholds + L0)")
     latents: int = opt(4096, "dictionary size L", ge=1)
     k: int = opt(32, "active latents per token (topk, batchtopk); for aligned: per source", ge=1)
     batch_size: int = opt(4096, "global batch size, in tokens", ge=1)
@@ -174,6 +174,17 @@ class TrainConfig:
     steps: int = opt(1000, "optimizer steps", ge=1)
     l1_coeff: float = opt(2.0, "relu only: coefficient of the decoder-norm-weighted L1 penalty", ge=0)
     l1_warmup_steps: int = opt(200, "relu only: the L1 coefficient rises linearly from 0 over these steps", ge=0)
+    l0_coeff: float = opt(
+        1.0, "jumprelu only: coefficient of the L0 penalty (active latents per token); higher = sparser", ge=0)
+    l0_warmup_steps: int = opt(200, "jumprelu only: the L0 coefficient rises linearly from 0 over these steps", ge=0)
+    jumprelu_threshold: float = opt(
+        0.1, "jumprelu only: every latent's initial threshold, in units of its activation on normalised inputs "
+        "(about one standard deviation of the initial pre-activations at dec_init_norm 0.1)", gt=0)
+    jumprelu_lr_scale: float = opt(
+        10.0, "jumprelu only: the thresholds' learning rate as a multiple of train.lr (Adam moves log θ by about "
+        "lr × this per step; thresholds must travel several units in log from their start)", gt=0)
+    jumprelu_bandwidth: float = opt(
+        1e-3, "jumprelu only: width of the straight-through estimators' kernel around the threshold", gt=0)
     aux_coeff: float = opt(1 / 32, "coefficient of the AuxK loss on dead latents; 0 = off", ge=0)
     aux_k: int = opt(0, "latents per token the AuxK loss may use; 0 = half the total input width", ge=0)
     dead_tokens: int = opt(1_000_000, "a latent that fired on none of the last N tokens is dead", ge=1)
@@ -522,7 +533,7 @@ def validate(cfg: RunConfig) -> None:
 
 def check_train(tc: TrainConfig) -> None:
     """The [train] rules between keys (ranges: see the fields)."""
-    if tc.activation != "relu" and tc.k > tc.latents:
+    if tc.activation in ("topk", "batchtopk") and tc.k > tc.latents:
         raise ConfigError(f"train.k ({tc.k}) must be at most train.latents ({tc.latents})")
     if tc.workers == 0 and tc.latent_parallel != 1:
         raise ConfigError(f"train.latent_parallel={tc.latent_parallel} needs train.workers > 0 (one process holds the "

@@ -52,15 +52,25 @@ from .losses import LossWeights, forward_and_loss
 from .model import CrossCoder, export_layout, write_export_config
 from .parallel import CommCounter, DistributedCollectives, ParallelLayout
 from .sliced_export import assemble, write_slice
-from .trainer import RESULT_FILE, RunDirError, checkpoint_error, latest_checkpoint, prune_checkpoints, record_stop
+from .trainer import (
+    RESULT_FILE,
+    RunDirError,
+    checkpoint_error,
+    latest_checkpoint,
+    parameter_groups,
+    prune_checkpoints,
+    record_stop,
+    set_learning_rate,
+)
 
 # torch 2.13 deprecates the collective that DeepSpeed's ZeRO and torch's own checkpoint code call; the
 # warning names no step of ours and would be printed by every rank through Ray's log
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                         category=FutureWarning)
 
-SHARDED = ("W_enc", "W_dec", "b_enc")
-LATENT_AXIS = {"W_enc": 1, "W_dec": 0, "b_enc": 1, "threshold": 1, "dead": 1}  # b_dec: whole on every rank
+SHARDED = ("W_enc", "W_dec", "b_enc", "log_threshold")
+# b_dec: whole on every rank
+LATENT_AXIS = {"W_enc": 1, "W_dec": 0, "b_enc": 1, "log_threshold": 1, "threshold": 1, "dead": 1}
 MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's state per parameter, besides its step count
 
 
@@ -116,6 +126,7 @@ class DeepSpeedBackend:
         self.collectives = DistributedCollectives(self.layout, self.counter, device)
         # ZeRO-2/3 partition gradients: memory kept for whole ones would undo that
         self.keeps_whole_gradients = self.tc.zero_stage < 2
+        self.states_linked = False  # see _link_every_group_state
 
     def latent_range(self, latents: int) -> tuple[int, int]:
         return self.layout.latent_range(latents)
@@ -135,7 +146,7 @@ class DeepSpeedBackend:
             if name in SHARDED and self.layout.latent_parallel > 1:
                 setattr(param, "model_parallel", True)  # noqa: B010 - DeepSpeed reads this flag
         self.engine, _, _, _ = deepspeed.initialize(
-            model=objective, model_parameters=list(objective.parameters()),
+            model=objective, model_parameters=parameter_groups(model, self.tc),
             config=deepspeed_config(self.cfg, self.tc.batch_size // self.data_parallel),
             mpu=self.layout, dist_init_required=False)
 
@@ -266,12 +277,25 @@ class DeepSpeedBackend:
         return out, loss, terms
 
     def step(self, loss: Tensor, lr: float) -> float:
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self.engine.optimizer, lr)
         self.engine.backward(loss)
         self.engine.step()
+        self._link_every_group_state()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
+
+    def _link_every_group_state(self) -> None:
+        """Once, after the first step: DeepSpeed 0.19's ZeRO-1/2 optimizer steps its parameter groups
+        one by one and links each parameter to its Adam state (what ``safe_get_full_optimizer_state``
+        reads) right after stepping the first group, when a second group (JumpReLU's thresholds) has
+        no state yet, and never again; linked again here, every group has its state."""
+        optimizer = self.engine.optimizer
+        if self.states_linked or len(optimizer.param_groups) < 2:
+            return
+        if getattr(optimizer, "_hp_optimizer_states_linked", False):
+            optimizer._hp_optimizer_states_linked = False
+            optimizer._lazy_init_hp_params_optimizer_state()
+        self.states_linked = True
 
     def save(self, run_dir: Path, state: dict, keep: int) -> None:
         """The resharding checkpoint (ZeRO ≤ 2) or DeepSpeed's own (ZeRO-3); see the module docstring."""

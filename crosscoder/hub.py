@@ -93,6 +93,15 @@ def card_facts(export_dir: Path) -> dict:
     }
 
 
+def sparsity_line(facts: dict) -> str:
+    """The card's line on how the code is made sparse (k means nothing to relu and jumprelu)."""
+    if facts["activation"] in ("topk", "batchtopk"):
+        return f"k (active latents per token): {facts['k']}"
+    if facts["activation"] == "jumprelu":
+        return "sparsity: a learned threshold per latent (JumpReLU, trained with an L0 penalty)"
+    return "sparsity: an L1 penalty weighted by the decoder norms (relu)"
+
+
 def model_card(export_dir: Path, repo_id: str):
     """A ``huggingface_hub.ModelCard`` for the export: metadata in its YAML header, facts as text."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -124,7 +133,7 @@ A {facts['activation']} crosscoder ({facts['arch']}) with {facts['latents']:,} l
 |---|---:|---|---|
 {rows}
 
-- k (active latents per token): {facts['k']}
+- {sparsity_line(facts)}
 - tokens trained: {number(facts['tokens_trained'], ',')} ({number(facts['trained_steps'], ',')} steps)
 - fraction of variance explained ({facts['fve_measured_on']}): {fve}
 - dead latents at the end of training: {number(facts['dead_fraction'], '.2%')}

@@ -20,7 +20,7 @@ from .collectives import LOCAL
 from .config import RunConfig
 from .losses import forward_and_loss
 from .model import CrossCoder
-from .trainer import checkpoint_error, prune_checkpoints, step_dirs
+from .trainer import checkpoint_error, parameter_groups, prune_checkpoints, set_learning_rate, step_dirs
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -46,8 +46,8 @@ class LocalBackend:
     def setup(self, model: CrossCoder) -> None:
         self.model = model
         # fused: one kernel per parameter, no parameter-sized temporaries (4 B/param less at peak than foreach)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.tc.lr, betas=(self.tc.beta1, self.tc.beta2),
-                                          fused=True)
+        self.optimizer = torch.optim.Adam(parameter_groups(model, self.tc), lr=self.tc.lr,
+                                          betas=(self.tc.beta1, self.tc.beta2), fused=True)
 
     def load(self, run_dir: Path) -> dict:
         state = torch.load(checkpoint_dirs(run_dir)[-1] / "state.pt", weights_only=False, map_location="cpu")
@@ -61,8 +61,7 @@ class LocalBackend:
         return forward_and_loss(self.model, x, dead, weights)
 
     def step(self, loss: torch.Tensor, lr: float) -> float:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)

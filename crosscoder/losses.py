@@ -1,4 +1,4 @@
-"""Loss terms of crosscoder training: reconstruction, decoder-norm-weighted L1, AuxK, alignment.
+"""Loss terms of crosscoder training: reconstruction, decoder-norm-weighted L1, L0, AuxK, alignment.
 
 Each term is a small function of the model's :class:`ForwardOutput`, so the trainer (one process or
 many) composes them and logs every term by name. Conventions:
@@ -7,6 +7,11 @@ many) composes them and logs every term by name. Conventions:
   over sources of ``‖x_s − x̂_s‖²``, as in Lindsey et al.);
 - L1 (``relu`` only): ``Σ_g Σ_i f_gi · w_gi``, mean over tokens, with ``w`` the latent's decoder norm
   summed over the sources it decodes to; its coefficient warms up linearly from 0;
+- L0 (``jumprelu`` only, Rajamanoharan et al. 2024): ``Σ_g Σ_i H(pre_gi − θ_gi)``, mean over tokens,
+  the number of active latents itself, its gradient reaching the thresholds only (sparsity.py's
+  straight-through estimator); warms up like L1. It reads no decoder norm, so, as with BatchTopK,
+  the sparsity term gives a latent no reason to shrink its decoder in one source (the Complete
+  Shrinkage that the decoder-norm-weighted L1 drives, arXiv 2504.02922);
 - AuxK (Gao et al. 2024): the latents that are dead (per the tracker) try to reconstruct the
   residual ``e = x − x̂`` with their own top ``k_aux`` per token; the squared error is normalised by
   the residual's variance and scaled by ``min(#dead / k_aux, 1)``; exactly zero with nothing dead;
@@ -31,12 +36,13 @@ from torch import Tensor
 from .collectives import Collectives
 from .model import CrossCoder, CrossCoderSpec, ForwardOutput
 from .sparse_path import ExtraEntries, SparsePath
-from .sparsity import topk_entries
+from .sparsity import Heaviside, topk_entries
 
 
 @dataclass
 class LossWeights:
     l1: float = 0.0
+    l0: float = 0.0
     aux: float = 0.0
     aux_k: int = 1
     align: float = 0.0
@@ -50,6 +56,13 @@ def reconstruction_loss(x: Tensor, x_hat: Tensor) -> Tensor:
 def l1_penalty(model: CrossCoder, out: ForwardOutput) -> Tensor:
     """Σ_i f_i · Σ_s ‖W_dec[s][i]‖, mean over tokens (summed over latent shards)."""
     return model.collectives.sum_partial((out.f * out.weights).sum(dim=(1, 2)).mean())
+
+
+def l0_penalty(model: CrossCoder, out: ForwardOutput) -> Tensor:
+    """Active latents per token, Σ_g Σ_i H(pre − θ), mean over tokens (summed over latent shards);
+    its gradient goes to the JumpReLU thresholds only."""
+    active = Heaviside.apply(out.pre, model.log_threshold.exp(), model.jump_bandwidth)
+    return model.collectives.sum_partial(active.sum(dim=(1, 2)).mean())
 
 
 def _variance(target: Tensor, model: CrossCoder) -> Tensor:
@@ -161,6 +174,9 @@ def total_loss(
     if model.spec.activation == "relu":
         terms["l1"] = l1_penalty(model, out)
         loss = loss + w.l1 * terms["l1"]
+    if model.spec.activation == "jumprelu":
+        terms["l0"] = l0_penalty(model, out)
+        loss = loss + w.l0 * terms["l0"]
     if w.aux > 0 and dead is not None:
         terms["auxk"] = auxk_loss(model, x, out, dead, w.aux_k)
         loss = loss + w.aux * terms["auxk"]

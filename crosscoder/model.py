@@ -27,7 +27,8 @@ alignment loss a permutation to find, which gradient descent does not (measured 
 
 The model trains on normalised inputs (each source scaled so ``E‖x_s‖ = √d_s``);
 :meth:`CrossCoder.save_pretrained` folds the scales into the weights, so an export works on raw
-activations, and its BatchTopK thresholds are per latent, on ``f``, which the folding leaves unchanged.
+activations, and its thresholds (BatchTopK's calibrated ones, JumpReLU's learned ``exp(log_threshold)``)
+are per latent, on ``f``, which the folding leaves unchanged: inference applies either alike.
 
 Nothing here imports Ray, DeepSpeed or torch.distributed: a latent-parallel trainer builds the
 model with ``latent_range`` (its slice of the dictionary) and ``collectives`` (the reductions over
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,7 +53,7 @@ from torch import Tensor, nn
 from . import precision
 from .collectives import LOCAL, Collectives
 from .sparse_path import HINT_MARGIN, ExtraEntries, SparseCode, SparsePath
-from .sparsity import ACTIVATIONS, batchtopk_mask, scores, threshold_mask, topk_mask
+from .sparsity import ACTIVATIONS, JumpReLU, batchtopk_mask, scores, threshold_mask, topk_mask
 
 ARCHITECTURES = ("acausal", "aligned")
 
@@ -201,13 +203,16 @@ class CrossCoder(nn.Module):
         sparse_kernels: bool = True,
         gradient_memory: bool = True,
         device: torch.device | str = "cpu",
+        jump_threshold: float = 0.1,
+        jump_bandwidth: float = 1e-3,
     ):
         """``collectives``: the reductions over latent shards and data ranks (collectives.py);
         ``sparse_kernels``: train acausal TopK/BatchTopK through the active entries (sparse_path.py;
         False = this module's dense math, same results); ``gradient_memory``: that path keeps its
         weight gradients' memory across steps (off for ZeRO-2/3); ``device``: where the weights live
         (drawn on the CPU whatever the device, so every device starts from the same dictionary;
-        ``meta`` draws nothing)."""
+        ``meta`` draws nothing); ``jump_threshold``, ``jump_bandwidth``: JumpReLU's initial threshold
+        and its straight-through estimators' kernel width (sparsity.py), in units of ``f``."""
         super().__init__()
         self.spec = spec
         lo, hi = latent_range or (0, spec.latents)
@@ -226,6 +231,9 @@ class CrossCoder(nn.Module):
         # BatchTopK inference threshold, per latent, in units of f (invariant to normalisation folding)
         self.register_buffer("threshold", torch.zeros(spec.groups, n, device=device))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long, device=device))
+        if spec.activation == "jumprelu":  # learned, per latent, as log θ (θ > 0; Adam's steps relative)
+            self.log_threshold = nn.Parameter(torch.full((spec.groups, n), math.log(jump_threshold), device=device))
+        self.jump_bandwidth = jump_bandwidth
         self.collectives = collectives
         k_sparse = spec.arch == "acausal" and spec.activation in ("topk", "batchtopk")
         self.sparse = SparsePath(gradient_memory) if sparse_kernels and k_sparse else None
@@ -278,10 +286,21 @@ class CrossCoder(nn.Module):
             return mask, kth
         return threshold_mask(pre, self.threshold), None
 
+    def inference_threshold(self) -> Tensor:
+        """[G, L] thresholds on ``f`` that inference applies: JumpReLU's learned ones, or BatchTopK's
+        (running average, then calibrated)."""
+        if self.spec.activation == "jumprelu":
+            return self.log_threshold.detach().exp()
+        return self.threshold
+
     def activate(self, pre: Tensor, weights: Tensor, training: bool) -> tuple[Tensor, Tensor | None]:
         """Apply the sparsity rule; training BatchTopK selects over the batch, inference thresholds."""
         if self.spec.activation == "relu":
             return pre.relu(), None
+        if self.spec.activation == "jumprelu":
+            if training:
+                return JumpReLU.apply(pre, self.log_threshold.exp(), self.jump_bandwidth), None
+            return torch.where(threshold_mask(pre, self.inference_threshold()), pre, 0.0), None
         mask, kth = self.select(pre, weights, training)
         return pre.relu() * mask, kth
 
@@ -411,7 +430,7 @@ class CrossCoder(nn.Module):
         sl = self.spec.slices[s]
         piece = {"W_enc": lambda: self.W_enc[sl] * scale, "W_dec": lambda: self.W_dec[:, sl] / scale,
                  "b_dec": lambda: self.b_dec[sl] / scale, "b_enc": lambda: self.b_enc[s].clone(),
-                 "threshold": lambda: self.threshold[s].clone()}[kind]()
+                 "threshold": lambda: self.inference_threshold()[s].clone()}[kind]()
         return piece.detach().float().cpu().contiguous()
 
     def save_pretrained(self, directory: str | Path, norm_scale: list[float] | None = None, extra: dict | None = None):
@@ -455,6 +474,8 @@ class CrossCoder(nn.Module):
                 model.b_enc[0] = _checked(tensors, "b_enc", (spec.latents,))
                 model.threshold[0] = _checked(tensors, "threshold", (spec.latents,))
             model.threshold_updates.fill_(1)
+            if spec.activation == "jumprelu":
+                model.log_threshold.copy_(model.threshold.clamp_min(torch.finfo(model.threshold.dtype).tiny).log())
         return model.eval()
 
     @classmethod

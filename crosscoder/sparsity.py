@@ -1,4 +1,4 @@
-"""Sparsity rules (relu, per-token TopK, BatchTopK) and the selection primitives they rest on.
+"""Sparsity rules (relu, per-token TopK, BatchTopK, JumpReLU) and the selection primitives they rest on.
 
 Why it looks like this: every k-sparse rule here is written as "find the k-th largest score, keep
 what is at or above it". The k-th largest value is the only thing that must be known globally, so
@@ -13,6 +13,16 @@ arXiv 2504.02922. The cost: the decoder norms are computed once per step (one re
 
 Ties at the k-th value are all kept, so with exactly repeated scores (practically only exact
 zeros, which are never kept) a rule may keep more than k; continuous activations never tie.
+
+JumpReLU (Rajamanoharan et al. 2024, arXiv 2407.14435) is the one rule with no k: each latent has a
+learned threshold θ_i and ``f_i = pre_i · H(pre_i − θ_i)``, the same rule BatchTopK's inference
+applies with its calibrated thresholds (:func:`threshold_mask`), so an export of either is read
+alike. The step function has no useful derivative, so θ learns through straight-through
+estimators with a rectangle kernel of width ε (the bandwidth): :class:`JumpReLU` passes the
+gradient to ``pre`` where the latent fired and gives θ ``−(θ/ε)·K((pre−θ)/ε)``, and
+:class:`Heaviside` (the L0 penalty's count of active latents) gives ``pre`` nothing and θ
+``−(1/ε)·K((pre−θ)/ε)``, ``K(u) = 1`` for ``|u| < ½``. Cost: one more pass over ``[B, L]`` in the
+backward (the kernel's window), and the dense math only: no sparse kernels.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ from torch import Tensor
 from . import native
 from .collectives import Collectives
 
-ACTIVATIONS = ("relu", "topk", "batchtopk")
+ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
 
 
 def scores(pre: Tensor, weights: Tensor) -> Tensor:
@@ -98,3 +108,40 @@ def threshold_mask(pre: Tensor, threshold: Tensor) -> Tensor:
     """Inference rule of BatchTopK: a latent fires when its pre-activation exceeds its threshold (and
     0): one comparison with ``max(threshold, 0)``, one pass over ``[B, L]``."""
     return pre > threshold.clamp_min(0)
+
+
+def _window(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """The rectangle kernel ``K((pre − θ)/ε) / ε`` [B, G, L]."""
+    return ((pre - threshold).abs() < bandwidth / 2).to(pre.dtype) / bandwidth
+
+
+class JumpReLU(torch.autograd.Function):
+    """``pre · H(pre − θ)``: pre [B, G, L], θ [G, L] (positive); θ's gradient straight-through (above)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return torch.where(pre > threshold, pre, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        pre, threshold = ctx.saved_tensors
+        grad_pre = grad * (pre > threshold)
+        grad_threshold = -(threshold * _window(pre, threshold, ctx.bandwidth) * grad).sum(0)
+        return grad_pre, grad_threshold, None
+
+
+class Heaviside(torch.autograd.Function):
+    """``H(pre − θ)`` as 0/1 in pre's dtype; θ's gradient straight-through (above), none to pre."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        pre, threshold = ctx.saved_tensors
+        return None, -(_window(pre, threshold, ctx.bandwidth) * grad).sum(0), None

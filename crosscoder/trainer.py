@@ -215,6 +215,37 @@ def spec_from(cfg: TrainConfig, manifest: Manifest) -> CrossCoderSpec:
     )
 
 
+# JumpReLU's thresholds are learned as log θ, which Adam moves by about its learning rate per step
+# (train.lr × train.jumprelu_lr_scale): below this many units in all they cannot grow past e^4 ≈ 55×
+# their start (measured on the demo pair, θ from 1e-3: 400 steps at 2e-3, scale 1, left L0 at 590)
+JUMPRELU_MIN_TRAVEL = 4.0
+
+
+def jumprelu_travel_note(tc: TrainConfig) -> str:
+    travel = tc.lr * tc.jumprelu_lr_scale * tc.steps
+    return (f"train: note: jumprelu learns log θ, which Adam moves by about train.lr × train.jumprelu_lr_scale per "
+            f"step: {tc.steps} steps at {tc.lr:g} × {tc.jumprelu_lr_scale:g} let a threshold grow at most about "
+            f"e^{travel:.2g} = {math.exp(travel):.3g}× from train.jumprelu_threshold ({tc.jumprelu_threshold:g}); if "
+            "L0 stays high, train longer, raise train.jumprelu_lr_scale or start from a higher threshold")
+
+
+def parameter_groups(model: CrossCoder, tc: TrainConfig) -> list[dict]:
+    """The optimizer's parameter groups: every weight at train.lr, JumpReLU's thresholds at
+    ``lr_scale`` times it (:func:`set_learning_rate`); one group when there are none."""
+    fast = {"log_threshold"} if tc.activation == "jumprelu" else set()
+    groups = [{"params": [p for n, p in model.named_parameters() if n not in fast], "lr_scale": 1.0}]
+    if fast:
+        groups.append({"params": [p for n, p in model.named_parameters() if n in fast],
+                       "lr_scale": tc.jumprelu_lr_scale})
+    return groups
+
+
+def set_learning_rate(optimizer, lr: float) -> None:
+    """This step's learning rate in every parameter group, times the group's ``lr_scale``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def learning_rate(cfg: TrainConfig, step: int) -> float:
     """Linear warm-up, constant, then linear decay to 0 over the last ``lr_decay_fraction``."""
     lr = cfg.lr
@@ -227,8 +258,11 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 def loss_weights(cfg: TrainConfig, spec: CrossCoderSpec, step: int) -> LossWeights:
-    l1 = cfg.l1_coeff * (min(1.0, (step + 1) / cfg.l1_warmup_steps) if cfg.l1_warmup_steps > 0 else 1.0)
-    return LossWeights(l1=l1, aux=cfg.aux_coeff, aux_k=cfg.aux_k or default_aux_k(spec), align=cfg.align_coeff,
+    def warm(coeff: float, steps: int) -> float:
+        return coeff * (min(1.0, (step + 1) / steps) if steps > 0 else 1.0)
+
+    return LossWeights(l1=warm(cfg.l1_coeff, cfg.l1_warmup_steps), l0=warm(cfg.l0_coeff, cfg.l0_warmup_steps),
+                       aux=cfg.aux_coeff, aux_k=cfg.aux_k or default_aux_k(spec), align=cfg.align_coeff,
                        align_loss=cfg.align_loss)
 
 
@@ -373,7 +407,8 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
     model = CrossCoder(spec, seed=tc.seed, dec_init_norm=tc.dec_init_norm,
                        latent_range=backend.latent_range(spec.latents), collectives=collectives,
                        sparse_kernels=use_sparse_kernels(tc, device.type),
-                       gradient_memory=backend.keeps_whole_gradients, device=device)
+                       gradient_memory=backend.keeps_whole_gradients, device=device,
+                       jump_threshold=tc.jumprelu_threshold, jump_bandwidth=tc.jumprelu_bandwidth)
     partitions = tc.data_partitions or backend.data_parallel
     mine = [p for p in range(partitions) if p % backend.data_parallel == backend.data_rank]
     stream = PartitionedStream(root, manifest, tc.batch_size, partitions, mine, tc.shuffle_samples,
@@ -381,6 +416,8 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
     scale = spec.scale_vector(device)
     tracker = DeadLatentTracker((spec.groups, model.n_latents), tc.dead_tokens, device)
 
+    if is_main and tc.activation == "jumprelu" and tc.lr * tc.jumprelu_lr_scale * tc.steps < JUMPRELU_MIN_TRAVEL:
+        print(jumprelu_travel_note(tc), flush=True)
     start, positions, first = 0, {}, []
     resuming = backend.has_checkpoint(run_dir)
     if not resuming:
@@ -481,6 +518,8 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                     fired = torch.count_nonzero(threshold_mask(out.pre.detach(), model.threshold)).to(torch.float64)
                     metrics["inference_l0"] = float(collectives.data_sum(collectives.sum_count(fired))) / (
                         collectives.batch_tokens(x.shape[0]) * out.pre.shape[1])
+                elif spec.activation == "jumprelu":  # inference applies the thresholds training learns
+                    metrics["inference_l0"] = metrics["l0"]
                 result.losses.append(metrics["loss"]["total"])
                 result.last_metrics = metrics
                 telemetry.step(metrics, x.shape[0], time.perf_counter() - t0, t_data)

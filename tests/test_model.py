@@ -7,15 +7,17 @@ from crosscoder.dead import DeadLatentTracker
 from crosscoder.losses import LossWeights, alignment_loss, auxk_loss, auxk_selector, l1_penalty, total_loss
 from crosscoder.metrics import decoder_cosine, fve_per_source, relative_decoder_norm
 from crosscoder.model import CrossCoder, CrossCoderSpec, export_names, init_parameters
+from crosscoder.sparsity import Heaviside, JumpReLU
 
 ARCHS = ["acausal", "aligned"]
-ACTS = ["relu", "topk", "batchtopk"]
+ACTS = ["relu", "topk", "batchtopk", "jumprelu"]
 
 
 def make(arch="acausal", act="batchtopk", widths=(24, 40), latents=64, k=4, seed=0):
     spec = CrossCoderSpec(sources=[f"s{i}" for i in range(len(widths))], widths=list(widths),
                           latents=latents, arch=arch, activation=act, k=k)
-    return CrossCoder(spec, seed=seed, dec_init_norm=0.5)
+    # JumpReLU: thresholds and a kernel wide enough that a batch of 32 random tokens reaches them
+    return CrossCoder(spec, seed=seed, dec_init_norm=0.5, jump_threshold=0.5, jump_bandwidth=1.0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -36,7 +38,49 @@ def test_shapes_and_gradients_reach_every_parameter(arch, act):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, f"{name} got no gradient"
     assert ("l1" in terms) == (act == "relu")
+    assert ("l0" in terms) == (act == "jumprelu")
     assert ("align" in terms) == (arch == "aligned")
+
+
+def test_jumprelu_gradients_are_the_straight_through_estimators():
+    """f = pre·H(pre − θ): pre's gradient where the latent fired; θ's −(θ/ε)·K((pre−θ)/ε) (JumpReLU)
+    and −(1/ε)·K((pre−θ)/ε) (the L0 count), K = 1 on |u| < ½, summed over tokens (hand-computed)."""
+    eps = 0.2
+    pre = torch.tensor([[[0.30, 1.00]], [[0.45, 0.95]], [[0.05, 2.00]]], requires_grad=True)  # [B=3, G=1, L=2]
+    theta = torch.tensor([[0.40, 1.00]], requires_grad=True)
+    upstream = torch.tensor([[[1.0, 2.0]], [[3.0, 4.0]], [[5.0, 6.0]]])
+    f = JumpReLU.apply(pre, theta, eps)
+    assert torch.equal(f.detach(), torch.tensor([[[0.0, 0.0]], [[0.45, 0.0]], [[0.0, 2.0]]]))  # 1.00 > 1.00 is off
+    (f * upstream).sum().backward()
+    assert torch.equal(pre.grad, upstream * torch.tensor([[[0.0, 0.0]], [[1.0, 0.0]], [[0.0, 1.0]]]))
+    # in the window (|pre − θ| < 0.1): tokens 0 and 1 of latent 0, tokens 0 and 1 of latent 1
+    expected = -torch.tensor([0.40 * (1.0 + 3.0), 1.00 * (2.0 + 4.0)]) / eps
+    assert torch.allclose(theta.grad, expected.view(1, 2))
+    pre.grad, theta.grad = None, None
+    count = Heaviside.apply(pre, theta, eps)
+    assert torch.equal(count.detach(), (f.detach() != 0).float())
+    (count * upstream).sum().backward()
+    assert pre.grad is None or not pre.grad.any()
+    assert torch.allclose(theta.grad, -torch.tensor([[1.0 + 3.0, 2.0 + 4.0]]) / eps)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_jumprelu_applies_the_same_learned_thresholds_in_training_and_at_inference(arch):
+    model = make(arch, "jumprelu")
+    with torch.no_grad():
+        model.log_threshold.uniform_(-2.0, 0.5)
+    x = torch.randn(64, 64)
+    trained = model.train()(x).f.detach()
+    assert torch.equal(model.eval().encode(x), trained)  # one token's code does not depend on its batch
+    few = model.encode(x[:5])  # the same latents (the product's rounding depends on the batch's size)
+    assert torch.equal(few != 0, trained[:5] != 0) and torch.allclose(few, trained[:5], atol=1e-6)
+    assert 0 < int((trained != 0).sum()) < trained.numel() // 2  # the thresholds cut
+    assert torch.equal(model.export_tensors()["threshold" if arch == "acausal" else "threshold.s0"],
+                       model.log_threshold.exp()[0].detach())
+    weights = LossWeights(l0=2.0)
+    loss, terms = total_loss(model.train(), x, model(x), None, weights)
+    assert float(terms["l0"]) == pytest.approx(float((trained != 0).sum()) / 64)
+    assert float(loss.detach()) == pytest.approx(float(terms["mse"]) + 2.0 * float(terms["l0"]), rel=1e-6)
 
 
 def test_parameter_shapes_follow_design_for_different_widths():
@@ -355,13 +399,17 @@ def test_the_precision_switch_is_read_at_each_product_and_refuses_bad_values(mon
         precision.upcasts(w)
 
 
+@pytest.mark.parametrize("act", ["batchtopk", "jumprelu"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_loading_an_export_writes_its_tensors_once_without_drawing_a_dictionary(arch, tmp_path, monkeypatch):
-    model = make(arch)
+def test_loading_an_export_writes_its_tensors_once_without_drawing_a_dictionary(arch, act, tmp_path, monkeypatch):
+    model = make(arch, act)
     with torch.no_grad():
         model.b_enc.normal_()
         model.b_dec.normal_()
         model.threshold.uniform_(0.1, 1.0)
+        if act == "jumprelu":  # its thresholds are learned: the export holds exp(log θ), not the buffer
+            model.log_threshold.uniform_(-2.0, 0.5)
+            model.threshold.copy_(model.log_threshold.exp())
     model.save_pretrained(tmp_path / "export")
 
     def no_draw(*args, **kwargs):
@@ -370,7 +418,9 @@ def test_loading_an_export_writes_its_tensors_once_without_drawing_a_dictionary(
     monkeypatch.setattr("crosscoder.model.init_parameters", no_draw)
     loaded = CrossCoder.from_pretrained(tmp_path / "export", device="cpu")
     for name, tensor in model.state_dict().items():
-        if name != "threshold_updates":  # an export's thresholds count as estimated: 1
+        if name == "log_threshold":  # stored as θ, read back as log θ
+            assert torch.allclose(loaded.state_dict()[name], tensor, rtol=0, atol=1e-6), name
+        elif name != "threshold_updates":  # an export's thresholds count as estimated: 1
             assert torch.equal(loaded.state_dict()[name], tensor), name
     assert not loaded.training and int(loaded.threshold_updates) == 1
     x = torch.randn(5, 64)

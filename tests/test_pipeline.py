@@ -29,6 +29,8 @@ SMALL = ["--synthetic.tokens", "4096", "--synthetic.seq_len", "64", "--synthetic
     (["--train.threshold_momentum", "1"], r"train.threshold_momentum must be in \[0, 1\), got 1.0"),
     (["--train.arch", "causal"], "--train.arch must be acausal or aligned, got 'causal'"),
     (["--train.zero_stage", "4"], "--train.zero_stage must be 0, 1, 2 or 3, got 4"),
+    (["--train.activation", "jump"], "--train.activation must be relu, topk, batchtopk or jumprelu, got 'jump'"),
+    (["--train.jumprelu_bandwidth", "0"], "train.jumprelu_bandwidth must be more than 0, got 0.0"),
     (["--train.workers", "3", "--train.latent_parallel", "2"],
      r"train.latent_parallel=2 must divide the number of workers \(3\)"),
     (["--train.workers", "2", "--train.latent_parallel", "2", "--train.latents", "63", "--train.k", "4"],

@@ -91,6 +91,25 @@ def test_trained_crosscoder_reconstructs_raw_activations(batchtopk_run):
     assert abs(result.last_metrics["l0"] - 4) < 0.5
 
 
+def test_jumprelu_learns_thresholds_that_recover_the_planted_features_at_their_sparsity(batchtopk_run, tmp_path):
+    """JumpReLU with its default L0 coefficient on BatchTopK's shards: the learned thresholds find
+    about the planted 4 features per token, and the export (thresholds in units of f, untouched
+    by folding the normalisation in) reconstructs raw activations and recovers the dictionary."""
+    _, data, _, _ = batchtopk_run
+    cfg = science_config(activation="jumprelu", jumprelu_lr_scale=1.0)  # lr 1e-2: log θ moves 0.01 per step
+    result = train(cfg, tmp_path / "run", data=data, progress=False)
+    assert 2.5 < result.last_metrics["l0"] < 8, result.last_metrics["l0"]
+    model = CrossCoder.from_pretrained(result.export_dir)
+    thresholds = model.inference_threshold()
+    assert float(thresholds.min()) > 0 and float(thresholds.median()) > 10 * cfg.train.jumprelu_threshold  # learned
+    own, _ = eval_fve(model, Root(data))
+    assert (own > 0.85).all(), own
+    recovery = score_recovery(model.W_dec.detach().numpy(), model.spec.widths, read_planted(Root(data)),
+                              cfg.synthetic.raw_scale, model.spec.norm_scale)
+    assert recovery.mean_best_cosine >= 0.9, recovery.mean_best_cosine
+    assert recovery.class_accuracy >= 0.9, recovery.class_accuracy
+
+
 def test_aligned_cross_reconstruction_approaches_own_reconstruction(tmp_path):
     # cross-layer-like data: every feature present in both sources, some with another direction
     cfg = science_config(arch="aligned", activation="batchtopk", align_coeff=10.0, steps=600)
