@@ -221,8 +221,11 @@ def spec_from(cfg: TrainConfig, manifest: Manifest) -> CrossCoderSpec:
 JUMPRELU_MIN_TRAVEL = 4.0
 
 
-def jumprelu_travel_note(tc: TrainConfig) -> str:
+def jumprelu_travel_note(tc: TrainConfig) -> str | None:
+    """Why a JumpReLU run's L0 may stay high, when its thresholds cannot travel far; None otherwise."""
     travel = tc.lr * tc.jumprelu_lr_scale * tc.steps
+    if tc.activation != "jumprelu" or travel >= JUMPRELU_MIN_TRAVEL:
+        return None
     return (f"train: note: jumprelu learns log θ, which Adam moves by about train.lr × train.jumprelu_lr_scale per "
             f"step: {tc.steps} steps at {tc.lr:g} × {tc.jumprelu_lr_scale:g} let a threshold grow at most about "
             f"e^{travel:.2g} = {math.exp(travel):.3g}× from train.jumprelu_threshold ({tc.jumprelu_threshold:g}); if "
@@ -232,11 +235,11 @@ def jumprelu_travel_note(tc: TrainConfig) -> str:
 def parameter_groups(model: CrossCoder, tc: TrainConfig) -> list[dict]:
     """The optimizer's parameter groups: every weight at train.lr, JumpReLU's thresholds at
     ``lr_scale`` times it (:func:`set_learning_rate`); one group when there are none."""
-    fast = {"log_threshold"} if tc.activation == "jumprelu" else set()
-    groups = [{"params": [p for n, p in model.named_parameters() if n not in fast], "lr_scale": 1.0}]
-    if fast:
-        groups.append({"params": [p for n, p in model.named_parameters() if n in fast],
-                       "lr_scale": tc.jumprelu_lr_scale})
+    named = dict(model.named_parameters())
+    thresholds = named.pop("log_threshold", None)
+    groups = [{"params": list(named.values()), "lr_scale": 1.0}]
+    if thresholds is not None:
+        groups.append({"params": [thresholds], "lr_scale": tc.jumprelu_lr_scale})
     return groups
 
 
@@ -416,8 +419,8 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
     scale = spec.scale_vector(device)
     tracker = DeadLatentTracker((spec.groups, model.n_latents), tc.dead_tokens, device)
 
-    if is_main and tc.activation == "jumprelu" and tc.lr * tc.jumprelu_lr_scale * tc.steps < JUMPRELU_MIN_TRAVEL:
-        print(jumprelu_travel_note(tc), flush=True)
+    if is_main and (note := jumprelu_travel_note(tc)):
+        print(note, flush=True)
     start, positions, first = 0, {}, []
     resuming = backend.has_checkpoint(run_dir)
     if not resuming:
