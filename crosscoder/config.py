@@ -198,9 +198,9 @@ class TrainConfig:
         "that the mean inference L0 there is k (0 = keep the running average)", ge=0)
     dec_init_norm: float = opt(0.1, "initial norm of each latent's decoder row, per source", gt=0)
     sparse_kernels: Literal["on", "off", "auto"] = opt(
-        "auto", "acausal topk/batchtopk: gradients and decoding only through the active latents (sparse_path.py): "
-        "on | off (the dense reference computation: same results) | auto (on from 4096 latents; below, the "
-        "dense matmuls are faster on CPU)"
+        "auto", "acausal topk/batchtopk/jumprelu: gradients and decoding only through the active latents "
+        "(sparse_path.py): on | off (the dense reference computation: same results) | auto (on from 4096 latents; "
+        "below, the dense matmuls are faster on CPU)"
     )
     seed: int = opt(0, "seed of initialisation and data order", ge=0, le=SEED_MAX)
     shuffle_samples: int = opt(64, "token shuffle window, in samples: tokens are shuffled within each window", ge=1)

@@ -180,6 +180,34 @@ class SparseDecode(torch.autograd.Function):
         return grad_value, None, None, grad_W, None, None
 
 
+class EncoderProduct(torch.autograd.Function):
+    """``x @ W_enc + b_enc`` already computed without autograd (``pre`` [B, L]), given the product's
+    gradient: the dense math on the sparse path's kept product, where a step leaves that path (a
+    JumpReLU code too dense for it), instead of computing the product a second time."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor):
+        ctx.save_for_backward(x, W_enc)
+        ctx.b_shape = b_enc.shape
+        return pre.view_as(pre)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, W_enc = ctx.saved_tensors
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[2]:  # in the product's dtype (fp32 for upcast bf16 weights, precision.py)
+            grad_W = (x.t().to(grad.dtype) @ grad).to(W_enc.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_b = grad.sum(0).view(ctx.b_shape).to(W_enc.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_x = (grad @ W_enc.t().to(grad.dtype)).to(x.dtype)
+        return None, grad_x, grad_W, grad_b
+
+
+def encoder_product(pre: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+    return EncoderProduct.apply(pre, x, W_enc, b_enc)
+
+
 def gather_pre(values: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor, token: Tensor, latent: Tensor,
                memory: GradientMemory | None = None) -> Tensor:
     return GatherPre.apply(values, x, W_enc, b_enc, token, latent, memory)

@@ -60,8 +60,15 @@ def l1_penalty(model: CrossCoder, out: ForwardOutput) -> Tensor:
 
 def l0_penalty(model: CrossCoder, out: ForwardOutput) -> Tensor:
     """Active latents per token, Σ_g Σ_i H(pre − θ), mean over tokens (summed over latent shards);
-    its gradient goes to the JumpReLU thresholds only."""
-    active = Heaviside.apply(out.pre, model.log_threshold.exp(), model.jump_bandwidth)
+    its gradient goes to the JumpReLU thresholds only. On the sparse path, over the code's entries:
+    every entry off them lies below the window, where H and its estimator are both 0."""
+    threshold = model.log_threshold.exp()
+    if out.code is not None:
+        code = out.code
+        pre = out.pre[code.token, code.group, code.latent]
+        active = Heaviside.apply(pre, threshold[code.group, code.latent], model.jump_bandwidth)
+        return model.collectives.sum_partial(active.sum() / out.pre.shape[0])
+    active = Heaviside.apply(out.pre, threshold, model.jump_bandwidth)
     return model.collectives.sum_partial(active.sum(dim=(1, 2)).mean())
 
 

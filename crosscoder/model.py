@@ -32,8 +32,8 @@ are per latent, on ``f``, which the folding leaves unchanged: inference applies 
 
 Nothing here imports Ray, DeepSpeed or torch.distributed: a latent-parallel trainer builds the
 model with ``latent_range`` (its slice of the dictionary) and ``collectives`` (the reductions over
-shards, collectives.py). Acausal TopK/BatchTopK training runs through the active entries only
-(sparse_path.py), which keeps its own buffers; this module is the math it must equal.
+shards, collectives.py). Acausal TopK/BatchTopK/JumpReLU training runs through the active entries
+only (sparse_path.py), which keeps its own buffers; this module is the math it must equal.
 """
 
 from __future__ import annotations
@@ -122,8 +122,8 @@ class CrossCoderSpec:
 @dataclass
 class ForwardOutput:
     """What one forward pass produced. ``f`` is dense for the ``relu`` rule and the aligned variant;
-    TopK/BatchTopK acausal codes are kept as their non-zero entries (``code``) and ``pre`` then has
-    no gradient (see kernels.py)."""
+    TopK/BatchTopK/JumpReLU acausal codes are kept as their entries (``code``; JumpReLU's also holds
+    its estimators' window below θ, at 0) and ``pre`` then has no gradient (see kernels.py)."""
 
     pre: Tensor  # [B, G, L] pre-activations
     x_hat: Tensor  # [B, D] reconstruction
@@ -151,7 +151,7 @@ class ForwardOutput:
     def active_count(self) -> Tensor:
         """Number of non-zero activations in the batch (L0 × tokens × groups)."""
         if self.code is not None:
-            return torch.tensor(float(self.code.value.numel()), device=self.code.value.device)
+            return self.code.active_count()
         return (self.f.detach() != 0).sum().float()
 
 
@@ -207,7 +207,7 @@ class CrossCoder(nn.Module):
         jump_bandwidth: float = 1e-3,
     ):
         """``collectives``: the reductions over latent shards and data ranks (collectives.py);
-        ``sparse_kernels``: train acausal TopK/BatchTopK through the active entries (sparse_path.py;
+        ``sparse_kernels``: train acausal TopK/BatchTopK/JumpReLU through the active entries (sparse_path.py;
         False = this module's dense math, same results); ``gradient_memory``: that path keeps its
         weight gradients' memory across steps (off for ZeRO-2/3); ``device``: where the weights live
         (drawn on the CPU whatever the device, so every device starts from the same dictionary;
@@ -235,8 +235,8 @@ class CrossCoder(nn.Module):
             self.log_threshold = nn.Parameter(torch.full((spec.groups, n), math.log(jump_threshold), device=device))
         self.jump_bandwidth = jump_bandwidth
         self.collectives = collectives
-        k_sparse = spec.arch == "acausal" and spec.activation in ("topk", "batchtopk")
-        self.sparse = SparsePath(gradient_memory) if sparse_kernels and k_sparse else None
+        sparse_rule = spec.arch == "acausal" and spec.activation in ("topk", "batchtopk", "jumprelu")
+        self.sparse = SparsePath(gradient_memory) if sparse_kernels and sparse_rule else None
         # BatchTopK's threshold search starts at a fraction of the last batch's (per group): faster, same result
         self.kth_hints: list[float] | None = None
 
@@ -323,14 +323,15 @@ class CrossCoder(nn.Module):
     # public API
 
     def forward(self, x: Tensor, aux_entries: ExtraEntries | None = None) -> ForwardOutput:
-        """Encode and decode ``x`` [B, D]. Acausal TopK/BatchTopK training runs through the sparse
-        path, which also decodes ``aux_entries`` (AuxK's, losses.py) with the main code; the dense
-        math ignores them and the loss computes AuxK on its own."""
+        """Encode and decode ``x`` [B, D]. Acausal TopK/BatchTopK/JumpReLU training runs through the
+        sparse path (a JumpReLU step whose code is too dense for it: the dense math), which also
+        decodes ``aux_entries`` (AuxK's, losses.py) with the main code; the dense math ignores them
+        and the loss computes AuxK on its own."""
         weights = self.selection_weights()
         if self.sparse is not None:
             step = self.sparse.forward(self, x, weights, aux_entries)
             return ForwardOutput(pre=step.pre, x_hat=step.decoded + self.b_dec, weights=weights,
-                                 batch_threshold=step.batch_threshold, code=step.code,
+                                 batch_threshold=step.batch_threshold, dense_f=step.dense_f, code=step.code,
                                  aux_hat=step.extra_decoded, aux_dead=step.extra_among)
         pre = self.pre_activations(x)
         f, kth = self.activate(pre, weights, self.training)

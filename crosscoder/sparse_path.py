@@ -1,4 +1,4 @@
-"""The k-sparse training forward of an acausal TopK/BatchTopK crosscoder, and the memory it keeps.
+"""The sparse training forward of an acausal TopK/BatchTopK/JumpReLU crosscoder, and the memory it keeps.
 
 :meth:`CrossCoder.forward <crosscoder.model.CrossCoder.forward>` is the readable math: the encoder
 product, the sparsity rule, the decoder. Written that way, a training step pays for all ``B·L``
@@ -18,6 +18,13 @@ latent activations three more times after the encoder product, though only ``k·
 Extra entries to decode in the same pass (AuxK's, chosen in losses.py from the same ``pre``) are
 decoded into rows ``B..2B``: each weight gets one dense gradient per step instead of two written
 and then added. Results equal the dense path within float rounding (tests/test_model.py).
+
+JumpReLU has no k: its entries are those with ``pre > θ − ε/2``, the fired ones and those in the
+straight-through estimators' window just below θ (sparsity.py), whose value is 0 but whose decoder
+gradient θ's estimator needs; both estimators and the L0 term (losses.py) then read those entries
+only. Its code's size is set by the thresholds, so a step whose code would be too dense for this
+path to pay (early in a run, thresholds near their start) runs the dense math instead, on the
+product already computed (``kernels.EncoderProduct``; the share: below).
 """
 
 from __future__ import annotations
@@ -30,8 +37,8 @@ import torch
 from torch import Tensor
 
 from . import precision
-from .kernels import GradientMemory, gather_pre, sparse_decode
-from .sparsity import batchtopk_entries, topk_entries
+from .kernels import GradientMemory, encoder_product, gather_pre, sparse_decode
+from .sparsity import JumpReLU, batchtopk_entries, topk_entries
 
 if TYPE_CHECKING:
     from .model import CrossCoder
@@ -40,6 +47,15 @@ if TYPE_CHECKING:
 # rarely falls by more between batches; a miss costs one more pass over pre, never a wrong answer.
 # (At B = 2048, L = 64k, 0.85 leaves ~4× k·B candidates against ~15× at 0.7: ~50 ms less per step.)
 HINT_MARGIN = 0.85
+
+# JumpReLU's code has no fixed size: its thresholds set it, and early in a run (thresholds still near
+# their start) it can hold a large share of [B, L]. Above this share of entries a step runs the dense
+# math instead (same results): measured on CPU at B = 2048, d = 256, L = 16k, the sparse forward and
+# backward took 0.44× the dense one at 8% of entries, 0.68× at 11.5%, 0.88× at 14.5%, 0.97× at 20%,
+# 1.08× at 24%. Elsewhere (a GPU, whose dense products cost far less per entry than gathers) a share
+# estimated from memory bandwidth against matmul throughput, not yet measured.
+JUMPRELU_DENSE_ABOVE = {"cpu": 1 / 8}
+JUMPRELU_DENSE_ABOVE_ELSEWHERE = 1 / 32
 
 # (pre [B, L] of one group) → (token, latent, number of latents they were chosen among): entries
 # decoded with the main code in the same pass (AuxK's dead-latent entries)
@@ -64,18 +80,39 @@ class SparseCode:
     def fired(self) -> Tensor:
         """bool [G, L]: latents active on at least one token."""
         _, G, L = self.shape
-        counts = torch.bincount(self.group * L + self.latent, minlength=G * L)
+        on = self.value.detach() != 0  # JumpReLU's code also holds its window's entries below θ, at 0
+        counts = torch.bincount((self.group * L + self.latent)[on], minlength=G * L)
         return counts.view(G, L) > 0
+
+    def active_count(self) -> Tensor:
+        """Non-zero entries (L0 × tokens × groups), as a float tensor."""
+        return torch.count_nonzero(self.value.detach()).to(torch.float32)
+
+
+def too_dense(pre: Tensor, model: CrossCoder) -> bool:
+    """Whether a JumpReLU step would hold more than its device's share of entries (above) on any
+    rank: every rank takes the same path, as their collectives must match."""
+    share = JUMPRELU_DENSE_ABOVE.get(pre.device.type, JUMPRELU_DENSE_ABOVE_ELSEWHERE)
+    entries = int(torch.count_nonzero(pre > jumprelu_floor(model)))
+    return model.collectives.worst(int(entries > share * pre.numel())) > 0
+
+
+def jumprelu_floor(model: CrossCoder) -> Tensor:
+    """[G, L] the smallest pre-activation that takes part in a JumpReLU step, ``θ − ε/2``: above it
+    an entry either fired or lies in the straight-through estimators' window (sparsity.py); below,
+    its value, its gradient and its share of θ's gradient are all zero."""
+    return model.log_threshold.detach().exp() - model.jump_bandwidth / 2
 
 
 @dataclass
 class SparseStep:
-    pre: Tensor  # [B, 1, L], no gradient
-    code: SparseCode
+    pre: Tensor  # [B, 1, L], no gradient (with one on a dense step)
+    code: SparseCode | None  # None on a dense step
     batch_threshold: Tensor | None
     decoded: Tensor  # [B, D] Σ value · W_dec[latent], no bias
     extra_decoded: Tensor | None  # [B, D] the extra entries' decoding, no bias
     extra_among: int  # how many latents the extra entries were chosen among (0: none)
+    dense_f: Tensor | None = None  # [B, 1, L] a dense step's activations
 
 
 class SparsePath:
@@ -95,18 +132,36 @@ class SparsePath:
         B = x.shape[0]
         with torch.no_grad():
             pre = self.training_pre_activations(model, x) if model.training else model.pre_activations(x)
+        if model.spec.activation == "jumprelu" and too_dense(pre, model):
+            return self.dense_jumprelu(model, x, pre)
+        with torch.no_grad():
             token, group, latent, kth = self.select_entries(model, pre, weights.detach())
             extra_token, extra_latent, among = extra(pre[:, 0]) if extra is not None else (token[:0], latent[:0], 0)
         all_token, all_latent = torch.cat([token, extra_token]), torch.cat([latent, extra_latent])
         memory = self.gradient_memory if model.training else None
-        value = self.code(model, x, pre, all_token, torch.zeros_like(all_token), all_latent, memory).value
+        gathered = self.gather(model, x, pre, all_token, torch.zeros_like(all_token), all_latent, memory)
+        main = gathered[: len(token)]
+        if model.spec.activation == "jumprelu":  # zero below θ, and θ's gradient from the window's entries
+            main = JumpReLU.apply(main, model.log_threshold.exp()[group, latent], model.jump_bandwidth)
+        else:
+            main = main.relu()
+        value = torch.cat([main, gathered[len(token):].relu()]) if len(extra_token) else main
         # AuxK's rows ride in the same all-reduce only when it has entries: every rank agrees, as
         # ``among`` counts the dead latents over all shards
         rows = 2 * B if extra is not None and among > 0 else B
         decoded = model.collectives.sum_partial(
             sparse_decode(value, torch.cat([token, extra_token + B]), all_latent, model.W_dec, rows, memory))
-        code = SparseCode(token, group, latent, value[: len(token)], (pre.shape[0], pre.shape[1], pre.shape[2]))
+        code = SparseCode(token, group, latent, main, (pre.shape[0], pre.shape[1], pre.shape[2]))
         return SparseStep(pre, code, kth, decoded[:B], decoded[B:] if extra is not None else None, among)
+
+    @staticmethod
+    def dense_jumprelu(model: CrossCoder, x: Tensor, pre: Tensor) -> SparseStep:
+        """The model's dense math on the product already computed (a code too dense for this path):
+        AuxK's entries are not decoded here, the loss computes them from ``pre`` as on the dense path."""
+        pre = encoder_product(pre[:, 0], x, model.W_enc, model.b_enc).unsqueeze(1).to(model.W_enc.dtype)
+        f = JumpReLU.apply(pre, model.log_threshold.exp(), model.jump_bandwidth)
+        decoded = model.decode_group(f[:, 0], bias=False)
+        return SparseStep(pre, None, None, decoded, None, 0, dense_f=f)
 
     def training_pre_activations(self, model: CrossCoder, x: Tensor) -> Tensor:
         """``model.pre_activations(x)`` written into the buffer kept across training steps; bf16
@@ -123,6 +178,9 @@ class SparsePath:
         the compiled selection where it applies, else the model's bool mask and ``nonzero``."""
         flat, kth = None, None
         k, collectives = model.spec.k, model.collectives
+        if model.spec.activation == "jumprelu":  # fired (pre > θ) and the estimators' window below θ
+            token, group, latent = (pre > jumprelu_floor(model)).nonzero(as_tuple=True)
+            return token, group, latent, None
         if model.training and model.spec.activation == "batchtopk":
             hint = model.kth_hints[0] if model.kth_hints else None
             found = batchtopk_entries(pre[:, 0], weights[0], k, collectives, hint)
@@ -140,11 +198,17 @@ class SparsePath:
         return token, group, latent, kth
 
     @staticmethod
+    def gather(model: CrossCoder, x: Tensor, pre: Tensor, token: Tensor, group: Tensor, latent: Tensor,
+               memory: GradientMemory | None = None) -> Tensor:
+        """``pre`` at the given entries, with gradient into ``W_enc``/``b_enc``."""
+        values = pre[token, group, latent].to(model.W_enc.dtype)  # pre may be fp32 (precision.py)
+        return gather_pre(values, x, model.W_enc, model.b_enc, token, latent, memory)
+
+    @staticmethod
     def code(model: CrossCoder, x: Tensor, pre: Tensor, token: Tensor, group: Tensor, latent: Tensor,
              memory: GradientMemory | None = None) -> SparseCode:
         """``relu(pre)`` at the given entries, with gradient into ``W_enc``/``b_enc``."""
-        values = pre[token, group, latent].to(model.W_enc.dtype)  # pre may be fp32 (precision.py)
-        value = gather_pre(values, x, model.W_enc, model.b_enc, token, latent, memory).relu()
+        value = SparsePath.gather(model, x, pre, token, group, latent, memory).relu()
         return SparseCode(token, group, latent, value, (pre.shape[0], pre.shape[1], pre.shape[2]))
 
     @staticmethod

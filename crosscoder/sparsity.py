@@ -21,8 +21,10 @@ alike. The step function has no useful derivative, so θ learns through straight
 estimators with a rectangle kernel of width ε (the bandwidth): :class:`JumpReLU` passes the
 gradient to ``pre`` where the latent fired and gives θ ``−(θ/ε)·K((pre−θ)/ε)``, and
 :class:`Heaviside` (the L0 penalty's count of active latents) gives ``pre`` nothing and θ
-``−(1/ε)·K((pre−θ)/ε)``, ``K(u) = 1`` for ``|u| < ½``. Cost: one more pass over ``[B, L]`` in the
-backward (the kernel's window), and the dense math only: no sparse kernels.
+``−(1/ε)·K((pre−θ)/ε)``, ``K(u) = 1`` for ``|u| < ½``. Only entries with ``pre > θ − ε/2`` (the
+fired ones and the kernel's window below θ) take part in either, so the sparse path (sparse_path.py)
+trains JumpReLU through those entries alone; the dense math pays one more pass over ``[B, L]`` in the
+backward for the window.
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ def _window(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
 
 
 class JumpReLU(torch.autograd.Function):
-    """``pre · H(pre − θ)``: pre [B, G, L], θ [G, L] (positive); θ's gradient straight-through (above)."""
+    """``pre · H(pre − θ)``: pre [B, G, L] with θ [G, L], or entries pre [N] with their latents' θ [N]
+    (the sparse path); θ positive, its gradient straight-through (above)."""
 
     @staticmethod
     def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
@@ -128,12 +131,13 @@ class JumpReLU(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         pre, threshold = ctx.saved_tensors
         grad_pre = grad * (pre > threshold)
-        grad_threshold = -(threshold * _window(pre, threshold, ctx.bandwidth) * grad).sum(0)
+        grad_threshold = -(threshold * _window(pre, threshold, ctx.bandwidth) * grad).sum_to_size(threshold.shape)
         return grad_pre, grad_threshold, None
 
 
 class Heaviside(torch.autograd.Function):
-    """``H(pre − θ)`` as 0/1 in pre's dtype; θ's gradient straight-through (above), none to pre."""
+    """``H(pre − θ)`` as 0/1 in pre's dtype, shapes as :class:`JumpReLU`'s; θ's gradient
+    straight-through (above), none to pre."""
 
     @staticmethod
     def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
@@ -144,4 +148,4 @@ class Heaviside(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         pre, threshold = ctx.saved_tensors
-        return None, -(_window(pre, threshold, ctx.bandwidth) * grad).sum(0), None
+        return None, -(_window(pre, threshold, ctx.bandwidth) * grad).sum_to_size(threshold.shape), None

@@ -271,25 +271,41 @@ def test_latent_range_init_matches_the_full_dictionary_slice(arch):
 
 
 @pytest.mark.precision
-@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
-def test_sparse_kernels_equal_the_dense_path_in_loss_and_every_gradient(activation):
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu", "jumprelu, too dense"])
+def test_sparse_kernels_equal_the_dense_path_in_loss_and_every_gradient(activation, monkeypatch):
     """The sparse encoder backward and sparse decoder give the dense implementation's loss, AuxK
     term, gradients and dead-latent statistics, within float rounding; AuxK's entries decoded with
-    the main code (the forward given the dead latents, as the trainer does) or on their own alike."""
+    the main code (the forward given the dead latents, as the trainer does) or on their own alike.
+    JumpReLU: thresholds spread around the activations and a kernel wide enough that many entries
+    lie in its window on either side of θ, so the thresholds' gradient (the estimators', the L0
+    term's) is compared too, through the entries (however many: 38% of them here) and, "too dense",
+    with a step holding more entries than the path takes, through the dense math on the product it
+    computed."""
+    from crosscoder import sparse_path
+
+    too_dense = activation.endswith("too dense")
+    activation = activation.split(",")[0]
+    monkeypatch.setitem(sparse_path.JUMPRELU_DENSE_ABOVE, "cpu", 0.0 if too_dense else 1.0)
     spec = CrossCoderSpec(["base", "chat"], [24, 40], 256, activation=activation, k=6)
     x = torch.randn(48, 64) * torch.rand(48, 1) * 3
     dead = torch.zeros(1, 256, dtype=torch.bool)
     dead[0, ::3] = True  # AuxK active on a third of the dictionary
     results = {}
     for mode in ("joint", "separate", "dense"):
-        model = CrossCoder(spec, seed=3, dec_init_norm=0.5, sparse_kernels=mode != "dense")
+        model = CrossCoder(spec, seed=3, dec_init_norm=0.5, sparse_kernels=mode != "dense", jump_threshold=0.3,
+                           jump_bandwidth=0.2)
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
             model.b_enc.copy_(torch.randn(model.b_enc.shape, generator=gen) * 0.1)
             model.b_dec.copy_(torch.randn(model.b_dec.shape, generator=gen) * 0.1)
+            if activation == "jumprelu":
+                model.log_threshold.add_(torch.randn(model.log_threshold.shape, generator=gen) * 0.3)
         out = model(x, auxk_selector(model, dead, 16)) if mode == "joint" else model(x)
-        assert (out.code is not None) == (mode != "dense") and (out.aux_hat is not None) == (mode == "joint")
-        loss, terms = total_loss(model, x, out, dead, LossWeights(aux=1 / 32, aux_k=16))
+        sparse = mode != "dense" and not too_dense
+        assert (out.code is not None) == sparse and (out.aux_hat is not None) == (mode == "joint" and sparse)
+        if activation == "jumprelu" and out.code is not None:  # the code holds its window's entries below θ
+            assert 0 < float(out.active_count()) < out.code.value.numel()
+        loss, terms = total_loss(model, x, out, dead, LossWeights(aux=1 / 32, aux_k=16, l0=0.5))
         loss.backward()
         results[mode] = (terms, {n: p.grad.clone() for n, p in model.named_parameters()}, out.fired(),
                          out.active_count(), out.f.detach(), out.batch_threshold)

@@ -1,6 +1,7 @@
 """Benchmark of the whole training step as a user's run pays for it, against the encoder-product floor.
 
     .venv/bin/python tests/bench/bench_step.py [--out bench-results/step.json] [--sizes 256x16384,256x65536x128]
+        [--activations batchtopk,jumprelu] [--kernels on,off]
 
 A step here is what ``crosscoder train`` does per step, timed by the trainer itself: the real
 ``trainer.train`` loop (one process, fp32, the sparse and compiled kernels) on planted synthetic
@@ -15,8 +16,10 @@ two batches, so some latents count dead from the first steps and AuxK selects an
 200,000 tokens, longer than the bench, so nothing is dead yet and AuxK adds nothing. The floor is
 the dense encoder product ``x @ W_enc`` into a kept buffer (as in bench_kernels.py). Segments of training steps and floor products alternate in one
 process (the run is resumed between segments), so both ratios are taken under the same machine
-load. S = 2 sources of width d, batch 2048, k = 64 unless a size says otherwise (``d x L x k``). Not
-part of the test suite (no timed assertions).
+load. S = 2 sources of width d, batch 2048, k = 64 unless a size says otherwise (``d x L x k``).
+``--activations`` adds other sparsity rules (JumpReLU: its defaults, k unused; its L0, which sets the
+sparse path's work, is in the row) and ``--kernels off`` the dense reference computation, each in the
+same turns. Not part of the test suite (no timed assertions).
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ def step_seconds(run: Path, after: int) -> list[float]:
     return [(elapsed[s] - elapsed[s - LOG_EVERY]) / LOG_EVERY for s in steps]
 
 
-def measure(d: int, L: int, k: int, work: Path, segments: int, per_segment: int, dead_tokens: int) -> dict:
+def measure(d: int, L: int, k: int, work: Path, segments: int, per_segment: int, dead_tokens: int,
+            activation: str = "batchtopk", kernels: str = "on", jumprelu_threshold: float | None = None) -> dict:
     data = work / f"shards-{d}"
     if not data.exists():
         write_synthetic(SyntheticConfig(widths=[d, d], features=2048, tokens=BATCH * 48, seq_len=256,
@@ -74,8 +78,10 @@ def measure(d: int, L: int, k: int, work: Path, segments: int, per_segment: int,
     t = cfg.train
     t.latents, t.k, t.batch_size, t.steps = L, k, BATCH, segments * per_segment
     t.log_every, t.checkpoint_every, t.keep_checkpoints, t.lr_warmup_steps = LOG_EVERY, 0, 1, 1
-    t.dead_tokens, t.calibration_batches, t.sparse_kernels = dead_tokens, 0, "on"
-    run = work / f"run-{d}-{L}-{k}-{dead_tokens}"
+    t.dead_tokens, t.calibration_batches, t.sparse_kernels, t.activation = dead_tokens, 0, kernels, activation
+    if jumprelu_threshold is not None:
+        t.jumprelu_threshold = jumprelu_threshold
+    run = work / f"run-{d}-{L}-{k}-{dead_tokens}-{activation}-{kernels}"
     ratios, steps_all, floors_all = [], [], []
     for segment in range(segments):
         train(cfg, run, data=str(data), progress=False, stop_after=per_segment)
@@ -84,12 +90,13 @@ def measure(d: int, L: int, k: int, work: Path, segments: int, per_segment: int,
         steps_all += steps
         floors_all += floors
         ratios.append(statistics.median(steps) / statistics.median(floors))
-        print(f"  d={d} L={L:,} k={k} dead window {dead_tokens:,} segment {segment + 1}: step "
+        print(f"  {activation} kernels {kernels} d={d} L={L:,} k={k} dead window {dead_tokens:,} segment {segment + 1}: step "
               f"{statistics.median(steps) * 1e3:.0f} ms, floor {statistics.median(floors) * 1e3:.0f} ms, ratio "
               f"{ratios[-1]:.2f}", flush=True)
     logged = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-    return {"d": d, "latents": L, "k": k, "dead_tokens": dead_tokens,
+    return {"d": d, "latents": L, "k": k, "dead_tokens": dead_tokens, "activation": activation, "kernels": kernels,
             "dead_fraction": statistics.median(r["dead_fraction"] for r in logged),
+            "l0": statistics.median(r["l0"] for r in logged),
             "step_s": statistics.median(steps_all), "floor_s": statistics.median(floors_all),
             "ratio_per_segment": ratios, "ratio": statistics.median(ratios)}
 
@@ -103,6 +110,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps per segment (a multiple of 10)")
     parser.add_argument("--dead-tokens", default=f"{2 * BATCH},200000",
                         help="train.dead_tokens values, comma separated: the states each size runs in")
+    parser.add_argument("--activations", default="batchtopk", help="train.activation values, comma separated")
+    parser.add_argument("--kernels", default="on", help="train.sparse_kernels values (on, off), comma separated")
+    parser.add_argument("--jumprelu-threshold", type=float, default=None,
+                        help="train.jumprelu_threshold (default: the config's): where a run's thresholds stand")
     args = parser.parse_args()
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the CLI sets it
     rows = []
@@ -110,11 +121,16 @@ def main() -> None:
         for size in args.sizes.split(","):
             d, L, *rest = (int(v) for v in size.split("x"))
             for dead_tokens in map(int, args.dead_tokens.split(",")):
-                rows.append(measure(d, L, rest[0] if rest else K, Path(tmp), args.segments, args.steps, dead_tokens))
-    print("\n| d | L | k | dead (AuxK) | full step | floor `x @ W_enc` | full step / floor, in turn (median of segments) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+                for activation in args.activations.split(","):
+                    for kernels in args.kernels.split(","):
+                        rows.append(measure(d, L, rest[0] if rest else K, Path(tmp), args.segments, args.steps,
+                                            dead_tokens, activation, kernels, args.jumprelu_threshold))
+    print("\n| rule | kernels | d | L | k | L0 | dead (AuxK) | full step | floor `x @ W_enc` | full step / floor, in turn "
+          "(median of segments) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['d']} | {r['latents']:,} | {r['k']} | {r['dead_fraction']:.0%} | {r['step_s'] * 1e3:.0f} ms | "
+        print(f"| {r['activation']} | {r['kernels']} | {r['d']} | {r['latents']:,} | {r['k']} | {r['l0']:.0f} | "
+              f"{r['dead_fraction']:.0%} | {r['step_s'] * 1e3:.0f} ms | "
               f"{r['floor_s'] * 1e3:.0f} ms | "
               f"{r['ratio']:.2f}× ({', '.join(f'{x:.2f}' for x in r['ratio_per_segment'])}) |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
