@@ -89,19 +89,22 @@ def test_latent_parallel_matches_single_process_step_by_step(ray_cluster, single
 def test_jumprelu_on_two_latent_ranks_matches_one_process_through_a_resume(ray_cluster, small_shards, tmp_path, stage):
     """The learned thresholds are latent-sharded like the encoder bias and learn at their own rate (a
     second parameter group): in the gradient norm, in the checkpoint (a stop at step 6, resumed;
-    ZeRO-1's resharding one, ZeRO-3's DeepSpeed one) and in the export assembled from slices."""
-    settings = dict(activation="jumprelu", jumprelu_threshold=0.05, jumprelu_bandwidth=0.1, l0_warmup_steps=0)
+    ZeRO-1's resharding one, ZeRO-3's DeepSpeed one) and in the export assembled from slices. The
+    sparse path runs both ways: through the entries while the code holds under 1/8 of [B, L] (the
+    first 5 steps of these settings, 4-10% of it), then through the dense math (12-23%)."""
+    settings = dict(activation="jumprelu", jumprelu_threshold=0.3, jumprelu_bandwidth=0.1, l0_warmup_steps=0)
     train(config(**settings), tmp_path / "single", data=small_shards, progress=False)
     cfg = config(workers=2, latent_parallel=2, zero_stage=stage, **settings)
     assert train_distributed(cfg, tmp_path / "lp", small_shards, progress=False, stop_after=6).steps == 6
     assert train_distributed(cfg, tmp_path / "lp", small_shards, progress=False).steps == 12
     single, lp = log_by_step(tmp_path / "single"), log_by_step(tmp_path / "lp")
+    assert single[1]["l0"] < 96 / 8 < single[12]["l0"]  # both ways (the fired latents alone pass 1/8)
     for step in range(1, 13):
         for term in ("mse", "l0", "auxk", "total"):
             assert np.isclose(lp[step]["loss"][term], single[step]["loss"][term], rtol=1e-4, atol=1e-5), (step, term)
     assert_same_exports(tmp_path / "single" / "crosscoder", tmp_path / "lp" / "crosscoder", atol=1e-6)
     thresholds = CrossCoder.from_pretrained(tmp_path / "lp" / "crosscoder").inference_threshold()
-    assert not torch.allclose(thresholds, torch.full_like(thresholds, 0.05))  # they learned
+    assert not torch.allclose(thresholds, torch.full_like(thresholds, 0.3))  # they learned
 
 
 def test_data_parallel_matches_single_process_at_the_same_global_batch(ray_cluster, small_shards, tmp_path):
