@@ -89,12 +89,12 @@ class SparseCode:
         return torch.count_nonzero(self.value.detach()).to(torch.float32)
 
 
-def too_dense(pre: Tensor, model: CrossCoder) -> bool:
-    """Whether a JumpReLU step would hold more than its device's share of entries (above) on any
-    rank: every rank takes the same path, as their collectives must match."""
-    share = JUMPRELU_DENSE_ABOVE.get(pre.device.type, JUMPRELU_DENSE_ABOVE_ELSEWHERE)
-    entries = int(torch.count_nonzero(pre > jumprelu_floor(model)))
-    return model.collectives.worst(int(entries > share * pre.numel())) > 0
+def too_dense(in_play: Tensor, model: CrossCoder) -> bool:
+    """Whether a JumpReLU step's entries (``in_play``, bool [B, G, L]) pass its device's share (above)
+    on any rank: every rank takes the same path, as their collectives must match."""
+    share = JUMPRELU_DENSE_ABOVE.get(in_play.device.type, JUMPRELU_DENSE_ABOVE_ELSEWHERE)
+    entries = int(torch.count_nonzero(in_play))
+    return model.collectives.worst(int(entries > share * in_play.numel())) > 0
 
 
 def jumprelu_floor(model: CrossCoder) -> Tensor:
@@ -132,10 +132,16 @@ class SparsePath:
         B = x.shape[0]
         with torch.no_grad():
             pre = self.training_pre_activations(model, x) if model.training else model.pre_activations(x)
-        if model.spec.activation == "jumprelu" and too_dense(pre, model):
+            # JumpReLU's entries: fired (pre > θ) and the estimators' window below θ
+            in_play = pre > jumprelu_floor(model) if model.spec.activation == "jumprelu" else None
+        if in_play is not None and too_dense(in_play, model):
             return self.dense_jumprelu(model, x, pre)
         with torch.no_grad():
-            token, group, latent, kth = self.select_entries(model, pre, weights.detach())
+            if in_play is not None:
+                token, group, latent = in_play.nonzero(as_tuple=True)
+                kth = None
+            else:
+                token, group, latent, kth = self.select_entries(model, pre, weights.detach())
             extra_token, extra_latent, among = extra(pre[:, 0]) if extra is not None else (token[:0], latent[:0], 0)
         all_token, all_latent = torch.cat([token, extra_token]), torch.cat([latent, extra_latent])
         memory = self.gradient_memory if model.training else None
@@ -178,9 +184,6 @@ class SparsePath:
         the compiled selection where it applies, else the model's bool mask and ``nonzero``."""
         flat, kth = None, None
         k, collectives = model.spec.k, model.collectives
-        if model.spec.activation == "jumprelu":  # fired (pre > θ) and the estimators' window below θ
-            token, group, latent = (pre > jumprelu_floor(model)).nonzero(as_tuple=True)
-            return token, group, latent, None
         if model.training and model.spec.activation == "batchtopk":
             hint = model.kth_hints[0] if model.kth_hints else None
             found = batchtopk_entries(pre[:, 0], weights[0], k, collectives, hint)

@@ -1,7 +1,7 @@
 """Benchmark of the whole training step as a user's run pays for it, against the encoder-product floor.
 
     .venv/bin/python tests/bench/bench_step.py [--out bench-results/step.json] [--sizes 256x16384,256x65536x128]
-        [--activations batchtopk,jumprelu] [--kernels on,off]
+        [--activations batchtopk,jumprelu] [--kernels on,off] [--jumprelu-threshold 0.5]
 
 A step here is what ``crosscoder train`` does per step, timed by the trainer itself: the real
 ``trainer.train`` loop (one process, fp32, the sparse and compiled kernels) on planted synthetic
@@ -17,8 +17,8 @@ two batches, so some latents count dead from the first steps and AuxK selects an
 the dense encoder product ``x @ W_enc`` into a kept buffer (as in bench_kernels.py). Segments of training steps and floor products alternate in one
 process (the run is resumed between segments), so both ratios are taken under the same machine
 load. S = 2 sources of width d, batch 2048, k = 64 unless a size says otherwise (``d x L x k``).
-``--activations`` adds other sparsity rules (JumpReLU: its defaults, k unused; its L0, which sets the
-sparse path's work, is in the row) and ``--kernels off`` the dense reference computation, each in the
+``--activations`` adds other sparsity rules (JumpReLU: its defaults but the initial threshold
+``--jumprelu-threshold``, k unused; its L0, which sets the sparse path's work, is in the row) and ``--kernels off`` the dense reference computation, each in the
 same turns. Not part of the test suite (no timed assertions).
 """
 
