@@ -141,7 +141,7 @@ def run_command(args, rest, argv: list[str] | None = None) -> int:
         elif args.command == "synthetic":
             pipeline.synthetic(plan, progress, output=args.output, keep_complete=False)
         elif args.command == "train":
-            pipeline.print_training_summary(pipeline.train(plan, progress))
+            pipeline.print_training_summary(pipeline.train(plan, progress), plan.cfg.train.dead_tokens)
         elif args.command == "analyze":
             pipeline.analyze(plan, progress)
     return 0

@@ -42,3 +42,12 @@ class DeadLatentTracker:
                 f"expected {tuple(self.tokens_since_fired.shape)}"
             )
         self.tokens_since_fired = state["tokens_since_fired"].to(self.tokens_since_fired.device).clone()
+
+
+def dead_share(metrics: dict, dead_tokens: int, digits: int = 1) -> str:
+    """The dead share as a progress line shows it: 'n/a' until ``train.dead_tokens`` tokens were
+    trained on, because until then no latent can have gone that long without firing, and 0% would
+    read as a dictionary with every latent alive."""
+    if metrics.get("tokens", dead_tokens) < dead_tokens:
+        return "n/a"
+    return f"{metrics['dead_fraction']:.{digits}%}"

@@ -357,7 +357,7 @@ def _run(p: Plan, progress: bool):
     if done is not None:  # its shards were removed after the run: not made again
         print(f"run: {p.run_dir.absolute()} is trained (step {done.steps}) and analysed; its shards ({p.data}) were "
               "removed and are not made again (`crosscoder analyze` would need them)")
-        print_training_summary(done)
+        print_training_summary(done, p.cfg.train.dead_tokens)
         print(f"report: {(p.run_dir / 'analysis' / 'report.html').absolute()}\nrun directory: {p.run_dir.absolute()}")
         return done
     if p.cfg.harvest.models:
@@ -365,7 +365,7 @@ def _run(p: Plan, progress: bool):
     else:
         synthetic(p, progress)
     result = train(p, progress)
-    print_training_summary(result)
+    print_training_summary(result, p.cfg.train.dead_tokens)
     print_planted_recovery(p, result)
     analyze(p, progress, only_if_stale=True)
     if p.organism is not None:
@@ -374,12 +374,16 @@ def _run(p: Plan, progress: bool):
     return result
 
 
-def print_training_summary(result) -> None:
+def print_training_summary(result, dead_tokens: int) -> None:
+    from .dead import dead_share
+
     m = result.last_metrics
     if m:
         fve = ", ".join(f"{k} {v:.3f}" for k, v in m["fve"].items())
-        print(f"step {result.steps}: loss {m['loss']['total']:.4g}, FVE {fve}, L0 {m['l0']:.1f}, "
-              f"dead {m['dead_fraction']:.1%}")
+        dead = dead_share(m, dead_tokens)
+        if dead == "n/a":
+            dead += f" (counted from {dead_tokens:,} tokens, train.dead_tokens)"
+        print(f"step {result.steps}: loss {m['loss']['total']:.4g}, FVE {fve}, L0 {m['l0']:.1f}, dead {dead}")
     if result.export_dir:
         print(f"crosscoder exported to {Path(result.export_dir).absolute()} (load with CrossCoder.from_pretrained)")
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from crosscoder.dead import DeadLatentTracker
+from crosscoder.dead import DeadLatentTracker, dead_share
 from crosscoder.losses import LossWeights, alignment_loss, auxk_loss, auxk_selector, l1_penalty, total_loss
 from crosscoder.metrics import decoder_cosine, fve_per_source, relative_decoder_norm
 from crosscoder.model import CrossCoder, CrossCoderSpec, export_names, init_parameters
@@ -229,6 +229,9 @@ def test_dead_tracker_counts_tokens_since_fired():
     assert tracker.dead_fraction() == 0.5
     tracker.update(torch.zeros(1, 4, dtype=torch.bool), 50)  # 110, 50, 170, 170 tokens since fired
     assert tracker.dead.tolist() == [[True, False, True, True]]
+    # shown as n/a until a whole window was trained on (no latent can be dead before), then the share
+    assert dead_share({"tokens": 99, "dead_fraction": 0.0}, 100) == "n/a"
+    assert dead_share({"tokens": 170, "dead_fraction": tracker.dead_fraction()}, 100, digits=2) == "75.00%"
 
 
 def test_metrics_on_known_values():

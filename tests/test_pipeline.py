@@ -92,6 +92,7 @@ def test_a_finished_one_process_run_is_skipped_on_a_rerun(tmp_path, capsys):
     assert main(args) == 0
     first = capsys.readouterr().out
     assert "step 6:" in first and "analyze: " in first and "skipping" not in first
+    assert "dead n/a (counted from 200,000 tokens, train.dead_tokens)" in first  # 6 × 256 tokens trained
     export = run / "crosscoder" / "model.safetensors"
     stamp, report = export.stat().st_mtime_ns, (run / "analysis" / "report.html").stat().st_mtime_ns
     assert main(args) == 0
