@@ -44,10 +44,11 @@ class DeadLatentTracker:
         self.tokens_since_fired = state["tokens_since_fired"].to(self.tokens_since_fired.device).clone()
 
 
-def dead_share(metrics: dict, dead_tokens: int, digits: int = 1) -> str:
-    """The dead share as a progress line shows it: 'n/a' until ``train.dead_tokens`` tokens were
-    trained on, because until then no latent can have gone that long without firing, and 0% would
-    read as a dictionary with every latent alive."""
+def dead_share(metrics: dict, dead_tokens: int, digits: int = 1) -> str | None:
+    """The dead share of a step's metrics as a progress line shows it, or None (the line says n/a)
+    until ``train.dead_tokens`` tokens were trained on: until then no latent can have gone that long
+    without firing, and 0% would read as a dictionary with every latent alive. (Result files
+    written before ``tokens`` was recorded count as past the window.)"""
     if metrics.get("tokens", dead_tokens) < dead_tokens:
-        return "n/a"
+        return None
     return f"{metrics['dead_fraction']:.{digits}%}"

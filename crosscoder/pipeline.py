@@ -380,9 +380,7 @@ def print_training_summary(result, dead_tokens: int) -> None:
     m = result.last_metrics
     if m:
         fve = ", ".join(f"{k} {v:.3f}" for k, v in m["fve"].items())
-        dead = dead_share(m, dead_tokens)
-        if dead == "n/a":
-            dead += f" (counted from {dead_tokens:,} tokens, train.dead_tokens)"
+        dead = dead_share(m, dead_tokens) or f"n/a (counted from {dead_tokens:,} tokens, train.dead_tokens)"
         print(f"step {result.steps}: loss {m['loss']['total']:.4g}, FVE {fve}, L0 {m['l0']:.1f}, dead {dead}")
     if result.export_dir:
         print(f"crosscoder exported to {Path(result.export_dir).absolute()} (load with CrossCoder.from_pretrained)")

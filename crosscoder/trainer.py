@@ -533,7 +533,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']['total']:.4g}", l0=f"{metrics['l0']:.1f}",
                                 fve=f"{np.mean(list(metrics['fve'].values())):.3f}",
-                                dead=dead_share(metrics, tc.dead_tokens, digits=2), refresh=False)
+                                dead=dead_share(metrics, tc.dead_tokens, digits=2) or "n/a", refresh=False)
                 if done == tc.steps and spec.activation == "batchtopk" and tc.calibration_batches:
                     with backend.full_weights():  # before the last checkpoint: a re-run exports the same
                         calibrated = model.calibrate_threshold(_inputs(batches, collectives, tc.calibration_batches),

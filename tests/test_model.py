@@ -230,7 +230,7 @@ def test_dead_tracker_counts_tokens_since_fired():
     tracker.update(torch.zeros(1, 4, dtype=torch.bool), 50)  # 110, 50, 170, 170 tokens since fired
     assert tracker.dead.tolist() == [[True, False, True, True]]
     # shown as n/a until a whole window was trained on (no latent can be dead before), then the share
-    assert dead_share({"tokens": 99, "dead_fraction": 0.0}, 100) == "n/a"
+    assert dead_share({"tokens": 99, "dead_fraction": 0.0}, 100) is None
     assert dead_share({"tokens": 170, "dead_fraction": tracker.dead_fraction()}, 100, digits=2) == "75.00%"
 
 
