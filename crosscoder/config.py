@@ -86,7 +86,8 @@ class HarvestConfig:
         "or none for hub ids", ge=0)
     gpus_per_actor: float = opt(0.0, "GPUs reserved by each actor (a model larger than one is split with device_map)",
                                 ge=0)
-    tokens: int = opt(1_000_000, "stop after this many harvested tokens", ge=1)
+    tokens: int = opt(1_000_000, "stop after this many harvested tokens; raising it later grows the harvest in "
+                                 "harvest.output, its shards kept", ge=1)
     seq_len: int = opt(128, "tokens per chunk (one sample); longer documents are cut into several chunks", ge=2)
     samples_per_shard: int = opt(64, "samples (chunks) per shard file", ge=1)
     batch_size: int = opt(8, "chunks per forward pass", ge=1)

@@ -7,7 +7,9 @@ deepest hook (language_models.py), writes the shard locally and commits it to th
 (storage.py). A shard's bytes are a pure function of (config, chunk plan, n), so a shard redone
 after an actor died, or skipped on a re-run because the manifest already lists it with a matching
 sha256, is exactly the shard an uninterrupted run writes; a re-run whose config or plan differs
-(the manifest records both) is refused rather than mixed.
+(the manifest records both) is refused rather than mixed, with one exception: a harvest that only
+plans *more* (a larger ``harvest.tokens``, documents appended to the file) keeps the full shards of
+the smaller one, since its plan starts with the same chunks (checked by the sha256 of that prefix).
 
 Only the driver writes ``manifest.json``: at most every ``MANIFEST_EVERY_S`` while shards commit
 (listing only complete shards, ``harvest.complete = false``), when the harvest stops (retries
@@ -326,15 +328,42 @@ def fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _differences(recorded: dict, settings: dict) -> str:
-    """`; harvest.tokens = 1000 there, 2000 here` for each setting that differs (values shortened)."""
+def _differing(there: dict, here: dict) -> list[str]:
+    return sorted(k for k in set(there) | set(here) if there.get(k) != here.get(k))
+
+
+def another_harvest(root: Root, recorded: dict, settings: dict) -> str:
+    """Why a root holding another harvest is refused: `; harvest.tokens = 1000 there, 2000 here` for
+    each setting that differs (values shortened), and what to do."""
     def short(value) -> str:
         text = json.dumps(value)
         return text if len(text) <= 60 else text[:57] + "..."
     names = {"n_chunks": "chunks planned", "data_sha256": "sha256 of harvest.data"}
-    keys = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
-    return "".join(f"; {names.get(k, 'harvest.' + k)} = {short(recorded.get(k))} there, {short(settings.get(k))} here"
-                   for k in keys)
+    there = recorded.get("settings", {})
+    keys = _differing(there, settings) if there else []
+    differ = "".join(f"; {names.get(k, 'harvest.' + k)} = {short(there.get(k))} there, {short(settings.get(k))} here"
+                     for k in keys)
+    shrinks = keys and set(keys) <= GROWABLE and there.get("n_chunks", 0) > settings["n_chunks"]
+    hint = ("a harvest grows in place but does not shrink: train on it with fewer train.steps, or use another "
+            "harvest.output") if shrinks else "use another harvest.output or delete it"
+    return (f"{root.url}: holds shards of a different harvest (fingerprint {recorded.get('fingerprint')}, this config "
+            f"{fingerprint(settings)}{differ}); {hint}")
+
+
+GROWABLE = {"tokens", "n_chunks", "data_sha256"}  # settings a harvest may grow by, its plan's prefix unchanged
+
+
+def grows(recorded: dict, settings: dict, chunks: list[Chunk]) -> int | None:
+    """The number of chunks the root's harvest planned, when this harvest plans more and starts with
+    the same ones (the sha256 of this plan's prefix is the recorded plan's): a larger
+    ``harvest.tokens``, or documents appended to the file. Else None."""
+    there = recorded.get("settings")
+    if there is None or "plan_sha256" not in recorded:
+        return None
+    differ, held = _differing(there, settings), there.get("n_chunks", 0)
+    if not differ or not set(differ) <= GROWABLE or not 0 < held <= len(chunks):
+        return None
+    return held if plan_digest(chunks[:held]) == recorded["plan_sha256"] else None
 
 
 def plan_digest(chunks: list[Chunk]) -> str:
@@ -347,25 +376,36 @@ def plan_digest(chunks: list[Chunk]) -> str:
     return digest.hexdigest()
 
 
-def committed_shards(root: Root, settings: dict, plan: str, manifest: Manifest | None = None) -> dict[str, ShardInfo]:
+def committed_shards(root: Root, settings: dict, plan: str, manifest: Manifest | None = None,
+                     chunks: list[Chunk] | None = None, per: int = 1) -> dict[str, ShardInfo]:
     """Shards a previous run of the same harvest committed, checked by size and the store's version
     tag from one listing (a shard recorded without a tag is read and its sha256 checked). Another
     config, or the same config with another chunk plan (``plan``: :func:`plan_digest`; manifests
-    written before it was recorded are not compared), is refused: resuming would mix the two.
+    written before it was recorded are not compared), is refused: resuming would mix the two. A
+    smaller harvest this one grows (:func:`grows`; ``chunks``: this plan, ``per`` chunks a shard)
+    gives its full shards; its last shard, when partial, holds more chunks here and is redone.
     ``manifest``: the root's, when the caller has read it already."""
     if manifest is None:
         try:
             manifest = read_manifest(root)
         except ManifestMissing:
             return {}
-    recorded, fp = manifest.extra.get("harvest", {}), fingerprint(settings)
-    if recorded.get("fingerprint") != fp:
-        differ = _differences(recorded["settings"], settings) if "settings" in recorded else ""
-        raise ShardError(
-            f"{root.url}: holds shards of a different harvest (fingerprint {recorded.get('fingerprint')}, this config "
-            f"{fp}{differ}); use another harvest.output or delete it"
-        )
-    if recorded.get("plan_sha256", plan) != plan:
+    recorded, kept = manifest.extra.get("harvest", {}), manifest.shards
+    if recorded.get("fingerprint") != fingerprint(settings):
+        chunks = chunks or []
+        held = grows(recorded, settings, chunks)
+        if held is None:
+            raise ShardError(another_harvest(root, recorded, settings))
+        # a shard is the same where its chunks are the same: every full one, and the last one too when
+        # only harvest.tokens moved within the last chunk (the same plan)
+        same = held // per if held < len(chunks) else math.ceil(held / per)
+        kept = [info for info in manifest.shards if info.name in {shard_name(n) for n in range(same)}]
+        names = {0: "no shard (none is full)", 1: shard_name(0)}.get(same, f"{shard_name(0)} … {shard_name(same - 1)}")
+        print(f"harvest: {root.url} holds the first {held} of the {len(chunks)} chunks planned here (a smaller "
+              f"harvest.tokens or fewer documents): growing it, keeping {names}" if held < len(chunks) else
+              f"harvest: {root.url} holds the {held} chunks planned here (harvest.tokens or the documents changed "
+              "past them): keeping every shard", flush=True)
+    elif recorded.get("plan_sha256", plan) != plan:
         raise ShardError(
             f"{root.url}: holds shards of this config but of another chunk plan (plan {recorded['plan_sha256'][:12]}…, "
             f"now {plan[:12]}…): the documents, the tokenizer or the tokenization changed since; use another "
@@ -373,7 +413,7 @@ def committed_shards(root: Root, settings: dict, plan: str, manifest: Manifest |
         )
     listed = root.stat_all()
     ok = {}
-    for info in manifest.shards:
+    for info in kept:
         size, tag = listed.get(info.name, (-1, None))
         if size != info.bytes:
             continue  # missing or truncated: redone
@@ -384,17 +424,21 @@ def committed_shards(root: Root, settings: dict, plan: str, manifest: Manifest |
     return ok
 
 
-def finished_harvest(root: Root, settings: dict, plan: str, planned: int) -> Manifest | None:
+def finished_harvest(root: Root, settings: dict, plan: str, chunks: list[Chunk], per: int) -> Manifest | None:
     """The manifest of this harvest when it is complete and every shard is as recorded (one
-    listing, nothing written), else None; another harvest's root is refused (committed_shards)."""
+    listing, nothing written), else None; another harvest's root is refused, before anything is written."""
     try:
         manifest = read_manifest(root)
     except ManifestMissing:
         return None
     recorded = manifest.extra.get("harvest", {})
-    if not recorded.get("complete") or len(manifest.shards) != planned:
+    if recorded.get("fingerprint") != fingerprint(settings):
+        if grows(recorded, settings, chunks) is None:
+            raise ShardError(another_harvest(root, recorded, settings))
+        return None  # a smaller harvest, which this one grows
+    if not recorded.get("complete") or len(manifest.shards) != math.ceil(len(chunks) / per):
         return None
-    done = committed_shards(root, settings, plan, manifest)  # refuses another harvest's or another plan's root
+    done = committed_shards(root, settings, plan, manifest)  # refuses another plan's root
     if recorded.get("plan_sha256") != plan:
         return None  # written before the plan was recorded: the manifest is rewritten with it
     return manifest if all(done.get(info.name) == info for info in manifest.shards) else None
@@ -474,7 +518,7 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     settings, digest = harvest_settings(cfg, len(chunks)), plan_digest(chunks)
     if not root.is_local:
         root.check_writable()  # the store answers and the bucket exists (a listing): one clear error, early
-    finished = finished_harvest(root, settings, digest, len(plan))
+    finished = finished_harvest(root, settings, digest, chunks, per)
     if finished is not None:
         return finished  # nothing written: a finished dataset may be read-only, shared by users
     if root.is_local:
@@ -490,7 +534,7 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     with shared_root(root, "harvest"):
         for leftover in root.temporary_files():
             root.delete(leftover)
-        done = committed_shards(root, settings, digest)
+        done = committed_shards(root, settings, digest, chunks=chunks, per=per)
         pending = [n for n in range(len(plan)) if shard_name(n) not in done]
         if pending:
             write_shards(cfg, models, plan, pending, done, record, progress)

@@ -274,13 +274,80 @@ def test_a_finished_harvest_is_read_without_writing_anything(ray_cluster, tiny, 
 def test_output_of_another_harvest_is_refused(ray_cluster, tiny, uninterrupted):
     from crosscoder.shards import ShardError
 
-    # the settings that differ are named (a user who raised harvest.tokens learns why)
+    # the settings that differ are named (a user who lowered harvest.tokens learns why)
     with pytest.raises(ShardError, match=r"holds shards of a different harvest \(fingerprint \w+, this config \w+; "
-                                         r"chunks planned = \d+ there, \d+ here; harvest.seq_len = 16 there, 12 here\)"):
+                                         r"chunks planned = \d+ there, \d+ here; harvest.seq_len = 16 there, 12 here\); "
+                                         r"use another harvest.output or delete it$"):
         harvest(harvest_config(tiny, str(uninterrupted), seq_len=12), progress=False)
     with pytest.raises(ShardError, match=r"this config \w+; chunks planned = \d+ there, \d+ here; harvest.tokens = 500 "
-                                         r"there, 600 here\)"):
-        harvest(harvest_config(tiny, str(uninterrupted), tokens=600), progress=False)
+                                         r"there, 300 here\); a harvest grows in place but does not shrink"):
+        harvest(harvest_config(tiny, str(uninterrupted), tokens=300), progress=False)
+
+
+def test_a_larger_harvest_tokens_grows_the_harvest_keeping_its_full_shards(ray_cluster, tiny, uninterrupted, tmp_path,
+                                                                           capsys):
+    """A larger harvest.tokens plans the same chunks first, then more: the smaller harvest's full
+    shards are kept (not rewritten), its partial last shard and the new ones are written, and the
+    result is the dataset a harvest of the larger size writes from scratch."""
+    out = tmp_path / "acts"
+    shutil.copytree(uninterrupted, out)
+    smaller = read_manifest(Root(str(out)))
+    held, per = smaller.extra["harvest"]["settings"]["n_chunks"], 6
+    assert held % per  # the last shard is partial: the larger harvest puts more chunks in it
+    for n in range(held // per):
+        os.utime(out / shard_name(n), (1_000_000_000, 1_000_000_000))
+    grown = harvest(harvest_config(tiny, str(out), tokens=800), progress=False)
+    assert [(out / shard_name(n)).stat().st_mtime for n in range(held // per)] == [1_000_000_000] * (held // per)
+    assert f"holds the first {held} of the {grown.extra['harvest']['settings']['n_chunks']} chunks planned here" \
+        in capsys.readouterr().out
+    fresh = harvest(harvest_config(tiny, str(tmp_path / "fresh"), tokens=800), progress=False)
+    assert len(grown.shards) > len(smaller.shards)
+    assert read_all_bytes(out) == read_all_bytes(tmp_path / "fresh")
+    assert grown.norm_scale == fresh.norm_scale and grown.extra == fresh.extra  # settings, plan, complete
+    assert read_manifest(Root(str(out))).to_json() == grown.to_json()
+
+
+def test_a_harvest_grows_only_where_its_plan_starts_with_the_recorded_one():
+    """``grows``: how many chunks of this plan the root's harvest holds, or None where this harvest is
+    not that one grown (another setting, a plan with other first chunks, fewer chunks)."""
+    from crosscoder.documents import Chunk
+    from crosscoder.harvest import fingerprint, grows, plan_digest
+
+    plan = [Chunk(d, 0, 0, np.arange(d, d + 8, dtype=np.int32), d % 2 == 0) for d in range(10)]
+    settings = {"tokens": 80, "n_chunks": 10, "seq_len": 8}
+
+    def recorded(n: int, **changed) -> dict:
+        there = settings | {"tokens": 8 * n, "n_chunks": n} | changed
+        return {"fingerprint": fingerprint(there), "settings": there, "plan_sha256": plan_digest(plan[:n])}
+
+    assert grows(recorded(6), settings, plan) == 6
+    assert grows(recorded(6, data_sha256="an earlier file"), settings | {"data_sha256": "appended"}, plan) == 6
+    assert grows(recorded(10, tokens=75), settings, plan) == 10  # the same plan: harvest.tokens moved in its last chunk
+    assert grows(recorded(6, seq_len=16), settings, plan) is None  # another setting
+    assert grows(recorded(6) | {"plan_sha256": plan_digest(plan[1:7])}, settings, plan) is None  # other chunks
+    assert grows(recorded(6), settings | {"tokens": 40, "n_chunks": 5}, plan[:5]) is None  # fewer: refused
+    assert grows({"fingerprint": "old", "settings": recorded(6)["settings"]}, settings, plan) is None  # no plan recorded
+
+
+def test_documents_appended_to_the_file_grow_the_harvest_and_other_edits_are_refused(ray_cluster, tiny, tmp_path):
+    """A harvest of a whole documents file grows when documents are appended (its sha256 differs but
+    the plan starts with the same chunks); an edit of a document already harvested is refused."""
+    from crosscoder.shards import ShardError
+
+    docs = tmp_path / "docs.jsonl"
+    write_documents(docs, n_docs=12)  # the first 12 documents of the 20 below (one random stream)
+    everything = dict(data=str(docs), tokens=10**6)
+    smaller = harvest(harvest_config(tiny, str(tmp_path / "acts"), **everything), progress=False)
+    write_documents(docs, n_docs=20)
+    grown = harvest(harvest_config(tiny, str(tmp_path / "acts"), **everything), progress=False)
+    assert grown.tokens > smaller.tokens and grown.extra["harvest"]["complete"]
+    fresh = harvest(harvest_config(tiny, str(tmp_path / "fresh"), **everything), progress=False)
+    assert read_all_bytes(tmp_path / "acts") == read_all_bytes(tmp_path / "fresh") and grown.extra == fresh.extra
+    lines = docs.read_text().splitlines(keepends=True)
+    docs.write_text("".join([lines[1], lines[0]] + lines[2:] + lines[:1]))  # more documents, not appended
+    with pytest.raises(ShardError, match=r"sha256 of harvest.data = .* there, .* here; chunks planned = "
+                                         r"\d+ there, \d+ here\); use another harvest.output"):
+        harvest(harvest_config(tiny, str(tmp_path / "acts"), **everything), progress=False)
 
 
 def test_a_resume_after_the_tokenization_changed_is_refused_not_mixed(ray_cluster, tiny, uninterrupted, tmp_path,
