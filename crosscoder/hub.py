@@ -8,8 +8,9 @@ talks to the Hub is ``huggingface_hub``'s own: ``create_repo`` + ``upload_folder
 ``HF_HUB_OFFLINE`` behave as they do for any Hub model), ``ModelCard``/``ModelCardData`` for the
 card's metadata. The card is generated from what the run recorded: the export's config (sources,
 widths, latents, k, tokens trained, the data's fingerprint), the data manifest's sources (models
-and hooks), the last training metrics (dead fraction) and, when the run was analysed, the analysis
-summary (held-out FVE, inference L0 with the calibrated thresholds).
+and hooks), the last training metrics (the dead fraction, "not counted" when the run trained on
+fewer tokens than its dead-latent window) and, when the run was analysed, the analysis summary
+(held-out FVE, inference L0 with the calibrated thresholds).
 
 The cost: a push uploads the whole ``model.safetensors`` every time (the Hub deduplicates unchanged
 content); a pull downloads it into the Hub cache (``HF_HOME``), not into a run directory.
@@ -19,8 +20,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import tomllib
 from pathlib import Path
 
+from .dead import dead_share
 from .errors import CrosscoderError
 
 # the files a pushed repo holds; a pull fetches only these
@@ -64,6 +67,10 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _read_toml(path: Path) -> dict:
+    return tomllib.loads(path.read_text()) if path.is_file() else {}
+
+
 def card_facts(export_dir: Path) -> dict:
     """What the model card states, from the export and the run around it (``<run>/crosscoder``)."""
     config = _read_json(export_dir / "config.json")
@@ -71,6 +78,8 @@ def card_facts(export_dir: Path) -> dict:
     result = _read_json(run_dir / "train_result.json")
     summary = _read_json(run_dir / "analysis" / "summary.json")
     metrics = result.get("last_metrics", {})
+    window = _read_toml(run_dir / "config.toml").get("train", {}).get("dead_tokens")
+    counted = window is None or dead_share(metrics, window) is not None  # no latent can be dead before it
     hooks, fingerprint = config.get("source_models", {}), config.get("data_fingerprint")
     data = Path(str(config.get("data", "")).removeprefix("file://"))
     if (not hooks or not fingerprint) and (data / "manifest.json").is_file():  # exported before they were recorded
@@ -87,7 +96,8 @@ def card_facts(export_dir: Path) -> dict:
         "trained_steps": config.get("trained_steps"),
         "fve": summary.get("fve") or metrics.get("fve"),
         "fve_measured_on": "held-out analysis tokens" if summary.get("fve") else "the last training batch",
-        "dead_fraction": metrics.get("dead_fraction"),
+        "dead_fraction": metrics.get("dead_fraction") if counted else None,
+        "dead_window": None if counted else window,
         "inference_l0": summary.get("inference_l0", metrics.get("inference_l0")),
         "data_fingerprint": fingerprint,
     }
@@ -120,6 +130,9 @@ def model_card(export_dir: Path, repo_id: str):
         return "not recorded" if value is None else format(value, fmt)
 
     fve = ", ".join(f"{k} {v:.4f}" for k, v in (facts["fve"] or {}).items()) or "not recorded"
+    dead = number(facts["dead_fraction"], ".2%") if facts["dead_window"] is None else \
+        (f"not counted (trained on fewer tokens than train.dead_tokens = {facts['dead_window']:,}, the "
+         "silence that makes a latent dead)")
     text = f"""---
 {data.to_yaml()}
 ---
@@ -136,7 +149,7 @@ A {facts['activation']} crosscoder ({facts['arch']}) with {facts['latents']:,} l
 - {sparsity_line(facts)}
 - tokens trained: {number(facts['tokens_trained'], ',')} ({number(facts['trained_steps'], ',')} steps)
 - fraction of variance explained ({facts['fve_measured_on']}): {fve}
-- dead latents at the end of training: {number(facts['dead_fraction'], '.2%')}
+- dead latents at the end of training: {dead}
 - inference L0 (the exported per-latent thresholds): {number(facts['inference_l0'], '.1f')}
 - training data fingerprint (manifest sources and shard checksums): {facts['data_fingerprint'] or 'not recorded'}
 

@@ -83,6 +83,21 @@ def test_push_save_to_writes_the_export_and_a_model_card_from_the_run(trained_ru
         torch.testing.assert_close(tensor, exported[name], rtol=0, atol=0)
 
 
+def test_a_run_shorter_than_the_dead_latent_window_has_its_dead_share_not_counted_on_the_card(small_shards,
+                                                                                              tmp_path):
+    """No latent can be dead before train.dead_tokens tokens were trained on: the card says so rather
+    than 0.00% (which reads as every latent alive), and its metadata holds no number."""
+    from huggingface_hub import ModelCard
+
+    cfg = small_run_config(steps=4, checkpoint_every=0)  # 4 × 256 tokens, under the window of 2,000
+    train(cfg, tmp_path / "run", data=small_shards, progress=False)
+    assert main(["push", str(tmp_path / "run"), "me/short", "--save-to", str(tmp_path / "staged")]) == 0
+    card = ModelCard.load(tmp_path / "staged" / "README.md")
+    assert card.data.to_dict()["crosscoder"]["dead_fraction"] is None
+    assert "dead latents at the end of training: not counted (trained on fewer tokens than train.dead_tokens " \
+           "= 2,000" in card.text
+
+
 def test_pull_by_repo_id_and_revision_from_the_hub_cache_offline(trained_run, tmp_path):
     from huggingface_hub import scan_cache_dir
 
@@ -127,6 +142,11 @@ def test_push_without_a_hub_stops_with_one_line(trained_run):
                               capture_output=True, text=True, timeout=180, env={**os.environ, **env})
         assert done.returncode == 1 and done.stderr.startswith(f"crosscoder: HubError: me/tiny: {says}"), done.stderr
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    # the Python API's push (a whole model, staged from a temporary export) goes the same way
+    done = offline_python(f"from crosscoder import CrossCoder\n"
+                          f"CrossCoder.from_pretrained({str(trained_run / 'crosscoder')!r}).push_to_hub('me/tiny')",
+                          {"HF_HUB_OFFLINE": "1"})
+    assert "crosscoder.hub.HubError: me/tiny: cannot push, HF_HUB_OFFLINE is set" in done.stderr, done.stderr
 
 
 def test_a_run_without_an_export_is_refused_and_repo_ids_are_told_from_paths(tmp_path, monkeypatch):
