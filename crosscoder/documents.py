@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .errors import CrosscoderError
 
@@ -142,32 +143,51 @@ def check_same_tokenizer(tokenizers: dict, probe: str = "The quick brown fox, 12
 
 
 def tokenize(record: dict, tokenizer, chat_tokenizer) -> tuple[list[int], bool]:
-    """Token ids of a record without special BOS (added per chunk), and whether it is a chat.
+    """Token ids of a record without special BOS (added per chunk), and whether it is a chat."""
+    return tokenize_batch([record], tokenizer, chat_tokenizer)[0]
+
+
+def tokenize_batch(records: list[dict], tokenizer, chat_tokenizer) -> list[tuple[list[int], bool]]:
+    """:func:`tokenize` of each record, the texts in one call of the tokenizer and the conversations
+    in one call of the chat template: a fast tokenizer encodes a batch on every core (one at a
+    time, planning 100M tokens took minutes on one). The ids are those of one call per record.
 
     ``verbose=False`` on both paths: a document longer than the model's maximum length raises no
     "indexing errors" warning, since it is cut into ``harvest.seq_len`` chunks before a model sees it."""
-    if "messages" in record:
-        if not getattr(chat_tokenizer, "chat_template", None):
-            raise DataError(f"{getattr(record, 'where', 'a conversation')}: chat data needs a tokenizer with a chat "
-                            "template (the chat model's)")
-        try:
-            ids = chat_tokenizer.apply_chat_template(record["messages"], tokenize=True, add_generation_prompt=False,
-                                                     tokenizer_kwargs={"verbose": False})
-        except Exception as error:  # the template's own raise_exception (Gemma's: no system role), a bad key
-            where, reason = getattr(record, "where", "a conversation"), (str(error).strip() or "?").splitlines()[0]
-            raise DataError(f"{where}: the chat model's template refused this conversation "
-                            f"({type(error).__name__}: {reason})") from None
-        if not isinstance(ids, list):  # newer transformers return a BatchEncoding
-            ids = ids["input_ids"]
-        ids = list(ids)
-        chat = True
-    else:
-        ids = tokenizer(record["text"], add_special_tokens=False, verbose=False)["input_ids"]
-        chat = False
+    out: list[tuple[list[int], bool]] = [([], False)] * len(records)
+    texts = [i for i, r in enumerate(records) if "messages" not in r]
+    chats = [i for i, r in enumerate(records) if "messages" in r]
+    if texts:
+        encoded = tokenizer([records[i]["text"] for i in texts], add_special_tokens=False, verbose=False)["input_ids"]
+        for i, ids in zip(texts, encoded):
+            out[i] = (list(ids), False)
+    if chats:
+        for i, ids in zip(chats, _apply_template([records[i] for i in chats], chat_tokenizer)):
+            out[i] = (ids, True)
     bos = tokenizer.bos_token_id
-    if bos is not None and ids and ids[0] == bos and (not chat or _template_writes_bos(chat_tokenizer)):
-        ids = ids[1:]
-    return ids, chat
+    strip_chat_bos = bool(chats) and _template_writes_bos(chat_tokenizer)
+    return [(ids[1:], chat) if bos is not None and ids and ids[0] == bos and (not chat or strip_chat_bos)
+            else (ids, chat) for ids, chat in out]
+
+
+def _apply_template(records: list[dict], chat_tokenizer) -> list[list[int]]:
+    """The chat template's token ids of each conversation; an error names the conversation at fault
+    (the batch is retried one by one to find it)."""
+    if not getattr(chat_tokenizer, "chat_template", None):
+        raise DataError(f"{getattr(records[0], 'where', 'a conversation')}: chat data needs a tokenizer with a chat "
+                        "template (the chat model's)")
+    try:
+        ids = chat_tokenizer.apply_chat_template([r["messages"] for r in records], tokenize=True,
+                                                 add_generation_prompt=False, tokenizer_kwargs={"verbose": False})
+    except Exception as error:  # the template's own raise_exception (Gemma's: no system role), a bad key
+        if len(records) > 1:
+            return [ids for r in records for ids in _apply_template([r], chat_tokenizer)]
+        where, reason = getattr(records[0], "where", "a conversation"), (str(error).strip() or "?").splitlines()[0]
+        raise DataError(f"{where}: the chat model's template refused this conversation "
+                        f"({type(error).__name__}: {reason})") from None
+    if not isinstance(ids, list):  # newer transformers return a BatchEncoding
+        ids = ids["input_ids"]
+    return [list(one) for one in ids]
 
 
 def _template_writes_bos(tokenizer) -> bool:
@@ -180,18 +200,34 @@ def _template_writes_bos(tokenizer) -> bool:
 
 
 def plan_chunks(records: Iterator[dict], tokenizer, chat_tokenizer, seq_len: int, max_tokens: int,
-                min_tokens: int = 2) -> list[Chunk]:
-    """Cut documents into chunks until ``max_tokens`` stored tokens are planned."""
+                min_tokens: int = 2, progress: bool = False, batch_documents: int = 64) -> list[Chunk]:
+    """Cut documents into chunks until ``max_tokens`` stored tokens are planned (the documents
+    tokenized ``batch_documents`` at a time: at most that many past the last one planned are read)."""
     chunks, total = [], 0
-    for doc, record in enumerate(records):
-        listed, chat = tokenize(record, tokenizer, chat_tokenizer)
-        ids = np.asarray(listed, dtype=np.int32)  # the chunks below are views of it
-        for index, offset in enumerate(range(0, len(ids), seq_len)):
-            piece = ids[offset : offset + seq_len]
-            if len(piece) < min_tokens:
-                continue
-            chunks.append(Chunk(doc, index, offset, piece, chat))
-            total += len(piece)
-            if total >= max_tokens:
-                return chunks
+    bar = tqdm(total=max_tokens, desc="tokenize", unit="tok", unit_scale=True, disable=not progress, mininterval=1.0)
+    with bar:
+        for first, batch in enumerate(_batches(records, batch_documents)):
+            for doc, (listed, chat) in enumerate(tokenize_batch(batch, tokenizer, chat_tokenizer),
+                                                 first * batch_documents):
+                ids = np.asarray(listed, dtype=np.int32)  # the chunks below are views of it
+                for index, offset in enumerate(range(0, len(ids), seq_len)):
+                    piece = ids[offset : offset + seq_len]
+                    if len(piece) < min_tokens:
+                        continue
+                    chunks.append(Chunk(doc, index, offset, piece, chat))
+                    total += len(piece)
+                    bar.update(min(len(piece), max_tokens - bar.n))
+                    if total >= max_tokens:
+                        return chunks
     return chunks
+
+
+def _batches(records: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    batch: list[dict] = []
+    for record in records:
+        batch.append(record)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

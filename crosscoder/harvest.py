@@ -504,7 +504,8 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     prefix_token(tokenizer, hc.prefix)  # a prefix the tokenizer lacks stops here, before Ray starts
     chat_tokenizer = next((t for t in reversed(list(tokenizers.values())) if getattr(t, "chat_template", None)),
                           tokenizer)
-    chunks = plan_chunks(read_documents(hc.data), tokenizer, chat_tokenizer, hc.seq_len, hc.tokens)
+    chunks = plan_chunks(read_documents(hc.data), tokenizer, chat_tokenizer, hc.seq_len, hc.tokens,
+                         progress=progress)
     if not chunks:
         raise HarvestError(f"{hc.data}: no documents with at least 2 tokens")
     planned = sum(len(c.tokens) for c in chunks)

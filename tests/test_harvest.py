@@ -515,6 +515,26 @@ def test_bad_models_and_tokenizers_are_named(tiny, tmp_path):
         plan_chunks(read_documents(str(chats)), plain, plain, 16, 500)
 
 
+def test_documents_tokenized_a_batch_at_a_time_plan_what_one_at_a_time_plans(tiny, capsys):
+    """The planner tokenizes 64 documents per call (the texts in one tokenizer call, the
+    conversations in one template call): the plan is the one of a call per document, chunk for
+    chunk and token for token, whatever the batch, and a progress bar counts the tokens planned."""
+    from crosscoder.documents import tokenize
+
+    tok = load_tokenizer(tiny["base"])
+    records = list(read_documents(tiny["docs"]))
+    assert {"messages" in r for r in records} == {True, False}  # texts and conversations, interleaved
+    single = [tokenize(r, tok, tok) for r in records]
+    for batch in (1, 7, 64):
+        plan = plan_chunks(iter(records), tok, tok, 16, 10**6, batch_documents=batch, progress=batch == 7)
+        assert [c.tokens.tolist() for c in plan] == [ids[o : o + 16] for ids, _ in single
+                                                     for o in range(0, len(ids), 16) if len(ids[o : o + 16]) >= 2]
+        assert [c.chat for c in plan] == [chat for ids, chat in single for o in range(0, len(ids), 16)
+                                          if len(ids[o : o + 16]) >= 2]
+        assert {c.doc for c in plan} == set(range(len(records)))
+    assert re.search(r"tokenize: .*\d+(\.\d+)?k?/1\.00M", capsys.readouterr().err)
+
+
 def test_a_templates_own_bos_is_left_to_the_prefix_but_a_role_token_named_bos_is_kept():
     """Llama 3's and Gemma's templates begin a conversation with bos_token: it is dropped, the harvest
     puts its prefix there instead. SmolLM2's tokenizer calls the template's role token <|im_start|>
