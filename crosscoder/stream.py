@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .errors import CrosscoderError
-from .shards import Manifest, ShardError, read_shard
+from .shards import Manifest, ShardError, read_manifest, read_shard
 from .storage import Root
 
 
@@ -96,10 +96,26 @@ class TokenStream:
             if seen + info.samples <= start:
                 seen += info.samples
                 continue
-            samples = read_shard(self.root, info, self.manifest, verify=self.verify)
+            try:
+                samples = read_shard(self.root, info, self.manifest, verify=self.verify)
+            except ShardError as error:
+                raise self._explained(error) from None
             for sample in samples[max(start - seen, 0) :]:
                 yield sample.acts
             seen += info.samples
+
+    def _explained(self, error: ShardError) -> ShardError:
+        """A shard that no longer matches the manifest read at the start: the error, and whether the
+        dataset's manifest changed since (a harvest grew the root or redid shards), which a re-run
+        picks up, unlike a shard damaged in place."""
+        try:
+            changed = read_manifest(self.root).to_json() != self.manifest.to_json()
+        except Exception:  # the store may be what failed: the shard's own error says it
+            changed = False
+        if not changed:
+            return error
+        return ShardError(f"{error}; the dataset's manifest changed since this run read it (a harvest grew or redid "
+                          f"{self.root.url}): re-run to resume from the last checkpoint on the dataset as it is now")
 
     def _windows(self, epoch: int, first_window: int) -> Iterator[tuple[int, np.ndarray]]:
         samples = self._samples_from(epoch, first_window * self.window_samples)

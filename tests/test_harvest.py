@@ -305,6 +305,14 @@ def test_a_larger_harvest_tokens_grows_the_harvest_keeping_its_full_shards(ray_c
     assert read_all_bytes(out) == read_all_bytes(tmp_path / "fresh")
     assert grown.norm_scale == fresh.norm_scale and grown.extra == fresh.extra  # settings, plan, complete
     assert read_manifest(Root(str(out))).to_json() == grown.to_json()
+    # a training stream that read the smaller manifest meets the rewritten last shard and says why
+    from crosscoder.shards import ShardError
+    from crosscoder.stream import TokenStream
+
+    stream = TokenStream(Root(str(out)), smaller, batch_size=32, shuffle_samples=4, max_epochs=1)
+    with pytest.raises(ShardError, match=rf"{shard_name(held // per)}: \d+ bytes, manifest says \d+ \(truncated or "
+                                         r"rewritten\); the dataset's manifest changed since this run read it"):
+        list(stream.batches())
 
 
 def test_a_harvest_grows_only_where_its_plan_starts_with_the_recorded_one():
