@@ -106,16 +106,19 @@ class TokenStream:
 
     def _explained(self, error: ShardError) -> ShardError:
         """A shard that no longer matches the manifest read at the start: the error, and whether the
-        dataset's manifest changed since (a harvest grew the root or redid shards), which a re-run
-        picks up, unlike a shard damaged in place."""
+        dataset's manifest changed since (a harvest grew the root or redid shards), and whether a
+        re-run can resume on it (not where the normalisation scales moved with the data)."""
         try:
-            changed = read_manifest(self.root).to_json() != self.manifest.to_json()
+            now = read_manifest(self.root)
         except Exception:  # the store may be what failed: the shard's own error says it
-            changed = False
-        if not changed:
             return error
+        if now.to_json() == self.manifest.to_json():
+            return error
+        then = ("its normalisation too (norm_scale): this run cannot resume on it (a resume needs the scales it "
+                "was trained with); train a new run" if list(now.norm_scale) != list(self.manifest.norm_scale) else
+                "re-run to resume from the last checkpoint on the dataset as it is now")
         return ShardError(f"{error}; the dataset's manifest changed since this run read it (a harvest grew or redid "
-                          f"{self.root.url}): re-run to resume from the last checkpoint on the dataset as it is now")
+                          f"{self.root.url}), {then}")
 
     def _windows(self, epoch: int, first_window: int) -> Iterator[tuple[int, np.ndarray]]:
         samples = self._samples_from(epoch, first_window * self.window_samples)

@@ -83,6 +83,29 @@ def test_truncated_shard_is_named(tmp_path):
         read_shard(root, manifest.shards[1], manifest, verify=False)
 
 
+def test_a_stream_whose_shard_changed_says_whether_the_manifest_changed_and_if_a_resume_can_follow(tmp_path):
+    """A shard damaged in place is named alone; one rewritten by a harvest that also rewrote the
+    manifest says so: a re-run resumes when the normalisation scales are the same, else it cannot."""
+    from dataclasses import replace
+
+    root, manifest, _ = make_dataset(tmp_path)
+    path = tmp_path / shard_name(1)
+    path.write_bytes(path.read_bytes()[:-512])
+
+    def read_all():
+        list(TokenStream(root, manifest, batch_size=8, shuffle_samples=2, max_epochs=1).batches())
+
+    with pytest.raises(ShardError, match=r"shard-000001\.tar: \d+ bytes, manifest says \d+ \(truncated or rewritten\)$"):
+        read_all()
+    write_manifest(root, replace(manifest, extra={"harvest": {"complete": True}}))
+    with pytest.raises(ShardError, match=r"\(truncated or rewritten\); the dataset's manifest changed since this run "
+                                         r"read it \(a harvest grew or redid .*\), re-run to resume from the last"):
+        read_all()
+    write_manifest(root, replace(manifest, norm_scale=[1.5, 1.0]))
+    with pytest.raises(ShardError, match=r"its normalisation too \(norm_scale\): this run cannot resume on it"):
+        read_all()
+
+
 def test_corrupt_bytes_fail_the_checksum(tmp_path):
     root, manifest, _ = make_dataset(tmp_path)
     path = tmp_path / shard_name(2)
