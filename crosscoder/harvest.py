@@ -601,7 +601,7 @@ def write_shards(cfg: RunConfig, models: list[ModelSpec], plan: list[list[Chunk]
                 record()
                 written = time.time()
             bar.update(1)
-            bar.set_postfix(tokens=sum(s.tokens for s in done.values()), refresh=False)
+            bar.set_postfix(tokens=f"{sum(s.tokens for s in done.values()):,}", refresh=False)  # not tqdm's 6e+4
     except BaseException:  # a stop (retries spent, a permanent error, Ctrl-C): the shards done are kept
         with contextlib.suppress(Exception):  # the store may be what failed: its error is the one to say
             record()
