@@ -23,7 +23,7 @@ holds the same chunks.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,14 +201,18 @@ def _template_writes_bos(tokenizer) -> bool:
 
 def plan_chunks(records: Iterator[dict], tokenizer, chat_tokenizer, seq_len: int, max_tokens: int,
                 min_tokens: int = 2, progress: bool = False, batch_documents: int = 64) -> list[Chunk]:
-    """Cut documents into chunks until ``max_tokens`` stored tokens are planned (the documents
-    tokenized ``batch_documents`` at a time: at most that many past the last one planned are read)."""
+    """Cut documents into chunks until ``max_tokens`` stored tokens are planned. The documents are
+    tokenized ``batch_documents`` at a time; a bad document (malformed, or refused by the chat
+    template) stops the plan only where it is reached, as one at a time: past the budget, never."""
     chunks, total = [], 0
     bar = tqdm(total=max_tokens, desc="tokenize", unit="tok", unit_scale=True, disable=not progress, mininterval=1.0)
     with bar:
         for first, batch in enumerate(_batches(records, batch_documents)):
-            for doc, (listed, chat) in enumerate(tokenize_batch(batch, tokenizer, chat_tokenizer),
-                                                 first * batch_documents):
+            try:
+                tokenized: Iterable[tuple[list[int], bool]] = tokenize_batch(batch, tokenizer, chat_tokenizer)
+            except DataError:  # one at a time, up to the one at fault (which may lie past the budget)
+                tokenized = (tokenize(record, tokenizer, chat_tokenizer) for record in batch)
+            for doc, (listed, chat) in enumerate(tokenized, first * batch_documents):
                 ids = np.asarray(listed, dtype=np.int32)  # the chunks below are views of it
                 for index, offset in enumerate(range(0, len(ids), seq_len)):
                     piece = ids[offset : offset + seq_len]
@@ -223,11 +227,18 @@ def plan_chunks(records: Iterator[dict], tokenizer, chat_tokenizer, seq_len: int
 
 
 def _batches(records: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    """``records`` in lists of ``size``; a malformed record is raised after the records before it
+    (the plan may end before it)."""
     batch: list[dict] = []
-    for record in records:
-        batch.append(record)
-        if len(batch) == size:
+    try:
+        for record in records:
+            batch.append(record)
+            if len(batch) == size:
+                yield batch
+                batch = []
+    except DataError:
+        if batch:
             yield batch
-            batch = []
+        raise
     if batch:
         yield batch

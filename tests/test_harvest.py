@@ -521,6 +521,15 @@ def test_bad_models_and_tokenizers_are_named(tiny, tmp_path):
     plain.chat_template = None
     with pytest.raises(DataError, match=r"chats.jsonl:1: chat data needs a tokenizer with a chat template"):
         plan_chunks(read_documents(str(chats)), plain, plain, 16, 500)
+    # a bad document past the token budget is never reached (documents are tokenized 64 at a time,
+    # but a plan stops where one at a time stopped)
+    for tail, says in (('{"messages": [{"role": "system", "content": "be brief"}]}', "tail.jsonl:2: the chat model's"),
+                       ("not json", "tail.jsonl:2: not valid JSON")):
+        (tmp_path / "tail.jsonl").write_text('{"text": "the cat the cat"}\n' + tail + "\n")
+        assert sum(len(c.tokens) for c in plan_chunks(read_documents(str(tmp_path / "tail.jsonl")), strict, strict,
+                                                      16, 3)) >= 3
+        with pytest.raises(DataError, match=says):
+            plan_chunks(read_documents(str(tmp_path / "tail.jsonl")), strict, strict, 16, 500)
 
 
 def test_documents_tokenized_a_batch_at_a_time_plan_what_one_at_a_time_plans(tiny, capsys):
