@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import tomllib
 from pathlib import Path
 
+from .config import load_config
 from .dead import dead_share
 from .errors import CrosscoderError
 
@@ -67,10 +67,6 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _read_toml(path: Path) -> dict:
-    return tomllib.loads(path.read_text()) if path.is_file() else {}
-
-
 def card_facts(export_dir: Path) -> dict:
     """What the model card states, from the export and the run around it (``<run>/crosscoder``)."""
     config = _read_json(export_dir / "config.json")
@@ -78,7 +74,8 @@ def card_facts(export_dir: Path) -> dict:
     result = _read_json(run_dir / "train_result.json")
     summary = _read_json(run_dir / "analysis" / "summary.json")
     metrics = result.get("last_metrics", {})
-    window = _read_toml(run_dir / "config.toml").get("train", {}).get("dead_tokens")
+    saved = run_dir / "config.toml"
+    window = load_config(saved).train.dead_tokens if saved.is_file() else None
     counted = window is None or dead_share(metrics, window) is not None  # no latent can be dead before it
     hooks, fingerprint = config.get("source_models", {}), config.get("data_fingerprint")
     data = Path(str(config.get("data", "")).removeprefix("file://"))
