@@ -366,6 +366,17 @@ def grows(recorded: dict, settings: dict, chunks: list[Chunk]) -> int | None:
     return held if plan_digest(chunks[:held]) == recorded["plan_sha256"] else None
 
 
+def smaller_harvest(root: Root, recorded: dict, settings: dict, chunks: list[Chunk]) -> int | None:
+    """None where the root holds this harvest (``recorded``: its manifest's ``harvest`` block); the
+    chunks it holds where this harvest grows it (:func:`grows`); else the root is refused."""
+    if recorded.get("fingerprint") == fingerprint(settings):
+        return None
+    held = grows(recorded, settings, chunks)
+    if held is None:
+        raise ShardError(another_harvest(root, recorded, settings))
+    return held
+
+
 def plan_digest(chunks: list[Chunk]) -> str:
     """sha256 of the chunk plan, each chunk's place and token ids: what the shards hold, whatever
     changed it since (the documents, a hub dataset's revision, the tokenizer, the tokenization)."""
@@ -390,21 +401,22 @@ def committed_shards(root: Root, settings: dict, plan: str, manifest: Manifest |
             manifest = read_manifest(root)
         except ManifestMissing:
             return {}
-    recorded, kept = manifest.extra.get("harvest", {}), manifest.shards
-    if recorded.get("fingerprint") != fingerprint(settings):
-        chunks = chunks or []
-        held = grows(recorded, settings, chunks)
-        if held is None:
-            raise ShardError(another_harvest(root, recorded, settings))
+    recorded, kept, chunks = manifest.extra.get("harvest", {}), manifest.shards, chunks or []
+    held = smaller_harvest(root, recorded, settings, chunks)
+    if held is not None:
         # a shard is the same where its chunks are the same: every full one, and the last one too when
         # only harvest.tokens moved within the last chunk (the same plan)
         same = held // per if held < len(chunks) else math.ceil(held / per)
         kept = [info for info in manifest.shards if info.name in {shard_name(n) for n in range(same)}]
-        names = {0: "no shard (none is full)", 1: shard_name(0)}.get(same, f"{shard_name(0)} … {shard_name(same - 1)}")
-        print(f"harvest: {root.url} holds the first {held} of the {len(chunks)} chunks planned here (a smaller "
-              f"harvest.tokens or fewer documents): growing it, keeping {names}" if held < len(chunks) else
-              f"harvest: {root.url} holds the {held} chunks planned here (harvest.tokens or the documents changed "
-              "past them): keeping every shard", flush=True)
+        if held == len(chunks):
+            told = f"holds the {held} chunks planned here (harvest.tokens or the documents changed past them): " \
+                   "keeping every shard"
+        else:
+            names = {0: "no shard (none is full)", 1: shard_name(0)}.get(same,
+                                                                          f"{shard_name(0)} … {shard_name(same - 1)}")
+            told = f"holds the first {held} of the {len(chunks)} chunks planned here (a smaller harvest.tokens or " \
+                   f"fewer documents): growing it, keeping {names}"
+        print(f"harvest: {root.url} {told}", flush=True)
     elif recorded.get("plan_sha256", plan) != plan:
         raise ShardError(
             f"{root.url}: holds shards of this config but of another chunk plan (plan {recorded['plan_sha256'][:12]}…, "
@@ -432,9 +444,7 @@ def finished_harvest(root: Root, settings: dict, plan: str, chunks: list[Chunk],
     except ManifestMissing:
         return None
     recorded = manifest.extra.get("harvest", {})
-    if recorded.get("fingerprint") != fingerprint(settings):
-        if grows(recorded, settings, chunks) is None:
-            raise ShardError(another_harvest(root, recorded, settings))
+    if smaller_harvest(root, recorded, settings, chunks) is not None:
         return None  # a smaller harvest, which this one grows
     if not recorded.get("complete") or len(manifest.shards) != math.ceil(len(chunks) / per):
         return None
