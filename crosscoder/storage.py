@@ -48,6 +48,16 @@ def naming(path: str | Path) -> Iterator[None]:
         raise OSError(e.errno, e.strerror, str(path)) from e
 
 
+def _quiet_orphaned_connection_errors(loop, context: dict) -> None:
+    """fsspec's event loop's exception handler: a dropped connection also fails aiohttp's request-body
+    task, which nobody awaits once the request itself has failed, so asyncio printed "Task exception
+    was never retrieved" and a traceback beside the one-line error that :meth:`Root._retry` already
+    gives for the same failure. Those orphans are dropped; anything else is reported as before."""
+    if isinstance(context.get("exception"), ConnectionError) and "never retrieved" in context.get("message", ""):
+        return
+    loop.default_exception_handler(context)
+
+
 def _protocol(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "file"
 
@@ -75,6 +85,9 @@ class Root:
                                                               "retries": {"max_attempts": 3, "mode": "standard"}})
             self.fs = fsspec.filesystem(self.protocol, **storage_options)
             self.path = self.url.split("://", 1)[1]
+            loop = getattr(self.fs, "loop", None)
+            if loop is not None and loop.get_exception_handler() is not _quiet_orphaned_connection_errors:
+                loop.call_soon_threadsafe(loop.set_exception_handler, _quiet_orphaned_connection_errors)
 
     @property
     def is_local(self) -> bool:

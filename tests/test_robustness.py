@@ -257,6 +257,36 @@ def test_an_object_store_restarted_empty_mid_harvest_stops_with_one_line(tiny, t
         and "failed 4 times" not in lines[-1], lines[-1]
 
 
+def test_a_dropped_connection_s_orphaned_request_task_prints_no_traceback(caplog):
+    """When the store drops a connection, aiohttp's request-body task fails beside the request, and
+    nobody awaits it: asyncio printed "Task exception was never retrieved" with a traceback (seen from
+    a harvest actor in the test above) next to the one-line StorageError. On fsspec's loop, such an
+    orphaned connection error is dropped; any other unretrieved error is still reported."""
+    import asyncio
+    import gc
+    import logging
+
+    from fsspec.asyn import sync
+
+    root = Root("s3://bucket/prefix", endpoint_url="http://127.0.0.1:9")  # nothing is sent
+
+    async def orphan(error: Exception) -> None:
+        async def fail() -> None:
+            raise error
+        task = asyncio.ensure_future(fail())
+        while not task.done():
+            await asyncio.sleep(0)
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        sync(root.fs.loop, orphan, ConnectionResetError("Cannot write to closing transport"))
+        gc.collect()
+        assert not [r for r in caplog.records if "never retrieved" in r.getMessage()], caplog.text
+        sync(root.fs.loop, orphan, ValueError("a bug, not a dropped connection"))
+        gc.collect()
+    reported = [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert len(reported) == 1 and "ValueError" in caplog.text, caplog.text
+
+
 def files_of_at_most(size: int):
     """A preexec_fn: the child's writes past ``size`` bytes fail (EFBIG), as a full disk fails them."""
     def limit() -> None:
