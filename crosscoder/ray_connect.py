@@ -10,8 +10,9 @@ Ray started here:
   fails with "Found multiple active Ray instances" on every distributed run;
 - runs the installed package: its workers get an empty working directory, so Ray does not put the
   driver's working directory first on their ``sys.path`` (run from another checkout, the workers
-  would import that checkout's ``crosscoder``); :func:`code_fingerprint` is compared on each worker
-  besides (a cluster whose image differs from the driver's code is refused with a message);
+  would import that checkout's ``crosscoder``; the directory is removed when the process exits);
+  :func:`code_fingerprint` is compared on each worker besides (a cluster whose image differs from
+  the driver's code is refused with a message);
 - has its dashboard on 127.0.0.1 only: Ray Train's controller monitor reads actor states through
   the dashboard's state API and, without it, logs "Failed to query Ray Train Controller actor
   state" every few seconds. The cost is the dashboard's process, ~100 MiB and a second or two.
@@ -19,6 +20,8 @@ Ray started here:
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import os
 import re
@@ -57,9 +60,11 @@ def connect(num_cpus: int | None = None):
     _started = f"127.0.0.1:{port}"
     os.environ["RAY_ADDRESS"] = _started  # inherited by every process the local Ray starts
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    empty = tempfile.mkdtemp(prefix="crosscoder-ray-")
+    atexit.register(_remove_if_empty, empty)  # Ray packs it at the start; nothing needs it later
     try:
         ray.init(address="local", num_cpus=max(num_cpus or 0, os.cpu_count() or 1),
-                 runtime_env={"working_dir": tempfile.mkdtemp(prefix="crosscoder-ray-")}, **kwargs)
+                 runtime_env={"working_dir": empty}, **kwargs)
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
     return ray
@@ -72,6 +77,11 @@ def connect(num_cpus: int | None = None):
 # inherits the shell's).
 WORKER_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_ENDPOINT",
               "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def _remove_if_empty(directory: str) -> None:
+    with contextlib.suppress(OSError):
+        os.rmdir(directory)
 
 
 def worker_env() -> dict[str, str]:

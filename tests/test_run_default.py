@@ -22,8 +22,11 @@ pytestmark = pytest.mark.slow
 
 
 def crosscoder(*args, cwd) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+    """The command in ``cwd``, with its own temporary directory there (``cwd/tmp``); Ray's stays in /tmp,
+    as its socket paths must be short."""
+    env = dict(os.environ, TMPDIR=str(cwd / "tmp"), RAY_TMPDIR="/tmp")
     env.pop("RAY_ADDRESS", None)
+    (cwd / "tmp").mkdir(exist_ok=True)
     proc = subprocess.run([sys.executable, "-m", "crosscoder.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -72,3 +75,6 @@ def test_embedded_default_makes_tiny_models_harvests_trains_on_two_workers_and_r
     assert "tiny models:" not in again.stdout
     assert "analyze: " in again.stdout and "skipping" in again.stdout
     assert time.time() - started < 60
+    # nothing of ours left in the temporary directory: the local Ray's empty working directory, the
+    # part files of commits
+    assert not list((tmp_path / "tmp").glob("crosscoder-*")), list((tmp_path / "tmp").iterdir())
