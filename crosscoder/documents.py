@@ -22,6 +22,7 @@ holds the same chunks.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -197,6 +198,29 @@ def _template_writes_bos(tokenizer) -> bool:
     it took the conversation's first token away."""
     template = tokenizer.chat_template
     return any("bos_token" in t for t in (template.values() if isinstance(template, dict) else [template]))
+
+
+_NOT_CONTENT = {"name_or_path", "local_files_only", "is_local", "_commit_hash", "cache_dir", "token"}
+
+
+def tokenization_key(tokenizer, chat_tokenizer) -> str | None:
+    """A digest of what, besides the documents and the harvest settings, decides the plan: both
+    tokenizers' content (vocabulary, normaliser, special tokens, chat template), this module's code
+    and the transformers and tokenizers versions. Equal keys, documents and settings give the same
+    plan, so a finished harvest need not tokenize again to know it holds this one. None where a
+    tokenizer has no serialisable backend (a slow, Python one): then the plan is always made."""
+    import tokenizers
+    import transformers
+
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update(f"{transformers.__version__} {tokenizers.__version__}".encode())
+    for t in (tokenizer, chat_tokenizer):
+        if not getattr(t, "is_fast", False):
+            return None
+        digest.update(t.backend_tokenizer.to_str().encode())
+        kwargs = {k: v for k, v in t.init_kwargs.items() if k not in _NOT_CONTENT}
+        digest.update(json.dumps([kwargs, t.chat_template], default=str, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def plan_chunks(records: Iterator[dict], tokenizer, chat_tokenizer, seq_len: int, max_tokens: int,

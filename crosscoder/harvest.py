@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from . import faults
 from .config import ConfigError, RunConfig, from_dict, model_name, to_dict
-from .documents import Chunk, DataError, check_same_tokenizer, plan_chunks, read_documents
+from .documents import Chunk, DataError, check_same_tokenizer, plan_chunks, read_documents, tokenization_key
 from .errors import CrosscoderError
 from .language_models import (
     ActivationReader,
@@ -454,8 +454,32 @@ def finished_harvest(root: Root, settings: dict, plan: str, chunks: list[Chunk],
     return manifest if all(done.get(info.name) == info for info in manifest.shards) else None
 
 
+def finished_unchanged(root: Root, settings: dict, key: str | None) -> Manifest | None:
+    """The manifest of this harvest, complete and every shard as recorded, when nothing that decides
+    its plan changed since it was written: the settings, the documents file's sha256 and the
+    tokenization (``key``: documents.tokenization_key). Else None, and the plan is made and compared
+    (:func:`finished_harvest`): a ``hf:`` dataset (no file to hash), a slow tokenizer, a grown or
+    other harvest, a manifest that predates the key, a missing or changed shard."""
+    if key is None or "data_sha256" not in settings:
+        return None
+    try:
+        manifest = read_manifest(root)
+    except ManifestMissing:
+        return None
+    recorded = manifest.extra.get("harvest", {})
+    there = recorded.get("settings", {})
+    if recorded.get("tokenization") != key or "n_chunks" not in there or "plan_sha256" not in recorded:
+        return None
+    settings = dict(settings, n_chunks=there["n_chunks"])
+    if recorded.get("fingerprint") != fingerprint(settings) or not recorded.get("complete") \
+            or len(manifest.shards) != recorded.get("planned_shards"):
+        return None
+    done = committed_shards(root, settings, recorded["plan_sha256"], manifest)
+    return manifest if all(done.get(info.name) == info for info in manifest.shards) else None
+
+
 def build_manifest(cfg, sources, widths, infos: list[ShardInfo], tokenizer: str, settings: dict, planned: int,
-                   plan: str) -> Manifest:
+                   plan: str, tokenization: str | None = None) -> Manifest:
     hc = cfg.harvest
     infos = sorted(infos, key=lambda s: s.name)
     complete = len(infos) == planned
@@ -470,8 +494,9 @@ def build_manifest(cfg, sources, widths, infos: list[ShardInfo], tokenizer: str,
                  for (name, m, h), d in zip(sources, widths)],
         dtype=hc.dtype, seq_len=hc.seq_len, tokenizer=tokenizer, norm_scale=norm_scale, shards=infos,
         extra={"harvest": {"fingerprint": fingerprint(settings), "settings": settings, "plan_sha256": plan,
-                           "complete": complete, "planned_shards": planned, "models": hc.models, "hooks": hc.hooks,
-                           "data": hc.data, "keep_bos": hc.keep_bos, "prefix": hc.prefix}},
+                           "tokenization": tokenization, "complete": complete, "planned_shards": planned,
+                           "models": hc.models, "hooks": hc.hooks, "data": hc.data, "keep_bos": hc.keep_bos,
+                           "prefix": hc.prefix}},
     )
 
 
@@ -514,6 +539,15 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     prefix_token(tokenizer, hc.prefix)  # a prefix the tokenizer lacks stops here, before Ray starts
     chat_tokenizer = next((t for t in reversed(list(tokenizers.values())) if getattr(t, "chat_template", None)),
                           tokenizer)
+    root = open_root(hc.output, cfg.storage)
+    if not root.is_local:
+        root.check_writable()  # the store answers and the bucket exists (a listing): one clear error, early
+    settings, key = harvest_settings(cfg, 0), tokenization_key(tokenizer, chat_tokenizer)
+    finished = finished_unchanged(root, settings, key)
+    if finished is not None:  # a re-run (a resumed `crosscoder run`): no tokenizing to find that out
+        print(f"harvest: {root.url} holds this harvest, complete; its documents, tokenizer and settings are "
+              "unchanged, so they are not tokenized again", flush=True)
+        return finished
     chunks = plan_chunks(read_documents(hc.data), tokenizer, chat_tokenizer, hc.seq_len, hc.tokens,
                          progress=progress)
     if not chunks:
@@ -525,10 +559,7 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     per = hc.samples_per_shard
     plan = [chunks[i : i + per] for i in range(0, len(chunks), per)]
     sources = source_names(models)
-    root = open_root(hc.output, cfg.storage)
-    settings, digest = harvest_settings(cfg, len(chunks)), plan_digest(chunks)
-    if not root.is_local:
-        root.check_writable()  # the store answers and the bucket exists (a listing): one clear error, early
+    settings, digest = dict(settings, n_chunks=len(chunks)), plan_digest(chunks)
     finished = finished_harvest(root, settings, digest, chunks, per)
     if finished is not None:
         return finished  # nothing written: a finished dataset may be read-only, shared by users
@@ -537,7 +568,7 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
 
     def record() -> Manifest:  # the manifest of the shards done so far, written to the root
         manifest = build_manifest(cfg, sources, widths, list(done.values()), tokenizer.name_or_path, settings,
-                                  len(plan), digest)
+                                  len(plan), digest, key)
         write_manifest(root, manifest)
         return manifest
 

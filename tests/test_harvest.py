@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import PreTrainedTokenizer
 
 from crosscoder.config import ConfigError, RunConfig
 from crosscoder.documents import DataError, check_same_tokenizer, plan_chunks, read_documents
@@ -207,12 +208,67 @@ def test_stopped_harvest_rerun_skips_committed_shards_and_writes_the_same_bytes(
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
 
 
-def test_rerun_of_a_finished_harvest_does_no_work(ray_cluster, tiny, uninterrupted):
+def test_rerun_of_a_finished_harvest_does_no_work(ray_cluster, tiny, uninterrupted, monkeypatch, capsys):
+    """Not even tokenizing: a resumed `crosscoder run` on a 100M-token harvest spent minutes planning
+    chunks to learn that the harvest was done. The documents' sha256, the settings and the
+    tokenization key say so; a missing shard still makes the plan and redoes the shard."""
+    import crosscoder.harvest as harvest_module
+
+    def no_plan(*args, **kwargs):
+        raise AssertionError("the documents were tokenized again")
+
     before = {p.name: p.stat().st_mtime_ns for p in uninterrupted.glob("shard-*.tar")}
-    start = time.time()
-    harvest(harvest_config(tiny, str(uninterrupted)), progress=False)
+    with monkeypatch.context() as patched:
+        patched.setattr(harvest_module, "plan_chunks", no_plan)
+        manifest = harvest(harvest_config(tiny, str(uninterrupted)), progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in uninterrupted.glob("shard-*.tar")} == before
-    assert time.time() - start < 30
+    assert manifest.to_json() == read_manifest(Root(str(uninterrupted))).to_json()
+    assert "holds this harvest, complete; its documents, tokenizer and settings are unchanged" in capsys.readouterr().out
+    with monkeypatch.context() as patched:  # the tokenizer changed: the plan is made (and here refused)
+        patched.setattr(harvest_module, "tokenization_key", lambda *tokenizers: "another tokenizer")
+        patched.setattr(harvest_module, "plan_chunks", no_plan)
+        with pytest.raises(AssertionError, match="tokenized again"):
+            harvest(harvest_config(tiny, str(uninterrupted)), progress=False)
+
+
+def test_the_tokenization_key_changes_with_the_tokenizer_and_not_with_its_place(tiny, tmp_path):
+    from crosscoder.documents import tokenization_key
+
+    tok = load_tokenizer(tiny["chat"])
+    key = tokenization_key(tok, tok)
+    assert key == tokenization_key(load_tokenizer(tiny["base"]), tok)  # the same tokenizer, saved elsewhere
+    shutil.copytree(tiny["chat"], tmp_path / "moved")
+    assert tokenization_key(load_tokenizer(str(tmp_path / "moved")), tok) == key
+    other = make_tokenizer(["alpha", "beta"])  # another vocabulary
+    assert tokenization_key(other, tok) not in (key, None)
+    templated = load_tokenizer(tiny["chat"])
+    templated.chat_template = templated.chat_template.replace("<|end|>", "<|end|>\n")
+    assert tokenization_key(tok, templated) != key
+    assert tokenization_key(tok, Characters()) is None  # a slow (Python) tokenizer: always planned
+
+
+class Characters(PreTrainedTokenizer):
+    """A slow tokenizer (transformers' Python backend), one token a character."""
+
+    def __init__(self, **kwargs):
+        self.ids = {c: i for i, c in enumerate("?abcdefghijklmnopqrstuvwxyz ")}
+        super().__init__(unk_token="?", **kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.ids)
+
+    def get_vocab(self) -> dict:
+        return dict(self.ids)
+
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
+        return list(text)
+
+    def _convert_token_to_id(self, token: str) -> int:
+        return self.ids.get(token, 0)
+
+    def _convert_id_to_token(self, index: int) -> str:
+        return next(c for c, i in self.ids.items() if i == index)
 
 
 def test_a_harvest_into_a_root_another_harvest_holds_waits_then_keeps_its_shards(ray_cluster, tiny, uninterrupted,
@@ -379,6 +435,7 @@ def test_a_resume_after_the_tokenization_changed_is_refused_not_mixed(ray_cluste
         return chunks
 
     monkeypatch.setattr(harvest_module, "plan_chunks", retokenized)
+    monkeypatch.setattr(harvest_module, "tokenization_key", lambda *tokenizers: "a fix in the tokenization")
     with pytest.raises(ShardError, match=r"holds shards of this config but of another chunk plan \(plan [0-9a-f]{12}…, "
                                          r"now [0-9a-f]{12}…\): the documents, the tokenizer or the tokenization"):
         harvest(harvest_config(tiny, str(out)), progress=False)

@@ -9,7 +9,9 @@ and of conversations, side by side in one run:
 
 - ``one by one``: one tokenizer call (or one chat-template call) per document, as the planner did;
 - ``batched``: ``plan_chunks`` as it is, 64 documents per call (a fast tokenizer encodes a batch on
-  every core; the conversations are rendered one by one by the template's Jinja either way).
+  every core; the conversations are rendered one by one by the template's Jinja either way);
+- ``re-run check``: what a re-run of a complete harvest does instead of planning (the documents
+  file's sha256 and ``tokenization_key``; the manifest read and the one listing are not counted).
 
 The two plans must be equal chunk for chunk. Not part of the test suite.
 """
@@ -17,6 +19,7 @@ The two plans must be equal chunk for chunk. Not part of the test suite.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -28,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from crosscoder.documents import Chunk, plan_chunks, read_documents, tokenize  # noqa: E402
+from crosscoder.documents import Chunk, plan_chunks, read_documents, tokenization_key, tokenize  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -107,9 +110,14 @@ def main() -> None:
             row = {name: {"seconds": round(t, 2), "million_tokens_per_s": round(planned / t / 1e6, 3)}
                    for name, t in times.items()}
             row["speedup"] = round(times["one by one"] / times["batched"], 2)
+            started = time.perf_counter()
+            hashlib.sha256(docs.read_bytes()).hexdigest(), tokenization_key(tok, tok)
+            row["re-run check"] = {"seconds": round(time.perf_counter() - started, 3)}
+            row["re-run check vs batched plan"] = round(row["re-run check"]["seconds"] / times["batched"], 4)
             results["kinds"][kind] = row
             print(f"{kind}: {planned:,} tokens; one by one {row['one by one']['million_tokens_per_s']} M tok/s, "
-                  f"batched {row['batched']['million_tokens_per_s']} M tok/s: {row['speedup']}x", flush=True)
+                  f"batched {row['batched']['million_tokens_per_s']} M tok/s: {row['speedup']}x; a finished "
+                  f"harvest's re-run check {row['re-run check']['seconds']} s", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
