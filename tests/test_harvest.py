@@ -521,6 +521,7 @@ def test_transient_s3_errors_are_retried(ray_cluster, tiny, s3_bucket):
         manifest = harvest(cfg, progress=False)
     finally:
         server.shutdown()
+        server.server_close()
     assert state["left"].get("PUT") == 0 and state["left"].get("GET") == 0, state  # uploads and reads both failed
     root = Root(f"s3://{bucket}/flaky", endpoint_url=endpoint)
     assert read_manifest(root).extra["harvest"]["complete"]

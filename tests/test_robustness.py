@@ -147,6 +147,7 @@ def test_a_resume_on_s3_downloads_no_committed_shard_and_the_manifest_is_written
         again = harvest_module.harvest(cfg, progress=False)
     finally:
         server.shutdown()
+        server.server_close()
     shard_reads = [path for method, path in state["log"] if method == "GET" and ".tar" in path]
     assert shard_reads == [] and [s.name for s in again.shards] == [s.name for s in first.shards]
     # a shard changed behind the harvest's back (another tag): read, checked and redone
