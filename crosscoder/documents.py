@@ -208,7 +208,8 @@ def tokenization_key(tokenizer, chat_tokenizer) -> str | None:
     tokenizers' content (vocabulary, normaliser, special tokens, chat template), this module's code
     and the transformers and tokenizers versions. Equal keys, documents and settings give the same
     plan, so a finished harvest need not tokenize again to know it holds this one. None where a
-    tokenizer has no serialisable backend (a slow, Python one): then the plan is always made."""
+    tokenizer cannot be written out whole (a slow, Python one; a fast one with a custom Python
+    pre-tokenizer or normaliser, whose code no digest sees): then the plan is always made."""
     import tokenizers
     import transformers
 
@@ -217,7 +218,10 @@ def tokenization_key(tokenizer, chat_tokenizer) -> str | None:
     for t in (tokenizer, chat_tokenizer):
         if not getattr(t, "is_fast", False):
             return None
-        digest.update(t.backend_tokenizer.to_str().encode())
+        try:
+            digest.update(t.backend_tokenizer.to_str().encode())
+        except Exception:  # noqa: BLE001 - the tokenizers library raises a bare Exception: "cannot be serialized"
+            return None
         kwargs = {k: v for k, v in t.init_kwargs.items() if k not in _NOT_CONTENT}
         digest.update(json.dumps([kwargs, t.chat_template], default=str, sort_keys=True).encode())
     return digest.hexdigest()

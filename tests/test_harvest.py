@@ -245,6 +245,15 @@ def test_the_tokenization_key_changes_with_the_tokenizer_and_not_with_its_place(
     templated.chat_template = templated.chat_template.replace("<|end|>", "<|end|>\n")
     assert tokenization_key(tok, templated) != key
     assert tokenization_key(tok, Characters()) is None  # a slow (Python) tokenizer: always planned
+    from tokenizers.pre_tokenizers import PreTokenizer
+
+    class Whole:  # a custom pre-tokenizer: Python code inside a fast tokenizer, which no digest sees
+        def pre_tokenize(self, text):
+            text.split(lambda index, piece: [piece])
+
+    custom = load_tokenizer(tiny["chat"])
+    custom.backend_tokenizer.pre_tokenizer = PreTokenizer.custom(Whole())
+    assert tokenization_key(custom, custom) is None
 
 
 class Characters(PreTrainedTokenizer):
