@@ -448,9 +448,15 @@ def finished_harvest(root: Root, settings: dict, plan: str, chunks: list[Chunk],
         return None  # a smaller harvest, which this one grows
     if not recorded.get("complete") or len(manifest.shards) != math.ceil(len(chunks) / per):
         return None
-    done = committed_shards(root, settings, plan, manifest)  # refuses another plan's root
-    if recorded.get("plan_sha256") != plan:
-        return None  # written before the plan was recorded: the manifest is rewritten with it
+    intact = as_recorded(root, settings, plan, manifest)  # refuses another plan's root
+    # a manifest written before the plan was recorded is not finished: it is rewritten with the plan
+    return intact if recorded.get("plan_sha256") == plan else None
+
+
+def as_recorded(root: Root, settings: dict, plan: str, manifest: Manifest) -> Manifest | None:
+    """``manifest`` when every shard it lists is in the root as recorded (committed_shards: one
+    listing), else None."""
+    done = committed_shards(root, settings, plan, manifest)
     return manifest if all(done.get(info.name) == info for info in manifest.shards) else None
 
 
@@ -474,8 +480,7 @@ def finished_unchanged(root: Root, settings: dict, key: str | None) -> Manifest 
     if recorded.get("fingerprint") != fingerprint(settings) or not recorded.get("complete") \
             or len(manifest.shards) != recorded.get("planned_shards"):
         return None
-    done = committed_shards(root, settings, recorded["plan_sha256"], manifest)
-    return manifest if all(done.get(info.name) == info for info in manifest.shards) else None
+    return as_recorded(root, settings, recorded["plan_sha256"], manifest)
 
 
 def build_manifest(cfg, sources, widths, infos: list[ShardInfo], tokenizer: str, settings: dict, planned: int,
