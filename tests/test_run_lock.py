@@ -66,6 +66,15 @@ def in_a_thread(work) -> threading.Event:
     return done
 
 
+def said(capsys, text: str, timeout: float = 30.0) -> str:
+    """What is printed to stderr until ``text`` is (a thread's message comes later on a busy machine)."""
+    err, deadline = "", time.monotonic() + timeout
+    while text not in err and time.monotonic() < deadline:
+        time.sleep(0.2)
+        err += capsys.readouterr().err
+    return err
+
+
 def test_a_shared_output_is_waited_for_naming_the_holder_then_taken(tmp_path, capsys, monkeypatch):
     import crosscoder.run_lock as run_lock
 
@@ -82,9 +91,9 @@ def test_a_shared_output_is_waited_for_naming_the_holder_then_taken(tmp_path, ca
                 entered.set()
                 leave.wait(30)
 
-        in_a_thread(second)
-        assert not entered.wait(1.5)  # waiting, not refused
-        err = capsys.readouterr().err
+        second_done = in_a_thread(second)
+        err = said(capsys, "still waiting")  # ~1 s in
+        assert not entered.is_set()  # waiting, not refused
         assert f"harvest: waiting for another crosscoder process writing {out} (pid {proc.pid} on " in err, err
         assert "its work will be kept" in err and f"harvest: still waiting for {out} (0 min)" in err  # said again
         assert proc.stdin is not None
@@ -93,6 +102,7 @@ def test_a_shared_output_is_waited_for_naming_the_holder_then_taken(tmp_path, ca
         assert entered.wait(30)  # the holder's end lets the waiter in
         assert f'"pid": {os.getpid()}' in (out / OUTPUT_LOCK_FILE).read_text()  # and it says so in the lock file
         leave.set()
+        assert second_done.wait(30)  # released: the check below takes it afresh
         capsys.readouterr()  # reminders said between the read above and the entry (a slow machine) are not the next check's
     finally:
         proc.kill()
@@ -113,8 +123,8 @@ def test_two_runs_on_one_organism_make_it_once(tmp_path, capsys):
     with shared_output(made, "organism"):  # the first run, making it
         got: list = []
         done = in_a_thread(lambda: got.append(organism.make_organism(made, steps=3, lr=1e-3, batch=2)))
-        time.sleep(1.0)
-        assert not done.is_set() and "organism: waiting for another crosscoder process" in capsys.readouterr().err
+        assert "organism: waiting for another crosscoder process" in said(capsys, "waiting")
+        assert not done.is_set()
         record = {"settings": organism.settings(3, 1e-3, 2), "behaviour": {"refused": 7}}
         (made / "organism.json").write_text(json.dumps(record))  # what the first run leaves
     assert done.wait(30) and got == [record]  # kept, not made again (that would take minutes and a GGUF)
@@ -134,8 +144,8 @@ def test_two_runs_on_one_synthetic_root_write_it_once(tmp_path, capsys):
     with shared_output(tmp_path / "shards", "shards"):  # the first run, writing
         got: list = []
         done = in_a_thread(lambda: got.append(synthetic(p, progress=False)))
-        time.sleep(1.0)
-        assert not done.is_set() and "shards: waiting for another crosscoder process" in capsys.readouterr().err
+        assert "shards: waiting for another crosscoder process" in said(capsys, "waiting")
+        assert not done.is_set()
         first = write_synthetic(cfg.synthetic, str(tmp_path / "shards"), progress=False)
         stamps = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "shards").glob("shard-*.tar")}
     assert done.wait(30) and got[0].to_json() == first.to_json()
@@ -185,7 +195,7 @@ def test_an_object_store_root_is_leased_renewed_while_held_and_taken_when_its_ho
 
         in_a_thread(second)
         assert not entered.wait(4.0)  # twice LEASE_STALE_S: the holder's rewrites keep its lease fresh
-        err = capsys.readouterr().err
+        err = said(capsys, "waiting for another")
         assert f"harvest: waiting for another crosscoder process writing {url} (pid {proc.pid} on " in err, err
         assert proc.stdin is not None
         if holder_ends == "releases":
