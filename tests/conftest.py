@@ -68,6 +68,15 @@ def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | Non
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
+def said(capsys, text: str, timeout: float = 30.0) -> str:
+    """What is printed to stderr until ``text`` is (a thread's message comes later on a busy machine)."""
+    err, deadline = "", time.monotonic() + timeout
+    while text not in err and time.monotonic() < deadline:
+        time.sleep(0.2)
+        err += capsys.readouterr().err
+    return err
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 protocol server (moto) on 127.0.0.1; yields its endpoint URL."""

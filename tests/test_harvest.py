@@ -29,7 +29,7 @@ from crosscoder.random_pair import make_family, make_pair, make_tokenizer, write
 from crosscoder.shards import ShardInfo, iter_samples, read_manifest, shard_name
 from crosscoder.storage import Root, StorageError
 
-from .conftest import free_port
+from .conftest import free_port, said
 
 pytestmark = pytest.mark.slow
 HOOKS = ["model.layers.1", "model.layers.2"]
@@ -306,10 +306,8 @@ def test_a_harvest_into_a_root_another_harvest_holds_waits_then_keeps_its_shards
         in_flight.write_bytes(b"a commit in flight")
         threading.Thread(target=lambda: (harvest(harvest_config(tiny, str(out)), progress=False), done.set()),
                          daemon=True).start()
-        deadline = time.time() + 120
-        while "harvest: waiting for another crosscoder process" not in capsys.readouterr().err:
-            assert time.time() < deadline and not done.is_set()
-            time.sleep(0.2)
+        assert "harvest: waiting for another crosscoder process" in said(capsys, "harvest: waiting", timeout=120)
+        assert not done.is_set()
         time.sleep(1.0)
         assert in_flight.exists() and not done.is_set()
         in_flight.unlink()  # the first's commit completes

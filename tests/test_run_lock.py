@@ -17,6 +17,8 @@ import pytest
 
 from crosscoder.run_lock import LOCK_FILE, OUTPUT_LOCK_FILE, RunDirBusy, hold, shared_output
 
+from .conftest import said
+
 HOLDER = """
 import sys, time
 from pathlib import Path
@@ -64,15 +66,6 @@ def in_a_thread(work) -> threading.Event:
     done = threading.Event()
     threading.Thread(target=lambda: (work(), done.set()), daemon=True).start()
     return done
-
-
-def said(capsys, text: str, timeout: float = 30.0) -> str:
-    """What is printed to stderr until ``text`` is (a thread's message comes later on a busy machine)."""
-    err, deadline = "", time.monotonic() + timeout
-    while text not in err and time.monotonic() < deadline:
-        time.sleep(0.2)
-        err += capsys.readouterr().err
-    return err
 
 
 def test_a_shared_output_is_waited_for_naming_the_holder_then_taken(tmp_path, capsys, monkeypatch):
