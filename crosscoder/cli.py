@@ -173,6 +173,31 @@ def _run_directory(args) -> Path:
     return Path(args.run or args.run_option)
 
 
+def version_line() -> str:
+    """``crosscoder 0.1.0 (Python 3.11.2, torch 2.13.0+cpu, ...)``: read from the installed packages'
+    metadata, so ``--version`` imports none of them."""
+    from importlib import metadata
+
+    from . import __version__
+
+    def installed(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(f"{p} {installed(p)}" for p in ("torch", "ray", "deepspeed", "transformers"))
+    return f"crosscoder {__version__} (Python {sys.version.split()[0]}, {libraries})"
+
+
+class _PrintVersion(argparse.Action):
+    """``--version`` as one line (argparse's own version action wraps it at the terminal's width)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crosscoder",
@@ -180,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Any config key can be overridden: --train.k 64, --synthetic.tokens=100000. "
         "'crosscoder keys' lists them all.",
     )
+    parser.add_argument("--version", nargs=0, action=_PrintVersion,
+                        help="this version and those of the libraries it runs on (for a bug report)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -76,6 +76,27 @@ def test_every_config_mistake_is_one_line_before_any_work(tmp_path, capsys, over
     assert not run.exists()  # nothing written: no shards, no run directory
 
 
+def test_version_names_this_release_and_its_libraries_on_one_line():
+    """`crosscoder --version` (for a bug report): the installed release (pyproject.toml's version, which
+    crosscoder.__version__ must repeat) and the versions of the libraries a run depends on, on one line
+    however narrow the terminal, without importing them."""
+    from importlib import metadata
+
+    import crosscoder
+
+    env = {**os.environ, "COLUMNS": "40"}
+    code = ("import sys\nfrom crosscoder.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit as end:\n"
+            "    print('exit', end.code, *sorted({'torch', 'ray', 'deepspeed', 'transformers'} & set(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr
+    line, end = proc.stdout.splitlines()
+    assert end == "exit 0"  # and none of the four imported
+    assert metadata.version("crosscoder") == crosscoder.__version__
+    assert line.startswith(f"crosscoder {crosscoder.__version__} (Python {sys.version.split()[0]}, ")
+    for package in ("torch", "ray", "deepspeed", "transformers"):
+        assert f"{package} {metadata.version(package)}" in line, line
+
+
 def test_a_renamed_key_in_a_file_names_its_new_name(tmp_path, capsys):
     config = tmp_path / "old.toml"
     config.write_text("[harvest]\ntiny_models = true\n")
