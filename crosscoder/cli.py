@@ -156,6 +156,8 @@ COMMANDS = {
     "run": "every stage in order; with no arguments, the embedded default",
 }
 CONFIGURED = set(COMMANDS) - {"tiny"}  # the commands that read a config, so take --section.key overrides
+OVERRIDES = ("Any config key can be overridden: --train.k 64, --synthetic.tokens=100000. "
+             "'crosscoder keys' lists them all.")
 
 
 def _add_run_directory(parser: argparse.ArgumentParser, what: str) -> None:
@@ -202,14 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crosscoder",
         description="Train sparse crosscoders for model diffing and cross-layer features.",
-        epilog="Any config key can be overridden: --train.k 64, --synthetic.tokens=100000. "
-        "'crosscoder keys' lists them all.",
+        epilog=OVERRIDES,
     )
     parser.add_argument("--version", nargs=0, action=_PrintVersion,
                         help="this version and those of the libraries it runs on (for a bug report)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           epilog=OVERRIDES if name in CONFIGURED else None)
         p.add_argument("--config", help="TOML config file (default for `run`: the embedded default)")
         p.add_argument("--run", help="run directory (default runs/<config name>; {name} in it is the config name)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -97,6 +97,19 @@ def test_version_names_this_release_and_its_libraries_on_one_line():
         assert f"{package} {metadata.version(package)}" in line, line
 
 
+@pytest.mark.parametrize("command, overridable", [("run", True), ("train", True), ("analyze", True),
+                                                   ("harvest", True), ("synthetic", True), ("tiny", False)])
+def test_a_commands_help_says_how_to_override_a_config_key(capsys, command, overridable):
+    """`crosscoder run --help` is where a newcomer looks for how to change the steps: the commands that
+    read a config say that any key is a flag and where they are listed; `tiny`, which takes none, does not."""
+    with pytest.raises(SystemExit) as end:
+        main([command, "--help"])
+    assert end.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps at the terminal's width
+    said = "Any config key can be overridden: --train.k 64, --synthetic.tokens=100000. 'crosscoder keys' lists them all."
+    assert (said in shown) == overridable, shown
+
+
 def test_a_renamed_key_in_a_file_names_its_new_name(tmp_path, capsys):
     config = tmp_path / "old.toml"
     config.write_text("[harvest]\ntiny_models = true\n")
