@@ -45,14 +45,21 @@ def default_config_path() -> Path:
 
 
 def resolve(args, rest) -> tuple[RunConfig, Path]:
-    """The config (``--config``; else, for ``train``/``analyze --run DIR``, the run's own
-    config.toml; else the embedded default for ``run``) with overrides, and the run directory."""
+    """The config (``--config``; else, for ``train``/``analyze``, the run directory's own config.toml,
+    that of ``--run DIR`` or of the default ``runs/<name>``, so ``crosscoder train --train.steps 800``
+    after ``crosscoder run`` continues that run; else the embedded default for ``run``) with
+    overrides, and the run directory."""
+    overrides = _split_overrides(rest)
     path = args.config or (default_config_path() if args.command == "run" else None)
-    own = Path(args.run) / "config.toml" if args.run and "{name}" not in args.run else None
-    if path is None and own is not None and args.command in ("train", "analyze") and own.is_file():
-        path = own
+    if path is None and args.command in ("train", "analyze"):
+        if args.run:
+            own = Path(args.run) / "config.toml" if "{name}" not in args.run else None
+        else:  # the directory runs/<name> these overrides lead to
+            own = Path("runs") / apply_overrides(RunConfig(), overrides).name / "config.toml"
+        if own is not None and own.is_file():
+            path = own
     cfg = load_config(path)
-    apply_overrides(cfg, _split_overrides(rest))
+    apply_overrides(cfg, overrides)
     run_dir = Path(args.run.replace("{name}", cfg.name)) if args.run else Path("runs") / cfg.name
     return cfg, run_dir
 

@@ -403,7 +403,6 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                   "shards (the harvest has not finished; running it again completes it); training on those",
                   flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(dumps_toml(cfg))
 
     torch.manual_seed(tc.seed)
     collectives, device = backend.collectives, backend.device
@@ -451,6 +450,8 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
         if is_main:
             _cut_log(run_dir / LOG_FILE, start)
             print(f"train: resuming {run_dir.absolute()} from step {start} of {tc.steps}")
+    if is_main:  # once the run directory took this config: a refused one leaves the run's record as it was
+        (run_dir / "config.toml").write_text(dumps_toml(cfg))
 
     def chained(head: list, tail: Iterator[PartitionBatch]) -> Iterator[PartitionBatch]:
         yield from head

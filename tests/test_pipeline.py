@@ -141,6 +141,20 @@ def test_a_finished_one_process_run_is_skipped_on_a_rerun(tmp_path, capsys):
     assert steps == sorted(set(steps))  # each step logged once
 
 
+def test_train_without_a_config_continues_the_run_in_its_default_directory(tmp_path, capsys, monkeypatch):
+    """After `crosscoder run` (runs/<name>), `crosscoder train --train.steps N` with no --config and no
+    --run continues that run from its own config.toml. It took the package's defaults instead (another
+    dictionary), was refused, and had overwritten the run's config.toml with them on the way."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--config", str(SYNTHETIC), *SMALL, "--name", "default"]) == 0
+    saved = (tmp_path / "runs" / "default" / "config.toml").read_text()
+    capsys.readouterr()
+    assert main(["train", "--train.steps", "8", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"train: resuming {tmp_path / 'runs' / 'default'} from step 6 of 8" in out and "step 8:" in out
+    assert (tmp_path / "runs" / "default" / "config.toml").read_text() == saved.replace("steps = 6", "steps = 8")
+
+
 def test_a_finished_run_whose_shards_were_removed_is_not_made_again(tmp_path, capsys):
     """Shards are large, and a run trained and analysed needs them no more. A re-run of `crosscoder
     run` then made every shard again (hours on real data) only to skip training and the analysis, and

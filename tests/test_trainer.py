@@ -118,11 +118,15 @@ def test_inf_in_the_data_is_named_by_the_nan_stop_and_found_by_validate_full(tmp
 
 
 def test_incompatible_run_directory_is_refused(tmp_path, small_shards):
+    """Refused, and the run's config.toml (what `train --run`, `analyze` and the Hub card read back)
+    still the one it trained with: the refused command wrote its own there before the check."""
     cfg = small_run_config(steps=5)
     train(cfg, tmp_path / "run", data=small_shards, progress=False)
+    saved = (tmp_path / "run" / "config.toml").read_text()
     cfg.train.latents = 128
     with pytest.raises(RunDirError, match=r"trained with latents=\d+; this config asks for latents=128; use another"):
         train(cfg, tmp_path / "run", data=small_shards, progress=False)
+    assert (tmp_path / "run" / "config.toml").read_text() == saved
 
 
 def test_the_end_of_the_data_keeps_the_steps_done_and_a_rerun_continues(tmp_path, small_shards):
