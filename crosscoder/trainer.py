@@ -451,7 +451,9 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
             _cut_log(run_dir / LOG_FILE, start)
             print(f"train: resuming {run_dir.absolute()} from step {start} of {tc.steps}")
     if is_main:  # once the run directory took this config: a refused one leaves the run's record as it was
-        (run_dir / "config.toml").write_text(dumps_toml(cfg))
+        written = run_dir / "config.toml.part"  # renamed whole: a kill mid-write leaves the previous one
+        written.write_text(dumps_toml(cfg))
+        written.replace(run_dir / "config.toml")
 
     def chained(head: list, tail: Iterator[PartitionBatch]) -> Iterator[PartitionBatch]:
         yield from head
