@@ -60,6 +60,7 @@ from .trainer import (
     parameter_groups,
     prune_checkpoints,
     record_stop,
+    replace_text,
     set_learning_rate,
 )
 
@@ -334,8 +335,7 @@ class DeepSpeedBackend:
                 shutil.rmtree(folder, ignore_errors=True)
             raise stop
         if layout.rank == 0:
-            (root / "latest.tmp").write_text(folder.name)
-            (root / "latest.tmp").rename(root / "latest")  # the checkpoint counts from here on
+            replace_text(root / "latest", folder.name)  # the checkpoint counts from here on
             prune_checkpoints(run_dir, keep, folder)
         dist.barrier()
         return None
@@ -376,8 +376,7 @@ class DeepSpeedBackend:
         dist.barrier()
         if layout.rank == 0:
             (folder / "position.json").write_text(json.dumps(positions) + "\n")
-            (root / "latest.tmp").write_text(folder.name)
-            (root / "latest.tmp").rename(root / "latest")  # every rank's files are written: it counts from here on
+            replace_text(root / "latest", folder.name)  # every rank's files are written: it counts from here on
             prune_checkpoints(run_dir, keep, folder)
         dist.barrier()
 

@@ -88,13 +88,19 @@ STOPS = {"TrainingDiverged": TrainingDiverged, "ShardError": ShardError, "DataEx
          "CheckpointError": CheckpointError}
 
 
+def replace_text(path: Path, text: str) -> None:
+    """Write ``text`` to a file of this process's own beside ``path`` and rename it over ``path``: a
+    reader, or a kill mid-write, sees the old file or the new one whole, and processes writing at
+    once never interleave."""
+    mine = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    mine.write_text(text)
+    mine.replace(path)
+
+
 def record_stop(run_dir: Path, error: Exception) -> None:
     """Record why training stopped, for the driver and for a re-run. Any rank may write it, several
-    at once (a checkpoint every rank failed to write): each writes its own file and renames it over
-    the result, so the file is one rank's whole record, never two interleaved."""
-    mine = run_dir / f"{RESULT_FILE}.{os.getpid()}.tmp"
-    mine.write_text(json.dumps({"error": str(error), "kind": type(error).__name__}) + "\n")
-    mine.replace(run_dir / RESULT_FILE)
+    at once (a checkpoint every rank failed to write): the file is one rank's whole record."""
+    replace_text(run_dir / RESULT_FILE, json.dumps({"error": str(error), "kind": type(error).__name__}) + "\n")
 
 
 def _inputs(batches, collectives: Collectives, count: int):
@@ -451,9 +457,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
             _cut_log(run_dir / LOG_FILE, start)
             print(f"train: resuming {run_dir.absolute()} from step {start} of {tc.steps}")
     if is_main:  # once the run directory took this config: a refused one leaves the run's record as it was
-        written = run_dir / "config.toml.part"  # renamed whole: a kill mid-write leaves the previous one
-        written.write_text(dumps_toml(cfg))
-        written.replace(run_dir / "config.toml")
+        replace_text(run_dir / "config.toml", dumps_toml(cfg))
 
     def chained(head: list, tail: Iterator[PartitionBatch]) -> Iterator[PartitionBatch]:
         yield from head
