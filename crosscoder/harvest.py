@@ -332,22 +332,25 @@ def _differing(there: dict, here: dict) -> list[str]:
     return sorted(k for k in set(there) | set(here) if there.get(k) != here.get(k))
 
 
-def another_harvest(root: Root, recorded: dict, settings: dict) -> str:
+def another_harvest(root: Root, recorded: dict, settings: dict, planned: bool = True) -> str:
     """Why a root holding another harvest is refused: `; harvest.tokens = 1000 there, 2000 here` for
-    each setting that differs (values shortened), and what to do."""
+    each setting that differs (values shortened), and what to do. Without the chunk plan
+    (``planned`` False) the settings a harvest grows by are left out, and so is this config's
+    fingerprint (it covers the plan)."""
     def short(value) -> str:
         text = json.dumps(value)
         return text if len(text) <= 60 else text[:57] + "..."
     names = {"n_chunks": "chunks planned", "data_sha256": "sha256 of harvest.data"}
     there = recorded.get("settings", {})
-    keys = _differing(there, settings) if there else []
+    keys = [k for k in _differing(there, settings) if planned or k not in GROWABLE] if there else []
     differ = "".join(f"; {names.get(k, 'harvest.' + k)} = {short(there.get(k))} there, {short(settings.get(k))} here"
                      for k in keys)
     shrinks = keys and set(keys) <= GROWABLE and there.get("n_chunks", 0) > settings["n_chunks"]
     hint = ("a harvest grows in place but does not shrink: train on it with fewer train.steps, or use another "
             "harvest.output") if shrinks else "use another harvest.output or delete it"
-    return (f"{root.url}: holds shards of a different harvest (fingerprint {recorded.get('fingerprint')}, this config "
-            f"{fingerprint(settings)}{differ}); {hint}")
+    this = f", this config {fingerprint(settings)}" if planned else ""
+    return (f"{root.url}: holds shards of a different harvest (fingerprint {recorded.get('fingerprint')}{this}"
+            f"{differ}); {hint}")
 
 
 GROWABLE = {"tokens", "n_chunks", "data_sha256"}  # settings a harvest may grow by, its plan's prefix unchanged
@@ -375,6 +378,29 @@ def smaller_harvest(root: Root, recorded: dict, settings: dict, chunks: list[Chu
     if held is None:
         raise ShardError(another_harvest(root, recorded, settings))
     return held
+
+
+def refuse_another_harvest(cfg: RunConfig, root: Root | None = None) -> Manifest | None:
+    """Refuse, before the models are loaded (or the demo pair trained) and the documents tokenized,
+    an output root whose manifest is of a harvest that differs from this one in a setting it cannot
+    grow by (the models, layers, seq_len, ...), or of no harvest at all (planted synthetic shards):
+    :func:`smaller_harvest` refuses them too, but only once the chunk plan is made. Settings a
+    harvest grows by (harvest.tokens, the documents) wait for the plan. Returns the root's manifest
+    (None for an empty root), which the caller reads no second time."""
+    cfg = with_absolute_paths(cfg)
+    if root is None:
+        root = open_root(cfg.harvest.output, cfg.storage)
+        if not root.is_local:
+            root.check_writable()  # an unreachable store or a missing bucket: harvest's own error, as early
+    try:
+        manifest = read_manifest(root)
+    except ManifestMissing:
+        return None
+    recorded = manifest.extra.get("harvest", {})
+    settings, there = harvest_settings(cfg, 0), recorded.get("settings")
+    if "fingerprint" not in recorded or there is not None and set(_differing(there, settings)) - GROWABLE:
+        raise ShardError(another_harvest(root, recorded, settings, planned=False))
+    return manifest
 
 
 def plan_digest(chunks: list[Chunk]) -> str:
@@ -460,17 +486,14 @@ def as_recorded(root: Root, settings: dict, plan: str, manifest: Manifest) -> Ma
     return manifest if all(done.get(info.name) == info for info in manifest.shards) else None
 
 
-def finished_unchanged(root: Root, settings: dict, key: str | None) -> Manifest | None:
+def finished_unchanged(root: Root, settings: dict, key: str | None, manifest: Manifest | None) -> Manifest | None:
     """The manifest of this harvest, complete and every shard as recorded, when nothing that decides
     its plan changed since it was written: the settings, the documents file's sha256 and the
     tokenization (``key``: documents.tokenization_key). Else None, and the plan is made and compared
     (:func:`finished_harvest`): a ``hf:`` dataset (no file to hash), a slow tokenizer, a grown or
-    other harvest, a manifest that predates the key, a missing or changed shard."""
-    if key is None or "data_sha256" not in settings:
-        return None
-    try:
-        manifest = read_manifest(root)
-    except ManifestMissing:
+    other harvest, a manifest that predates the key, a missing or changed shard. ``manifest``: the
+    root's, None where it has none."""
+    if key is None or "data_sha256" not in settings or manifest is None:
         return None
     recorded = manifest.extra.get("harvest", {})
     there = recorded.get("settings", {})
@@ -547,8 +570,9 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
     root = open_root(hc.output, cfg.storage)
     if not root.is_local:
         root.check_writable()  # the store answers and the bucket exists (a listing): one clear error, early
+    existing = refuse_another_harvest(cfg, root)  # before the documents are tokenized
     settings, key = harvest_settings(cfg, 0), tokenization_key(tokenizer, chat_tokenizer)
-    finished = finished_unchanged(root, settings, key)
+    finished = finished_unchanged(root, settings, key, existing)
     if finished is not None:  # a re-run (a resumed `crosscoder run`): no tokenizing to find that out
         print(f"harvest: {root.url} holds this harvest, complete; its documents, tokenizer and settings are "
               "unchanged, so they are not tokenized again", flush=True)

@@ -102,7 +102,10 @@ def make_organism(p: Plan, progress: bool = True) -> None:
 def harvest(p: Plan, progress: bool = True):
     """Harvest the planned models into shards (committed shards are kept); returns the manifest."""
     from .harvest import harvest as run_harvest
+    from .harvest import refuse_another_harvest
 
+    if p.uses_demo_pair or p.organism is not None:
+        refuse_another_harvest(p.cfg)  # an output root of another harvest: before the models are made
     if p.uses_demo_pair:
         make_demo_pair(p, progress)
     if p.organism is not None:

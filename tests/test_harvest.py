@@ -337,14 +337,38 @@ def test_a_finished_harvest_is_read_without_writing_anything(ray_cluster, tiny, 
 def test_output_of_another_harvest_is_refused(ray_cluster, tiny, uninterrupted):
     from crosscoder.shards import ShardError
 
-    # the settings that differ are named (a user who lowered harvest.tokens learns why)
-    with pytest.raises(ShardError, match=r"holds shards of a different harvest \(fingerprint \w+, this config \w+; "
-                                         r"chunks planned = \d+ there, \d+ here; harvest.seq_len = 16 there, 12 here\); "
-                                         r"use another harvest.output or delete it$"):
-        harvest(harvest_config(tiny, str(uninterrupted), seq_len=12), progress=False)
+    # the settings that differ are named (a user who lowered harvest.tokens learns why); a setting a
+    # harvest cannot grow by is refused before the plan (the next test)
     with pytest.raises(ShardError, match=r"this config \w+; chunks planned = \d+ there, \d+ here; harvest.tokens = 500 "
                                          r"there, 300 here\); a harvest grows in place but does not shrink"):
         harvest(harvest_config(tiny, str(uninterrupted), tokens=300), progress=False)
+
+
+def test_another_harvests_root_is_refused_before_the_models_are_made_or_the_documents_tokenized(
+        ray_cluster, tiny, uninterrupted, tmp_path, monkeypatch, capsys):
+    """A setting a harvest cannot grow by (here seq_len, or the models) is refused from the root's
+    manifest alone: not after the documents of a large harvest are tokenized, nor after
+    `crosscoder run` trained the demo pair (two minutes) for a root it then refuses."""
+    import crosscoder.harvest as harvest_module
+    from crosscoder.cli import main
+    from crosscoder.shards import ShardError
+
+    before = read_all_bytes(uninterrupted)
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("the documents were tokenized for a root that is refused")
+
+    monkeypatch.setattr(harvest_module, "plan_chunks", no_tokenizing)
+    with pytest.raises(ShardError, match=r"holds shards of a different harvest \(fingerprint \w+; "
+                                         r"harvest.seq_len = 16 there, 12 here\); use another harvest.output"):
+        harvest(harvest_config(tiny, str(uninterrupted), seq_len=12), progress=False)
+    run = tmp_path / "run"
+    assert main(["run", "--run", str(run), "--data", str(uninterrupted), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"crosscoder: ShardError: {uninterrupted}: holds shards of a different harvest"), err
+    assert "harvest.models = " in err and "harvest.demo_pair" in err
+    assert not (run / "tiny").exists()  # the demo pair was not trained
+    assert read_all_bytes(uninterrupted) == before
 
 
 def test_a_larger_harvest_tokens_grows_the_harvest_keeping_its_full_shards(ray_cluster, tiny, uninterrupted, tmp_path,
