@@ -1,11 +1,15 @@
-"""Ctrl-C during a long loop: finish the step, write a checkpoint, then stop.
+"""Ctrl-C or SIGTERM during a long loop: finish the step, write a checkpoint, then stop.
 
 A training loop interrupted in the middle of a step (between the optimizer update and the
 bookkeeping of the data position) cannot be checkpointed consistently, and one interrupted without
 a checkpoint redoes every step since the last one. :class:`StepBoundary` turns the first Ctrl-C
 into a request the loop sees at its next step boundary, where it checkpoints and raises
-``KeyboardInterrupt``; a second Ctrl-C stops at once. It only acts in the main thread (Python
-delivers signals there); elsewhere it is inert. The cost: a Ctrl-C waits for the step in progress.
+``KeyboardInterrupt``; a second Ctrl-C stops at once. SIGTERM is taken the same way: it is how a
+machine asks a process to stop before it kills it (``docker stop``, a Kubernetes pod deleted or
+evicted, Slurm at a job's time limit), each after a grace period (10 s, 30 s, Slurm's KillWait)
+in which one step and a checkpoint usually fit; without this, a SIGTERM ended the process where it
+stood (Ray's driver handler exits at once). It only acts in the main thread (Python delivers
+signals there); elsewhere it is inert. The cost: a Ctrl-C waits for the step in progress.
 """
 
 from __future__ import annotations
@@ -15,27 +19,48 @@ import sys
 import threading
 from typing import Any
 
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def sigterm_as_ctrl_c() -> None:
+    """From here on, a SIGTERM to this process is a Ctrl-C (``KeyboardInterrupt`` in the main thread),
+    which the CLI turns into its `interrupted; re-run the same command to ...` line. The CLI sets it
+    at its start, and ray_connect.connect again once Ray is started: ray.init() makes a driver exit
+    at once on SIGTERM, after a C stack dump and without a word of what was kept. Outside the main
+    thread it does nothing."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
 
 class StepBoundary:
     """``with StepBoundary() as stop: ... if stop.requested: <checkpoint>; raise KeyboardInterrupt``."""
 
     def __init__(self, what: str = "this step"):
         self.what, self.requested = what, False
-        self._installed: bool = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def _handler(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\ncrosscoder: stopping after {self.what} with a checkpoint (Ctrl-C again to stop at once)",
-              file=sys.stderr, flush=True)
+        if signum == signal.SIGTERM:
+            print(f"\ncrosscoder: SIGTERM: stopping after {self.what} with a checkpoint (a second SIGTERM or a "
+                  "Ctrl-C stops at once)", file=sys.stderr, flush=True)
+        else:
+            print(f"\ncrosscoder: stopping after {self.what} with a checkpoint (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
 
     def __enter__(self) -> StepBoundary:
         if threading.current_thread() is threading.main_thread():
-            self._previous, self._installed = signal.signal(signal.SIGINT, self._handler), True
+            self._previous = {signum: signal.signal(signum, self._handler) for signum in SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._installed:  # a handler not set from Python reads as None: put Python's default back
-            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+        # a handler not set from Python reads as None: put Python's default back
+        for signum, previous in self._previous.items():
+            default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+            signal.signal(signum, previous if previous is not None else default)

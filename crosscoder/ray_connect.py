@@ -15,7 +15,10 @@ Ray started here:
   the driver's code is refused with a message);
 - has its dashboard on 127.0.0.1 only: Ray Train's controller monitor reads actor states through
   the dashboard's state API and, without it, logs "Failed to query Ray Train Controller actor
-  state" every few seconds. The cost is the dashboard's process, ~100 MiB and a second or two.
+  state" every few seconds. The cost is the dashboard's process, ~100 MiB and a second or two;
+- takes a SIGTERM to the driver as a Ctrl-C again (interrupts.sigterm_as_ctrl_c, as the CLI set
+  it): ray.init() makes the driver exit at once on it, after a C stack dump, saying nothing of
+  what was kept.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CrosscoderError
+from .interrupts import sigterm_as_ctrl_c
 
 PACKAGE = Path(__file__).resolve().parent
 _started: str | None = None  # the address of the local Ray this process started
@@ -53,6 +57,7 @@ def connect(num_cpus: int | None = None):
     kwargs: dict[str, Any] = {"dashboard_host": "127.0.0.1", "log_to_driver": True, "configure_logging": False}
     if address and address != _started:
         ray.init(address=address, **kwargs)
+        sigterm_as_ctrl_c()
         return ray
     with socket.socket() as s:  # the GCS port, chosen first so the address is known before the start
         s.bind(("127.0.0.1", 0))
@@ -67,6 +72,7 @@ def connect(num_cpus: int | None = None):
                  runtime_env={"working_dir": empty}, **kwargs)
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
+    sigterm_as_ctrl_c()
     return ray
 
 

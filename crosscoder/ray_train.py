@@ -103,7 +103,8 @@ STOP_WAIT_S = 300.0  # how long the driver waits for the workers' checkpoint aft
 def _fit_stopping_on_ctrl_c(trainer, run_dir: Path):
     """``trainer.fit()``, where a Ctrl-C asks the workers to checkpoint at the end of their step and
     stop (the stop file), instead of Ray Train's own handler, which aborts them and loses every step
-    since the last checkpoint; a second Ctrl-C, or no answer within STOP_WAIT_S, stops at once.
+    since the last checkpoint (a SIGTERM, as Kubernetes or Slurm stop a process, the same); a second
+    Ctrl-C, or no answer within STOP_WAIT_S, stops at once.
     fit() runs in a thread, so Ray Train leaves the main thread's signal handling alone."""
     outcome: dict = {}
 

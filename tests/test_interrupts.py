@@ -1,5 +1,6 @@
-"""Ctrl-C during training, as a user presses it: a checkpoint at the end of the step, and a re-run that
-logs each step once (one process, and the driver of two Ray Train workers)."""
+"""Ctrl-C during training, as a user presses it, or SIGTERM, as a machine stops a process (docker stop, a
+Kubernetes pod deleted, Slurm's time limit): a checkpoint at the end of the step, and a re-run that logs
+each step once (one process, and the driver of two Ray Train workers)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ def logged_steps(run: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_ctrl_c_writes_a_checkpoint_and_the_rerun_logs_each_step_once(small_shards, tmp_path, workers, capsys):
+@pytest.mark.parametrize("workers, stop", [(0, signal.SIGINT), (2, signal.SIGINT), (0, signal.SIGTERM)],
+                         ids=["ctrl-c-0", "ctrl-c-2", "sigterm-0"])
+def test_ctrl_c_writes_a_checkpoint_and_the_rerun_logs_each_step_once(small_shards, tmp_path, workers, stop, capsys):
     run = tmp_path / "run"
     args = [sys.executable, "-m", "crosscoder.cli", "train", "--run", str(run), "--data", small_shards, "--quiet",
             "--train.latents", "96", "--train.k", "4", "--train.batch_size", "256", "--train.lr", "3e-3",
@@ -47,7 +49,7 @@ def test_ctrl_c_writes_a_checkpoint_and_the_rerun_logs_each_step_once(small_shar
     assert main(args[3:] + ["--train.steps", "7"]) == 1
     said = capsys.readouterr().err
     assert f"is in use by another crosscoder process (pid {proc.pid} on " in said and "use another --run" in said
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     pressed = time.time()
     try:
         out, err = proc.communicate(timeout=400)
@@ -58,6 +60,8 @@ def test_ctrl_c_writes_a_checkpoint_and_the_rerun_logs_each_step_once(small_shar
     assert proc.returncode == 130, err[-3000:]
     assert time.time() - pressed < 120, "the checkpoint took too long"
     assert "stopping" in err and "re-run the same command to resume from the last checkpoint" in err
+    if stop == signal.SIGTERM:
+        assert "crosscoder: SIGTERM: stopping after this training step with a checkpoint" in err, err[-3000:]
     checkpoints = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
     assert len(checkpoints) == 1, (checkpoints, err[-3000:])  # the only one: written at the Ctrl-C
     stopped = int(checkpoints[0].split("-")[1])
@@ -68,8 +72,9 @@ def test_ctrl_c_writes_a_checkpoint_and_the_rerun_logs_each_step_once(small_shar
     assert logged_steps(run) == list(range(1, stopped + 4))  # each step once: none redone, none lost
 
 
-def test_a_ctrl_c_reaching_the_main_thread_waits_for_the_workers_checkpoint(tmp_path):
-    """The driver waits for Ray Train's fit() in a thread. A Ctrl-C delivered to the main thread while
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_ctrl_c_reaching_the_main_thread_waits_for_the_workers_checkpoint(tmp_path, signum):
+    """The driver waits for Ray Train's fit() in a thread. A Ctrl-C (or SIGTERM) delivered to the main thread while
     it is inside Thread.join must not end the wait: CPython 3.11 then took the running thread for
     finished, the driver shut Ray down at once and the workers never wrote their checkpoint (a flaky
     failure of the test above whenever the kernel picked the main thread for the signal)."""
@@ -88,7 +93,7 @@ def test_a_ctrl_c_reaching_the_main_thread_waits_for_the_workers_checkpoint(tmp_
 
     def press() -> None:  # Ctrl-C to the main thread itself: its join is interrupted (EINTR)
         time.sleep(0.5)
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        signal.pthread_kill(threading.main_thread().ident, signum)
 
     with StepBoundary("the workers' step") as stop:
         thread.start()

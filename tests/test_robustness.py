@@ -71,6 +71,44 @@ def test_an_actor_killed_by_rays_memory_monitor_is_retried_and_the_harvest_compl
     assert manifest.extra["harvest"]["complete"] and len(manifest.shards) == manifest.extra["harvest"]["planned_shards"]
 
 
+def test_a_sigterm_stops_a_harvest_keeping_its_shards_and_saying_how_it_resumes(tiny, tmp_path):
+    """SIGTERM is how a machine stops a process (docker stop, a deleted Kubernetes pod, Slurm's time
+    limit). ray.init() makes a driver exit at once on it, after a C stack dump and no word of what
+    was kept; it is taken as a Ctrl-C instead: the committed shards kept, one line on how to resume,
+    and the re-run writes only the rest."""
+    import signal
+
+    out = tmp_path / "acts"
+    config = tmp_path / "harvest.toml"
+    config.write_text(harvest_toml(tiny, out, tokens=1600, samples_per_shard=2))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = subprocess.Popen([sys.executable, "-m", "crosscoder.cli", "harvest", "--config", str(config), "--quiet"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        # one actor is given shard n + 1 once the driver has shard n: with two files, shard 0 is the driver's
+        while len(list(out.glob("shard-*.tar"))) < 2:
+            assert command.poll() is None and time.time() < deadline, "the harvest ended before two shards were written"
+            time.sleep(0.1)
+        command.send_signal(signal.SIGTERM)
+        _, stderr = command.communicate(timeout=120)
+    finally:
+        if command.poll() is None:
+            command.kill()
+    assert command.returncode == 130, stderr[-3000:]
+    assert "SIGTERM received" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == ("crosscoder: interrupted; re-run the same command to resume from the "
+                                               "shards already committed"), stderr[-3000:]
+    # the shards the driver had are in the manifest written at the stop; one in flight is redone
+    kept = {info.name: (out / info.name).stat().st_mtime_ns for info in read_manifest(Root(str(out))).shards}
+    again = cli(["harvest", "--config", str(config), "--quiet"], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    manifest = read_manifest(Root(str(out)))
+    planned = manifest.extra["harvest"]["planned_shards"]
+    assert manifest.extra["harvest"]["complete"] and len(manifest.shards) == planned and 0 < len(kept) < planned
+    assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept  # not written again
+
+
 def test_two_commands_at_once_on_one_host_each_use_their_own_ray(tmp_path):
     """Each command starts a local Ray reached by its own address; with two on one host, Ray
     Train's placement-group cleaner otherwise fails with "Found multiple active Ray instances"."""
