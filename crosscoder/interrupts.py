@@ -9,7 +9,10 @@ machine asks a process to stop before it kills it (``docker stop``, a Kubernetes
 evicted, Slurm at a job's time limit), each after a grace period (10 s, 30 s, Slurm's KillWait)
 in which one step and a checkpoint usually fit; without this, a SIGTERM ended the process where it
 stood (Ray's driver handler exits at once). It only acts in the main thread (Python delivers
-signals there); elsewhere it is inert. The cost: a Ctrl-C waits for the step in progress.
+signals there); elsewhere it is inert. The cost: a Ctrl-C waits for the step in progress. The
+limit: Ray starts its processes with SIGINT blocked but not SIGTERM, so a SIGTERM sent to the whole
+process group (``timeout``, ``kill -- -PGID``) stops a local Ray's raylet too, and distributed
+workers end without the stop's checkpoint (the run resumes from its last periodic one).
 """
 
 from __future__ import annotations
