@@ -59,6 +59,9 @@ def resolve(args, rest) -> tuple[RunConfig, Path]:
             own = Path("runs") / apply_overrides(RunConfig(), overrides).name / "config.toml"
         if own is not None and own.is_file():
             path = own
+        elif args.command == "train":  # not the demo's embedded default either: a dictionary for real data
+            print(f"crosscoder train: no --config and no {own or 'config.toml in the run directory'}: training with "
+                  "the package's defaults (`crosscoder keys` lists them)", file=sys.stderr)
     cfg = load_config(path)
     apply_overrides(cfg, overrides)
     run_dir = Path(args.run.replace("{name}", cfg.name)) if args.run else Path("runs") / cfg.name

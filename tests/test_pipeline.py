@@ -155,6 +155,18 @@ def test_train_without_a_config_continues_the_run_in_its_default_directory(tmp_p
     assert (tmp_path / "runs" / "default" / "config.toml").read_text() == saved.replace("steps = 6", "steps = 8")
 
 
+def test_train_without_any_config_says_it_takes_the_package_defaults(tmp_path, capsys):
+    """Neither --config nor a config.toml in the run directory: the dataclass defaults (4096 latents,
+    1000 steps), not the demo's, which a newcomer who ran `crosscoder run` first does not expect."""
+    assert main(["train", "--run", str(tmp_path / "new"), "--data", str(tmp_path / "none"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"crosscoder train: no --config and no {tmp_path / 'new' / 'config.toml'}: training with the package's " \
+        "defaults (`crosscoder keys` lists them)" in err, err
+    assert main(["train", "--config", str(SYNTHETIC), "--run", str(tmp_path / "new"), "--data", str(tmp_path / "none"),
+                 "--quiet"]) == 1
+    assert "package's defaults" not in capsys.readouterr().err
+
+
 def test_a_finished_run_whose_shards_were_removed_is_not_made_again(tmp_path, capsys):
     """Shards are large, and a run trained and analysed needs them no more. A re-run of `crosscoder
     run` then made every shard again (hours on real data) only to skip training and the analysis, and
