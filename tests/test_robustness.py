@@ -97,8 +97,8 @@ def test_a_sigterm_stops_a_harvest_keeping_its_shards_and_saying_how_it_resumes(
             command.kill()
     assert command.returncode == 130, stderr[-3000:]
     assert "SIGTERM received" not in stderr and "Traceback" not in stderr, stderr[-3000:]
-    assert stderr.strip().splitlines()[-1] == ("crosscoder: interrupted; re-run the same command to resume from the "
-                                               "shards already committed"), stderr[-3000:]
+    assert ("crosscoder: interrupted; re-run the same command to resume from the shards already committed"
+            in stderr.splitlines()), stderr[-3000:]
     # the shards the driver had are in the manifest written at the stop; one in flight is redone
     kept = {info.name: (out / info.name).stat().st_mtime_ns for info in read_manifest(Root(str(out))).shards}
     again = cli(["harvest", "--config", str(config), "--quiet"], tmp_path)
