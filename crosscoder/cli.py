@@ -45,11 +45,11 @@ def default_config_path() -> Path:
     return Path(str(resources.files("crosscoder") / "configs" / "default.toml"))
 
 
-def resolve(args, rest) -> tuple[RunConfig, Path]:
+def resolve(args, rest) -> tuple[RunConfig, Path, bool]:
     """The config (``--config``; else, for ``train``/``analyze``, the run directory's own config.toml,
     that of ``--run DIR`` or of the default ``runs/<name>``, so ``crosscoder train --train.steps 800``
     after ``crosscoder run`` continues that run; else the embedded default for ``run``) with
-    overrides, and the run directory."""
+    overrides, the run directory, and whether the config is the package's defaults (no file read)."""
     overrides = _split_overrides(rest)
     path = args.config or (default_config_path() if args.command == "run" else None)
     if path is None and args.command in ("train", "analyze"):
@@ -59,13 +59,10 @@ def resolve(args, rest) -> tuple[RunConfig, Path]:
             own = Path("runs") / apply_overrides(RunConfig(), overrides).name / "config.toml"
         if own is not None and own.is_file():
             path = own
-        elif args.command == "train":  # not the demo's embedded default either: a dictionary for real data
-            print(f"crosscoder train: no --config and no {own or 'config.toml in the run directory'}: training with "
-                  "the package's defaults (`crosscoder keys` lists them)", file=sys.stderr)
     cfg = load_config(path)
     apply_overrides(cfg, overrides)
     run_dir = Path(args.run.replace("{name}", cfg.name)) if args.run else Path("runs") / cfg.name
-    return cfg, run_dir
+    return cfg, run_dir, path is None
 
 
 def cmd_compare(runs: list[str]) -> int:
@@ -139,13 +136,16 @@ def run_command(args, rest, argv: list[str] | None = None) -> int:
     from . import pipeline
     from .run_lock import hold
 
-    cfg, run_dir = resolve(args, rest)
+    cfg, run_dir, package_defaults = resolve(args, rest)
     progress, data = not args.quiet, getattr(args, "data", None)
     command = " ".join(["crosscoder", *(argv if argv is not None else sys.argv[1:])])
     if args.command == "run":
         pipeline.run(cfg, run_dir, data, progress=progress, command=command)
         return 0
-    plan = pipeline.plan(cfg, run_dir, data)
+    plan = pipeline.plan(cfg, run_dir, data)  # a config error stops here, in one line
+    if package_defaults and args.command == "train":  # not the demo's embedded default either
+        print(f"crosscoder train: no --config and no {run_dir / 'config.toml'}: training with the package's defaults "
+              "(`crosscoder keys` lists them)", file=sys.stderr)
     with hold(plan.run_dir, command):
         if args.command == "harvest":
             pipeline.harvest(plan, progress)

@@ -165,6 +165,9 @@ def test_train_without_any_config_says_it_takes_the_package_defaults(tmp_path, c
     assert main(["train", "--config", str(SYNTHETIC), "--run", str(tmp_path / "new"), "--data", str(tmp_path / "none"),
                  "--quiet"]) == 1
     assert "package's defaults" not in capsys.readouterr().err
+    # a config error is still its one line
+    assert main(["train", "--run", str(tmp_path / "new"), "--data", str(tmp_path / "none"), "--train.k", "0"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 def test_a_finished_run_whose_shards_were_removed_is_not_made_again(tmp_path, capsys):
