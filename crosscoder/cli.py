@@ -144,6 +144,10 @@ def run_command(args, rest, argv: list[str] | None = None) -> int:
         return 0
     plan = pipeline.plan(cfg, run_dir, data)  # a config error stops here, in one line
     if package_defaults and args.command == "train":  # not the demo's embedded default either
+        if cfg.train.workers == 0:  # the one config error training finds later: before the note, one line still
+            from .device import resolve as resolve_device
+
+            resolve_device(cfg.train.device, quiet=True)
         print(f"crosscoder train: no --config and no {run_dir / 'config.toml'}: training with the package's defaults "
               "(`crosscoder keys` lists them)", file=sys.stderr)
     with hold(plan.run_dir, command):
