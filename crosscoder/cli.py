@@ -45,12 +45,11 @@ def default_config_path() -> Path:
     return Path(str(resources.files("crosscoder") / "configs" / "default.toml"))
 
 
-def resolve(args, rest) -> tuple[RunConfig, Path, bool]:
-    """The config (``--config``; else, for ``train``/``analyze``, the run directory's own config.toml,
-    that of ``--run DIR`` or of the default ``runs/<name>``, so ``crosscoder train --train.steps 800``
-    after ``crosscoder run`` continues that run; else the embedded default for ``run``) with
-    overrides, the run directory, and whether the config is the package's defaults (no file read)."""
-    overrides = _split_overrides(rest)
+def config_path(args, overrides: list[tuple[str, str]]) -> str | Path | None:
+    """The config file a command reads: ``--config``; else, for ``train``/``analyze``, the run
+    directory's own config.toml, that of ``--run DIR`` or of the default ``runs/<name>``, so
+    ``crosscoder train --train.steps 800`` after ``crosscoder run`` continues that run; else the
+    embedded default for ``run``; else None, the package's defaults."""
     path = args.config or (default_config_path() if args.command == "run" else None)
     if path is None and args.command in ("train", "analyze"):
         if args.run:
@@ -59,10 +58,16 @@ def resolve(args, rest) -> tuple[RunConfig, Path, bool]:
             own = Path("runs") / apply_overrides(RunConfig(), overrides).name / "config.toml"
         if own is not None and own.is_file():
             path = own
-    cfg = load_config(path)
+    return path
+
+
+def resolve(args, rest) -> tuple[RunConfig, Path]:
+    """The config (:func:`config_path`) with the overrides, and the run directory."""
+    overrides = _split_overrides(rest)
+    cfg = load_config(config_path(args, overrides))
     apply_overrides(cfg, overrides)
     run_dir = Path(args.run.replace("{name}", cfg.name)) if args.run else Path("runs") / cfg.name
-    return cfg, run_dir, path is None
+    return cfg, run_dir
 
 
 def cmd_compare(runs: list[str]) -> int:
@@ -136,20 +141,21 @@ def run_command(args, rest, argv: list[str] | None = None) -> int:
     from . import pipeline
     from .run_lock import hold
 
-    cfg, run_dir, package_defaults = resolve(args, rest)
+    cfg, run_dir = resolve(args, rest)
     progress, data = not args.quiet, getattr(args, "data", None)
     command = " ".join(["crosscoder", *(argv if argv is not None else sys.argv[1:])])
     if args.command == "run":
         pipeline.run(cfg, run_dir, data, progress=progress, command=command)
         return 0
     plan = pipeline.plan(cfg, run_dir, data)  # a config error stops here, in one line
-    if package_defaults and args.command == "train":  # not the demo's embedded default either
+    if args.command == "train" and config_path(args, _split_overrides(rest)) is None:
         if cfg.train.workers == 0:  # the one config error training finds later: before the note, one line still
             from .device import resolve as resolve_device
 
             resolve_device(cfg.train.device, quiet=True)
-        print(f"crosscoder train: no --config and no {run_dir / 'config.toml'}: training with the package's defaults "
-              "(`crosscoder keys` lists them)", file=sys.stderr)
+        # not the demo's embedded default either: say so, as the other `train:` lines are said
+        print(f"train: no --config and no {run_dir / 'config.toml'}: the package's defaults (`crosscoder keys` "
+              "lists them)")
     with hold(plan.run_dir, command):
         if args.command == "harvest":
             pipeline.harvest(plan, progress)

@@ -159,15 +159,16 @@ def test_train_without_any_config_says_it_takes_the_package_defaults(tmp_path, c
     """Neither --config nor a config.toml in the run directory: the dataclass defaults (4096 latents,
     1000 steps), not the demo's, which a newcomer who ran `crosscoder run` first does not expect."""
     assert main(["train", "--run", str(tmp_path / "new"), "--data", str(tmp_path / "none"), "--quiet"]) == 1
-    err = capsys.readouterr().err
-    assert f"crosscoder train: no --config and no {tmp_path / 'new' / 'config.toml'}: training with the package's " \
-        "defaults (`crosscoder keys` lists them)" in err, err
+    out = capsys.readouterr().out
+    assert f"train: no --config and no {tmp_path / 'new' / 'config.toml'}: the package's defaults (`crosscoder keys` " \
+        "lists them)" in out, out
     assert main(["train", "--config", str(SYNTHETIC), "--run", str(tmp_path / "new"), "--data", str(tmp_path / "none"),
                  "--quiet"]) == 1
-    assert "package's defaults" not in capsys.readouterr().err
-    # a config error is still its one line
+    assert "package's defaults" not in capsys.readouterr().out
+    # a config error is still its one line, and the only one
     assert main(["train", "--run", str(tmp_path / "new"), "--data", str(tmp_path / "none"), "--train.k", "0"]) == 2
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    said = capsys.readouterr()
+    assert len(said.err.strip().splitlines()) == 1 and said.out == ""
 
 
 def test_a_finished_run_whose_shards_were_removed_is_not_made_again(tmp_path, capsys):
