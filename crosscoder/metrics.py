@@ -26,9 +26,11 @@ def fve_per_source(x: Tensor, x_hat: Tensor, slices: list[slice]) -> Tensor:
 class StreamingFVE:
     """FVE per source over many batches, equal to :func:`fve_per_source` on their concatenation:
     the total variance is taken around each dimension's mean over every token seen, so it keeps
-    per-source column sums ([d_s] each) besides the squared error and squared norm."""
+    per-source column sums ([d_s] each) besides the squared error and squared norm. ``device`` has no
+    default: the sums must live where the activations do (a CPU default once broke training on CUDA
+    at its first step, which no CPU run can show)."""
 
-    def __init__(self, slices: list[slice], device: torch.device | str = "cpu"):
+    def __init__(self, slices: list[slice], device: torch.device | str):
         self.slices = slices
         self.sse = torch.zeros(len(slices), dtype=torch.float64, device=device)
         self.sum_sq = torch.zeros(len(slices), dtype=torch.float64, device=device)

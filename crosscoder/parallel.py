@@ -135,8 +135,7 @@ class CommCounter:
 
 
 class DistributedCollectives(Collectives):
-    def __init__(self, layout: ParallelLayout, counter: CommCounter | None = None,
-                 device: torch.device | str = "cpu"):
+    def __init__(self, layout: ParallelLayout, counter: CommCounter | None, device: torch.device | str):
         self.layout = layout
         self.counter = counter or CommCounter()
         self.device = torch.device(device)  # where tensors handed to collectives live

@@ -278,7 +278,7 @@ def loss_weights(cfg: TrainConfig, spec: CrossCoderSpec, step: int) -> LossWeigh
 def step_metrics(spec: CrossCoderSpec, x: torch.Tensor, out: ForwardOutput, terms: dict[str, torch.Tensor],
                  tracker: DeadLatentTracker, collectives: Collectives) -> dict:
     """FVE per source, L0, loss terms and dead fraction of the global batch (every rank agrees)."""
-    fve = StreamingFVE(spec.slices)
+    fve = StreamingFVE(spec.slices, x.device)
     fve.update(x, out.x_hat.detach())
     active = collectives.data_sum(collectives.sum_count(out.active_count().to(torch.float64)))
     dead = collectives.sum_count(tracker.dead.sum().to(torch.float64))

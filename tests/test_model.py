@@ -221,7 +221,7 @@ def test_aligned_cross_reconstruction_decodes_into_the_target_width():
 
 
 def test_dead_tracker_counts_tokens_since_fired():
-    tracker = DeadLatentTracker((1, 4), window_tokens=100)
+    tracker = DeadLatentTracker((1, 4), window_tokens=100, device="cpu")
     tracker.update(torch.tensor([[True, False, False, False]]), 60)
     assert not tracker.dead.any()
     tracker.update(torch.tensor([[False, True, False, False]]), 60)
