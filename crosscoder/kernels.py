@@ -40,6 +40,7 @@ from torch import Tensor
 from . import native
 
 CHUNK = 8192  # rows per block when a gather cannot be avoided: bounded, reused temporaries
+GPU_BLOCK_ELEMENTS = 1 << 26  # elements per gathered block on a GPU (256 MiB of fp32)
 
 
 class GradientMemory:
@@ -75,31 +76,41 @@ def _storage_users(t: Tensor) -> int:
     return _storage_use_count(t.untyped_storage()._cdata) if _storage_use_count is not None else 0
 
 
-def bag_sum(index: Tensor, weight: Tensor, bag: Tensor, n_bags: int, scale: Tensor) -> Tensor:
-    """``out[j] = Σ_{n: bag_n = j} scale_n · weight[index_n]`` → [n_bags, D]; ``bag`` ascending.
+def bag_sum(index: Tensor, weight: Tensor, bag: Tensor, n_bags: int, scale: Tensor, bags_sorted: bool = True
+            ) -> Tensor:
+    """``out[j] = Σ_{n: bag_n = j} scale_n · weight[index_n]`` → [n_bags, D].
 
     ``embedding_bag`` does the gather, the scaling and the sum in one pass per output row, with no
-    ``[N, D]`` temporary (the temporaries, not the arithmetic, dominated a gather-multiply-add).
+    ``[N, D]`` temporary (the temporaries, not the arithmetic, dominated a gather-multiply-add). It
+    needs ``bag`` ascending: ``bags_sorted=False`` sorts the entries first (stably). On a GPU it sums
+    each bag serially, and bags by latent are uneven (AuxK's dead latents hold thousands of
+    entries); atomic adds (``index_add_`` into fp32 rows) were tried there and gave no measurable
+    gain at L = 64k on an H200 while making sums vary between runs, so this is kept on every device.
     """
+    if not bags_sorted:
+        order = torch.argsort(bag, stable=True)
+        index, bag, scale = index[order], bag[order], scale[order]
     counts = torch.bincount(bag, minlength=n_bags)
     offsets = torch.cumsum(counts, 0) - counts
     return F.embedding_bag(index, weight, offsets, mode="sum", per_sample_weights=scale.to(weight.dtype))
 
 
-def by_latent(token: Tensor, latent: Tensor, *values: Tensor):
-    """The entries re-ordered by latent (stable), for sums into per-latent rows."""
-    order = torch.argsort(latent, stable=True)
-    return (token[order], latent[order]) + tuple(v[order] for v in values)
+def _block_rows(width: int) -> int:
+    """Rows per block of gathered ``[rows, width]`` temporaries on a GPU, where each block is a kernel
+    launch (with CHUNK rows: ~320 small launches per step at L = 64k, measured on an H200): up to
+    ``GPU_BLOCK_ELEMENTS`` elements."""
+    return max(CHUNK, GPU_BLOCK_ELEMENTS // max(width, 1))
 
 
 def rowwise_dot(a: Tensor, a_index: Tensor, b: Tensor, b_index: Tensor) -> Tensor:
     """``(a[a_index] * b[b_index]).sum(1)``, in blocks gathered into two reused buffers."""
     n = a_index.numel()
     out = torch.empty(n, dtype=a.dtype, device=a.device)
-    rows = min(CHUNK, n)
+    block = _block_rows(a.shape[1]) if a.is_cuda else CHUNK
+    rows = min(block, n)
     buf_a, buf_b = a.new_empty(rows, a.shape[1]), b.new_empty(rows, b.shape[1]).to(a.dtype)
-    for start in range(0, n, CHUNK):
-        stop = min(start + CHUNK, n)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
         ga, gb = buf_a[: stop - start], buf_b[: stop - start]
         torch.index_select(a, 0, a_index[start:stop], out=ga)
         torch.index_select(b.to(a.dtype), 0, b_index[start:stop], out=gb)
@@ -135,8 +146,7 @@ class GatherPre(torch.autograd.Function):
                 out = ctx.memory.take("W_enc", tuple(W_enc.shape), W_enc) if ctx.memory is not None else None
                 grad_W = native.latent_sums(x.to(W_enc.dtype), token, latent, grad.to(W_enc.dtype), L, out)
             else:
-                tok, lat, g = by_latent(token, latent, grad)
-                grad_W = bag_sum(tok, x.to(W_enc.dtype), lat, L, g).t()
+                grad_W = bag_sum(token, x.to(W_enc.dtype), latent, L, grad, bags_sorted=False).t()
         if ctx.needs_input_grad[3]:
             grad_b = torch.zeros(L, dtype=grad.dtype, device=grad.device).index_add_(0, latent, grad)
             grad_b = grad_b.view(ctx.b_shape).to(W_enc.dtype)
@@ -175,8 +185,7 @@ class SparseDecode(torch.autograd.Function):
         if need_value:
             grad_value = rowwise_dot(grad, token, W, latent).to(value.dtype)
         if need_W:
-            tok, lat, v = by_latent(token, latent, value)
-            grad_W = bag_sum(tok, grad.to(W.dtype), lat, W.shape[0], v)
+            grad_W = bag_sum(token, grad.to(W.dtype), latent, W.shape[0], value, bags_sorted=False)
         return grad_value, None, None, grad_W, None, None
 
 

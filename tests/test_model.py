@@ -465,3 +465,23 @@ def test_an_export_cut_short_leaves_the_previous_one_whole(tmp_path, monkeypatch
         second.save_pretrained(tmp_path / "export")
     loaded = CrossCoder.from_pretrained(tmp_path / "export")
     assert torch.equal(loaded.W_dec, first.W_dec)
+
+
+def test_bag_sum_of_unsorted_bags_and_the_gpu_form_of_kth_largest():
+    """bag_sum sorts bags it is told are unsorted (the sums by latent); CUDA's k-th largest (topk's
+    minimum), run here on a CPU tensor, is kthvalue's, ties included."""
+    from crosscoder import kernels
+    from crosscoder.collectives import kth_largest, kth_largest_by_topk
+
+    gen = torch.Generator().manual_seed(5)
+    L, D, R, N = 90, 37, 600, 5000
+    W = torch.randn(L, D, generator=gen, dtype=torch.float64)
+    bag, latent = torch.randint(0, R, (N,), generator=gen), torch.randint(0, L, (N,), generator=gen)
+    value = torch.rand(N, generator=gen, dtype=torch.float64)
+    direct = torch.zeros(R, D, dtype=torch.float64).index_add_(0, bag, W[latent] * value[:, None])
+    assert torch.allclose(kernels.bag_sum(latent, W, bag, R, value, bags_sorted=False), direct, rtol=1e-12, atol=1e-12)
+
+    values = torch.randn(10_001, generator=gen).round(decimals=1)  # ties
+    for k in (1, 17, 5000, 10_001):
+        assert torch.equal(kth_largest_by_topk(values, k), kth_largest(values, k)), k
+        assert kth_largest(values, k) == values.sort(descending=True).values[k - 1]
