@@ -6,7 +6,8 @@
 # Runs tests/gpu (marker gpu: CUDA step vs CPU step, 2-GPU NCCL latent-parallel ZeRO-3 vs 1 GPU,
 # a model split over 2 GPUs by device_map vs the CPU, 200 bf16 steps) and tests/bench/bench_gpu.py
 # (our step vs the dense reference and the encoder-product floor; harvest vs a plain forward), in
-# about 5 minutes. Results: bench-results/gpu.json and the pytest summary. Exits non-zero on failure.
+# about 5 minutes. Results: bench-results/gpu.json, gpu-profile.txt (where our step's time goes) and the
+# pytest summary. Exits non-zero on failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -18,4 +19,4 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device
 PY
 timeout 420 "$PYTHON" -m pytest -q -m gpu tests/gpu -rs
 mkdir -p bench-results
-timeout 300 "$PYTHON" tests/bench/bench_gpu.py --out bench-results/gpu.json
+timeout 300 "$PYTHON" tests/bench/bench_gpu.py --out bench-results/gpu.json --profile bench-results/gpu-profile.txt

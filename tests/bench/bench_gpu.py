@@ -11,6 +11,9 @@ and the harvest's reads vs a plain forward.
    repeats after warm-up, the three in turn so they share the GPU's clocks; peak memory per method.
 2. Harvest: tokens/s of ShardHarvester.activations (the trunk cut after the hooked layer, padded
    batches) against a plain forward of the whole causal LM on the same batches.
+3. With ``--profile FILE``: where our step's time goes, bf16 and fp32, with and without AuxK's
+   entries (torch.profiler: the kernels by GPU time, the host calls by CPU time; the wall time per
+   step beside them). The first GPU run's profile is summarised in the README ("Running on GPUs").
 
 Prints a table and writes JSON. Not part of the test suite; scripts/gpu-check.sh runs it.
 """
@@ -114,6 +117,32 @@ def harvest(hidden: int, layers: int, hook: int, batch: int, seq: int, repeats: 
             "speedup": full / ours, "hook": hook, "layers": layers}
 
 
+def profile_step(d: int, latents: int, k: int, batch: int, path: str) -> None:
+    """Write torch.profiler tables of our step (see the module docstring) to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    spec = CrossCoderSpec(["base", "chat"], [d, d], latents, k=k)
+    lines = []
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(batch, 2 * d, generator=torch.Generator().manual_seed(0)).to("cuda", dtype)
+        tracker = DeadLatentTracker((1, latents), 10**9, "cuda")
+        tracker.tokens_since_fired[0, ::8] = 10**9
+        for aux in (1 / 32, 0.0):
+            step = _step("ours", spec, x, tracker, LossWeights(aux=aux, aux_k=256), dtype)
+            wall = timed(step, repeats=10)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
+            table = prof.key_averages()
+            lines += [f"##### {dtype}, AuxK {'on' if aux else 'off'}: {wall * 1e3:.1f} ms per step; 3 steps profiled",
+                      table.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60),
+                      table.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60)]
+            print(lines[-3], flush=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "bench-results" / "gpu.json"))
@@ -122,9 +151,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--profile", metavar="FILE", help="also write a profile of our step to FILE")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gpu: no CUDA device")
+    if args.profile:
+        profile_step(args.d, args.latents, args.k, args.batch, args.profile)
     results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         results[name] = training_step(args.d, args.latents, args.k, args.batch, dtype, args.repeats)
