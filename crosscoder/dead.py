@@ -14,7 +14,7 @@ from torch import Tensor
 
 
 class DeadLatentTracker:
-    def __init__(self, shape: tuple[int, ...], window_tokens: int, device: torch.device | str):
+    def __init__(self, shape: tuple[int, ...], window_tokens: int, device: torch.device | str = "cpu"):
         if window_tokens <= 0:
             raise ValueError(f"dead-latent window must be positive, got {window_tokens}")
         self.window = int(window_tokens)
