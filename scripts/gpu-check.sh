@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu-check.sh            # uses ./.venv (a CUDA build of torch; see README) or $PYTHON
 #
-# Runs tests/gpu (marker gpu: CUDA step vs CPU step, 2-GPU NCCL latent-parallel ZeRO-3 vs 1 GPU,
+# Runs tests/gpu (marker gpu: CUDA step vs CPU step, 2-GPU NCCL latent-parallel ZeRO-3 vs 1 GPU, the main job on CUDA,
 # a model split over 2 GPUs by device_map vs the CPU, 200 bf16 steps) and tests/bench/bench_gpu.py
 # (our step vs the dense reference and the encoder-product floor; harvest vs a plain forward), in
 # about 5 minutes. Results: bench-results/gpu.json, gpu-profile.txt (where our step's time goes) and the

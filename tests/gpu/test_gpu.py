@@ -142,3 +142,23 @@ def test_a_shard_written_from_the_gpu_holds_the_cpu_activations_and_stops_on_an_
                                           for p in original(ids, mask)]
     with pytest.raises(ModelError, match=r"shard-000001.tar, source 'chat', document 1 of the plan: the model produced"):
         harvester.write(1, chunks)
+
+
+def test_the_main_job_trains_and_analyses_on_cuda(tmp_path):
+    """The README's first command (`crosscoder run` on its embedded default, devices left at auto),
+    as a user runs it on a GPU machine: training and the analysis take the GPU (neither says it fell
+    back to the CPU) and the crosscoder is as good as the CPU's (README: FVE 0.996 / 0.993, CE loss
+    recovered 1.00). First run on an H200: 400 steps in 7.4 s, the whole job in about 100 s."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", "import sys; from crosscoder.cli import main; sys.exit(main())",
+                           "run", "--run", str(run)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "auto -> cpu" not in proc.stderr, proc.stderr[-3000:]
+    last = json.loads((run / "train_log.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 400 and min(last["fve"].values()) > 0.98, last
+    summary = json.loads((run / "analysis" / "summary.json").read_text())
+    assert {name: ce["recovered"] > 0.95 for name, ce in summary["ce_loss_recovered"].items()} == {
+        "base": True, "chat": True}, summary["ce_loss_recovered"]
