@@ -13,8 +13,13 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 THP_MEM_ALLOC_ENABLE=1
 "$PYTHON" - <<'PY'
+import sys
+
 import torch
-assert torch.cuda.is_available(), f"no CUDA device visible to torch {torch.__version__}: the GPU check needs one"
+
+if not torch.cuda.is_available():
+    sys.exit(f"gpu-check: no CUDA device visible to torch {torch.__version__}: the GPU check needs one "
+             "(a CUDA build of torch on a machine with a GPU; README, Running on GPUs)")
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device_count()} x {torch.cuda.get_device_name()}")
 PY
 timeout 420 "$PYTHON" -m pytest -q -m gpu tests/gpu -rs

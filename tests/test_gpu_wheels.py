@@ -1,6 +1,7 @@
 """scripts/gpu-wheels.sh: the wheelhouse for a GPU machine without network holds the closure of the
 package's requirements at this project's pins, less what that machine has, the torch family and
-what `--without` leaves out (`--list` fetches nothing, so this runs offline)."""
+what `--without` leaves out (`--list` fetches nothing, so this runs offline); and scripts/gpu-check.sh
+on a machine without CUDA says so in one line."""
 
 from __future__ import annotations
 
@@ -46,3 +47,12 @@ def test_without_leaves_out_a_package_or_an_extra_with_what_only_it_needs(tmp_pa
     slim = needed(tmp_path, [], "--without", "s3fs,ray[default]")
     assert not {"s3fs", "aiobotocore", "aiohttp-cors", "py-spy"} & set(slim)
     assert {"ray", "deepspeed", "pydantic", "jsonschema"} <= set(slim)  # pydantic: deepspeed needs it too
+
+
+def test_the_gpu_check_says_in_one_line_that_it_needs_a_gpu():
+    """scripts/gpu-check.sh on a machine (or a torch build) without CUDA: one line and exit 1, before
+    any test or benchmark starts."""
+    done = subprocess.run(["bash", "scripts/gpu-check.sh"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith("gpu-check: no CUDA device visible to torch ") and done.stderr.count("\n") == 1
