@@ -95,25 +95,28 @@ def bag_sum(index: Tensor, weight: Tensor, bag: Tensor, n_bags: int, scale: Tens
     return F.embedding_bag(index, weight, offsets, mode="sum", per_sample_weights=scale.to(weight.dtype))
 
 
-def _block_rows(width: int) -> int:
-    """Rows per block of gathered ``[rows, width]`` temporaries on a GPU, where each block is a kernel
-    launch (with CHUNK rows: ~320 small launches per step at L = 64k, measured on an H200): up to
-    ``GPU_BLOCK_ELEMENTS`` elements."""
-    return max(CHUNK, GPU_BLOCK_ELEMENTS // max(width, 1))
+def _block_rows(a: Tensor) -> int:
+    """Rows per block of gathered ``[rows, width]`` temporaries from ``a``: CHUNK on a CPU (cache
+    sized); on a GPU, where each block is a kernel launch (with CHUNK rows: ~320 small launches per
+    step at L = 64k, measured on an H200), up to ``GPU_BLOCK_ELEMENTS`` elements."""
+    if not a.is_cuda:
+        return CHUNK
+    return max(CHUNK, GPU_BLOCK_ELEMENTS // max(a.shape[1], 1))
 
 
 def rowwise_dot(a: Tensor, a_index: Tensor, b: Tensor, b_index: Tensor) -> Tensor:
     """``(a[a_index] * b[b_index]).sum(1)``, in blocks gathered into two reused buffers."""
     n = a_index.numel()
     out = torch.empty(n, dtype=a.dtype, device=a.device)
-    block = _block_rows(a.shape[1]) if a.is_cuda else CHUNK
+    block = _block_rows(a)
     rows = min(block, n)
-    buf_a, buf_b = a.new_empty(rows, a.shape[1]), b.new_empty(rows, b.shape[1]).to(a.dtype)
+    b = b.to(a.dtype)
+    buf_a, buf_b = a.new_empty(rows, a.shape[1]), b.new_empty(rows, b.shape[1])
     for start in range(0, n, block):
         stop = min(start + block, n)
         ga, gb = buf_a[: stop - start], buf_b[: stop - start]
         torch.index_select(a, 0, a_index[start:stop], out=ga)
-        torch.index_select(b.to(a.dtype), 0, b_index[start:stop], out=gb)
+        torch.index_select(b, 0, b_index[start:stop], out=gb)
         torch.sum(ga.mul_(gb), 1, out=out[start:stop])
     return out
 

@@ -221,7 +221,7 @@ def test_aligned_cross_reconstruction_decodes_into_the_target_width():
 
 
 def test_dead_tracker_counts_tokens_since_fired():
-    tracker = DeadLatentTracker((1, 4), window_tokens=100, device="cpu")
+    tracker = DeadLatentTracker((1, 4), window_tokens=100)
     tracker.update(torch.tensor([[True, False, False, False]]), 60)
     assert not tracker.dead.any()
     tracker.update(torch.tensor([[False, True, False, False]]), 60)
@@ -435,7 +435,7 @@ def test_loading_an_export_writes_its_tensors_once_without_drawing_a_dictionary(
         raise AssertionError("a random dictionary was drawn only to be overwritten")
 
     monkeypatch.setattr("crosscoder.model.init_parameters", no_draw)
-    loaded = CrossCoder.from_pretrained(tmp_path / "export", device="cpu")
+    loaded = CrossCoder.from_pretrained(tmp_path / "export")
     for name, tensor in model.state_dict().items():
         if name == "log_threshold":  # stored as θ, read back as log θ
             assert torch.allclose(loaded.state_dict()[name], tensor, rtol=0, atol=1e-6), name

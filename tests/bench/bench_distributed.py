@@ -79,7 +79,7 @@ L, B = {latents}, {batch}
 spec = CrossCoderSpec(["base", "chat"], [256, 256], L, k=32)
 model = CrossCoder(spec, dec_init_norm=1.0)
 opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as the trainer
-tracker = DeadLatentTracker((1, L), 10_000_000, "cpu")
+tracker = DeadLatentTracker((1, L), 10_000_000)
 x = torch.randn(B, 512)
 for _ in range(3):
     _, loss, _ = forward_and_loss(model, x, tracker.dead, LossWeights(aux=1/32, aux_k=256))  # as the trainer
