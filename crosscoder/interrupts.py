@@ -9,10 +9,10 @@ machine asks a process to stop before it kills it (``docker stop``, a Kubernetes
 evicted, Slurm at a job's time limit), each after a grace period (10 s, 30 s, Slurm's KillWait)
 in which one step and a checkpoint usually fit; without this, a SIGTERM ended the process where it
 stood (Ray's driver handler exits at once). It only acts in the main thread (Python delivers
-signals there); elsewhere it is inert. The cost: a Ctrl-C waits for the step in progress. The
-limit: Ray starts its processes with SIGINT blocked but not SIGTERM, so a SIGTERM sent to the whole
-process group (``timeout``, ``kill -- -PGID``) stops a local Ray's raylet too, and distributed
-workers end without the stop's checkpoint (the run resumes from its last periodic one).
+signals there); elsewhere it is inert. The cost: a Ctrl-C waits for the step in progress. Ray
+starts its processes with SIGINT blocked, and a local Ray of ours with SIGTERM blocked as well
+(ray_connect.py), so a signal sent to every process of a command reaches only the driver, which
+stops its workers at a step boundary.
 """
 
 from __future__ import annotations

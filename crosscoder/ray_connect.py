@@ -18,7 +18,16 @@ Ray started here:
   state" every few seconds. The cost is the dashboard's process, ~100 MiB and a second or two;
 - takes a SIGTERM to the driver as a Ctrl-C again (interrupts.sigterm_as_ctrl_c, as the CLI set
   it): ray.init() makes the driver exit at once on it, after a C stack dump, saying nothing of
-  what was kept.
+  what was kept;
+- starts its processes with SIGTERM blocked, as Ray blocks SIGINT in them (they inherit the mask,
+  and so do the workers the raylet starts): a SIGTERM sent to every process of the command
+  (``timeout``, ``kill -- -PGID``, systemd or a batch scheduler signalling a whole job) then
+  reaches the driver alone, which stops the workers at a step boundary with a checkpoint; before,
+  the raylet and GCS died with it, the workers with them, and the driver waited 60 s for the GCS
+  before failing. The dashboard's module processes, which multiprocessing starts afresh, still
+  end (Ray Train's cleaner then logs that the state API is unavailable while the stop finishes).
+  The cost: Ray's shutdown finds its processes deaf to SIGTERM and kills them after its 1-s grace,
+  about 3 s more at the end of a command (measured: 4.5 s instead of 1.5 s).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import contextlib
 import hashlib
 import os
 import re
+import signal
 import socket
 import sys
 import tempfile
@@ -67,10 +77,12 @@ def connect(num_cpus: int | None = None):
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     empty = tempfile.mkdtemp(prefix="crosscoder-ray-")
     atexit.register(_remove_if_empty, empty)  # Ray packs it at the start; nothing needs it later
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # inherited by every process Ray starts
     try:
         ray.init(address="local", num_cpus=max(num_cpus or 0, os.cpu_count() or 1),
                  runtime_env={"working_dir": empty}, **kwargs)
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
     sigterm_as_ctrl_c()
     return ray

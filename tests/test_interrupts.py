@@ -22,9 +22,15 @@ def logged_steps(run: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-@pytest.mark.parametrize("workers, stop", [(0, signal.SIGINT), (2, signal.SIGINT), (0, signal.SIGTERM)],
-                         ids=["ctrl-c-0", "ctrl-c-2", "sigterm-0"])
-def test_ctrl_c_writes_a_checkpoint_and_the_rerun_logs_each_step_once(small_shards, tmp_path, workers, stop, capsys):
+@pytest.mark.parametrize("workers, stop, to_the_group",
+                         [(0, signal.SIGINT, False), (2, signal.SIGINT, False), (0, signal.SIGTERM, False),
+                          (2, signal.SIGTERM, True)],
+                         ids=["ctrl-c-0", "ctrl-c-2", "sigterm-0", "sigterm-to-the-group-2"])
+def test_ctrl_c_writes_a_checkpoint_and_the_rerun_logs_each_step_once(small_shards, tmp_path, workers, stop,
+                                                                      to_the_group, capsys):
+    """``to_the_group``: the signal goes to every process of the command, as ``timeout``, systemd or a
+    batch scheduler sends it, the local Ray's raylet and workers included (they then ended with it,
+    and the driver failed 60 s later without the stop's checkpoint)."""
     run = tmp_path / "run"
     args = [sys.executable, "-m", "crosscoder.cli", "train", "--run", str(run), "--data", small_shards, "--quiet",
             "--train.latents", "96", "--train.k", "4", "--train.batch_size", "256", "--train.lr", "3e-3",
@@ -33,7 +39,8 @@ def test_ctrl_c_writes_a_checkpoint_and_the_rerun_logs_each_step_once(small_shar
     # started with SIGINT ignored, as a non-interactive shell starts a background command (and CI may
     # run the suite so): the command installs its own Ctrl-C handling, so `kill -INT` still works
     proc = subprocess.Popen([*args, "--train.steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+                            text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                            start_new_session=to_the_group)
     deadline = time.time() + 600  # Ray Train's start on a loaded 2-core machine took up to ~4 min
     while len(logged_steps(run)) < 5 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -49,7 +56,10 @@ def test_ctrl_c_writes_a_checkpoint_and_the_rerun_logs_each_step_once(small_shar
     assert main(args[3:] + ["--train.steps", "7"]) == 1
     said = capsys.readouterr().err
     assert f"is in use by another crosscoder process (pid {proc.pid} on " in said and "use another --run" in said
-    proc.send_signal(stop)
+    if to_the_group:
+        os.killpg(proc.pid, stop)
+    else:
+        proc.send_signal(stop)
     pressed = time.time()
     try:
         out, err = proc.communicate(timeout=400)
@@ -61,7 +71,8 @@ def test_ctrl_c_writes_a_checkpoint_and_the_rerun_logs_each_step_once(small_shar
     assert time.time() - pressed < 120, "the checkpoint took too long"
     assert "stopping" in err and "re-run the same command to resume from the last checkpoint" in err
     if stop == signal.SIGTERM:
-        assert "crosscoder: SIGTERM: stopping after this training step with a checkpoint" in err, err[-3000:]
+        step = "the workers' step" if workers else "this training step"
+        assert f"crosscoder: SIGTERM: stopping after {step} with a checkpoint" in err, err[-3000:]
     checkpoints = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
     assert len(checkpoints) == 1, (checkpoints, err[-3000:])  # the only one: written at the Ctrl-C
     stopped = int(checkpoints[0].split("-")[1])
