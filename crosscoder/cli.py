@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, apply_overrides, describe, load_config
-from .errors import CrosscoderError
+from .errors import CrosscoderError, NoRunDirectory
 from .interrupts import sigterm_as_ctrl_c
 
 
@@ -74,7 +74,7 @@ def cmd_compare(runs: list[str]) -> int:
     """Chat-only / base-only latents and their Latent Scaling flags, side by side for several runs."""
     rows = []
     for run in runs:
-        path = Path(run) / "analysis" / "summary.json"
+        path = existing_run(Path(run)) / "analysis" / "summary.json"
         if not path.is_file():
             print(f"crosscoder: {path} is missing; run `crosscoder analyze --run {run}` first", file=sys.stderr)
             return 1
@@ -148,6 +148,8 @@ def run_command(args, rest, argv: list[str] | None = None) -> int:
         pipeline.run(cfg, run_dir, data, progress=progress, command=command)
         return 0
     plan = pipeline.plan(cfg, run_dir, data)  # a config error stops here, in one line
+    if args.command == "analyze":
+        existing_run(plan.run_dir)  # before the lock, which would make it
     if args.command == "train" and config_path(args, _split_overrides(rest)) is None:
         if cfg.train.workers == 0:  # the one config error training finds later: before the note, one line still
             from .device import resolve as resolve_device
@@ -193,7 +195,14 @@ def _run_directory(args) -> Path:
     if not (args.run or args.run_option):
         raise ConfigError(f"crosscoder {args.command} needs the run directory: crosscoder {args.command} RUN_DIR ... "
                           "(or --run RUN_DIR)")
-    return Path(args.run or args.run_option)
+    return existing_run(Path(args.run or args.run_option))
+
+
+def existing_run(run_dir: Path) -> Path:
+    """``run_dir``, which a command that only reads a run needs to exist."""
+    if not run_dir.is_dir():
+        raise NoRunDirectory(run_dir)
+    return run_dir
 
 
 def version_line() -> str:

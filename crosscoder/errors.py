@@ -7,3 +7,12 @@ clauses still hold. Anything else is a bug and keeps its traceback."""
 
 class CrosscoderError(Exception):
     """A failure the user can fix; the message says what and where."""
+
+
+class NoRunDirectory(CrosscoderError, FileNotFoundError):
+    """A command that reads a run directory was given one that does not exist (a typo, another
+    working directory); said before anything is written, so the typo leaves no directory behind."""
+
+    def __init__(self, run_dir) -> None:
+        super().__init__(f"{run_dir}: no such run directory (`crosscoder run` or `crosscoder train` makes one, "
+                         "under runs/<name> by default)")

@@ -194,6 +194,7 @@ def test_ce_loss_recovered_is_one_for_a_perfect_reconstruction_and_zero_for_zero
 
 
 def test_analyze_without_an_export_names_the_missing_file(tmp_path):
+    (tmp_path / "nothing").mkdir()  # a run directory, not trained (none at all: the test below)
     proc = subprocess.run([sys.executable, "-m", "crosscoder.cli", "analyze", "--run", str(tmp_path / "nothing"),
                            "--quiet"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
@@ -210,9 +211,26 @@ def test_compare_prints_exclusive_latents_and_flags_per_run(artifacts):
     cells = rows[0].split()
     # relu, 25 latents, chat-only: the 6 planted + shrunk + decoupled, 1 shrinkage, 1 decoupling, 6 kept
     assert cells[1:] == ["relu", "25", "0", cells[4], "8", "1", "1", "6", "4", "1"], rows[0]
-    missing = subprocess.run([sys.executable, "-m", "crosscoder.cli", "compare", str(run.parent / "nope")],
+    (run.parent / "not-analysed").mkdir(exist_ok=True)
+    missing = subprocess.run([sys.executable, "-m", "crosscoder.cli", "compare", str(run.parent / "not-analysed")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and "summary.json is missing" in missing.stderr
+
+
+@pytest.mark.parametrize("command", [["compare", "{run}"], ["analyze", "--run", "{run}"], ["export", "{run}"],
+                                     ["export", "--run", "{run}", "--format", "neuronpedia"],
+                                     ["push", "{run}", "me/name"]])
+def test_a_run_directory_that_does_not_exist_is_one_line_and_is_not_made(tmp_path, capsys, command):
+    """A typo in the run directory: it was a message about a missing summary or export (suggesting to
+    analyse or train the typo) and, for `analyze`, a directory made for its lock."""
+    from crosscoder.cli import main
+
+    run = tmp_path / "runs" / "typo"
+    assert main([arg.format(run=run) for arg in command]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"crosscoder: NoRunDirectory: {run}: no such run directory (`crosscoder run` or `crosscoder train` "
+                   "makes one, under runs/<name> by default)"], err
+    assert not run.exists() and not run.parent.exists()
 
 
 def test_compare_names_a_summary_it_cannot_read(tmp_path, capsys):

@@ -366,6 +366,7 @@ def test_an_interrupted_command_says_how_it_resumes(tmp_path, capsys, monkeypatc
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline, command, pressed)
+    (tmp_path / "run").mkdir()  # analyze reads a run directory that exists
     code = main([command, "--run", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 130 and err == [f"crosscoder: interrupted; re-run the same command to {resumes}"], err
