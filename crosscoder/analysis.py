@@ -479,15 +479,20 @@ def read_latents_csv(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def export_of(run_dir: Path) -> Path:
+    """``<run>/crosscoder``, the run's export; an AnalysisError when training has not written it."""
+    export = run_dir / "crosscoder"
+    if not (export / "model.safetensors").is_file():
+        raise AnalysisError(f"{export}: no crosscoder export; train first (crosscoder train --run {run_dir})")
+    return export
+
+
 def load_for_run(run_dir: Path, data: str, storage, device: torch.device | str = "cpu"
                  ) -> tuple[CrossCoder, Root]:
     """The run's export (on ``device``) and its shard root, with clear errors for what is missing."""
     from .storage import open_root
 
-    export = run_dir / "crosscoder"
-    if not (export / "model.safetensors").is_file():
-        raise AnalysisError(f"{export}: no crosscoder export; train first (crosscoder train --run {run_dir})")
-    model = CrossCoder.from_pretrained(export, device=device)
+    model = CrossCoder.from_pretrained(export_of(run_dir), device=device)
     root = open_root(data, storage)
     try:
         read_manifest(root)

@@ -264,6 +264,9 @@ def analyze(p: Plan, progress: bool = True, only_if_stale: bool = False) -> dict
         print(f"analyze: {report.absolute()} is newer than the export, skipping (`crosscoder analyze` redoes it)\n"
               f"report: {report.absolute()}")
         return None
+    from .analysis import class_names, export_of
+
+    export_of(p.run_dir)  # a run not trained yet: said before the device is chosen or a Ray task started
     setting = p.cfg.analyze.device
     if setting != "cpu" and not _local_cuda() and _cluster_gpus() > 0:
         from .ray_connect import connect
@@ -273,7 +276,6 @@ def analyze(p: Plan, progress: bool = True, only_if_stale: bool = False) -> dict
         summary = connect().get(task.remote(p, False, "auto"))
     else:
         summary = analyze_here(p, progress, setting)
-    from .analysis import class_names
     from .ce_recovered import describe
 
     counts, arts, named = summary["classes"], summary["artifacts"], class_names(summary["sources"])

@@ -194,11 +194,14 @@ def test_ce_loss_recovered_is_one_for_a_perfect_reconstruction_and_zero_for_zero
 
 
 def test_analyze_without_an_export_names_the_missing_file(tmp_path):
+    """One line, before the analysis says which device it chose (it said so first)."""
     (tmp_path / "nothing").mkdir()  # a run directory, not trained (none at all: the test below)
-    proc = subprocess.run([sys.executable, "-m", "crosscoder.cli", "analyze", "--run", str(tmp_path / "nothing"),
-                           "--quiet"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "crosscoder.cli", "analyze", "--run", str(tmp_path / "nothing")],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    assert "AnalysisError" in proc.stderr and "no crosscoder export" in proc.stderr and "nothing" in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"crosscoder: AnalysisError: {tmp_path / 'nothing' / 'crosscoder'}: "
+                                                f"no crosscoder export; train first (crosscoder train --run "
+                                                f"{tmp_path / 'nothing'})"], proc.stderr
 
 
 def test_compare_prints_exclusive_latents_and_flags_per_run(artifacts):
