@@ -126,11 +126,13 @@ def cmd_validate(args) -> int:
 
 def cmd_tiny(args) -> int:
     from . import random_pair
+    from .device import settle_deepspeed_accelerator
 
     if args.hidden < 4 or args.hidden % 4 or args.layers < 1 or args.documents < 1:
         raise ConfigError(f"--hidden must be a positive multiple of 4 (the models' attention heads), --layers and "
                           f"--documents positive; got {args.hidden}, {args.layers}, {args.documents}")
     output = Path(args.output)
+    settle_deepspeed_accelerator()  # saving the models imports DeepSpeed (through accelerate)
     base, chat = random_pair.make_pair(output, hidden=args.hidden, layers=args.layers)
     docs = random_pair.write_documents(output / "documents.jsonl", n_docs=args.documents)
     print(f"tiny base model: {base}\ntiny chat model: {chat}\ndocuments: {docs}")
@@ -242,8 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
                            epilog=OVERRIDES if name in CONFIGURED else None)
-        p.add_argument("--config", help="TOML config file (default for `run`: the embedded default)")
-        p.add_argument("--run", help="run directory (default runs/<config name>; {name} in it is the config name)")
+        if name in CONFIGURED:
+            p.add_argument("--config", help="TOML config file (default for `run`: the embedded default)")
+            p.add_argument("--run", help="run directory (default runs/<config name>; {name} in it is the config name)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         if name in ("train", "run", "analyze"):
             p.add_argument("--data", help="shard root (path, file://… or s3://…), overriding the config")

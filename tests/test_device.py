@@ -184,3 +184,15 @@ def test_a_command_on_a_cpu_machine_prints_no_deepspeed_gpu_warning(tmp_path):
         said[name] = done.stdout + done.stderr
     assert "unable to detect" in said["bare"]
     assert "unable to detect" not in said["plan"], said["plan"]
+
+
+def test_crosscoder_tiny_on_a_cpu_machine_prints_only_where_it_wrote(tmp_path):
+    """`tiny` saves two models without a config or a plan: DeepSpeed's GPU warning (the test above)
+    and transformers' "Writing model shards" bars (--quiet) are not what it says."""
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    done = subprocess.run([sys.executable, "-m", "crosscoder.cli", "tiny", "--quiet", "--output", "made",
+                           "--documents", "8"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "", done.stderr
+    assert done.stdout.splitlines() == ["tiny base model: made/base", "tiny chat model: made/chat",
+                                        "documents: made/documents.jsonl"]

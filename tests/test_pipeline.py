@@ -375,7 +375,8 @@ def test_an_interrupted_command_says_how_it_resumes(tmp_path, capsys, monkeypatc
 @pytest.mark.parametrize("argv, refused", [
     (["validate", "s3://bucket/x", "--storage.endpoint_url", "http://127.0.0.1:9"],
      "--storage.endpoint_url http://127.0.0.1:9"),
-    (["keys", "--train.k", "4"], "--train.k 4"), (["compare", "runs/a", "--quiet"], "--quiet")])
+    (["keys", "--train.k", "4"], "--train.k 4"), (["compare", "runs/a", "--quiet"], "--quiet"),
+    (["tiny", "--config", "x.toml"], "--config x.toml")])
 def test_a_command_without_a_config_refuses_what_it_does_not_take(capsys, argv, refused):
     """`validate` reads its endpoint from --endpoint-url; a config override given to it (or to another
     command that reads no config) was ignored silently, and validate went to AWS instead."""
