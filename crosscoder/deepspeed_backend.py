@@ -96,6 +96,28 @@ class Objective(torch.nn.Module):
         return loss, terms, out
 
 
+@contextlib.contextmanager
+def _without_the_comm_op_line():
+    """DeepSpeed prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" with a
+    bare print() in every rank on a CPU, even when it only loaded this install's build (builds.py).
+    ``print`` itself is wrapped, not stdout: Ray Train's workers send print() to its logger (which
+    writes to the driver's console) whatever sys.stdout is. Every other print passes through."""
+    import builtins
+
+    shown = builtins.print
+
+    def print_but_that(*objects, **kwargs):
+        text = " ".join(map(str, objects))
+        if not (text.startswith("DeepSpeed ") and text.endswith("built successfully")):
+            shown(*objects, **kwargs)
+
+    builtins.print = print_but_that
+    try:
+        yield
+    finally:
+        builtins.print = shown
+
+
 def deepspeed_config(cfg: RunConfig, local_batch: int) -> dict:
     """The DeepSpeed engine's config (its settings are checked by config.validate)."""
     tc = cfg.train
@@ -146,10 +168,11 @@ class DeepSpeedBackend:
         for name, param in objective.named_parameters():
             if name in SHARDED and self.layout.latent_parallel > 1:
                 setattr(param, "model_parallel", True)  # noqa: B010 - DeepSpeed reads this flag
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=objective, model_parameters=parameter_groups(model, self.tc),
-            config=deepspeed_config(self.cfg, self.tc.batch_size // self.data_parallel),
-            mpu=self.layout, dist_init_required=False)
+        with _without_the_comm_op_line():
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=objective, model_parameters=parameter_groups(model, self.tc),
+                config=deepspeed_config(self.cfg, self.tc.batch_size // self.data_parallel),
+                mpu=self.layout, dist_init_required=False)
 
     def load(self, run_dir: Path) -> dict:
         folder = latest_checkpoint(run_dir)

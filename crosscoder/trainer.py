@@ -478,6 +478,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                                "dead": tracker.state_dict(), "rng": rng_state()}, tc.keep_checkpoints)
 
     boundary = StepBoundary("this training step")
+    said_at_the_end = ""
     try:
         with boundary:
             for step in range(start, end):
@@ -545,14 +546,16 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                     with backend.full_weights():  # before the last checkpoint: a re-run exports the same
                         calibrated = model.calibrate_threshold(_inputs(batches, collectives, tc.calibration_batches),
                                                                spec.k, tc.calibration_batches * tc.batch_size)
-                    if is_main:
-                        tqdm.write(f"train: inference thresholds calibrated on {calibrated} tokens (mean inference L0 "
-                                   f"{spec.k} there)")
+                    if is_main:  # said once the bar is closed (a redrawn bar is one more line in a Ray worker's log)
+                        said_at_the_end = (f"train: inference thresholds calibrated on {calibrated} tokens (mean "
+                                           f"inference L0 {spec.k} there)")
                 if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == end:
                     checkpoint(done)
                 result.steps = done
     finally:
         bar.close()
+        if said_at_the_end:  # tqdm.write, not print: Ray Train's workers log a print() and also show it
+            tqdm.write(said_at_the_end)
         batches.close()
         telemetry.close()
         experiment.close()
