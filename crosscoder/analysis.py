@@ -42,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 from .config import AnalyzeConfig, model_name
-from .errors import CrosscoderError
+from .errors import AnalysisError
 from .latent_scaling import LatentScaling, artifact_labels
 from .metrics import StreamingFVE, decoder_cosine, decoder_norms, relative_decoder_norm
 from .model import CrossCoder
@@ -54,10 +54,6 @@ CSV_COLUMNS = ("index", "frequency", "mean_activation", "max_activation", "speci
                "class", "beta_error_base", "beta_error_chat", "beta_recon_base", "beta_recon_chat", "nu_error",
                "nu_recon",
                "artifact")
-
-
-class AnalysisError(CrosscoderError, ValueError):
-    """The run or its data cannot be analysed; the message says which file or setting."""
 
 
 @dataclass

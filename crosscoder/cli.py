@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, apply_overrides, describe, load_config
-from .errors import CrosscoderError, NoRunDirectory
+from .errors import AnalysisError, CrosscoderError, NoRunDirectory
 from .interrupts import sigterm_as_ctrl_c
 
 
@@ -76,8 +76,7 @@ def cmd_compare(runs: list[str]) -> int:
     for run in runs:
         path = existing_run(Path(run)) / "analysis" / "summary.json"
         if not path.is_file():
-            print(f"crosscoder: {path} is missing; run `crosscoder analyze --run {run}` first", file=sys.stderr)
-            return 1
+            raise AnalysisError(f"{path} is missing; run `crosscoder analyze --run {run}` first")
         export = Path(run) / "crosscoder" / "config.json"
         config = json.loads(export.read_text()) if export.is_file() else {}
         try:
@@ -89,9 +88,8 @@ def cmd_compare(runs: list[str]) -> int:
                          a["chat_only"]["latents"] - a["chat_only"]["flagged"], a["base_only"]["latents"],
                          a["base_only"]["flagged"]])
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            print(f"crosscoder: {path} is not an analysis summary this version reads ({type(e).__name__}: {e}); "
-                  f"run `crosscoder analyze --run {run}` again", file=sys.stderr)
-            return 1
+            raise AnalysisError(f"{path} is not an analysis summary this version reads ({type(e).__name__}: {e}); "
+                                f"run `crosscoder analyze --run {run}` again") from None
     header = ["run", "sparsity", "latents", "dead", "min FVE", "chat-only", "shrinkage", "decoupling",
               "chat-only kept", "base-only", "base-only flagged"]
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]

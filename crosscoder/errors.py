@@ -16,3 +16,8 @@ class NoRunDirectory(CrosscoderError, FileNotFoundError):
     def __init__(self, run_dir) -> None:
         super().__init__(f"{run_dir}: no such run directory (`crosscoder run` or `crosscoder train` makes one, "
                          "under runs/<name> by default)")
+
+
+class AnalysisError(CrosscoderError, ValueError):
+    """The run or its data cannot be analysed, or its analysis read (``compare``); the message says
+    which file or setting."""

@@ -217,7 +217,9 @@ def test_compare_prints_exclusive_latents_and_flags_per_run(artifacts):
     (run.parent / "not-analysed").mkdir(exist_ok=True)
     missing = subprocess.run([sys.executable, "-m", "crosscoder.cli", "compare", str(run.parent / "not-analysed")],
                              capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 1 and "summary.json is missing" in missing.stderr
+    assert missing.returncode == 1 and missing.stderr.strip() == (
+        f"crosscoder: AnalysisError: {run.parent / 'not-analysed' / 'analysis' / 'summary.json'} is missing; run "
+        f"`crosscoder analyze --run {run.parent / 'not-analysed'}` first")
 
 
 @pytest.mark.parametrize("command", [["compare", "{run}"], ["analyze", "--run", "{run}"], ["export", "{run}"],
@@ -244,7 +246,8 @@ def test_compare_names_a_summary_it_cannot_read(tmp_path, capsys):
     (tmp_path / "old" / "analysis" / "summary.json").write_text('{"latents": 64}')
     assert main(["compare", str(tmp_path / "old")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "summary.json is not an analysis summary this version reads (KeyError: 'artifacts'); " \
+    assert len(err) == 1 and err[0].startswith("crosscoder: AnalysisError: ")
+    assert "summary.json is not an analysis summary this version reads (KeyError: 'artifacts'); " \
         f"run `crosscoder analyze --run {tmp_path / 'old'}` again" in err[0], err
 
 
