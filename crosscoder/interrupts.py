@@ -13,29 +13,64 @@ signals there); elsewhere it is inert. The cost: a Ctrl-C waits for the step in 
 starts its processes with SIGINT blocked, and a local Ray of ours with SIGTERM blocked as well
 (ray_connect.py), so a signal sent to every process of a command reaches only the driver, which
 stops its workers at a step boundary.
+
+SIGHUP (the terminal closed: an ssh connection dropped, a terminal window shut, without ``nohup``
+or tmux) is taken so too, unless the command started with it ignored (``nohup``): the shell sends it
+to every process of the command, and the default ended the training where it stood. A terminal that
+has hung up fails every write with EIO, so the first SIGHUP points standard output and error at
+``/dev/null`` where they were a terminal (a redirected log file keeps its lines): the stop then
+runs to its checkpoint unseen, exit status 130, and a re-run resumes there.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 from typing import Any
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_terminal_outputs: set[int] = set()  # standard output and error where they were a terminal at the start
 
 
 def sigterm_as_ctrl_c() -> None:
-    """From here on, a SIGTERM to this process is a Ctrl-C (``KeyboardInterrupt`` in the main thread),
-    which the CLI turns into its `interrupted; re-run the same command to ...` line. The CLI sets it
-    at its start, and ray_connect.connect again once Ray is started: ray.init() makes a driver exit
-    at once on SIGTERM, after a C stack dump and without a word of what was kept. Outside the main
-    thread it does nothing."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)
+    """From here on, a SIGTERM or SIGHUP to this process is a Ctrl-C (``KeyboardInterrupt`` in the main
+    thread), which the CLI turns into its `interrupted; re-run the same command to ...` line. The CLI
+    sets it at its start, and ray_connect.connect again once Ray is started: ray.init() makes a
+    driver exit at once on SIGTERM, after a C stack dump and without a word of what was kept. A
+    SIGHUP ignored from the start (``nohup``) stays ignored. Outside the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        if signal.getsignal(signal.SIGHUP) is not _interrupt:  # the first call: the terminal is still there
+            _terminal_outputs.update(fd for fd in (1, 2) if _is_terminal(fd))
+        signal.signal(signal.SIGHUP, _interrupt)
+
+
+def _is_terminal(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
+def leave_the_terminal() -> None:
+    """After a SIGHUP: standard output and error that were a terminal go to /dev/null, since every
+    write to a terminal that hung up fails (EIO) and would end the stop before its checkpoint."""
+    if not _terminal_outputs:
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in sorted(_terminal_outputs):
+        os.dup2(null, fd)
+    os.close(null)
+    _terminal_outputs.clear()
 
 
 def _interrupt(signum, frame) -> None:
+    if signum == signal.SIGHUP:
+        leave_the_terminal()
     raise KeyboardInterrupt
 
 
@@ -47,11 +82,14 @@ class StepBoundary:
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum, frame) -> None:
+        if signum == signal.SIGHUP:
+            leave_the_terminal()
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        if signum == signal.SIGTERM:
-            print(f"\ncrosscoder: SIGTERM: stopping after {self.what} with a checkpoint (a second SIGTERM or a "
+        if signum in (signal.SIGTERM, signal.SIGHUP):
+            name = "SIGTERM" if signum == signal.SIGTERM else "SIGHUP (the terminal closed)"
+            print(f"\ncrosscoder: {name}: stopping after {self.what} with a checkpoint (a second signal or a "
                   "Ctrl-C stops at once)", file=sys.stderr, flush=True)
         else:
             print(f"\ncrosscoder: stopping after {self.what} with a checkpoint (Ctrl-C again to stop at once)",
@@ -59,7 +97,8 @@ class StepBoundary:
 
     def __enter__(self) -> StepBoundary:
         if threading.current_thread() is threading.main_thread():
-            self._previous = {signum: signal.signal(signum, self._handler) for signum in SIGNALS}
+            self._previous = {signum: signal.signal(signum, self._handler) for signum in SIGNALS
+                              if not (signum == signal.SIGHUP and signal.getsignal(signum) is signal.SIG_IGN)}
         return self
 
     def __exit__(self, *exc) -> None:

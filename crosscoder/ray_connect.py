@@ -19,9 +19,10 @@ Ray started here:
 - takes a SIGTERM to the driver as a Ctrl-C again (interrupts.sigterm_as_ctrl_c, as the CLI set
   it): ray.init() makes the driver exit at once on it, after a C stack dump, saying nothing of
   what was kept;
-- starts its processes with SIGTERM blocked, as Ray blocks SIGINT in them (they inherit the mask,
-  and so do the workers the raylet starts): a SIGTERM sent to every process of the command
-  (``timeout``, ``kill -- -PGID``, systemd or a batch scheduler signalling a whole job) then
+- starts its processes with SIGTERM and SIGHUP blocked, as Ray blocks SIGINT in them (they inherit
+  the mask, and so do the workers the raylet starts): a SIGTERM sent to every process of the command
+  (``timeout``, ``kill -- -PGID``, systemd or a batch scheduler signalling a whole job), or the
+  SIGHUP a shell sends its jobs when its terminal closes, then
   reaches the driver alone, which stops the workers at a step boundary with a checkpoint; before,
   the raylet and GCS died with it, the workers with them, and the driver waited 60 s for the GCS
   before failing. The dashboard's module processes, which multiprocessing starts afresh, still
@@ -90,7 +91,7 @@ def connect(num_cpus: int | None = None):
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     empty = tempfile.mkdtemp(prefix="crosscoder-ray-")
     atexit.register(_remove_if_empty, empty)  # Ray packs it at the start; nothing needs it later
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # inherited by every process Ray starts
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP})  # inherited by Ray's processes
     try:
         ray.init(address="local", num_cpus=max(num_cpus or 0, os.cpu_count() or 1),
                  runtime_env={"working_dir": empty}, **kwargs)

@@ -22,15 +22,46 @@ def logged_steps(run: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+class Terminal:
+    """A pseudo-terminal for a command's output, read while it runs (a full one would block it), and
+    closed as an ssh connection that drops closes it: every later write there fails (EIO)."""
+
+    def __init__(self):
+        import pty
+        import threading
+
+        self.master, self.slave = pty.openpty()
+        self.shown, self._open = bytearray(), True
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        import select
+
+        while self._open:
+            if select.select([self.master], [], [], 0.1)[0]:
+                try:
+                    self.shown += os.read(self.master, 65536)
+                except OSError:
+                    return
+
+    def hang_up(self) -> None:
+        self._open = False
+        self._reader.join()
+        os.close(self.master)
+
+
 @pytest.mark.parametrize("workers, stop, to_the_group",
                          [(0, signal.SIGINT, False), (2, signal.SIGINT, False), (0, signal.SIGTERM, False),
-                          (2, signal.SIGTERM, True)],
-                         ids=["ctrl-c-0", "ctrl-c-2", "sigterm-0", "sigterm-to-the-group-2"])
+                          (2, signal.SIGTERM, True), (0, signal.SIGHUP, True), (2, signal.SIGHUP, True)],
+                         ids=["ctrl-c-0", "ctrl-c-2", "sigterm-0", "sigterm-to-the-group-2", "sighup-0", "sighup-2"])
 def test_ctrl_c_writes_a_checkpoint_and_the_rerun_logs_each_step_once(small_shards, tmp_path, workers, stop,
                                                                       to_the_group, capsys):
     """``to_the_group``: the signal goes to every process of the command, as ``timeout``, systemd or a
     batch scheduler sends it, the local Ray's raylet and workers included (they then ended with it,
-    and the driver failed 60 s later without the stop's checkpoint)."""
+    and the driver failed 60 s later without the stop's checkpoint). SIGHUP: the command writes to a
+    terminal that closes (an ssh connection dropped), then its shell sends SIGHUP to the whole job;
+    the default ended the training where it stood, and a write to the closed terminal would fail."""
     run = tmp_path / "run"
     args = [sys.executable, "-m", "crosscoder.cli", "train", "--run", str(run), "--data", small_shards, "--quiet",
             "--train.latents", "96", "--train.k", "4", "--train.batch_size", "256", "--train.lr", "3e-3",
@@ -38,9 +69,13 @@ def test_ctrl_c_writes_a_checkpoint_and_the_rerun_logs_each_step_once(small_shar
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # started with SIGINT ignored, as a non-interactive shell starts a background command (and CI may
     # run the suite so): the command installs its own Ctrl-C handling, so `kill -INT` still works
-    proc = subprocess.Popen([*args, "--train.steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    terminal = Terminal() if stop == signal.SIGHUP else None
+    output = terminal.slave if terminal else subprocess.PIPE
+    proc = subprocess.Popen([*args, "--train.steps", "100000"], stdout=output, stderr=output,
                             text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
                             start_new_session=to_the_group)
+    if terminal:
+        os.close(terminal.slave)
     deadline = time.time() + 600  # Ray Train's start on a loaded 2-core machine took up to ~4 min
     while len(logged_steps(run)) < 5 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -56,6 +91,8 @@ def test_ctrl_c_writes_a_checkpoint_and_the_rerun_logs_each_step_once(small_shar
     assert main(args[3:] + ["--train.steps", "7"]) == 1
     said = capsys.readouterr().err
     assert f"is in use by another crosscoder process (pid {proc.pid} on " in said and "use another --run" in said
+    if terminal:
+        terminal.hang_up()
     if to_the_group:
         os.killpg(proc.pid, stop)
     else:
@@ -66,10 +103,13 @@ def test_ctrl_c_writes_a_checkpoint_and_the_rerun_logs_each_step_once(small_shar
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-        pytest.fail(f"no stop {time.time() - pressed:.0f} s after Ctrl-C; stderr ends: {err[-3000:]}")
+        pytest.fail(f"no stop {time.time() - pressed:.0f} s after Ctrl-C; stderr ends: {(err or '')[-3000:]}")
+    if terminal:  # what it said after the hang-up went nowhere: what it did shows in the run directory
+        err = terminal.shown.decode(errors="replace")
     assert proc.returncode == 130, err[-3000:]
     assert time.time() - pressed < 120, "the checkpoint took too long"
-    assert "stopping" in err and "re-run the same command to resume from the last checkpoint" in err
+    if not terminal:
+        assert "stopping" in err and "re-run the same command to resume from the last checkpoint" in err
     if stop == signal.SIGTERM:
         step = "the workers' step" if workers else "this training step"
         assert f"crosscoder: SIGTERM: stopping after {step} with a checkpoint" in err, err[-3000:]
@@ -112,3 +152,26 @@ def test_a_ctrl_c_reaching_the_main_thread_waits_for_the_workers_checkpoint(tmp_
         with pytest.raises(KeyboardInterrupt):
             _wait_stopping_on_ctrl_c(thread, tmp_path, stop)
     assert not thread.is_alive() and stop.requested
+
+
+@pytest.mark.parametrize("nohup", [False, True], ids=["in-a-terminal", "under-nohup"])
+def test_sighup_stops_at_a_step_boundary_unless_the_command_started_under_nohup(nohup):
+    """Under ``nohup`` (SIGHUP ignored from the start) a closed terminal must not stop the command;
+    otherwise SIGHUP asks for the stop at the step boundary, and outside a loop it interrupts."""
+    code = ("import os, signal\n"
+            "from crosscoder.interrupts import StepBoundary, sigterm_as_ctrl_c\n"
+            "sigterm_as_ctrl_c()\n"
+            "with StepBoundary() as stop:\n"
+            "    os.kill(os.getpid(), signal.SIGHUP)\n"
+            "    print('requested', stop.requested, flush=True)\n"
+            "try:\n"
+            "    os.kill(os.getpid(), signal.SIGHUP)\n"
+            "    print('still running')\n"
+            "except KeyboardInterrupt:\n"
+            "    print('interrupted')\n")
+    ignore = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None
+    done = subprocess.run([sys.executable, "-c", code], preexec_fn=ignore, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == (["requested False", "still running"] if nohup else
+                                        ["requested True", "interrupted"]), done.stdout
