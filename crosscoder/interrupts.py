@@ -10,8 +10,8 @@ evicted, Slurm at a job's time limit), each after a grace period (10 s, 30 s, Sl
 in which one step and a checkpoint usually fit; without this, a SIGTERM ended the process where it
 stood (Ray's driver handler exits at once). It only acts in the main thread (Python delivers
 signals there); elsewhere it is inert. The cost: a Ctrl-C waits for the step in progress. Ray
-starts its processes with SIGINT blocked, and a local Ray of ours with SIGTERM blocked as well
-(ray_connect.py), so a signal sent to every process of a command reaches only the driver, which
+starts its processes with SIGINT blocked, and a local Ray of ours with SIGTERM and SIGHUP blocked
+as well (ray_connect.py), so a signal sent to every process of a command reaches only the driver, which
 stops its workers at a step boundary.
 
 SIGHUP (the terminal closed: an ssh connection dropped, a terminal window shut, without ``nohup``
