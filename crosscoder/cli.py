@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .config import ConfigError, RunConfig, apply_overrides, describe, load_config
 from .errors import AnalysisError, CrosscoderError, NoRunDirectory
-from .interrupts import sigterm_as_ctrl_c
+from .interrupts import stop_signals_as_ctrl_c
 
 
 def _split_overrides(rest: list[str]) -> list[tuple[str, str]]:
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     # project's machine). Read at the process's first large allocation; the Ray processes this
     # command starts inherit it. Costs a little more resident memory; set it to 0 to turn it off.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    sigterm_as_ctrl_c()  # docker stop, a deleted pod, Slurm's time limit: stop as after a Ctrl-C (interrupts.py)
+    stop_signals_as_ctrl_c()  # docker stop, a deleted pod, Slurm's time limit: stop as after a Ctrl-C (interrupts.py)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in CONFIGURED:  # only these take config overrides; others never ignore one

@@ -34,7 +34,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _terminal_outputs: set[int] = set()  # standard output and error where they were a terminal at the start
 
 
-def sigterm_as_ctrl_c() -> None:
+def stop_signals_as_ctrl_c() -> None:
     """From here on, a SIGTERM or SIGHUP to this process is a Ctrl-C (``KeyboardInterrupt`` in the main
     thread), which the CLI turns into its `interrupted; re-run the same command to ...` line. The CLI
     sets it at its start, and ray_connect.connect again once Ray is started: ray.init() makes a
@@ -45,15 +45,8 @@ def sigterm_as_ctrl_c() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         if signal.getsignal(signal.SIGHUP) is not _interrupt:  # the first call: the terminal is still there
-            _terminal_outputs.update(fd for fd in (1, 2) if _is_terminal(fd))
+            _terminal_outputs.update(fd for fd in (1, 2) if os.isatty(fd))  # False where fd is closed
         signal.signal(signal.SIGHUP, _interrupt)
-
-
-def _is_terminal(fd: int) -> bool:
-    try:
-        return os.isatty(fd)
-    except OSError:
-        return False
 
 
 def leave_the_terminal() -> None:

@@ -16,7 +16,7 @@ Ray started here:
 - has its dashboard on 127.0.0.1 only: Ray Train's controller monitor reads actor states through
   the dashboard's state API and, without it, logs "Failed to query Ray Train Controller actor
   state" every few seconds. The cost is the dashboard's process, ~100 MiB and a second or two;
-- takes a SIGTERM to the driver as a Ctrl-C again (interrupts.sigterm_as_ctrl_c, as the CLI set
+- takes a SIGTERM or SIGHUP to the driver as a Ctrl-C again (interrupts.stop_signals_as_ctrl_c, as the CLI set
   it): ray.init() makes the driver exit at once on it, after a C stack dump, saying nothing of
   what was kept;
 - starts its processes with SIGTERM and SIGHUP blocked, as Ray blocks SIGINT in them (they inherit
@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CrosscoderError
-from .interrupts import sigterm_as_ctrl_c
+from .interrupts import stop_signals_as_ctrl_c
 
 PACKAGE = Path(__file__).resolve().parent
 _started: str | None = None  # the address of the local Ray this process started
@@ -61,6 +61,12 @@ _started: str | None = None  # the address of the local Ray this process started
 # Ray Train settings for a local Ray this process starts (read by Ray Train in the driver at each
 # fit and passed to its controller); a value already in the environment is left alone
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def use_local_ray_env() -> None:
+    """Put :data:`LOCAL_RAY_ENV` in this process's environment, keeping a value already there."""
+    for name, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 class CodeMismatch(CrosscoderError, RuntimeError):
@@ -79,14 +85,13 @@ def connect(num_cpus: int | None = None):
     kwargs: dict[str, Any] = {"dashboard_host": "127.0.0.1", "log_to_driver": True, "configure_logging": False}
     if address and address != _started:
         ray.init(address=address, **kwargs)
-        sigterm_as_ctrl_c()
+        stop_signals_as_ctrl_c()
         return ray
     with socket.socket() as s:  # the GCS port, chosen first so the address is known before the start
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     _started = f"127.0.0.1:{port}"
-    for name, value in LOCAL_RAY_ENV.items():
-        os.environ.setdefault(name, value)
+    use_local_ray_env()
     os.environ["RAY_ADDRESS"] = _started  # inherited by every process the local Ray starts
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     empty = tempfile.mkdtemp(prefix="crosscoder-ray-")
@@ -98,7 +103,7 @@ def connect(num_cpus: int | None = None):
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
-    sigterm_as_ctrl_c()
+    stop_signals_as_ctrl_c()
     return ray
 
 

@@ -149,11 +149,10 @@ def ray_cluster():
     this 2-core machine: Ray Train asks one per worker, and the resharding test runs 4 workers."""
     import ray
 
-    from crosscoder.ray_connect import LOCAL_RAY_ENV
+    from crosscoder.ray_connect import use_local_ray_env
 
     _shut_down_a_commands_ray()
-    for name, value in LOCAL_RAY_ENV.items():  # Ray Train as on the local Ray a command starts
-        os.environ.setdefault(name, value)
+    use_local_ray_env()  # Ray Train as on the local Ray a command starts
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()

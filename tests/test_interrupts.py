@@ -159,8 +159,8 @@ def test_sighup_stops_at_a_step_boundary_unless_the_command_started_under_nohup(
     """Under ``nohup`` (SIGHUP ignored from the start) a closed terminal must not stop the command;
     otherwise SIGHUP asks for the stop at the step boundary, and outside a loop it interrupts."""
     code = ("import os, signal\n"
-            "from crosscoder.interrupts import StepBoundary, sigterm_as_ctrl_c\n"
-            "sigterm_as_ctrl_c()\n"
+            "from crosscoder.interrupts import StepBoundary, stop_signals_as_ctrl_c\n"
+            "stop_signals_as_ctrl_c()\n"
             "with StepBoundary() as stop:\n"
             "    os.kill(os.getpid(), signal.SIGHUP)\n"
             "    print('requested', stop.requested, flush=True)\n"
