@@ -34,7 +34,12 @@ Ray started here:
   such deaths out of ``train.max_failures``; a Ray of one machine that this command started and
   stops is never drained, and the actor's start cost about 3 s of a 2-worker start of 17-20 s on
   2 cores (measured side by side), besides an error line Ray's core worker logs for it on every
-  run. A cluster (``RAY_ADDRESS``, ``ray job submit``, KubeRay) keeps it.
+  run. A cluster (``RAY_ADDRESS``, ``ray job submit``, KubeRay) keeps it;
+- keeps Ray's token authentication, which Ray turns on for a local start (the token in
+  ``~/.ray/auth_token``, made on the first start; ``RAY_AUTH_MODE=disabled`` turns it off), without
+  the warning line Ray logs about it on every start: the mode cannot be named in the environment
+  instead, since the driver reads it when ``ray`` is imported (named later, the driver then lacks
+  the token the GCS asks for).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import signal
@@ -61,6 +67,8 @@ _started: str | None = None  # the address of the local Ray this process started
 # Ray Train settings for a local Ray this process starts (read by Ray Train in the driver at each
 # fit and passed to its controller); a value already in the environment is left alone
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# the logger of Ray's "Token authentication is enabled for this Ray cluster" warning at a local start
+_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 def use_local_ray_env() -> None:
@@ -97,10 +105,14 @@ def connect(num_cpus: int | None = None):
     empty = tempfile.mkdtemp(prefix="crosscoder-ray-")
     atexit.register(_remove_if_empty, empty)  # Ray packs it at the start; nothing needs it later
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP})  # inherited by Ray's processes
+    auth_logger = logging.getLogger(_AUTH_LOGGER)
+    level = auth_logger.level
+    auth_logger.setLevel(logging.ERROR)
     try:
         ray.init(address="local", num_cpus=max(num_cpus or 0, os.cpu_count() or 1),
                  runtime_env={"working_dir": empty}, **kwargs)
     finally:
+        auth_logger.setLevel(level)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
     stop_signals_as_ctrl_c()

@@ -13,6 +13,7 @@ import pytest
 
 from crosscoder.analysis import read_latents_csv
 from crosscoder.model import CrossCoder
+from crosscoder.ray_connect import LOCAL_RAY_ENV
 from crosscoder.shards import read_manifest
 from crosscoder.storage import Root
 
@@ -25,7 +26,8 @@ def crosscoder(*args, cwd) -> subprocess.CompletedProcess:
     """The command in ``cwd``, with its own temporary directory there (``cwd/tmp``); Ray's stays in /tmp,
     as its socket paths must be short."""
     env = dict(os.environ, TMPDIR=str(cwd / "tmp"), RAY_TMPDIR="/tmp")
-    env.pop("RAY_ADDRESS", None)
+    for name in ("RAY_ADDRESS", *LOCAL_RAY_ENV):  # as a user's shell has it: the command sets these itself
+        env.pop(name, None)
     (cwd / "tmp").mkdir(exist_ok=True)
     proc = subprocess.run([sys.executable, "-m", "crosscoder.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=900)
@@ -52,6 +54,8 @@ def test_embedded_default_makes_tiny_models_harvests_trains_on_two_workers_and_r
     assert "built successfully" not in first.stdout + first.stderr
     # nor Ray's error line for the preemption watcher a local Ray does without (ray_connect.LOCAL_RAY_ENV)
     assert "PreemptionWatcher" not in first.stdout + first.stderr
+    # nor Ray's warning that it turned token authentication on (it is on: ray_connect.py)
+    assert "Token authentication is enabled" not in first.stdout + first.stderr
     assert "tiny models: writing demo documents" in first.stdout and "tiny models: training" not in first.stdout
     manifest = read_manifest(Root(str(run / "shards")))
     assert [s.name for s in manifest.sources] == ["base", "chat"] and manifest.extra["harvest"]["complete"]
