@@ -620,8 +620,9 @@ def write_shards(cfg: RunConfig, models: list[ModelSpec], plan: list[list[Chunk]
     hc = cfg.harvest
     ray = connect(math.ceil(hc.actors * hc.cpus_per_actor))
     env = worker_env()  # settings, never credentials (ray_connect.WORKER_ENV)
-    if not progress:  # --quiet: no "Loading weights" bar from every actor's transformers either
-        env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    # no "Loading weights" (or download) bar from the actors' transformers: Ray passes an actor's
+    # output on by whole lines, so a bar arrives once, finished, cutting into the harvest's own bar
+    env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     n_actors = max(1, min(hc.actors, len(pending)))
     wanted = hc.memory_per_actor * 2**30 or estimated_actor_memory(models, hc.gpus_per_actor)
     memory = memory_request(ray, wanted, n_actors, "harvest.memory_per_actor")

@@ -101,8 +101,10 @@ def test_a_sigterm_stops_a_harvest_keeping_its_shards_and_saying_how_it_resumes(
             in stderr.splitlines()), stderr[-3000:]
     # the shards the driver had are in the manifest written at the stop; one in flight is redone
     kept = {info.name: (out / info.name).stat().st_mtime_ns for info in read_manifest(Root(str(out))).shards}
-    again = cli(["harvest", "--config", str(config), "--quiet"], tmp_path)
+    again = cli(["harvest", "--config", str(config)], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
+    # its progress: the harvest's bar, without the actors' transformers bars cutting into it
+    assert "harvest: 100%" in again.stderr and "Loading weights" not in again.stdout + again.stderr
     manifest = read_manifest(Root(str(out)))
     planned = manifest.extra["harvest"]["planned_shards"]
     assert manifest.extra["harvest"]["complete"] and len(manifest.shards) == planned and 0 < len(kept) < planned
