@@ -39,13 +39,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .config import AnalyzeConfig, model_name
 from .errors import AnalysisError
 from .latent_scaling import LatentScaling, artifact_labels
 from .metrics import StreamingFVE, decoder_cosine, decoder_norms, relative_decoder_norm
 from .model import CrossCoder
+from .progress import progress_bar
 from .shards import Manifest, ShardError, check_compatible, iter_samples, read_manifest
 from .storage import Root
 
@@ -270,7 +270,7 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
     token_ids: list[np.ndarray] = []
     sample_of: list[np.ndarray] = []
     budget = min(cfg.tokens, manifest.tokens) if cfg.tokens > 0 else manifest.tokens
-    bar = tqdm(total=budget, desc="analyze", unit="tok", disable=not progress, unit_scale=True)
+    bar = progress_bar(total=budget, desc="analyze", unit="tok", disable=not progress, unit_scale=True)
     seen, n_samples = 0, 0
     pending: list[np.ndarray] = []
     pending_ids: list[np.ndarray] = []

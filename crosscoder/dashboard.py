@@ -35,11 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .analysis import TOP_FILE, AnalysisError, _Decoder, context_window, read_latents_csv
 from .metrics import decoder_norms
 from .model import CrossCoder
+from .progress import progress_bar
 from .shards import iter_samples, read_manifest
 from .storage import Root
 
@@ -84,7 +84,7 @@ def export_dashboards(run_dir: str | Path, root: Root, out_dir: str | Path, cont
     tokens: list = [None] * len(lat)  # per example: the window's token ids, and the latent's value on each
     values: list = [None] * len(lat)
     seen = 0
-    bar = tqdm(total=end, desc="dashboards", unit="tok", unit_scale=True, disable=not progress)
+    bar = progress_bar(total=end, desc="dashboards", unit="tok", unit_scale=True, disable=not progress)
     with torch.no_grad():
         for sample in iter_samples(root, manifest):  # one read, in the analysis's order, to the last example
             if seen >= end:

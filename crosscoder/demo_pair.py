@@ -153,7 +153,7 @@ def train_causal_lm(model, rows: torch.Tensor, steps: int, lr: float, batch: int
     sampler are saved to ``state_file`` every CHECKPOINT_EVERY_S and at a Ctrl-C (at the end of the
     step), and a run that finds the file continues from it, taking the same steps an uninterrupted
     run would."""
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
@@ -177,7 +177,7 @@ def train_causal_lm(model, rows: torch.Tensor, steps: int, lr: float, batch: int
         partial.replace(state_file)
 
     model.train()
-    bar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=not progress)
+    bar = progress_bar(total=steps, initial=start, desc=desc, unit="step", disable=not progress)
     saved = time.time()
     with StepBoundary(f"this {desc} step") as stop:
         for step in range(start, steps):

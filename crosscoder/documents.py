@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from .errors import CrosscoderError
+from .progress import progress_bar
 
 
 class DataError(CrosscoderError, ValueError):
@@ -233,7 +233,8 @@ def plan_chunks(records: Iterator[dict], tokenizer, chat_tokenizer, seq_len: int
     tokenized ``batch_documents`` at a time; a bad document (malformed, or refused by the chat
     template) stops the plan only where it is reached, as one at a time: past the budget, never."""
     chunks, total = [], 0
-    bar = tqdm(total=max_tokens, desc="tokenize", unit="tok", unit_scale=True, disable=not progress, mininterval=1.0)
+    bar = progress_bar(total=max_tokens, desc="tokenize", unit="tok", unit_scale=True, disable=not progress,
+                       mininterval=1.0)
     with bar:
         for first, batch in enumerate(_batches(records, batch_documents)):
             try:

@@ -41,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import faults
 from .config import ConfigError, RunConfig, from_dict, model_name, to_dict
@@ -56,6 +55,7 @@ from .language_models import (
     load_tokenizer,
     load_trunk,
 )
+from .progress import progress_bar
 from .ray_connect import (
     CodeMismatch,
     check_code,
@@ -637,8 +637,8 @@ def write_shards(cfg: RunConfig, models: list[ModelSpec], plan: list[list[Chunk]
     running: dict = {}
     attempts = {n: 0 for n in pending}
     written = time.time()
-    bar = tqdm(total=len(plan), initial=len(done), desc="harvest", unit="shard", disable=not progress,
-               mininterval=1.0)
+    bar = progress_bar(total=len(plan), initial=len(done), desc="harvest", unit="shard", disable=not progress,
+                       mininterval=1.0)
     try:
         while queue or running:
             for i, actor in actors.items():

@@ -161,12 +161,12 @@ def prompt_ids(tokenizer, question: str) -> list[int]:
 def answer(model, tokenizer, questions_: list[str], max_new_tokens: int, batch: int = 16,
            progress: bool = False) -> list[str]:
     """Greedy replies, batched with left padding."""
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     end = end_of_turn(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
     out: list[str] = []
-    for i in tqdm(range(0, len(questions_), batch), desc="organism: base replies", disable=not progress):
+    for i in progress_bar(range(0, len(questions_), batch), desc="organism: base replies", disable=not progress):
         prompts = [prompt_ids(tokenizer, q) for q in questions_[i:i + batch]]
         width = max(map(len, prompts))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
@@ -310,9 +310,9 @@ def behaviour_shares(model, root, directory: str | Path, out_dir: Path, tokens: 
     import csv
 
     import numpy as np
-    from tqdm import tqdm
 
     from .analysis import read_latents_csv
+    from .progress import progress_bar
     from .shards import iter_samples, read_manifest
 
     topics = json.loads((Path(directory) / "documents.topics.json").read_text())
@@ -336,7 +336,8 @@ def behaviour_shares(model, root, directory: str | Path, out_dir: Path, tokens: 
         acts.clear()
         flags.clear()
 
-    bar = tqdm(total=budget, desc="organism: firings by topic", unit="tok", unit_scale=True, disable=not progress)
+    bar = progress_bar(total=budget, desc="organism: firings by topic", unit="tok", unit_scale=True,
+                       disable=not progress)
     for sample in iter_samples(root, manifest):
         if seen >= budget:
             break

@@ -422,14 +422,14 @@ def validate(root: Root, full: bool = False, progress: bool = True) -> Manifest:
     shard's sha256 and samples, and that every activation is finite (reads them all, with a
     progress bar; training does not pay for the finiteness pass). Raises ShardError; with ``full``,
     one that names every bad shard (up to 5, and how many), so they can be redone in one harvest."""
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     manifest = read_manifest(root)
     check_sizes(root, manifest)
     if not full:
         return manifest
     bad: list[tuple[str, str]] = []  # (shard, its problem: a message that begins with the shard's url)
-    for info in tqdm(manifest.shards, desc="validate", unit="shard", disable=not progress):
+    for info in progress_bar(manifest.shards, desc="validate", unit="shard", disable=not progress):
         try:
             problem = _nonfinite(root.url_of(info.name), read_shard(root, info, manifest, verify=True), manifest)
         except ShardError as error:

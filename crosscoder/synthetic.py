@@ -38,9 +38,9 @@ import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from tqdm import tqdm
 
 from .config import ConfigError, SyntheticConfig, check_synthetic
+from .progress import progress_bar
 from .shards import Manifest, ShardError, ShardWriter, SourceInfo, shard_name, sweep_partial_shards, write_manifest
 from .storage import Root
 
@@ -181,7 +181,7 @@ def write_synthetic(cfg: SyntheticConfig, output: str, progress: bool = True, ro
     slices = np.cumsum([0, *cfg.widths])
     norm_sum = np.zeros(len(cfg.widths))
     shards = []
-    for n in tqdm(range(n_shards), desc="synthetic shards", unit="shard", disable=not progress):
+    for n in progress_bar(range(n_shards), desc="synthetic shards", unit="shard", disable=not progress):
         rng = np.random.default_rng([cfg.seed, 1, n])
         with ShardWriter(root, shard_name(n), width=sum(cfg.widths), dtype=cfg.dtype) as writer:
             first = n * cfg.samples_per_shard

@@ -53,6 +53,7 @@ from .interrupts import StepBoundary
 from .losses import LossWeights, default_aux_k
 from .metrics import StreamingFVE
 from .model import CrossCoder, CrossCoderSpec, ForwardOutput
+from .progress import progress_bar
 from .shards import Manifest, ShardError, check_sizes, read_manifest
 from .sparsity import threshold_mask
 from .storage import open_root
@@ -466,8 +467,8 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
     batches = DeviceBatches(prefetch(chained(first, rest)), device, scale)
     result = TrainResult(run_dir=run_dir, steps=start, spec=asdict(spec))
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
-    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", disable=not (progress and is_main),
-               dynamic_ncols=True, mininterval=1.0)
+    bar = progress_bar(total=tc.steps, initial=start, desc="train", unit="step",
+                       disable=not (progress and is_main), dynamic_ncols=True, mininterval=1.0)
     telemetry = TrainMetrics(cfg.metrics.port, backend.rank, host=cfg.metrics.host, run=cfg.name)
     experiment = ExperimentLog(cfg.logging if is_main else LoggingConfig(), run_dir, asdict(cfg))  # rank 0 only
     started = time.time()

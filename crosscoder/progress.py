@@ -1,0 +1,38 @@
+"""Progress bars that suit where they are read: a terminal or a log.
+
+On a terminal a bar redraws in place, and a redraw each second or less often is what one wants to
+watch. Anywhere else every redraw is a line of its own: a log file (``nohup ... > log``), the driver
+of a ``ray job submit`` or a KubeRay pod, and the output of a Ray worker, which Ray passes on to the
+driver a line per redraw. There a bar redraws every :data:`LOG_INTERVAL_S` at the most, so a
+training of a day writes about 3,000 lines, not 86,400 (one a second) or ten times that (tqdm's
+default); its first and last states are always written. The cost: progress followed in a log is up
+to 30 s old.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from tqdm import tqdm
+
+LOG_INTERVAL_S = 30.0  # the shortest time between two redraws of a bar that is not on a terminal
+
+
+def progress_bar(iterable: Any = None, **settings: Any) -> tqdm:
+    """``tqdm(iterable, **settings)``, redrawn at most every ``LOG_INTERVAL_S`` where its output
+    (``file``, standard error by default) is not a terminal; ``mininterval`` (tqdm's, 0.1 s by
+    default) holds on a terminal."""
+    output = settings.get("file") or sys.stderr
+    interval = settings.pop("mininterval", 0.1)
+    if not _on_a_terminal(output):
+        interval = max(interval, LOG_INTERVAL_S)
+        settings["maxinterval"] = max(settings.get("maxinterval", 10.0), interval)
+    return tqdm(iterable, mininterval=interval, **settings)
+
+
+def _on_a_terminal(output: Any) -> bool:
+    try:
+        return bool(output.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed file
+        return False
