@@ -102,7 +102,7 @@ def export_dashboards(run_dir: str | Path, root: Root, out_dir: str | Path, cont
                     values[e] = f[at, int(lat[e])].tolist()
                     tokens[e] = sample.tokens[first:stop]
             seen += n
-            bar.update(n)
+            bar.update(min(seen, end) - bar.n)  # the last sample read may reach past the last example
     bar.close()
 
     decoder = _Decoder(manifest)

@@ -28,8 +28,10 @@ def test_dashboards_hold_every_live_latents_top_activations_with_values_on_every
     data = run.parent / "shards"
     out = tmp_path / "np"
     assert main(["export", str(run), "--format", "neuronpedia", "--data", str(data), "--out", str(out),
-                 "--model-id", "planted", "--layer", "3", "--quiet"]) == 0
-    assert "Neuronpedia batch files" in capsys.readouterr().out
+                 "--model-id", "planted", "--layer", "3"]) == 0
+    said = capsys.readouterr()
+    assert "Neuronpedia batch files" in said.out
+    assert said.err.rstrip().splitlines()[-1].startswith("dashboards: 100%|")  # its bar ends at its total
     columns = read_latents_csv(run / "analysis" / "latents.csv")
     top = np.load(run / "analysis" / "top_activations.npz")
     live = np.flatnonzero(columns["class"] != "dead")
