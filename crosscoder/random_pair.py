@@ -66,8 +66,18 @@ def perturbed_copy(model, scale: float = 0.05, seed: int = 1):
 
 
 def save(model, tokenizer, directory: Path) -> str:
+    """``save_pretrained`` of both into ``directory``, without transformers' "Writing model shards"
+    bar (a model of one file: the bar says nothing the next line does not)."""
+    from transformers.utils import logging as hf_logging
+
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(directory)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(directory)
     return str(directory)
 
