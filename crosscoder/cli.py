@@ -179,7 +179,8 @@ COMMANDS = {
     "run": "every stage in order; with no arguments, the embedded default",
 }
 CONFIGURED = set(COMMANDS) - {"tiny"}  # the commands that read a config, so take --section.key overrides
-OVERRIDES = ("Any config key can be overridden: --train.k 64, --synthetic.tokens=100000. "
+OVERRIDES = ("Any config key can be overridden: --train.k 64, --synthetic.tokens=100000, "
+             "--synthetic.widths '[64, 96]' (a list of one: --harvest.hooks model.layers.13). "
              "'crosscoder keys' lists them all.")
 
 

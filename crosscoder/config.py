@@ -427,6 +427,9 @@ def _parse_override_value(text: str, tp: Any, key: str) -> Any:
         value = text
     if tp is bool and isinstance(value, str):
         value = {"true": True, "false": False, "1": True, "0": False}.get(value.lower(), value)
+    if typing.get_origin(tp) is list and typing.get_args(tp)[0] in (str, int, float) and \
+            not isinstance(value, (list, dict)):
+        value = [value]  # --harvest.hooks model.layers.13: a list of one
     return _coerce(value, tp, key)
 
 

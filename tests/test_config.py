@@ -61,6 +61,13 @@ def test_overrides_are_typed_and_checked():
         apply_overrides(cfg, [("train.k", "lots")])
     with pytest.raises(ConfigError, match="needs a value"):
         _split_overrides(["--train.k"])
+    # a list of one item may be given as the item alone; its type is still checked
+    apply_overrides(cfg, [("harvest.hooks", "model.layers.13"), ("synthetic.raw_scale", "2.5")])
+    assert cfg.harvest.hooks == ["model.layers.13"] and cfg.synthetic.raw_scale == [2.5]
+    with pytest.raises(ConfigError, match=r"--synthetic.widths\[0\]: expected an integer, got 'wide'"):
+        apply_overrides(cfg, [("synthetic.widths", "wide")])
+    with pytest.raises(ConfigError, match="--harvest.models: expected a list"):
+        apply_overrides(cfg, [("harvest.models", "base")])
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path):
