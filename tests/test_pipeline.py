@@ -106,7 +106,8 @@ def test_a_commands_help_says_how_to_override_a_config_key(capsys, command, over
         main([command, "--help"])
     assert end.value.code == 0
     shown = " ".join(capsys.readouterr().out.split())  # argparse wraps at the terminal's width
-    said = "Any config key can be overridden: --train.k 64, --synthetic.tokens=100000. 'crosscoder keys' lists them all."
+    said = ("Any config key can be overridden: --train.k 64, --synthetic.tokens=100000, --synthetic.widths '[64, 96]' "
+            "(a list of one: --harvest.hooks model.layers.13). 'crosscoder keys' lists them all.")
     assert (said in shown) == overridable, shown
 
 
