@@ -41,6 +41,17 @@ def _split_overrides(rest: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+def _take_run_directory(rest: list[str]) -> tuple[str | None, list[str]]:
+    """``train`` and ``analyze`` take the run directory as ``export`` does, as a word of its own
+    (``crosscoder analyze runs/default``): the first argument that is neither an override nor its value."""
+    i = 0
+    while i < len(rest):
+        if not rest[i].startswith("--"):
+            return rest[i], rest[:i] + rest[i + 1:]
+        i += 1 if "=" in rest[i] else 2
+    return None, rest
+
+
 def default_config_path() -> Path:
     return Path(str(resources.files("crosscoder") / "configs" / "default.toml"))
 
@@ -245,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog=OVERRIDES if name in CONFIGURED else None)
         if name in CONFIGURED:
             p.add_argument("--config", help="TOML config file (default for `run`: the embedded default)")
-            p.add_argument("--run", help="run directory (default runs/<config name>; {name} in it is the config name)")
+            own = f"; or as a word of its own: crosscoder {name} RUN_DIR" if name in ("train", "analyze") else ""
+            p.add_argument("--run", help="run directory (default runs/<config name>; {name} in it is the config "
+                           f"name){own}")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         if name in ("train", "run", "analyze"):
             p.add_argument("--data", help="shard root (path, file://… or s3://…), overriding the config")
@@ -358,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"crosscoder {args.command}: unrecognized arguments: {' '.join(rest)} "
               f"(`crosscoder {args.command} --help` lists its options)", file=sys.stderr)
         return 2
+    if args.command in ("train", "analyze"):
+        run, rest = _take_run_directory(rest)
+        if run is not None and args.run is not None and Path(run) != Path(args.run):
+            print(f"crosscoder: config error: two run directories given: {run} and --run {args.run}", file=sys.stderr)
+            return 2
+        args.run = args.run or run
     if getattr(args, "quiet", False):  # nor transformers' and huggingface_hub's bars (loading weights, downloads)
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     try:

@@ -222,7 +222,8 @@ def test_compare_prints_exclusive_latents_and_flags_per_run(artifacts):
         f"`crosscoder analyze --run {run.parent / 'not-analysed'}` first")
 
 
-@pytest.mark.parametrize("command", [["compare", "{run}"], ["analyze", "--run", "{run}"], ["export", "{run}"],
+@pytest.mark.parametrize("command", [["compare", "{run}"], ["analyze", "--run", "{run}"], ["analyze", "{run}"],
+                                     ["export", "{run}"],
                                      ["export", "--run", "{run}", "--format", "neuronpedia"],
                                      ["push", "{run}", "me/name"]])
 def test_a_run_directory_that_does_not_exist_is_one_line_and_is_not_made(tmp_path, capsys, command):

@@ -154,6 +154,14 @@ def test_train_without_a_config_continues_the_run_in_its_default_directory(tmp_p
     out = capsys.readouterr().out
     assert f"train: resuming {tmp_path / 'runs' / 'default'} from step 6 of 8" in out and "step 8:" in out
     assert (tmp_path / "runs" / "default" / "config.toml").read_text() == saved.replace("steps = 6", "steps = 8")
+    # the run directory as a word of its own, as `export` takes it, anywhere among the overrides
+    assert main(["train", "--train.steps", "10", "runs/default", "--quiet"]) == 0
+    assert f"train: resuming {tmp_path / 'runs' / 'default'} from step 8 of 10" in capsys.readouterr().out
+    assert main(["analyze", "runs/default", "--quiet"]) == 0
+    assert f"report: {tmp_path / 'runs' / 'default' / 'analysis' / 'report.html'}" in capsys.readouterr().out
+    assert main(["analyze", "runs/default", "--run", "runs/other"]) == 2
+    assert capsys.readouterr().err == "crosscoder: config error: two run directories given: runs/default and --run " \
+        "runs/other\n"
 
 
 def test_train_without_any_config_says_it_takes_the_package_defaults(tmp_path, capsys):
