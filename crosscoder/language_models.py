@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import CrosscoderError
+from .progress import pace_transformers_bars
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # a numbered decoder layer in a module path: model.layers.13, transformer.h.5, …
@@ -92,6 +93,7 @@ def _from_pretrained(loader, spec: ModelSpec, **kwargs):
         kwargs |= {"device_map": spec.device_map, "max_memory": max_memory or None}
     elif spec.device != "cpu":
         kwargs["device_map"] = {"": spec.device}  # straight onto the GPU, no full copy on the host
+    pace_transformers_bars()  # "Loading weights": one line a redraw in a log
     try:
         model = loader.from_pretrained(path, revision=spec.revision, dtype=DTYPES[spec.dtype], **kwargs)
     except OSError as e:

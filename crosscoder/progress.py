@@ -5,8 +5,9 @@ watch. Anywhere else every redraw is a line of its own: a log file (``nohup ... 
 of a ``ray job submit`` or a KubeRay pod, and the output of a Ray worker, which Ray passes on to the
 driver a line per redraw. There a bar redraws every :data:`LOG_INTERVAL_S` at the most, so a
 training of a day writes about 3,000 lines, not 86,400 (one a second) or ten times that (tqdm's
-default); its first and last states are always written. The cost: progress followed in a log is up
-to 30 s old.
+default); its first and last states are always written. transformers' own bars ("Loading weights")
+are paced the same way once a model is loaded through ``language_models``. The cost: progress
+followed in a log is up to 30 s old.
 """
 
 from __future__ import annotations
@@ -29,6 +30,22 @@ def progress_bar(iterable: Any = None, **settings: Any) -> tqdm:
         interval = max(interval, LOG_INTERVAL_S)
         settings["maxinterval"] = max(settings.get("maxinterval", 10.0), interval)
     return tqdm(iterable, mininterval=interval, **settings)
+
+
+def pace_transformers_bars() -> None:
+    """transformers' own bars ("Loading weights") paced as ours are, through its tqdm hook (transformers
+    5). Called where a model is loaded, not at start-up: importing transformers takes most of a second."""
+    from transformers.utils import logging as hf_logging
+
+    def made(factory, args, kwargs):
+        output = kwargs.get("file") or sys.stderr
+        if isinstance(factory, type) and issubclass(factory, tqdm) and not _on_a_terminal(output):  # not disabled
+            interval = max(kwargs.get("mininterval", 0.1), LOG_INTERVAL_S)
+            kwargs = {**kwargs, "mininterval": interval, "maxinterval": max(kwargs.get("maxinterval", 10.0), interval)}
+        return factory(*args, **kwargs)
+
+    if hasattr(hf_logging, "set_tqdm_hook"):
+        hf_logging.set_tqdm_hook(made)
 
 
 def _on_a_terminal(output: Any) -> bool:

@@ -53,3 +53,28 @@ def test_every_bar_of_the_package_is_a_progress_bar():
     direct = [f"{path.name}:{n}" for path in sorted(package.glob("*.py")) if path.name != "progress.py"
               for n, line in enumerate(path.read_text().splitlines(), 1) if re.search(r"(?<![\w.])tqdm\(", line)]
     assert not direct
+
+
+def test_transformers_bars_in_a_log_are_paced_as_ours_once_a_model_is_loaded(tmp_path):
+    """transformers' "Loading weights" bar (a real model: hundreds of tensors over seconds) was a line per
+    0.1 s in a ``ray job submit`` or ``nohup`` log."""
+    import io
+
+    from transformers.utils import logging as hf_logging
+
+    from crosscoder.language_models import ModelSpec, load_model
+    from crosscoder.random_pair import make_pair
+
+    base, _ = make_pair(tmp_path / "pair", hidden=32, layers=2)
+    previous = hf_logging.set_tqdm_hook(None)
+    try:
+        load_model(ModelSpec(name="base", path=base))  # sets the hook, as every model load does
+        log = io.StringIO()
+        with hf_logging.tqdm(total=20, desc="Loading weights", file=log) as bar:
+            for _ in range(20):
+                time.sleep(0.05)
+                bar.update(1)
+    finally:
+        hf_logging.set_tqdm_hook(previous)
+    drawn = [line for line in re.split(r"[\r\n]", log.getvalue()) if line.startswith("Loading weights")]
+    assert len(drawn) == 2, drawn  # 1 s of loading: tqdm's default drew it ten times
