@@ -1,13 +1,13 @@
 """Progress bars that suit where they are read: a terminal or a log.
 
-On a terminal a bar redraws in place, and a redraw each second or less often is what one wants to
-watch. Anywhere else every redraw is a line of its own: a log file (``nohup ... > log``), the driver
-of a ``ray job submit`` or a KubeRay pod, and the output of a Ray worker, which Ray passes on to the
-driver a line per redraw. There a bar redraws every :data:`LOG_INTERVAL_S` at the most, so a
-training of a day writes about 3,000 lines, not 86,400 (one a second) or ten times that (tqdm's
-default); its first and last states are always written. transformers' own bars ("Loading weights")
-are paced the same way once a model is loaded through ``language_models``. The cost: progress
-followed in a log is up to 30 s old.
+On a terminal (or in a Jupyter notebook) a bar redraws in place, and a redraw each second or less
+often is what one wants to watch. Anywhere else every redraw is a line of its own: a log file
+(``nohup ... > log``), the driver of a ``ray job submit`` or a KubeRay pod, and the output of a Ray
+worker, which Ray passes on to the driver a line per redraw. There a bar redraws every
+:data:`LOG_INTERVAL_S` at the most, so a training of a day writes about 3,000 lines, not 86,400 (one
+a second) or ten times that (tqdm's default); its first and last states are always written.
+transformers' own bars ("Loading weights") are paced the same way once a model is loaded through
+``language_models``. The cost: progress followed in a log is up to 30 s old.
 """
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ def pace_transformers_bars() -> None:
 
 
 def _on_a_terminal(output: Any) -> bool:
+    """A terminal, or a Jupyter kernel's output (not a tty, but it redraws a bar in place)."""
+    if type(output).__module__.startswith("ipykernel"):
+        return True
     try:
         return bool(output.isatty())
     except (AttributeError, ValueError, OSError):  # no isatty, or a closed file

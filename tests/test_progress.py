@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -78,3 +79,15 @@ def test_transformers_bars_in_a_log_are_paced_as_ours_once_a_model_is_loaded(tmp
         hf_logging.set_tqdm_hook(previous)
     drawn = [line for line in re.split(r"[\r\n]", log.getvalue()) if line.startswith("Loading weights")]
     assert len(drawn) == 2, drawn  # 1 s of loading: tqdm's default drew it ten times
+
+
+def test_a_bar_in_a_jupyter_notebook_is_redrawn_as_on_a_terminal():
+    """ipykernel's output stream is no tty, but a notebook redraws a bar in place. ipykernel is not
+    installed here: a stream class of that module, writing to a pipe, stands in for its OutStream."""
+    OutStream = type("OutStream", (io.StringIO,), {"__module__": "ipykernel.iostream"})
+    shown = OutStream()
+    with progress_bar(total=20, desc="work", file=shown, mininterval=0.05) as bar:
+        for _ in range(20):
+            time.sleep(0.05)
+            bar.update(1)
+    assert shown.getvalue().count("work:") >= 6
