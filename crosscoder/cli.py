@@ -27,6 +27,8 @@ def _split_overrides(rest: list[str]) -> list[tuple[str, str]]:
         arg = rest[i]
         name = arg.split("=", 1)[0][2:]
         # a dotless flag only for a key outside any table (`--name`): others are stray arguments
+        if not arg.startswith("--") and arg.endswith(".toml"):
+            raise ConfigError(f"unexpected argument {arg!r}: a config file is given as --config {arg}")
         if not arg.startswith("--") or ("." not in name and name not in {key for key, _, _ in describe()}):
             raise ConfigError(f"unexpected argument {arg!r}; overrides look like --train.k 64")
         if "=" in arg:

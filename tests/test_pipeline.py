@@ -66,6 +66,7 @@ SMALL = ["--synthetic.tokens", "4096", "--synthetic.seq_len", "64", "--synthetic
     (["--synthetic.seed", "-1"], r"synthetic.seed must be in \[0, 9223372036854775807\], got -1"),
     (["--synthetic.raw_scale", "[0, 1]"], "synthetic.raw_scale needs one positive scale per source"),
     (["--nmae", "x"], "unexpected argument '--nmae'; overrides look like --train.k 64"),
+    (["other.toml"], "unexpected argument 'other.toml': a config file is given as --config other.toml"),
 ])
 def test_every_config_mistake_is_one_line_before_any_work(tmp_path, capsys, override, message):
     run = tmp_path / "run"
