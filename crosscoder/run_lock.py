@@ -49,12 +49,27 @@ class RunDirBusy(CrosscoderError, RuntimeError):
 
 @contextlib.contextmanager
 def hold(run_dir: Path, command: str) -> Iterator[None]:
-    """Hold ``run_dir`` for the ``with`` block (created if needed); :class:`RunDirBusy` if taken."""
+    """Hold ``run_dir`` for the ``with`` block (created if needed); :class:`RunDirBusy` if taken. A
+    block that fails before anything but the lock is in a run directory it created (``crosscoder
+    train`` with no shards) removes that directory again, and the parents it created."""
+    made = []  # the folders this call creates, deepest first
+    folder = run_dir
+    while not folder.exists() and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
     with _locked(run_dir / LOCK_FILE, command) as (_, free):
         if not free:
             raise RunDirBusy(f"{run_dir} is in use by another crosscoder process ({_holder(run_dir / LOCK_FILE)}); "
                              "wait for it to finish, stop it, or use another --run")
-        yield
+        try:
+            yield
+        except BaseException:
+            if made and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:  # still held: no one else is in it
+                (run_dir / LOCK_FILE).unlink()
+                for folder in made:
+                    with contextlib.suppress(OSError):  # another process wrote into it meanwhile
+                        folder.rmdir()
+            raise
 
 
 @contextlib.contextmanager

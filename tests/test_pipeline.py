@@ -170,6 +170,11 @@ def test_train_without_any_config_says_it_takes_the_package_defaults(tmp_path, c
     1000 steps), not the demo's, which a newcomer who ran `crosscoder run` first does not expect."""
     assert main(["train", "--run", str(tmp_path / "new"), "--data", str(tmp_path / "none"), "--quiet"]) == 1
     out = capsys.readouterr().out
+    assert not (tmp_path / "new").exists()  # the run directory it made for its lock is gone with the failure
+    (tmp_path / "mine").mkdir()
+    assert main(["train", "--run", str(tmp_path / "mine"), "--data", str(tmp_path / "none"), "--quiet"]) == 1
+    assert (tmp_path / "mine").is_dir()  # one the command did not make stays
+    capsys.readouterr()
     assert f"train: no --config and no {tmp_path / 'new' / 'config.toml'}: the package's defaults (`crosscoder keys` " \
         "lists them)" in out, out
     assert main(["train", "--config", str(SYNTHETIC), "--run", str(tmp_path / "new"), "--data", str(tmp_path / "none"),
