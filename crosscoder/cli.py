@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
             own = f"; or as a word of its own: crosscoder {name} RUN_DIR" if name in ("train", "analyze") else ""
             p.add_argument("--run", help="run directory (default runs/<config name>; {name} in it is the config "
                            f"name){own}")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--quiet", action="store_true",
+                       help="no progress bars (nor Ray Train's lines on starting its workers)")
         if name in ("train", "run", "analyze"):
             p.add_argument("--data", help="shard root (path, file://… or s3://…), overriding the config")
         if name == "synthetic":

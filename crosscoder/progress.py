@@ -1,4 +1,4 @@
-"""Progress bars that suit where they are read: a terminal or a log.
+"""Progress bars that suit where they are read, a terminal or a log; and lines said beside them.
 
 On a terminal (or in a Jupyter notebook) a bar redraws in place, and a redraw each second or less
 often is what one wants to watch. Anywhere else every redraw is a line of its own: a log file
@@ -30,6 +30,15 @@ def progress_bar(iterable: Any = None, **settings: Any) -> tqdm:
         interval = max(interval, LOG_INTERVAL_S)
         settings["maxinterval"] = max(settings.get("maxinterval", 10.0), interval)
     return tqdm(iterable, mininterval=interval, **settings)
+
+
+def say(line: str, error: bool = False) -> None:
+    """``line`` on standard output (or error), once, also in a Ray Train worker: Ray Train replaces
+    print() there with one that logs the line and, where the stream is not the process's own, prints
+    it as well, so the driver's console showed a print() twice. A write to the stream is left alone."""
+    stream = sys.stderr if error else sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
 
 
 def pace_transformers_bars() -> None:

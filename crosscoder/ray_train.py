@@ -165,7 +165,7 @@ def estimated_worker_memory(cfg: RunConfig, manifest: Manifest) -> float:
 def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: bool = True,
                       stop_after: int | None = None) -> TrainResult:
     """Run the distributed trainer to the end (or ``stop_after`` steps); returns rank 0's result."""
-    from ray.train import FailureConfig, ScalingConfig, TrainingFailedError
+    from ray.train import FailureConfig, LoggingConfig, ScalingConfig, TrainingFailedError
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -205,8 +205,12 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: 
                            "code": code_fingerprint()},
         torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
         scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=cuda, resources_per_worker=resources),
-        run_config=RayRunConfig(name=f"crosscoder-{cfg.name}", storage_path=str(run_dir / "ray"),
-                                failure_config=FailureConfig(max_failures=tc.max_failures)),
+        run_config=RayRunConfig(name=f"crosscoder-{cfg.name}", storage_path=str(run_dir / "ray"),  # type: ignore[call-arg]
+                                failure_config=FailureConfig(max_failures=tc.max_failures),
+                                # --quiet: without Ray Train's lines on each worker group's start (its
+                                # files under the Ray session keep them); a retry or failure is still said.
+                                # (mypy reads Ray Train v1's RunConfig; v2's, used at run time, takes it)
+                                logging_config=LoggingConfig(log_level="INFO" if progress else "WARNING")),
     )
     (run_dir / RESULT_FILE).unlink(missing_ok=True)
     (run_dir / STOP_FILE).unlink(missing_ok=True)

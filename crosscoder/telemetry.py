@@ -12,9 +12,9 @@ several ranks in one test process do not collide. No torch here.
 
 from __future__ import annotations
 
-import sys
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from .progress import say
 
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -49,7 +49,7 @@ def serve(registry: CollectorRegistry, base: int, host: str):
         try:
             server, _ = start_http_server(port, addr=host, registry=registry)
             taken = "" if port == base else f" ({base} taken)" if port == base + 1 else f" ({base}..{port - 1} taken)"
-            print(f"metrics: http://{host}:{port}/metrics{taken}", file=sys.stderr, flush=True)
+            say(f"metrics: http://{host}:{port}/metrics{taken}", error=True)
             return server, port
         except OSError:  # taken by another process of this host (another rank or actor)
             continue

@@ -39,7 +39,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import faults
 from .collectives import Collectives
@@ -53,7 +52,7 @@ from .interrupts import StepBoundary
 from .losses import LossWeights, default_aux_k
 from .metrics import StreamingFVE
 from .model import CrossCoder, CrossCoderSpec, ForwardOutput
-from .progress import progress_bar
+from .progress import progress_bar, say
 from .shards import Manifest, ShardError, check_sizes, read_manifest
 from .sparsity import threshold_mask
 from .storage import open_root
@@ -406,9 +405,8 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
     if is_main:
         harvested = manifest.extra.get("harvest", {})
         if harvested.get("complete") is False:  # stopped, or still being written by another run
-            print(f"train: {data} holds {len(manifest.shards)} of the harvest's {harvested.get('planned_shards', '?')} "
-                  "shards (the harvest has not finished; running it again completes it); training on those",
-                  flush=True)
+            say(f"train: {data} holds {len(manifest.shards)} of the harvest's {harvested.get('planned_shards', '?')} "
+                "shards (the harvest has not finished; running it again completes it); training on those")
         run_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(tc.seed)
@@ -426,7 +424,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
     tracker = DeadLatentTracker((spec.groups, model.n_latents), tc.dead_tokens, device)
 
     if is_main and (note := jumprelu_travel_note(tc)):
-        print(note, flush=True)
+        say(note)
     start, positions, first = 0, {}, []
     resuming = backend.has_checkpoint(run_dir)
     if not resuming:
@@ -456,7 +454,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
         rest = stream.batches({p: pos for p, pos in positions.items() if p in mine})
         if is_main:
             _cut_log(run_dir / LOG_FILE, start)
-            print(f"train: resuming {run_dir.absolute()} from step {start} of {tc.steps}")
+            say(f"train: resuming {run_dir.absolute()} from step {start} of {tc.steps}")
     if is_main:  # once the run directory took this config: a refused one leaves the run's record as it was
         replace_text(run_dir / "config.toml", dumps_toml(cfg))
 
@@ -555,8 +553,8 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                 result.steps = done
     finally:
         bar.close()
-        if said_at_the_end:  # tqdm.write, not print: Ray Train's workers log a print() and also show it
-            tqdm.write(said_at_the_end)
+        if said_at_the_end:
+            say(said_at_the_end)
         batches.close()
         telemetry.close()
         experiment.close()

@@ -121,6 +121,9 @@ def test_ctrl_c_writes_a_checkpoint_and_the_rerun_logs_each_step_once(small_shar
                            env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert logged_steps(run) == list(range(1, stopped + 4))  # each step once: none redone, none lost
+    # said once, also by a Ray Train worker (whose print() Ray Train both logs and prints)
+    said = again.stdout + again.stderr
+    assert said.count(f"train: resuming {run} from step {stopped} of {stopped + 3}") == 1, said[-3000:]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])

@@ -54,6 +54,8 @@ def test_embedded_default_makes_tiny_models_harvests_trains_on_two_workers_and_r
     assert "built successfully" not in first.stdout + first.stderr
     # nor Ray's error line for the preemption watcher a local Ray does without (ray_connect.LOCAL_RAY_ENV)
     assert "PreemptionWatcher" not in first.stdout + first.stderr
+    # nor, with --quiet, Ray Train's lines on starting its worker group
+    assert "Started training worker group" not in first.stdout + first.stderr
     # nor Ray's warning that it turned token authentication on (it is on: ray_connect.py)
     assert "Token authentication is enabled" not in first.stdout + first.stderr
     assert "tiny models: writing demo documents" in first.stdout and "tiny models: training" not in first.stdout
