@@ -203,10 +203,15 @@ def _add_run_directory(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--run", dest="run_option", metavar="DIR", help="the run directory, as `train --run` takes it")
 
 
+def _one_run_directory(word: str | None, option: str | None) -> str | None:
+    """The run directory given as a word of its own or as ``--run`` (both: the same one)."""
+    if word and option and Path(word) != Path(option):
+        raise ConfigError(f"two run directories given: {word} and --run {option}")
+    return word or option
+
+
 def _run_directory(args) -> Path:
-    if args.run and args.run_option and Path(args.run) != Path(args.run_option):
-        raise ConfigError(f"two run directories given: {args.run} and --run {args.run_option}")
-    if not (args.run or args.run_option):
+    if not _one_run_directory(args.run, args.run_option):
         raise ConfigError(f"crosscoder {args.command} needs the run directory: crosscoder {args.command} RUN_DIR ... "
                           "(or --run RUN_DIR)")
     return existing_run(Path(args.run or args.run_option))
@@ -374,15 +379,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"crosscoder {args.command}: unrecognized arguments: {' '.join(rest)} "
               f"(`crosscoder {args.command} --help` lists its options)", file=sys.stderr)
         return 2
-    if args.command in ("train", "analyze"):
-        run, rest = _take_run_directory(rest)
-        if run is not None and args.run is not None and Path(run) != Path(args.run):
-            print(f"crosscoder: config error: two run directories given: {run} and --run {args.run}", file=sys.stderr)
-            return 2
-        args.run = args.run or run
     if getattr(args, "quiet", False):  # nor transformers' and huggingface_hub's bars (loading weights, downloads)
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     try:
+        if args.command in ("train", "analyze"):
+            word, rest = _take_run_directory(rest)
+            args.run = _one_run_directory(word, args.run)
         if args.command == "compare":
             return cmd_compare(args.runs)
         if args.command == "keys":

@@ -24,12 +24,16 @@ def progress_bar(iterable: Any = None, **settings: Any) -> tqdm:
     """``tqdm(iterable, **settings)``, redrawn at most every ``LOG_INTERVAL_S`` where its output
     (``file``, standard error by default) is not a terminal; ``mininterval`` (tqdm's, 0.1 s by
     default) holds on a terminal."""
-    output = settings.get("file") or sys.stderr
-    interval = settings.pop("mininterval", 0.1)
-    if not _on_a_terminal(output):
-        interval = max(interval, LOG_INTERVAL_S)
-        settings["maxinterval"] = max(settings.get("maxinterval", 10.0), interval)
-    return tqdm(iterable, mininterval=interval, **settings)
+    return tqdm(iterable, **_paced(settings))
+
+
+def _paced(settings: dict[str, Any]) -> dict[str, Any]:
+    """tqdm's ``settings``, redrawn at most every ``LOG_INTERVAL_S`` where the bar's output is not a
+    terminal (tqdm's defaults: mininterval 0.1 s, maxinterval 10 s)."""
+    if _on_a_terminal(settings.get("file") or sys.stderr):
+        return settings
+    interval = max(settings.get("mininterval", 0.1), LOG_INTERVAL_S)
+    return {**settings, "mininterval": interval, "maxinterval": max(settings.get("maxinterval", 10.0), interval)}
 
 
 def say(line: str, error: bool = False) -> None:
@@ -47,10 +51,8 @@ def pace_transformers_bars() -> None:
     from transformers.utils import logging as hf_logging
 
     def made(factory, args, kwargs):
-        output = kwargs.get("file") or sys.stderr
-        if isinstance(factory, type) and issubclass(factory, tqdm) and not _on_a_terminal(output):  # not disabled
-            interval = max(kwargs.get("mininterval", 0.1), LOG_INTERVAL_S)
-            kwargs = {**kwargs, "mininterval": interval, "maxinterval": max(kwargs.get("maxinterval", 10.0), interval)}
+        if isinstance(factory, type) and issubclass(factory, tqdm):  # not transformers' stand-in for a disabled bar
+            kwargs = _paced(kwargs)
         return factory(*args, **kwargs)
 
     if hasattr(hf_logging, "set_tqdm_hook"):
