@@ -170,9 +170,13 @@ def first_line(error: BaseException) -> str:
 
 def process_died(error: BaseException) -> bool:
     """Whether a Ray error says a worker's process ended (killed, the kernel's OOM killer, a crash)
-    rather than raised an exception; Ray's text for it is a paragraph of guesses."""
+    rather than raised an exception; Ray's text for it is a paragraph of guesses. A process Ray ended
+    on purpose did not die: Ray Train removes a failed group's placement group, which ends the other
+    ranks, and on a busy host its poll can find them gone before it reports the rank that died."""
     from ray.exceptions import ActorDiedError, WorkerCrashedError
 
+    if "Worker exit type: INTENDED_" in str(error):  # INTENDED_SYSTEM_EXIT, INTENDED_USER_EXIT
+        return False
     return isinstance(error, (ActorDiedError, WorkerCrashedError)) or "health check failed" in str(error)
 
 
