@@ -16,6 +16,17 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 from crosscoder.config import RunConfig, SyntheticConfig  # noqa: E402
 from crosscoder.synthetic import write_synthetic  # noqa: E402
 
+# The suite runs on parallel workers (pyproject's addopts: pytest-xdist's `-n auto`): most of a test's
+# time is spent starting processes (Ray, Ray Train's worker groups, commands), which leaves cores idle
+# in a serial run (measured on 2 cores: 22 minutes instead of 27 to 33). Each worker starts its own
+# local Ray (ray_cluster) and builds its own session fixtures (the shards, the demo pair), so a worker
+# costs ~3 GiB and a share of the cores: one per core, at most MAX_TEST_WORKERS. `-n 0` runs serially.
+MAX_TEST_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    return max(1, min(os.cpu_count() or 1, MAX_TEST_WORKERS))
+
 
 def small_synthetic(**overrides) -> SyntheticConfig:
     cfg = SyntheticConfig(widths=[16, 24], features=64, tokens=8192, seq_len=64, samples_per_shard=16,
@@ -153,7 +164,19 @@ def ray_cluster():
 
     _shut_down_a_commands_ray()
     use_local_ray_env()  # Ray Train as on the local Ray a command starts
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # reached by its own address and with its own dashboard, as a command's local Ray
+    # (ray_connect.connect). Ray Train's placement-group cleaner asks the dashboard at RAY_ADDRESS
+    # whether the controller lives: without RAY_ADDRESS in Ray's processes it finds several
+    # instances on the host (a command's, a parallel test worker's), and without a dashboard of its
+    # own it asks 127.0.0.1:8265, which a command's Ray may hold, whose answer (no such actor) made
+    # it remove a live run's placement group, ending its workers. The tests' commands do not inherit it.
+    port = free_port()
+    os.environ.update(RAY_ADDRESS=f"127.0.0.1:{port}", RAY_GCS_SERVER_PORT=str(port))
+    try:
+        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=free_port(), log_to_driver=False, configure_logging=False)
+    finally:
+        del os.environ["RAY_ADDRESS"], os.environ["RAY_GCS_SERVER_PORT"]
     yield
     ray.shutdown()
 

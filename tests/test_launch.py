@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,9 +37,11 @@ SETTING = "region-" + os.urandom(4).hex()
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
+def ray_head():
     """A Ray head started with `ray start --head` on 127.0.0.1, token auth on; yields (address, env)."""
-    temp = tmp_path_factory.mktemp("rayhead")
+    # its own temp dir, short: Ray's socket paths under it must fit AF_UNIX's 107 bytes, which pytest's
+    # base temp dir (deeper under parallel workers: .../popen-gw0/) can leave too little room for
+    temp = Path(tempfile.mkdtemp(prefix="rayhead-"))
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex(),
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PATH=f"{BIN}:{os.environ.get('PATH', '')}",
                **SECRETS, AWS_REGION=SETTING)
@@ -58,6 +61,7 @@ def ray_head(tmp_path_factory):
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
         stop_cluster(temp)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def stop_cluster(temp_dir: Path, timeout: float = 30.0) -> None:
