@@ -211,10 +211,11 @@ def _one_run_directory(word: str | None, option: str | None) -> str | None:
 
 
 def _run_directory(args) -> Path:
-    if not _one_run_directory(args.run, args.run_option):
+    run = _one_run_directory(args.run, args.run_option)
+    if not run:
         raise ConfigError(f"crosscoder {args.command} needs the run directory: crosscoder {args.command} RUN_DIR ... "
                           "(or --run RUN_DIR)")
-    return existing_run(Path(args.run or args.run_option))
+    return existing_run(Path(run))
 
 
 def existing_run(run_dir: Path) -> Path:
