@@ -95,13 +95,7 @@ def connect(num_cpus: int | None = None):
         ray.init(address=address, **kwargs)
         stop_signals_as_ctrl_c()
         return ray
-    with socket.socket() as s:  # the GCS port, chosen first so the address is known before the start
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    _started = f"127.0.0.1:{port}"
     use_local_ray_env()
-    os.environ["RAY_ADDRESS"] = _started  # inherited by every process the local Ray starts
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     empty = tempfile.mkdtemp(prefix="crosscoder-ray-")
     atexit.register(_remove_if_empty, empty)  # Ray packs it at the start; nothing needs it later
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP})  # inherited by Ray's processes
@@ -109,14 +103,29 @@ def connect(num_cpus: int | None = None):
     level = auth_logger.level
     auth_logger.setLevel(logging.ERROR)
     try:
-        ray.init(address="local", num_cpus=max(num_cpus or 0, os.cpu_count() or 1),
-                 runtime_env={"working_dir": empty}, **kwargs)
+        _started = start_local_ray(ray, num_cpus=max(num_cpus or 0, os.cpu_count() or 1),
+                                   runtime_env={"working_dir": empty}, **kwargs)
     finally:
         auth_logger.setLevel(level)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        os.environ.pop("RAY_GCS_SERVER_PORT", None)
     stop_signals_as_ctrl_c()
     return ray
+
+
+def start_local_ray(ray, **init_kwargs) -> str:
+    """``ray.init`` of a local Ray reached by its own address (returned): its GCS port is chosen
+    first and ``RAY_ADDRESS`` names it, in this process (left set) and in every process it starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    os.environ["RAY_ADDRESS"] = address
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(address="local", **init_kwargs)
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
+    return address
 
 
 # Settings a Ray worker started elsewhere needs to see as the driver does: where the object store and
@@ -175,9 +184,10 @@ def process_died(error: BaseException) -> bool:
     ranks, and on a busy host its poll can find them gone before it reports the rank that died."""
     from ray.exceptions import ActorDiedError, WorkerCrashedError
 
-    if "Worker exit type: INTENDED_" in str(error):  # INTENDED_SYSTEM_EXIT, INTENDED_USER_EXIT
+    text = str(error)
+    if "Worker exit type: INTENDED_" in text:  # INTENDED_SYSTEM_EXIT, INTENDED_USER_EXIT
         return False
-    return isinstance(error, (ActorDiedError, WorkerCrashedError)) or "health check failed" in str(error)
+    return isinstance(error, (ActorDiedError, WorkerCrashedError)) or "health check failed" in text
 
 
 def memory_request(ray, wanted: float, count: int, key: str) -> float:

@@ -164,21 +164,28 @@ def ray_cluster():
 
     _shut_down_a_commands_ray()
     use_local_ray_env()  # Ray Train as on the local Ray a command starts
-    # reached by its own address and with its own dashboard, as a command's local Ray
-    # (ray_connect.connect). Ray Train's placement-group cleaner asks the dashboard at RAY_ADDRESS
-    # whether the controller lives: without RAY_ADDRESS in Ray's processes it finds several
-    # instances on the host (a command's, a parallel test worker's), and without a dashboard of its
-    # own it asks 127.0.0.1:8265, which a command's Ray may hold, whose answer (no such actor) made
-    # it remove a live run's placement group, ending its workers. The tests' commands do not inherit it.
-    port = free_port()
-    os.environ.update(RAY_ADDRESS=f"127.0.0.1:{port}", RAY_GCS_SERVER_PORT=str(port))
-    try:
-        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=free_port(), log_to_driver=False, configure_logging=False)
-    finally:
-        del os.environ["RAY_ADDRESS"], os.environ["RAY_GCS_SERVER_PORT"]
+    _start_own_ray(num_cpus=4)
     yield
     ray.shutdown()
+
+
+def _start_own_ray(**init_kwargs) -> None:
+    """A local Ray reached by its own address and with its own dashboard, as a command's local Ray
+    (ray_connect.connect). Ray Train's placement-group cleaner asks the dashboard at RAY_ADDRESS
+    whether the controller lives: without RAY_ADDRESS in Ray's processes it finds several instances
+    on the host (a command's, a parallel test worker's), and without a dashboard of its own it asks
+    127.0.0.1:8265, which a command's Ray may hold, whose answer (no such actor) made it remove a
+    live run's placement group, ending its workers. RAY_ADDRESS is then taken out of this process's
+    environment, so that the commands the tests start start their own Ray."""
+    import ray
+
+    from crosscoder.ray_connect import start_local_ray
+
+    try:
+        start_local_ray(ray, include_dashboard=True, dashboard_host="127.0.0.1",
+                        dashboard_port=free_port(), log_to_driver=False, configure_logging=False, **init_kwargs)
+    finally:
+        os.environ.pop("RAY_ADDRESS", None)
 
 
 DEMO_STEPS = 400  # the demo pair's training steps in tests (as in the embedded default)
@@ -201,8 +208,7 @@ def ray_cluster_gpu():
     import torch
 
     _shut_down_a_commands_ray()
-    ray.init(num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count(), include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+    _start_own_ray(num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count())
     yield
     ray.shutdown()
 
