@@ -99,14 +99,10 @@ def connect(num_cpus: int | None = None):
     empty = tempfile.mkdtemp(prefix="crosscoder-ray-")
     atexit.register(_remove_if_empty, empty)  # Ray packs it at the start; nothing needs it later
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP})  # inherited by Ray's processes
-    auth_logger = logging.getLogger(_AUTH_LOGGER)
-    level = auth_logger.level
-    auth_logger.setLevel(logging.ERROR)
     try:
         _started = start_local_ray(ray, num_cpus=max(num_cpus or 0, os.cpu_count() or 1),
                                    runtime_env={"working_dir": empty}, **kwargs)
     finally:
-        auth_logger.setLevel(level)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     stop_signals_as_ctrl_c()
     return ray
@@ -114,16 +110,21 @@ def connect(num_cpus: int | None = None):
 
 def start_local_ray(ray, **init_kwargs) -> str:
     """``ray.init`` of a local Ray reached by its own address (returned): its GCS port is chosen
-    first and ``RAY_ADDRESS`` names it, in this process (left set) and in every process it starts."""
+    first and ``RAY_ADDRESS`` names it, in this process (left set) and in every process it starts;
+    Ray's warning that token authentication is on is not logged."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     address = f"127.0.0.1:{port}"
     os.environ["RAY_ADDRESS"] = address
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    auth_logger = logging.getLogger(_AUTH_LOGGER)
+    level = auth_logger.level
+    auth_logger.setLevel(logging.ERROR)
     try:
         ray.init(address="local", **init_kwargs)
     finally:
+        auth_logger.setLevel(level)
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
     return address
 
