@@ -19,7 +19,6 @@ treated as stale once it is older than that bound. The cost: one more directory 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import sys
 import time
@@ -27,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
 STALE_AFTER_S = 600.0  # a build takes under a minute here; ten leave room for a loaded machine
 STALE_LOAD_AFTER_S = 60.0  # where the build is done, a lock is a load's no-op check (a second), or a leftover
 REPORT_EVERY_S = 30.0
@@ -73,9 +71,8 @@ def clear_stale_locks(directory: Path, stale_after_s: float = STALE_AFTER_S, sle
                 continue  # the build finished meanwhile
             built = any(lock.parent.glob("*.so"))
             if age >= (min(stale_after_s, STALE_LOAD_AFTER_S) if built else stale_after_s):
-                log.warning("removing the stale build lock %s (%.0f s old: left by a build that was killed)",
-                            lock, age)
-                print(f"crosscoder: removing the stale build lock {lock} ({age:.0f} s old)", file=sys.stderr)
+                print(f"crosscoder: removing the stale build lock {lock} ({age:.0f} s old: left by a build that "
+                      "was killed)", file=sys.stderr)
                 lock.unlink(missing_ok=True)
             else:
                 young.append((lock, age))

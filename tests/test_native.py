@@ -300,3 +300,4 @@ def test_the_kernels_load_through_a_stale_lock_in_a_fresh_install_directory(tmp_
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"removing the stale build lock {lock}" in proc.stderr and not lock.exists()
+    assert proc.stderr.count("removing the stale build lock") == 1, proc.stderr  # said once
