@@ -183,8 +183,8 @@ def _start_own_ray(**init_kwargs) -> None:
     from crosscoder.ray_connect import start_local_ray
 
     try:
-        start_local_ray(ray, include_dashboard=True, dashboard_host="127.0.0.1",
-                        dashboard_port=free_port(), log_to_driver=False, configure_logging=False, **init_kwargs)
+        start_local_ray(ray, **{"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
+                                "log_to_driver": False, "configure_logging": False, **init_kwargs})
     finally:
         os.environ.pop("RAY_ADDRESS", None)
 
@@ -209,7 +209,9 @@ def ray_cluster_gpu():
     import torch
 
     _shut_down_a_commands_ray()
-    _start_own_ray(num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count())
+    # the dashboard where Ray has its packages: the GPU check's wheelhouse leaves ray[default] out
+    # (scripts/gpu-wheels.sh), and Ray refuses include_dashboard=True without them
+    _start_own_ray(num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count(), include_dashboard=None)
     yield
     ray.shutdown()
 
