@@ -20,13 +20,19 @@ from crosscoder.synthetic import write_synthetic  # noqa: E402
 # a test's time is spent starting processes (Ray, Ray Train's worker groups, commands), which leaves
 # cores idle in one process (measured on 2 cores: 22-26 minutes, 25 in a fresh-clone CI run, instead
 # of 26-37). Each worker starts its own local Ray (ray_cluster) and builds its own session fixtures
-# (the shards, the demo pair), so "auto" means a worker per core, at most MAX_TEST_WORKERS. Without
-# -n (or with -n 0) the suite runs in one process.
+# (the shards, the demo pair), so "auto" means a worker per usable core and per MEMORY_PER_WORKER of
+# available memory (a parallel run on 2 cores peaked at 8 GiB in use), at most MAX_TEST_WORKERS.
+# Without -n (or with -n 0) the suite runs in one process.
 MAX_TEST_WORKERS = 4
+MEMORY_PER_WORKER = 4 * 2**30
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
-    return max(1, min(os.cpu_count() or 1, MAX_TEST_WORKERS))
+    import psutil
+
+    cores = len(os.sched_getaffinity(0))  # the cores this process may run on (a container's share)
+    memory = psutil.virtual_memory().available // MEMORY_PER_WORKER
+    return max(1, min(cores, memory, MAX_TEST_WORKERS))
 
 
 def small_synthetic(**overrides) -> SyntheticConfig:
