@@ -110,8 +110,8 @@ def connect(num_cpus: int | None = None):
 
 def start_local_ray(ray, **init_kwargs) -> str:
     """``ray.init`` of a local Ray reached by its own address (returned): its GCS port is chosen
-    first and ``RAY_ADDRESS`` names it, in this process (left set) and in every process it starts;
-    Ray's warning that token authentication is on is not logged."""
+    first and ``RAY_ADDRESS`` names it, in this process (left set; removed if the start fails) and in
+    every process it starts; Ray's warning that token authentication is on is not logged."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -123,6 +123,9 @@ def start_local_ray(ray, **init_kwargs) -> str:
     auth_logger.setLevel(logging.ERROR)
     try:
         ray.init(address="local", **init_kwargs)
+    except BaseException:
+        os.environ.pop("RAY_ADDRESS", None)
+        raise
     finally:
         auth_logger.setLevel(level)
         os.environ.pop("RAY_GCS_SERVER_PORT", None)

@@ -128,6 +128,19 @@ def test_two_commands_at_once_on_one_host_each_use_their_own_ray(tmp_path):
         assert "step 4:" in out
 
 
+def test_a_local_ray_that_fails_to_start_leaves_no_address_behind():
+    """A failed start leaves RAY_ADDRESS unset, so a later connect() in the process starts a local
+    Ray again instead of joining the address of one that never came up (in a fresh process: this
+    one has the session's Ray)."""
+    code = ("import os, ray\nfrom crosscoder.ray_connect import start_local_ray\n"
+            "try:\n    start_local_ray(ray, num_cpus=-1)\nexcept ValueError as error:\n    print('refused:', error)\n"
+            "print('left:', os.environ.get('RAY_ADDRESS'), os.environ.get('RAY_GCS_SERVER_PORT'), ray.is_initialized())")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "refused: Resource quantities must be nonnegative" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert "left: None None False" in out.stdout, out.stdout
+
+
 def test_a_truncated_shard_is_refused_before_the_first_step(small_shards, tmp_path, ray_cluster):
     from crosscoder.ray_train import train_distributed
     from crosscoder.trainer import train
