@@ -40,7 +40,6 @@ CPU tensors only: on GPU the PyTorch path is used.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import shutil
 import sys
@@ -49,7 +48,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "sparse_cpu.cpp"
 _module = None
 _tried = False
@@ -86,8 +84,9 @@ def module():
         _module = load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
                        build_directory=str(build), verbose=False)
     except Exception as error:  # no compiler, no ninja, a broken toolchain: the PyTorch path still works
-        log.warning("compiled CPU kernels unavailable (%s: %s); using the PyTorch path, which is slower",
-                    type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        reason = str(error).splitlines()[0] if str(error) else ""
+        print(f"crosscoder: compiled CPU kernels unavailable ({type(error).__name__}: {reason}); using the "
+              "PyTorch path, which is slower", file=sys.stderr)
     return _module
 
 

@@ -282,6 +282,19 @@ def test_a_stale_build_lock_is_removed_and_a_live_one_waited_on_within_a_bound(t
     assert not live.exists()
 
 
+def test_kernels_that_cannot_be_built_are_one_line_and_the_pytorch_path_serves(tmp_path):
+    """A broken toolchain (here a compiler that always fails) costs speed, not the run: one line says
+    so and module() is None, which every caller takes as "use the PyTorch path"."""
+    env = {**os.environ, "CROSSCODER_EXTENSIONS_DIR": str(tmp_path), "CXX": "/bin/false"}
+    env.pop("CROSSCODER_NATIVE", None)
+    proc = subprocess.run([sys.executable, "-c", "from crosscoder import native; print('module:', native.module())"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "module: None" in proc.stdout, proc.stderr[-2000:]
+    said = [line for line in proc.stderr.splitlines() if "kernels unavailable" in line]
+    assert len(said) == 1 and said[0].startswith("crosscoder: compiled CPU kernels unavailable ("), proc.stderr
+    assert said[0].endswith("using the PyTorch path, which is slower")
+
+
 def test_the_kernels_load_through_a_stale_lock_in_a_fresh_install_directory(tmp_path):
     """A build killed midway leaves its lock; the next process that loads the kernels removes it and
     builds, instead of waiting on it forever (as torch's own cache did)."""
