@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CrosscoderError
+from .errors import CrosscoderError, type_and_message
 from .progress import progress_bar
 
 
@@ -110,8 +110,7 @@ def _dataset_records(source: str) -> Iterator[dict]:
     except DataError:
         raise
     except Exception as error:  # hub unreachable, unknown name or split, unreadable files
-        first = str(error).splitlines()[0] if str(error) else ""
-        raise DataError(f"{source}: cannot read the dataset ({type(error).__name__}: {first})") from error
+        raise DataError(f"{source}: cannot read the dataset ({type_and_message(error)})") from error
 
 
 def _record(row, where: str, number: int) -> Record:
@@ -183,9 +182,9 @@ def _apply_template(records: list[dict], chat_tokenizer) -> list[list[int]]:
     except Exception as error:  # the template's own raise_exception (Gemma's: no system role), a bad key
         if len(records) > 1:
             return [ids for r in records for ids in _apply_template([r], chat_tokenizer)]
-        where, reason = getattr(records[0], "where", "a conversation"), (str(error).strip() or "?").splitlines()[0]
+        where = getattr(records[0], "where", "a conversation")
         raise DataError(f"{where}: the chat model's template refused this conversation "
-                        f"({type(error).__name__}: {reason})") from None
+                        f"({type_and_message(error)})") from None
     if not isinstance(ids, list):  # newer transformers return a BatchEncoding
         ids = ids["input_ids"]
     return [list(one) for one in ids]

@@ -21,3 +21,21 @@ class NoRunDirectory(CrosscoderError, FileNotFoundError):
 class AnalysisError(CrosscoderError, ValueError):
     """The run or its data cannot be analysed, or its analysis read (``compare``); the message says
     which file or setting."""
+
+
+
+def message_line(error: BaseException) -> str:
+    """The first non-blank line of an error's message (its type's name where it has none): a
+    library's error (a transformers OSError, a datasets failure) told inside one line of ours."""
+    return _first_line(error) or type(error).__name__
+
+
+def type_and_message(error: BaseException) -> str:
+    """``Type: first line`` of an error (``Type`` alone where it has no message), for a message
+    that names what failed beneath it."""
+    line = _first_line(error)
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
+def _first_line(error: BaseException) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), "")

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CrosscoderError
+from .errors import CrosscoderError, message_line
 from .progress import pace_transformers_bars
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -99,7 +99,7 @@ def _from_pretrained(loader, spec: ModelSpec, **kwargs):
     except OSError as e:
         raise ModelError(
             f"model {spec.name!r}: cannot load {spec.path!r} (revision {spec.revision}): "
-            f"{str(e).splitlines()[0]}. Without network access, give a local directory."
+            f"{message_line(e)}. Without network access, give a local directory."
         ) from None
     model.eval()
     model.requires_grad_(False)
@@ -152,7 +152,7 @@ def load_config(name: str, path: str, revision: str | None = None):
     try:
         return AutoConfig.from_pretrained(where(name, path), revision=revision)
     except OSError as e:
-        raise ModelError(f"model {name!r}: cannot load the config of {path!r}: {str(e).splitlines()[0]}") from None
+        raise ModelError(f"model {name!r}: cannot load the config of {path!r}: {message_line(e)}") from None
 
 
 def load_tokenizer(path: str, revision: str | None = None):
@@ -161,7 +161,7 @@ def load_tokenizer(path: str, revision: str | None = None):
     try:
         return AutoTokenizer.from_pretrained(where(path, path), revision=revision)
     except OSError as e:
-        raise ModelError(f"tokenizer {path!r}: cannot load: {str(e).splitlines()[0]}") from None
+        raise ModelError(f"tokenizer {path!r}: cannot load: {message_line(e)}") from None
 
 
 def resolve_module(model: nn.Module, path: str, model_name: str = "model", shown: str | None = None) -> nn.Module:

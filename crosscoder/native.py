@@ -48,6 +48,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .errors import type_and_message
+
 SOURCE = Path(__file__).parent / "csrc" / "sparse_cpu.cpp"
 _module = None
 _tried = False
@@ -84,8 +86,7 @@ def module():
         _module = load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
                        build_directory=str(build), verbose=False)
     except Exception as error:  # no compiler, no ninja, a broken toolchain: the PyTorch path still works
-        reason = str(error).splitlines()[0] if str(error) else ""
-        print(f"crosscoder: compiled CPU kernels unavailable ({type(error).__name__}: {reason}); using the "
+        print(f"crosscoder: compiled CPU kernels unavailable ({type_and_message(error)}); using the "
               "PyTorch path, which is slower", file=sys.stderr)
     return _module
 

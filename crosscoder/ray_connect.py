@@ -57,7 +57,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import CrosscoderError
+from .errors import CrosscoderError, type_and_message
 from .interrupts import stop_signals_as_ctrl_c
 
 PACKAGE = Path(__file__).resolve().parent
@@ -174,7 +174,7 @@ def first_line(error: BaseException) -> str:
     """The line that says what went wrong: a Ray error's cause, without its traceback."""
     cause = getattr(error, "cause", None)
     if isinstance(cause, BaseException):
-        return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+        return type_and_message(cause)
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     said = [line for line in lines if ": " in line and not line.startswith("File ")]
     line = said[-1] if said else (lines[0] if lines else "")

@@ -621,6 +621,26 @@ def test_bad_models_and_tokenizers_are_named(tiny, tmp_path):
             plan_chunks(read_documents(str(tmp_path / "tail.jsonl")), strict, strict, 16, 500)
 
 
+def test_a_loader_error_without_a_message_is_still_named(tiny, monkeypatch):
+    """transformers may raise an OSError with no text (a hub client's bare error): the error names
+    the model or tokenizer all the same (the first line of an empty message was an IndexError)."""
+    import transformers
+
+    from crosscoder.language_models import load_config
+
+    def refuse(*args, **kwargs):
+        raise OSError()
+
+    for loader in ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"):
+        monkeypatch.setattr(getattr(transformers, loader), "from_pretrained", refuse)
+    with pytest.raises(ModelError, match=r"^model 'base': cannot load the config of '[^']+': OSError$"):
+        load_config("base", tiny["base"])
+    with pytest.raises(ModelError, match=r"^tokenizer '[^']+': cannot load: OSError$"):
+        load_tokenizer(tiny["base"])
+    with pytest.raises(ModelError, match=r"^model 'base': cannot load '[^']+' \(revision None\): OSError\. Without"):
+        load_model(ModelSpec("base", tiny["base"]))
+
+
 def test_documents_tokenized_a_batch_at_a_time_plan_what_one_at_a_time_plans(tiny, capsys):
     """The planner tokenizes 64 documents per call (the texts in one tokenizer call, the
     conversations in one template call): the plan is the one of a call per document, chunk for
