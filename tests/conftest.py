@@ -176,21 +176,22 @@ def ray_cluster():
     ray.shutdown()
 
 
-def _start_own_ray(**init_kwargs) -> None:
+def _start_own_ray(include_dashboard: bool | None = True, **init_kwargs) -> None:
     """A local Ray reached by its own address and with its own dashboard, as a command's local Ray
     (ray_connect.connect). Ray Train's placement-group cleaner asks the dashboard at RAY_ADDRESS
     whether the controller lives: without RAY_ADDRESS in Ray's processes it finds several instances
     on the host (a command's, a parallel test worker's), and without a dashboard of its own it asks
     127.0.0.1:8265, which a command's Ray may hold, whose answer (no such actor) made it remove a
     live run's placement group, ending its workers. RAY_ADDRESS is then taken out of this process's
-    environment, so that the commands the tests start start their own Ray."""
+    environment, so that the commands the tests start start their own Ray. ``include_dashboard=None``:
+    the dashboard only where Ray has its packages (the GPU suite)."""
     import ray
 
     from crosscoder.ray_connect import start_local_ray
 
     try:
-        start_local_ray(ray, **{"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
-                                "log_to_driver": False, "configure_logging": False, **init_kwargs})
+        start_local_ray(ray, include_dashboard=include_dashboard, dashboard_host="127.0.0.1", dashboard_port=free_port(),
+                        log_to_driver=False, configure_logging=False, **init_kwargs)
     finally:
         os.environ.pop("RAY_ADDRESS", None)
 
