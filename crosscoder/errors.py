@@ -2,7 +2,9 @@
 message names. The CLI prints any of them as one ``crosscoder: <Type>: <message>`` line (exit 1)
 instead of a traceback, so a new error type only has to derive from :class:`CrosscoderError`.
 Each one also keeps the built-in base it had (ValueError, OSError, …), so callers' ``except``
-clauses still hold. Anything else is a bug and keeps its traceback."""
+clauses still hold. Anything else is a bug and keeps its traceback. A library's error beneath one
+of ours (transformers, datasets, Ray) is told by its first line (``message_line``,
+``type_and_message``), never by its traceback."""
 
 
 class CrosscoderError(Exception):
