@@ -250,12 +250,18 @@ def test_analysis_goes_to_a_gpu_of_the_ray_cluster_when_this_process_has_none(tm
     ("./no-such-model", "model directory {tmp}/no-such-model does not exist"),
     ("a/b/c", "model directory {tmp}/a/b/c does not exist"),
     ("nobody/no-such-model", "'nobody/no-such-model' is not a local directory and the Hugging Face hub is offline"),
+    ("nobody/no-such-model", "'nobody/no-such-model' is not a local directory and the Hugging Face hub cannot be "
+                             "reached (hub.invalid: "),
 ])
 def test_a_missing_model_is_one_line_without_any_network_attempt(tmp_path, capsys, monkeypatch, path, message):
     """A path that looks local and is not there is named as a missing directory, before transformers
-    or the hub is asked anything; a hub id while offline says the hub is offline."""
+    or the hub is asked anything; a hub id while offline says the hub is offline, and one whose
+    hub's host name does not resolve (an air-gapped cluster) says so, without huggingface_hub's
+    five retries."""
     import huggingface_hub
     import transformers
+
+    from crosscoder.language_models import hub_unresolvable
 
     def no_network(*args, **kwargs):
         raise AssertionError(f"the hub was asked for {args[:1]}")
@@ -263,7 +269,15 @@ def test_a_missing_model_is_one_line_without_any_network_attempt(tmp_path, capsy
     for name in ("AutoConfig", "AutoTokenizer", "AutoModel", "AutoModelForCausalLM"):
         monkeypatch.setattr(getattr(transformers, name), "from_pretrained", no_network)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if "cannot be reached" in message:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.invalid")  # RFC 6761: never resolves
+        for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(proxy, raising=False)
+        hub_unresolvable.cache_clear()
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny-models").mkdir()
     config = tmp_path / "c.toml"
@@ -273,6 +287,7 @@ def test_a_missing_model_is_one_line_without_any_network_attempt(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("crosscoder: ModelError: "), err
     assert message.format(tmp=tmp_path) in err[0], err
+    hub_unresolvable.cache_clear()  # no other test reads this one's endpoint
 
 
 def test_a_missing_organism_gguf_is_one_line(tmp_path, capsys):
