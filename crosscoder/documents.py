@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CrosscoderError, type_and_message
+from .hub_access import hub_offline, hub_unresolvable
 from .progress import progress_bar
 
 
@@ -104,6 +105,10 @@ def _dataset_records(source: str) -> Iterator[dict]:
                     raise DataError(f"{source}: no split {split!r}; the dataset has {sorted(rows)}")
                 rows = rows[split]
         else:
+            if not local.is_dir() and not hub_offline():
+                if why := hub_unresolvable():  # at once, not after huggingface_hub's five retries
+                    raise DataError(f"{source}: not a local directory and the Hugging Face hub {why}; give a "
+                                    "local directory, or set HF_HUB_OFFLINE=1 to read the hub cache")
             rows = datasets.load_dataset(str(local) if local.is_dir() else name, split=split, streaming=True)
         for number, row in enumerate(rows):
             yield _record(row, f"{source} row", number)

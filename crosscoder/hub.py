@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .config import load_config
 from .dead import dead_share
-from .errors import CrosscoderError
+from .errors import CrosscoderError, message_line
 
 # the files a pushed repo holds; a pull fetches only these
 REPO_FILES = ["config.json", "model.safetensors", "README.md"]
@@ -54,13 +54,9 @@ def download(repo_id: str, revision: str | None = None, cache_dir: str | Path | 
                                       allow_patterns=REPO_FILES))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
         raise HubError(f"{repo_id}{'@' + revision if revision else ''}: not in the Hub cache and the Hub "
-                       f"cannot be reached ({_first_line(error)})") from error
+                       f"cannot be reached ({message_line(error)})") from error
     except HfHubHTTPError as error:
-        raise HubError(f"{repo_id}{'@' + revision if revision else ''}: {_first_line(error)}") from error
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise HubError(f"{repo_id}{'@' + revision if revision else ''}: {message_line(error)}") from error
 
 
 def _read_json(path: Path) -> dict:
@@ -199,9 +195,9 @@ def push(export_dir: str | Path, repo_id: str, revision: str | None = None, priv
             info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
                                      commit_message=commit_message)
         except OfflineModeIsEnabled as error:
-            raise HubError(f"{repo_id}: cannot push, HF_HUB_OFFLINE is set ({_first_line(error)})") from error
+            raise HubError(f"{repo_id}: cannot push, HF_HUB_OFFLINE is set ({message_line(error)})") from error
         except HfHubHTTPError as error:
-            raise HubError(f"{repo_id}: push failed: {_first_line(error)}") from error
+            raise HubError(f"{repo_id}: push failed: {message_line(error)}") from error
         except (OSError, httpx2.TransportError) as error:  # connection refused, DNS, timeouts
-            raise HubError(f"{repo_id}: the Hub cannot be reached: {_first_line(error)}") from error
+            raise HubError(f"{repo_id}: the Hub cannot be reached: {message_line(error)}") from error
     return str(info.commit_url)

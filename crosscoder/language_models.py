@@ -21,18 +21,15 @@ through accelerate). Missing models and unknown hook paths are errors that name 
 
 from __future__ import annotations
 
-import functools
-import os
 import re
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import torch
 from torch import nn
 
 from .errors import CrosscoderError, message_line
+from .hub_access import hub_offline, hub_unresolvable
 from .progress import pace_transformers_bars
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,7 +64,7 @@ def where(name: str, path: str) -> str:
     A path that looks local (absolute, relative with ./ or ../ or ~, more than one separator, or a
     separator after an existing directory) and is not there is a ModelError at once, never a hub
     lookup with its network retries; so is a hub id not cached while the hub is offline, or its
-    host name does not resolve (:func:`hub_unresolvable`).
+    host name does not resolve (:mod:`hub_access`).
     """
     local = Path(path).expanduser()
     if local.exists():
@@ -79,8 +76,7 @@ def where(name: str, path: str) -> str:
                    or ("/" in path and Path(first).is_dir()))
     if looks_local:
         raise ModelError(f"model {name!r}: model directory {local.absolute()} does not exist")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    why = "is offline (HF_HUB_OFFLINE=1)" if offline else hub_unresolvable()
+    why = "is offline (HF_HUB_OFFLINE=1)" if hub_offline() else hub_unresolvable()
     if why:
         from huggingface_hub import try_to_load_from_cache
 
@@ -89,27 +85,6 @@ def where(name: str, path: str) -> str:
                              "with no cached copy; give a local directory")
     return path
 
-
-@functools.cache
-def hub_unresolvable() -> str:
-    """'cannot be reached (<host>: <reason>)' where the hub's host name does not resolve, else ''.
-
-    An air-gapped cluster then gets its error at once: huggingface_hub would retry five times
-    (~26 s and ten log lines per model) before saying the same. Behind a proxy (which resolves the
-    name itself) nothing is looked up here. The cost: a DNS failure that a retry would have outlived
-    stops the start (nothing is written by then; run it again)."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
-                                        "all_proxy")):
-        return ""
-    from huggingface_hub import constants
-
-    endpoint = urlsplit(constants.ENDPOINT)
-    try:
-        socket.getaddrinfo(endpoint.hostname, endpoint.port or 443)
-    except socket.gaierror as e:
-        return f"cannot be reached ({endpoint.hostname}: {e.strerror})"
-    except (OSError, UnicodeError):  # anything else: let huggingface_hub try and say
-        return ""
     return ""
 
 

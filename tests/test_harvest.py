@@ -726,6 +726,16 @@ def test_hf_datasets_saved_or_as_data_files_read_like_the_jsonl_file(tiny, tmp_p
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode != 0
     assert "DataError: hf:nobody/no-such-dataset: cannot read the dataset" in proc.stderr
+    # online, with a hub whose host name does not resolve (an air-gapped cluster): said at once
+    from crosscoder.hub_access import PROXY_VARIABLES
+
+    air_gapped = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
+    air_gapped |= {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "https://hub.invalid", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=air_gapped)
+    assert proc.returncode != 0
+    assert ("DataError: hf:nobody/no-such-dataset: not a local directory and the Hugging Face hub cannot be "
+            "reached (hub.invalid: ") in proc.stderr, proc.stderr[-2000:]
+    assert "Retrying" not in proc.stderr
 
 
 def test_models_of_different_sizes_harvest_at_their_own_layers_into_one_dataset(ray_cluster, tiny, tmp_path):

@@ -214,7 +214,8 @@ def test_a_finished_run_whose_shards_were_removed_is_not_made_again(tmp_path, ca
 
 
 def test_the_shard_layer_loads_without_torch():
-    code = ("import sys; import crosscoder.shards, crosscoder.storage, crosscoder.stream, crosscoder.faults; "
+    code = ("import sys; import crosscoder.shards, crosscoder.storage, crosscoder.stream, crosscoder.faults, "
+            "crosscoder.hub_access; "
             "print('torch' in sys.modules, 'safetensors' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
@@ -261,7 +262,7 @@ def test_a_missing_model_is_one_line_without_any_network_attempt(tmp_path, capsy
     import huggingface_hub
     import transformers
 
-    from crosscoder.language_models import hub_unresolvable
+    from crosscoder.hub_access import PROXY_VARIABLES, hub_unresolvable
 
     def no_network(*args, **kwargs):
         raise AssertionError(f"the hub was asked for {args[:1]}")
@@ -272,7 +273,7 @@ def test_a_missing_model_is_one_line_without_any_network_attempt(tmp_path, capsy
     if "cannot be reached" in message:
         monkeypatch.setenv("HF_HUB_OFFLINE", "0")
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.invalid")  # RFC 6761: never resolves
-        for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        for proxy in PROXY_VARIABLES:
             monkeypatch.delenv(proxy, raising=False)
         hub_unresolvable.cache_clear()
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))

@@ -1,0 +1,47 @@
+"""Whether the Hugging Face Hub can be asked at all, before a model, tokenizer or dataset is
+loaded by hub id.
+
+Why: on a machine whose DNS does not know the Hub (an air-gapped cluster, the usual place for a
+large run) huggingface_hub retries each request five times with back-off, ~26 s and ten log lines
+per file, before an error that says what a name lookup says in milliseconds. One lookup per
+process answers for every load after it. Behind a proxy nothing is looked up (the proxy resolves
+the Hub's name, not this machine). The cost: a DNS failure that a retry would have outlived stops
+the start instead (nothing is written by then; start again).
+
+Standard library only (and huggingface_hub's endpoint, imported when asked): the harvest's
+document reader imports this without torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from urllib.parse import urlsplit
+
+# where one is set, the proxy looks the Hub's host up, not this machine
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` set as huggingface_hub reads it (read now: a test or a caller may set it late)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+@functools.cache
+def hub_unresolvable() -> str:
+    """'cannot be reached (<host>: <reason>)' where the Hub's host name (``HF_ENDPOINT``'s) does
+    not resolve, else '' (it resolves, a proxy is set, or the lookup failed otherwise: then
+    huggingface_hub tries and says). Looked up once per process."""
+    if any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return ""
+    from huggingface_hub import constants
+
+    endpoint = urlsplit(constants.ENDPOINT)
+    try:
+        socket.getaddrinfo(endpoint.hostname, endpoint.port or 443)
+    except socket.gaierror as e:
+        return f"cannot be reached ({endpoint.hostname}: {e.strerror})"
+    except (OSError, UnicodeError):  # anything else: let huggingface_hub try and say
+        return ""
+    return ""
