@@ -25,7 +25,6 @@ class AnalysisError(CrosscoderError, ValueError):
     which file or setting."""
 
 
-
 def message_line(error: BaseException) -> str:
     """The first non-blank line of an error's message (its type's name where it has none): a
     library's error (a transformers OSError, a datasets failure) told inside one line of ours."""

@@ -85,8 +85,6 @@ def where(name: str, path: str) -> str:
                              "with no cached copy; give a local directory")
     return path
 
-    return ""
-
 
 def _from_pretrained(loader, spec: ModelSpec, **kwargs):
     if spec.dtype not in DTYPES:
