@@ -35,29 +35,6 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(cores, memory, MAX_TEST_WORKERS))
 
 
-# The tests that share a costly module or session fixture run on one worker: xdist's default
-# scheduling hands a module's tests to every worker, and each builds the module's fixtures (measured
-# with -n 2: the planted BatchTopK run built on both workers at once, 196 and 192 s; the demo pair
-# twice, 118 and 71 s). The scheduler below is xdist's own scope scheduler (units of work given to
-# one worker whole) with these modules as units and every other test a unit of its own. (xdist's
-# xdist_group marks, meant for this, are lost under pytest 9: xdist renames the items through an
-# attribute pytest 9 no longer reads.)
-SHARED_FIXTURE_MODULES = {"tests/test_science.py": "batchtopk_run", "tests/test_demo_pair.py": "demo_pair",
-                          "tests/test_run_default.py": "demo_pair"}
-
-
-def pytest_xdist_make_scheduler(config, log):
-    if config.getoption("dist") != "load":  # another --dist the user asked for
-        return None
-    from xdist.scheduler import LoadScopeScheduling
-
-    class SharedFixtureScheduling(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return SHARED_FIXTURE_MODULES.get(nodeid.split("::")[0], nodeid)
-
-    return SharedFixtureScheduling(config, log)
-
-
 def small_synthetic(**overrides) -> SyntheticConfig:
     cfg = SyntheticConfig(widths=[16, 24], features=64, tokens=8192, seq_len=64, samples_per_shard=16,
                           active_per_token=3.0)
