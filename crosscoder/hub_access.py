@@ -3,8 +3,8 @@ loaded by hub id.
 
 Why: on a machine whose DNS does not know the Hub (an air-gapped cluster, the usual place for a
 large run) huggingface_hub retries each request five times with back-off, ~26 s and ten log lines
-per file, before an error that says what a name lookup says in milliseconds. One lookup per
-process answers for every load after it. Behind a proxy nothing is looked up (the proxy resolves
+per file, before an error that says what a name lookup says in milliseconds. One lookup a
+minute answers for every load in it. Behind a proxy nothing is looked up (the proxy resolves
 the Hub's name, not this machine). The cost: a DNS failure that a retry would have outlived stops
 the start instead (nothing is written by then; start again).
 
@@ -14,9 +14,9 @@ document reader imports this without torch.
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
+import time
 from urllib.parse import urlsplit
 
 # where one is set, the proxy looks the Hub's host up, not this machine
@@ -28,20 +28,34 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
-@functools.cache
+# (host, port) -> (when looked up, answer); an answer is trusted for LOOKUP_LIFETIME_S, so a
+# notebook whose network comes back sees it within a minute and a run's many loads look up once
+LOOKUP_LIFETIME_S = 60.0
+_lookups: dict[tuple[str, int], tuple[float, str]] = {}
+
+
 def hub_unresolvable() -> str:
     """'cannot be reached (<host>: <reason>)' where the Hub's host name (``HF_ENDPOINT``'s) does
     not resolve, else '' (it resolves, a proxy is set, or the lookup failed otherwise: then
-    huggingface_hub tries and says). Looked up once per process."""
+    huggingface_hub tries and says). One lookup per host a minute at most."""
     if any(os.environ.get(v) for v in PROXY_VARIABLES):
         return ""
     from huggingface_hub import constants
 
     endpoint = urlsplit(constants.ENDPOINT)
+    key = (endpoint.hostname or "", endpoint.port or 443)
+    when, answer = _lookups.get(key, (-LOOKUP_LIFETIME_S, ""))
+    if time.monotonic() - when >= LOOKUP_LIFETIME_S:
+        answer = _look_up(*key)
+        _lookups[key] = (time.monotonic(), answer)
+    return answer
+
+
+def _look_up(host: str, port: int) -> str:
     try:
-        socket.getaddrinfo(endpoint.hostname, endpoint.port or 443)
+        socket.getaddrinfo(host, port)
     except socket.gaierror as e:
-        return f"cannot be reached ({endpoint.hostname}: {e.strerror})"
+        return f"cannot be reached ({host}: {e.strerror})"
     except (OSError, UnicodeError):  # anything else: let huggingface_hub try and say
         return ""
     return ""

@@ -58,38 +58,41 @@ class ModelSpec:
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "gpt2" or "org/name"
 
 
-def where(name: str, path: str) -> str:
-    """``path`` as ``from_pretrained`` should get it: an existing directory, or a hub id.
+def where(name: str, path: str, revision: str | None = None) -> dict:
+    """``from_pretrained``'s arguments for ``path``: an existing directory, or a hub id.
 
     A path that looks local (absolute, relative with ./ or ../ or ~, more than one separator, or a
     separator after an existing directory) and is not there is a ModelError at once, never a hub
     lookup with its network retries; so is a hub id not cached while the hub is offline, or its
-    host name does not resolve (:mod:`hub_access`).
+    host name does not resolve (:mod:`hub_access`). A cached one is then read from the cache alone
+    (``local_files_only``), not after transformers' retries; it keeps its hub id as its name.
     """
     local = Path(path).expanduser()
     if local.exists():
         if local.is_dir() and not (local / "config.json").is_file():
             raise ModelError(f"model {name!r}: {local} has no config.json (not a saved transformers model)")
-        return str(local)
+        return {"pretrained_model_name_or_path": str(local), "revision": revision}
     first = Path(path).parts[0] if Path(path).parts else ""
     looks_local = (path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or not HUB_ID.match(path)
                    or ("/" in path and Path(first).is_dir()))
     if looks_local:
         raise ModelError(f"model {name!r}: model directory {local.absolute()} does not exist")
     why = "is offline (HF_HUB_OFFLINE=1)" if hub_offline() else hub_unresolvable()
-    if why:
-        from huggingface_hub import try_to_load_from_cache
+    if not why:
+        return {"pretrained_model_name_or_path": path, "revision": revision}
+    from huggingface_hub import try_to_load_from_cache
 
-        if not isinstance(try_to_load_from_cache(path, "config.json"), str):
-            raise ModelError(f"model {name!r}: {path!r} is not a local directory and the Hugging Face hub {why}, "
-                             "with no cached copy; give a local directory")
-    return path
+    if not isinstance(try_to_load_from_cache(path, "config.json", revision=revision), str):
+        at = "" if revision is None else f" at revision {revision!r}"
+        raise ModelError(f"model {name!r}: {path!r} is not a local directory and the Hugging Face hub {why}, "
+                         f"with no cached copy{at}; give a local directory")
+    return {"pretrained_model_name_or_path": path, "revision": revision, "local_files_only": True}
 
 
 def _from_pretrained(loader, spec: ModelSpec, **kwargs):
     if spec.dtype not in DTYPES:
         raise ModelError(f"model {spec.name!r}: dtype {spec.dtype!r} is not one of {sorted(DTYPES)}")
-    path = where(spec.name, spec.path)
+    located = where(spec.name, spec.path, spec.revision)
     if spec.device_map is not None:
         max_memory = {int(k) if str(k).isdigit() else k: v for k, v in (spec.max_memory or {}).items()}
         kwargs |= {"device_map": spec.device_map, "max_memory": max_memory or None}
@@ -97,7 +100,7 @@ def _from_pretrained(loader, spec: ModelSpec, **kwargs):
         kwargs["device_map"] = {"": spec.device}  # straight onto the GPU, no full copy on the host
     pace_transformers_bars()  # "Loading weights": one line a redraw in a log
     try:
-        model = loader.from_pretrained(path, revision=spec.revision, dtype=DTYPES[spec.dtype], **kwargs)
+        model = loader.from_pretrained(**located, dtype=DTYPES[spec.dtype], **kwargs)
     except OSError as e:
         raise ModelError(
             f"model {spec.name!r}: cannot load {spec.path!r} (revision {spec.revision}): "
@@ -152,7 +155,7 @@ def load_config(name: str, path: str, revision: str | None = None):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(where(name, path), revision=revision)
+        return AutoConfig.from_pretrained(**where(name, path, revision))
     except OSError as e:
         raise ModelError(f"model {name!r}: cannot load the config of {path!r}: {message_line(e)}") from None
 
@@ -161,7 +164,7 @@ def load_tokenizer(path: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(where(path, path), revision=revision)
+        return AutoTokenizer.from_pretrained(**where(path, path, revision))
     except OSError as e:
         raise ModelError(f"tokenizer {path!r}: cannot load: {message_line(e)}") from None
 

@@ -641,6 +641,58 @@ def test_a_loader_error_without_a_message_is_still_named(tiny, monkeypatch):
         load_model(ModelSpec("base", tiny["base"]))
 
 
+
+@pytest.fixture
+def hub_unreachable(monkeypatch, tmp_path):
+    """The Hub's host name does not resolve (RFC 6761's .invalid), no proxy, a hub cache of this
+    test's own, and every HTTP request huggingface_hub makes recorded and refused as a network
+    error. Yields the URLs asked for."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.utils import _http
+
+    from crosscoder import hub_access
+
+    asked = []
+
+    def refuse(request):
+        asked.append(str(request.url))
+        raise httpx2.ConnectError("refused by the test", request=request)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    for proxy in hub_access.PROXY_VARIABLES:
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.invalid")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(hub_access, "_lookups", {})
+    _http.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(refuse)))
+    yield asked
+    _http.set_client_factory(_http.default_client_factory)
+
+
+def test_a_cached_hub_model_loads_from_the_cache_alone_when_the_hub_cannot_be_reached(tiny, tmp_path, hub_unreachable):
+    """On an air-gapped cluster with the hub cache filled beforehand, a model given by hub id loads
+    from the cache without one request (transformers would retry each file five times, ~26 s), and
+    keeps its hub id as its name, which the manifest records for the analysis to load."""
+    from crosscoder.language_models import load_config
+
+    repo = tmp_path / "hub-cache" / "models--someone--tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny["base"], snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    model = load_model(ModelSpec("base", "someone/tiny"))
+    tokenizer = load_tokenizer("someone/tiny")
+    assert load_config("base", "someone/tiny").num_hidden_layers == model.config.num_hidden_layers
+    assert tokenizer.name_or_path == "someone/tiny"
+    # huggingface_hub's own agent registry (one try a day, no retries) is the only request
+    assert [url for url in hub_unreachable if "agent-harnesses" not in url] == []
+    reference = load_model(ModelSpec("ref", tiny["base"]))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    with pytest.raises(ModelError, match=r"'someone/tiny' is not a local directory and the Hugging Face hub cannot "
+                                         r"be reached \(hub.invalid: .*\), with no cached copy at revision 'v2'"):
+        load_model(ModelSpec("base", "someone/tiny", revision="v2"))
+
 def test_documents_tokenized_a_batch_at_a_time_plan_what_one_at_a_time_plans(tiny, capsys):
     """The planner tokenizes 64 documents per call (the texts in one tokenizer call, the
     conversations in one template call): the plan is the one of a call per document, chunk for

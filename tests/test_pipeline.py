@@ -262,7 +262,7 @@ def test_a_missing_model_is_one_line_without_any_network_attempt(tmp_path, capsy
     import huggingface_hub
     import transformers
 
-    from crosscoder.hub_access import PROXY_VARIABLES, hub_unresolvable
+    from crosscoder import hub_access
 
     def no_network(*args, **kwargs):
         raise AssertionError(f"the hub was asked for {args[:1]}")
@@ -273,9 +273,9 @@ def test_a_missing_model_is_one_line_without_any_network_attempt(tmp_path, capsy
     if "cannot be reached" in message:
         monkeypatch.setenv("HF_HUB_OFFLINE", "0")
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.invalid")  # RFC 6761: never resolves
-        for proxy in PROXY_VARIABLES:
+        for proxy in hub_access.PROXY_VARIABLES:
             monkeypatch.delenv(proxy, raising=False)
-        hub_unresolvable.cache_clear()
+        monkeypatch.setattr(hub_access, "_lookups", {})  # this test's lookups only, gone after it
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     else:
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -288,7 +288,36 @@ def test_a_missing_model_is_one_line_without_any_network_attempt(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("crosscoder: ModelError: "), err
     assert message.format(tmp=tmp_path) in err[0], err
-    hub_unresolvable.cache_clear()  # no other test reads this one's endpoint
+
+
+def test_the_hubs_reachability_is_looked_up_again_after_a_minute(monkeypatch):
+    """A long-lived process (a notebook) whose network comes back sees it once the answer is a
+    minute old; before that, every load reuses the one lookup."""
+    import socket
+
+    import huggingface_hub
+
+    from crosscoder import hub_access
+
+    for proxy in hub_access.PROXY_VARIABLES:
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.invalid")
+    monkeypatch.setattr(hub_access, "_lookups", {})
+    now, lookups, real_lookup = [1000.0], [], socket.getaddrinfo
+    monkeypatch.setattr(hub_access.time, "monotonic", lambda: now[0])
+
+    def resolve_as_if_the_network_were_back(host, port):  # .invalid never resolves: ask localhost instead
+        lookups.append(host)
+        return real_lookup("localhost" if len(lookups) > 1 else host, port)
+
+    monkeypatch.setattr(hub_access.socket, "getaddrinfo", resolve_as_if_the_network_were_back)
+    assert hub_access.hub_unresolvable().startswith("cannot be reached (hub.invalid: ")
+    now[0] += hub_access.LOOKUP_LIFETIME_S - 1
+    assert hub_access.hub_unresolvable().startswith("cannot be reached") and lookups == ["hub.invalid"]
+    now[0] += 1
+    assert hub_access.hub_unresolvable() == "" and len(lookups) == 2
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # the proxy resolves the name: no lookup
+    assert hub_access.hub_unresolvable() == "" and len(lookups) == 2
 
 
 def test_a_missing_organism_gguf_is_one_line(tmp_path, capsys):
