@@ -13,6 +13,25 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
+
+def _threads_per_test_worker() -> int | None:
+    """This xdist worker's share of the cores, or None outside a parallel run.
+
+    Each of torch, OpenMP and OpenBLAS starts a thread per core in every process; two workers on 2
+    cores then run 4 compute threads on 2 cores, and a worker's threads wait on each other's
+    preempted ones: the planted BatchTopK run trained in 119 s with another at once where one
+    thread each took 32 s (24 s alone with 2). Set before numpy or torch is imported, here and in
+    every process a test starts (Ray's workers set their own, from their CPU count)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // workers)
+
+
+if (_threads := _threads_per_test_worker()) is not None:
+    for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_variable] = str(_threads)
+
 from crosscoder.config import RunConfig, SyntheticConfig  # noqa: E402
 from crosscoder.synthetic import write_synthetic  # noqa: E402
 
