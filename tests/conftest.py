@@ -38,10 +38,11 @@ from crosscoder.synthetic import write_synthetic  # noqa: E402
 # `python -m pytest -n auto` (what CI runs) runs the suite on parallel workers (pytest-xdist): most of
 # a test's time is spent starting processes (Ray, Ray Train's worker groups, commands), which leaves
 # cores idle in one process (measured on 2 cores: 22-26 minutes, 25 in a fresh-clone CI run, instead
-# of 26-37). Each worker starts its own local Ray (ray_cluster) and builds its own session fixtures
-# (the shards, the demo pair), so "auto" means a worker per usable core and per MEMORY_PER_WORKER of
-# available memory (a parallel run on 2 cores peaked at 8 GiB in use), at most MAX_TEST_WORKERS.
-# Without -n (or with -n 0) the suite runs in one process.
+# of 26-37; 18.6 once each worker kept to its share of threads, above). Each worker starts its own
+# local Ray (ray_cluster) and builds its own session fixtures (the shards, the demo pair), so "auto"
+# means a worker per usable core and per MEMORY_PER_WORKER of available memory (a parallel run on 2
+# cores peaked at 8 GiB in use), at most MAX_TEST_WORKERS. Without -n (or with -n 0) the suite runs
+# in one process.
 MAX_TEST_WORKERS = 4
 MEMORY_PER_WORKER = 4 * 2**30
 
