@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CrosscoderError, type_and_message
-from .hub_access import hub_offline, hub_unresolvable
+from .hub_access import cached_snapshot, hub_offline, hub_unresolvable
 from .progress import progress_bar
 
 
@@ -88,8 +88,8 @@ def _dataset_records(source: str) -> Iterator[dict]:
     """Rows of ``hf:<dataset>[:<split>]`` (split ``train`` by default) as records; row n is named
     ``<source> row:n`` in errors. ``<dataset>`` is a directory written by ``save_to_disk``, a local
     directory of data files, or a hub name (read streaming: the plan stops at ``harvest.tokens``, so
-    a large dataset is never downloaded whole; on a machine without network access the hub needs a
-    filled cache and ``HF_HUB_OFFLINE=1``)."""
+    a large dataset is never downloaded whole; on a machine without network access, the hub cache's
+    copy of the dataset is read: :func:`_data_files_of`)."""
     try:
         import datasets
     except ImportError:
@@ -105,17 +105,32 @@ def _dataset_records(source: str) -> Iterator[dict]:
                     raise DataError(f"{source}: no split {split!r}; the dataset has {sorted(rows)}")
                 rows = rows[split]
         else:
-            if not local.is_dir() and not hub_offline():
-                if why := hub_unresolvable():  # at once, not after huggingface_hub's five retries
-                    raise DataError(f"{source}: not a local directory and the Hugging Face hub {why}; give a "
-                                    "local directory, or set HF_HUB_OFFLINE=1 to read the hub cache")
-            rows = datasets.load_dataset(str(local) if local.is_dir() else name, split=split, streaming=True)
+            rows = datasets.load_dataset(_data_files_of(source, name, local), split=split, streaming=True)
         for number, row in enumerate(rows):
             yield _record(row, f"{source} row", number)
     except DataError:
         raise
     except Exception as error:  # hub unreachable, unknown name or split, unreadable files
         raise DataError(f"{source}: cannot read the dataset ({type_and_message(error)})") from error
+
+
+def _data_files_of(source: str, name: str, local: Path) -> str:
+    """What ``load_dataset`` reads for ``name``: the local directory; or, while the hub is offline
+    or its host does not resolve, the hub cache's copy of the dataset repository (``hf download
+    --repo-type dataset NAME`` fills it), read as a local directory of data files (streaming from the
+    hub reads no cache); else the hub name."""
+    if local.is_dir():
+        return str(local)
+    why = "is offline (HF_HUB_OFFLINE=1)" if hub_offline() else hub_unresolvable()
+    if not why:
+        return name
+    if (snapshot := cached_snapshot(name, "dataset")) is not None:
+        return str(snapshot)
+    if hub_offline():  # datasets may still hold it in its own cache: let it try and say
+        return name
+    raise DataError(f"{source}: not a local directory and the Hugging Face hub {why}, with no copy in the hub "
+                    "cache; give a local directory, or fill the cache with `hf download --repo-type dataset "
+                    f"{name}` where the hub can be reached")
 
 
 def _record(row, where: str, number: int) -> Record:

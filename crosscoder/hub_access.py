@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 # where one is set, the proxy looks the Hub's host up, not this machine
@@ -59,3 +60,16 @@ def _look_up(host: str, port: int) -> str:
     except (OSError, UnicodeError):  # anything else: let huggingface_hub try and say
         return ""
     return ""
+
+
+def cached_snapshot(repo_id: str, repo_type: str = "model", revision: str = "main") -> Path | None:
+    """The hub cache's directory of ``repo_id`` at ``revision`` (a branch or tag its refs name, or a
+    commit), as ``hf download`` or any earlier load left it; None where the cache has none."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    repo = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+    ref = repo / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snapshot = repo / "snapshots" / commit
+    return snapshot if snapshot.is_dir() else None

@@ -788,6 +788,20 @@ def test_hf_datasets_saved_or_as_data_files_read_like_the_jsonl_file(tiny, tmp_p
     assert ("DataError: hf:nobody/no-such-dataset: not a local directory and the Hugging Face hub cannot be "
             "reached (hub.invalid: ") in proc.stderr, proc.stderr[-2000:]
     assert "Retrying" not in proc.stderr
+    # a dataset the hub cache holds (`hf download --repo-type dataset` on a connected machine, the
+    # cache copied over) is read from it, offline or air-gapped: the same records as the file itself
+    repo = tmp_path / "hf" / "hub" / "datasets--someone--docs"
+    (repo / "snapshots" / ("0" * 40) / "data").mkdir(parents=True)
+    shutil.copy(tiny["docs"], repo / "snapshots" / ("0" * 40) / "data" / "train.jsonl")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    code = ("import json; from crosscoder.documents import read_documents; "
+            "print(json.dumps(list(read_documents('hf:someone/docs'))))")
+    for offline in ("1", "0"):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env=air_gapped | {"HF_HUB_OFFLINE": offline})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads(proc.stdout.strip().splitlines()[-1]) == records, offline
 
 
 def test_models_of_different_sizes_harvest_at_their_own_layers_into_one_dataset(ray_cluster, tiny, tmp_path):
