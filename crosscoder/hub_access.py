@@ -33,6 +33,7 @@ def hub_offline() -> bool:
 # notebook whose network comes back sees it within a minute and a run's many loads look up once
 LOOKUP_LIFETIME_S = 60.0
 _lookups: dict[tuple[str, int], tuple[float, str]] = {}
+_clock = time.monotonic
 
 
 def hub_unresolvable() -> str:
@@ -46,9 +47,9 @@ def hub_unresolvable() -> str:
     endpoint = urlsplit(constants.ENDPOINT)
     key = (endpoint.hostname or "", endpoint.port or 443)
     when, answer = _lookups.get(key, (-LOOKUP_LIFETIME_S, ""))
-    if time.monotonic() - when >= LOOKUP_LIFETIME_S:
+    if _clock() - when >= LOOKUP_LIFETIME_S:
         answer = _look_up(*key)
-        _lookups[key] = (time.monotonic(), answer)
+        _lookups[key] = (_clock(), answer)
     return answer
 
 

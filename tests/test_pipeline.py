@@ -293,8 +293,6 @@ def test_a_missing_model_is_one_line_without_any_network_attempt(tmp_path, capsy
 def test_the_hubs_reachability_is_looked_up_again_after_a_minute(monkeypatch):
     """A long-lived process (a notebook) whose network comes back sees it once the answer is a
     minute old; before that, every load reuses the one lookup."""
-    import socket
-
     import huggingface_hub
 
     from crosscoder import hub_access
@@ -303,14 +301,14 @@ def test_the_hubs_reachability_is_looked_up_again_after_a_minute(monkeypatch):
         monkeypatch.delenv(proxy, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.invalid")
     monkeypatch.setattr(hub_access, "_lookups", {})
-    now, lookups, real_lookup = [1000.0], [], socket.getaddrinfo
-    monkeypatch.setattr(hub_access.time, "monotonic", lambda: now[0])
+    now, lookups, real_look_up = [1000.0], [], hub_access._look_up
+    monkeypatch.setattr(hub_access, "_clock", lambda: now[0])
 
-    def resolve_as_if_the_network_were_back(host, port):  # .invalid never resolves: ask localhost instead
+    def as_if_the_network_came_back(host, port):  # .invalid never resolves: localhost stands in later
         lookups.append(host)
-        return real_lookup("localhost" if len(lookups) > 1 else host, port)
+        return real_look_up("localhost" if len(lookups) > 1 else host, port)
 
-    monkeypatch.setattr(hub_access.socket, "getaddrinfo", resolve_as_if_the_network_were_back)
+    monkeypatch.setattr(hub_access, "_look_up", as_if_the_network_came_back)
     assert hub_access.hub_unresolvable().startswith("cannot be reached (hub.invalid: ")
     now[0] += hub_access.LOOKUP_LIFETIME_S - 1
     assert hub_access.hub_unresolvable().startswith("cannot be reached") and lookups == ["hub.invalid"]
