@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CrosscoderError, type_and_message
-from .hub_access import cached_snapshot, hub_offline, hub_unresolvable
+from .hub_access import cached_snapshot, hub_offline, hub_unavailable
 from .progress import progress_bar
 
 
@@ -121,7 +121,7 @@ def _data_files_of(source: str, name: str, local: Path) -> str:
     hub reads no cache); else the hub name."""
     if local.is_dir():
         return str(local)
-    why = "is offline (HF_HUB_OFFLINE=1)" if hub_offline() else hub_unresolvable()
+    why = hub_unavailable()
     if not why:
         return name
     if (snapshot := cached_snapshot(name, "dataset")) is not None:

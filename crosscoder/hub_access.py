@@ -29,6 +29,12 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
+def hub_unavailable() -> str:
+    """Why the Hub cannot be asked now, as the end of a sentence about it ('is offline
+    (HF_HUB_OFFLINE=1)', 'cannot be reached (<host>: <reason>)'); '' where it can be."""
+    return "is offline (HF_HUB_OFFLINE=1)" if hub_offline() else hub_unresolvable()
+
+
 # (host, port) -> (when looked up, answer); an answer is trusted for LOOKUP_LIFETIME_S, so a
 # notebook whose network comes back sees it within a minute and a run's many loads look up once
 LOOKUP_LIFETIME_S = 60.0
@@ -63,14 +69,15 @@ def _look_up(host: str, port: int) -> str:
     return ""
 
 
-def cached_snapshot(repo_id: str, repo_type: str = "model", revision: str = "main") -> Path | None:
+def cached_snapshot(repo_id: str, repo_type: str = "model", revision: str | None = None) -> Path | None:
     """The hub cache's directory of ``repo_id`` at ``revision`` (a branch or tag its refs name, or a
-    commit), as ``hf download`` or any earlier load left it; None where the cache has none."""
+    commit; ``main`` when None), as ``hf download`` or any earlier load left it; None where the
+    cache has none."""
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
     repo = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
-    ref = repo / "refs" / revision
-    commit = ref.read_text().strip() if ref.is_file() else revision
+    ref = repo / "refs" / (revision or "main")
+    commit = ref.read_text().strip() if ref.is_file() else revision or "main"
     snapshot = repo / "snapshots" / commit
     return snapshot if snapshot.is_dir() else None

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .errors import CrosscoderError, message_line
-from .hub_access import cached_snapshot, hub_offline, hub_unresolvable
+from .hub_access import cached_snapshot, hub_unavailable
 from .progress import pace_transformers_bars
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,10 +77,10 @@ def where(name: str, path: str, revision: str | None = None) -> dict:
                    or ("/" in path and Path(first).is_dir()))
     if looks_local:
         raise ModelError(f"model {name!r}: model directory {local.absolute()} does not exist")
-    why = "is offline (HF_HUB_OFFLINE=1)" if hub_offline() else hub_unresolvable()
+    why = hub_unavailable()
     if not why:
         return {"pretrained_model_name_or_path": path, "revision": revision}
-    snapshot = cached_snapshot(path, "model", revision or "main")
+    snapshot = cached_snapshot(path, "model", revision)
     if snapshot is None or not (snapshot / "config.json").is_file():
         at = "" if revision is None else f" at revision {revision!r}"
         raise ModelError(f"model {name!r}: {path!r} is not a local directory and the Hugging Face hub {why}, "
