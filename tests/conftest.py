@@ -88,6 +88,27 @@ def small_run_config(**train) -> RunConfig:
     return cfg
 
 
+def put_in_hub_cache(cache, repo_id: str, revision: str, folder, repo_type: str = "model") -> str:
+    """``folder``'s files (sub-folders kept) as huggingface_hub caches a downloaded revision:
+    content-addressed blobs, a snapshot of symlinks per commit, and ``refs/<revision>`` naming the
+    commit, which is returned."""
+    import hashlib
+
+    repo = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        blob = hashlib.sha256(data).hexdigest()
+        (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        (repo / "blobs" / blob).write_bytes(data)
+        link = repo / "snapshots" / commit / path.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(repo / "blobs" / blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return commit
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

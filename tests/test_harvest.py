@@ -29,7 +29,7 @@ from crosscoder.random_pair import make_family, make_pair, make_tokenizer, write
 from crosscoder.shards import ShardInfo, iter_samples, read_manifest, shard_name
 from crosscoder.storage import Root, StorageError
 
-from .conftest import free_port, said
+from .conftest import free_port, put_in_hub_cache, said
 
 pytestmark = pytest.mark.slow
 HOOKS = ["model.layers.1", "model.layers.2"]
@@ -641,7 +641,6 @@ def test_a_loader_error_without_a_message_is_still_named(tiny, monkeypatch):
         load_model(ModelSpec("base", tiny["base"]))
 
 
-
 @pytest.fixture
 def hub_unreachable(monkeypatch, tmp_path):
     """The Hub's host name does not resolve (RFC 6761's .invalid), no proxy, a hub cache of this
@@ -676,11 +675,7 @@ def test_a_cached_hub_model_loads_from_the_cache_alone_when_the_hub_cannot_be_re
     keeps its hub id as its name, which the manifest records for the analysis to load."""
     from crosscoder.language_models import load_config
 
-    repo = tmp_path / "hub-cache" / "models--someone--tiny"
-    snapshot = repo / "snapshots" / ("0" * 40)
-    shutil.copytree(tiny["base"], snapshot)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0" * 40)
+    put_in_hub_cache(tmp_path / "hub-cache", "someone/tiny", "main", Path(tiny["base"]))
     model = load_model(ModelSpec("base", "someone/tiny"))
     tokenizer = load_tokenizer("someone/tiny")
     assert load_config("base", "someone/tiny").num_hidden_layers == model.config.num_hidden_layers
@@ -692,6 +687,7 @@ def test_a_cached_hub_model_loads_from_the_cache_alone_when_the_hub_cannot_be_re
     with pytest.raises(ModelError, match=r"'someone/tiny' is not a local directory and the Hugging Face hub cannot "
                                          r"be reached \(hub.invalid: .*\), with no cached copy at revision 'v2'"):
         load_model(ModelSpec("base", "someone/tiny", revision="v2"))
+
 
 def test_documents_tokenized_a_batch_at_a_time_plan_what_one_at_a_time_plans(tiny, capsys):
     """The planner tokenizes 64 documents per call (the texts in one tokenizer call, the
@@ -790,11 +786,9 @@ def test_hf_datasets_saved_or_as_data_files_read_like_the_jsonl_file(tiny, tmp_p
     assert "Retrying" not in proc.stderr
     # a dataset the hub cache holds (`hf download --repo-type dataset` on a connected machine, the
     # cache copied over) is read from it, offline or air-gapped: the same records as the file itself
-    repo = tmp_path / "hf" / "hub" / "datasets--someone--docs"
-    (repo / "snapshots" / ("0" * 40) / "data").mkdir(parents=True)
-    shutil.copy(tiny["docs"], repo / "snapshots" / ("0" * 40) / "data" / "train.jsonl")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0" * 40)
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    shutil.copy(tiny["docs"], tmp_path / "repo" / "data" / "train.jsonl")
+    put_in_hub_cache(tmp_path / "hf" / "hub", "someone/docs", "main", tmp_path / "repo", repo_type="dataset")
     code = ("import json; from crosscoder.documents import read_documents; "
             "print(json.dumps(list(read_documents('hf:someone/docs'))))")
     for offline in ("1", "0"):

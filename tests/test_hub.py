@@ -7,7 +7,6 @@ own ``scan_cache_dir``); a push stops with one line when offline or unreachable;
 uploads is written by ``--save-to`` and read back with ``ModelCard.load`` and ``from_pretrained``.
 """
 
-import hashlib
 import json
 import os
 import subprocess
@@ -24,7 +23,7 @@ from crosscoder.shards import read_manifest
 from crosscoder.storage import open_root
 from crosscoder.trainer import train
 
-from .conftest import free_port, small_run_config
+from .conftest import free_port, put_in_hub_cache, small_run_config
 
 
 @pytest.fixture(scope="module")
@@ -32,24 +31,6 @@ def trained_run(small_shards, tmp_path_factory):
     run = tmp_path_factory.mktemp("hub") / "run"
     train(small_run_config(steps=16, checkpoint_every=0), run, data=small_shards, progress=False)
     return run
-
-
-def put_in_hub_cache(cache, repo_id: str, revision: str, folder) -> str:
-    """``folder``'s files as huggingface_hub caches a downloaded revision: content-addressed blobs,
-    a snapshot of symlinks per commit, and ``refs/<revision>`` naming the commit."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
-    for path in sorted(folder.iterdir()):
-        data = path.read_bytes()
-        blob = hashlib.sha256(data).hexdigest()
-        (repo / "blobs").mkdir(parents=True, exist_ok=True)
-        (repo / "blobs" / blob).write_bytes(data)
-        link = repo / "snapshots" / commit / path.name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(repo / "blobs" / blob, link.parent))
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / revision).write_text(commit)
-    return commit
 
 
 def offline_python(code: str, env: dict) -> subprocess.CompletedProcess:
