@@ -65,6 +65,14 @@ class Collectives:
         """Element-wise OR of a bool mask over data-parallel ranks (e.g. "fired on some rank")."""
         return mask
 
+    def sum_figures(self, by_data_rank: Tensor, by_latent_shard: Tensor, by_rank: Tensor) -> Tensor:
+        """A step's statistics summed over every rank in one collective, concatenated in this order:
+        ``by_data_rank``, which the latent shards of one data rank hold alike (losses, FVE sums),
+        summed over data ranks; ``by_latent_shard``, which the data ranks hold alike (dead latents),
+        summed over latent shards; ``by_rank``, which differ on every rank (active latents), summed
+        over all. One collective where a collective per statistic was a dozen a step."""
+        return torch.cat([by_data_rank, by_latent_shard, by_rank])
+
     def worst(self, code: int) -> int:
         """The largest of every rank's ``code`` (0 = all is well), so all ranks take the same branch:
         stop on a NaN loss, a corrupt shard or a Ctrl-C seen by any of them."""

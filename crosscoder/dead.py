@@ -23,7 +23,7 @@ class DeadLatentTracker:
     def update(self, fired: Tensor, n_tokens: int) -> None:
         """``fired``: bool mask of latents that fired at least once in the batch; ``n_tokens``: its size."""
         self.tokens_since_fired += int(n_tokens)
-        self.tokens_since_fired[fired.to(self.tokens_since_fired.device)] = 0
+        self.tokens_since_fired.masked_fill_(fired.to(self.tokens_since_fired.device), 0)
 
     @property
     def dead(self) -> Tensor:

@@ -45,13 +45,24 @@ class StreamingFVE:
             self.column_sums[s] += xs.sum(0)
         self.tokens += x.shape[0]
 
-    def result(self, data_sum: Callable[[Tensor], Tensor] = lambda t: t, tokens: int | None = None) -> Tensor:
-        """[S]; needs at least one update. ``data_sum`` sums each statistic over data-parallel ranks
-        and ``tokens`` counts them all, for the FVE of a global batch split over ranks."""
-        sse, sum_sq = data_sum(self.sse), data_sum(self.sum_sq)
-        column_sums = [data_sum(c) for c in self.column_sums]
-        total = sum_sq - torch.stack([c.pow(2).sum() for c in column_sums]) / (tokens or self.tokens)
+    def statistics(self) -> Tensor:
+        """The sums so far as one float64 vector (sse [S], squared norms [S], column sums [Σ d_s]), so a
+        data-parallel run sums them over ranks in one collective; :meth:`fve_of` reads it back."""
+        return torch.cat([self.sse, self.sum_sq, *self.column_sums])
+
+    def fve_of(self, statistics: Tensor, tokens: int) -> Tensor:
+        """[S] from :meth:`statistics` (this stream's, or their sum over ranks with ``tokens`` the
+        tokens of them all)."""
+        S = len(self.slices)
+        sse, sum_sq, column_sums = statistics[:S], statistics[S:2 * S], statistics[2 * S:]
+        widths = [sl.stop - sl.start for sl in self.slices]
+        total = sum_sq - torch.stack([c.pow(2).sum() for c in column_sums.split(widths)]) / tokens
         return 1 - sse / total.clamp_min(1e-12)
+
+    def result(self, data_sum: Callable[[Tensor], Tensor] = lambda t: t, tokens: int | None = None) -> Tensor:
+        """[S]; needs at least one update. ``data_sum`` sums the statistics over data-parallel ranks
+        and ``tokens`` counts them all, for the FVE of a global batch split over ranks."""
+        return self.fve_of(data_sum(self.statistics()), tokens or self.tokens)
 
 
 def decoder_norms(W_dec: Tensor, slices: list[slice], per_dimension: bool = False) -> Tensor:

@@ -373,7 +373,7 @@ class CrossCoder(nn.Module):
         threshold (:meth:`calibrate_threshold`), which no average of a moving quantity matches.
         """
         current = batch_threshold.view(-1, 1) / weights.clamp_min(1e-12)
-        t = int(self.threshold_updates)
+        t = self.threshold_updates.to(torch.float64)  # kept on the device: read, it would be a host sync a step
         raw = self.threshold * (1 - momentum**t)  # the uncorrected average of steps 1..t
         self.threshold.copy_((raw * momentum + current * (1 - momentum)) / (1 - momentum ** (t + 1)))
         self.threshold_updates += 1

@@ -199,6 +199,17 @@ class DistributedCollectives(Collectives):
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.layout.dp_group)
         return flags.bool()
 
+    def sum_figures(self, by_data_rank: Tensor, by_latent_shard: Tensor, by_rank: Tensor) -> Tensor:
+        # each figure is sent once over the world: a value the latent shards hold alike by the first
+        # of them, one the data ranks hold alike by the first data rank; the others send zeros
+        # (chosen, not multiplied: 0 × NaN would still be NaN)
+        layout = self.layout
+        out = torch.cat([by_data_rank if layout.lp_rank == 0 else torch.zeros_like(by_data_rank),
+                         by_latent_shard if layout.dp_rank == 0 else torch.zeros_like(by_latent_shard),
+                         by_rank])
+        dist.all_reduce(out)
+        return out
+
     def worst(self, code: int) -> int:
         value = torch.tensor([code], dtype=torch.int32, device=self.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)

@@ -277,17 +277,27 @@ def loss_weights(cfg: TrainConfig, spec: CrossCoderSpec, step: int) -> LossWeigh
 
 def step_metrics(spec: CrossCoderSpec, x: torch.Tensor, out: ForwardOutput, terms: dict[str, torch.Tensor],
                  tracker: DeadLatentTracker, collectives: Collectives) -> dict:
-    """FVE per source, L0, loss terms and dead fraction of the global batch (every rank agrees)."""
+    """FVE per source, L0, loss terms and dead fraction of the global batch (every rank agrees).
+
+    They come off the device together: one collective and one host read a step. A read per figure
+    (and per loss term, twice, for the finite check) was a dozen host synchronisations a step, each
+    of which empties a GPU's queue (README, "Running on GPUs"). A loss term that is not finite on
+    any rank is not finite in the sums every rank reads, so every rank takes the same branch."""
     fve = StreamingFVE(spec.slices, x.device)
     fve.update(x, out.x_hat.detach())
-    active = collectives.data_sum(collectives.sum_count(out.active_count().to(torch.float64)))
-    dead = collectives.sum_count(tracker.dead.sum().to(torch.float64))
-    data_ranks = collectives.batch_tokens(x.shape[0]) // x.shape[0]
+    tokens = collectives.batch_tokens(x.shape[0])
+    sums = collectives.sum_figures(
+        by_data_rank=torch.cat([torch.stack([v.double() for v in terms.values()]), fve.statistics()]),
+        by_latent_shard=tracker.dead.sum().to(torch.float64).view(1),
+        by_rank=out.active_count().to(torch.float64).view(1))
+    n = len(terms)
+    values = torch.cat([sums[:n] / (tokens // x.shape[0]), fve.fve_of(sums[n:-2], tokens), sums[-2:]]).tolist()
+    losses, fve_values, (dead, active) = values[:n], values[n:-2], values[-2:]
     return {
-        "fve": dict(zip(spec.sources, fve.result(collectives.data_sum, collectives.batch_tokens(x.shape[0])).tolist())),
-        "l0": float(active) / (collectives.batch_tokens(x.shape[0]) * out.pre.shape[1]),
-        "loss": {k: float(collectives.data_sum(v.double())) / data_ranks for k, v in terms.items()},
-        "dead_fraction": float(dead) / (spec.groups * spec.latents),
+        "fve": dict(zip(spec.sources, fve_values)),
+        "l0": active / (tokens * out.pre.shape[1]),
+        "loss": dict(zip(terms, losses)),
+        "dead_fraction": dead / (spec.groups * spec.latents),
     }
 
 
@@ -501,7 +511,11 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                 t_data = time.perf_counter() - t0
                 lr = learning_rate(tc, step)
                 out, loss, terms = backend.forward(x, tracker.dead, loss_weights(tc, spec, step))
-                if collectives.worst(0 if all(math.isfinite(float(v)) for v in terms.values()) else 1):
+                # counted before the step, which changes no latent's firing here: the dead share comes
+                # off the device with the loss, in the one read that also decides the finite check
+                tracker.update(collectives.any_over_data(out.fired()), tc.batch_size)
+                metrics = step_metrics(spec, x, out, terms, tracker, collectives)
+                if not all(math.isfinite(v) for v in metrics["loss"].values()):
                     # over every rank: the message rank 0 records must name an inf another rank's batch held
                     data_bad = collectives.worst(0 if bool(torch.isfinite(x).all()) else 1)
                     cause = ("a batch of this step holds inf or NaN activations: `crosscoder validate DATA --full` "
@@ -517,16 +531,15 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                 grad_norm = backend.step(loss, lr)
                 if out.batch_threshold is not None:
                     model.update_threshold(out.batch_threshold, out.weights.detach(), tc.threshold_momentum)
-                tracker.update(collectives.any_over_data(out.fired()), tc.batch_size)
                 positions.update(batch.positions)
                 done = step + 1
-                metrics = step_metrics(spec, x, out, terms, tracker, collectives) | {
-                    "step": done, "lr": lr, "grad_norm": grad_norm, "tokens": done * tc.batch_size,
-                    "epoch": batch.epoch}
+                metrics |= {"step": done, "lr": lr, "grad_norm": grad_norm, "tokens": done * tc.batch_size,
+                            "epoch": batch.epoch}
                 if spec.activation == "batchtopk" and (done % tc.log_every == 0 or done == end):
                     # what encode() would keep with the running thresholds: the drift training cannot see
                     fired = torch.count_nonzero(threshold_mask(out.pre.detach(), model.threshold)).to(torch.float64)
-                    metrics["inference_l0"] = float(collectives.data_sum(collectives.sum_count(fired))) / (
+                    none = fired.new_zeros(0)
+                    metrics["inference_l0"] = float(collectives.sum_figures(none, none, fired.view(1))) / (
                         collectives.batch_tokens(x.shape[0]) * out.pre.shape[1])
                 elif spec.activation == "jumprelu":  # inference applies the thresholds training learns
                     metrics["inference_l0"] = metrics["l0"]

@@ -5,12 +5,14 @@ first operation mixing it with the model's tensors fails (or, for a collective, 
 On a CPU-only machine nothing fails, so these tests run a training step (one process, and two real
 gloo ranks with DeepSpeed) and a harvest batch under a torch function mode that records every
 factory call (``zeros``, ``full``, ``tensor``, ``randn``, …) made from the ``crosscoder`` package
-without an explicit ``device``. What only a GPU run shows (NCCL itself, pinned-memory copies,
+without an explicit ``device``. Another mode counts the training loop's reads of a tensor's value on
+the host, each of which waits for a GPU's queue to empty. What only a GPU run shows (NCCL itself, pinned-memory copies,
 kernels that differ by device) is in tests/gpu/ (README, "Running on GPUs").
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 import sys
@@ -85,6 +87,51 @@ def test_a_training_step_in_one_process_names_every_device(small_shards, tmp_pat
         cfg.train.steps = 3
         train(cfg, tmp_path / "run2", data=small_shards, progress=False)  # resumed
     assert not mode.violations, sorted(mode.violations)
+
+
+HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__int__,
+              torch.Tensor.__bool__, torch.Tensor.__index__, torch.Tensor.numpy}
+TRAINING_LOOP = ("trainer.py", "dead.py", "metrics.py", "local_backend.py")
+
+
+class HostReads(TorchFunctionMode):
+    """Counts, by file, the reads of a tensor's value on the host (``float(t)``, ``t.item()``,
+    ``t.tolist()``, ``if t``, ``t.numpy()``) that the training loop's own modules make, directly or
+    through torch. On a GPU each read waits until the device's queue is empty."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads: collections.Counter[str] = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            frame = sys._getframe(1)
+            while frame is not None and not frame.f_code.co_filename.startswith(PACKAGE):
+                frame = frame.f_back
+            if frame is not None and frame.f_code.co_filename[len(PACKAGE):] in TRAINING_LOOP:
+                self.reads[frame.f_code.co_filename[len(PACKAGE):]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("activation", ["batchtopk", "relu"])
+def test_a_training_step_reads_the_device_once_for_its_loss_and_metrics(small_shards, tmp_path, activation):
+    """The finite-loss check and the step's figures (loss terms, FVE, L0, dead share) come off the
+    device in one read, and the gradient norm in one more; BatchTopK's inference L0 adds one on the
+    steps that are logged. (The step read each loss term twice and each figure once: 12 reads.)"""
+    from crosscoder.trainer import train
+
+    steps, log_every = 12, 4
+    cfg = small_run_config(activation=activation, steps=steps, log_every=log_every, checkpoint_every=0,
+                           dead_tokens=500, device="cpu")
+    mode = HostReads()
+    with mode:
+        result = train(cfg, tmp_path / "run", data=small_shards, progress=False)
+    assert result.steps == steps
+    logged = 0
+    if activation == "batchtopk":
+        logged = steps // log_every
+        assert result.last_metrics["dead_fraction"] > 0  # dead latents were counted, and read with the rest
+    assert dict(mode.reads) == {"trainer.py": steps + logged, "local_backend.py": steps}
 
 
 RANK = """
