@@ -75,8 +75,9 @@ class HarvestConfig:
     demo_steps: int = opt(500, "training steps of the demo base model, and again of its chat fine-tune", ge=1)
     hooks: list[str] = opt(["model.layers.1"], "module paths whose outputs are harvested (residual stream), in each "
                                                "model whose table names no hooks of its own")
-    data: str = opt("", "JSONL ({text} or {messages}) or .txt file of documents, or hf:<dataset>[:<split>] "
-                        "(a save_to_disk or data-file directory, or a hub name)")
+    data: str = opt("", "JSONL ({text} or {messages}) or .txt file of documents, or "
+                        "hf:<dataset>[@<revision>][:<split>] (a save_to_disk or data-file directory, or a hub "
+                        "name, at a branch, tag or commit)")
     output: str = opt("", "shard root: a path, file://… or s3://bucket/prefix")
     actors: int = opt(2, "number of Ray harvest actors", ge=1)
     cpus_per_actor: float = opt(1.0, "CPUs reserved by each actor", gt=0)

@@ -4,8 +4,9 @@ Input files:
 - ``.jsonl``: one JSON object per line, either ``{"text": "..."}`` or a chat
   ``{"messages": [{"role": "user", "content": "..."}, ...]}``;
 - ``.txt``: one document per non-empty line;
-- ``hf:<dataset>[:<split>]`` (the ``datasets`` package): a ``save_to_disk`` directory, a local
-  directory of data files or a hub name; the same two shapes per row.
+- ``hf:<dataset>[@<revision>][:<split>]`` (the ``datasets`` package): a ``save_to_disk`` directory,
+  a local directory of data files or a hub name (at a branch, tag or commit, for a harvest that
+  reads the same documents next year); the same two shapes per row.
 
 Chats go through the chat model's template (``tokenizer.apply_chat_template``) so base and chat
 models see the same token ids and their activation streams align token by token; every model in
@@ -85,18 +86,24 @@ def read_documents(source: str) -> Iterator[dict]:
 
 
 def _dataset_records(source: str) -> Iterator[dict]:
-    """Rows of ``hf:<dataset>[:<split>]`` (split ``train`` by default) as records; row n is named
-    ``<source> row:n`` in errors. ``<dataset>`` is a directory written by ``save_to_disk``, a local
-    directory of data files, or a hub name (read streaming: the plan stops at ``harvest.tokens``, so
-    a large dataset is never downloaded whole; on a machine without network access, the hub cache's
-    copy of the dataset is read: :func:`_data_files_of`)."""
+    """Rows of ``hf:<dataset>[@<revision>][:<split>]`` (split ``train`` by default) as records; row n
+    is named ``<source> row:n`` in errors. ``<dataset>`` is a directory written by ``save_to_disk``, a
+    local directory of data files, or a hub name, at ``<revision>`` when given (read streaming: the
+    plan stops at ``harvest.tokens``, so a large dataset is never downloaded whole; on a machine
+    without network access, the hub cache's copy of the dataset is read: :func:`_data_files_of`)."""
     try:
         import datasets
     except ImportError:
         raise DataError(f"{source}: reading a dataset needs the `datasets` package") from None
     name, _, split = source[3:].partition(":")
     split = split or "train"
-    local = Path(name).expanduser()
+    local, revision = Path(name).expanduser(), None
+    if "@" in name and not local.exists():  # a local path is taken whole, even with an @ in it
+        name, _, revision = name.rpartition("@")
+        local = Path(name).expanduser()
+        if local.exists() or not (name and revision):
+            raise DataError(f"{source}: a revision (@…) names a branch, tag or commit of a hub dataset, as in "
+                            "hf:owner/name@v1.0:train; a local dataset has none")
     try:
         if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
             rows = datasets.load_from_disk(str(local))
@@ -105,7 +112,9 @@ def _dataset_records(source: str) -> Iterator[dict]:
                     raise DataError(f"{source}: no split {split!r}; the dataset has {sorted(rows)}")
                 rows = rows[split]
         else:
-            rows = datasets.load_dataset(_data_files_of(source, name, local), split=split, streaming=True)
+            where = _data_files_of(source, name, local, revision)
+            rows = datasets.load_dataset(where, split=split, streaming=True,
+                                         revision=revision if where == name else None)
         for number, row in enumerate(rows):
             yield _record(row, f"{source} row", number)
     except DataError:
@@ -114,23 +123,24 @@ def _dataset_records(source: str) -> Iterator[dict]:
         raise DataError(f"{source}: cannot read the dataset ({type_and_message(error)})") from error
 
 
-def _data_files_of(source: str, name: str, local: Path) -> str:
+def _data_files_of(source: str, name: str, local: Path, revision: str | None = None) -> str:
     """What ``load_dataset`` reads for ``name``: the local directory; or, while the hub is offline
-    or its host does not resolve, the hub cache's copy of the dataset repository (``hf download
-    --repo-type dataset NAME`` fills it), read as a local directory of data files (streaming from the
-    hub reads no cache); else the hub name."""
+    or its host does not resolve, the hub cache's copy of the dataset repository at ``revision``
+    (``hf download --repo-type dataset NAME`` fills it), read as a local directory of data files
+    (streaming from the hub reads no cache); else the hub name."""
     if local.is_dir():
         return str(local)
     why = hub_unavailable()
     if not why:
         return name
-    if (snapshot := cached_snapshot(name, "dataset")) is not None:
+    if (snapshot := cached_snapshot(name, "dataset", revision)) is not None:
         return str(snapshot)
     if hub_offline():  # datasets may still hold it in its own cache: let it try and say
         return name
-    raise DataError(f"{source}: not a local directory and the Hugging Face hub {why}, with no copy in the hub "
-                    "cache; give a local directory, or fill the cache with `hf download --repo-type dataset "
-                    f"{name}` where the hub can be reached")
+    at, flag = (f" of revision {revision!r}", f" --revision {revision}") if revision else ("", "")
+    raise DataError(f"{source}: not a local directory and the Hugging Face hub {why}, with no copy{at} in the "
+                    "hub cache; give a local directory, or fill the cache with `hf download --repo-type dataset "
+                    f"{name}{flag}` where the hub can be reached")
 
 
 def _record(row, where: str, number: int) -> Record:

@@ -796,6 +796,25 @@ def test_hf_datasets_saved_or_as_data_files_read_like_the_jsonl_file(tiny, tmp_p
                               env=air_gapped | {"HF_HUB_OFFLINE": offline})
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert json.loads(proc.stdout.strip().splitlines()[-1]) == records, offline
+    # hf:NAME@REVISION reads that branch, tag or commit: here its snapshot, which holds the texts alone
+    (tmp_path / "v1" / "data").mkdir(parents=True)
+    (tmp_path / "v1" / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in texts))
+    commit = put_in_hub_cache(tmp_path / "hf" / "hub", "someone/docs", "v1", tmp_path / "v1", repo_type="dataset")
+    for revision in ("v1", commit):
+        proc = subprocess.run([sys.executable, "-c", code.replace("someone/docs", f"someone/docs@{revision}")],
+                              capture_output=True, text=True, timeout=300, env=air_gapped)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads(proc.stdout.strip().splitlines()[-1]) == texts, revision
+    proc = subprocess.run([sys.executable, "-c", code.replace("someone/docs", "someone/docs@v2:test")],
+                          capture_output=True, text=True, timeout=300, env=air_gapped)
+    assert proc.returncode != 0
+    assert ("DataError: hf:someone/docs@v2:test: not a local directory and the Hugging Face hub cannot be reached "
+            "(hub.invalid: ") in proc.stderr, proc.stderr[-2000:]
+    assert ("with no copy of revision 'v2' in the hub cache; give a local directory, or fill the cache with "
+            "`hf download --repo-type dataset someone/docs --revision v2` where the hub can be reached") in proc.stderr
+    with pytest.raises(DataError, match=rf"hf:{files}@v1: a revision \(@…\) names a branch, tag or commit of a hub "
+                                        "dataset, as in hf:owner/name@v1.0:train; a local dataset has none"):
+        list(read_documents(f"hf:{files}@v1"))
 
 
 def test_models_of_different_sizes_harvest_at_their_own_layers_into_one_dataset(ray_cluster, tiny, tmp_path):
