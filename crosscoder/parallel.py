@@ -202,7 +202,6 @@ class DistributedCollectives(Collectives):
     def sum_figures(self, by_data_rank: Tensor, by_latent_shard: Tensor, by_rank: Tensor) -> Tensor:
         # each figure is sent once over the world: a value the latent shards hold alike by the first
         # of them, one the data ranks hold alike by the first data rank; the others send zeros
-        # (chosen, not multiplied: 0 × NaN would still be NaN)
         layout = self.layout
         out = torch.cat([by_data_rank if layout.lp_rank == 0 else torch.zeros_like(by_data_rank),
                          by_latent_shard if layout.dp_rank == 0 else torch.zeros_like(by_latent_shard),

@@ -107,6 +107,46 @@ def test_jumprelu_on_two_latent_ranks_matches_one_process_through_a_resume(ray_c
     assert not torch.allclose(thresholds, torch.full_like(thresholds, 0.3))  # they learned
 
 
+FIGURES_RANK = """
+import json, sys
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+from crosscoder.parallel import DistributedCollectives, ParallelLayout
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=4)
+layout = ParallelLayout.create(latent_parallel=2)
+collectives = DistributedCollectives(layout, None, "cpu")
+f64 = dict(dtype=torch.float64)
+sums = collectives.sum_figures(torch.tensor([10.0 ** layout.dp_rank, 0.0], **f64),  # alike on a data rank's shards
+                               torch.tensor([100.0 * (layout.lp_rank + 1)], **f64),  # alike on a shard's data ranks
+                               torch.tensor([1000.0 * 2 ** rank], **f64))  # every rank's own
+print("SUMS " + json.dumps([layout.lp_rank, layout.dp_rank, sums.tolist()]), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_a_steps_figures_are_summed_in_one_collective_over_two_latent_by_two_data_ranks(tmp_path):
+    """Collectives.sum_figures on 4 real gloo ranks (2 latent shards × 2 data ranks): a figure the
+    latent shards hold alike is counted once per data rank, one the data ranks hold alike once per
+    shard, and every rank's own figure once; every rank reads the same sums. (The resharding test
+    trains on 2 × 2 ranks and compares its losses and dead counts; this checks the rule itself, for
+    each kind of figure, in seconds.)"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = FIGURES_RANK.format(root=str(Path(__file__).resolve().parents[1]), port=free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(rank)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for rank in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    said = []
+    for rank, (proc, (out, err)) in enumerate(zip(procs, outs)):
+        assert proc.returncode == 0, f"rank {rank}: {err[-3000:]}"
+        said.append(json.loads(next(line for line in out.splitlines() if line.startswith("SUMS "))[5:]))
+    assert [(lp, dp) for lp, dp, _ in said] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert all(sums == [1.0 + 10.0, 0.0, 100.0 + 200.0, 1000.0 * (1 + 2 + 4 + 8)] for _, _, sums in said), said
+
+
 def test_data_parallel_matches_single_process_at_the_same_global_batch(ray_cluster, small_shards, tmp_path):
     # the single process reads the same two data partitions the two data-parallel ranks read
     single_run = tmp_path / "single"
