@@ -6,8 +6,6 @@ sources of different widths are reported at their own width.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
@@ -59,10 +57,9 @@ class StreamingFVE:
         total = sum_sq - torch.stack([c.pow(2).sum() for c in column_sums.split(widths)]) / tokens
         return 1 - sse / total.clamp_min(1e-12)
 
-    def result(self, data_sum: Callable[[Tensor], Tensor] = lambda t: t, tokens: int | None = None) -> Tensor:
-        """[S]; needs at least one update. ``data_sum`` sums the statistics over data-parallel ranks
-        and ``tokens`` counts them all, for the FVE of a global batch split over ranks."""
-        return self.fve_of(data_sum(self.statistics()), tokens or self.tokens)
+    def result(self) -> Tensor:
+        """[S] of the tokens this stream saw; needs at least one update."""
+        return self.fve_of(self.statistics(), self.tokens)
 
 
 def decoder_norms(W_dec: Tensor, slices: list[slice], per_dimension: bool = False) -> Tensor:

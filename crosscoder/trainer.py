@@ -538,8 +538,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                 if spec.activation == "batchtopk" and (done % tc.log_every == 0 or done == end):
                     # what encode() would keep with the running thresholds: the drift training cannot see
                     fired = torch.count_nonzero(threshold_mask(out.pre.detach(), model.threshold)).to(torch.float64)
-                    none = fired.new_zeros(0)
-                    metrics["inference_l0"] = float(collectives.sum_figures(none, none, fired.view(1))) / (
+                    metrics["inference_l0"] = float(collectives.data_sum(collectives.sum_count(fired))) / (
                         collectives.batch_tokens(x.shape[0]) * out.pre.shape[1])
                 elif spec.activation == "jumprelu":  # inference applies the thresholds training learns
                     metrics["inference_l0"] = metrics["l0"]
