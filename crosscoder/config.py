@@ -218,8 +218,8 @@ class TrainConfig:
     latent_parallel: int = opt(1, "ranks sharing one dictionary (latent parallelism)", ge=1)
     zero_stage: Literal[0, 1, 2, 3] = opt(1, "DeepSpeed ZeRO stage 0-3 (distributed trainer)")
     precision: Literal["fp32", "bf16"] = opt(
-        "fp32", "distributed trainer: fp32 | bf16 (DeepSpeed mixed precision; on a CPU without bf16 GEMM units "
-        "the dense products run in fp32, see precision.py)")
+        "fp32", "distributed trainer (train.workers > 0): fp32 | bf16 (DeepSpeed mixed precision; on a CPU "
+        "without bf16 GEMM units the dense products run in fp32, see precision.py); one process trains in fp32")
     memory_per_worker: float = opt(
         0.0, "distributed trainer: GiB of host memory each worker reserves (Ray schedules within a node); 0 = "
         "estimated from the dictionary, batch and optimizer state (on GPUs, which hold those: one copy of the slice)",
@@ -543,6 +543,9 @@ def check_train(tc: TrainConfig) -> None:
     if tc.workers == 0 and tc.latent_parallel != 1:
         raise ConfigError(f"train.latent_parallel={tc.latent_parallel} needs train.workers > 0 (one process holds the "
                           "whole dictionary)")
+    if tc.workers == 0 and tc.precision != "fp32":  # else a bf16 run would train in fp32 without a word
+        raise ConfigError(f"train.precision={tc.precision} needs train.workers > 0 (DeepSpeed's mixed precision; one "
+                          "process trains in fp32): --train.workers 1 trains on one Ray Train worker")
     if tc.workers > 0:
         if tc.workers % tc.latent_parallel:
             raise ConfigError(f"train.latent_parallel={tc.latent_parallel} must divide the number of workers "

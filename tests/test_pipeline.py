@@ -36,6 +36,7 @@ SMALL = ["--synthetic.tokens", "4096", "--synthetic.seq_len", "64", "--synthetic
     (["--train.workers", "2", "--train.latent_parallel", "2", "--train.latents", "63", "--train.k", "4"],
      r"train.latents \(63\) must be divisible by train.latent_parallel \(2\)"),
     (["--train.latent_parallel", "2"], "train.latent_parallel=2 needs train.workers > 0"),
+    (["--train.precision", "bf16"], r"train.precision=bf16 needs train.workers > 0 .*--train.workers 1"),
     (["--train.workers", "2", "--train.batch_size", "255"],
      r"train.batch_size \(255\) must be divisible by the 2 data-parallel ranks"),
     (["--train.data_partitions", "3"], r"train.batch_size \(256\) must be divisible by the 3 data partitions"),
