@@ -540,13 +540,14 @@ def check_train(tc: TrainConfig) -> None:
     """The [train] rules between keys (ranges: see the fields)."""
     if tc.activation in ("topk", "batchtopk") and tc.k > tc.latents:
         raise ConfigError(f"train.k ({tc.k}) must be at most train.latents ({tc.latents})")
-    if tc.workers == 0 and tc.latent_parallel != 1:
-        raise ConfigError(f"train.latent_parallel={tc.latent_parallel} needs train.workers > 0 (one process holds the "
-                          "whole dictionary)")
-    if tc.workers == 0 and tc.precision != "fp32":  # else a bf16 run would train in fp32 without a word
-        raise ConfigError(f"train.precision={tc.precision} needs train.workers > 0 (DeepSpeed's mixed precision; one "
-                          "process trains in fp32): --train.workers 1 trains on one Ray Train worker")
-    if tc.workers > 0:
+    if tc.workers == 0:  # one process: no latent shards, no DeepSpeed
+        if tc.latent_parallel != 1:
+            raise ConfigError(f"train.latent_parallel={tc.latent_parallel} needs train.workers > 0 (one process holds "
+                              "the whole dictionary)")
+        if tc.precision != "fp32":  # else a bf16 run would train in fp32 without a word
+            raise ConfigError(f"train.precision={tc.precision} needs train.workers > 0 (DeepSpeed's mixed precision; "
+                              "one process trains in fp32): --train.workers 1 trains on one Ray Train worker")
+    else:
         if tc.workers % tc.latent_parallel:
             raise ConfigError(f"train.latent_parallel={tc.latent_parallel} must divide the number of workers "
                               f"({tc.workers})")
