@@ -27,8 +27,10 @@ Ray started here:
   the raylet and GCS died with it, the workers with them, and the driver waited 60 s for the GCS
   before failing. The dashboard's module processes, which multiprocessing starts afresh, still
   end (Ray Train's cleaner then logs that the state API is unavailable while the stop finishes).
-  The cost: Ray's shutdown finds its processes deaf to SIGTERM and kills them after its 1-s grace,
-  about 3 s more at the end of a command (measured: 4.5 s instead of 1.5 s);
+  Ray's shutdown sends each of its processes SIGTERM and SIGKILLs it after a 1-s grace: four of
+  them (raylet, GCS, the two monitors) cannot hear that SIGTERM, so :func:`_no_grace_for_the_deaf`
+  SIGKILLs those at once (read from ``/proc``; the dashboard, which unblocks it, still gets its
+  grace). The end is the same; ``ray.shutdown()`` took 4.4 s before and 0.2 s now (measured);
 - runs Ray Train without its preemption watcher (:data:`LOCAL_RAY_ENV`): the watcher is an actor
   started with every worker group to hear of nodes a cluster drains (spot instances) and to keep
   such deaths out of ``train.max_failures``; a Ray of one machine that this command started and
@@ -129,7 +131,44 @@ def start_local_ray(ray, **init_kwargs) -> str:
     finally:
         auth_logger.setLevel(level)
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
+    _no_grace_for_the_deaf(ray._private.worker._global_node)
     return address
+
+
+def _no_grace_for_the_deaf(node) -> None:
+    """Make ``ray.shutdown()`` SIGKILL at once those of ``node``'s processes that block SIGTERM in
+    every thread, instead of sending them a SIGTERM they cannot hear and waiting Ray's 1-s grace
+    before the SIGKILL they get anyway. Ray's other processes keep the grace. This reaches into
+    Ray's ``Node`` (pinned in requirements.txt); where that method is gone, nothing changes."""
+    kill = getattr(node, "_kill_process_impl", None)
+    if kill is None:
+        return
+
+    def kill_without_a_grace_it_cannot_use(process_type, allow_graceful=False, **kwargs):
+        processes = [info.process for info in node.all_processes.get(process_type, [])]
+        if processes and all(_deaf_to_sigterm(p.pid) for p in processes):
+            allow_graceful = False
+        kill(process_type, allow_graceful=allow_graceful, **kwargs)
+
+    node._kill_process_impl = kill_without_a_grace_it_cannot_use
+
+
+def _deaf_to_sigterm(pid: int) -> bool:
+    """Whether every thread of process ``pid`` blocks SIGTERM, so that a SIGTERM stays pending for
+    ever (Linux's ``/proc``; False where that cannot be read: another OS, a process gone)."""
+    bit = 1 << (signal.SIGTERM - 1)
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+        if not threads:
+            return False
+        for thread in threads:
+            with open(f"/proc/{pid}/task/{thread}/status") as status:
+                blocked = next(line for line in status if line.startswith("SigBlk:"))
+            if not int(blocked.split()[1], 16) & bit:
+                return False
+    except (OSError, StopIteration, ValueError):
+        return False
+    return True
 
 
 # Settings a Ray worker started elsewhere needs to see as the driver does: where the object store and

@@ -4,6 +4,7 @@ download nothing, bounded manifest writes, group-readable files, the installed p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -143,6 +144,61 @@ def test_a_local_ray_that_fails_to_start_leaves_no_address_behind():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "refused: Resource quantities must be nonnegative" in out.stdout, out.stdout + out.stderr[-2000:]
     assert "left: None None False" in out.stdout, out.stdout
+
+
+def test_a_process_is_deaf_to_sigterm_only_when_every_thread_blocks_it():
+    """Ray's shutdown waits 1 s for each process that got its SIGTERM; one that blocks it in every
+    thread never acts on it, so that wait is skipped (ray_connect._no_grace_for_the_deaf)."""
+    from crosscoder.ray_connect import _deaf_to_sigterm
+
+    block = "import signal, sys, threading, time\nsignal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
+    unblock_in_a_thread = ("def listen():\n    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})\n"
+                           "    time.sleep(60)\nthreading.Thread(target=listen, daemon=True).start()\n")
+    in_a_thread = "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+    cases = {"blocked in both threads": (block + in_a_thread, True),
+             "unblocked by one thread": (block + unblock_in_a_thread, False),
+             "not blocked": ("import sys, threading, time\n" + in_a_thread, False)}
+    for name, (code, deaf) in cases.items():
+        proc = subprocess.Popen([sys.executable, "-c", code + "print('ready', flush=True)\ntime.sleep(60)"],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "ready", name
+            assert _deaf_to_sigterm(proc.pid) is deaf, name
+        finally:
+            proc.kill()
+            proc.wait()
+    assert _deaf_to_sigterm(proc.pid) is False  # gone: the shutdown keeps Ray's own handling
+
+
+def test_a_commands_local_ray_ends_every_process_at_its_shutdown(tmp_path):
+    """The local Ray a command starts blocks SIGTERM in its processes, and its shutdown SIGKILLs those
+    at once instead of after Ray's 1-s grace each: its raylet, GCS and workers still all end."""
+    code = ("import os, ray\nfrom crosscoder import ray_connect\nfrom crosscoder.ray_connect import _deaf_to_sigterm\n"
+            "ray_connect.connect(2)\n"
+            "@ray.remote\nclass Worker:\n    def pid(self):\n        return os.getpid()\n"
+            "worker = Worker.remote()\nprint('worker', ray.get(worker.pid.remote()), False, flush=True)\n"
+            "for kind, infos in ray._private.worker._global_node.all_processes.items():\n"
+            "    for info in infos:\n        print(kind, info.process.pid, _deaf_to_sigterm(info.process.pid), flush=True)\n"
+            "ray.shutdown()\nprint('shut down', flush=True)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert out.returncode == 0 and "shut down" in out.stdout, out.stdout + out.stderr[-3000:]
+    started = {line.split()[0]: (int(line.split()[1]), line.split()[2] == "True")
+               for line in out.stdout.splitlines() if len(line.split()) == 3}
+    assert started["raylet"][1] and started["gcs_server"][1], started  # both get no grace
+    assert not started["dashboard"][1], started  # it unblocks SIGTERM and keeps its grace
+    processes = []
+    for pid, _ in started.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            processes.append(psutil.Process(pid))
+    _, alive = psutil.wait_procs(processes, timeout=30)
+    running = []
+    for process in alive:  # a zombie has ended: init reaps it
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if process.status() != psutil.STATUS_ZOMBIE:
+                running.append((process.pid, process.name()))
+    assert not running, running
 
 
 def test_a_truncated_shard_is_refused_before_the_first_step(small_shards, tmp_path, ray_cluster):
