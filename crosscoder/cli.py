@@ -16,7 +16,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, apply_overrides, describe, load_config
+from .config import ConfigError, RunConfig, apply_overrides, describe, load_config, validate_loaded
 from .errors import AnalysisError, CrosscoderError, NoRunDirectory
 from .interrupts import stop_signals_as_ctrl_c
 
@@ -77,8 +77,10 @@ def config_path(args, overrides: list[tuple[str, str]]) -> str | Path | None:
 def resolve(args, rest) -> tuple[RunConfig, Path]:
     """The config (:func:`config_path`) with the overrides, and the run directory."""
     overrides = _split_overrides(rest)
-    cfg = load_config(config_path(args, overrides))
+    path = config_path(args, overrides)
+    cfg = load_config(path)
     apply_overrides(cfg, overrides)
+    validate_loaded(cfg, path, (key for key, _ in overrides))  # an error names the file its keys came from
     run_dir = Path(args.run.replace("{name}", cfg.name)) if args.run else Path("runs") / cfg.name
     return cfg, run_dir
 

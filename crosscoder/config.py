@@ -536,6 +536,29 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"analyze.sources names the two compared sources, got {cfg.analyze.sources}")
 
 
+def validate_loaded(cfg: RunConfig, path: str | Path | None, overridden: typing.Iterable[str] = ()) -> None:
+    """:func:`validate` for a config loaded from ``path`` with the ``overridden`` dotted keys set on
+    the command line: where keys the error names were set in the file (and not overridden), the
+    error names the file too, as a wrong type does. A saved ``run/config.toml`` that a rule added
+    since refuses, or a value the embedded default sets, is then traced to where it was written."""
+    try:
+        validate(cfg)
+    except ConfigError as error:
+        if path is None:
+            raise
+        message, overridden = str(error), set(overridden)
+        tables = "|".join(name for name, tp in _field_types(RunConfig).items() if _is_dataclass_type(tp))
+        named = set(re.findall(rf"\b(?:{tables})\.\w+", message))
+        data = tomllib.loads(Path(path).read_text())
+        in_file = {f"{table}.{key}" for table, body in data.items() if isinstance(body, dict) for key in body}
+        from_file = sorted(named & in_file - overridden)
+        if not from_file:
+            raise
+        if len(from_file) == len(named):
+            raise ConfigError(f"{path}: {message}") from None
+        raise ConfigError(f"{message} ({' and '.join(from_file)} set in {path})") from None
+
+
 def check_train(tc: TrainConfig) -> None:
     """The [train] rules between keys (ranges: see the fields)."""
     if tc.activation in ("topk", "batchtopk") and tc.k > tc.latents:

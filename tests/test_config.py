@@ -84,6 +84,27 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
     assert "unknown key 'bogus'" in err and "Traceback" not in err
 
 
+def test_a_rule_broken_by_keys_a_config_file_set_names_that_file(tmp_path, capsys):
+    """A range or a rule between keys names the file its keys were set in, as a wrong type does:
+    the file given, or a run directory's saved config.toml (which a rule added since may refuse);
+    a key also set on the command line is the user's own, named as typed."""
+    given = write(tmp_path, "[train]\nk = 0\nlatents = 64\n")
+    run = tmp_path / "saved"
+    run.mkdir()
+    (run / "config.toml").write_text('name = "saved"\n[train]\nprecision = "bf16"\nworkers = 0\n')
+    cases = [(["--config", str(given)], f"{given}: train.k must be at least 1, got 0"),
+             (["--config", str(given), "--train.k", "0"], "train.k must be at least 1, got 0"),
+             (["--config", str(given), "--train.k", "128"], "train.k (128) must be at most train.latents (64) "
+                                                           f"(train.latents set in {given})"),
+             (["--run", str(run)], f"{run / 'config.toml'}: train.precision=bf16 needs train.workers > 0")]
+    for args, message in cases:
+        assert main(["train", *args, "--data", str(tmp_path / "none")]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith(f"crosscoder: config error: {message}") and len(err.splitlines()) == 1, (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml", "saved"]  # no run directory made
+    assert sorted(p.name for p in run.iterdir()) == ["config.toml"]
+
+
 def test_cli_keys_lists_documented_fields(capsys):
     assert main(["keys"]) == 0
     out = capsys.readouterr().out
