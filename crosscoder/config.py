@@ -549,7 +549,10 @@ def validate_loaded(cfg: RunConfig, path: str | Path | None, overridden: typing.
         message, overridden = str(error), set(overridden)
         tables = "|".join(name for name, tp in _field_types(RunConfig).items() if _is_dataclass_type(tp))
         named = set(re.findall(rf"\b(?:{tables})\.\w+", message))
-        data = tomllib.loads(Path(path).read_text())
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError):  # changed since it was loaded: say what validate said
+            raise error from None
         in_file = {f"{table}.{key}" for table, body in data.items() if isinstance(body, dict) for key in body}
         from_file = sorted(named & in_file - overridden)
         if not from_file:
