@@ -145,8 +145,10 @@ def start_local_ray(ray, **init_kwargs) -> str:
 def _no_grace_for_the_deaf(node) -> None:
     """Make ``ray.shutdown()`` SIGKILL at once those of ``node``'s processes that block SIGTERM in
     every thread, instead of sending them a SIGTERM they cannot hear and waiting Ray's 1-s grace
-    before the SIGKILL they get anyway. Ray's other processes keep the grace. This reaches into
-    Ray's ``Node`` (pinned in requirements.txt); where that method is gone, nothing changes."""
+    before the SIGKILL they get anyway. Ray's other processes keep the grace. (A program could
+    still take a blocked signal with ``sigwait``; Ray's do not: each such process outlived the
+    whole grace and ended by the SIGKILL, measured.) This reaches into Ray's ``Node`` (pinned in
+    requirements.txt); where that method is gone, nothing changes."""
     kill = getattr(node, "_kill_process_impl", None)
     if kill is None:
         return
