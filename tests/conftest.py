@@ -3,6 +3,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -200,6 +201,52 @@ def _shut_down_a_commands_ray() -> None:
         ray.shutdown()
     if ray_connect._started is not None and os.environ.get("RAY_ADDRESS") == ray_connect._started:
         del os.environ["RAY_ADDRESS"]
+
+
+BIN = Path(sys.executable).parent  # the installed commands: ray, crosscoder
+
+
+def ray_cli(*args, env, timeout=120, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode:
+        raise AssertionError(f"ray {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def stop_cluster(temp_dir: Path, timeout: float = 3.0) -> None:
+    """Stop the processes of the cluster whose session lives under ``temp_dir``, and no other: a
+    SIGTERM, then a SIGKILL to those alive ``timeout`` s later (the raylet, the GCS, the autoscaler
+    monitor and the runtime-env agent of a `ray start` catch SIGTERM and were still alive 10 s later,
+    so a 30-s wait cost each test cluster 30 s).
+
+    (`ray stop` would also kill the session's local Ray of the other tests, and a driver whose
+    cluster vanished exits its process, here pytest itself.)"""
+    import psutil
+
+    def ours():
+        # gcs_server, raylet, the monitors name the session dir; workers and agents are their children
+        found = {}
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(str(temp_dir) in arg for arg in (p.info["cmdline"] or [])):
+                    for q in [p, *p.children(recursive=True)]:
+                        found[q.pid] = q
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return list(found.values())
+
+    procs = ours()
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive + ours():
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 @pytest.fixture(scope="session")

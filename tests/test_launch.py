@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,17 +16,9 @@ from crosscoder.random_pair import make_pair, write_documents
 from crosscoder.shards import read_manifest
 from crosscoder.storage import Root
 
-from .conftest import free_port, wait_for_port
+from .conftest import BIN, free_port, ray_cli, stop_cluster, wait_for_port
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
-
-
-def ray_cli(*args, env, timeout=120, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode:
-        raise AssertionError(f"ray {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 # credentials in the head's environment, as a pod's Secrets put them there, and a plain setting
@@ -62,39 +52,6 @@ def ray_head():
     finally:
         stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def stop_cluster(temp_dir: Path, timeout: float = 30.0) -> None:
-    """Stop the processes of the cluster whose session lives under ``temp_dir``, and no other.
-
-    (`ray stop` would also kill the session's local Ray of the other tests, and a driver whose
-    cluster vanished exits its process, here pytest itself.)"""
-    import psutil
-
-    def ours():
-        # gcs_server, raylet, the monitors name the session dir; workers and agents are their children
-        found = {}
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if any(str(temp_dir) in arg for arg in (p.info["cmdline"] or [])):
-                    for q in [p, *p.children(recursive=True)]:
-                        found[q.pid] = q
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        return list(found.values())
-
-    procs = ours()
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive + ours():
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def test_job_submission_needs_the_token(ray_head, tmp_path):
