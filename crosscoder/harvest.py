@@ -80,6 +80,7 @@ from .shards import (
     sweep_partial_shards,
     write_manifest,
 )
+from .shared_paths import check_nodes_see
 from .storage import Root, StorageError, absolute_url, open_root
 from .telemetry import HarvestMetrics
 
@@ -619,6 +620,12 @@ def write_shards(cfg: RunConfig, models: list[ModelSpec], plan: list[list[Chunk]
     ``harvest.max_retries`` times; a permanent error (give_up_if_permanent) stops at once."""
     hc = cfg.harvest
     ray = connect(math.ceil(hc.actors * hc.cpus_per_actor))
+    # the actors load the models and write the shards: every node that may run one must see them
+    root = open_root(hc.output, cfg.storage)
+    check_nodes_see(ray, "GPU" if hc.gpus_per_actor else "CPU", "harvest actors",
+                    files={f"the model {m.path}": Path(m.path) / "config.json" for m in models
+                           if (Path(m.path) / "config.json").is_file()},
+                    directories={f"the harvest output {root.path}": Path(root.path)} if root.is_local else {})
     env = worker_env()  # settings, never credentials (ray_connect.WORKER_ENV)
     # no "Loading weights" (or download) bar from the actors' transformers: Ray passes an actor's
     # output on by whole lines, so a bar arrives once, finished, cutting into the harvest's own bar

@@ -270,8 +270,10 @@ def analyze(p: Plan, progress: bool = True, only_if_stale: bool = False) -> dict
     setting = p.cfg.analyze.device
     if setting != "cpu" and not _local_cuda() and _cluster_gpus() > 0:
         from .ray_connect import connect
+        from .shared_paths import check_nodes_see
 
         print("analyze: on a GPU of the Ray cluster")
+        check_nodes_see(connect(), "GPU", "the analysis", files={f"the run directory {p.run_dir}": export})
         task = connect().remote(num_gpus=1)(analyze_here)
         summary = connect().get(task.remote(p, False, "auto"))
     else:

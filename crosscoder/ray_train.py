@@ -36,6 +36,7 @@ from .ray_connect import (
     worker_env,
 )
 from .shards import Manifest, ShardError, check_sizes, read_manifest
+from .shared_paths import check_nodes_see
 from .stream import DataExhausted
 from .trainer import (
     RESULT_FILE,
@@ -192,6 +193,10 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: 
     elif tc.device == "cuda":
         note_gpu_wait(ray, 1, tc.workers, "train.device = cuda")
     cuda = tc.device == "cuda"
+    # the workers write the run directory and read the data: every node that may run one must see both
+    data_file = {f"the training data {data}": Path(root.path) / manifest.shards[0].name} if root.is_local else {}
+    check_nodes_see(ray, "GPU" if cuda else "CPU", "training workers", files=data_file,
+                    directories={f"the run directory {run_dir}": run_dir})
     memory = memory_request(ray, tc.memory_per_worker * 2**30 or estimated_worker_memory(cfg, manifest), tc.workers,
                             "train.memory_per_worker")
     resources = {"CPU": 1} | ({"memory": memory} if memory else {})
