@@ -609,19 +609,18 @@ def harvest(cfg: RunConfig, progress: bool = True) -> Manifest:
         done = committed_shards(root, settings, digest, chunks=chunks, per=per)
         pending = [n for n in range(len(plan)) if shard_name(n) not in done]
         if pending:
-            write_shards(cfg, models, plan, pending, done, record, progress)
+            write_shards(cfg, models, root, plan, pending, done, record, progress)
         return record()
 
 
-def write_shards(cfg: RunConfig, models: list[ModelSpec], plan: list[list[Chunk]], pending: list[int],
+def write_shards(cfg: RunConfig, models: list[ModelSpec], root: Root, plan: list[list[Chunk]], pending: list[int],
                  done: dict[str, ShardInfo], record: Callable[[], Manifest], progress: bool) -> None:
     """Write the ``pending`` shards of ``plan`` on Ray actors into ``done``, calling ``record`` at
     most every MANIFEST_EVERY_S. A failed shard is redone (on a new actor when its actor died) up to
     ``harvest.max_retries`` times; a permanent error (give_up_if_permanent) stops at once."""
     hc = cfg.harvest
     ray = connect(math.ceil(hc.actors * hc.cpus_per_actor))
-    # the actors load the models and write the shards: every node that may run one must see them
-    root = open_root(hc.output, cfg.storage)
+    # the actors load the models and write the shards into ``root``: every node that may run one must see them
     check_nodes_see(ray, "GPU" if hc.gpus_per_actor else "CPU", "harvest actors",
                     files={f"the model {m.path}": Path(m.path) / "config.json" for m in models
                            if (Path(m.path) / "config.json").is_file()},

@@ -273,9 +273,9 @@ def analyze(p: Plan, progress: bool = True, only_if_stale: bool = False) -> dict
         from .shared_paths import check_nodes_see
 
         print("analyze: on a GPU of the Ray cluster")
-        check_nodes_see(connect(), "GPU", "the analysis", files={f"the run directory {p.run_dir}": export})
-        task = connect().remote(num_gpus=1)(analyze_here)
-        summary = connect().get(task.remote(p, False, "auto"))
+        ray = connect()
+        check_nodes_see(ray, "GPU", "the analysis", files={f"the run directory {p.run_dir}": export})
+        summary = ray.get(ray.remote(num_gpus=1)(analyze_here).remote(p, False, "auto"))
     else:
         summary = analyze_here(p, progress, setting)
     from .ce_recovered import describe
