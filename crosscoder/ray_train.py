@@ -76,7 +76,10 @@ def train_worker(config: dict) -> None:
     try:
         train(cfg, config["run_dir"], config["data"], progress=config["progress"], stop_after=config["stop_after"],
               backend=DeepSpeedBackend(cfg, device))
-    except (TrainingDiverged, ShardError, DataExhausted, TrainingStopped):
+    except (ShardError, DataExhausted) as stop:  # a retry would stop the same way
+        if not (Path(config["run_dir"]) / RESULT_FILE).exists():  # met before the loop, which records it: by
+            record_stop(Path(config["run_dir"]), stop)  # every rank alike (a manifest that lists no shards)
+    except (TrainingDiverged, TrainingStopped):
         pass  # written to the result file, which the driver reads: a retry would stop the same way
     except CheckpointError as stop:  # every rank raises it; a retry would fill the same disk
         record_stop(Path(config["run_dir"]), stop)
@@ -194,7 +197,9 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: 
         note_gpu_wait(ray, 1, tc.workers, "train.device = cuda")
     cuda = tc.device == "cuda"
     # the workers write the run directory and read the data: every node that may run one must see both
-    data_file = {f"the training data {data}": Path(root.path) / manifest.shards[0].name} if root.is_local else {}
+    # (a manifest that lists no shards is the workers' ShardError to say, by name)
+    data_file = {f"the training data {data}": Path(root.path) / manifest.shards[0].name
+                 } if root.is_local and manifest.shards else {}
     check_nodes_see(ray, "GPU" if cuda else "CPU", "training workers", files=data_file,
                     directories={f"the run directory {run_dir}": run_dir})
     memory = memory_request(ray, tc.memory_per_worker * 2**30 or estimated_worker_memory(cfg, manifest), tc.workers,

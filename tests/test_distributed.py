@@ -309,6 +309,24 @@ def test_the_end_of_the_data_checkpoints_every_rank_and_stops_without_retries(ra
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-32"
 
 
+def test_a_shard_error_met_before_the_first_step_is_said_by_name_without_retries(ray_cluster, small_shards,
+                                                                                 tmp_path):
+    """A manifest that lists no shards stops every rank in the stream's set-up, before the loop that
+    records a stop: the driver said only "the workers finished without writing train_result.json"."""
+    import shutil
+
+    from crosscoder.shards import ShardError
+
+    data = tmp_path / "shards"
+    shutil.copytree(small_shards, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps(manifest | {"shards": []}))
+    with pytest.raises(ShardError, match=f"^{re.escape(str(data))}: the manifest lists no shards$"):
+        train_distributed(config(workers=2, latent_parallel=1, max_failures=2), tmp_path / "run", str(data),
+                          progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_a_save_killed_midway_leaves_no_folder_that_displaces_the_next_checkpoint(ray_cluster, small_shards,
                                                                                    tmp_path, monkeypatch):
     """Rank 0 dies while saving step-4 (the tensors written, the loop state not) and the run is not
