@@ -82,6 +82,8 @@ def test_ctrl_c_writes_a_checkpoint_and_the_rerun_logs_each_step_once(small_shar
     if len(logged_steps(run)) < 5:  # a Ctrl-C before the first step rightly leaves no checkpoint: not this test
         proc.kill()
         out, err = proc.communicate()
+        if terminal:  # its output went to the terminal
+            err = terminal.shown.decode(errors="replace")
         pytest.fail(f"{len(logged_steps(run))} steps logged in 600 s (exit {proc.returncode}); stderr ends: "
                     f"{err[-3000:]}")
     # a second command on the run directory while this one trains is refused, naming it, and
