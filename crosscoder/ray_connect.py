@@ -44,6 +44,12 @@ Ray started here:
   2.0 s to 0.7 s on average (``tests/bench/bench_ray_overheads.py``; the rest is Ray Train's
   placement-group cleaner, which checks once a second). A poll is one small actor call per worker;
   a cluster keeps Ray's 2 s;
+- waits up to :data:`RAYLET_REGISTER_WAIT_S` (180 s) for its raylet to register with its GCS, where
+  Ray's start gives up after a fixed 30 s with a traceback ("The current node timed out during
+  startup"): on a busy machine (a 2-core host running three test workers, each starting its own
+  Ray) a raylet took longer. The wait reaches into Ray's start (its node lookup, pinned in
+  requirements.txt); past it the start ends with one line naming the machine's load, and the
+  processes it had started are ended;
 - keeps Ray's token authentication, which Ray turns on for a local start (the token in
   ``~/.ray/auth_token``, made on the first start; ``RAY_AUTH_MODE=disabled`` turns it off), without
   the warning line Ray logs about it on every start: the mode cannot be named in the environment
@@ -63,6 +69,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +83,9 @@ _started: str | None = None  # the address of the local Ray this process started
 # Ray Train settings for a local Ray this process starts (read by Ray Train in the driver at each
 # fit and passed to its controller); a value already in the environment is left alone
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+# how long a local Ray's raylet may take to register with its GCS before the start is given up (Ray
+# allows 30 s, which a busy 2-core machine exceeded)
+RAYLET_REGISTER_WAIT_S = 180.0
 # the logger of Ray's "Token authentication is enabled for this Ray cluster" warning at a local start
 _AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
@@ -88,6 +98,10 @@ def use_local_ray_env() -> None:
 
 class CodeMismatch(CrosscoderError, RuntimeError):
     """A Ray worker imported other crosscoder code than the driver runs."""
+
+
+class RayStartError(CrosscoderError, RuntimeError):
+    """The local Ray a command starts did not come up in time (a busy machine)."""
 
 
 def connect(num_cpus: int | None = None):
@@ -130,16 +144,77 @@ def start_local_ray(ray, **init_kwargs) -> str:
     auth_logger = logging.getLogger(_AUTH_LOGGER)
     level = auth_logger.level
     auth_logger.setLevel(logging.ERROR)
+    import psutil
+
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    lookup = _PatientNodeLookup(RAYLET_REGISTER_WAIT_S)
     try:
-        ray.init(address="local", **init_kwargs)
-    except BaseException:
+        with lookup:
+            ray.init(address="local", **init_kwargs)
+    except BaseException as error:
         os.environ.pop("RAY_ADDRESS", None)
+        _end_children_not_in(before)  # Ray leaves what it started running when its start fails
+        if lookup.ran_out and not isinstance(error, KeyboardInterrupt):
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            raise RayStartError(
+                f"the local Ray did not start: its raylet had not registered with its GCS {lookup.wait_s:.0f} s "
+                f"after it started (load average {os.getloadavg()[0]:.1f} on {cores} cores: this machine is busy); "
+                "re-run when it is less busy, or start Ray once (`ray start --head`) and set RAY_ADDRESS to its "
+                "address") from None
         raise
     finally:
         auth_logger.setLevel(level)
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
     _no_grace_for_the_deaf(ray._private.worker._global_node)
     return address
+
+
+class _PatientNodeLookup:
+    """Within ``with``, Ray's start looks its new node up in the GCS for up to ``wait_s`` instead of
+    its own 30 s: Ray's start loop calls ``ray._private.services.get_node`` until the raylet has
+    registered, and gives up once 30 s have passed; this lookup retries inside that call until
+    ``wait_s`` has passed since the first one. ``ran_out`` says whether it did. Where Ray has no
+    such function, nothing changes."""
+
+    def __init__(self, wait_s: float) -> None:
+        self.wait_s, self.ran_out = wait_s, False
+        self._give_up_at: float | None = None
+
+    def __enter__(self) -> _PatientNodeLookup:
+        from ray._private import services
+
+        self._services, self._look_up = services, getattr(services, "get_node", None)
+        if self._look_up is not None:
+            services.get_node = self._look_up_patiently
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._look_up is not None:
+            self._services.get_node = self._look_up
+
+    def _look_up_patiently(self, gcs_address, node_id):
+        if self._give_up_at is None:
+            self._give_up_at = time.monotonic() + self.wait_s
+        while True:
+            try:
+                return self._look_up(gcs_address, node_id)
+            except RuntimeError:  # not registered yet
+                if time.monotonic() >= self._give_up_at:
+                    self.ran_out = True
+                    raise
+                time.sleep(0.5)
+
+
+def _end_children_not_in(before: set[int]) -> None:
+    """SIGKILL this process's descendants whose pid is not in ``before`` (what a failed start began),
+    and reap those that are its children."""
+    import psutil
+
+    started = [child for child in psutil.Process().children(recursive=True) if child.pid not in before]
+    for process in started:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(started, timeout=5)
 
 
 def _no_grace_for_the_deaf(node) -> None:

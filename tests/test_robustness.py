@@ -146,6 +146,74 @@ def test_a_local_ray_that_fails_to_start_leaves_no_address_behind():
     assert "left: None None False" in out.stdout, out.stdout
 
 
+def hold_the_raylet(proc: subprocess.Popen, seconds: float, held: list[float]) -> None:
+    """Stop the raylet of ``proc``'s local Ray as soon as it exists, as a starved process on a busy
+    machine stands still, and let it go on after ``seconds`` (or when ``proc`` has ended); appends
+    the time it was stopped to ``held``."""
+    import signal
+
+    raylet = None
+    while proc.poll() is None and raylet is None:
+        with contextlib.suppress(psutil.Error):
+            raylet = next((child for child in psutil.Process(proc.pid).children(recursive=True)
+                           if child.name() == "raylet"), None)
+            if raylet is not None:
+                raylet.send_signal(signal.SIGSTOP)
+                held.append(time.monotonic())
+        time.sleep(0.005)
+    while held and proc.poll() is None and time.monotonic() - held[0] < seconds:
+        time.sleep(0.1)
+    if raylet is not None:
+        with contextlib.suppress(psutil.Error):
+            raylet.send_signal(signal.SIGCONT)
+
+
+def test_a_local_ray_whose_raylet_is_slow_to_register_is_waited_for_or_refused_in_one_line(small_shards, tmp_path):
+    """Ray's start gives up on a raylet that has not registered with its GCS after 30 s, with a
+    traceback ("The current node timed out during startup"); on a busy 2-core machine a command's
+    raylet took longer. Here the raylet stands still for 40 s: the start waits for it. With the
+    wait cut to 1 s (so Ray's own 30 s decide), the command stops with one line naming the machine's
+    load, and ends the processes the start began."""
+    import threading
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    waits = ("import ray\nfrom crosscoder.ray_connect import connect\nray = connect(1)\n"
+             "print('alive nodes:', sum(node['Alive'] for node in ray.nodes()), flush=True)\nray.shutdown()\n")
+    gives_up = ("import os, sys, psutil\nfrom crosscoder import ray_connect\nfrom crosscoder.cli import main\n"
+                "ray_connect.RAYLET_REGISTER_WAIT_S = 1.0\ncode = main(sys.argv[1:])\n"
+                "print('left running:', len(psutil.Process().children(recursive=True)), os.environ.get('RAY_ADDRESS'))\n"
+                "sys.exit(code)\n")
+    train = ["train", "--run", str(tmp_path / "run"), "--data", small_shards, "--train.workers", "2",
+             "--train.latents", "64", "--train.steps", "2", "--quiet"]
+    procs = {"waits": subprocess.Popen([sys.executable, "-c", waits], env=env, cwd=tmp_path, text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE),
+             "gives up": subprocess.Popen([sys.executable, "-c", gives_up, *train], env=env, cwd=tmp_path, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)}
+    held: dict[str, list[float]] = {name: [] for name in procs}
+    holders = [threading.Thread(target=hold_the_raylet, args=(proc, 40, held[name]), daemon=True)
+               for name, proc in procs.items()]
+    for holder in holders:
+        holder.start()
+    outs = {name: proc.communicate(timeout=300) for name, proc in procs.items()}
+    ended = time.monotonic()
+    for holder in holders:
+        holder.join(timeout=60)
+    assert held["waits"] and held["gives up"], "a raylet was never seen"
+    out, err = outs["waits"]
+    assert procs["waits"].returncode == 0, err[-3000:]
+    assert "alive nodes: 1" in out
+    assert ended - held["waits"][0] > 35  # it stood still past Ray's own 30 s, and the start waited
+    out, err = outs["gives up"]
+    assert procs["gives up"].returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    said = [line for line in err.splitlines() if line.startswith("crosscoder: ")]
+    assert len(said) == 1 and said[0].startswith(
+        "crosscoder: RayStartError: the local Ray did not start: its raylet had not registered with its GCS"), err
+    assert " cores: this machine is busy); re-run when it is less busy" in said[0]
+    assert "left running: 0 None" in out, out  # the GCS, raylet and the rest it had started are ended
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_a_process_is_deaf_to_sigterm_only_when_every_thread_blocks_it():
     """Ray's shutdown waits 1 s for each process that got its SIGTERM; one that blocks it in every
     thread never acts on it, so that wait is skipped (ray_connect._no_grace_for_the_deaf)."""
