@@ -206,11 +206,15 @@ class _PatientNodeLookup:
 
 
 def _end_children_not_in(before: set[int]) -> None:
-    """SIGKILL this process's descendants whose pid is not in ``before`` (what a failed start began),
-    and reap those that are its children."""
+    """SIGKILL this process's descendants that run Ray's code or binaries and whose pid is not in
+    ``before`` (what a failed start began), and reap those that are its children."""
     import psutil
 
-    started = [child for child in psutil.Process().children(recursive=True) if child.pid not in before]
+    started = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if child.pid not in before and "/ray/" in " ".join(child.cmdline()):
+                started.append(child)
     for process in started:
         with contextlib.suppress(psutil.Error):
             process.kill()
