@@ -147,7 +147,7 @@ def start_local_ray(ray, **init_kwargs) -> str:
     import psutil
 
     before = {child.pid for child in psutil.Process().children(recursive=True)}
-    lookup = _PatientNodeLookup(RAYLET_REGISTER_WAIT_S)
+    lookup = _PatientNodeLookup(RAYLET_REGISTER_WAIT_S, before)
     try:
         with lookup:
             ray.init(address="local", **init_kwargs)
@@ -173,11 +173,13 @@ class _PatientNodeLookup:
     """Within ``with``, Ray's start looks its new node up in the GCS for up to ``wait_s`` instead of
     its own 30 s: Ray's start loop calls ``ray._private.services.get_node`` until the raylet has
     registered, and gives up once 30 s have passed; this lookup retries inside that call until
-    ``wait_s`` has passed since the first one. ``ran_out`` says whether it did. Where Ray has no
-    such function, nothing changes."""
+    ``wait_s`` has passed since the first one, while a raylet this start began (a descendant whose
+    pid is not in ``before``) is alive: one that has died, e.g. on a bad setting, leaves Ray's own
+    30 s to decide, so its error is not delayed. ``ran_out`` says whether the wait ran out. Where
+    Ray has no such function, nothing changes."""
 
-    def __init__(self, wait_s: float) -> None:
-        self.wait_s, self.ran_out = wait_s, False
+    def __init__(self, wait_s: float, before: set[int]) -> None:
+        self.wait_s, self.ran_out, self._before = wait_s, False, before
         self._give_up_at: float | None = None
 
     def __enter__(self) -> _PatientNodeLookup:
@@ -199,10 +201,22 @@ class _PatientNodeLookup:
             try:
                 return self._look_up(gcs_address, node_id)
             except RuntimeError:  # not registered yet
+                if not self._raylet_alive():
+                    raise
                 if time.monotonic() >= self._give_up_at:
                     self.ran_out = True
                     raise
                 time.sleep(0.5)
+
+    def _raylet_alive(self) -> bool:
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if (child.pid not in self._before and child.name() == "raylet"
+                        and child.status() != psutil.STATUS_ZOMBIE):
+                    return True
+        return False
 
 
 def _end_children_not_in(before: set[int]) -> None:

@@ -146,10 +146,10 @@ def test_a_local_ray_that_fails_to_start_leaves_no_address_behind():
     assert "left: None None False" in out.stdout, out.stdout
 
 
-def hold_the_raylet(proc: subprocess.Popen, seconds: float, held: list[float]) -> None:
+def hold_the_raylet(proc: subprocess.Popen, seconds: float, held: list[float], kill: bool = False) -> None:
     """Stop the raylet of ``proc``'s local Ray as soon as it exists, as a starved process on a busy
     machine stands still, and let it go on after ``seconds`` (or when ``proc`` has ended); appends
-    the time it was stopped to ``held``."""
+    the time it was stopped to ``held``. ``kill``: SIGKILL it instead, as a raylet that dies."""
     import signal
 
     raylet = None
@@ -158,7 +158,7 @@ def hold_the_raylet(proc: subprocess.Popen, seconds: float, held: list[float]) -
             raylet = next((child for child in psutil.Process(proc.pid).children(recursive=True)
                            if child.name() == "raylet"), None)
             if raylet is not None:
-                raylet.send_signal(signal.SIGSTOP)
+                raylet.send_signal(signal.SIGKILL if kill else signal.SIGSTOP)
                 held.append(time.monotonic())
         time.sleep(0.005)
     while held and proc.poll() is None and time.monotonic() - held[0] < seconds:
@@ -173,7 +173,7 @@ def test_a_local_ray_whose_raylet_is_slow_to_register_is_waited_for_or_refused_i
     traceback ("The current node timed out during startup"); on a busy 2-core machine a command's
     raylet took longer. Here the raylet stands still for 40 s: the start waits for it. With the
     wait cut to 1 s (so Ray's own 30 s decide), the command stops with one line naming the machine's
-    load, and ends the processes the start began."""
+    load, and ends the processes the start began. A raylet that dies is not waited for past Ray's 30 s."""
     import threading
 
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
@@ -188,21 +188,26 @@ def test_a_local_ray_whose_raylet_is_slow_to_register_is_waited_for_or_refused_i
     procs = {"waits": subprocess.Popen([sys.executable, "-c", waits], env=env, cwd=tmp_path, text=True,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE),
              "gives up": subprocess.Popen([sys.executable, "-c", gives_up, *train], env=env, cwd=tmp_path, text=True,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)}
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE),
+             "dies": subprocess.Popen([sys.executable, "-c", waits], env=env, cwd=tmp_path, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)}
     held: dict[str, list[float]] = {name: [] for name in procs}
-    holders = [threading.Thread(target=hold_the_raylet, args=(proc, 40, held[name]), daemon=True)
+    holders = [threading.Thread(target=hold_the_raylet, args=(proc, 40, held[name], name == "dies"), daemon=True)
                for name, proc in procs.items()]
     for holder in holders:
         holder.start()
-    outs = {name: proc.communicate(timeout=300) for name, proc in procs.items()}
-    ended = time.monotonic()
+    outs, ended = {}, {}
+    for name, proc in reversed(procs.items()):  # the one that ends first, first
+        outs[name] = proc.communicate(timeout=300)
+        ended[name] = time.monotonic()
     for holder in holders:
         holder.join(timeout=60)
-    assert held["waits"] and held["gives up"], "a raylet was never seen"
+    assert all(held.values()), ("a raylet was never seen", held)
+    assert procs["dies"].returncode != 0 and ended["dies"] - held["dies"][0] < 90, outs["dies"][1][-3000:]
     out, err = outs["waits"]
     assert procs["waits"].returncode == 0, err[-3000:]
     assert "alive nodes: 1" in out
-    assert ended - held["waits"][0] > 35  # it stood still past Ray's own 30 s, and the start waited
+    assert ended["waits"] - held["waits"][0] > 35  # it stood still past Ray's own 30 s, and the start waited
     out, err = outs["gives up"]
     assert procs["gives up"].returncode == 1, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
