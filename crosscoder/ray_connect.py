@@ -49,7 +49,8 @@ Ray started here:
   startup"): on a busy machine (a 2-core host running three test workers, each starting its own
   Ray) a raylet took longer. The wait reaches into Ray's start (its node lookup, pinned in
   requirements.txt); past it the start ends with one line naming the machine's load, and the
-  processes it had started are ended;
+  processes it had started are ended. A raylet that died is not waited for (Ray's 30 s decide), and
+  is said in one line naming its logs;
 - keeps Ray's token authentication, which Ray turns on for a local start (the token in
   ``~/.ray/auth_token``, made on the first start; ``RAY_AUTH_MODE=disabled`` turns it off), without
   the warning line Ray logs about it on every start: the mode cannot be named in the environment
@@ -161,6 +162,10 @@ def start_local_ray(ray, **init_kwargs) -> str:
                 f"after it started (load average {os.getloadavg()[0]:.1f} on {cores} cores: this machine is busy); "
                 "re-run when it is less busy, or start Ray once (`ray start --head`) and set RAY_ADDRESS to its "
                 "address") from None
+        if lookup.raylet_ended and not isinstance(error, KeyboardInterrupt):
+            raise RayStartError(f"the local Ray did not start: its raylet ended while starting (Ray's logs: "
+                                f"{lookup.log_dir or _newest_session_logs(init_kwargs)}, raylet.out and raylet.err)"
+                                ) from None
         raise
     finally:
         auth_logger.setLevel(level)
@@ -175,12 +180,14 @@ class _PatientNodeLookup:
     registered, and gives up once 30 s have passed; this lookup retries inside that call until
     ``wait_s`` has passed since the first one, while a raylet this start began (a descendant whose
     pid is not in ``before``) is alive: one that has died, e.g. on a bad setting, leaves Ray's own
-    30 s to decide, so its error is not delayed. ``ran_out`` says whether the wait ran out. Where
+    30 s to decide, so its error is not delayed. ``ran_out`` says whether the wait ran out,
+    ``raylet_ended`` whether the raylet had ended (``log_dir``: its logs, where it was seen). Where
     Ray has no such function, nothing changes."""
 
     def __init__(self, wait_s: float, before: set[int]) -> None:
-        self.wait_s, self.ran_out, self._before = wait_s, False, before
+        self.wait_s, self.ran_out, self.raylet_ended, self._before = wait_s, False, False, before
         self._give_up_at: float | None = None
+        self.log_dir: str | None = None
 
     def __enter__(self) -> _PatientNodeLookup:
         from ray._private import services
@@ -202,6 +209,7 @@ class _PatientNodeLookup:
                 return self._look_up(gcs_address, node_id)
             except RuntimeError:  # not registered yet
                 if not self._raylet_alive():
+                    self.raylet_ended = True
                     raise
                 if time.monotonic() >= self._give_up_at:
                     self.ran_out = True
@@ -215,8 +223,23 @@ class _PatientNodeLookup:
             with contextlib.suppress(psutil.Error):
                 if (child.pid not in self._before and child.name() == "raylet"
                         and child.status() != psutil.STATUS_ZOMBIE):
+                    self.log_dir = self.log_dir or next(
+                        (arg.split("=", 1)[1] for arg in child.cmdline() if arg.startswith("--log_dir=")), None)
                     return True
         return False
+
+
+def _newest_session_logs(init_kwargs: dict) -> str:
+    """Where the newest local Ray session keeps its logs (``<temp>/session_latest/logs``)."""
+    temp = init_kwargs.get("_temp_dir")
+    if not temp:
+        try:
+            from ray._common.utils import get_default_ray_temp_dir
+
+            temp = get_default_ray_temp_dir()
+        except ImportError:
+            temp = os.path.join(tempfile.gettempdir(), "ray")
+    return os.path.join(temp, "session_latest", "logs")
 
 
 def _end_children_not_in(before: set[int]) -> None:

@@ -173,7 +173,8 @@ def test_a_local_ray_whose_raylet_is_slow_to_register_is_waited_for_or_refused_i
     traceback ("The current node timed out during startup"); on a busy 2-core machine a command's
     raylet took longer. Here the raylet stands still for 40 s: the start waits for it. With the
     wait cut to 1 s (so Ray's own 30 s decide), the command stops with one line naming the machine's
-    load, and ends the processes the start began. A raylet that dies is not waited for past Ray's 30 s."""
+    load, and ends the processes the start began. A raylet that dies is not waited for past Ray's 30 s,
+    and is said in one line too."""
     import threading
 
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
@@ -181,16 +182,19 @@ def test_a_local_ray_whose_raylet_is_slow_to_register_is_waited_for_or_refused_i
              "print('alive nodes:', sum(node['Alive'] for node in ray.nodes()), flush=True)\nray.shutdown()\n")
     gives_up = ("import os, sys, psutil\nfrom crosscoder import ray_connect\nfrom crosscoder.cli import main\n"
                 "ray_connect.RAYLET_REGISTER_WAIT_S = 1.0\ncode = main(sys.argv[1:])\n"
-                "print('left running:', len(psutil.Process().children(recursive=True)), os.environ.get('RAY_ADDRESS'))\n"
+                "running = [p.name() for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]\n"
+                "print('left running:', len(running), os.environ.get('RAY_ADDRESS'), running)\n"
                 "sys.exit(code)\n")
-    train = ["train", "--run", str(tmp_path / "run"), "--data", small_shards, "--train.workers", "2",
-             "--train.latents", "64", "--train.steps", "2", "--quiet"]
+    train = ["train", "--data", small_shards, "--train.workers", "2", "--train.latents", "64", "--train.steps", "2",
+             "--quiet"]
     procs = {"waits": subprocess.Popen([sys.executable, "-c", waits], env=env, cwd=tmp_path, text=True,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE),
-             "gives up": subprocess.Popen([sys.executable, "-c", gives_up, *train], env=env, cwd=tmp_path, text=True,
+             "gives up": subprocess.Popen([sys.executable, "-c", gives_up, *train, "--run", "run"], env=env, cwd=tmp_path, text=True,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE),
-             "dies": subprocess.Popen([sys.executable, "-c", waits], env=env, cwd=tmp_path, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)}
+             "dies": subprocess.Popen([sys.executable, "-c", gives_up.replace("= 1.0", "= 180.0"), *train,
+                                       "--run", "dies"],
+                                      env=env, cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE)}
     held: dict[str, list[float]] = {name: [] for name in procs}
     holders = [threading.Thread(target=hold_the_raylet, args=(proc, 40, held[name], name == "dies"), daemon=True)
                for name, proc in procs.items()]
@@ -203,7 +207,13 @@ def test_a_local_ray_whose_raylet_is_slow_to_register_is_waited_for_or_refused_i
     for holder in holders:
         holder.join(timeout=60)
     assert all(held.values()), ("a raylet was never seen", held)
-    assert procs["dies"].returncode != 0 and ended["dies"] - held["dies"][0] < 90, outs["dies"][1][-3000:]
+    out, err = outs["dies"]
+    assert procs["dies"].returncode == 1 and ended["dies"] - held["dies"][0] < 90, err[-3000:]
+    said = [line for line in err.splitlines() if line.startswith("crosscoder: ")]
+    assert len(said) == 1 and "Traceback" not in err, err[-3000:]
+    assert said[0].startswith("crosscoder: RayStartError: the local Ray did not start: its raylet ended while "
+                              "starting (Ray's logs: ") and said[0].endswith("raylet.out and raylet.err)"), said
+    assert "left running: 0 None []" in out, out
     out, err = outs["waits"]
     assert procs["waits"].returncode == 0, err[-3000:]
     assert "alive nodes: 1" in out
@@ -215,7 +225,7 @@ def test_a_local_ray_whose_raylet_is_slow_to_register_is_waited_for_or_refused_i
     assert len(said) == 1 and said[0].startswith(
         "crosscoder: RayStartError: the local Ray did not start: its raylet had not registered with its GCS"), err
     assert " cores: this machine is busy); re-run when it is less busy" in said[0]
-    assert "left running: 0 None" in out, out  # the GCS, raylet and the rest it had started are ended
+    assert "left running: 0 None []" in out, out  # the GCS, raylet and the rest it had started are ended
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
