@@ -116,6 +116,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_consecutive_ports(count: int) -> int:
+    """The first of ``count`` consecutive ports that are all free on 127.0.0.1 now (bound together,
+    then released): a port after a free one may be another process's (a CI run failed so)."""
+    for _ in range(200):
+        base, sockets = free_port(), []
+        try:
+            for port in range(base, base + count):
+                sockets.append(socket.socket())
+                sockets[-1].bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports on 127.0.0.1 in 200 tries")
+
+
 def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -77,9 +77,9 @@ def test_the_processes_of_one_host_take_consecutive_ports_and_label_their_run(ca
 
     from crosscoder.telemetry import TrainMetrics
 
-    from .conftest import free_port
+    from .conftest import free_consecutive_ports
 
-    base = free_port()
+    base = free_consecutive_ports(2)
     first, second = (TrainMetrics(base, rank, host="127.0.0.1", run="gemma-l13") for rank in (3, 5))
     try:
         assert (first.port, second.port) == (base, base + 1)
