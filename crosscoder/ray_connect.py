@@ -219,14 +219,26 @@ class _PatientNodeLookup:
     def _raylet_alive(self) -> bool:
         import psutil
 
-        for child in psutil.Process().children(recursive=True):
+        for process, command in _started_since(self._before):
             with contextlib.suppress(psutil.Error):
-                if (child.pid not in self._before and child.name() == "raylet"
-                        and child.status() != psutil.STATUS_ZOMBIE):
+                if process.name() == "raylet" and process.status() != psutil.STATUS_ZOMBIE:
                     self.log_dir = self.log_dir or next(
-                        (arg.split("=", 1)[1] for arg in child.cmdline() if arg.startswith("--log_dir=")), None)
+                        (arg.split("=", 1)[1] for arg in command if arg.startswith("--log_dir=")), None)
                     return True
         return False
+
+
+def _started_since(before: set[int]) -> list[tuple[Any, list[str]]]:
+    """(process, command line) of each descendant of this process whose pid is not in ``before``
+    (an empty command line for a zombie); those that end while read are left out."""
+    import psutil
+
+    started = []
+    for child in psutil.Process().children(recursive=True):
+        if child.pid not in before:
+            with contextlib.suppress(psutil.Error):
+                started.append((child, child.cmdline()))
+    return started
 
 
 def _newest_session_logs(init_kwargs: dict) -> str:
@@ -247,11 +259,7 @@ def _end_children_not_in(before: set[int]) -> None:
     ``before`` (what a failed start began), and reap those that are its children."""
     import psutil
 
-    started = []
-    for child in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if child.pid not in before and "/ray/" in " ".join(child.cmdline()):
-                started.append(child)
+    started = [process for process, command in _started_since(before) if "/ray/" in " ".join(command)]
     for process in started:
         with contextlib.suppress(psutil.Error):
             process.kill()
