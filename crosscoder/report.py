@@ -35,12 +35,47 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def figures(analysis: Analysis) -> dict[str, str]:
-    """Title → base64 PNG."""
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display, no GUI toolkit
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def fve_and_ce_figure(analysis: Analysis):
+    """FVE and CE loss recovered per source, each bar labelled with its value. The axis spans every
+    value drawn (a CE loss recovered below 0, a reconstruction worse than zero-ablation, or above 1);
+    a CE loss recovered that is not a score (zero-ablation barely moves the loss: an untrained model)
+    is said so in place of its bar."""
+    fig, ax = _pyplot().subplots(figsize=(6, 3.2))
+    names = list(analysis.fve)
+    xs = np.arange(len(names))
+    drawn = [analysis.fve[n] for n in names]
+    ax.bar_label(ax.bar(xs - 0.2, drawn, width=0.4, label="FVE", color="#2ca02c"), fmt="%.3f", fontsize=7)
+    scored = {n: ce["recovered"] for n, ce in analysis.ce_recovered.items()
+              if meaningful(ce["clean"], ce["zero_ablated"])}
+    if scored:
+        at = [x + 0.2 for x, n in zip(xs, names) if n in scored]
+        ax.bar_label(ax.bar(at, [scored[n] for n in names if n in scored], width=0.4, label="CE loss recovered",
+                            color="#9467bd"), fmt="%.3f", fontsize=7)
+        drawn += list(scored.values())
+    for x, n in zip(xs, names):
+        if n in analysis.ce_recovered and n not in scored:
+            ax.text(x + 0.2, 0.02, "CE loss recovered:\nnot meaningful", rotation=90, ha="center", va="bottom",
+                    fontsize=7, color="#555555")
+    ax.set_xticks(xs, names, fontsize=8)
+    ax.set_xlim(-0.5, len(names) - 0.5)  # a source's place whether or not its CE bar is drawn
+    low = min(0.0, *drawn)
+    ax.set_ylim(low - (0.12 if low < 0 else 0.0), max(1.0, *drawn) + 0.1)  # room for the value labels
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)  # under the bars
+    return fig
+
+
+def figures(analysis: Analysis) -> dict[str, str]:
+    """Title → base64 PNG."""
+    plt = _pyplot()
 
     c = analysis.columns
     live = c["class"] != "dead"
@@ -87,16 +122,7 @@ def figures(analysis: Analysis) -> dict[str, str]:
         ax.legend(fontsize=8)
         out["Latent Scaling of exclusive latents"] = _png(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    names = list(analysis.fve)
-    xs = np.arange(len(names))
-    ax.bar(xs - 0.2, [analysis.fve[n] for n in names], width=0.4, label="FVE", color="#2ca02c")
-    if analysis.ce_recovered:
-        ax.bar(xs + 0.2, [analysis.ce_recovered.get(n, {}).get("recovered", np.nan) for n in names], width=0.4,
-               label="CE loss recovered", color="#9467bd")
-    ax.set_xticks(xs, names, fontsize=8)
-    ax.set_ylim(min(0.0, *[analysis.fve[n] for n in names]), 1.05)
-    ax.legend(fontsize=8)
+    fig = fve_and_ce_figure(analysis)
     out["FVE and CE loss recovered per source"] = _png(fig)
 
     profile_names = [k for k in c if k.startswith("norm.")]

@@ -302,6 +302,25 @@ def test_latents_firing_mostly_on_special_tokens_are_counted_per_class_with_thos
     assert analysis.special_token_counts() == {} and "mostly on special tokens" not in render(analysis)
 
 
+def test_the_fve_and_ce_plot_spans_every_value_and_says_which_ce_is_not_a_score():
+    """A CE loss recovered below 0 (a reconstruction worse than zero-ablation) is drawn below 0, not
+    cut off at the axis; one that is not a score (an untrained model: 5.5 here) is not drawn as a bar
+    (it was, cut off at the top, where it looked like a perfect reconstruction) but said in its place."""
+    from crosscoder.analysis import Analysis
+    from crosscoder.report import fve_and_ce_figure
+
+    ce = {"base": {"clean": 3.0, "spliced": 5.8, "zero_ablated": 5.0, "recovered": -0.4},
+          "chat": {"clean": 4.509, "spliced": 4.508, "zero_ablated": 4.5092, "recovered": 5.5}}
+    analysis = Analysis(("base", "chat"), 100, {}, {"base": 0.9, "chat": 0.8}, {}, {}, ce_recovered=ce)
+    ax = fve_and_ce_figure(analysis).axes[0]
+    assert sorted(round(bar.get_height(), 3) for bar in ax.patches) == [-0.4, 0.8, 0.9]
+    low, high = ax.get_ylim()
+    assert low < -0.4 and high > 0.9
+    said = [text.get_text() for text in ax.texts]
+    assert {"-0.400", "0.900", "0.800"} <= set(said) and not any("5.5" in text for text in said)
+    assert sum("not meaningful" in text for text in said) == 1
+
+
 def test_chunk_starts_are_left_out_of_the_examples_unless_asked_for(artifacts, tmp_path):
     """The first stored position of a chunk is an attention sink with outlier norms; here every
     chunk's first token is made 20 times larger, so with chunk starts kept they take every example
