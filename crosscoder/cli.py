@@ -377,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     stop_signals_as_ctrl_c()  # docker stop, a deleted pod, Slurm's time limit: stop as after a Ctrl-C (interrupts.py)
     parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # a bare `crosscoder`: the commands, not argparse's complaint
+        parser.print_help(sys.stderr)
+        return 2
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in CONFIGURED:  # only these take config overrides; others never ignore one
         print(f"crosscoder {args.command}: unrecognized arguments: {' '.join(rest)} "

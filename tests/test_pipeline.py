@@ -113,6 +113,16 @@ def test_a_commands_help_says_how_to_override_a_config_key(capsys, command, over
     assert (said in shown) == overridable, shown
 
 
+def test_crosscoder_alone_lists_the_commands(capsys):
+    """A newcomer's first try, `crosscoder` with nothing after it, shows every command with what it does
+    (argparse alone said only that a command is required), and exits 2 as a usage error."""
+    assert main([]) == 2
+    shown = " ".join(capsys.readouterr().err.split())
+    for command in ("harvest", "train", "analyze", "run", "keys", "compare", "export", "validate"):
+        assert f" {command} " in shown, shown
+    assert "every stage in order; with no arguments, the embedded default" in shown and "'crosscoder keys'" in shown
+
+
 def test_a_renamed_key_in_a_file_names_its_new_name(tmp_path, capsys):
     config = tmp_path / "old.toml"
     config.write_text("[harvest]\ntiny_models = true\n")
