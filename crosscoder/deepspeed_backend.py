@@ -54,6 +54,7 @@ from .parallel import CommCounter, DistributedCollectives, ParallelLayout
 from .sliced_export import assemble, write_slice
 from .trainer import (
     RESULT_FILE,
+    CheckpointError,
     RunDirError,
     checkpoint_error,
     latest_checkpoint,
@@ -352,8 +353,12 @@ class DeepSpeedBackend:
         except (OSError, RuntimeError, CheckpointException) as error:  # DCP raises the last on every rank
             failed = error
         if self.collectives.worst(1 if failed is not None else 0):
-            stop = checkpoint_error(folder, failed, latest_checkpoint(run_dir))
-            dist.barrier()  # every rank has measured the free space
+            # every rank raises, and records, the first failing rank's cause and its disk's free space: a
+            # rank whose own part was written said only "another rank could not write its part", and
+            # whichever rank's record came last was the one the driver read (a race a test met)
+            mine = None if failed is None else str(checkpoint_error(folder, failed, latest_checkpoint(run_dir)))
+            causes = [said for said in self._gathered(mine) if said is not None]  # after every rank measured
+            stop = CheckpointError(causes[0])
             if layout.rank == 0:
                 shutil.rmtree(folder, ignore_errors=True)
             raise stop

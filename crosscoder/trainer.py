@@ -330,19 +330,15 @@ def _step_of(folder: Path) -> int:
     return int(folder.name.split("-")[1])
 
 
-def checkpoint_error(folder: Path, error: BaseException | None, kept: Path | None) -> CheckpointError:
+def checkpoint_error(folder: Path, error: BaseException, kept: Path | None) -> CheckpointError:
     """The stop for a checkpoint ``folder`` the filesystem refused (a full disk, a quota): the cause,
-    the free space (measured before the half-written folder is removed) and what a re-run resumes from.
-    ``error`` None: another rank's part failed."""
+    the free space (measured before the half-written folder is removed) and what a re-run resumes from."""
     failures = getattr(error, "failures", None)  # torch.distributed.checkpoint's CheckpointException: per rank
     rank, cause = next(iter(failures.items())) if failures else (None, error)
     if isinstance(cause, tuple):  # (exception, its traceback)
         cause = cause[0]
-    if cause is None:
-        said = "another rank could not write its part"
-    else:
-        said = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
-        said = f"rank {rank}: {said}" if rank is not None else said
+    said = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
+    said = f"rank {rank}: {said}" if rank is not None else said
     free = shutil.disk_usage(folder.parent).free
     then = (f"{kept.name} is kept: free space (or lower train.keep_checkpoints) and re-run the same command to "
             "resume from it" if kept else "no checkpoint was complete yet: free space and re-run")
