@@ -44,6 +44,34 @@ def _pyplot():
     return plt
 
 
+def latent_scaling_figure(analysis: Analysis):
+    """The exclusive latents' ``ν_ε`` against ``ν_r``, the flag threshold on each axis; with none to
+    scale, the empty axes say so."""
+    c = analysis.columns
+    fig, ax = _pyplot().subplots(figsize=(5, 4.2))
+    t = analysis.scaling_threshold
+    drawn = 0
+    for cls in ("base_only", "chat_only"):
+        m = (c["class"] == cls) & np.isfinite(c["nu_error"]) & np.isfinite(c["nu_recon"])
+        ax.scatter(c["nu_error"][m], c["nu_recon"][m], s=12, alpha=0.7, color=COLORS[cls],
+                   label=f"{class_names(analysis.sources)[cls]} ({int(m.sum())})")
+        drawn += int(m.sum())
+    if not drawn:
+        named = class_names(analysis.sources)
+        ax.text(0.5, 0.62, f"no {named['base_only']} or {named['chat_only']} latents to scale", transform=ax.transAxes,
+                ha="center", fontsize=9, color="#555555")
+    ax.axvline(t, color="k", ls="--", lw=0.8)
+    ax.axhline(t, color="k", ls="--", lw=0.8)
+    finite = np.concatenate([c["nu_error"][np.isfinite(c["nu_error"])], c["nu_recon"][np.isfinite(c["nu_recon"])]])
+    top = max(1.1, float(np.percentile(finite, 99)) + 0.1) if len(finite) else 1.1
+    ax.set_xlim(-0.1, top)
+    ax.set_ylim(-0.1, top)
+    ax.set_xlabel("ν_ε  (error: Complete Shrinkage →)")
+    ax.set_ylabel("ν_r  (reconstruction: Latent Decoupling →)")
+    ax.legend(fontsize=8)
+    return fig
+
+
 def fve_and_ce_figure(analysis: Analysis):
     """FVE and CE loss recovered per source, each bar labelled with its value. The axis spans every
     value drawn (a CE loss recovered below 0, a reconstruction worse than zero-ablation, or above 1);
@@ -105,21 +133,7 @@ def figures(analysis: Analysis) -> dict[str, str]:
         out["Decoder cosine"] = _png(fig)
 
     if not analysis.scaling_skipped:  # aligned runs, sources of different widths
-        fig, ax = plt.subplots(figsize=(5, 4.2))
-        t = analysis.scaling_threshold
-        for cls in ("base_only", "chat_only"):
-            m = (c["class"] == cls) & np.isfinite(c["nu_error"]) & np.isfinite(c["nu_recon"])
-            ax.scatter(c["nu_error"][m], c["nu_recon"][m], s=12, alpha=0.7, color=COLORS[cls],
-                       label=f"{class_names(analysis.sources)[cls]} ({int(m.sum())})")
-        ax.axvline(t, color="k", ls="--", lw=0.8)
-        ax.axhline(t, color="k", ls="--", lw=0.8)
-        finite = np.concatenate([c["nu_error"][np.isfinite(c["nu_error"])], c["nu_recon"][np.isfinite(c["nu_recon"])]])
-        top = max(1.1, float(np.percentile(finite, 99)) + 0.1) if len(finite) else 1.1
-        ax.set_xlim(-0.1, top)
-        ax.set_ylim(-0.1, top)
-        ax.set_xlabel("ν_ε  (error: Complete Shrinkage →)")
-        ax.set_ylabel("ν_r  (reconstruction: Latent Decoupling →)")
-        ax.legend(fontsize=8)
+        fig = latent_scaling_figure(analysis)
         out["Latent Scaling of exclusive latents"] = _png(fig)
 
     fig = fve_and_ce_figure(analysis)

@@ -321,6 +321,25 @@ def test_the_fve_and_ce_plot_spans_every_value_and_says_which_ce_is_not_a_score(
     assert sum("not meaningful" in text for text in said) == 1
 
 
+def test_the_latent_scaling_plot_shows_the_exclusive_latents_or_says_there_are_none():
+    """The ν_ε/ν_r scatter draws every exclusive latent with finite ν; with none (the demo's run), the
+    axes say so instead of standing empty."""
+    from crosscoder.analysis import Analysis
+    from crosscoder.report import latent_scaling_figure
+
+    cls = np.array(["chat_only", "chat_only", "base_only", "shared", "dead"], dtype=object)
+    columns = {"class": cls, "nu_error": np.array([0.1, 0.8, np.nan, 0.2, np.nan]),
+               "nu_recon": np.array([0.05, 0.4, 0.3, 0.1, np.nan])}
+    analysis = Analysis(("base", "chat"), 100, columns, {"base": 0.9, "chat": 0.9}, {}, {})
+    ax = latent_scaling_figure(analysis).axes[0]
+    points = np.concatenate([dots.get_offsets() for dots in ax.collections])
+    assert sorted(map(tuple, points.tolist())) == [(0.1, 0.05), (0.8, 0.4)]  # the chat-only pair; no NaN, no shared
+    assert not [text for text in ax.texts if "latents to scale" in text.get_text()]
+    columns["class"] = np.array(["shared"] * 4 + ["dead"], dtype=object)
+    ax = latent_scaling_figure(analysis).axes[0]
+    assert [text.get_text() for text in ax.texts] == ["no base-only or chat-only latents to scale"]
+
+
 def test_chunk_starts_are_left_out_of_the_examples_unless_asked_for(artifacts, tmp_path):
     """The first stored position of a chunk is an attention sink with outlier norms; here every
     chunk's first token is made 20 times larger, so with chunk starts kept they take every example
