@@ -47,17 +47,16 @@ def _pyplot():
 def latent_scaling_figure(analysis: Analysis):
     """The exclusive latents' ``ν_ε`` against ``ν_r``, the flag threshold on each axis; with none to
     scale, the empty axes say so."""
-    c = analysis.columns
+    c, named = analysis.columns, class_names(analysis.sources)
     fig, ax = _pyplot().subplots(figsize=(5, 4.2))
     t = analysis.scaling_threshold
     drawn = 0
     for cls in ("base_only", "chat_only"):
         m = (c["class"] == cls) & np.isfinite(c["nu_error"]) & np.isfinite(c["nu_recon"])
         ax.scatter(c["nu_error"][m], c["nu_recon"][m], s=12, alpha=0.7, color=COLORS[cls],
-                   label=f"{class_names(analysis.sources)[cls]} ({int(m.sum())})")
+                   label=f"{named[cls]} ({int(m.sum())})")
         drawn += int(m.sum())
     if not drawn:
-        named = class_names(analysis.sources)
         ax.text(0.5, 0.62, f"no {named['base_only']} or {named['chat_only']} latents to scale", transform=ax.transAxes,
                 ha="center", fontsize=9, color="#555555")
     ax.axvline(t, color="k", ls="--", lw=0.8)
@@ -82,17 +81,20 @@ def fve_and_ce_figure(analysis: Analysis):
     xs = np.arange(len(names))
     drawn = [analysis.fve[n] for n in names]
     ax.bar_label(ax.bar(xs - 0.2, drawn, width=0.4, label="FVE", color="#2ca02c"), fmt="%.3f", fontsize=7)
-    scored = {n: ce["recovered"] for n, ce in analysis.ce_recovered.items()
-              if meaningful(ce["clean"], ce["zero_ablated"])}
-    if scored:
-        at = [x + 0.2 for x, n in zip(xs, names) if n in scored]
-        ax.bar_label(ax.bar(at, [scored[n] for n in names if n in scored], width=0.4, label="CE loss recovered",
-                            color="#9467bd"), fmt="%.3f", fontsize=7)
-        drawn += list(scored.values())
+    scored_at, scored = [], []
     for x, n in zip(xs, names):
-        if n in analysis.ce_recovered and n not in scored:
+        if (ce := analysis.ce_recovered.get(n)) is None:
+            continue
+        if meaningful(ce["clean"], ce["zero_ablated"]):
+            scored_at.append(x + 0.2)
+            scored.append(ce["recovered"])
+        else:
             ax.text(x + 0.2, 0.02, "CE loss recovered:\nnot meaningful", rotation=90, ha="center", va="bottom",
                     fontsize=7, color="#555555")
+    if scored:
+        ax.bar_label(ax.bar(scored_at, scored, width=0.4, label="CE loss recovered", color="#9467bd"), fmt="%.3f",
+                     fontsize=7)
+        drawn += scored
     ax.set_xticks(xs, names, fontsize=8)
     ax.set_xlim(-0.5, len(names) - 0.5)  # a source's place whether or not its CE bar is drawn
     low = min(0.0, *drawn)
