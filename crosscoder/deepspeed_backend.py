@@ -17,8 +17,10 @@ The :class:`~crosscoder.trainer.Backend` of ``train.workers > 0``, run inside ea
    every data partition's position, RNG states). DCP reshards on load, so a run resumes on another
    number of workers or latent ranks (or another ZeRO stage ≤ 2) and continues the same
    trajectory, as long as ``train.data_partitions`` is unchanged (the global batch is the same
-   tokens then). Loading needs Adam's state to exist, which torch creates at the first step: one
-   step with learning rate 0 on zero gradients makes it, then every value is overwritten. ZeRO-3
+   tokens then); one process's ``state.pt`` (``train.workers = 0`` before) is read whole and each
+   rank keeps its slice (checkpoint_handoff.py). Loading needs Adam's state to exist, which torch
+   creates at the first step: one step with learning rate 0 on zero gradients makes it, then every
+   value is overwritten. ZeRO-3
    keeps DeepSpeed's own checkpoint (its partitioned low-precision weights are not reachable
    through those calls), so it resumes on the same layout only (refused with a message otherwise).
    Either way ``checkpoints/latest`` names a checkpoint only once every rank's files are written:
@@ -47,17 +49,19 @@ from torch import Tensor
 from torch.distributed.checkpoint.api import CheckpointException
 
 from . import faults
+from .checkpoint_handoff import MOMENTS, check_zero3_loads, read_whole
 from .config import RunConfig
 from .losses import LossWeights, forward_and_loss
 from .model import CrossCoder, export_layout, write_export_config
 from .parallel import CommCounter, DistributedCollectives, ParallelLayout
 from .sliced_export import assemble, write_slice
 from .trainer import (
+    LOCAL_CHECKPOINT,
     RESULT_FILE,
     CheckpointError,
     RunDirError,
     checkpoint_error,
-    latest_checkpoint,
+    newest_checkpoint,
     parameter_groups,
     prune_checkpoints,
     record_stop,
@@ -73,7 +77,6 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into
 SHARDED = ("W_enc", "W_dec", "b_enc", "log_threshold")
 # b_dec: whole on every rank
 LATENT_AXIS = {"W_enc": 1, "W_dec": 0, "b_enc": 1, "log_threshold": 1, "threshold": 1, "dead": 1}
-MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's state per parameter, besides its step count
 
 
 class Objective(torch.nn.Module):
@@ -155,9 +158,6 @@ class DeepSpeedBackend:
     def latent_range(self, latents: int) -> tuple[int, int]:
         return self.layout.latent_range(latents)
 
-    def has_checkpoint(self, run_dir: Path) -> bool:
-        return latest_checkpoint(run_dir) is not None
-
     def setup(self, model: CrossCoder) -> None:
         from .builds import use_for_torch_extensions
 
@@ -175,14 +175,12 @@ class DeepSpeedBackend:
                 config=deepspeed_config(self.cfg, self.tc.batch_size // self.data_parallel),
                 mpu=self.layout, dist_init_required=False)
 
-    def load(self, run_dir: Path) -> dict:
-        folder = latest_checkpoint(run_dir)
-        assert folder is not None, "load() is called when has_checkpoint()"
+    def load(self, folder: Path) -> dict:
+        check_zero3_loads(folder, self.tc.zero_stage)
+        if (folder / LOCAL_CHECKPOINT).is_file():  # one process's (checkpoint_handoff.py): read whole, sliced
+            return self._load_slices(read_whole(folder, self.model, self.tc))
         if not (folder / "loop.pt").is_file():  # ZeRO-3's (or an older release's) DeepSpeed checkpoint
-            return self._load_deepspeed(run_dir)
-        if self.tc.zero_stage == 3:
-            raise RunDirError(f"{folder}: written with ZeRO stage ≤ 2 (a resharding checkpoint), which ZeRO-3 cannot "
-                              "load; resume with train.zero_stage ≤ 2")
+            return self._load_deepspeed(folder.parent.parent)
         loop = torch.load(folder / "loop.pt", weights_only=False, map_location="cpu")
         out = {"spec": loop["spec"], "step": loop["step"], "positions": loop["positions"], "dead": None,
                "rng": loop["rng"][self.rank] if len(loop["rng"]) == self.layout.world else loop["rng"][0]}
@@ -195,12 +193,28 @@ class DeepSpeedBackend:
                    for name, (shape, dtype) in self._latent_state_shapes().items()}
         shards = {name: self._on_mesh(name, t) for name, t in targets.items()}
         dcp.load(shards, checkpoint_id=str(folder / "dcp"))
-        local = {name: t.to_local() for name, t in shards.items()}
-        self._set_weights_and_moments(local, loop["adam_step"])
+        return out | self._restore({name: t.to_local() for name, t in shards.items()}, loop["adam_step"],
+                                   loop["threshold_updates"])
+
+    def _load_slices(self, whole: dict) -> dict:
+        """A whole state (checkpoint_handoff.read_whole), this rank's latent slice of it loaded."""
+        out = {key: whole[key] for key in ("spec", "step", "positions", "rng")} | {"dead": None}
+        if whole["tensors"] is None:  # another dictionary: the loop refuses the run directory
+            return out
+        self._create_optimizer_state()
+        start, end = self.layout.latent_range(self.model.spec.latents)
+        local = {}
+        for name, tensor in whole["tensors"].items():
+            axis = LATENT_AXIS.get(name.rsplit(".", 1)[-1])
+            local[name] = (tensor if axis is None else tensor.narrow(axis, start, end - start)).to(self.device)
+        return out | self._restore(local, whole["adam_step"], whole["threshold_updates"])
+
+    def _restore(self, local: dict[str, Tensor], adam_step: float, threshold_updates: int) -> dict:
+        """This rank's weights, moments, thresholds from ``local``; the dead-latent counters to return."""
+        self._set_weights_and_moments(local, adam_step)
         self.model.threshold.copy_(local["threshold"])
-        self.model.threshold_updates.fill_(loop["threshold_updates"])
-        out["dead"] = {"window": self.tc.dead_tokens, "tokens_since_fired": local["dead"].cpu()}
-        return out
+        self.model.threshold_updates.fill_(threshold_updates)
+        return {"dead": {"window": self.tc.dead_tokens, "tokens_since_fired": local["dead"].cpu()}}
 
     # ------------------------------------------------------------------------------------------
     # the resharding checkpoint (see the module docstring)
@@ -356,7 +370,7 @@ class DeepSpeedBackend:
             # every rank raises, and records, the first failing rank's cause and its disk's free space: a
             # rank whose own part was written said only "another rank could not write its part", and
             # whichever rank's record came last was the one the driver read (a race a test met)
-            mine = None if failed is None else str(checkpoint_error(folder, failed, latest_checkpoint(run_dir)))
+            mine = None if failed is None else str(checkpoint_error(folder, failed, newest_checkpoint(run_dir)))
             causes = [said for said in self._gathered(mine) if said is not None]  # after every rank measured
             stop = CheckpointError(causes[0])
             if layout.rank == 0:
@@ -395,7 +409,7 @@ class DeepSpeedBackend:
             # process exits): not reduced over the ranks, as a collective after DeepSpeed's failed save could
             # hang. The first rank to fail records the cause, then exits as a worker failure: Ray Train's
             # restart finds the record and stops (ray_train.train_worker), `latest` still the last whole one
-            stop = checkpoint_error(folder, error, latest_checkpoint(run_dir))
+            stop = checkpoint_error(folder, error, newest_checkpoint(run_dir))
             if not (run_dir / RESULT_FILE).exists():  # the others fail after the first, on its exit
                 record_stop(run_dir, stop)
             if layout.rank == 0:

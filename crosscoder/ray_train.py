@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from .checkpoint_handoff import check_zero3_loads
 from .config import RunConfig, data_layout, from_dict, to_dict, validate
 from .interrupts import StepBoundary
 from .ray_connect import (
@@ -48,7 +49,7 @@ from .trainer import (
     TrainingStopped,
     TrainResult,
     check_partitions,
-    latest_checkpoint,
+    newest_checkpoint,
     record_stop,
     spec_from,
 )
@@ -184,9 +185,13 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: 
     manifest = read_manifest(root)  # a missing dataset or shard fails here, once, not per retry
     check_sizes(root, manifest)
     run_dir.mkdir(parents=True, exist_ok=True)
-    saved = latest_checkpoint(run_dir)  # a resume the workers would refuse fails here, once, not per retry
-    if saved is not None and (saved / "position.json").is_file():
-        check_partitions(run_dir, len(json.loads((saved / "position.json").read_text())), data_layout(tc)[1])
+    saved = newest_checkpoint(run_dir)  # a resume the workers would refuse fails here, once, not per retry
+    if saved is not None:
+        check_zero3_loads(saved, tc.zero_stage)
+        if (saved / "position.json").is_file():
+            data_parallel, partitions = data_layout(tc)
+            check_partitions(run_dir, len(json.loads((saved / "position.json").read_text())), partitions,
+                             data_parallel)
     ray = connect(max(tc.workers, 1))
     if tc.device == "auto":  # explicit cuda is not refused (an autoscaler may add GPU nodes), only said to wait
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -231,7 +236,7 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: 
         error = failed
     if error:
         TrainResult.read(run_dir)  # a stop the workers recorded (a NaN, a corrupt shard) says it best
-        raise workers_failed(error, tc.max_failures, latest_checkpoint(run_dir)) from None
+        raise workers_failed(error, tc.max_failures, newest_checkpoint(run_dir)) from None
     finished = TrainResult.read(run_dir)  # raises TrainingDiverged, ShardError, … when the ranks stopped
     if finished is None:
         raise RuntimeError(f"{run_dir}: the workers finished without writing {RESULT_FILE}")

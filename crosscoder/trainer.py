@@ -62,6 +62,7 @@ from .telemetry import TrainMetrics
 RESULT_FILE = "train_result.json"
 STOP_FILE = ".stop"  # the driver asks its workers to checkpoint and stop (ray_train.py)
 LOG_FILE = "train_log.jsonl"
+LOCAL_CHECKPOINT = "state.pt"  # one process's checkpoint file in checkpoints/step-<n>/ (local_backend.py)
 
 
 class TrainingDiverged(CrosscoderError, RuntimeError):
@@ -156,9 +157,8 @@ class Backend(Protocol):
     def full_weights(self) -> AbstractContextManager: ...  # this rank's whole slice at hand (ZeRO-3 gathers)
 
     def latent_range(self, latents: int) -> tuple[int, int]: ...
-    def has_checkpoint(self, run_dir: Path) -> bool: ...
     def setup(self, model: CrossCoder) -> None: ...  # optimizer or engine, after b_dec is set
-    def load(self, run_dir: Path) -> dict: ...  # restores weights and optimizer; returns the loop's state
+    def load(self, folder: Path) -> dict: ...  # either backend's checkpoint restored; returns the loop's state
     def forward(self, x: torch.Tensor, dead: torch.Tensor, weights: LossWeights
                 ) -> tuple[ForwardOutput, torch.Tensor, dict[str, torch.Tensor]]: ...
     def step(self, loss: torch.Tensor, lr: float) -> float: ...  # backward, clip, update; the grad norm
@@ -309,14 +309,18 @@ def positions_from(data: dict) -> dict[int, Position]:
     return {int(p): Position.from_dict(pos) for p, pos in data.items()}
 
 
-def check_partitions(run_dir: Path, saved: int, partitions: int) -> None:
+def check_partitions(run_dir: Path, saved: int, partitions: int, data_parallel: int) -> None:
     """A checkpoint resumes only with the data partitions it was saved with (the global batches differ
     otherwise); the number of ranks may change as long as the data ranks divide them."""
-    if saved != partitions:
-        raise RunDirError(
-            f"{run_dir}: its checkpoint streams the data as {saved} partitions, this run as {partitions}; set "
-            f"train.data_partitions = {saved} to resume it (any number of data-parallel ranks that divides it reads "
-            "the same global batches)")
+    if saved == partitions:
+        return
+    how = f"set train.data_partitions = {saved} to resume it"
+    if saved % data_parallel:  # that setting alone would be refused: the data ranks must divide it
+        how = (f"resume it with data-parallel ranks that divide {saved} (train.workers / train.latent_parallel, "
+               f"{data_parallel} here: raise train.latent_parallel) and train.data_partitions = {saved}")
+    raise RunDirError(
+        f"{run_dir}: its checkpoint streams the data as {saved} partitions, this run as {partitions}; {how} (any "
+        "number of data-parallel ranks that divides it reads the same global batches)")
 
 
 def step_dirs(run_dir: Path) -> list[Path]:
@@ -348,9 +352,24 @@ def checkpoint_error(folder: Path, error: BaseException, kept: Path | None) -> C
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The folder ``<run>/checkpoints/latest`` names (the DeepSpeed backend's last complete
-    checkpoint), or None."""
+    checkpoint) while it is there, or None."""
     latest = Path(run_dir) / "checkpoints" / "latest"
-    return latest.parent / latest.read_text().strip() if latest.is_file() else None
+    folder = latest.parent / latest.read_text().strip() if latest.is_file() else None
+    return folder if folder is not None and folder.is_dir() else None
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The run's newest complete checkpoint, written by either backend, or None: a folder holding
+    one process's ``state.pt`` (complete once renamed into place) or the one ``checkpoints/latest``
+    names (complete once every rank wrote its part). A run continues from it on either backend
+    (checkpoint_handoff.py), so switching ``train.workers`` between 0 and more loses no step."""
+    named = latest_checkpoint(run_dir)
+    return max(local_checkpoints(run_dir) + ([named] if named is not None else []), key=_step_of, default=None)
+
+
+def local_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints one process wrote, oldest first."""
+    return [p for p in step_dirs(run_dir) if (p / LOCAL_CHECKPOINT).is_file()]
 
 
 def prune_checkpoints(run_dir: Path, keep: int, written: Path) -> None:
@@ -432,8 +451,8 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
     if is_main and (note := jumprelu_travel_note(tc)):
         say(note)
     start, positions, first = 0, {}, []
-    resuming = backend.has_checkpoint(run_dir)
-    if not resuming:
+    saved = newest_checkpoint(run_dir)
+    if saved is None:
         # b_dec starts at the global batch mean, set before the optimizer copies the parameters
         # (DeepSpeed keeps master weights: a later in-place change would be overwritten)
         rest = stream.batches()
@@ -444,8 +463,8 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
         with torch.no_grad():
             model.b_dec.copy_((collectives.data_sum(x0.double().sum(0)) / tc.batch_size).float())
     backend.setup(model)
-    if resuming:
-        state = backend.load(run_dir)
+    if saved is not None:
+        state = backend.load(saved)
         if state["spec"] != asdict(spec):
             old, new = state["spec"], asdict(spec)
             differ = [key for key in new if old.get(key) != new[key]]
@@ -454,7 +473,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                 f"this config asks for {', '.join(f'{k}={new[k]}' for k in differ)}; use another --run "
                 f"directory or delete {run_dir / 'checkpoints'}")
         start, positions = state["step"], positions_from(state["positions"])
-        check_partitions(run_dir, len(positions), partitions)
+        check_partitions(run_dir, len(positions), partitions, backend.data_parallel)
         tracker.load_state_dict(state["dead"])
         set_rng_state(state["rng"])
         rest = stream.batches({p: pos for p, pos in positions.items() if p in mine})
@@ -516,7 +535,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                     data_bad = collectives.worst(0 if bool(torch.isfinite(x).all()) else 1)
                     cause = ("a batch of this step holds inf or NaN activations: `crosscoder validate DATA --full` "
                              "names the shards" if data_bad else "lower train.lr, or raise train.grad_clip")
-                    kept = ("the last checkpoint is intact" if backend.has_checkpoint(run_dir)
+                    kept = ("the last checkpoint is intact" if newest_checkpoint(run_dir) is not None
                             else "no checkpoint was written yet")
                     message = (f"loss is not finite at step {step} (rank {backend.rank}: "
                                f"{ {k: float(v) for k, v in terms.items()} }); the optimizer step was not taken and "

@@ -13,9 +13,8 @@ import torch
 
 from crosscoder import CrossCoder
 from crosscoder.config import ConfigError
-from crosscoder.local_backend import checkpoint_dirs
 from crosscoder.ray_train import train_distributed
-from crosscoder.trainer import RunDirError, TrainingDiverged, TrainingFailed, train
+from crosscoder.trainer import RunDirError, TrainingDiverged, TrainingFailed, local_checkpoints, train
 
 from .conftest import free_port, small_run_config, small_synthetic
 
@@ -105,6 +104,16 @@ def test_jumprelu_on_two_latent_ranks_matches_one_process_through_a_resume(ray_c
     assert_same_exports(tmp_path / "single" / "crosscoder", tmp_path / "lp" / "crosscoder", atol=1e-6)
     thresholds = CrossCoder.from_pretrained(tmp_path / "lp" / "crosscoder").inference_threshold()
     assert not torch.allclose(thresholds, torch.full_like(thresholds, 0.3))  # they learned
+    # continued in one process: ZeRO-1's resharding checkpoint, thresholds and their Adam state (a
+    # second parameter group) included, is handed over (checkpoint_handoff.py); ZeRO-3's own is not
+    longer = config(steps=14, **settings)
+    if stage == 3:
+        with pytest.raises(RunDirError, match="step-12: DeepSpeed's own ZeRO-3 checkpoint, which only"):
+            train(longer, tmp_path / "lp", data=small_shards, progress=False)
+        return
+    assert len(train(longer, tmp_path / "lp", data=small_shards, progress=False).losses) == 2
+    train(longer, tmp_path / "single", data=small_shards, progress=False)
+    assert_same_exports(tmp_path / "single" / "crosscoder", tmp_path / "lp" / "crosscoder", atol=1e-6)
 
 
 FIGURES_RANK = """
@@ -159,7 +168,7 @@ def test_data_parallel_matches_single_process_at_the_same_global_batch(ray_clust
         assert round(dp[step]["dead_fraction"] * 96) == round(single[step]["dead_fraction"] * 96), step
     assert any(single[s]["dead_fraction"] > 0 for s in single)
     # which latents count as dead: the counters agree latent by latent
-    single_state = torch.load(checkpoint_dirs(single_run)[-1] / "state.pt", weights_only=False)
+    single_state = torch.load(local_checkpoints(single_run)[-1] / "state.pt", weights_only=False)
     assert single_state["step"] == 12
     saved = read_resharding_checkpoint(tmp_path / "dp" / "checkpoints" / "step-12", tmp_path)
     assert torch.equal(saved["dead"], single_state["dead"]["tokens_since_fired"])
@@ -511,3 +520,37 @@ def test_checkpoints_reshard_to_other_worker_and_latent_parallel_counts(ray_clus
     with pytest.raises(RunDirError, match="data_partitions = 4"):
         train_distributed(config(workers=2, latent_parallel=2, data_partitions=2, steps=14), tmp_path / "saved",
                           small_shards, progress=False)
+
+
+def test_a_run_continues_on_the_other_backend_on_the_same_trajectory(ray_cluster, single_reference, small_shards,
+                                                                     tmp_path):
+    """train.workers 0 → 2 and 2 → 0 on one run directory: each resumes the other's checkpoint at step 6
+    (checkpoint_handoff.py) and ends where one uninterrupted process does, each step logged once.
+    Before, each backend saw no checkpoint of its own, started again at step 0 and pruned the other's."""
+    import shutil
+
+    one_then_two, two_then_one = tmp_path / "one-then-two", tmp_path / "two-then-one"
+    on_workers = config(workers=2, latent_parallel=2)
+    assert train(config(), one_then_two, data=small_shards, progress=False, stop_after=6).steps == 6
+    shutil.copytree(one_then_two, tmp_path / "one")
+    assert train_distributed(on_workers, one_then_two, small_shards, progress=False).steps == 12
+    assert train_distributed(on_workers, two_then_one, small_shards, progress=False, stop_after=6).steps == 6
+    assert len(train(config(), two_then_one, data=small_shards, progress=False).losses) == 6
+    expected = log_by_step(single_reference)
+    for run in (one_then_two, two_then_one):
+        lines = (run / "train_log.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == list(range(1, 13)), run.name
+        resumed = log_by_step(run)
+        for step in range(1, 13):
+            for term in ("mse", "auxk", "total"):
+                assert np.isclose(resumed[step]["loss"][term], expected[step]["loss"][term], rtol=1e-4, atol=1e-5), (
+                    run.name, step, term)
+            assert round(resumed[step]["dead_fraction"] * 96) == round(expected[step]["dead_fraction"] * 96), step
+        assert_same_exports(single_reference / "crosscoder", run / "crosscoder")
+    # refused on the driver, before any worker starts, with what would resume it
+    with pytest.raises(RunDirError, match=r"written by one process .* ZeRO-3 cannot load; resume with train.zero_stage"):
+        train_distributed(config(workers=2, latent_parallel=2, zero_stage=3), tmp_path / "one", small_shards,
+                          progress=False)
+    with pytest.raises(RunDirError, match=r"as 1 partitions, this run as 2; resume it with data-parallel ranks that "
+                                          r"divide 1 .* raise train.latent_parallel"):
+        train_distributed(config(workers=2), tmp_path / "one", small_shards, progress=False)

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from crosscoder import CrossCoder
-from crosscoder.local_backend import checkpoint_dirs
 from crosscoder.shards import read_manifest
 from crosscoder.storage import Root
-from crosscoder.trainer import RunDirError, TrainingDiverged, learning_rate, spec_from, train
+from crosscoder.trainer import RunDirError, TrainingDiverged, learning_rate, local_checkpoints, spec_from, train
 
 from .conftest import shards_with_an_inf, small_run_config
 
@@ -22,7 +21,7 @@ def test_resume_reproduces_the_uninterrupted_trajectory(tmp_path, small_shards, 
     cfg = small_run_config(arch=arch, activation=act, steps=24, checkpoint_every=0, dead_tokens=600)
     full = train(cfg, tmp_path / "full", data=small_shards, progress=False)
     first = train(cfg, tmp_path / "cut", data=small_shards, progress=False, stop_after=9)
-    assert first.export_dir is None and [p.name for p in checkpoint_dirs(tmp_path / "cut")] == ["step-9"]
+    assert first.export_dir is None and [p.name for p in local_checkpoints(tmp_path / "cut")] == ["step-9"]
     # 24 steps at lr 3e-3: too few for JumpReLU's thresholds to travel, which the run says
     assert ("jumprelu learns log θ" in capsys.readouterr().out) == (act == "jumprelu")
     second = train(cfg, tmp_path / "cut", data=small_shards, progress=False)
@@ -47,7 +46,7 @@ def test_export_reloads_to_identical_encodings_on_raw_activations(tmp_path, smal
     assert config["norm_scale"] == manifest.norm_scale and config["k"] == 4
 
     # the trained model, on normalised inputs, vs the export, on raw inputs
-    state = torch.load(checkpoint_dirs(tmp_path / "run")[-1] / "state.pt", weights_only=False)
+    state = torch.load(local_checkpoints(tmp_path / "run")[-1] / "state.pt", weights_only=False)
     trained = CrossCoder(spec_from(cfg.train, manifest))
     trained.load_state_dict(state["model"])
     trained.eval()
@@ -72,15 +71,15 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_last_checkpoint(tmp_path,
     cfg = small_run_config(steps=40, checkpoint_every=5)
     with pytest.raises(TrainingDiverged, match=r"loss is not finite at step \d+ .* no checkpoint was written yet; "):
         train(small_run_config(steps=40, lr=1e30), tmp_path / "fresh", data=small_shards, progress=False)
-    assert not checkpoint_dirs(tmp_path / "fresh")
+    assert not local_checkpoints(tmp_path / "fresh")
     train(cfg, tmp_path / "run", data=small_shards, progress=False, stop_after=10)
-    good = checkpoint_dirs(tmp_path / "run")[-1]
+    good = local_checkpoints(tmp_path / "run")[-1]
     before = (good / "state.pt").read_bytes()
     cfg.train.lr = 1e30  # diverges at once
     with pytest.raises(TrainingDiverged, match=r"loss is not finite at step \d+ .* the last checkpoint is intact; "
                                                r"lower train.lr, or raise train.grad_clip\.$"):
         train(cfg, tmp_path / "run", data=small_shards, progress=False)
-    last = checkpoint_dirs(tmp_path / "run")[-1]
+    last = local_checkpoints(tmp_path / "run")[-1]
     assert last == good and (good / "state.pt").read_bytes() == before
     state = torch.load(last / "state.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
@@ -139,7 +138,7 @@ def test_the_end_of_the_data_keeps_the_steps_done_and_a_rerun_continues(tmp_path
     with pytest.raises(DataExhausted, match=r"the data ran out after train.max_epochs = 1 epoch\(s\) of 128 samples.*"
                                             r"raise train.max_epochs .*stopped at step 32 with a checkpoint"):
         train(cfg, tmp_path / "run", data=small_shards, progress=False)
-    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-25", "step-32"]
+    assert [p.name for p in local_checkpoints(tmp_path / "run")] == ["step-25", "step-32"]
     cfg.train.max_epochs = 0
     from crosscoder import pipeline
 
