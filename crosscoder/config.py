@@ -214,7 +214,8 @@ class TrainConfig:
     checkpoint_every: int = opt(500, "save a checkpoint every N steps (and at the end); 0 = only at the end", ge=0)
     keep_checkpoints: int = opt(2, "how many checkpoints to keep (0 = all)", ge=0)
     log_every: int = opt(10, "write a metrics line to <run>/train_log.jsonl every N steps", ge=1)
-    workers: int = opt(0, "Ray Train workers with DeepSpeed (0 = one process, no Ray, no DeepSpeed)", ge=0)
+    workers: int = opt(0, "Ray Train workers with DeepSpeed (0 = one process, no Ray, no DeepSpeed); a run may "
+                       "change it between 0 and more and continue from its checkpoint", ge=0)
     latent_parallel: int = opt(1, "ranks sharing one dictionary (latent parallelism)", ge=1)
     zero_stage: Literal[0, 1, 2, 3] = opt(1, "DeepSpeed ZeRO stage 0-3 (distributed trainer)")
     precision: Literal["fp32", "bf16"] = opt(
