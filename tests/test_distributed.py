@@ -522,31 +522,27 @@ def test_checkpoints_reshard_to_other_worker_and_latent_parallel_counts(ray_clus
                           small_shards, progress=False)
 
 
-def test_a_run_continues_on_the_other_backend_on_the_same_trajectory(ray_cluster, single_reference, small_shards,
-                                                                     tmp_path):
-    """train.workers 0 → 2 and 2 → 0 on one run directory: each resumes the other's checkpoint at step 6
-    (checkpoint_handoff.py) and ends where one uninterrupted process does, each step logged once.
-    Before, each backend saw no checkpoint of its own, started again at step 0 and pruned the other's."""
+def test_a_run_trained_in_one_process_continues_on_workers_on_the_same_trajectory(ray_cluster, single_reference,
+                                                                                 small_shards, tmp_path):
+    """train.workers 0 → 2 on one run directory: the workers resume one process's checkpoint at step 6
+    (checkpoint_handoff.py) and end where one uninterrupted process does, each step logged once.
+    Before, they saw no checkpoint of their own, started again at step 0 and pruned the other's. (The
+    other way, workers → one process, is in the JumpReLU test above.)"""
     import shutil
 
-    one_then_two, two_then_one = tmp_path / "one-then-two", tmp_path / "two-then-one"
-    on_workers = config(workers=2, latent_parallel=2)
-    assert train(config(), one_then_two, data=small_shards, progress=False, stop_after=6).steps == 6
-    shutil.copytree(one_then_two, tmp_path / "one")
-    assert train_distributed(on_workers, one_then_two, small_shards, progress=False).steps == 12
-    assert train_distributed(on_workers, two_then_one, small_shards, progress=False, stop_after=6).steps == 6
-    assert len(train(config(), two_then_one, data=small_shards, progress=False).losses) == 6
-    expected = log_by_step(single_reference)
-    for run in (one_then_two, two_then_one):
-        lines = (run / "train_log.jsonl").read_text().splitlines()
-        assert [json.loads(line)["step"] for line in lines] == list(range(1, 13)), run.name
-        resumed = log_by_step(run)
-        for step in range(1, 13):
-            for term in ("mse", "auxk", "total"):
-                assert np.isclose(resumed[step]["loss"][term], expected[step]["loss"][term], rtol=1e-4, atol=1e-5), (
-                    run.name, step, term)
-            assert round(resumed[step]["dead_fraction"] * 96) == round(expected[step]["dead_fraction"] * 96), step
-        assert_same_exports(single_reference / "crosscoder", run / "crosscoder")
+    run = tmp_path / "run"
+    assert train(config(), run, data=small_shards, progress=False, stop_after=6).steps == 6
+    shutil.copytree(run, tmp_path / "one")
+    assert train_distributed(config(workers=2, latent_parallel=2), run, small_shards, progress=False).steps == 12
+    lines = (run / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 13))
+    expected, resumed = log_by_step(single_reference), log_by_step(run)
+    for step in range(1, 13):
+        for term in ("mse", "auxk", "total"):
+            assert np.isclose(resumed[step]["loss"][term], expected[step]["loss"][term], rtol=1e-4, atol=1e-5), (
+                step, term)
+        assert round(resumed[step]["dead_fraction"] * 96) == round(expected[step]["dead_fraction"] * 96), step
+    assert_same_exports(single_reference / "crosscoder", run / "crosscoder")
     # refused on the driver, before any worker starts, with what would resume it
     with pytest.raises(RunDirError, match=r"written by one process .* ZeRO-3 cannot load; resume with train.zero_stage"):
         train_distributed(config(workers=2, latent_parallel=2, zero_stage=3), tmp_path / "one", small_shards,
