@@ -86,8 +86,13 @@ def resolve(args, rest) -> tuple[RunConfig, Path]:
 
 
 def cmd_compare(runs: list[str]) -> int:
-    """Chat-only / base-only latents and their Latent Scaling flags, side by side for several runs."""
-    rows = []
+    """Exclusive latents and their Latent Scaling flags, side by side for several runs. The columns
+    are named by the two sources each run compares (base/chat, or layers in a cross-layer run); a
+    run whose analysis did not run Latent Scaling (the aligned variant, sources of unequal widths)
+    shows n/a for its flags, not a count of 0 that would read as "every exclusive latent checked"."""
+    from .analysis import class_names
+
+    rows, pairs, skipped = [], [], []
     for run in runs:
         path = existing_run(Path(run)) / "analysis" / "summary.json"
         if not path.is_file():
@@ -96,20 +101,31 @@ def cmd_compare(runs: list[str]) -> int:
         config = json.loads(export.read_text()) if export.is_file() else {}
         try:
             s = json.loads(path.read_text())
-            a = s["artifacts"]
+            second, first = s["artifacts"]["chat_only"], s["artifacts"]["base_only"]
+            pairs.append(tuple(s["sources"]))
+            if s.get("latent_scaling_skipped"):
+                skipped.append(f"{run} ({s['latent_scaling_skipped']})")
+            flags = ([second["complete_shrinkage"], second["latent_decoupling"], second["latents"] - second["flagged"],
+                      first["latents"], first["flagged"]] if not s.get("latent_scaling_skipped")
+                     else ["n/a", "n/a", "n/a", first["latents"], "n/a"])
             rows.append([run, config.get("activation", "?"), s["latents"], s["classes"]["dead"],
-                         f"{min(s['fve'].values()):.3f}", a["chat_only"]["latents"],
-                         a["chat_only"]["complete_shrinkage"], a["chat_only"]["latent_decoupling"],
-                         a["chat_only"]["latents"] - a["chat_only"]["flagged"], a["base_only"]["latents"],
-                         a["base_only"]["flagged"]])
+                         f"{min(s['fve'].values()):.3f}", second["latents"], *flags])
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise AnalysisError(f"{path} is not an analysis summary this version reads ({type(e).__name__}: {e}); "
                                 f"run `crosscoder analyze --run {run}` again") from None
-    header = ["run", "sparsity", "latents", "dead", "min FVE", "chat-only", "shrinkage", "decoupling",
-              "chat-only kept", "base-only", "base-only flagged"]
+    same = len(set(pairs)) == 1
+    named = class_names(pairs[0]) if same else {"base_only": "1st-only", "chat_only": "2nd-only"}
+    second_only, first_only = named["chat_only"], named["base_only"]
+    header = ["run", "sparsity", "latents", "dead", "min FVE", second_only, "shrinkage", "decoupling",
+              f"{second_only} kept", first_only, f"{first_only} flagged"]
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
         print("  ".join(str(v).rjust(w) if i else str(v).ljust(w) for i, (v, w) in enumerate(zip(r, widths))))
+    if not same:
+        print("the 1st and 2nd sources each run compares: " + "; ".join(
+            f"{run} {pair[0]}/{pair[1]}" for run, pair in zip(runs, pairs)))
+    if skipped:
+        print("n/a: Latent Scaling did not run for " + "; ".join(skipped))
     return 0
 
 

@@ -3,6 +3,7 @@ latents.csv and the HTML report (rendered by a real headless Chromium)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -433,6 +434,27 @@ def test_three_sources_get_a_profile_per_source_and_aligned_runs_a_cross_layer_t
         assert "; Latent Scaling not run (it needs one shared latent space (acausal)); inference L0" in line, line
     else:
         assert re.search(r"; Latent Scaling flags \d+ of \d+ layer8-only latents; inference L0", line), line
+    # `crosscoder compare` names its columns by the compared sources and shows n/a, not 0, for flags never computed
+    from crosscoder.cli import main
+
+    assert main(["compare", str(tmp_path / "run")]) == 0
+    header, row, *notes = capsys.readouterr().out.strip().splitlines()
+    assert header.split() == ["run", "sparsity", "latents", "dead", "min", "FVE", "layer8-only", "shrinkage",
+                              "decoupling", "layer8-only", "kept", "layer4-only", "layer4-only", "flagged"], header
+    flags = row.split()[6:9] + row.split()[10:]
+    if arch == "aligned":
+        assert flags == ["n/a"] * 4 and notes == [f"n/a: Latent Scaling did not run for {tmp_path / 'run'} "
+                                                  "(it needs one shared latent space (acausal))"], (row, notes)
+    else:
+        assert all(cell.isdigit() for cell in flags) and notes == [], (row, notes)
+    summary = json.loads((tmp_path / "run" / "analysis" / "summary.json").read_text())  # a run of other sources
+    (tmp_path / "pair" / "analysis").mkdir(parents=True)
+    (tmp_path / "pair" / "analysis" / "summary.json").write_text(json.dumps(summary | {"sources": ["base", "chat"]}))
+    assert main(["compare", str(tmp_path / "run"), str(tmp_path / "pair")]) == 0
+    header, *_, pairs = [line for line in capsys.readouterr().out.strip().splitlines() if not line.startswith("n/a")]
+    assert "2nd-only kept" in header and "1st-only flagged" in header and "layer8" not in header, header
+    assert pairs == (f"the 1st and 2nd sources each run compares: {tmp_path / 'run'} layer4/layer8; "
+                     f"{tmp_path / 'pair'} base/chat"), pairs
 
 
 def test_ce_loss_recovered_loads_one_model_per_table_with_its_own_dtype(tmp_path):
