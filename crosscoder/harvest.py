@@ -347,8 +347,10 @@ def another_harvest(root: Root, recorded: dict, settings: dict, planned: bool = 
     differ = "".join(f"; {names.get(k, 'harvest.' + k)} = {short(there.get(k))} there, {short(settings.get(k))} here"
                      for k in keys)
     shrinks = keys and set(keys) <= GROWABLE and there.get("n_chunks", 0) > settings["n_chunks"]
+    as_they_are = ("to train on its shards as they are, name them as train.data in a config without harvest models "
+                   "(as launch/configs/demo-l1.toml does)")
     hint = ("a harvest grows in place but does not shrink: train on it with fewer train.steps, or use another "
-            "harvest.output") if shrinks else "use another harvest.output or delete it"
+            "harvest.output") if shrinks else f"use another harvest.output or delete it; {as_they_are}"
     this = f", this config {fingerprint(settings)}" if planned else ""
     return (f"{root.url}: holds shards of a different harvest (fingerprint {recorded.get('fingerprint')}{this}"
             f"{differ}); {hint}")

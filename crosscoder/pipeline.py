@@ -202,6 +202,29 @@ def train(p: Plan, progress: bool = True):
     return train_distributed(p.cfg, p.run_dir, p.data, progress=progress)
 
 
+DICTIONARY_KEYS = ("latents", "arch", "activation", "k")  # the spec's fields a config sets (the rest: the data's)
+
+
+def refuse_another_dictionary(p: Plan) -> None:
+    """A run directory whose checkpoints were trained with another ``train.latents``, ``arch``,
+    ``activation`` or ``k`` (as its ``config.toml`` records them) is refused before the data stage,
+    not after a harvest of minutes or hours; the trainer compares the whole spec (the sources and
+    widths too) when it loads the checkpoint."""
+    from .config import ConfigError, load_config
+    from .trainer import another_dictionary, newest_checkpoint
+
+    saved = p.run_dir / "config.toml"
+    if not saved.is_file() or newest_checkpoint(p.run_dir) is None:
+        return
+    try:
+        then = load_config(saved).train
+    except ConfigError:  # another version's record: the trainer's check reads the checkpoint itself
+        return
+    old, new = ({key: getattr(tc, key) for key in DICTIONARY_KEYS} for tc in (then, p.cfg.train))
+    if (refusal := another_dictionary(p.run_dir, old, new)) is not None:
+        raise refusal
+
+
 def finished_without_data(p: Plan):
     """The result of a run trained to ``train.steps`` whose shards were since removed (they are
     large, and a finished run needs them no more), or None. Only when nothing that made the data
@@ -221,7 +244,7 @@ def finished_without_data(p: Plan):
         return None
     same_data = (then.harvest, then.synthetic, then.organism, then.train.data) == (
         p.cfg.harvest, p.cfg.synthetic, p.cfg.organism, tc.data)
-    same_dictionary = all(finished.spec.get(key) == getattr(tc, key) for key in ("latents", "k", "arch", "activation"))
+    same_dictionary = all(finished.spec.get(key) == getattr(tc, key) for key in DICTIONARY_KEYS)
     trained = finished.steps >= tc.steps and (finished.export_dir / "model.safetensors").is_file()
     return finished if same_data and same_dictionary and trained else None
 
@@ -367,6 +390,7 @@ def _run(p: Plan, progress: bool):
         print_training_summary(done, p.cfg.train.dead_tokens)
         print(f"report: {(p.run_dir / 'analysis' / 'report.html').absolute()}\nrun directory: {p.run_dir.absolute()}")
         return done
+    refuse_another_dictionary(p)
     if p.cfg.harvest.models:
         harvest(p, progress)
     else:

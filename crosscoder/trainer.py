@@ -209,6 +209,17 @@ class TrainResult:
 # the step's pieces
 
 
+def another_dictionary(run_dir: Path, old: dict, new: dict) -> RunDirError | None:
+    """The refusal of a run directory whose checkpoint holds another dictionary than ``new`` asks
+    for (both as :class:`CrossCoderSpec` fields, or the part of them a config sets); None if alike."""
+    differ = [key for key in new if old.get(key) != new[key]]
+    if not differ:
+        return None
+    return RunDirError(f"{run_dir}: its checkpoint was trained with {', '.join(f'{k}={old.get(k)}' for k in differ)}; "
+                       f"this config asks for {', '.join(f'{k}={new[k]}' for k in differ)}; use another --run "
+                       f"directory or delete {run_dir / 'checkpoints'}")
+
+
 def spec_from(cfg: TrainConfig, manifest: Manifest) -> CrossCoderSpec:
     return CrossCoderSpec(
         sources=manifest.source_names,
@@ -465,13 +476,8 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
     backend.setup(model)
     if saved is not None:
         state = backend.load(saved)
-        if state["spec"] != asdict(spec):
-            old, new = state["spec"], asdict(spec)
-            differ = [key for key in new if old.get(key) != new[key]]
-            raise RunDirError(
-                f"{run_dir}: its checkpoint was trained with {', '.join(f'{k}={old.get(k)}' for k in differ)}; "
-                f"this config asks for {', '.join(f'{k}={new[k]}' for k in differ)}; use another --run "
-                f"directory or delete {run_dir / 'checkpoints'}")
+        if (refusal := another_dictionary(run_dir, state["spec"], asdict(spec))) is not None:
+            raise refusal
         start, positions = state["step"], positions_from(state["positions"])
         check_partitions(run_dir, len(positions), partitions, backend.data_parallel)
         tracker.load_state_dict(state["dead"])

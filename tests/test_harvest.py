@@ -367,6 +367,8 @@ def test_another_harvests_root_is_refused_before_the_models_are_made_or_the_docu
     err = capsys.readouterr().err
     assert err.startswith(f"crosscoder: ShardError: {uninterrupted}: holds shards of a different harvest"), err
     assert "harvest.models = " in err and "harvest.demo_pair" in err
+    assert err.strip().endswith("; to train on its shards as they are, name them as train.data in a config without "
+                                "harvest models (as launch/configs/demo-l1.toml does)"), err
     assert not (run / "tiny").exists()  # the demo pair was not trained
     assert read_all_bytes(uninterrupted) == before
 

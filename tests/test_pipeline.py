@@ -152,6 +152,13 @@ def test_a_finished_one_process_run_is_skipped_on_a_rerun(tmp_path, capsys):
     assert "step 9:" in more and "analyze: " in more and "newer than the export" not in more
     steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # each step logged once
+    # another dictionary on this run directory is refused before the data stage (a harvest of hours
+    # before it, otherwise): nothing is written to the data root it names
+    assert main([*args, "--train.latents", "128", "--synthetic.output", str(tmp_path / "other-shards")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"crosscoder: RunDirError: {run}: its checkpoint was trained with latents=64; this config asks for "
+        f"latents=128; use another --run directory or delete {run / 'checkpoints'}")
+    assert not (tmp_path / "other-shards").exists()
 
 
 def test_train_without_a_config_continues_the_run_in_its_default_directory(tmp_path, capsys, monkeypatch):
