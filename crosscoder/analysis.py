@@ -136,7 +136,8 @@ class Analysis:
                 "cross_fve": self.cross_fve, "present": self.present_counts(),
                 "ce_loss_recovered": self.ce_recovered, "attribution": self.attribution,
                 "scaling_threshold": self.scaling_threshold, "exclusive_threshold": self.exclusive_threshold,
-                "latent_scaling_skipped": self.scaling_skipped, "notes": self.notes}
+                "latent_scaling_skipped": self.scaling_skipped, "notes": self.notes,
+                "data_fingerprint": self.data_fingerprint}
 
 
 TOP_FILE = "top_activations.npz"  # the top-n buffers, for dashboard.py

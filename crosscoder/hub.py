@@ -10,7 +10,7 @@ card's metadata. The card is generated from what the run recorded: the export's 
 widths, latents, k, tokens trained, the data's fingerprint), the data manifest's sources (models
 and hooks), the last training metrics (the dead fraction, "not counted" when the run trained on
 fewer tokens than its dead-latent window) and, when the run was analysed, the analysis summary
-(held-out FVE, inference L0 with the calibrated thresholds).
+(FVE on the analysed tokens, inference L0 with the calibrated thresholds).
 
 The cost: a push uploads the whole ``model.safetensors`` every time (the Hub deduplicates unchanged
 content); a pull downloads it into the Hub cache (``HF_HOME``), not into a run directory.
@@ -88,7 +88,8 @@ def card_facts(export_dir: Path) -> dict:
         "latents": config["latents"], "tokens_trained": config.get("tokens"),
         "trained_steps": config.get("trained_steps"),
         "fve": summary.get("fve") or metrics.get("fve"),
-        "fve_measured_on": "held-out analysis tokens" if summary.get("fve") else "the last training batch",
+        "fve_measured_on": measured_on(summary, fingerprint),
+        "cross_fve": {pair: v for pair, v in summary.get("cross_fve", {}).items() if len(set(pair.split("->"))) == 2},
         "dead_fraction": metrics.get("dead_fraction") if counted else None,
         "dead_window": None if counted else window,
         "inference_l0": summary.get("inference_l0", metrics.get("inference_l0")),
@@ -96,13 +97,38 @@ def card_facts(export_dir: Path) -> dict:
     }
 
 
+def measured_on(summary: dict, training_data: str | None) -> str:
+    """What the card's FVE was measured on: the analysis's tokens, held out only when the analysed
+    shards are not the training data (``analyze.data``; by default the analysis reads the tokens it
+    trained on), or the last training batch of a run never analysed."""
+    if not summary.get("fve"):
+        return "the last training batch"
+    tokens, analysed = f"{summary.get('tokens', 0):,}", summary.get("data_fingerprint")
+    if analysed and training_data and analysed != training_data:
+        return f"{tokens} held-out tokens, not of the training data"
+    if analysed and analysed == training_data:
+        return f"the analysis's {tokens} tokens, of the training data"
+    return f"the analysis's {tokens} tokens"
+
+
 def sparsity_line(facts: dict) -> str:
     """The card's line on how the code is made sparse (k means nothing to relu and jumprelu)."""
     if facts["activation"] in ("topk", "batchtopk"):
-        return f"k (active latents per token): {facts['k']}"
+        each = " in each source's dictionary" if facts["arch"] == "aligned" else ""
+        return f"k (active latents per token{each}): {facts['k']}"
     if facts["activation"] == "jumprelu":
         return "sparsity: a learned threshold per latent (JumpReLU, trained with an L0 penalty)"
     return "sparsity: an L1 penalty weighted by the decoder norms (relu)"
+
+
+def dictionary(facts: dict) -> str:
+    """The card's words for the dictionary: one shared by the sources (acausal), or one per source
+    pulled into one space by the alignment loss (aligned: a latent read at one source decodes at another)."""
+    n, latents = len(facts["sources"]), f"{facts['latents']:,}"
+    if facts["arch"] == "aligned":
+        return (f"{latents} latents for each of its {n} sources, aligned into one space by an alignment loss (a "
+                "latent read at one source decodes at another)")
+    return f"{latents} latents shared by its {n} sources"
 
 
 def model_card(export_dir: Path, repo_id: str):
@@ -126,14 +152,16 @@ def model_card(export_dir: Path, repo_id: str):
     dead = number(facts["dead_fraction"], ".2%") if facts["dead_window"] is None else \
         (f"not counted (trained on fewer tokens than train.dead_tokens = {facts['dead_window']:,}, the "
          "silence that makes a latent dead)")
+    across = ", ".join(f"{pair.replace('->', ' → ')} {v:.4f}" for pair, v in facts["cross_fve"].items())
+    cross = f"- FVE decoding across sources (latents read at one, decoded at another): {across}\n" if across else ""
     text = f"""---
 {data.to_yaml()}
 ---
 
 # {repo_id}
 
-A {facts['activation']} crosscoder ({facts['arch']}) with {facts['latents']:,} latents shared by
-{len(facts['sources'])} sources, trained with this project's `crosscoder` package.
+A {facts['activation']} crosscoder ({facts['arch']}) with {dictionary(facts)},
+trained with this project's `crosscoder` package.
 
 | source | width | model | hook |
 |---|---:|---|---|
@@ -142,7 +170,7 @@ A {facts['activation']} crosscoder ({facts['arch']}) with {facts['latents']:,} l
 - {sparsity_line(facts)}
 - tokens trained: {number(facts['tokens_trained'], ',')} ({number(facts['trained_steps'], ',')} steps)
 - fraction of variance explained ({facts['fve_measured_on']}): {fve}
-- dead latents at the end of training: {dead}
+{cross}- dead latents at the end of training: {dead}
 - inference L0 (the exported per-latent thresholds): {number(facts['inference_l0'], '.1f')}
 - training data fingerprint (manifest sources and shard checksums): {facts['data_fingerprint'] or 'not recorded'}
 

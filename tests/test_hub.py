@@ -153,3 +153,37 @@ def test_an_export_loaded_and_saved_again_is_the_same_export(trained_run, tmp_pa
     before, after = load_file(str(original / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert json.loads((tmp_path / "again" / "config.json").read_text()) == json.loads((original / "config.json").read_text())
+
+
+@pytest.mark.parametrize("held_out", [False, True])
+def test_an_analysed_aligned_runs_card_states_its_dictionary_and_what_its_fve_was_measured_on(
+        small_shards, tmp_path, held_out):
+    """The card said "latents shared by 2 sources" of the aligned variant (it has one dictionary per
+    source) and called the analysis's FVE held-out, though the analysis reads the training data
+    unless analyze.data names other shards. It says which, and gives the aligned variant's FVE
+    decoding across sources (what the variant is for)."""
+    from huggingface_hub import ModelCard
+
+    from .conftest import small_synthetic
+
+    run, data = tmp_path / "run", small_shards
+    train(small_run_config(steps=8, checkpoint_every=0, arch="aligned", activation="topk"), run, data=small_shards,
+          progress=False)
+    if held_out:  # the same sources, another sample of the planted data
+        from crosscoder.synthetic import write_synthetic
+
+        data = str(tmp_path / "held-out")
+        write_synthetic(small_synthetic(seed=1), data, progress=False)
+    assert main(["analyze", str(run), "--analyze.data", data, "--analyze.tokens", "1024", "--quiet"]) == 0
+    assert main(["push", str(run), "me/aligned", "--save-to", str(tmp_path / "staged")]) == 0
+    text = ModelCard.load(tmp_path / "staged" / "README.md").text
+    summary = json.loads((run / "analysis" / "summary.json").read_text())
+    assert "with 96 latents for each of its 2 sources, aligned into one space by an alignment loss" in text
+    assert "shared by" not in text and "- k (active latents per token in each source's dictionary): 4" in text
+    measured = "1,024 held-out tokens, not of the training data" if held_out else \
+        "the analysis's 1,024 tokens, of the training data"
+    fve = ", ".join(f"{name} {value:.4f}" for name, value in summary["fve"].items())
+    assert f"- fraction of variance explained ({measured}): {fve}\n" in text, text
+    across = summary["cross_fve"]
+    assert (f"- FVE decoding across sources (latents read at one, decoded at another): base → chat "
+            f"{across['base->chat']:.4f}, chat → base {across['chat->base']:.4f}\n") in text, text
