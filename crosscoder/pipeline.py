@@ -320,7 +320,7 @@ def analyze_here(p: Plan, progress: bool, setting: str) -> dict:
     """The analysis in this process, on the device ``setting`` resolves to; returns the summary."""
     from . import analysis as an
     from .device import resolve
-    from .report import write_report
+    from .report import dictionary_line, write_report
 
     cfg, out = p.cfg, p.run_dir / "analysis"
     device = resolve(setting, "analyze.device", quiet=not progress)
@@ -328,7 +328,11 @@ def analyze_here(p: Plan, progress: bool, setting: str) -> dict:
     result = an.analyze(model, root, cfg.analyze, progress=progress)
     result.ce_recovered = an.ce_recovered_for_harvest(model, root, cfg.analyze, announce=progress)
     an.save(result, out)
-    write_report(result, out / "report.html", title=f"Crosscoder model-diffing report: {cfg.name}")
+    # the run directory's name too where it is not the config's (two variants of one config, side by side)
+    name = cfg.name if p.run_dir.name == cfg.name else f"{cfg.name} ({p.run_dir.name})"
+    spec = model.spec
+    write_report(result, out / "report.html", title=f"Crosscoder model-diffing report: {name}",
+                 crosscoder=dictionary_line(spec.arch, spec.activation, spec.k))
     return result.summary()
 
 

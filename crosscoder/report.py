@@ -177,13 +177,23 @@ def _example_html(ex) -> str:
     return f"<div class='ex'><span class='v'>{ex.value:9.2f}</span> " + " ".join(parts) + "</div>"
 
 
-def render(analysis: Analysis, title: str = "Crosscoder model-diffing report") -> str:
+def dictionary_line(arch: str, activation: str, k: int) -> str:
+    """The report's words for which crosscoder it analysed: `aligned, batchtopk (k 16)`."""
+    sparsity = {"relu": "relu with an L1 penalty", "jumprelu": "jumprelu"}.get(activation, f"{activation} (k {k})")
+    return f"{arch}, {sparsity}"
+
+
+def render(analysis: Analysis, title: str = "Crosscoder model-diffing report", crosscoder: str = "") -> str:
+    """The report's HTML; ``crosscoder`` (:func:`dictionary_line`) names the analysed dictionary's
+    kind in the summary table, beside its sources and size."""
     c = analysis.columns
     base, chat = analysis.sources
     counts = analysis.class_counts()
     arts = analysis.artifact_counts()
     summary_rows: list[list] = [["sources compared", f"{base} vs {chat}"], ["tokens analysed", f"{analysis.tokens:,}"],
                     ["latents", f"{len(c['class']):,}"]]
+    if crosscoder:
+        summary_rows.insert(0, ["crosscoder", crosscoder])
     named = class_names(analysis.sources)
     summary_rows += [[f"{named[k]} latents", v] for k, v in counts.items()]
     summary_rows += [[f"FVE {k}", f"{v:.4f}"] for k, v in analysis.fve.items()]
@@ -261,7 +271,8 @@ def render(analysis: Analysis, title: str = "Crosscoder model-diffing report") -
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
 
 
-def write_report(analysis: Analysis, path: Path, title: str = "Crosscoder model-diffing report") -> Path:
+def write_report(analysis: Analysis, path: Path, title: str = "Crosscoder model-diffing report",
+                 crosscoder: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(analysis, title))
+    path.write_text(render(analysis, title, crosscoder))
     return path

@@ -434,6 +434,10 @@ def test_three_sources_get_a_profile_per_source_and_aligned_runs_a_cross_layer_t
         assert "; Latent Scaling not run (it needs one shared latent space (acausal)); inference L0" in line, line
     else:
         assert re.search(r"; Latent Scaling flags \d+ of \d+ layer8-only latents; inference L0", line), line
+    # the command's report names the run directory beside the config's name, and which crosscoder it analysed
+    page = (tmp_path / "run" / "analysis" / "report.html").read_text()
+    assert "<h1>Crosscoder model-diffing report: layers (run)</h1>" in page
+    assert f"<tr><td>crosscoder</td><td>{arch}, topk (k 4)</td></tr>" in page
     # `crosscoder compare` names its columns by the compared sources and shows n/a, not 0, for flags never computed
     from crosscoder.cli import main
 
