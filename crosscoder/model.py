@@ -356,7 +356,19 @@ class CrossCoder(nn.Module):
 
     @torch.no_grad()
     def cross_reconstruct(self, x: Tensor, source: int, target: int) -> Tensor:
-        """Aligned: ``D_target(E_source(x_source))`` [B, d_target]; acausal: decode the shared code."""
+        """Aligned: ``D_target(E_source(x_source))`` [B, d_target]; acausal: decode the shared code.
+        ``x`` is [B, D], every source side by side, or (aligned) [B, d_source], the read source's
+        activations alone: its code reads nothing else, so the other sources are left at zero."""
+        widths, width = self.spec.widths, self.spec.width
+        if x.shape[-1] != width:
+            if self.spec.arch == "acausal":
+                raise ValueError(f"the acausal code reads every source: x must be [B, {width}], got {x.shape[-1]} wide")
+            if x.shape[-1] != widths[source]:
+                raise ValueError(f"x must be one source's activations or every source's: source {source} is "
+                                 f"{widths[source]} wide and the sources together {width}; got {x.shape[-1]}")
+            whole = x.new_zeros(x.shape[0], width)
+            whole[:, self.spec.slices[source]] = x
+            x = whole
         f = self.encode(x)
         g = 0 if self.spec.arch == "acausal" else source
         return self.decode_group(f[:, g], target)

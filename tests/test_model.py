@@ -213,11 +213,23 @@ def test_alignment_loss_zero_for_equal_codes_and_scale_invariant_when_normalized
     assert torch.isclose(alignment_loss(off, active), alignment_loss(a, active))
 
 
-def test_aligned_cross_reconstruction_decodes_into_the_target_width():
-    model = make("aligned", widths=(24, 40))
+@pytest.mark.parametrize("act", ACTS)
+def test_aligned_cross_reconstruction_decodes_into_the_target_width(act):
+    """From every source side by side, or (aligned) from the read source's activations alone: a
+    user mapping layer 4 to layer 8 need not have every other source's activations at hand."""
+    model = make("aligned", act, widths=(24, 40))
+    model.threshold.fill_(0.05)  # BatchTopK's inference threshold, as training would leave it
+    model.eval()
     x = torch.randn(10, 64)
     assert model.cross_reconstruct(x, 0, 1).shape == (10, 40)
     assert model.cross_reconstruct(x, 1, 0).shape == (10, 24)
+    for source, target, sl in [(0, 1, slice(0, 24)), (1, 0, slice(24, 64)), (1, 1, slice(24, 64))]:
+        alone = model.cross_reconstruct(x[:, sl], source, target)
+        torch.testing.assert_close(alone, model.cross_reconstruct(x, source, target), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"source 0 is 24 wide and the sources together 64; got 40"):
+        model.cross_reconstruct(x[:, 24:], 0, 1)
+    with pytest.raises(ValueError, match=r"the acausal code reads every source: x must be \[B, 64\], got 24 wide"):
+        make("acausal", act, widths=(24, 40)).cross_reconstruct(x[:, :24], 0, 1)
 
 
 def test_dead_tracker_counts_tokens_since_fired():
