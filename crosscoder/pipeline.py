@@ -195,6 +195,7 @@ def train(p: Plan, progress: bool = True):
         print(f"train: {p.run_dir.absolute()} already trained to step {finished.steps}, skipping (raise train.steps "
               "to continue)")
         return finished
+    refuse_another_dictionary(p)  # before Ray Train starts its workers (tens of seconds) to find it
     if tc.workers <= 0:
         return train_here(p.cfg, p.run_dir, data=p.data, progress=progress)
     from .ray_train import train_distributed

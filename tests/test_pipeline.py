@@ -159,6 +159,12 @@ def test_a_finished_one_process_run_is_skipped_on_a_rerun(tmp_path, capsys):
         f"crosscoder: RunDirError: {run}: its checkpoint was trained with latents=64; this config asks for "
         f"latents=128; use another --run directory or delete {run / 'checkpoints'}")
     assert not (tmp_path / "other-shards").exists()
+    # and by `crosscoder train` before Ray Train starts its workers (it said so from a worker)
+    assert main(["train", "--run", str(run), "--train.latents", "128", "--train.workers", "2", "--train.latent_parallel",
+                 "2", "--quiet"]) == 1
+    out, err = capsys.readouterr()
+    assert err.strip().endswith("latents=128; use another --run directory or delete " + str(run / "checkpoints")), err
+    assert "train.device" not in out + err and "Ray" not in out + err, (out, err)
 
 
 def test_train_without_a_config_continues_the_run_in_its_default_directory(tmp_path, capsys, monkeypatch):
