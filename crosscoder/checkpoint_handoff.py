@@ -40,6 +40,22 @@ def check_zero3_loads(folder: Path, zero_stage: int) -> None:
                       "train.zero_stage ≤ 2")
 
 
+def saved_spec(folder: Path) -> dict | None:
+    """The dictionary (``CrossCoderSpec`` fields) a checkpoint was trained with, read without its
+    tensors (a file that holds them is mapped, not read): one process's ``state.pt``, a resharding
+    checkpoint's ``loop.pt``, or the client state DeepSpeed keeps in each rank's model-states file
+    of its own (ZeRO-3) checkpoint, whose weights DeepSpeed loads before anything can compare
+    shapes. None where the folder holds none of them."""
+    if (folder / LOCAL_CHECKPOINT).is_file():
+        return torch.load(folder / LOCAL_CHECKPOINT, weights_only=False, map_location="cpu", mmap=True)["spec"]
+    if (folder / "loop.pt").is_file():
+        return torch.load(folder / "loop.pt", weights_only=False, map_location="cpu")["spec"]
+    states = sorted(folder.glob("*model_states.pt"))
+    if states:
+        return torch.load(states[0], weights_only=False, map_location="cpu", mmap=True).get("spec")
+    return None
+
+
 def read_whole(folder: Path, model: CrossCoder, tc: TrainConfig) -> dict:
     """The checkpoint in ``folder``, of either backend: the loop's state (``spec``, ``step``,
     ``positions``, ``rng`` of one process, ``adam_step``, ``threshold_updates``) and, when it was

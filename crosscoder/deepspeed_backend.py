@@ -49,7 +49,7 @@ from torch import Tensor
 from torch.distributed.checkpoint.api import CheckpointException
 
 from . import faults
-from .checkpoint_handoff import MOMENTS, check_zero3_loads, read_whole
+from .checkpoint_handoff import MOMENTS, check_zero3_loads, read_whole, saved_spec
 from .config import RunConfig
 from .losses import LossWeights, forward_and_loss
 from .model import CrossCoder, export_layout, write_export_config
@@ -180,6 +180,9 @@ class DeepSpeedBackend:
         if (folder / LOCAL_CHECKPOINT).is_file():  # one process's (checkpoint_handoff.py): read whole, sliced
             return self._load_slices(read_whole(folder, self.model, self.tc))
         if not (folder / "loop.pt").is_file():  # ZeRO-3's (or an older release's) DeepSpeed checkpoint
+            then = saved_spec(folder)
+            if then is not None and then != asdict(self.model.spec):  # DeepSpeed would fail on the shapes:
+                return {"spec": then}  # the loop refuses the run directory by this alone
             return self._load_deepspeed(folder.parent.parent)
         loop = torch.load(folder / "loop.pt", weights_only=False, map_location="cpu")
         out = {"spec": loop["spec"], "step": loop["step"], "positions": loop["positions"], "dead": None,

@@ -21,9 +21,10 @@ import os
 import sys
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
-from .checkpoint_handoff import check_zero3_loads
+from .checkpoint_handoff import check_zero3_loads, saved_spec
 from .config import RunConfig, data_layout, from_dict, to_dict, validate
 from .interrupts import StepBoundary
 from .ray_connect import (
@@ -44,10 +45,12 @@ from .trainer import (
     STOP_FILE,
     CheckpointError,
     Interrupted,
+    RunDirError,
     TrainingDiverged,
     TrainingFailed,
     TrainingStopped,
     TrainResult,
+    another_dictionary,
     check_partitions,
     newest_checkpoint,
     record_stop,
@@ -77,7 +80,7 @@ def train_worker(config: dict) -> None:
     try:
         train(cfg, config["run_dir"], config["data"], progress=config["progress"], stop_after=config["stop_after"],
               backend=DeepSpeedBackend(cfg, device))
-    except (ShardError, DataExhausted) as stop:  # a retry would stop the same way
+    except (ShardError, DataExhausted, RunDirError) as stop:  # a retry would stop the same way
         if not (Path(config["run_dir"]) / RESULT_FILE).exists():  # met before the loop, which records it: by
             record_stop(Path(config["run_dir"]), stop)  # every rank alike (a manifest that lists no shards)
     except (TrainingDiverged, TrainingStopped):
@@ -188,6 +191,10 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: 
     saved = newest_checkpoint(run_dir)  # a resume the workers would refuse fails here, once, not per retry
     if saved is not None:
         check_zero3_loads(saved, tc.zero_stage)
+        # another dictionary or other sources: every worker would refuse it, after Ray Train started them
+        then, spec = saved_spec(saved), asdict(spec_from(tc, manifest))
+        if then is not None and (refusal := another_dictionary(run_dir, then, spec)) is not None:
+            raise refusal
         if (saved / "position.json").is_file():
             data_parallel, partitions = data_layout(tc)
             check_partitions(run_dir, len(json.loads((saved / "position.json").read_text())), partitions,

@@ -86,7 +86,7 @@ class TrainingFailed(CrosscoderError, RuntimeError):
 
 
 STOPS = {"TrainingDiverged": TrainingDiverged, "ShardError": ShardError, "DataExhausted": DataExhausted,
-         "CheckpointError": CheckpointError}
+         "CheckpointError": CheckpointError, "RunDirError": RunDirError}
 
 
 def replace_text(path: Path, text: str) -> None:

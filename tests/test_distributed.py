@@ -176,7 +176,8 @@ def test_data_parallel_matches_single_process_at_the_same_global_batch(ray_clust
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stages_train_checkpoint_and_resume(ray_cluster, single_reference, small_shards, tmp_path, stage):
+def test_zero_stages_train_checkpoint_and_resume(ray_cluster, single_reference, small_shards, tmp_path, stage,
+                                                monkeypatch):
     cfg = config(workers=2, latent_parallel=2, zero_stage=stage)
     first = train_distributed(cfg, tmp_path / "run", small_shards, progress=False, stop_after=6)
     assert first.steps == 6 and first.export_dir is None
@@ -188,6 +189,17 @@ def test_zero_stages_train_checkpoint_and_resume(ray_cluster, single_reference, 
     assert losses[-1] < losses[0]
     assert np.allclose(losses, [single[s]["loss"]["total"] for s in range(1, 13)], rtol=1e-4, atol=1e-5)
     assert_same_exports(single_reference / "crosscoder", tmp_path / "run" / "crosscoder")
+    if stage == 3:  # another dictionary on DeepSpeed's own checkpoint: DeepSpeed failed on the shapes before
+        # the loop compared them, Ray Train retried that train.max_failures times, and the line said to re-run
+        other = config(workers=2, latent_parallel=2, zero_stage=3, latents=48, steps=14)
+        refused = r"trained with latents=96; this config asks for latents=48; use another --run directory"
+        record = (tmp_path / "run" / "train_result.json").read_text()
+        with pytest.raises(RunDirError, match=refused):  # the driver's, before Ray Train starts
+            train_distributed(other, tmp_path / "run", small_shards, progress=False)
+        assert (tmp_path / "run" / "train_result.json").read_text() == record  # the finished run's record kept
+        monkeypatch.setattr("crosscoder.ray_train.saved_spec", lambda folder: None)  # as if the driver could not
+        with pytest.raises(RunDirError, match=refused):  # read it: the workers' own refusal, once, no retries
+            train_distributed(other, tmp_path / "run", small_shards, progress=False)
 
 
 BF16_UNIT_ROUNDOFF = 2.0 ** -8  # bf16 keeps 8 significant bits: one rounding errs by at most this, relatively

@@ -128,6 +128,30 @@ def test_incompatible_run_directory_is_refused(tmp_path, small_shards):
     assert (tmp_path / "run" / "config.toml").read_text() == saved
 
 
+def test_workers_on_a_run_directory_of_other_sources_are_refused_before_ray_and_keep_its_record(tmp_path,
+                                                                                               small_shards):
+    """The same dictionary on data of other sources (a finished run continued with the wrong --data):
+    each worker refused the checkpoint, Ray Train retried them train.max_failures times (2 minutes
+    of tracebacks), the line said to re-run to resume, and the driver had deleted the finished
+    run's train_result.json on the way. The driver refuses it now from the checkpoint's spec."""
+    from crosscoder.ray_train import train_distributed
+    from crosscoder.synthetic import write_synthetic
+
+    from .conftest import small_synthetic
+
+    cfg = small_run_config(steps=4, checkpoint_every=4)
+    train(cfg, tmp_path / "run", data=small_shards, progress=False)
+    record = (tmp_path / "run" / "train_result.json").read_text()
+    other = str(tmp_path / "other")
+    write_synthetic(small_synthetic(widths=[16, 32], tokens=2048), other, progress=False)
+    cfg.train.workers, cfg.train.latent_parallel, cfg.train.steps = 2, 2, 8
+    with pytest.raises(RunDirError, match=r"its checkpoint was trained with widths=\[16, 24\], norm_scale=.*; this "
+                                          r"config asks for widths=\[16, 32\], norm_scale=.*; use another --run"):
+        train_distributed(cfg, tmp_path / "run", other, progress=False)
+    assert (tmp_path / "run" / "train_result.json").read_text() == record
+    assert not (tmp_path / "run" / "ray").exists()  # Ray Train never started
+
+
 def test_the_end_of_the_data_keeps_the_steps_done_and_a_rerun_continues(tmp_path, small_shards):
     """train.max_epochs = 1 on 32 batches' worth of tokens: the stop at step 32 names the fix and
     checkpoints first (it lost every step since the last checkpoint); a re-run that allows more
