@@ -103,11 +103,11 @@ def cmd_compare(runs: list[str]) -> int:
             s = json.loads(path.read_text())
             second, first = s["artifacts"]["chat_only"], s["artifacts"]["base_only"]
             pairs.append(tuple(s["sources"]))
-            if s.get("latent_scaling_skipped"):
-                skipped.append(f"{run} ({s['latent_scaling_skipped']})")
-            flags = ([second["complete_shrinkage"], second["latent_decoupling"], second["latents"] - second["flagged"],
-                      first["latents"], first["flagged"]] if not s.get("latent_scaling_skipped")
-                     else ["n/a", "n/a", "n/a", first["latents"], "n/a"])
+            if why := s.get("latent_scaling_skipped"):
+                skipped.append(f"{run} ({why})")
+            flags = (["n/a", "n/a", "n/a", first["latents"], "n/a"] if why else
+                     [second["complete_shrinkage"], second["latent_decoupling"], second["latents"] - second["flagged"],
+                      first["latents"], first["flagged"]])
             rows.append([run, config.get("activation", "?"), s["latents"], s["classes"]["dead"],
                          f"{min(s['fve'].values()):.3f}", second["latents"], *flags])
         except (ValueError, KeyError, TypeError, AttributeError) as e:

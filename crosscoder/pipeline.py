@@ -195,7 +195,6 @@ def train(p: Plan, progress: bool = True):
         print(f"train: {p.run_dir.absolute()} already trained to step {finished.steps}, skipping (raise train.steps "
               "to continue)")
         return finished
-    refuse_another_dictionary(p)  # before Ray Train starts its workers (tens of seconds) to find it
     if tc.workers <= 0:
         return train_here(p.cfg, p.run_dir, data=p.data, progress=progress)
     from .ray_train import train_distributed
@@ -207,22 +206,19 @@ DICTIONARY_KEYS = ("latents", "arch", "activation", "k")  # the spec's fields a 
 
 
 def refuse_another_dictionary(p: Plan) -> None:
-    """A run directory whose checkpoints were trained with another ``train.latents``, ``arch``,
-    ``activation`` or ``k`` (as its ``config.toml`` records them) is refused before the data stage,
-    not after a harvest of minutes or hours; the trainer compares the whole spec (the sources and
-    widths too) when it loads the checkpoint."""
-    from .config import ConfigError, load_config
+    """A run directory whose newest checkpoint was trained with another ``train.latents``, ``arch``,
+    ``activation`` or ``k`` is refused before the data stage, not after a harvest of minutes or
+    hours. The sources and widths come from the data, so they are compared once it is there: by the
+    Ray Train driver before its workers start, and by the trainer when it loads the checkpoint."""
+    from .checkpoint_handoff import saved_spec
     from .trainer import another_dictionary, newest_checkpoint
 
-    saved = p.run_dir / "config.toml"
-    if not saved.is_file() or newest_checkpoint(p.run_dir) is None:
+    saved = newest_checkpoint(p.run_dir)
+    then = saved_spec(saved) if saved is not None else None
+    if then is None:
         return
-    try:
-        then = load_config(saved).train
-    except ConfigError:  # another version's record: the trainer's check reads the checkpoint itself
-        return
-    old, new = ({key: getattr(tc, key) for key in DICTIONARY_KEYS} for tc in (then, p.cfg.train))
-    if (refusal := another_dictionary(p.run_dir, old, new)) is not None:
+    new = {key: getattr(p.cfg.train, key) for key in DICTIONARY_KEYS}
+    if (refusal := another_dictionary(p.run_dir, then, new)) is not None:
         raise refusal
 
 
