@@ -36,6 +36,14 @@ class StorageError(CrosscoderError, OSError):
     """A storage root cannot be used; the message names the root and the cause."""
 
 
+CREDENTIALS_HINT = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+
+
+def _lacks_credentials(e: BaseException) -> bool:
+    """botocore's NoCredentialsError or PartialCredentialsError, told by name: no botocore import here."""
+    return type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError")
+
+
 @contextlib.contextmanager
 def naming(path: str | Path) -> Iterator[None]:
     """A failed write in the block (a full disk, a quota) names ``path``, which a file object's error
@@ -111,7 +119,8 @@ class Root:
                     raise StorageError(f"{self.url}: {what} failed after {attempt + 1} attempts: {e}") from e
                 time.sleep(BACKOFF_S * 2**attempt)
             except Exception as e:  # noqa: BLE001 - e.g. botocore's NoCredentialsError: no OSError, no retry
-                raise StorageError(f"{self.url}: {what} failed: {type(e).__name__}: {e}") from e
+                hint = f" ({CREDENTIALS_HINT})" if _lacks_credentials(e) else ""
+                raise StorageError(f"{self.url}: {what} failed: {type(e).__name__}: {e}{hint}") from e
 
     def exists(self, name: str) -> bool:
         return self._retry(f"checking {name}", self.fs.exists, self.full(name))
@@ -139,6 +148,9 @@ class Root:
             raise StorageError(f"{self.url}: access to bucket {bucket!r} denied at {where}: {e}") from None
         except Exception as e:  # noqa: BLE001 - connection errors come in many types
             cause = e.__cause__ if isinstance(e, StorageError) and e.__cause__ else e
+            if _lacks_credentials(cause):
+                raise StorageError(f"{self.url}: no credentials for the object store at {where} "
+                                   f"({CREDENTIALS_HINT}): {type(cause).__name__}: {cause}") from None
             raise StorageError(f"{self.url}: cannot reach the object store at {where}: "
                                f"{type(cause).__name__}: {cause}") from None
 

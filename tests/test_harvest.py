@@ -582,8 +582,13 @@ def test_object_store_without_credentials_gives_one_clear_error(s3_server, monke
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     root = Root("s3://some-bucket/acts", endpoint_url=s3_server, skip_instance_cache=True)  # not a cached client
     with pytest.raises(StorageError, match=r"s3://some-bucket/acts: reading manifest.json failed: "
-                                           r"NoCredentialsError: Unable to locate credentials"):
+                                           r"NoCredentialsError: Unable to locate credentials \(set AWS_ACCESS_KEY_ID"):
         read_manifest(root)
+    # the early check a harvest or a run makes says so, not that the store cannot be reached
+    with pytest.raises(StorageError, match=rf"s3://some-bucket/acts: no credentials for the object store at "
+                                           rf"endpoint {s3_server} \(set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                                           r"or AWS_PROFILE\): NoCredentialsError"):
+        root.check_writable()
 
 
 def test_bad_models_and_tokenizers_are_named(tiny, tmp_path):
