@@ -105,9 +105,9 @@ class Analysis:
 
     def special_token_counts(self) -> dict[str, dict[str, int]]:
         """Per live class: how many latents fire mostly on the tokenizer's special tokens (the chat
-        template), and for the exclusive classes how many of those Latent Scaling keeps; arXiv
-        2504.02922 counts chat-only latents this way (40% of its robust ones on Gemma 2). Empty
-        without a tokenizer."""
+        template), and for the exclusive classes how many of those Latent Scaling keeps (not counted
+        where it did not run); arXiv 2504.02922 counts chat-only latents this way (40% of its robust
+        ones on Gemma 2). Empty without a tokenizer."""
         share = self.columns["special_share"]
         if not np.isfinite(share).any():
             return {}
@@ -117,7 +117,7 @@ class Analysis:
         for cls in ("chat_only", "base_only", "shared"):
             member = self.classes == cls
             out[cls] = {"latents": int(member.sum()), "mostly_special": int((mostly & member).sum())}
-            if cls != "shared":  # Latent Scaling looks at exclusive latents only
+            if cls != "shared" and not self.scaling_skipped:  # Latent Scaling looks at exclusive latents only
                 out[cls]["kept_mostly_special"] = int((mostly & kept & member).sum())
         return out
 

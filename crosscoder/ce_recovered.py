@@ -39,13 +39,18 @@ def meaningful(clean: float, zero_ablated: float) -> bool:
     return zero_ablated - clean >= MIN_ABLATION_GAP * clean
 
 
+def why_not_meaningful(clean: float, zero_ablated: float) -> str:
+    """What zero-ablation did to the loss, against the rise a score needs (a fall counts as no rise)."""
+    return (f"zero-ablating the hooked activation moves the loss by {zero_ablated - clean:+.4f} of {clean:.3f} "
+            f"nats, not the rise of at least {MIN_ABLATION_GAP:.0%} that makes the ratio a score")
+
+
 def describe(ce: dict) -> str:
     """``recovered`` of a summary entry (clean, spliced, zero_ablated, recovered), or why it is not a score."""
     if meaningful(ce["clean"], ce["zero_ablated"]):
         return f"{ce['recovered']:.3f}"
-    return (f"{ce['recovered']:.3f}, not meaningful: zero-ablating the hooked activation moves the loss by only "
-            f"{ce['zero_ablated'] - ce['clean']:+.4f} of {ce['clean']:.3f} nats (under "
-            f"{MIN_ABLATION_GAP:.0%}), so the model barely uses it (an untrained model?)")
+    return (f"{ce['recovered']:.3f}, not meaningful: {why_not_meaningful(ce['clean'], ce['zero_ablated'])}, "
+            "so the model barely uses it (an untrained model?)")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .analysis import Analysis, class_names
-from .ce_recovered import MIN_ABLATION_GAP, meaningful
+from .ce_recovered import meaningful, why_not_meaningful
 
 COLORS = {"shared": "#7f7f7f", "base_only": "#1f77b4", "chat_only": "#d62728", "dead": "#bbbbbb"}
 
@@ -202,7 +202,7 @@ def render(analysis: Analysis, title: str = "Crosscoder model-diffing report", c
     summary_rows += [[f"CE loss recovered {k}", f"{v['recovered']:.4f} (clean {v['clean']:.3f}, spliced "
                       f"{v['spliced']:.3f}, zero-ablated {v['zero_ablated']:.3f} nats)"
                       + ("" if meaningful(v["clean"], v["zero_ablated"]) else
-                         f"; not meaningful: zero-ablation raises the loss by under {MIN_ABLATION_GAP:.0%}")]
+                         f"; not meaningful: {why_not_meaningful(v['clean'], v['zero_ablated'])}")]
                      for k, v in analysis.ce_recovered.items()]
     sources = [k[5:] for k in c if k.startswith("norm.")]
     if len(sources) > 2:  # the pairwise classes are one pair's; this is every source's
@@ -243,9 +243,11 @@ def render(analysis: Analysis, title: str = "Crosscoder model-diffing report", c
     if special:
         parts.append("<p>Latents firing mostly (more than half of their firings) on the tokenizer's special "
                      "tokens, the chat template:</p>" + _table(
-                         [[named[cls], s["latents"], s["mostly_special"], s.get("kept_mostly_special", "—")]
+                         [[named[cls], s["latents"], s["mostly_special"]]
+                          + ([] if analysis.scaling_skipped else [s.get("kept_mostly_special", "—")])
                           for cls, s in special.items()],
-                         ["class", "latents", "mostly on special tokens", "of them kept by Latent Scaling"]))
+                         ["class", "latents", "mostly on special tokens"]
+                         + ([] if analysis.scaling_skipped else ["of them kept by Latent Scaling"])))
     for cls, rows in analysis.attribution.items():
         table = [[r["token"], r["id"], f"{r['share']:.1%}", f"{r['lift']:.2f}", r["firings"]] for r in rows]
         parts.append(f"<h3>{named[cls]}</h3>" + (_table(table, ["token", "id", "share", "lift", "firings"]) if table

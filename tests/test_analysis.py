@@ -171,8 +171,13 @@ def test_ce_loss_recovered_is_one_for_a_perfect_reconstruction_and_zero_for_zero
     (act,) = ActivationReader(lm, ["model.layers.1"]).read(ids)
     untrained = ce_loss_recovered(lm, ids, "model.layers.1", act[:, 1:] * 0.5, start=1)
     assert not untrained.meaningful
-    assert "not meaningful: zero-ablating the hooked activation moves the loss by only" in describe(
+    gap = untrained.zero_ablated - untrained.clean
+    assert (f"not meaningful: zero-ablating the hooked activation moves the loss by {gap:+.4f} of "
+            f"{untrained.clean:.3f} nats, not the rise of at least 1% that makes the ratio a score") in describe(
         vars(untrained) | {"recovered": untrained.recovered})
+    # a fall is no rise either, and is said as a fall
+    fell = {"clean": 4.5, "spliced": 4.4, "zero_ablated": 4.2, "recovered": 1.0 / 3}
+    assert "moves the loss by -0.3000 of 4.500 nats, not the rise" in describe(fell)
     lm.train()
     optimizer = torch.optim.Adam(lm.parameters(), lr=1e-2)
     for _ in range(60):
@@ -299,6 +304,18 @@ def test_latents_firing_mostly_on_special_tokens_are_counted_per_class_with_thos
     assert analysis.summary()["special_tokens"] == counts
     page = render(analysis)
     assert "mostly on special tokens" in page and "<td>shared</td><td>2</td><td>1</td><td>—</td>" in page
+    # where Latent Scaling did not run (aligned, unequal widths), nothing is counted as kept by it
+    analysis.scaling_skipped = "it needs sources of equal width"
+    assert analysis.special_token_counts()["chat_only"] == {"latents": 3, "mostly_special": 2}
+    page = render(analysis)
+    assert "mostly on special tokens" in page and "kept by Latent Scaling" not in page
+    analysis.scaling_skipped = ""
+    # a CE loss recovered that is not a score gives the gap in the report too, a fall as a fall
+    analysis.ce_recovered = {"chat": {"clean": 4.508, "spliced": 4.49, "zero_ablated": 4.5011, "recovered": -1.5}}
+    assert ("CE loss recovered chat</td><td>-1.5000 (clean 4.508, spliced 4.490, zero-ablated 4.501 nats); not "
+            "meaningful: zero-ablating the hooked activation moves the loss by -0.0069 of 4.508 nats, not the rise "
+            "of at least 1% that makes the ratio a score") in render(analysis)
+    analysis.ce_recovered = {}
     columns["special_share"] = np.full(len(cls), np.nan)  # shards without a tokenizer: nothing to count
     assert analysis.special_token_counts() == {} and "mostly on special tokens" not in render(analysis)
 
