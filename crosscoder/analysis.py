@@ -46,7 +46,7 @@ from .latent_scaling import LatentScaling, artifact_labels
 from .metrics import StreamingFVE, decoder_cosine, decoder_norms, relative_decoder_norm
 from .model import CrossCoder
 from .progress import progress_bar
-from .shards import Manifest, ShardError, check_compatible, iter_samples, read_manifest
+from .shards import Manifest, ShardError, SourceInfo, check_compatible, iter_samples, read_manifest
 from .storage import Root
 
 CLASSES = ("shared", "base_only", "chat_only", "dead")
@@ -174,12 +174,18 @@ def classify(rel_norm: np.ndarray, frequency: np.ndarray, threshold: float) -> n
     return np.where(frequency == 0, "dead", cls).astype(object)
 
 
-def _source_pair(model: CrossCoder, names: list[str]) -> tuple[int, int]:
+def _source_pair(model: CrossCoder, names: list[str], infos: list[SourceInfo]) -> tuple[int, int]:
+    """The compared pair: ``analyze.sources``, or by default the first source and the first of
+    another model at its hook (base and chat at one layer when both models are read at several),
+    else the first of another model, else the first two (one model's layers)."""
     sources = model.spec.sources
     if len(sources) < 2:
         raise AnalysisError(f"model diffing compares two sources; this crosscoder has only {sources}")
     if not names:
-        return 0, 1
+        first, others = infos[0], list(enumerate(infos))[1:]
+        partners = ([i for i, s in others if s.model != first.model and s.hook == first.hook]
+                    + [i for i, s in others if s.model != first.model] + [1])
+        return 0, partners[0]
     if len(names) != 2 or any(n not in sources for n in names):
         raise AnalysisError(f"analyze.sources must name two of the crosscoder's sources {sources}, got {names}")
     return sources.index(names[0]), sources.index(names[1])
@@ -229,7 +235,7 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
     manifest = read_manifest(root)
     spec, device = model.spec, model.W_dec.device
     check_compatible(manifest, spec.sources, spec.widths, root.url)
-    a, b = _source_pair(model, cfg.sources)
+    a, b = _source_pair(model, cfg.sources, manifest.sources)
     slices, scale, scale_vector = spec.slices, spec.scales, spec.scale_vector(device)
     W_dec = model.W_dec.detach()
     dec = [W_dec[:, sl] * scale[s] for s, sl in enumerate(slices)]  # normalised units

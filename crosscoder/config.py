@@ -241,7 +241,8 @@ class AnalyzeConfig:
     )
     data: str = opt("", "shard root to analyse (default: the training data)")
     sources: list[str] = opt(
-        [], "the two sources compared, [base, chat] (rel_norm 0 = only the first); empty = the first two"
+        [], "the two sources compared, [base, chat] (rel_norm 0 = only the first); empty = the first source and "
+        "the first of another model at its hook (else of another model; else the first two)"
     )
     scaling_threshold: float = opt(
         0.3, "Latent Scaling: an exclusive latent is flagged as Complete Shrinkage if nu_error > t and as "

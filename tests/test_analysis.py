@@ -544,3 +544,35 @@ def test_ce_loss_recovered_on_documents_shorter_than_seq_len(tmp_path):
     weights = [len(s.tokens) for s in samples]  # predictions per chunk: its tokens (the BOS predicts the first)
     assert out["clean"] == pytest.approx(np.average(losses, weights=weights), rel=1e-5)
     assert np.isfinite(out["spliced"]) and out["zero_ablated"] != out["clean"]
+
+
+@pytest.mark.parametrize("layout", ["two models at two hooks", "two models at their own hooks", "one model"])
+def test_the_default_pair_is_the_two_models_at_one_hook(tmp_path, layout):
+    """A run that reads base and chat at two layers has four sources, model by model (base@l0,
+    base@l1, chat@l0, chat@l1). The analysis compared the first two by default: base at two layers, a
+    cross-layer comparison, where a model diff was meant. By default it now compares the first source
+    with the first of another model at its hook (else of another model; one model's layers: the
+    first two), and ``analyze.sources`` still names any pair."""
+    from crosscoder.shards import Manifest, ShardWriter, SourceInfo, shard_name, write_manifest
+
+    sources = {"two models at two hooks": [("base@l0", "m/base", "l0"), ("base@l1", "m/base", "l1"),
+                                          ("chat@l0", "m/chat", "l0"), ("chat@l1", "m/chat", "l1")],
+               "two models at their own hooks": [("small@l0", "m/small", "l0"), ("small@l1", "m/small", "l1"),
+                                                ("large@l2", "m/large", "l2")],
+               "one model": [("layer4", "m/base", "l4"), ("layer8", "m/base", "l8"), ("layer12", "m/base", "l12")]}
+    infos = [SourceInfo(name, 16, model=model, hook=hook) for name, model, hook in sources[layout]]
+    expected = {"two models at two hooks": ("base@l0", "chat@l0"), "two models at their own hooks": ("small@l0", "large@l2"),
+                "one model": ("layer4", "layer8")}[layout]
+    rng = np.random.default_rng(0)
+    root = Root(str(tmp_path / "shards"))
+    writer = ShardWriter(root, shard_name(0), width=16 * len(infos), dtype="float32")
+    for i in range(4):
+        writer.add(f"{i:08d}-0000", np.arange(32, dtype=np.int32),
+                   rng.standard_normal((32, 16 * len(infos))).astype(np.float32), {})
+    write_manifest(root, Manifest(sources=infos, dtype="float32", seq_len=32, shards=[writer.commit()]))
+    names = [s.name for s in infos]
+    crosscoder = CrossCoder(CrossCoderSpec(names, [16] * len(infos), latents=32, activation="topk", k=4))
+    analysis = analyze(crosscoder, root, AnalyzeConfig(ce_sequences=0), progress=False)
+    assert analysis.sources == expected
+    chosen = analyze(crosscoder, root, AnalyzeConfig(ce_sequences=0, sources=[names[-1], names[0]]), progress=False)
+    assert chosen.sources == (names[-1], names[0])
