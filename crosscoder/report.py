@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +58,8 @@ def latent_scaling_figure(analysis: Analysis):
                    label=f"{named[cls]} ({int(m.sum())})")
         drawn += int(m.sum())
     if not drawn:
-        ax.text(0.5, 0.62, f"no {named['base_only']} or {named['chat_only']} latents to scale", transform=ax.transAxes,
-                ha="center", fontsize=9, color="#555555")
+        ax.text(0.5, 0.62, textwrap.fill(f"no {named['base_only']} or {named['chat_only']} latents to scale", 46),
+                transform=ax.transAxes, ha="center", fontsize=9, color="#555555")  # long source names wrap
     ax.axvline(t, color="k", ls="--", lw=0.8)
     ax.axhline(t, color="k", ls="--", lw=0.8)
     finite = np.concatenate([c["nu_error"][np.isfinite(c["nu_error"])], c["nu_recon"][np.isfinite(c["nu_recon"])]])
@@ -95,11 +96,13 @@ def fve_and_ce_figure(analysis: Analysis):
         ax.bar_label(ax.bar(scored_at, scored, width=0.4, label="CE loss recovered", color="#9467bd"), fmt="%.3f",
                      fontsize=7)
         drawn += scored
-    ax.set_xticks(xs, names, fontsize=8)
+    crowded = sum(map(len, names)) > 60  # e.g. four model@hook names: each breaks before its hook
+    ax.set_xticks(xs, [n.replace("@", "\n@") if crowded else n for n in names], fontsize=8)
     ax.set_xlim(-0.5, len(names) - 0.5)  # a source's place whether or not its CE bar is drawn
     low = min(0.0, *drawn)
     ax.set_ylim(low - (0.12 if low < 0 else 0.0), max(1.0, *drawn) + 0.1)  # room for the value labels
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)  # under the bars
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16 if crowded else -0.1), ncol=2,
+              frameon=False)  # under the bars and their names
     return fig
 
 

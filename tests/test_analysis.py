@@ -337,6 +337,10 @@ def test_the_fve_and_ce_plot_spans_every_value_and_says_which_ce_is_not_a_score(
     said = [text.get_text() for text in ax.texts]
     assert {"-0.400", "0.900", "0.800"} <= set(said) and not any("5.5" in text for text in said)
     assert sum("not meaningful" in text for text in said) == 1
+    # four model@hook names side by side would run into each other: each breaks before its hook
+    fve = {f"{m}@model.layers.{i}": 0.9 for m in ("base", "chat") for i in (0, 1)}
+    ax = fve_and_ce_figure(Analysis(("base@model.layers.0", "chat@model.layers.0"), 100, {}, fve, {}, {})).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [n.replace("@", "\n@") for n in fve]
 
 
 def test_the_latent_scaling_plot_shows_the_exclusive_latents_or_says_there_are_none():
@@ -356,6 +360,10 @@ def test_the_latent_scaling_plot_shows_the_exclusive_latents_or_says_there_are_n
     columns["class"] = np.array(["shared"] * 4 + ["dead"], dtype=object)
     ax = latent_scaling_figure(analysis).axes[0]
     assert [text.get_text() for text in ax.texts] == ["no base-only or chat-only latents to scale"]
+    long_names = Analysis(("base@model.layers.0", "chat@model.layers.0"), 100, columns, {}, {}, {})
+    (said,) = [text.get_text() for text in latent_scaling_figure(long_names).axes[0].texts]
+    assert said.replace("\n", " ") == "no base@model.layers.0-only or chat@model.layers.0-only latents to scale"
+    assert max(map(len, said.splitlines())) <= 46  # wrapped inside the axes
 
 
 def test_chunk_starts_are_left_out_of_the_examples_unless_asked_for(artifacts, tmp_path):
