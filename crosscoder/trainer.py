@@ -42,7 +42,16 @@ import torch
 
 from . import faults
 from .collectives import Collectives
-from .config import LoggingConfig, RunConfig, TrainConfig, dumps_toml, use_sparse_kernels, validate
+from .config import (
+    ConfigError,
+    LoggingConfig,
+    RunConfig,
+    TrainConfig,
+    dumps_toml,
+    load_config,
+    use_sparse_kernels,
+    validate,
+)
 from .dead import DeadLatentTracker, dead_share
 from .device import DeviceBatches
 from .device import resolve as resolve_device
@@ -277,6 +286,31 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return lr
 
 
+SCHEDULE_KEYS = ("steps", "lr", "lr_warmup_steps", "lr_decay_fraction")
+
+
+def schedule_change_note(before: TrainConfig, now: TrainConfig, start: int) -> str | None:
+    """Resuming with another schedule (most often a finished run given more ``train.steps``): the
+    learning rate follows the new one from ``start``, e.g. back to the peak where the old one had
+    decayed to 0, and the loss moves with it. Said once, since it is not an interrupted run's path."""
+    changed = [f"train.{k} {getattr(before, k)} -> {getattr(now, k)}" for k in SCHEDULE_KEYS
+               if getattr(before, k) != getattr(now, k)]
+    last, next_ = learning_rate(before, max(start - 1, 0)), learning_rate(now, start)
+    if not changed or abs(next_ - last) <= 0.01 * max(abs(last), abs(next_)):
+        return None
+    return (f"train: the learning-rate schedule changed ({', '.join(changed)}): step {start + 1} runs at "
+            f"{next_:.3g}, step {start} ran at {last:.3g}")
+
+
+def _schedule_change(run_dir: Path, now: TrainConfig, start: int) -> str | None:
+    """:func:`schedule_change_note` against the config the run directory last trained with."""
+    try:
+        before = load_config(run_dir / "config.toml").train
+    except ConfigError:  # none yet (a checkpoint handed over), or one this version cannot read: nothing to say
+        return None
+    return schedule_change_note(before, now, start)
+
+
 def loss_weights(cfg: TrainConfig, spec: CrossCoderSpec, step: int) -> LossWeights:
     def warm(coeff: float, steps: int) -> float:
         return coeff * (min(1.0, (step + 1) / steps) if steps > 0 else 1.0)
@@ -486,6 +520,8 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
         if is_main:
             _cut_log(run_dir / LOG_FILE, start)
             say(f"train: resuming {run_dir.absolute()} from step {start} of {tc.steps}")
+            if (note := _schedule_change(run_dir, tc, start)) is not None:
+                say(note)
     if is_main:  # once the run directory took this config: a refused one leaves the run's record as it was
         replace_text(run_dir / "config.toml", dumps_toml(cfg))
 

@@ -178,6 +178,12 @@ def test_train_without_a_config_continues_the_run_in_its_default_directory(tmp_p
     assert main(["train", "--train.steps", "8", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert f"train: resuming {tmp_path / 'runs' / 'default'} from step 6 of 8" in out and "step 8:" in out
+    # more steps move the schedule (lr 1e-2, 20 warm-up steps, the last 20% decaying): the run says so (step 6
+    # decayed in a 6-step run; step 7 warming up, not yet decaying, in an 8-step one), and its log goes on with it
+    assert "train: the learning-rate schedule changed (train.steps 6 -> 8): step 7 runs at 0.0035, step 6 ran at " \
+        "0.003\n" in out
+    logged = [json.loads(line) for line in (tmp_path / "runs" / "default" / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], round(r["lr"], 9)) for r in logged if r["step"] in (6, 8)] == [(6, 0.003), (8, 0.004)]
     assert (tmp_path / "runs" / "default" / "config.toml").read_text() == saved.replace("steps = 6", "steps = 8")
     # the run directory as a word of its own, as `export` takes it, anywhere among the overrides
     assert main(["train", "--train.steps", "10", "runs/default", "--quiet"]) == 0

@@ -25,7 +25,9 @@ def test_resume_reproduces_the_uninterrupted_trajectory(tmp_path, small_shards, 
     # 24 steps at lr 3e-3: too few for JumpReLU's thresholds to travel, which the run says
     assert ("jumprelu learns log θ" in capsys.readouterr().out) == (act == "jumprelu")
     second = train(cfg, tmp_path / "cut", data=small_shards, progress=False)
-    assert f"train: resuming {(tmp_path / 'cut').absolute()} from step 9 of 24" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"train: resuming {(tmp_path / 'cut').absolute()} from step 9 of 24" in out
+    assert "learning-rate schedule" not in out  # the same schedule, resumed where it was
     resumed = first.losses + second.losses
     assert len(resumed) == len(full.losses) == 24
     assert np.allclose(resumed, full.losses, rtol=0, atol=1e-6), (resumed, full.losses)
