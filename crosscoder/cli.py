@@ -12,6 +12,7 @@ import argparse
 import errno
 import json
 import os
+import shlex
 import sys
 from importlib import resources
 from pathlib import Path
@@ -165,6 +166,10 @@ def cmd_tiny(args) -> int:
     base, chat = random_pair.make_pair(output, hidden=args.hidden, layers=args.layers)
     docs = random_pair.write_documents(output / "documents.jsonl", n_docs=args.documents)
     print(f"tiny base model: {base}\ntiny chat model: {chat}\ndocuments: {docs}")
+    models = f"[{{name = \"base\", path = {json.dumps(base)}}}, {{name = \"chat\", path = {json.dumps(chat)}}}]"
+    print("next, harvest them and train a crosscoder (the embedded default's settings, at a middle block): "
+          + shlex.join(["crosscoder", "run", "--run", "runs/tiny", "--harvest.models", models, "--harvest.data", docs,
+                        "--harvest.hooks", f"model.layers.{max(args.layers // 2 - 1, 0)}"]))
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -241,5 +242,18 @@ def test_crosscoder_tiny_on_a_cpu_machine_prints_only_where_it_wrote(tmp_path):
                            "--documents", "8"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr == "", done.stderr
-    assert done.stdout.splitlines() == ["tiny base model: made/base", "tiny chat model: made/chat",
-                                        "documents: made/documents.jsonl"]
+    *wrote, next_ = done.stdout.splitlines()
+    assert wrote == ["tiny base model: made/base", "tiny chat model: made/chat", "documents: made/documents.jsonl"]
+    # the command it suggests reads these models and documents at a block the models have
+    from crosscoder.cli import build_parser, resolve
+    from crosscoder.harvest import model_specs, model_widths
+
+    command = shlex.split(next_.split(": ", 1)[1])
+    assert command[:2] == ["crosscoder", "run"]
+    args, rest = build_parser().parse_known_args(command[1:])
+    cfg, run_dir = resolve(args, rest)
+    assert [m["path"] for m in cfg.harvest.models] == ["made/base", "made/chat"] and run_dir == Path("runs/tiny")
+    assert cfg.harvest.data == "made/documents.jsonl" and cfg.harvest.hooks == ["model.layers.1"]  # of 4
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        assert model_widths(model_specs(cfg)) == [64, 64]  # each hook checked on its model
