@@ -234,7 +234,7 @@ def test_a_command_on_a_cpu_machine_prints_no_deepspeed_gpu_warning(tmp_path):
     assert "unable to detect" not in said["plan"], said["plan"]
 
 
-def test_crosscoder_tiny_on_a_cpu_machine_prints_only_where_it_wrote(tmp_path):
+def test_crosscoder_tiny_on_a_cpu_machine_prints_where_it_wrote_and_what_to_run_next(tmp_path):
     """`tiny` saves two models without a config or a plan: DeepSpeed's GPU warning (the test above)
     and transformers' "Writing model shards" bars (random_pair.save) are not what it says."""
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
