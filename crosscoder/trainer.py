@@ -292,7 +292,7 @@ SCHEDULE_KEYS = ("steps", "lr", "lr_warmup_steps", "lr_decay_fraction")
 def schedule_change_note(before: TrainConfig, now: TrainConfig, start: int) -> str | None:
     """Resuming with another schedule (most often a finished run given more ``train.steps``): the
     learning rate follows the new one from ``start``, e.g. back to the peak where the old one had
-    decayed to 0, and the loss moves with it. Said once, since it is not an interrupted run's path."""
+    decayed to 0, and the loss moves with it. An interrupted run resumed as it was says nothing."""
     changed = [f"train.{k} {getattr(before, k)} -> {getattr(now, k)}" for k in SCHEDULE_KEYS
                if getattr(before, k) != getattr(now, k)]
     last, next_ = learning_rate(before, max(start - 1, 0)), learning_rate(now, start)
