@@ -204,8 +204,10 @@ class TrainResult:
         data = json.loads(path.read_text())
         if "error" in data:
             raise STOPS.get(data.get("kind", "TrainingDiverged"), TrainingFailed)(data["error"])
-        data["run_dir"] = Path(data["run_dir"])
-        data["export_dir"] = Path(data["export_dir"]) if data["export_dir"] else None
+        # where it is read from: a run directory moved or copied elsewhere (archived, fetched from a
+        # cluster) holds its export there, not at the path it was trained under
+        data["run_dir"] = Path(run_dir)
+        data["export_dir"] = Path(run_dir) / "crosscoder" if data["export_dir"] else None
         return cls(**data)
 
     def is_finished(self, tc: TrainConfig, spec: CrossCoderSpec) -> bool:

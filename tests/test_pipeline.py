@@ -147,6 +147,15 @@ def test_a_finished_one_process_run_is_skipped_on_a_rerun(tmp_path, capsys):
     assert "already complete" in again and "already trained to step 6, skipping" in again
     assert "newer than the export, skipping" in again
     assert export.stat().st_mtime_ns == stamp and (run / "analysis" / "report.html").stat().st_mtime_ns == report
+    # moved elsewhere (archived, fetched from a cluster), it is still finished there: it read the export's
+    # old path from train_result.json, found nothing, and exported and analysed again
+    moved = run.rename(tmp_path / "moved")
+    assert main(["run", "--config", str(SYNTHETIC), "--run", str(moved), *SMALL]) == 0
+    there = capsys.readouterr().out
+    assert "already trained to step 6, skipping" in there and "newer than the export, skipping" in there, there
+    assert f"crosscoder exported to {moved / 'crosscoder'} " in there and "resuming" not in there
+    assert (moved / "crosscoder" / "model.safetensors").stat().st_mtime_ns == stamp
+    moved.rename(run)
     assert main([*args, "--train.steps", "9"]) == 0
     more = capsys.readouterr().out
     assert "step 9:" in more and "analyze: " in more and "newer than the export" not in more
