@@ -500,7 +500,10 @@ def load_for_run(run_dir: Path, data: str, storage, device: torch.device | str =
     try:
         read_manifest(root)
     except ShardError as e:
-        raise AnalysisError(f"cannot analyse {run_dir}: {e}") from None
+        own = run_dir / "shards"
+        hint = (f"; {own} holds shards: `--data {own}` analyses those (was the run directory moved?)"
+                if (own / "manifest.json").is_file() and Path(data).absolute() != own.absolute() else "")
+        raise AnalysisError(f"cannot analyse {run_dir}: {e}{hint}") from None
     return model, root
 
 

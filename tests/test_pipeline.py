@@ -155,6 +155,10 @@ def test_a_finished_one_process_run_is_skipped_on_a_rerun(tmp_path, capsys):
     assert "already trained to step 6, skipping" in there and "newer than the export, skipping" in there, there
     assert f"crosscoder exported to {moved / 'crosscoder'} " in there and "resuming" not in there
     assert (moved / "crosscoder" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert main(["analyze", str(moved), "--quiet"]) == 1  # its config.toml names the shards where they were
+    assert capsys.readouterr().err.strip().endswith(
+        f"; {moved / 'shards'} holds shards: `--data {moved / 'shards'}` analyses those (was the run directory moved?)")
+    assert main(["analyze", str(moved), "--data", str(moved / "shards"), "--quiet"]) == 0
     moved.rename(run)
     assert main([*args, "--train.steps", "9"]) == 0
     more = capsys.readouterr().out
