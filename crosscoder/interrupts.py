@@ -39,9 +39,13 @@ def stop_signals_as_ctrl_c() -> None:
     thread), which the CLI turns into its `interrupted; re-run the same command to ...` line. The CLI
     sets it at its start, and ray_connect.connect again once Ray is started: ray.init() makes a
     driver exit at once on SIGTERM, after a C stack dump and without a word of what was kept. A
-    SIGHUP ignored from the start (``nohup``) stays ignored. Outside the main thread it does nothing."""
+    SIGHUP ignored from the start (``nohup``) stays ignored; a SIGINT ignored from the start (a
+    non-interactive shell starts its background jobs so) is a Ctrl-C again, so ``kill -INT`` stops a
+    harvest or an analysis as it stops a training. Outside the main thread it does nothing."""
     if threading.current_thread() is not threading.main_thread():
         return
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started as a script's background job: `kill -INT`
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # stops it, as StepBoundary's training does
     signal.signal(signal.SIGTERM, _interrupt)
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         if signal.getsignal(signal.SIGHUP) is not _interrupt:  # the first call: the terminal is still there

@@ -180,3 +180,22 @@ def test_sighup_stops_at_a_step_boundary_unless_the_command_started_under_nohup(
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == (["requested False", "still running"] if nohup else
                                         ["requested True", "interrupted"]), done.stdout
+
+
+def test_a_command_started_with_sigint_ignored_is_still_stopped_by_it():
+    """A non-interactive shell starts a background job with SIGINT ignored; `kill -INT` then did not
+    stop a harvest or an analysis (only training's step boundary took it). The CLI's start takes it
+    as a Ctrl-C, as it takes SIGTERM."""
+    code = ("import os, signal\n"
+            "from crosscoder.interrupts import stop_signals_as_ctrl_c\n"
+            "print('ignored', signal.getsignal(signal.SIGINT) is signal.SIG_IGN, flush=True)\n"
+            "stop_signals_as_ctrl_c()\n"
+            "try:\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    print('still running')\n"
+            "except KeyboardInterrupt:\n"
+            "    print('interrupted')\n")
+    done = subprocess.run([sys.executable, "-c", code], preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["ignored True", "interrupted"], done.stdout
