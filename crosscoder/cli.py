@@ -93,13 +93,16 @@ def cmd_compare(runs: list[str]) -> int:
     shows n/a for its flags, not a count of 0 that would read as "every exclusive latent checked"."""
     from .analysis import class_names
 
-    rows, pairs, skipped = [], [], []
+    rows, pairs, skipped, stale = [], [], [], []
     for run in runs:
         path = existing_run(Path(run)) / "analysis" / "summary.json"
         if not path.is_file():
             raise AnalysisError(f"{path} is missing; run `crosscoder analyze --run {run}` first")
         export = Path(run) / "crosscoder" / "config.json"
         config = json.loads(export.read_text()) if export.is_file() else {}
+        weights = export.with_name("model.safetensors")
+        if weights.is_file() and weights.stat().st_mtime > path.stat().st_mtime:  # trained further since
+            stale.append(run)
         try:
             s = json.loads(path.read_text())
             second, first = s["artifacts"]["chat_only"], s["artifacts"]["base_only"]
@@ -127,6 +130,9 @@ def cmd_compare(runs: list[str]) -> int:
             f"{run} {pair[0]}/{pair[1]}" for run, pair in zip(runs, pairs)))
     if skipped:
         print("n/a: Latent Scaling did not run for " + "; ".join(skipped))
+    if stale:
+        print(f"older than the crosscoder it describes (trained further since): the analysis of {', '.join(stale)}; "
+              f"`crosscoder analyze RUN` redoes it")
     return 0
 
 

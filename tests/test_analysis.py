@@ -4,6 +4,7 @@ latents.csv and the HTML report (rendered by a real headless Chromium)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -210,7 +211,9 @@ def test_analyze_without_an_export_names_the_missing_file(tmp_path):
                                                 f"{tmp_path / 'nothing'})"], proc.stderr
 
 
-def test_compare_prints_exclusive_latents_and_flags_per_run(artifacts):
+def test_compare_prints_exclusive_latents_and_flags_per_run(artifacts, capsys):
+    from crosscoder.cli import main
+
     *_, run = artifacts
     proc = subprocess.run([sys.executable, "-m", "crosscoder.cli", "compare", str(run), str(run)],
                           capture_output=True, text=True, timeout=120)
@@ -220,6 +223,18 @@ def test_compare_prints_exclusive_latents_and_flags_per_run(artifacts):
     cells = rows[0].split()
     # relu, 25 latents, chat-only: the 6 planted + shrunk + decoupled, 1 shrinkage, 1 decoupling, 6 kept
     assert cells[1:] == ["relu", "25", "0", cells[4], "8", "1", "1", "6", "4", "1"], rows[0]
+    assert "older than the crosscoder" not in proc.stdout
+    # trained further since its analysis (`crosscoder train --train.steps` alone): said, not shown as current
+    weights, summary = run / "crosscoder" / "model.safetensors", run / "analysis" / "summary.json"
+    then = weights.stat()
+    try:
+        os.utime(weights, ns=(then.st_atime_ns, summary.stat().st_mtime_ns + 10**9))
+        assert main(["compare", str(run)]) == 0
+        assert capsys.readouterr().out.strip().splitlines()[-1] == (
+            f"older than the crosscoder it describes (trained further since): the analysis of {run}; "
+            "`crosscoder analyze RUN` redoes it")
+    finally:
+        os.utime(weights, ns=(then.st_atime_ns, then.st_mtime_ns))  # the fixture's run, as the other tests see it
     (run.parent / "not-analysed").mkdir(exist_ok=True)
     missing = subprocess.run([sys.executable, "-m", "crosscoder.cli", "compare", str(run.parent / "not-analysed")],
                              capture_output=True, text=True, timeout=120)
