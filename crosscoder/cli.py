@@ -382,9 +382,12 @@ def cmd_export_dashboards(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from .hub import push, stage
+    from .hub import push, stage, stale_analysis
 
     export_dir = _run_directory(args) / "crosscoder"
+    if stale_analysis(export_dir):
+        print(f"push: {export_dir.parent}'s analysis predates its crosscoder (trained further since): the card gives "
+              f"the last training batch's figures; `crosscoder analyze {export_dir.parent}` first for the analysis's")
     if args.save_to:
         folder = stage(export_dir, args.save_to, args.repo)
         print(f"push: wrote {', '.join(sorted(p.name for p in folder.iterdir()))} to {folder.absolute()}; nothing "

@@ -157,7 +157,7 @@ def test_an_export_loaded_and_saved_again_is_the_same_export(trained_run, tmp_pa
 
 @pytest.mark.parametrize("held_out", [False, True])
 def test_an_analysed_aligned_runs_card_states_its_dictionary_and_what_its_fve_was_measured_on(
-        small_shards, tmp_path, held_out):
+        small_shards, tmp_path, held_out, capsys):
     """The card said "latents shared by 2 sources" of the aligned variant (it has one dictionary per
     source) and called the analysis's FVE held-out, though the analysis reads the training data
     unless analyze.data names other shards. It says which, and gives the aligned variant's FVE
@@ -187,3 +187,13 @@ def test_an_analysed_aligned_runs_card_states_its_dictionary_and_what_its_fve_wa
     across = summary["cross_fve"]
     assert (f"- FVE decoding across sources (latents read at one, decoded at another): base → chat "
             f"{across['base->chat']:.4f}, chat → base {across['chat->base']:.4f}\n") in text, text
+    # trained further since the analysis: its figures are an earlier dictionary's, so the card gives the training's
+    capsys.readouterr()
+    assert main(["train", str(run), "--data", small_shards, "--train.steps", "10", "--quiet"]) == 0
+    assert main(["push", str(run), "me/aligned", "--save-to", str(tmp_path / "later")]) == 0
+    assert f"push: {run}'s analysis predates its crosscoder (trained further since)" in capsys.readouterr().out
+    later = ModelCard.load(tmp_path / "later" / "README.md").text
+    last = json.loads((run / "train_result.json").read_text())["last_metrics"]["fve"]
+    assert "- fraction of variance explained (the last training batch): " + ", ".join(
+        f"{name} {value:.4f}" for name, value in last.items()) in later, later
+    assert "FVE decoding across sources" not in later and fve not in later
