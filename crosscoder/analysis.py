@@ -83,6 +83,7 @@ class Analysis:
     top_values: np.ndarray | None = None
     top_index: np.ndarray | None = None
     data_fingerprint: str = ""  # Manifest.fingerprint() of the analysed shards
+    trained_steps: int | None = None  # the analysed export's (its config.json), to tell a stale analysis
 
     @property
     def classes(self) -> np.ndarray:
@@ -137,7 +138,7 @@ class Analysis:
                 "ce_loss_recovered": self.ce_recovered, "attribution": self.attribution,
                 "scaling_threshold": self.scaling_threshold, "exclusive_threshold": self.exclusive_threshold,
                 "latent_scaling_skipped": self.scaling_skipped, "notes": self.notes,
-                "data_fingerprint": self.data_fingerprint}
+                "data_fingerprint": self.data_fingerprint, "trained_steps": self.trained_steps}
 
 
 TOP_FILE = "top_activations.npz"  # the top-n buffers, for dashboard.py
@@ -488,6 +489,26 @@ def export_of(run_dir: Path) -> Path:
     if not (export / "model.safetensors").is_file():
         raise AnalysisError(f"{export}: no crosscoder export; train first (crosscoder train --run {run_dir})")
     return export
+
+
+def trained_steps_of(export: Path) -> int | None:
+    """The steps the export in ``export`` (``<run>/crosscoder``) was trained for, from its config.json."""
+    config = export / "config.json"
+    return json.loads(config.read_text()).get("trained_steps") if config.is_file() else None
+
+
+def is_stale(run_dir: Path) -> bool:
+    """The run's analysis describes an earlier dictionary: the export was trained further since
+    (``crosscoder train`` alone). Told by the export's ``trained_steps`` the analysis recorded, so a
+    copied run directory (new file times) is not stale; a summary written before that was recorded
+    is stale when it is older than the export."""
+    summary, export = run_dir / "analysis" / "summary.json", run_dir / "crosscoder"
+    if not summary.is_file() or not (export / "model.safetensors").is_file():
+        return False
+    analysed = json.loads(summary.read_text()).get("trained_steps")
+    if analysed is None:
+        return (export / "model.safetensors").stat().st_mtime > summary.stat().st_mtime
+    return trained_steps_of(export) != analysed
 
 
 def load_for_run(run_dir: Path, data: str, storage, device: torch.device | str = "cpu"

@@ -91,7 +91,7 @@ def cmd_compare(runs: list[str]) -> int:
     are named by the two sources each run compares (base/chat, or layers in a cross-layer run); a
     run whose analysis did not run Latent Scaling (the aligned variant, sources of unequal widths)
     shows n/a for its flags, not a count of 0 that would read as "every exclusive latent checked"."""
-    from .analysis import class_names
+    from .analysis import class_names, is_stale
 
     rows, pairs, skipped, stale = [], [], [], []
     for run in runs:
@@ -100,8 +100,7 @@ def cmd_compare(runs: list[str]) -> int:
             raise AnalysisError(f"{path} is missing; run `crosscoder analyze --run {run}` first")
         export = Path(run) / "crosscoder" / "config.json"
         config = json.loads(export.read_text()) if export.is_file() else {}
-        weights = export.with_name("model.safetensors")
-        if weights.is_file() and weights.stat().st_mtime > path.stat().st_mtime:  # trained further since
+        if is_stale(Path(run)):  # trained further since
             stale.append(run)
         try:
             s = json.loads(path.read_text())
@@ -382,10 +381,11 @@ def cmd_export_dashboards(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from .hub import push, stage, stale_analysis
+    from .analysis import is_stale
+    from .hub import push, stage
 
     export_dir = _run_directory(args) / "crosscoder"
-    if stale_analysis(export_dir):
+    if is_stale(export_dir.parent):
         print(f"push: {export_dir.parent}'s analysis predates its crosscoder (trained further since): the card gives "
               f"the last training batch's figures; `crosscoder analyze {export_dir.parent}` first for the analysis's")
     if args.save_to:

@@ -63,20 +63,16 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def stale_analysis(export_dir: Path) -> bool:
-    """The run's analysis predates its export: trained further since (``crosscoder train`` alone), so
-    its figures describe an earlier dictionary."""
-    summary, weights = export_dir.parent / "analysis" / "summary.json", export_dir / "model.safetensors"
-    return summary.is_file() and weights.is_file() and weights.stat().st_mtime > summary.stat().st_mtime
-
-
 def card_facts(export_dir: Path) -> dict:
     """What the model card states, from the export and the run around it (``<run>/crosscoder``). A
-    stale analysis (:func:`stale_analysis`) is left out: the card then gives the training's figures."""
+    stale analysis (``analysis.is_stale``: trained further since) is left out: the card then gives the
+    training's figures."""
     config = _read_json(export_dir / "config.json")
     run_dir = export_dir.parent
     result = _read_json(run_dir / "train_result.json")
-    summary = {} if stale_analysis(export_dir) else _read_json(run_dir / "analysis" / "summary.json")
+    from .analysis import is_stale
+
+    summary = {} if is_stale(run_dir) else _read_json(run_dir / "analysis" / "summary.json")
     metrics = result.get("last_metrics", {})
     saved = run_dir / "config.toml"
     window = load_config(saved).train.dead_tokens if saved.is_file() else None

@@ -324,6 +324,7 @@ def analyze_here(p: Plan, progress: bool, setting: str) -> dict:
     model, root = an.load_for_run(p.run_dir, cfg.analyze.data or p.data, cfg.storage, device)
     result = an.analyze(model, root, cfg.analyze, progress=progress)
     result.ce_recovered = an.ce_recovered_for_harvest(model, root, cfg.analyze, announce=progress)
+    result.trained_steps = an.trained_steps_of(p.run_dir / "crosscoder")
     an.save(result, out)
     # the run directory's name too where it is not the config's (two variants of one config, side by side)
     name = cfg.name if p.run_dir.name == cfg.name else f"{cfg.name} ({p.run_dir.name})"

@@ -105,13 +105,14 @@ def test_dashboards_refuse_other_shards_and_an_unanalysed_run(artifacts, tmp_pat
     (bare / "crosscoder").mkdir(parents=True)
     with pytest.raises(AnalysisError, match="top_activations.npz is missing: analyse the run first"):
         export_dashboards(bare, Root(str(other)), tmp_path / "out", progress=False)
-    # trained further after its analysis: the examples would be an earlier dictionary's
+    # trained further after its analysis: the examples would be an earlier dictionary's (this summary predates
+    # the recorded trained_steps: the files' times tell)
     moved_on = tmp_path / "moved-on"
     shutil.copytree(run, moved_on)
     weights = moved_on / "crosscoder" / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, (moved_on / "analysis" / "top_activations.npz").stat().st_mtime_ns
                           + 10**9))
-    with pytest.raises(AnalysisError, match=r"analysis predates .*model.safetensors \(trained further since\): "
+    with pytest.raises(AnalysisError, match=r"analysis predates .*moved-on/crosscoder \(trained further since\): "
                                             r"analyse the run again first"):
         export_dashboards(moved_on, Root(str(other)), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

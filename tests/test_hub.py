@@ -9,8 +9,10 @@ uploads is written by ``--save-to`` and read back with ``ModelCard.load`` and ``
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,8 +189,17 @@ def test_an_analysed_aligned_runs_card_states_its_dictionary_and_what_its_fve_wa
     across = summary["cross_fve"]
     assert (f"- FVE decoding across sources (latents read at one, decoded at another): base → chat "
             f"{across['base->chat']:.4f}, chat → base {across['chat->base']:.4f}\n") in text, text
-    # trained further since the analysis: its figures are an earlier dictionary's, so the card gives the training's
+    # copied without its file times (cp -r): the export may now look newer than the analysis, but it is the
+    # dictionary the analysis describes (the summary records its trained_steps)
+    copied = Path(shutil.copytree(run, tmp_path / "copied", copy_function=shutil.copyfile))
+    weights = copied / "crosscoder" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, (copied / "analysis" / "summary.json").stat().st_mtime_ns + 10**9))
     capsys.readouterr()
+    assert main(["push", str(copied), "me/aligned", "--save-to", str(tmp_path / "copied-card")]) == 0
+    assert "predates" not in capsys.readouterr().out
+    assert f"- fraction of variance explained ({measured}): {fve}\n" in \
+        ModelCard.load(tmp_path / "copied-card" / "README.md").text
+    # trained further since the analysis: its figures are an earlier dictionary's, so the card gives the training's
     assert main(["train", str(run), "--data", small_shards, "--train.steps", "10", "--quiet"]) == 0
     assert main(["push", str(run), "me/aligned", "--save-to", str(tmp_path / "later")]) == 0
     assert f"push: {run}'s analysis predates its crosscoder (trained further since)" in capsys.readouterr().out
