@@ -13,7 +13,10 @@ of its source, flags and torch version, so two installs never share or rebuild e
 ``scripts/install.sh`` builds both (``python -m crosscoder.builds``), so Ray workers only load them.
 Before any load, a lock is examined: one older than a build can take (``STALE_AFTER_S``) is
 removed with a warning naming it; a younger one is waited on with a message every 30 s, and
-treated as stale once it is older than that bound. The cost: one more directory per venv (~10 MB).
+treated as stale once it is older than that bound. A lock whose directory a live process works in
+(torch runs ninja and the compiler there) is a build in progress whatever its age, and is waited
+on: removing it broke that build (a rebuild on a loaded machine outlasted the bound once, and the
+builder died when its lock was gone). The cost: one more directory per venv (~10 MB).
 """
 
 from __future__ import annotations
@@ -70,7 +73,8 @@ def clear_stale_locks(directory: Path, stale_after_s: float = STALE_AFTER_S, sle
             except FileNotFoundError:
                 continue  # the build finished meanwhile
             built = any(lock.parent.glob("*.so"))
-            if age >= (min(stale_after_s, STALE_LOAD_AFTER_S) if built else stale_after_s):
+            old = age >= (min(stale_after_s, STALE_LOAD_AFTER_S) if built else stale_after_s)
+            if old and not building_in(lock.parent):
                 print(f"crosscoder: removing the stale build lock {lock} ({age:.0f} s old: left by a build that "
                       "was killed)", file=sys.stderr)
                 lock.unlink(missing_ok=True)
@@ -84,6 +88,20 @@ def clear_stale_locks(directory: Path, stale_after_s: float = STALE_AFTER_S, sle
                   f"{stale_after_s:.0f} s)", file=sys.stderr)
         sleep(1.0)
         waited += 1.0
+
+
+def building_in(directory: Path) -> bool:
+    """A live process has ``directory`` as its working directory: torch runs ninja, and ninja the
+    compiler, in the build directory, so a build (or a load's up-to-date check) is in progress there.
+    Read from /proc (Linux); elsewhere, False, and the lock's age alone decides."""
+    target = os.path.realpath(directory)
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.readlink(proc / "cwd") == target:
+                return True
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return False
 
 
 def use_for_torch_extensions() -> Path:

@@ -280,6 +280,28 @@ def test_a_stale_build_lock_is_removed_and_a_live_one_waited_on_within_a_bound(t
     os.utime(live, (time.time() - 90, time.time() - 90))
     clear_stale_locks(tmp_path, stale_after_s=600)
     assert not live.exists()
+    # however old, a lock whose directory a live process works in (ninja and the compiler run there) is a
+    # build in progress: a rebuild that outlasted the bound on a loaded CI machine had its lock removed
+    # under it and died. It is waited on until the build ends.
+    live.touch()
+    os.utime(live, (time.time() - 3600, time.time() - 3600))
+    compiler = subprocess.Popen(["sleep", "60"], cwd=tmp_path / "ext")
+    try:
+        def build_ends(_seconds):
+            compiler.kill()
+            compiler.wait()
+            live.unlink()
+
+        capsys.readouterr()
+        clear_stale_locks(tmp_path, stale_after_s=3, sleep=build_ends)
+        assert "waiting for a build in progress" in capsys.readouterr().err and not live.exists()
+    finally:
+        compiler.kill()
+        compiler.wait()
+    live.touch()  # the same lock with nobody working there: stale, removed
+    os.utime(live, (time.time() - 3600, time.time() - 3600))
+    clear_stale_locks(tmp_path, stale_after_s=3, sleep=lambda _: pytest.fail("waited on a dead build's lock"))
+    assert not live.exists()
 
 
 def test_kernels_that_cannot_be_built_are_one_line_and_the_pytorch_path_serves(tmp_path):
