@@ -35,13 +35,41 @@ REPORT_EVERY_S = 30.0
 
 
 def extensions_dir() -> Path:
-    """This install's build directory for compiled extensions (created)."""
+    """This install's build directory for compiled extensions (created), with this install's ninja
+    first on PATH (:func:`pin_ninja`)."""
     override = os.environ.get("CROSSCODER_EXTENSIONS_DIR")
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
     root = Path(override) if override else Path(sys.prefix) / "var" / "crosscoder-extensions"
     where = root / f"{python}-torch{torch.__version__}"
     where.mkdir(parents=True, exist_ok=True)
+    pin_ninja(where)
     return where
+
+
+def pin_ninja(where: Path) -> None:
+    """Put the pinned ``ninja`` of this install (the pip package's) first on PATH, alone in
+    ``<where>/bin``. torch runs whichever ``ninja`` PATH finds, and processes of one install see
+    different PATHs (Ray puts the venv's bin first for its workers, a plain subprocess has the
+    system's): ninja 1.11 and 1.13 write build logs of different versions, and each reads the
+    other's as no log at all, so every switch rebuilt DeepSpeed's op from scratch (a minute on a
+    busy machine, with every other process waiting on its lock). Without the pip package, the
+    system's ninja serves every process alike."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    binary = Path(ninja.BIN_DIR) / "ninja"
+    pinned = where / "bin"
+    if not binary.is_file() or os.environ.get("PATH", "").split(os.pathsep)[0] == str(pinned):
+        return
+    pinned.mkdir(exist_ok=True)
+    link = pinned / "ninja"
+    if not link.exists():
+        try:
+            link.symlink_to(binary)
+        except FileExistsError:  # another process made it meanwhile
+            pass
+    os.environ["PATH"] = os.pathsep.join([str(pinned), os.environ.get("PATH", "")])
 
 
 def source_key(*parts: str | bytes) -> str:

@@ -336,3 +336,20 @@ def test_the_kernels_load_through_a_stale_lock_in_a_fresh_install_directory(tmp_
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"removing the stale build lock {lock}" in proc.stderr and not lock.exists()
     assert proc.stderr.count("removing the stale build lock") == 1, proc.stderr  # said once
+
+
+def test_every_process_of_an_install_runs_its_pinned_ninja(tmp_path):
+    """torch runs the `ninja` PATH finds. A Ray worker had the venv's first (the pinned 1.13), a plain
+    subprocess the system's (1.11): each took the other's build log for none and rebuilt DeepSpeed's
+    op from scratch, a minute on a busy CI machine, and once a 2-rank test died of it. Whatever PATH a
+    process starts with, the install's build directory puts the pinned ninja first."""
+    import ninja
+
+    pinned = subprocess.run([str(Path(ninja.BIN_DIR) / "ninja"), "--version"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    code = ("import subprocess\nfrom crosscoder.builds import extensions_dir\nextensions_dir()\n"
+            "print(subprocess.run(['ninja', '--version'], capture_output=True, text=True, check=True).stdout.strip())")
+    env = {**os.environ, "PATH": "/usr/bin:/bin", "CROSSCODER_EXTENSIONS_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == pinned
