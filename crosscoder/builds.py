@@ -48,12 +48,12 @@ def extensions_dir() -> Path:
 
 def pin_ninja(where: Path) -> None:
     """Put the pinned ``ninja`` of this install (the pip package's) first on PATH, alone in
-    ``<where>/bin``. torch runs whichever ``ninja`` PATH finds, and processes of one install see
-    different PATHs (Ray puts the venv's bin first for its workers, a plain subprocess has the
-    system's): ninja 1.11 and 1.13 write build logs of different versions, and each reads the
-    other's as no log at all, so every switch rebuilt DeepSpeed's op from scratch (a minute on a
-    busy machine, with every other process waiting on its lock). Without the pip package, the
-    system's ninja serves every process alike."""
+    ``<where>/bin``. torch runs whichever ``ninja`` PATH finds, and the processes of one install
+    did not all find the same one (a CI run's build log shows the op built by the pinned 1.13, then
+    rebuilt by the system's 1.11 during the suite): the two write build logs of different versions,
+    each reads the other's as no log at all, so every switch rebuilt DeepSpeed's op from scratch (a
+    minute on a busy machine, with every other process waiting on its lock). Without the pip
+    package, the system's ninja serves every process alike."""
     try:
         import ninja
     except ImportError:
