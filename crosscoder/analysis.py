@@ -511,6 +511,14 @@ def is_stale(run_dir: Path) -> bool:
     return trained_steps_of(export) != analysed
 
 
+def is_analysed(run_dir: Path) -> bool:
+    """The run's report and summary describe its export as it is now (not :func:`is_stale`); the
+    summary is written last (``pipeline.analyze_here``), so an analysis stopped half way is not."""
+    out = run_dir / "analysis"
+    return ((out / "report.html").is_file() and (out / "summary.json").is_file()
+            and (run_dir / "crosscoder" / "model.safetensors").is_file() and not is_stale(run_dir))
+
+
 def load_for_run(run_dir: Path, data: str, storage, device: torch.device | str = "cpu"
                  ) -> tuple[CrossCoder, Root]:
     """The run's export (on ``device``) and its shard root, with clear errors for what is missing."""
@@ -534,7 +542,9 @@ def save(analysis: Analysis, out_dir: Path) -> None:
     if analysis.top_values is not None and analysis.top_index is not None:
         np.savez(out_dir / TOP_FILE, values=analysis.top_values.astype(np.float32), index=analysis.top_index,
                  tokens=np.int64(analysis.tokens), fingerprint=np.str_(analysis.data_fingerprint))
-    (out_dir / "summary.json").write_text(json.dumps(analysis.summary(), indent=2, default=float) + "\n")
+    partial = out_dir / "summary.json.partial"  # whole or not there: a re-run reads it to skip the analysis
+    partial.write_text(json.dumps(analysis.summary(), indent=2, default=float) + "\n")
+    partial.replace(out_dir / "summary.json")
 
 
 @torch.no_grad()

@@ -4,8 +4,8 @@
 is one stage below; a Python user calls the same functions (``crosscoder.pipeline.run(cfg)``).
 Every stage is skipped when its output is there and up to date, so re-running a command resumes:
 committed shards are kept, a finished training (same dictionary, export present) and an analysis
-newer than the export are not redone, and a finished, analysed run whose shards were since removed
-does not make them again.
+of the export as it is (its steps, recorded in ``summary.json``) are not redone, and a finished,
+analysed run whose shards were since removed does not make them again.
 
 Paths are resolved once, by :func:`plan`: a copy of the config with the demo pair's models filled
 in, default outputs under the run directory and local paths made absolute (Ray actors and workers
@@ -263,30 +263,31 @@ def _has_manifest(p: Plan) -> bool:
 
 
 def _analysed(p: Plan) -> bool:
-    """The report (and the organism's, for an organism run) is newer than the export."""
-    export = p.run_dir / "crosscoder" / "model.safetensors"
-    outputs = [p.run_dir / "analysis" / "report.html"] + (
-        [p.run_dir / "analysis" / "organism.json"] if p.organism is not None else [])
-    return export.is_file() and all(o.is_file() and o.stat().st_mtime >= export.stat().st_mtime for o in outputs)
+    """The analysis (and the organism's, for an organism run) describes the export as it is now."""
+    from .analysis import is_analysed
+
+    return is_analysed(p.run_dir) and (p.organism is None or (p.run_dir / "analysis" / "organism.json").is_file())
 
 
 def analyze(p: Plan, progress: bool = True, only_if_stale: bool = False) -> dict | None:
     """``analysis/latents.csv``, ``summary.json`` and ``report.html``; with ``only_if_stale``, nothing
-    when the report is newer than the export. Returns the summary (None when skipped).
+    when the analysis describes the export as it is (``analysis.is_analysed``). Returns the summary (None when skipped).
 
     Where it runs (``analyze.device``): on this process's GPU when it has one; else, on a Ray cluster
     with GPUs (the driver of a job usually runs on a CPU head node), as a Ray task on one GPU, which
     loads the crosscoder and, for CE loss recovered, each model once; else here on the CPU.
     """
-    out = p.run_dir / "analysis"
-    report, export = out / "report.html", p.run_dir / "crosscoder" / "model.safetensors"
-    if only_if_stale and report.is_file() and export.is_file() and report.stat().st_mtime >= export.stat().st_mtime:
-        print(f"analyze: {report.absolute()} is newer than the export, skipping (`crosscoder analyze` redoes it)\n"
-              f"report: {report.absolute()}")
-        return None
-    from .analysis import class_names, export_of
+    from .analysis import class_names, export_of, is_analysed, trained_steps_of
 
-    export_of(p.run_dir)  # a run not trained yet: said before the device is chosen or a Ray task started
+    out = p.run_dir / "analysis"
+    report = out / "report.html"
+    if only_if_stale and is_analysed(p.run_dir):
+        steps = trained_steps_of(p.run_dir / "crosscoder")
+        print(f"analyze: {report.absolute()} describes the export{f' (step {steps})' if steps else ''}, skipping "
+              f"(`crosscoder analyze` redoes it)\nreport: {report.absolute()}")
+        return None
+
+    export = export_of(p.run_dir)  # a run not trained yet: said before the device is chosen or a Ray task started
     setting = p.cfg.analyze.device
     if setting != "cpu" and not _local_cuda() and _cluster_gpus() > 0:
         from .ray_connect import connect
@@ -325,12 +326,12 @@ def analyze_here(p: Plan, progress: bool, setting: str) -> dict:
     result = an.analyze(model, root, cfg.analyze, progress=progress)
     result.ce_recovered = an.ce_recovered_for_harvest(model, root, cfg.analyze, announce=progress)
     result.trained_steps = an.trained_steps_of(p.run_dir / "crosscoder")
-    an.save(result, out)
     # the run directory's name too where it is not the config's (two variants of one config, side by side)
     name = cfg.name if p.run_dir.name == cfg.name else f"{cfg.name} ({p.run_dir.name})"
     spec = model.spec
     write_report(result, out / "report.html", title=f"Crosscoder model-diffing report: {name}",
                  crosscoder=dictionary_line(spec.arch, spec.activation, spec.k))
+    an.save(result, out)  # summary.json last: what is_analysed reads to skip the analysis on a re-run
     return result.summary()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -145,24 +146,30 @@ def test_a_finished_one_process_run_is_skipped_on_a_rerun(tmp_path, capsys):
     assert main(args) == 0
     again = capsys.readouterr().out
     assert "already complete" in again and "already trained to step 6, skipping" in again
-    assert "newer than the export, skipping" in again
+    assert "describes the export (step 6), skipping" in again
     assert export.stat().st_mtime_ns == stamp and (run / "analysis" / "report.html").stat().st_mtime_ns == report
     # moved elsewhere (archived, fetched from a cluster), it is still finished there: it read the export's
     # old path from train_result.json, found nothing, and exported and analysed again
     moved = run.rename(tmp_path / "moved")
     assert main(["run", "--config", str(SYNTHETIC), "--run", str(moved), *SMALL]) == 0
     there = capsys.readouterr().out
-    assert "already trained to step 6, skipping" in there and "newer than the export, skipping" in there, there
+    assert "already trained to step 6, skipping" in there and "describes the export (step 6), skipping" in there, there
     assert f"crosscoder exported to {moved / 'crosscoder'} " in there and "resuming" not in there
     assert (moved / "crosscoder" / "model.safetensors").stat().st_mtime_ns == stamp
     assert main(["analyze", str(moved), "--quiet"]) == 1  # its config.toml names the shards where they were
     assert capsys.readouterr().err.strip().endswith(
         f"; {moved / 'shards'} holds shards: `--data {moved / 'shards'}` analyses those (was the run directory moved?)")
     assert main(["analyze", str(moved), "--data", str(moved / "shards"), "--quiet"]) == 0
+    # copied (new file times, the export's maybe newer than the report): analysed there too; it was
+    # analysed again, the file times read as an export trained after its analysis
+    copy = Path(shutil.copytree(moved, tmp_path / "copy", copy_function=shutil.copy))
+    os.utime(copy / "crosscoder" / "model.safetensors")
+    assert main(["run", "--config", str(SYNTHETIC), "--run", str(copy), *SMALL, "--quiet"]) == 0
+    assert "describes the export (step 6), skipping" in capsys.readouterr().out
     moved.rename(run)
     assert main([*args, "--train.steps", "9"]) == 0
     more = capsys.readouterr().out
-    assert "step 9:" in more and "analyze: " in more and "newer than the export" not in more
+    assert "step 9:" in more and "analyze: " in more and "describes the export" not in more
     steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # each step logged once
     # another dictionary on this run directory is refused before the data stage (a harvest of hours
