@@ -295,7 +295,8 @@ def analyze(p: Plan, progress: bool = True, only_if_stale: bool = False) -> dict
 
         print("analyze: on a GPU of the Ray cluster")
         ray = connect()
-        check_nodes_see(ray, "GPU", "the analysis", files={f"the run directory {p.run_dir}": export})
+        check_nodes_see(ray, "GPU", "the analysis",
+                        files={f"the run directory {p.run_dir}": export / "model.safetensors"})
         summary = ray.get(ray.remote(num_gpus=1)(analyze_here).remote(p, False, "auto"))
     else:
         summary = analyze_here(p, progress, setting)
