@@ -31,6 +31,7 @@ the storage layer.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ class Analysis:
     top_index: np.ndarray | None = None
     data_fingerprint: str = ""  # Manifest.fingerprint() of the analysed shards
     trained_steps: int | None = None  # the analysed export's (its config.json), to tell a stale analysis
+    export_fingerprint: str = ""  # the analysed export's (export_fingerprint), likewise
 
     @property
     def classes(self) -> np.ndarray:
@@ -138,7 +140,8 @@ class Analysis:
                 "ce_loss_recovered": self.ce_recovered, "attribution": self.attribution,
                 "scaling_threshold": self.scaling_threshold, "exclusive_threshold": self.exclusive_threshold,
                 "latent_scaling_skipped": self.scaling_skipped, "notes": self.notes,
-                "data_fingerprint": self.data_fingerprint, "trained_steps": self.trained_steps}
+                "data_fingerprint": self.data_fingerprint, "trained_steps": self.trained_steps,
+                "export_fingerprint": self.export_fingerprint}
 
 
 TOP_FILE = "top_activations.npz"  # the top-n buffers, for dashboard.py
@@ -497,26 +500,47 @@ def trained_steps_of(export: Path) -> int | None:
     return json.loads(config.read_text()).get("trained_steps") if config.is_file() else None
 
 
-def is_stale(run_dir: Path) -> bool:
-    """The run's analysis describes an earlier dictionary: the export was trained further since
-    (``crosscoder train`` alone). Told by the export's ``trained_steps`` the analysis recorded, so a
-    copied run directory (new file times) is not stale; a summary written before that was recorded
-    is stale when it is older than the export."""
+def export_fingerprint(export: Path) -> str:
+    """A cheap identity of the weights in ``export`` (``<run>/crosscoder``): its ``model.safetensors``'s
+    size and 16 slices of 64 KiB spread over it (the header first), hashed; at most 1 MiB read, whatever
+    the size. A training to the same step count with other weights (another seed; checkpoints deleted
+    and trained again) changes it; a copy does not."""
+    path = export / "model.safetensors"
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        for part in range(16):
+            f.seek(size * part // 16)
+            digest.update(f.read(1 << 16))
+    return digest.hexdigest()[:16]
+
+
+def staleness(run_dir: Path) -> str:
+    """Why the run's analysis describes another dictionary than its export, "" when it does not (or
+    either is missing): "trained further since" (``crosscoder train`` alone, past the analysed steps)
+    or "retrained since" (other weights). Told by what ``summary.json`` recorded of the export (its
+    ``trained_steps`` and :func:`export_fingerprint`), so a copied run directory (new file times) is
+    not stale; a summary written before those were recorded is stale when older than the export."""
     summary, export = run_dir / "analysis" / "summary.json", run_dir / "crosscoder"
     if not summary.is_file() or not (export / "model.safetensors").is_file():
-        return False
-    analysed = json.loads(summary.read_text()).get("trained_steps")
-    if analysed is None:
-        return (export / "model.safetensors").stat().st_mtime > summary.stat().st_mtime
-    return trained_steps_of(export) != analysed
+        return ""
+    analysed = json.loads(summary.read_text())
+    steps, now = analysed.get("trained_steps"), trained_steps_of(export)
+    if steps is None:
+        newer = (export / "model.safetensors").stat().st_mtime > summary.stat().st_mtime
+        return "trained further since" if newer else ""
+    if now != steps:
+        return "trained further since" if now is not None and now > steps else "retrained since"
+    fingerprint = analysed.get("export_fingerprint")
+    return "retrained since" if fingerprint and fingerprint != export_fingerprint(export) else ""
 
 
 def is_analysed(run_dir: Path) -> bool:
-    """The run's report and summary describe its export as it is now (not :func:`is_stale`); the
+    """The run's report and summary describe its export as it is now (no :func:`staleness`); the
     summary is written last (``pipeline.analyze_here``), so an analysis stopped half way is not."""
     out = run_dir / "analysis"
     return ((out / "report.html").is_file() and (out / "summary.json").is_file()
-            and (run_dir / "crosscoder" / "model.safetensors").is_file() and not is_stale(run_dir))
+            and (run_dir / "crosscoder" / "model.safetensors").is_file() and not staleness(run_dir))
 
 
 def load_for_run(run_dir: Path, data: str, storage, device: torch.device | str = "cpu"

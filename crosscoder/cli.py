@@ -91,7 +91,7 @@ def cmd_compare(runs: list[str]) -> int:
     are named by the two sources each run compares (base/chat, or layers in a cross-layer run); a
     run whose analysis did not run Latent Scaling (the aligned variant, sources of unequal widths)
     shows n/a for its flags, not a count of 0 that would read as "every exclusive latent checked"."""
-    from .analysis import class_names, is_stale
+    from .analysis import class_names, staleness
 
     rows, pairs, skipped, stale = [], [], [], []
     for run in runs:
@@ -100,8 +100,8 @@ def cmd_compare(runs: list[str]) -> int:
             raise AnalysisError(f"{path} is missing; run `crosscoder analyze --run {run}` first")
         export = Path(run) / "crosscoder" / "config.json"
         config = json.loads(export.read_text()) if export.is_file() else {}
-        if is_stale(Path(run)):  # trained further since
-            stale.append(run)
+        if why := staleness(Path(run)):
+            stale.append(f"{run} ({why})")
         try:
             s = json.loads(path.read_text())
             second, first = s["artifacts"]["chat_only"], s["artifacts"]["base_only"]
@@ -130,7 +130,7 @@ def cmd_compare(runs: list[str]) -> int:
     if skipped:
         print("n/a: Latent Scaling did not run for " + "; ".join(skipped))
     if stale:
-        print(f"older than the crosscoder it describes (trained further since): the analysis of {', '.join(stale)}; "
+        print(f"older than the crosscoder it describes: the analysis of {', '.join(stale)}; "
               f"`crosscoder analyze RUN` redoes it")
     return 0
 
@@ -381,12 +381,12 @@ def cmd_export_dashboards(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from .analysis import is_stale
+    from .analysis import staleness
     from .hub import push, stage
 
     export_dir = _run_directory(args) / "crosscoder"
-    if is_stale(export_dir.parent):
-        print(f"push: {export_dir.parent}'s analysis predates its crosscoder (trained further since): the card gives "
+    if why := staleness(export_dir.parent):
+        print(f"push: {export_dir.parent}'s analysis predates its crosscoder ({why}): the card gives "
               f"the last training batch's figures; `crosscoder analyze {export_dir.parent}` first for the analysis's")
     if args.save_to:
         folder = stage(export_dir, args.save_to, args.repo)

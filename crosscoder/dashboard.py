@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .analysis import TOP_FILE, AnalysisError, _Decoder, context_window, is_stale, read_latents_csv
+from .analysis import TOP_FILE, AnalysisError, _Decoder, context_window, read_latents_csv, staleness
 from .metrics import decoder_norms
 from .model import CrossCoder
 from .progress import progress_bar
@@ -62,8 +62,8 @@ def export_dashboards(run_dir: str | Path, root: Root, out_dir: str | Path, cont
     for path in (analysis_dir / TOP_FILE, analysis_dir / "latents.csv", run_dir / "crosscoder" / "model.safetensors"):
         if not path.is_file():
             raise AnalysisError(f"{path} is missing: analyse the run first (crosscoder analyze --run {run_dir})")
-    if is_stale(run_dir):  # its examples are an earlier dictionary's
-        raise AnalysisError(f"{analysis_dir} predates {run_dir / 'crosscoder'} (trained further since): analyse the "
+    if why := staleness(run_dir):  # its examples are another dictionary's
+        raise AnalysisError(f"{analysis_dir} predates {run_dir / 'crosscoder'} ({why}): analyse the "
                             f"run again first (crosscoder analyze --run {run_dir})")
     top = np.load(analysis_dir / TOP_FILE)
     columns = read_latents_csv(analysis_dir / "latents.csv")

@@ -65,14 +65,14 @@ def _read_json(path: Path) -> dict:
 
 def card_facts(export_dir: Path) -> dict:
     """What the model card states, from the export and the run around it (``<run>/crosscoder``). A
-    stale analysis (``analysis.is_stale``: trained further since) is left out: the card then gives the
+    stale analysis (``analysis.staleness``: trained since) is left out: the card then gives the
     training's figures."""
     config = _read_json(export_dir / "config.json")
     run_dir = export_dir.parent
     result = _read_json(run_dir / "train_result.json")
-    from .analysis import is_stale
+    from .analysis import staleness
 
-    summary = {} if is_stale(run_dir) else _read_json(run_dir / "analysis" / "summary.json")
+    summary = {} if staleness(run_dir) else _read_json(run_dir / "analysis" / "summary.json")
     metrics = result.get("last_metrics", {})
     saved = run_dir / "config.toml"
     window = load_config(saved).train.dead_tokens if saved.is_file() else None

@@ -4,7 +4,7 @@
 is one stage below; a Python user calls the same functions (``crosscoder.pipeline.run(cfg)``).
 Every stage is skipped when its output is there and up to date, so re-running a command resumes:
 committed shards are kept, a finished training (same dictionary, export present) and an analysis
-of the export as it is (its steps, recorded in ``summary.json``) are not redone, and a finished,
+of the export as it is (its steps and weights, recorded in ``summary.json``) are not redone, and a finished,
 analysed run whose shards were since removed does not make them again.
 
 Paths are resolved once, by :func:`plan`: a copy of the config with the demo pair's models filled
@@ -327,6 +327,7 @@ def analyze_here(p: Plan, progress: bool, setting: str) -> dict:
     result = an.analyze(model, root, cfg.analyze, progress=progress)
     result.ce_recovered = an.ce_recovered_for_harvest(model, root, cfg.analyze, announce=progress)
     result.trained_steps = an.trained_steps_of(p.run_dir / "crosscoder")
+    result.export_fingerprint = an.export_fingerprint(p.run_dir / "crosscoder")
     # the run directory's name too where it is not the config's (two variants of one config, side by side)
     name = cfg.name if p.run_dir.name == cfg.name else f"{cfg.name} ({p.run_dir.name})"
     spec = model.spec

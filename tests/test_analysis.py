@@ -231,7 +231,7 @@ def test_compare_prints_exclusive_latents_and_flags_per_run(artifacts, capsys):
         os.utime(weights, ns=(then.st_atime_ns, summary.stat().st_mtime_ns + 10**9))
         assert main(["compare", str(run)]) == 0
         assert capsys.readouterr().out.strip().splitlines()[-1] == (
-            f"older than the crosscoder it describes (trained further since): the analysis of {run}; "
+            f"older than the crosscoder it describes: the analysis of {run} (trained further since); "
             "`crosscoder analyze RUN` redoes it")
     finally:
         os.utime(weights, ns=(then.st_atime_ns, then.st_mtime_ns))  # the fixture's run, as the other tests see it

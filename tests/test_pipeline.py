@@ -166,6 +166,19 @@ def test_a_finished_one_process_run_is_skipped_on_a_rerun(tmp_path, capsys):
     os.utime(copy / "crosscoder" / "model.safetensors")
     assert main(["run", "--config", str(SYNTHETIC), "--run", str(copy), *SMALL, "--quiet"]) == 0
     assert "describes the export (step 6), skipping" in capsys.readouterr().out
+    # trained again from scratch to as many steps (another seed, its checkpoints deleted): the analysis is another
+    # dictionary's, said by compare and redone by a run (the steps alone took it for this one's)
+    shutil.rmtree(copy / "checkpoints")
+    (copy / "train_result.json").unlink()
+    assert main(["train", "--run", str(copy), "--data", str(copy / "shards"), "--train.seed", "7", "--quiet"]) == 0
+    assert main(["compare", str(copy)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
+        f"older than the crosscoder it describes: the analysis of {copy} (retrained since); ")
+    assert main(["run", "--config", str(SYNTHETIC), "--run", str(copy), *SMALL, "--train.seed", "7"]) == 0
+    again = capsys.readouterr().out
+    assert "already trained to step 6, skipping" in again and "describes the export" not in again, again
+    assert f"report: {copy / 'analysis' / 'report.html'}" in again
+    assert main(["compare", str(copy)]) == 0 and "older than" not in capsys.readouterr().out
     moved.rename(run)
     assert main([*args, "--train.steps", "9"]) == 0
     more = capsys.readouterr().out
