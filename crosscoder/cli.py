@@ -322,8 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "<run>/exports/neuronpedia/)")
     exp.add_argument("--data", help="neuronpedia: the analysed shard root (default: the run's analyze.data or "
                      "train.data)")
-    exp.add_argument("--model-id", default="", help="neuronpedia: the batch's model_id")
-    exp.add_argument("--layer", type=int, default=0, help="neuronpedia: the batch's layer")
+    exp.add_argument("--model-id", help="neuronpedia: the batch's model_id (default: the first source's model, "
+                     "its repo name in lower case, as Neuronpedia names models)")
+    exp.add_argument("--layer", type=int, help="neuronpedia: the batch's layer (default: the number in the first "
+                     "source's hook)")
     exp.add_argument("--sae-set", default="", help="neuronpedia: the batch's sae_set (default: the run's name)")
     exp.add_argument("--quiet", action="store_true", help="no progress bar")
     push = sub.add_parser("push", help="upload a run's crosscoder with a model card to the Hugging Face Hub",
@@ -376,7 +378,8 @@ def cmd_export_dashboards(args) -> int:
     done = export_dashboards(run, open_root(data, cfg.storage), out, context=cfg.analyze.context, sae_set=args.sae_set,
                              model_id=args.model_id, layer=args.layer, progress=not args.quiet)
     print(f"export: {done['features']} latent dashboards ({done['examples']} examples) in {done['batches']} "
-          f"Neuronpedia batch files and crosscoder.json (decoder norms per source) in {out.absolute()}")
+          f"Neuronpedia batch files and crosscoder.json (decoder norms per source) in {out.absolute()}; model_id "
+          f"{done['model_id']!r}, layer {done['layer']}, sae_set {done['sae_set']!r} (--model-id, --layer, --sae-set)")
     return 0
 
 

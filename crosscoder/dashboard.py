@@ -31,6 +31,7 @@ read of the analysed tokens, and the windows' values kept until they are written
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +53,24 @@ FEATURE_KEYS = ("feature_index", "neuron_alignment_indices", "neuron_alignment_v
                 "num_tokens_for_dashboard", "activations")
 
 
+def neuronpedia_names(export_config: dict) -> tuple[str, int]:
+    """The ``model_id`` and ``layer`` Neuronpedia files a crosscoder's dashboards under, from its
+    export's ``config.json``: its first source's model as Neuronpedia names models (the repo's name
+    in lower case: ``HuggingFaceTB/SmolLM2-135M`` → ``smollm2-135m``) and the first number in that
+    source's hook (``model.layers.13`` → 13); ``""`` and 0 where the export names no model (planted
+    data)."""
+    first: dict = next(iter(export_config.get("source_models", {}).values()), {})
+    layer = re.search(r"\d+", first.get("hook", ""))
+    return Path(first.get("model", "")).name.lower(), int(layer.group()) if layer else 0
+
+
 def export_dashboards(run_dir: str | Path, root: Root, out_dir: str | Path, context: int = 12, sae_set: str = "",
-                      model_id: str = "", layer: int = 0, features_per_batch: int = 128, progress: bool = True) -> dict:
+                      model_id: str | None = None, layer: int | None = None, features_per_batch: int = 128,
+                      progress: bool = True) -> dict:
     """Write ``batch-<n>.json`` (Neuronpedia's schema) and ``crosscoder.json`` for every live latent
     of the analysed run ``run_dir``, each example with ``context`` tokens before its token (the
-    run's ``analyze.context``); returns counts for the command's message."""
+    run's ``analyze.context``); ``model_id`` and ``layer`` default to :func:`neuronpedia_names`.
+    Returns counts and those names for the command's message."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     analysis_dir = run_dir / "analysis"
     for path in (analysis_dir / TOP_FILE, analysis_dir / "latents.csv", run_dir / "crosscoder" / "model.safetensors"):
@@ -130,6 +144,9 @@ def export_dashboards(run_dir: str | Path, root: Root, out_dir: str | Path, cont
             "logits_hist_data_bar_heights": [], "logits_hist_data_bar_values": [],
             "num_tokens_for_dashboard": analysed, "activations": examples})
     sae_set = sae_set or run_dir.name
+    named_id, named_layer = neuronpedia_names(json.loads((run_dir / "crosscoder" / "config.json").read_text()))
+    model_id = named_id if model_id is None else model_id
+    layer = named_layer if layer is None else layer
     batches = 0
     for b in range(0, len(features), features_per_batch):
         batch = {"model_id": model_id, "layer": layer, "sae_set": sae_set,
@@ -145,7 +162,8 @@ def export_dashboards(run_dir: str | Path, root: Root, out_dir: str | Path, cont
                     "decoder_share": {s: float(columns[f"norm.{s}"][i]) for s in model.spec.sources}}
                    for i in live]}
     (out_dir / "crosscoder.json").write_text(json.dumps(sidecar) + "\n")
-    return {"features": len(features), "batches": batches, "examples": len(lat), "out": out_dir}
+    return {"features": len(features), "batches": batches, "examples": len(lat), "out": out_dir,
+            "model_id": model_id, "layer": layer, "sae_set": sae_set}
 
 
 def _histogram(peaks: np.ndarray) -> tuple[list[float], list[float]]:

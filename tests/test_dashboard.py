@@ -9,6 +9,7 @@ latent's activation re-computed on the window's tokens directly, the decoder nor
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,6 +89,31 @@ def test_dashboards_hold_every_live_latents_top_activations_with_values_on_every
         # the shares are the analysis's (normalised, per dimension), as rel_norm is, not the raw norms'
         assert row["decoder_share"] == {"base": columns["norm.base"][i], "chat": columns["norm.chat"][i]}
         assert row["decoder_share"]["chat"] == pytest.approx(row["rel_norm"], abs=1e-6)
+
+
+def test_the_batches_are_filed_under_the_first_sources_model_and_layer_unless_named(artifacts, tmp_path,  # noqa: F811
+                                                                                    capsys):
+    """Neuronpedia's model_id and layer default to the export's first source (they were "" and 0,
+    which files every crosscoder's dashboards under no model)."""
+    *_, run = artifacts
+    named = Path(shutil.copytree(run, tmp_path / "named"))
+    config = json.loads((named / "crosscoder" / "config.json").read_text())
+    config["source_models"] = {"base": {"model": "HuggingFaceTB/SmolLM2-135M", "hook": "model.layers.13"},
+                               "chat": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "hook": "model.layers.13"}}
+    (named / "crosscoder" / "config.json").write_text(json.dumps(config))
+    data = str(run.parent / "shards")
+    for flags, expected in (([], ("smollm2-135m", 13)), (["--model-id", "gemma-2-2b", "--layer", "0"], ("gemma-2-2b", 0))):
+        out = tmp_path / f"np{len(flags)}"
+        assert main(["export", str(named), "--format", "neuronpedia", "--data", data, "--out", str(out), "--quiet",
+                     *flags]) == 0
+        assert capsys.readouterr().out.strip().endswith(
+            f"; model_id {expected[0]!r}, layer {expected[1]}, sae_set 'named' (--model-id, --layer, --sae-set)")
+        batch = json.loads((out / "batch-0.json").read_text())
+        assert (batch["model_id"], batch["layer"], batch["sae_set"]) == (*expected, "named")
+    # planted data names no model: no model_id is made up
+    assert main(["export", str(run), "--format", "neuronpedia", "--data", data, "--out", str(tmp_path / "bare"),
+                 "--quiet"]) == 0
+    assert json.loads((tmp_path / "bare" / "batch-0.json").read_text())["model_id"] == ""
 
 
 def test_dashboards_refuse_other_shards_and_an_unanalysed_run(artifacts, tmp_path):  # noqa: F811
