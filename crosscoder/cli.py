@@ -60,19 +60,21 @@ def default_config_path() -> Path:
 
 
 def config_path(args, overrides: list[tuple[str, str]]) -> str | Path | None:
-    """The config file a command reads: ``--config``; else, for ``train``/``analyze``, the run
-    directory's own config.toml, that of ``--run DIR`` or of the default ``runs/<name>``, so
-    ``crosscoder train --train.steps 800`` after ``crosscoder run`` continues that run; else the
-    embedded default for ``run``; else None, the package's defaults."""
-    path = args.config or (default_config_path() if args.command == "run" else None)
-    if path is None and args.command in ("train", "analyze"):
+    """The config file a command reads: ``--config``; else the run directory's own config.toml: for
+    ``train``/``analyze`` that of ``--run DIR`` or of the default ``runs/<name>``, so ``crosscoder
+    train --train.steps 800`` after ``crosscoder run`` continues that run, and for ``run`` that of
+    ``--run DIR``; else the embedded default for ``run``; else None, the package's defaults."""
+    path = args.config
+    if path is None and args.command in ("train", "analyze", "run"):
         if args.run:
             own = Path(args.run) / "config.toml" if "{name}" not in args.run else None
-        else:  # the directory runs/<name> these overrides lead to
+        elif args.command != "run":  # the directory runs/<name> these overrides lead to
             own = Path("runs") / apply_overrides(RunConfig(), overrides).name / "config.toml"
+        else:
+            own = None
         if own is not None and own.is_file():
             path = own
-    return path
+    return path or (default_config_path() if args.command == "run" else None)
 
 
 def resolve(args, rest) -> tuple[RunConfig, Path]:
@@ -211,6 +213,12 @@ def run_command(args, rest, argv: list[str] | None = None) -> int:
     return 0
 
 
+CONFIG_DEFAULTS = {  # config_path
+    "run": " (default: the --run directory's own config.toml when it has one, else the embedded default)",
+    "train": " (default: the run directory's own config.toml when it has one, else the package's defaults)",
+    "analyze": " (default: the run directory's own config.toml)",
+}
+
 COMMANDS = {
     "harvest": "harvest activations from models into shards (Ray actors)",
     "synthetic": "write planted-truth synthetic shards",
@@ -291,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text,
                            epilog=OVERRIDES if name in CONFIGURED else None)
         if name in CONFIGURED:
-            p.add_argument("--config", help="TOML config file (default for `run`: the embedded default)")
+            p.add_argument("--config", help="TOML config file" + CONFIG_DEFAULTS.get(name, ""))
             own = f"; or as a word of its own: crosscoder {name} RUN_DIR" if name in ("train", "analyze") else ""
             p.add_argument("--run", help="run directory (default runs/<config name>; {name} in it is the config "
                            f"name){own}")

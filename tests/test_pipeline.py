@@ -200,6 +200,20 @@ def test_a_finished_one_process_run_is_skipped_on_a_rerun(tmp_path, capsys):
     assert "train.device" not in out + err and "Ray" not in out + err, (out, err)
 
 
+def test_run_without_a_config_reruns_and_extends_a_run_directory_with_its_own(tmp_path, capsys):
+    """`crosscoder run --run DIR` with no --config reads DIR's config.toml, as train and analyze do. It
+    took the embedded default (another dictionary) and was refused."""
+    run = tmp_path / "mine"
+    assert main(["run", "--config", str(SYNTHETIC), "--run", str(run), *SMALL]) == 0
+    capsys.readouterr()
+    assert main(["run", "--run", str(run), "--quiet"]) == 0
+    again = capsys.readouterr().out
+    assert "already trained to step 6, skipping" in again and "describes the export (step 6), skipping" in again
+    assert main(["run", "--run", str(run), "--train.steps", "8", "--quiet"]) == 0
+    more = capsys.readouterr().out
+    assert f"train: resuming {run} from step 6 of 8" in more and "step 8:" in more and "analyze: " in more, more
+
+
 def test_train_without_a_config_continues_the_run_in_its_default_directory(tmp_path, capsys, monkeypatch):
     """After `crosscoder run` (runs/<name>), `crosscoder train --train.steps N` with no --config and no
     --run continues that run from its own config.toml. It took the package's defaults instead (another
