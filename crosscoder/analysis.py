@@ -34,6 +34,7 @@ import csv
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,13 +199,13 @@ def _source_pair(model: CrossCoder, names: list[str], infos: list[SourceInfo]) -
 class _Decoder:
     """Token ids → text pieces: the harvest's tokenizer when it loads, ``#id`` otherwise."""
 
-    def __init__(self, manifest: Manifest):
+    def __init__(self, manifest: Manifest, locate: Callable[[str], str] = str):
         self.tokenizer = None
         if "harvest" in manifest.extra and manifest.tokenizer:
             try:
                 from .language_models import load_tokenizer
 
-                self.tokenizer = load_tokenizer(manifest.tokenizer)
+                self.tokenizer = load_tokenizer(locate(manifest.tokenizer))
             except Exception:  # noqa: BLE001 - examples fall back to ids; the report says so
                 self.tokenizer = None
 
@@ -233,9 +234,11 @@ class _TopExamples:
 
 
 @torch.no_grad()
-def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = True) -> Analysis:
+def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = True,
+            locate: Callable[[str], str] = str) -> Analysis:
     """Stream up to ``cfg.tokens`` tokens of ``root`` through ``model`` and compute every statistic,
-    on the model's device."""
+    on the model's device. ``locate``: where the tokenizer the manifest names is now
+    (``relocation.locator`` of a moved run directory)."""
     manifest = read_manifest(root)
     spec, device = model.spec, model.W_dec.device
     check_compatible(manifest, spec.sources, spec.widths, root.url)
@@ -266,7 +269,7 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
         scaling = LatentScaling((dec[a], dec[b]), candidates, owner)
 
     L = spec.latents
-    decoder = _Decoder(manifest)
+    decoder = _Decoder(manifest, locate)
     special_ids = np.array(sorted(decoder.tokenizer.all_special_ids), dtype=np.int64) if decoder.tokenizer else None
     special_count = torch.zeros(L, dtype=torch.float64, device=device)
     count = torch.zeros(L, dtype=torch.float64, device=device)
@@ -572,8 +575,8 @@ def save(analysis: Analysis, out_dir: Path) -> None:
 
 
 @torch.no_grad()
-def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig, announce: bool = False
-                             ) -> dict[str, dict]:
+def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig, announce: bool = False,
+                             locate: Callable[[str], str] = str) -> dict[str, dict]:
     """CE loss recovered per source on the first ``cfg.ce_sequences`` full-length harvested chunks.
 
     Each model table of the harvest is loaded once, as the harvest loaded it (path, revision,
@@ -581,7 +584,8 @@ def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig, 
     dtypes are two models. Each chunk is run as the harvest ran it (BOS prepended, unless the
     harvest stored it), every source's activation is read, the crosscoder reconstructs all sources
     from all of them, and each source's reconstruction is spliced into its own model at its own
-    hook, one source at a time.
+    hook, one source at a time. ``locate``: where the models and tokenizer the manifest names are
+    now (``relocation.locator`` of a moved run directory).
     """
     from .ce_recovered import CERecovered, ce_loss_recovered
     from .language_models import ActivationReader, ModelSpec, load_model, load_tokenizer
@@ -594,7 +598,7 @@ def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig, 
         print(f"analyze: CE loss recovered on {cfg.ce_sequences} sequences (loads the models)")
     from .harvest import prefix_token
 
-    token = prefix_token(load_tokenizer(manifest.tokenizer), harvest.get("prefix", "bos"))
+    token = prefix_token(load_tokenizer(locate(manifest.tokenizer)), harvest.get("prefix", "bos"))
     # run as harvested: a document's first chunk behind the prefix token (before harvest.prefix existed,
     # every chunk); only chunks that were run alike go in one batch, the first chunks when there is a prefix
     prefix = [] if harvest.get("keep_bos") or token is None else [token]
@@ -629,8 +633,9 @@ def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig, 
         hooks_of.setdefault(table["name"], []).append(src.hook)
         if table["name"] not in models:
             models[table["name"]] = load_model(ModelSpec(
-                name=table["name"], path=table["path"], revision=src.revision, dtype=table.get("dtype", "float32"),
-                device_map=table.get("device_map"), max_memory=table.get("max_memory"), device=str(device)))
+                name=table["name"], path=locate(table["path"]), revision=src.revision,
+                dtype=table.get("dtype", "float32"), device_map=table.get("device_map"),
+                max_memory=table.get("max_memory"), device=str(device)))
     by_length: dict[int, list] = {}
     for c in chunks:
         by_length.setdefault(len(c), []).append(c)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import RunConfig, validate
+from .relocation import locator
 from .storage import absolute_url
 
 
@@ -43,6 +44,10 @@ def plan(cfg: RunConfig, run_dir: str | Path | None = None, data: str | None = N
     cfg = copy.deepcopy(cfg)
     run_dir = Path(run_dir) if run_dir else Path("runs") / cfg.name
     hc, tc = cfg.harvest, cfg.train
+    locate = locator(run_dir)  # a run directory moved since it was trained: its own files are in it now
+    tc.data, hc.output, hc.data = locate(tc.data), locate(hc.output), locate(hc.data)
+    cfg.synthetic.output, cfg.analyze.data = locate(cfg.synthetic.output), locate(cfg.analyze.data)
+    hc.models = [m | {"path": locate(m["path"])} if "path" in m else m for m in hc.models]
     given_data = bool(data or tc.data) and not cfg.synthetic.output
     uses_demo_pair = hc.demo_pair and not hc.models
     organism = Path(cfg.organism.directory).expanduser().absolute() if cfg.organism.directory and not hc.models \
@@ -324,8 +329,9 @@ def analyze_here(p: Plan, progress: bool, setting: str) -> dict:
     cfg, out = p.cfg, p.run_dir / "analysis"
     device = resolve(setting, "analyze.device", quiet=not progress)
     model, root = an.load_for_run(p.run_dir, cfg.analyze.data or p.data, cfg.storage, device)
-    result = an.analyze(model, root, cfg.analyze, progress=progress)
-    result.ce_recovered = an.ce_recovered_for_harvest(model, root, cfg.analyze, announce=progress)
+    locate = locator(p.run_dir)  # the models and tokenizer the shards name, in a run directory moved since
+    result = an.analyze(model, root, cfg.analyze, progress=progress, locate=locate)
+    result.ce_recovered = an.ce_recovered_for_harvest(model, root, cfg.analyze, announce=progress, locate=locate)
     result.trained_steps = an.trained_steps_of(p.run_dir / "crosscoder")
     result.export_fingerprint = an.export_fingerprint(p.run_dir / "crosscoder")
     # the run directory's name too where it is not the config's (two variants of one config, side by side)

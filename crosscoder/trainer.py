@@ -62,13 +62,13 @@ from .losses import LossWeights, default_aux_k
 from .metrics import StreamingFVE
 from .model import CrossCoder, CrossCoderSpec, ForwardOutput
 from .progress import progress_bar, say
+from .relocation import RESULT_FILE
 from .shards import Manifest, ShardError, check_sizes, read_manifest
 from .sparsity import threshold_mask
 from .storage import open_root
 from .stream import DataExhausted, PartitionBatch, PartitionedStream, Position, prefetch
 from .telemetry import TrainMetrics
 
-RESULT_FILE = "train_result.json"
 STOP_FILE = ".stop"  # the driver asks its workers to checkpoint and stop (ray_train.py)
 LOG_FILE = "train_log.jsonl"
 LOCAL_CHECKPOINT = "state.pt"  # one process's checkpoint file in checkpoints/step-<n>/ (local_backend.py)
@@ -191,7 +191,7 @@ class TrainResult:
     elapsed_s: float = 0.0
 
     def write(self) -> None:
-        data = asdict(self) | {"run_dir": str(self.run_dir),
+        data = asdict(self) | {"run_dir": str(self.run_dir.absolute()),  # where it was trained: relocation.py
                                "export_dir": str(self.export_dir) if self.export_dir else None}
         (self.run_dir / RESULT_FILE).write_text(json.dumps(data) + "\n")
 

@@ -156,10 +156,18 @@ def test_a_finished_one_process_run_is_skipped_on_a_rerun(tmp_path, capsys):
     assert "already trained to step 6, skipping" in there and "describes the export (step 6), skipping" in there, there
     assert f"crosscoder exported to {moved / 'crosscoder'} " in there and "resuming" not in there
     assert (moved / "crosscoder" / "model.safetensors").stat().st_mtime_ns == stamp
-    assert main(["analyze", str(moved), "--quiet"]) == 1  # its config.toml names the shards where they were
+    # its config.toml names the shards where they were: they are read where they are now (relocation.py)
+    assert main(["analyze", str(moved), "--quiet"]) == 0
+    assert f"analysis: {moved / 'analysis' / 'latents.csv'}" in capsys.readouterr().out
+    # a run whose train_result.json records no absolute directory (trained before it did): said how to read them
+    result = json.loads((moved / "train_result.json").read_text())
+    assert result["run_dir"] == str(run)  # where it was trained
+    (moved / "train_result.json").write_text(json.dumps(result | {"run_dir": "synthetic"}))
+    assert main(["analyze", str(moved), "--quiet"]) == 1
     assert capsys.readouterr().err.strip().endswith(
         f"; {moved / 'shards'} holds shards: `--data {moved / 'shards'}` analyses those (was the run directory moved?)")
     assert main(["analyze", str(moved), "--data", str(moved / "shards"), "--quiet"]) == 0
+    (moved / "train_result.json").write_text(json.dumps(result))
     # copied (new file times, the export's maybe newer than the report): analysed there too; it was
     # analysed again, the file times read as an export trained after its analysis
     copy = Path(shutil.copytree(moved, tmp_path / "copy", copy_function=shutil.copy))
@@ -586,3 +594,23 @@ def test_a_config_that_names_another_runs_shards_trains_on_them_as_they_are(tmp_
     assert main(["run", "--config", str(SYNTHETIC), "--run", "runs/other", "--synthetic.output", str(harvested),
                  *SMALL]) == 1
     assert "holds harvested shards, not synthetic data" in capsys.readouterr().err
+
+
+def test_a_moved_run_reads_what_it_recorded_inside_itself_where_it_is_now(tmp_path):
+    """relocation.locator: only paths under the directory the run was trained in, and gone from there."""
+    from crosscoder.relocation import locator
+
+    old, new, elsewhere = tmp_path / "cluster" / "run", tmp_path / "laptop" / "run", tmp_path / "data"
+    (new / "tiny").mkdir(parents=True)
+    elsewhere.mkdir()
+    assert locator(new)(str(old / "shards")) == str(old / "shards")  # no train_result.json: nothing known
+    (new / "train_result.json").write_text(json.dumps({"run_dir": str(old), "steps": 1}))
+    locate = locator(new)
+    assert locate(str(old / "shards")) == str(new / "shards")
+    assert locate(str(old / "tiny" / "base")) == str(new / "tiny" / "base")
+    for kept in (str(elsewhere), str(tmp_path / "cluster" / "other"), "s3://bucket/run/shards", "HuggingFaceTB/x", ""):
+        assert locate(kept) == kept
+    (old / "shards").mkdir(parents=True)  # still where it was (a copy): read there
+    assert locate(str(old / "shards")) == str(old / "shards")
+    (new / "train_result.json").write_text(json.dumps({"run_dir": "runs/run", "steps": 1}))  # recorded relative
+    assert locator(new)(str(tmp_path / "cluster" / "run" / "tiny")) == str(old / "tiny")

@@ -88,3 +88,13 @@ def test_embedded_default_makes_tiny_models_harvests_trains_on_two_workers_and_r
     # nothing of ours left in the temporary directory: the local Ray's empty working directory, the
     # part files of commits
     assert not list((tmp_path / "tmp").glob("crosscoder-*")), list((tmp_path / "tmp").iterdir())
+    # moved elsewhere (archived, fetched from a cluster): analysed there with nothing named, the shards its
+    # config.toml names and the models and tokenizer its manifest names (all in the run directory) read
+    # where they are now (relocation.py); the models were looked for where they were, and the analysis failed
+    moved = tmp_path / "archive" / "default"
+    moved.parent.mkdir()
+    run.rename(moved)
+    crosscoder("analyze", str(moved), "--quiet", cwd=tmp_path)
+    there = json.loads((moved / "analysis" / "summary.json").read_text())
+    assert there["ce_loss_recovered"] == summary["ce_loss_recovered"] and there["tokens"] == summary["tokens"]
+    assert there["special_tokens"] == summary["special_tokens"]  # the tokenizer loaded: its special tokens counted
