@@ -4,8 +4,8 @@
 is one stage below; a Python user calls the same functions (``crosscoder.pipeline.run(cfg)``).
 Every stage is skipped when its output is there and up to date, so re-running a command resumes:
 committed shards are kept, a finished training (same dictionary, export present) and an analysis
-of the export as it is (its steps and weights, recorded in ``summary.json``) are not redone, and a finished,
-analysed run whose shards were since removed does not make them again.
+of the export as it is (its steps and weights, recorded in ``summary.json``) are not redone, and a
+finished, analysed run whose shards were since removed does not make them again.
 
 Paths are resolved once, by :func:`plan`: a copy of the config with the demo pair's models filled
 in, default outputs under the run directory and local paths made absolute (Ray actors and workers
@@ -276,7 +276,8 @@ def _analysed(p: Plan) -> bool:
 
 def analyze(p: Plan, progress: bool = True, only_if_stale: bool = False) -> dict | None:
     """``analysis/latents.csv``, ``summary.json`` and ``report.html``; with ``only_if_stale``, nothing
-    when the analysis describes the export as it is (``analysis.is_analysed``). Returns the summary (None when skipped).
+    when the analysis describes the export as it is (``analysis.is_analysed``). Returns the summary
+    (None when skipped).
 
     Where it runs (``analyze.device``): on this process's GPU when it has one; else, on a Ray cluster
     with GPUs (the driver of a job usually runs on a CPU head node), as a Ray task on one GPU, which
