@@ -67,6 +67,7 @@ from .ray_connect import (
     process_died,
     worker_env,
 )
+from .relocation import trained_in
 from .run_lock import shared_root
 from .shards import (
     Manifest,
@@ -351,6 +352,11 @@ def another_harvest(root: Root, recorded: dict, settings: dict, planned: bool = 
                    "(as launch/configs/demo-l1.toml does)")
     hint = ("a harvest grows in place but does not shrink: train on it with fewer train.steps, or use another "
             "harvest.output") if shrinks else f"use another harvest.output or delete it; {as_they_are}"
+    run_dir = Path(root.path).parent if root.is_local else None
+    if run_dir is not None and not shrinks and (moved := trained_in(run_dir)) is not None:  # not "delete it"
+        hint = (f"its run directory was trained in {moved} and moved here since, and a harvest compares the paths "
+                "of its models and documents with those its shards recorded, so it cannot go on here; `crosscoder "
+                f"analyze {run_dir}` and `crosscoder train {run_dir}` read them where they are now")
     this = f", this config {fingerprint(settings)}" if planned else ""
     return (f"{root.url}: holds shards of a different harvest (fingerprint {recorded.get('fingerprint')}{this}"
             f"{differ}); {hint}")

@@ -22,7 +22,7 @@ from .conftest import DEMO_STEPS
 pytestmark = pytest.mark.slow
 
 
-def crosscoder(*args, cwd) -> subprocess.CompletedProcess:
+def crosscoder(*args, cwd, check: bool = True) -> subprocess.CompletedProcess:
     """The command in ``cwd``, with its own temporary directory there (``cwd/tmp``); Ray's stays in /tmp,
     as its socket paths must be short."""
     env = dict(os.environ, TMPDIR=str(cwd / "tmp"), RAY_TMPDIR="/tmp")
@@ -31,7 +31,7 @@ def crosscoder(*args, cwd) -> subprocess.CompletedProcess:
     (cwd / "tmp").mkdir(exist_ok=True)
     proc = subprocess.run([sys.executable, "-m", "crosscoder.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 0 or not check, proc.stdout + proc.stderr
     return proc
 
 
@@ -98,3 +98,11 @@ def test_embedded_default_makes_tiny_models_harvests_trains_on_two_workers_and_r
     there = json.loads((moved / "analysis" / "summary.json").read_text())
     assert there["ce_loss_recovered"] == summary["ce_loss_recovered"] and there["tokens"] == summary["tokens"]
     assert there["special_tokens"] == summary["special_tokens"]  # the tokenizer loaded: its special tokens counted
+    # `crosscoder run` there cannot go on with the harvest (it compares the models' paths with the recorded ones):
+    # it says so, and no longer says to delete what are the run's own shards
+    proc = crosscoder("run", "--run", str(moved), "--quiet", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().endswith(
+        f"; its run directory was trained in {run} and moved here since, and a harvest compares the paths of its models "
+        f"and documents with those its shards recorded, so it cannot go on here; `crosscoder analyze {moved}` and "
+        f"`crosscoder train {moved}` read them where they are now"), proc.stderr[-3000:]
