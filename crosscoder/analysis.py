@@ -49,7 +49,7 @@ from .metrics import StreamingFVE, decoder_cosine, decoder_norms, relative_decod
 from .model import CrossCoder
 from .progress import progress_bar
 from .shards import Manifest, ShardError, SourceInfo, check_compatible, iter_samples, read_manifest
-from .storage import Root
+from .storage import Root, replace_text
 
 CLASSES = ("shared", "base_only", "chat_only", "dead")
 CSV_COLUMNS = ("index", "frequency", "mean_activation", "max_activation", "special_share", "rel_norm", "cosine",
@@ -569,9 +569,8 @@ def save(analysis: Analysis, out_dir: Path) -> None:
     if analysis.top_values is not None and analysis.top_index is not None:
         np.savez(out_dir / TOP_FILE, values=analysis.top_values.astype(np.float32), index=analysis.top_index,
                  tokens=np.int64(analysis.tokens), fingerprint=np.str_(analysis.data_fingerprint))
-    partial = out_dir / "summary.json.partial"  # whole or not there: a re-run reads it to skip the analysis
-    partial.write_text(json.dumps(analysis.summary(), indent=2, default=float) + "\n")
-    partial.replace(out_dir / "summary.json")
+    # whole or not there: a re-run reads it to skip the analysis
+    replace_text(out_dir / "summary.json", json.dumps(analysis.summary(), indent=2, default=float) + "\n")
 
 
 @torch.no_grad()

@@ -55,6 +55,7 @@ from .losses import LossWeights, forward_and_loss
 from .model import CrossCoder, export_layout, write_export_config
 from .parallel import CommCounter, DistributedCollectives, ParallelLayout
 from .sliced_export import assemble, write_slice
+from .storage import replace_text
 from .trainer import (
     LOCAL_CHECKPOINT,
     RESULT_FILE,
@@ -65,7 +66,6 @@ from .trainer import (
     parameter_groups,
     prune_checkpoints,
     record_stop,
-    replace_text,
     set_learning_rate,
 )
 

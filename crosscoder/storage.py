@@ -257,6 +257,15 @@ def open_root(url: str, storage=None) -> Root:
     return Root(url)
 
 
+def replace_text(path: Path, text: str) -> None:
+    """Write ``text`` to a file of this process's own beside ``path`` and rename it over ``path``: a
+    reader, or a kill mid-write, sees the old file or the new one whole, and processes writing at
+    once never interleave."""
+    mine = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    mine.write_text(text)
+    mine.replace(path)
+
+
 def absolute_url(url: str) -> str:
     """A local root as an absolute path (processes on other working directories see the same place);
     remote URLs unchanged."""

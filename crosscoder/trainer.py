@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -65,7 +64,7 @@ from .progress import progress_bar, say
 from .relocation import RESULT_FILE
 from .shards import Manifest, ShardError, check_sizes, read_manifest
 from .sparsity import threshold_mask
-from .storage import open_root
+from .storage import open_root, replace_text
 from .stream import DataExhausted, PartitionBatch, PartitionedStream, Position, prefetch
 from .telemetry import TrainMetrics
 
@@ -96,15 +95,6 @@ class TrainingFailed(CrosscoderError, RuntimeError):
 
 STOPS = {"TrainingDiverged": TrainingDiverged, "ShardError": ShardError, "DataExhausted": DataExhausted,
          "CheckpointError": CheckpointError, "RunDirError": RunDirError}
-
-
-def replace_text(path: Path, text: str) -> None:
-    """Write ``text`` to a file of this process's own beside ``path`` and rename it over ``path``: a
-    reader, or a kill mid-write, sees the old file or the new one whole, and processes writing at
-    once never interleave."""
-    mine = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    mine.write_text(text)
-    mine.replace(path)
 
 
 def record_stop(run_dir: Path, error: Exception) -> None:
