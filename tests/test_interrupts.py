@@ -17,6 +17,16 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
+def as_a_shell_starts_it(*, sighup_ignored: bool = False, sigint_ignored: bool = False):
+    """A preexec_fn: the child's SIGHUP and SIGINT as a shell would leave them, whatever this suite's
+    own are (a suite started under ``nohup`` or from a background job passes SIGHUP or SIGINT on
+    ignored, and the "in a terminal" cases then tested nohup's)."""
+    def start() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN if sighup_ignored else signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN if sigint_ignored else signal.SIG_DFL)
+    return start
+
+
 def logged_steps(run: Path) -> list[int]:
     path = run / "train_log.jsonl"
     return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.is_file() else []
@@ -72,7 +82,7 @@ def test_ctrl_c_writes_a_checkpoint_and_the_rerun_logs_each_step_once(small_shar
     terminal = Terminal() if stop == signal.SIGHUP else None
     output = terminal.slave if terminal else subprocess.PIPE
     proc = subprocess.Popen([*args, "--train.steps", "100000"], stdout=output, stderr=output,
-                            text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                            text=True, env=env, preexec_fn=as_a_shell_starts_it(sigint_ignored=True),
                             start_new_session=to_the_group)
     if terminal:
         os.close(terminal.slave)
@@ -174,9 +184,8 @@ def test_sighup_stops_at_a_step_boundary_unless_the_command_started_under_nohup(
             "    print('still running')\n"
             "except KeyboardInterrupt:\n"
             "    print('interrupted')\n")
-    ignore = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None
-    done = subprocess.run([sys.executable, "-c", code], preexec_fn=ignore, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], preexec_fn=as_a_shell_starts_it(sighup_ignored=nohup),
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == (["requested False", "still running"] if nohup else
                                         ["requested True", "interrupted"]), done.stdout
@@ -195,7 +204,7 @@ def test_a_command_started_with_sigint_ignored_is_still_stopped_by_it():
             "    print('still running')\n"
             "except KeyboardInterrupt:\n"
             "    print('interrupted')\n")
-    done = subprocess.run([sys.executable, "-c", code], preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    done = subprocess.run([sys.executable, "-c", code], preexec_fn=as_a_shell_starts_it(sigint_ignored=True),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["ignored True", "interrupted"], done.stdout
