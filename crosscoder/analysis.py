@@ -48,6 +48,7 @@ from .latent_scaling import LatentScaling, artifact_labels
 from .metrics import StreamingFVE, decoder_cosine, decoder_norms, relative_decoder_norm
 from .model import CrossCoder
 from .progress import progress_bar
+from .relocation import shards_locator
 from .shards import Manifest, ShardError, SourceInfo, check_compatible, iter_samples, read_manifest
 from .storage import Root, replace_text
 
@@ -196,16 +197,24 @@ def _source_pair(model: CrossCoder, names: list[str], infos: list[SourceInfo]) -
     return sources.index(names[0]), sources.index(names[1])
 
 
+def where_now(root: Root, manifest: Manifest) -> Callable[[str], str]:
+    """Where the models and tokenizer ``manifest`` names are now: moved with a local root's folder
+    since the harvest wrote it (``relocation.shards_locator``), else where it says."""
+    if not root.is_local:
+        return str
+    return shards_locator(root.path, manifest.extra.get("harvest", {}).get("output"))
+
+
 class _Decoder:
     """Token ids → text pieces: the harvest's tokenizer when it loads, ``#id`` otherwise."""
 
-    def __init__(self, manifest: Manifest, locate: Callable[[str], str] = str):
+    def __init__(self, manifest: Manifest, root: Root):
         self.tokenizer = None
         if "harvest" in manifest.extra and manifest.tokenizer:
             try:
                 from .language_models import load_tokenizer
 
-                self.tokenizer = load_tokenizer(locate(manifest.tokenizer))
+                self.tokenizer = load_tokenizer(where_now(root, manifest)(manifest.tokenizer))
             except Exception:  # noqa: BLE001 - examples fall back to ids; the report says so
                 self.tokenizer = None
 
@@ -234,11 +243,9 @@ class _TopExamples:
 
 
 @torch.no_grad()
-def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = True,
-            locate: Callable[[str], str] = str) -> Analysis:
+def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = True) -> Analysis:
     """Stream up to ``cfg.tokens`` tokens of ``root`` through ``model`` and compute every statistic,
-    on the model's device. ``locate``: where the tokenizer the manifest names is now
-    (``relocation.locator`` of a moved run directory)."""
+    on the model's device."""
     manifest = read_manifest(root)
     spec, device = model.spec, model.W_dec.device
     check_compatible(manifest, spec.sources, spec.widths, root.url)
@@ -269,7 +276,7 @@ def analyze(model: CrossCoder, root: Root, cfg: AnalyzeConfig, progress: bool = 
         scaling = LatentScaling((dec[a], dec[b]), candidates, owner)
 
     L = spec.latents
-    decoder = _Decoder(manifest, locate)
+    decoder = _Decoder(manifest, root)
     special_ids = np.array(sorted(decoder.tokenizer.all_special_ids), dtype=np.int64) if decoder.tokenizer else None
     special_count = torch.zeros(L, dtype=torch.float64, device=device)
     count = torch.zeros(L, dtype=torch.float64, device=device)
@@ -574,8 +581,8 @@ def save(analysis: Analysis, out_dir: Path) -> None:
 
 
 @torch.no_grad()
-def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig, announce: bool = False,
-                             locate: Callable[[str], str] = str) -> dict[str, dict]:
+def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig, announce: bool = False
+                             ) -> dict[str, dict]:
     """CE loss recovered per source on the first ``cfg.ce_sequences`` full-length harvested chunks.
 
     Each model table of the harvest is loaded once, as the harvest loaded it (path, revision,
@@ -583,8 +590,8 @@ def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig, 
     dtypes are two models. Each chunk is run as the harvest ran it (BOS prepended, unless the
     harvest stored it), every source's activation is read, the crosscoder reconstructs all sources
     from all of them, and each source's reconstruction is spliced into its own model at its own
-    hook, one source at a time. ``locate``: where the models and tokenizer the manifest names are
-    now (``relocation.locator`` of a moved run directory).
+    hook, one source at a time. The models and tokenizer are read where they are now
+    (:func:`where_now`).
     """
     from .ce_recovered import CERecovered, ce_loss_recovered
     from .language_models import ActivationReader, ModelSpec, load_model, load_tokenizer
@@ -596,6 +603,8 @@ def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig, 
     if announce:
         print(f"analyze: CE loss recovered on {cfg.ce_sequences} sequences (loads the models)")
     from .harvest import prefix_token
+
+    locate = where_now(root, manifest)
 
     token = prefix_token(load_tokenizer(locate(manifest.tokenizer)), harvest.get("prefix", "bos"))
     # run as harvested: a document's first chunk behind the prefix token (before harvest.prefix existed,

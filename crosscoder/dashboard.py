@@ -41,7 +41,6 @@ from .analysis import TOP_FILE, AnalysisError, _Decoder, context_window, read_la
 from .metrics import decoder_norms
 from .model import CrossCoder
 from .progress import progress_bar
-from .relocation import locator
 from .shards import iter_samples, read_manifest
 from .storage import Root
 
@@ -123,7 +122,7 @@ def export_dashboards(run_dir: str | Path, root: Root, out_dir: str | Path, cont
             bar.update(min(seen, end) - bar.n)  # the last sample read may reach past the last example
     bar.close()
 
-    decoder = _Decoder(manifest, locator(run_dir))  # the tokenizer, in a run directory moved since
+    decoder = _Decoder(manifest, root)  # the tokenizer, where it is now (a run directory moved since)
     norms = decoder_norms(model.W_dec.detach(), model.spec.slices).numpy()  # raw units, as exported
     out_dir.mkdir(parents=True, exist_ok=True)
     features = []

@@ -67,7 +67,7 @@ from .ray_connect import (
     process_died,
     worker_env,
 )
-from .relocation import trained_in
+from .relocation import shards_mover
 from .run_lock import shared_root
 from .shards import (
     Manifest,
@@ -352,11 +352,6 @@ def another_harvest(root: Root, recorded: dict, settings: dict, planned: bool = 
                    "(as launch/configs/demo-l1.toml does)")
     hint = ("a harvest grows in place but does not shrink: train on it with fewer train.steps, or use another "
             "harvest.output") if shrinks else f"use another harvest.output or delete it; {as_they_are}"
-    run_dir = Path(root.path).parent if root.is_local else None
-    if run_dir is not None and not shrinks and (moved := trained_in(run_dir)) is not None:  # not "delete it"
-        hint = (f"its run directory was trained in {moved} and moved here since, and a harvest compares the paths "
-                "of its models and documents with those its shards recorded, so it cannot go on here; `crosscoder "
-                f"analyze {run_dir}` and `crosscoder train {run_dir}` read them where they are now")
     this = f", this config {fingerprint(settings)}" if planned else ""
     return (f"{root.url}: holds shards of a different harvest (fingerprint {recorded.get('fingerprint')}{this}"
             f"{differ}); {hint}")
@@ -389,6 +384,23 @@ def smaller_harvest(root: Root, recorded: dict, settings: dict, chunks: list[Chu
     return held
 
 
+def recorded_harvest(root: Root, manifest: Manifest) -> dict:
+    """The root's manifest's ``harvest`` block, compared with this config's settings. In a run
+    directory moved or copied since (``relocation.shards_mover``), the models and documents its
+    shards recorded under the old directory are read under the new one, and the fingerprint
+    recomputed, so the run goes on there; the manifest itself is left as written."""
+    recorded = manifest.extra.get("harvest", {})
+    there = recorded.get("settings")
+    if not root.is_local or there is None or recorded.get("fingerprint") != fingerprint(there):
+        return recorded
+    move = shards_mover(root.path, recorded.get("output"))
+    here = dict(there, models=[m | {"path": move(m["path"])} if isinstance(m.get("path"), str) else m
+                               for m in there.get("models", [])])
+    if isinstance(there.get("data"), str):
+        here["data"] = move(there["data"])
+    return recorded if here == there else dict(recorded, settings=here, fingerprint=fingerprint(here))
+
+
 def refuse_another_harvest(cfg: RunConfig, root: Root | None = None) -> Manifest | None:
     """Refuse, before the models are loaded (or the demo pair trained) and the documents tokenized,
     an output root whose manifest is of a harvest that differs from this one in a setting it cannot
@@ -405,7 +417,7 @@ def refuse_another_harvest(cfg: RunConfig, root: Root | None = None) -> Manifest
         manifest = read_manifest(root)
     except ManifestMissing:
         return None
-    recorded = manifest.extra.get("harvest", {})
+    recorded = recorded_harvest(root, manifest)
     settings, there = harvest_settings(cfg, 0), recorded.get("settings")
     if "fingerprint" not in recorded or there is not None and set(_differing(there, settings)) - GROWABLE:
         raise ShardError(another_harvest(root, recorded, settings, planned=False))
@@ -436,7 +448,7 @@ def committed_shards(root: Root, settings: dict, plan: str, manifest: Manifest |
             manifest = read_manifest(root)
         except ManifestMissing:
             return {}
-    recorded, kept, chunks = manifest.extra.get("harvest", {}), manifest.shards, chunks or []
+    recorded, kept, chunks = recorded_harvest(root, manifest), manifest.shards, chunks or []
     held = smaller_harvest(root, recorded, settings, chunks)
     if held is not None:
         # a shard is the same where its chunks are the same: every full one, and the last one too when
@@ -478,7 +490,7 @@ def finished_harvest(root: Root, settings: dict, plan: str, chunks: list[Chunk],
         manifest = read_manifest(root)
     except ManifestMissing:
         return None
-    recorded = manifest.extra.get("harvest", {})
+    recorded = recorded_harvest(root, manifest)
     if smaller_harvest(root, recorded, settings, chunks) is not None:
         return None  # a smaller harvest, which this one grows
     if not recorded.get("complete") or len(manifest.shards) != math.ceil(len(chunks) / per):
@@ -504,7 +516,7 @@ def finished_unchanged(root: Root, settings: dict, key: str | None, manifest: Ma
     root's, None where it has none."""
     if key is None or "data_sha256" not in settings or manifest is None:
         return None
-    recorded = manifest.extra.get("harvest", {})
+    recorded = recorded_harvest(root, manifest)
     there = recorded.get("settings", {})
     if recorded.get("tokenization") != key or "n_chunks" not in there or "plan_sha256" not in recorded:
         return None
@@ -533,7 +545,7 @@ def build_manifest(cfg, sources, widths, infos: list[ShardInfo], tokenizer: str,
         extra={"harvest": {"fingerprint": fingerprint(settings), "settings": settings, "plan_sha256": plan,
                            "tokenization": tokenization, "complete": complete, "planned_shards": planned,
                            "models": hc.models, "hooks": hc.hooks, "data": hc.data, "keep_bos": hc.keep_bos,
-                           "prefix": hc.prefix}},
+                           "prefix": hc.prefix, "output": hc.output}},
     )
 
 

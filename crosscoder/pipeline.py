@@ -330,9 +330,8 @@ def analyze_here(p: Plan, progress: bool, setting: str) -> dict:
     cfg, out = p.cfg, p.run_dir / "analysis"
     device = resolve(setting, "analyze.device", quiet=not progress)
     model, root = an.load_for_run(p.run_dir, cfg.analyze.data or p.data, cfg.storage, device)
-    locate = locator(p.run_dir)  # the models and tokenizer the shards name, in a run directory moved since
-    result = an.analyze(model, root, cfg.analyze, progress=progress, locate=locate)
-    result.ce_recovered = an.ce_recovered_for_harvest(model, root, cfg.analyze, announce=progress, locate=locate)
+    result = an.analyze(model, root, cfg.analyze, progress=progress)
+    result.ce_recovered = an.ce_recovered_for_harvest(model, root, cfg.analyze, announce=progress)
     result.trained_steps = an.trained_steps_of(p.run_dir / "crosscoder")
     result.export_fingerprint = an.export_fingerprint(p.run_dir / "crosscoder")
     # the run directory's name too where it is not the config's (two variants of one config, side by side)

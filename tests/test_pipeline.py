@@ -614,3 +614,32 @@ def test_a_moved_run_reads_what_it_recorded_inside_itself_where_it_is_now(tmp_pa
     assert locate(str(old / "shards")) == str(old / "shards")
     (new / "train_result.json").write_text(json.dumps({"run_dir": "runs/run", "steps": 1}))  # recorded relative
     assert locator(new)(str(tmp_path / "cluster" / "run" / "tiny")) == str(old / "tiny")
+
+
+def test_a_manifest_names_its_models_where_its_root_is_now_and_a_harvest_compares_them_so(tmp_path):
+    """relocation.shards_locator / shards_mover: a manifest's paths are anchored by the root it was written
+    to, whatever the run directory's train_result.json says since (trained again after a move);
+    a manifest without that record falls back to the run directory's. The mover (a harvest's comparison)
+    moves a path still there too where the new folder holds its copy; the locator (reading) does not."""
+    from crosscoder.relocation import shards_locator, shards_mover
+
+    first, now = tmp_path / "cluster" / "run", tmp_path / "laptop" / "run"
+    (now / "tiny" / "base").mkdir(parents=True)
+    (now / "train_result.json").write_text(json.dumps({"run_dir": str(now), "steps": 2}))  # trained here since
+    locate = shards_locator(now / "shards", str(first / "shards"))
+    assert locate(str(first / "tiny" / "base")) == str(now / "tiny" / "base")
+    assert locate(str(tmp_path / "models" / "base")) == str(tmp_path / "models" / "base")  # outside: as recorded
+    assert shards_locator(now / "shards", str(now / "shards"))(str(first / "tiny" / "base")) == \
+        str(first / "tiny" / "base")  # written here: nothing moved
+    # no record (a manifest written before it): where the run directory says it was trained
+    assert shards_locator(now / "shards", None)(str(first / "tiny" / "base")) == str(first / "tiny" / "base")
+    (now / "train_result.json").write_text(json.dumps({"run_dir": str(first), "steps": 1}))
+    assert shards_locator(now / "shards", None)(str(first / "tiny" / "base")) == str(now / "tiny" / "base")
+    # a copy: the original is still there; reading keeps it, comparing takes the copy's own where it has one
+    (first / "tiny" / "base").mkdir(parents=True)
+    (first / "tiny" / "chat").mkdir()
+    assert shards_locator(now / "shards", str(first / "shards"))(str(first / "tiny" / "base")) == \
+        str(first / "tiny" / "base")
+    move = shards_mover(now / "shards", str(first / "shards"))
+    assert move(str(first / "tiny" / "base")) == str(now / "tiny" / "base")
+    assert move(str(first / "tiny" / "chat")) == str(first / "tiny" / "chat")  # the copy has none: as recorded

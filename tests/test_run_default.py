@@ -98,11 +98,23 @@ def test_embedded_default_makes_tiny_models_harvests_trains_on_two_workers_and_r
     there = json.loads((moved / "analysis" / "summary.json").read_text())
     assert there["ce_loss_recovered"] == summary["ce_loss_recovered"] and there["tokens"] == summary["tokens"]
     assert there["special_tokens"] == summary["special_tokens"]  # the tokenizer loaded: its special tokens counted
-    # `crosscoder run` there cannot go on with the harvest (it compares the models' paths with the recorded ones):
-    # it says so, and no longer says to delete what are the run's own shards
-    proc = crosscoder("run", "--run", str(moved), "--quiet", cwd=tmp_path, check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert proc.stderr.strip().endswith(
-        f"; its run directory was trained in {run} and moved here since, and a harvest compares the paths of its models "
-        f"and documents with those its shards recorded, so it cannot go on here; `crosscoder analyze {moved}` and "
-        f"`crosscoder train {moved}` read them where they are now"), proc.stderr[-3000:]
+    # `crosscoder run` there goes on: its harvest takes the models and documents its shards recorded under the old
+    # directory as moved with it (it was refused as another harvest), and the run trains further where it is now
+    further = list(short)
+    further[further.index("--train.steps") + 1] = "44"
+    further[further.index("--train.workers") + 1] = "0"  # one process resumes the workers' checkpoint
+    crosscoder("run", "--run", str(moved), *further, "--train.data_partitions", "2", cwd=tmp_path)  # its analysis, after the training, too
+    assert json.loads((moved / "train_result.json").read_text())["steps"] == 44
+    # trained again here, the run no longer records where it was first; its manifest, still naming the models
+    # there, is read by the root it was written to (CE loss recovered failed with "model directory ... does not
+    # exist"); the same again once moved a second time
+    archived = tmp_path / "archive" / "again"
+    shutil.copytree(moved, archived)
+    shutil.rmtree(moved)
+    again = crosscoder("run", "--run", str(archived), "--quiet", cwd=tmp_path)
+    assert "already trained to step 44, skipping" in again.stdout, again.stdout
+    assert "describes the export (step 44), skipping" in again.stdout, again.stdout
+    crosscoder("analyze", str(archived), "--quiet", cwd=tmp_path)
+    there = json.loads((archived / "analysis" / "summary.json").read_text())
+    assert there["trained_steps"] == 44 and set(there["ce_loss_recovered"]) == {"base", "chat"}
+    assert set(there["special_tokens"]) == set(summary["special_tokens"])  # the tokenizer loaded there too
