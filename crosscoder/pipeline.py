@@ -176,7 +176,7 @@ def train(p: Plan, progress: bool = True):
     from .errors import CrosscoderError
     from .shards import ManifestMissing, read_manifest
     from .storage import open_root
-    from .trainer import TrainResult, spec_from
+    from .trainer import TrainResult, spec_from, with_saved_scale
     from .trainer import train as train_here
 
     tc = p.cfg.train
@@ -195,7 +195,7 @@ def train(p: Plan, progress: bool = True):
         print(f"train: {p.run_dir.absolute()} already trained to step {done.steps}; its shards ({p.data}) are gone, "
               "which a finished run does not need, skipping")
         return done
-    spec = spec_from(tc, manifest)
+    spec, _ = with_saved_scale(spec_from(tc, manifest), finished.spec if finished is not None else None)
     if finished is not None and finished.is_finished(tc, spec):
         print(f"train: {p.run_dir.absolute()} already trained to step {finished.steps}, skipping (raise train.steps "
               "to continue)")

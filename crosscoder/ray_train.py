@@ -55,6 +55,7 @@ from .trainer import (
     newest_checkpoint,
     record_stop,
     spec_from,
+    with_saved_scale,
 )
 
 
@@ -192,7 +193,8 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: 
     if saved is not None:
         check_zero3_loads(saved, tc.zero_stage)
         # another dictionary or other sources: every worker would refuse it, after Ray Train started them
-        then, spec = saved_spec(saved), asdict(spec_from(tc, manifest))
+        then = saved_spec(saved)
+        spec = asdict(with_saved_scale(spec_from(tc, manifest), then)[0])  # a grown harvest's
         if then is not None and (refusal := another_dictionary(run_dir, then, spec)) is not None:
             raise refusal
         if (saved / "position.json").is_file():

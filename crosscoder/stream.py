@@ -18,6 +18,7 @@ No torch here.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from collections.abc import Generator, Iterator
@@ -28,6 +29,16 @@ import numpy as np
 from .errors import CrosscoderError
 from .shards import Manifest, ShardError, read_manifest, read_shard
 from .storage import Root
+
+SCALE_DRIFT = 0.05  # a run resumes on shards whose normalisation scales moved by at most this share (trainer.py)
+
+
+def scale_drift(was: list[float], now: list[float]) -> float:
+    """The largest relative move of a source's normalisation scale, ``inf`` where they cannot be
+    compared (another number of sources, a scale not positive)."""
+    if len(was) != len(now) or not was or min(was) <= 0:
+        return 0.0 if list(was) == list(now) else math.inf
+    return max(abs(b / a - 1) for a, b in zip(was, now))
 
 
 @dataclass(frozen=True)
@@ -115,8 +126,8 @@ class TokenStream:
         if now.to_json() == self.manifest.to_json():
             return error
         then = ("its normalisation too (norm_scale): this run cannot resume on it (a resume needs the scales it "
-                "was trained with); train a new run" if list(now.norm_scale) != list(self.manifest.norm_scale) else
-                "re-run to resume from the last checkpoint on the dataset as it is now")
+                "was trained with); train a new run" if scale_drift(self.manifest.norm_scale, now.norm_scale) >
+                SCALE_DRIFT else "re-run to resume from the last checkpoint on the dataset as it is now")
         return ShardError(f"{error}; the dataset's manifest changed since this run read it (a harvest grew or redid "
                           f"{self.root.url}), {then}")
 

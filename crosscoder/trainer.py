@@ -32,7 +32,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -65,7 +65,7 @@ from .relocation import RESULT_FILE
 from .shards import Manifest, ShardError, check_sizes, read_manifest
 from .sparsity import threshold_mask
 from .storage import open_root, replace_text
-from .stream import DataExhausted, PartitionBatch, PartitionedStream, Position, prefetch
+from .stream import SCALE_DRIFT, DataExhausted, PartitionBatch, PartitionedStream, Position, prefetch, scale_drift
 from .telemetry import TrainMetrics
 
 STOP_FILE = ".stop"  # the driver asks its workers to checkpoint and stop (ray_train.py)
@@ -216,9 +216,27 @@ def another_dictionary(run_dir: Path, old: dict, new: dict) -> RunDirError | Non
     differ = [key for key in new if old.get(key) != new[key]]
     if not differ:
         return None
+    asked = {"this config asks for": [k for k in differ if k not in DATA_SPEC_KEYS],
+             "its data has": [k for k in differ if k in DATA_SPEC_KEYS]}
+    said = "; ".join(f"{who} {', '.join(f'{k}={new[k]}' for k in keys)}" for who, keys in asked.items() if keys)
     return RunDirError(f"{run_dir}: its checkpoint was trained with {', '.join(f'{k}={old.get(k)}' for k in differ)}; "
-                       f"this config asks for {', '.join(f'{k}={new[k]}' for k in differ)}; use another --run "
-                       f"directory or delete {run_dir / 'checkpoints'}")
+                       f"{said}; use another --run directory or delete {run_dir / 'checkpoints'}")
+
+
+DATA_SPEC_KEYS = ("sources", "widths", "norm_scale")  # the spec's fields the shards' manifest sets
+
+
+def with_saved_scale(spec: CrossCoderSpec, then: dict | None) -> tuple[CrossCoderSpec, float]:
+    """``spec`` with the ``norm_scale`` its checkpoint (``then``: the saved spec) was trained with,
+    where the sources are the same and the data's scale is within ``SCALE_DRIFT`` of it: a harvest
+    grown since (a larger harvest.tokens, documents appended) estimates the scale again from more
+    tokens (0.1% apart on the demo pair), and the weights go on in the units they were trained in.
+    Further apart, the data is other data, and :func:`another_dictionary` refuses it. Also returns
+    the relative move of the scale that was kept (0 where none was)."""
+    if not then or then.get("sources") != spec.sources or then.get("widths") != spec.widths:
+        return spec, 0.0
+    drift = scale_drift(then.get("norm_scale") or [], spec.norm_scale)
+    return (replace(spec, norm_scale=list(then["norm_scale"])), drift) if 0 < drift <= SCALE_DRIFT else (spec, 0.0)
 
 
 def spec_from(cfg: TrainConfig, manifest: Manifest) -> CrossCoderSpec:
@@ -462,8 +480,14 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
     root = open_root(data, cfg.storage)
     manifest = read_manifest(root)
     check_sizes(root, manifest)  # a missing or truncated shard stops here, not steps later
-    spec = spec_from(tc, manifest)
+    from .checkpoint_handoff import saved_spec  # which imports this module
+
+    saved = newest_checkpoint(run_dir)
+    spec, moved = with_saved_scale(spec_from(tc, manifest), saved_spec(saved) if saved is not None else None)
     is_main = backend.rank == 0
+    if is_main and moved:
+        say(f"train: the data's norm_scale is {moved:.2%} from the checkpoint's (the shards changed since, as a grown "
+            "harvest's do); going on with the checkpoint's")
     if is_main:
         harvested = manifest.extra.get("harvest", {})
         if harvested.get("complete") is False:  # stopped, or still being written by another run
@@ -488,7 +512,6 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
     if is_main and (note := jumprelu_travel_note(tc)):
         say(note)
     start, positions, first = 0, {}, []
-    saved = newest_checkpoint(run_dir)
     if saved is None:
         # b_dec starts at the global batch mean, set before the optimizer copies the parameters
         # (DeepSpeed keeps master weights: a later in-place change would be overwritten)

@@ -101,7 +101,11 @@ def test_a_stream_whose_shard_changed_says_whether_the_manifest_changed_and_if_a
     with pytest.raises(ShardError, match=r"\(truncated or rewritten\); the dataset's manifest changed since this run "
                                          r"read it \(a harvest grew or redid .*\), re-run to resume from the last"):
         read_all()
-    write_manifest(root, replace(manifest, norm_scale=[1.5, 1.0]))
+    # scales a little apart (a grown harvest's estimate): the resume keeps its own (trainer.with_saved_scale)
+    write_manifest(root, replace(manifest, norm_scale=[s * 1.01 for s in manifest.norm_scale]))
+    with pytest.raises(ShardError, match=r"manifest changed since this run read it .*, re-run to resume from the last"):
+        read_all()
+    write_manifest(root, replace(manifest, norm_scale=[s * 1.5 for s in manifest.norm_scale]))
     with pytest.raises(ShardError, match=r"its normalisation too \(norm_scale\): this run cannot resume on it"):
         read_all()
 

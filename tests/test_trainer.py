@@ -147,11 +147,44 @@ def test_workers_on_a_run_directory_of_other_sources_are_refused_before_ray_and_
     other = str(tmp_path / "other")
     write_synthetic(small_synthetic(widths=[16, 32], tokens=2048), other, progress=False)
     cfg.train.workers, cfg.train.latent_parallel, cfg.train.steps = 2, 2, 8
-    with pytest.raises(RunDirError, match=r"its checkpoint was trained with widths=\[16, 24\], norm_scale=.*; this "
-                                          r"config asks for widths=\[16, 32\], norm_scale=.*; use another --run"):
+    with pytest.raises(RunDirError, match=r"its checkpoint was trained with widths=\[16, 24\], norm_scale=.*; its "
+                                          r"data has widths=\[16, 32\], norm_scale=.*; use another --run"):
         train_distributed(cfg, tmp_path / "run", other, progress=False)
     assert (tmp_path / "run" / "train_result.json").read_text() == record
     assert not (tmp_path / "run" / "ray").exists()  # Ray Train never started
+
+
+def test_a_resume_on_a_grown_harvest_keeps_the_scales_it_was_trained_with(tmp_path, small_shards, capsys):
+    """A harvest grown since (a larger harvest.tokens, documents appended) estimates norm_scale again
+    from more tokens, a little apart (0.14% on the demo pair): the resume was refused as another
+    dictionary, saying "this config asks for norm_scale=..." of a setting no config has. Within 5%
+    the run goes on in the units it was trained in, a finished one is still finished, and it says
+    so; further apart it is other data, refused naming the data's scale."""
+    import shutil
+    from dataclasses import replace
+
+    from crosscoder import pipeline
+    from crosscoder.shards import write_manifest
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(small_shards, data)
+    cfg = small_run_config(steps=6, checkpoint_every=6)
+    train(cfg, run, data=str(data), progress=False)
+    trained = json.loads((run / "crosscoder" / "config.json").read_text())["norm_scale"]
+    manifest = read_manifest(Root(str(data)))
+    write_manifest(Root(str(data)), replace(manifest, norm_scale=[s * 1.01 for s in manifest.norm_scale]))
+    capsys.readouterr()
+    again = pipeline.train(pipeline.plan(cfg, run, str(data)), progress=False)  # as `crosscoder run` re-runs it
+    assert again.steps == 6 and "already trained to step 6, skipping" in capsys.readouterr().out
+    cfg.train.steps = 8
+    result = train(cfg, run, data=str(data), progress=False)
+    assert result.steps == 8 and len(result.losses) == 2
+    assert "the data's norm_scale is 1.00% from the checkpoint's" in capsys.readouterr().out
+    assert json.loads((run / "crosscoder" / "config.json").read_text())["norm_scale"] == trained
+    write_manifest(Root(str(data)), replace(manifest, norm_scale=[s * 1.5 for s in manifest.norm_scale]))
+    cfg.train.steps = 10
+    with pytest.raises(RunDirError, match=r"trained with norm_scale=\[.*\]; its data has norm_scale=\[.*\]; use another"):
+        train(cfg, run, data=str(data), progress=False)
 
 
 def test_the_end_of_the_data_keeps_the_steps_done_and_a_rerun_continues(tmp_path, small_shards):
