@@ -605,7 +605,6 @@ def ce_recovered_for_harvest(model: CrossCoder, root: Root, cfg: AnalyzeConfig, 
     from .harvest import prefix_token
 
     locate = where_now(root, manifest)
-
     token = prefix_token(load_tokenizer(locate(manifest.tokenizer)), harvest.get("prefix", "bos"))
     # run as harvested: a document's first chunk behind the prefix token (before harvest.prefix existed,
     # every chunk); only chunks that were run alike go in one batch, the first chunks when there is a prefix

@@ -394,8 +394,10 @@ def recorded_harvest(root: Root, manifest: Manifest) -> dict:
     if not root.is_local or there is None or recorded.get("fingerprint") != fingerprint(there):
         return recorded
     move = shards_mover(root.path, recorded.get("output"))
-    here = dict(there, models=[m | {"path": move(m["path"])} if isinstance(m.get("path"), str) else m
-                               for m in there.get("models", [])])
+    here = dict(there)
+    if isinstance(there.get("models"), list):
+        here["models"] = [m | {"path": move(m["path"])} if isinstance(m.get("path"), str) else m
+                          for m in there["models"]]
     if isinstance(there.get("data"), str):
         here["data"] = move(there["data"])
     return recorded if here == there else dict(recorded, settings=here, fingerprint=fingerprint(here))
