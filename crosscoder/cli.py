@@ -372,6 +372,7 @@ def cmd_export(args) -> int:
 def cmd_export_dashboards(args) -> int:
     from .dashboard import export_dashboards
     from .interop import ExportError
+    from .relocation import locator
     from .storage import open_root
 
     run = _run_directory(args)
@@ -379,7 +380,8 @@ def cmd_export_dashboards(args) -> int:
     if not exported.is_file():
         raise ExportError(f"{exported.parent}: no crosscoder export; train the run first")
     cfg = load_config(run / "config.toml") if (run / "config.toml").is_file() else RunConfig()
-    data = args.data or cfg.analyze.data or cfg.train.data or json.loads(exported.read_text()).get("data")
+    recorded = cfg.analyze.data or cfg.train.data or json.loads(exported.read_text()).get("data")
+    data = args.data or locator(run)(recorded)  # a run directory moved since: its shards where they are now
     if not data:
         raise ConfigError(f"{run}: no shard root recorded; pass --data ROOT (the analysed shards)")
     out = Path(args.out or run / "exports" / "neuronpedia")

@@ -118,3 +118,9 @@ def test_embedded_default_makes_tiny_models_harvests_trains_on_two_workers_and_r
     there = json.loads((archived / "analysis" / "summary.json").read_text())
     assert there["trained_steps"] == 44 and set(there["ce_loss_recovered"]) == {"base", "chat"}
     assert set(there["special_tokens"]) == set(summary["special_tokens"])  # the tokenizer loaded there too
+    # and its Neuronpedia dashboards: the analysed shards its config.toml names, and their tokenizer, where they
+    # are now (the export read the shards where they were: "no manifest.json")
+    crosscoder("export", str(archived), "--format", "neuronpedia", "--quiet", cwd=tmp_path)
+    batch = json.loads((archived / "exports" / "neuronpedia" / "batch-0.json").read_text())
+    tokens = [t for f in batch["features"] for a in f["activations"] for t in a["tokens"]]
+    assert tokens and not any(t.startswith("#") for t in tokens), tokens[:20]  # text, not "#id" (no tokenizer)
