@@ -562,3 +562,23 @@ def test_a_run_trained_in_one_process_continues_on_workers_on_the_same_trajector
     with pytest.raises(RunDirError, match=r"as 1 partitions, this run as 2; resume it with data-parallel ranks that "
                                           r"divide 1 .* raise train.latent_parallel"):
         train_distributed(config(workers=2), tmp_path / "one", small_shards, progress=False)
+
+
+def test_workers_go_on_on_a_grown_harvest_with_the_scales_the_run_was_trained_with(ray_cluster, small_shards,
+                                                                                 tmp_path):
+    """The Ray Train driver's check before its workers start, and every worker's, keep the checkpoint's
+    norm_scale where the data's moved by 1% (a grown harvest's estimate): they refused the run as
+    another dictionary (trainer.with_saved_scale)."""
+    import shutil
+    from dataclasses import replace
+
+    from crosscoder.shards import read_manifest, write_manifest
+    from crosscoder.storage import Root
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(small_shards, data)
+    manifest = read_manifest(Root(str(data)))
+    assert train(config(), run, data=str(data), progress=False, stop_after=6).steps == 6
+    write_manifest(Root(str(data)), replace(manifest, norm_scale=[s * 1.01 for s in manifest.norm_scale]))
+    assert train_distributed(config(workers=2, latent_parallel=2), run, str(data), progress=False).steps == 12
+    assert json.loads((run / "crosscoder" / "config.json").read_text())["norm_scale"] == manifest.norm_scale
