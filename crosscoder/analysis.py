@@ -525,6 +525,22 @@ def export_fingerprint(export: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def read_summary(run_dir: Path) -> dict:
+    """The run's ``analysis/summary.json``, with an error naming it where it is not a JSON object
+    (a write cut short before it was written whole and renamed into place, an edit by hand): it is
+    derived, and ``crosscoder analyze`` writes it again (``crosscoder run`` does so by itself)."""
+    path = Path(run_dir) / "analysis" / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise AnalysisError(f"{path}: not a readable analysis summary ({error}); `crosscoder analyze {run_dir}` "
+                            "writes it again") from None
+    if not isinstance(summary, dict):
+        raise AnalysisError(f"{path}: not a readable analysis summary (a JSON {type(summary).__name__}, not an "
+                            f"object); `crosscoder analyze {run_dir}` writes it again")
+    return summary
+
+
 def staleness(run_dir: Path) -> str:
     """Why the run's analysis describes another dictionary than its export, "" when it does not (or
     either is missing): "trained further since" (``crosscoder train`` alone, past the analysed steps)
@@ -534,7 +550,7 @@ def staleness(run_dir: Path) -> str:
     summary, export = run_dir / "analysis" / "summary.json", run_dir / "crosscoder"
     if not summary.is_file() or not (export / "model.safetensors").is_file():
         return ""
-    analysed = json.loads(summary.read_text())
+    analysed = read_summary(run_dir)
     steps, now = analysed.get("trained_steps"), trained_steps_of(export)
     if steps is None:
         newer = (export / "model.safetensors").stat().st_mtime > summary.stat().st_mtime
@@ -547,10 +563,16 @@ def staleness(run_dir: Path) -> str:
 
 def is_analysed(run_dir: Path) -> bool:
     """The run's report and summary describe its export as it is now (no :func:`staleness`); the
-    summary is written last (``pipeline.analyze_here``), so an analysis stopped half way is not."""
+    summary is written last (``pipeline.analyze_here``), so an analysis stopped half way is not,
+    nor one whose summary is unreadable."""
     out = run_dir / "analysis"
-    return ((out / "report.html").is_file() and (out / "summary.json").is_file()
-            and (run_dir / "crosscoder" / "model.safetensors").is_file() and not staleness(run_dir))
+    if not ((out / "report.html").is_file() and (out / "summary.json").is_file()
+            and (run_dir / "crosscoder" / "model.safetensors").is_file()):
+        return False
+    try:
+        return not staleness(run_dir)
+    except AnalysisError:
+        return False
 
 
 def load_for_run(run_dir: Path, data: str, storage, device: torch.device | str = "cpu"

@@ -93,7 +93,7 @@ def cmd_compare(runs: list[str]) -> int:
     are named by the two sources each run compares (base/chat, or layers in a cross-layer run); a
     run whose analysis did not run Latent Scaling (the aligned variant, sources of unequal widths)
     shows n/a for its flags, not a count of 0 that would read as "every exclusive latent checked"."""
-    from .analysis import class_names, staleness
+    from .analysis import class_names, read_summary, staleness
 
     rows, pairs, skipped, stale = [], [], [], []
     for run in runs:
@@ -102,15 +102,15 @@ def cmd_compare(runs: list[str]) -> int:
             raise AnalysisError(f"{path} is missing; run `crosscoder analyze --run {run}` first")
         export = Path(run) / "crosscoder" / "config.json"
         config = json.loads(export.read_text()) if export.is_file() else {}
+        s = read_summary(Path(run))  # an unreadable one: named, with the command that writes it again
         if why := staleness(Path(run)):
             stale.append(f"{run} ({why})")
         try:
-            s = json.loads(path.read_text())
             second, first = s["artifacts"]["chat_only"], s["artifacts"]["base_only"]
             pairs.append(tuple(s["sources"]))
-            if why := s.get("latent_scaling_skipped"):
-                skipped.append(f"{run} ({why})")
-            flags = (["n/a", "n/a", "n/a", first["latents"], "n/a"] if why else
+            if not_scaled := s.get("latent_scaling_skipped"):
+                skipped.append(f"{run} ({not_scaled})")
+            flags = (["n/a", "n/a", "n/a", first["latents"], "n/a"] if not_scaled else
                      [second["complete_shrinkage"], second["latent_decoupling"], second["latents"] - second["flagged"],
                       first["latents"], first["flagged"]])
             rows.append([run, config.get("activation", "?"), s["latents"], s["classes"]["dead"],

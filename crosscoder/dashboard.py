@@ -37,7 +37,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .analysis import TOP_FILE, AnalysisError, _Decoder, context_window, read_latents_csv, staleness
+from .analysis import (
+    TOP_FILE,
+    AnalysisError,
+    _Decoder,
+    context_window,
+    read_latents_csv,
+    read_summary,
+    staleness,
+)
 from .metrics import decoder_norms
 from .model import CrossCoder
 from .progress import progress_bar
@@ -86,8 +94,7 @@ def export_dashboards(run_dir: str | Path, root: Root, out_dir: str | Path, cont
         raise AnalysisError(f"{root.url}: these shards are not the ones {analysis_dir} analysed (fingerprint "
                             f"{manifest.fingerprint()}, analysed {top['fingerprint']}); pass the analysed data")
     model = CrossCoder.from_pretrained(run_dir / "crosscoder")
-    summary = json.loads((analysis_dir / "summary.json").read_text()) if (analysis_dir / "summary.json").is_file() \
-        else {}
+    summary = read_summary(run_dir) if (analysis_dir / "summary.json").is_file() else {}
     top_values, top_index, analysed = top["values"], top["index"], int(top["tokens"])
     live = np.flatnonzero(columns["class"] != "dead")
 

@@ -273,6 +273,33 @@ def test_compare_names_a_summary_it_cannot_read(tmp_path, capsys):
         f"run `crosscoder analyze --run {tmp_path / 'old'}` again" in err[0], err
 
 
+@pytest.mark.parametrize("command", [["compare", "{run}"],
+                                     ["export", "{run}", "--format", "neuronpedia", "--data", "{data}"],
+                                     ["push", "{run}", "me/name"]])
+def test_a_summary_cut_short_beside_its_export_is_named_and_the_analysis_is_redone(artifacts, tmp_path, capsys,
+                                                                                  command):
+    """A summary.json that is not JSON (a write cut short, an edit) beside the run's export: `compare`,
+    the Neuronpedia export and `push` each ended in a JSONDecodeError traceback (reading it for
+    staleness), and `crosscoder run` too. Now each names the file and the command that writes it again,
+    and a re-run takes the run as not analysed (it redoes the analysis)."""
+    from crosscoder.analysis import is_analysed
+    from crosscoder.cli import main
+
+    *_, analysed = artifacts
+    run = tmp_path / "run"
+    shutil.copytree(analysed, run)
+    (run / "analysis" / "report.html").write_text("<html></html>")  # the fixture writes no report; a run's has one
+    assert is_analysed(run)
+    summary = run / "analysis" / "summary.json"
+    summary.write_text(summary.read_text()[:100])
+    assert not is_analysed(run)
+    assert main([arg.format(run=run, data=analysed.parent / "shards") for arg in command]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"crosscoder: AnalysisError: {summary}: not a readable analysis "
+                                               "summary ("), err
+    assert err[0].endswith(f"); `crosscoder analyze {run}` writes it again"), err
+
+
 def test_streamed_fve_equals_fve_of_all_analysed_tokens_at_once(artifacts):
     """The analysis streams batches; its FVE must be the one-shot FVE of the same tokens (the
     variance taken around each dimension's mean, not one scalar mean)."""
