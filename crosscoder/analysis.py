@@ -504,10 +504,25 @@ def export_of(run_dir: Path) -> Path:
     return export
 
 
+def export_config(export: Path) -> dict:
+    """The export's ``config.json`` (``export``: ``<run>/crosscoder``), {} where there is none; an
+    error naming it where it is not a JSON object (the training writes it again)."""
+    config = export / "config.json"
+    if not config.is_file():
+        return {}
+    try:
+        data = json.loads(config.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+    except ValueError as error:
+        raise AnalysisError(f"{config}: not a readable export config ({error}); `crosscoder train {export.parent}` "
+                            "writes the export again from the last checkpoint") from None
+    return data
+
+
 def trained_steps_of(export: Path) -> int | None:
     """The steps the export in ``export`` (``<run>/crosscoder``) was trained for, from its config.json."""
-    config = export / "config.json"
-    return json.loads(config.read_text()).get("trained_steps") if config.is_file() else None
+    return export_config(export).get("trained_steps")
 
 
 def export_fingerprint(export: Path) -> str:

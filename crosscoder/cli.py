@@ -93,15 +93,14 @@ def cmd_compare(runs: list[str]) -> int:
     are named by the two sources each run compares (base/chat, or layers in a cross-layer run); a
     run whose analysis did not run Latent Scaling (the aligned variant, sources of unequal widths)
     shows n/a for its flags, not a count of 0 that would read as "every exclusive latent checked"."""
-    from .analysis import class_names, read_summary, staleness
+    from .analysis import class_names, export_config, read_summary, staleness
 
     rows, pairs, skipped, stale = [], [], [], []
     for run in runs:
         path = existing_run(Path(run)) / "analysis" / "summary.json"
         if not path.is_file():
             raise AnalysisError(f"{path} is missing; run `crosscoder analyze --run {run}` first")
-        export = Path(run) / "crosscoder" / "config.json"
-        config = json.loads(export.read_text()) if export.is_file() else {}
+        config = export_config(Path(run) / "crosscoder")
         s = read_summary(Path(run))  # an unreadable one: named, with the command that writes it again
         if why := staleness(Path(run)):
             stale.append(f"{run} ({why})")

@@ -191,7 +191,13 @@ class TrainResult:
         path = Path(run_dir) / RESULT_FILE
         if not path.is_file():
             return None
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        except ValueError as error:  # cut short, or edited: derived from the checkpoint, written again by training
+            raise RunDirError(f"{path}: not a readable training record ({error}); `crosscoder train {run_dir}` "
+                              "writes it again from the last checkpoint") from None
         if "error" in data:
             raise STOPS.get(data.get("kind", "TrainingDiverged"), TrainingFailed)(data["error"])
         # where it is read from: a run directory moved or copied elsewhere (archived, fetched from a
@@ -203,11 +209,19 @@ class TrainResult:
     def is_finished(self, tc: TrainConfig, spec: CrossCoderSpec) -> bool:
         """Trained to ``tc.steps`` with this dictionary, and the export is there."""
         return (self.steps >= tc.steps and self.spec == asdict(spec) and self.export_dir is not None
-                and (self.export_dir / "model.safetensors").is_file())
+                and (self.export_dir / "model.safetensors").is_file() and _is_json(self.export_dir / "config.json"))
 
 
 # ---------------------------------------------------------------------------------------------
 # the step's pieces
+
+
+def _is_json(path: Path) -> bool:
+    """``path`` holds a JSON object (an export's config.json cut short is not: the export is written again)."""
+    try:
+        return isinstance(json.loads(path.read_text()), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def another_dictionary(run_dir: Path, old: dict, new: dict) -> RunDirError | None:

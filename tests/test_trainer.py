@@ -187,6 +187,40 @@ def test_a_resume_on_a_grown_harvest_keeps_the_scales_it_was_trained_with(tmp_pa
         train(cfg, run, data=str(data), progress=False)
 
 
+@pytest.mark.parametrize("cut", ["train_result.json", "crosscoder/config.json"])
+def test_a_training_record_or_export_config_cut_short_is_written_again_from_the_checkpoint(tmp_path, small_shards,
+                                                                                          capsys, cut):
+    """A finished run whose train_result.json or export config.json is not JSON (a write cut short, an
+    edit): `crosscoder run` and `train` ended in a JSONDecodeError traceback. Both are derived from the
+    last checkpoint: reading them names the file and the command, and the re-run resumes at the
+    checkpoint's step and writes them again, the weights unchanged."""
+    from crosscoder import pipeline
+    from crosscoder.analysis import trained_steps_of
+    from crosscoder.errors import AnalysisError
+    from crosscoder.trainer import TrainResult
+
+    cfg, run = small_run_config(steps=6, checkpoint_every=6), tmp_path / "run"
+    train(cfg, run, data=small_shards, progress=False)
+    before = CrossCoder.from_pretrained(run / "crosscoder").state_dict()
+    path = run / cut
+    path.write_text(path.read_text()[:40])
+    if cut == "train_result.json":
+        with pytest.raises(RunDirError, match=rf"{path}: not a readable training record \(.*\); `crosscoder train "
+                                              rf"{run}` writes it again from the last checkpoint"):
+            TrainResult.read(run)
+    else:
+        with pytest.raises(AnalysisError, match=rf"{path}: not a readable export config \(.*\); `crosscoder train "
+                                                rf"{run}` writes the export again from the last checkpoint"):
+            trained_steps_of(run / "crosscoder")
+    capsys.readouterr()
+    again = pipeline.train(pipeline.plan(cfg, run, small_shards), progress=False)  # as `crosscoder run` re-runs it
+    assert again.steps == 6 and not again.losses
+    assert f"resuming {run.absolute()} from step 6 of 6" in capsys.readouterr().out
+    assert isinstance(json.loads(path.read_text()), dict) and trained_steps_of(run / "crosscoder") == 6
+    after = CrossCoder.from_pretrained(run / "crosscoder").state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
 def test_the_end_of_the_data_keeps_the_steps_done_and_a_rerun_continues(tmp_path, small_shards):
     """train.max_epochs = 1 on 32 batches' worth of tokens: the stop at step 32 names the fix and
     checkpoints first (it lost every step since the last checkpoint); a re-run that allows more
