@@ -485,15 +485,36 @@ def _fmt(v) -> str:
 
 
 def read_latents_csv(path: Path) -> dict[str, np.ndarray]:
-    """latents.csv back as columns (numbers as float, NaN where empty; class and artifact as str)."""
+    """latents.csv back as columns (numbers as float, NaN where empty; class and artifact as str);
+    an AnalysisError naming the file and row where it is not one this module wrote (cut short,
+    edited), which ``crosscoder analyze`` writes again."""
+    again = f"`crosscoder analyze {Path(path).parent.parent}` writes it again"
     with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        missing = [c for c in ("index", "class") if c not in (reader.fieldnames or [])]
+    if missing:
+        raise AnalysisError(f"{path}: not a latents table (no column {', '.join(missing)}); {again}")
     out = {}
     for c in rows[0] if rows else CSV_COLUMNS:
         values = [r[c] for r in rows]
-        out[c] = np.array(values, dtype=object) if c in ("class", "artifact", "present") else \
-            np.array([float(v) if v != "" else np.nan for v in values])
+        try:
+            out[c] = np.array(values, dtype=object) if c in ("class", "artifact", "present") else \
+                np.array([float(v) if v != "" else np.nan for v in values])
+        except (TypeError, ValueError):  # a row cut short (None) or a value that is not a number
+            row = next(i for i, v in enumerate(values) if not isinstance(v, str) or not _is_number(v))
+            what = f" ends before column {c!r}" if values[row] is None else \
+                f", column {c!r}: {values[row]!r} is not a number"
+            raise AnalysisError(f"{path}: line {row + 2}{what} (the file was cut short or edited); {again}") from None
     return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text or "nan")
+        return True
+    except ValueError:
+        return False
 
 
 def export_of(run_dir: Path) -> Path:

@@ -94,6 +94,10 @@ def export_dashboards(run_dir: str | Path, root: Root, out_dir: str | Path, cont
         raise AnalysisError(f"{root.url}: these shards are not the ones {analysis_dir} analysed (fingerprint "
                             f"{manifest.fingerprint()}, analysed {top['fingerprint']}); pass the analysed data")
     model = CrossCoder.from_pretrained(run_dir / "crosscoder")
+    if len(columns["index"]) != model.spec.latents:  # cut short at a line's end
+        raise AnalysisError(f"{analysis_dir / 'latents.csv'}: {len(columns['index'])} latents, the crosscoder has "
+                            f"{model.spec.latents} (the file was cut short); `crosscoder analyze {run_dir}` writes it "
+                            "again")
     summary = read_summary(run_dir) if (analysis_dir / "summary.json").is_file() else {}
     top_values, top_index, analysed = top["values"], top["index"], int(top["tokens"])
     live = np.flatnonzero(columns["class"] != "dead")

@@ -300,6 +300,36 @@ def test_a_summary_cut_short_beside_its_export_is_named_and_the_analysis_is_redo
     assert err[0].endswith(f"); `crosscoder analyze {run}` writes it again"), err
 
 
+def test_a_latents_table_cut_short_or_edited_is_named_by_line_and_column(artifacts, tmp_path, capsys):
+    """latents.csv cut short mid-line was a TypeError traceback from the Neuronpedia export; one that
+    is not a latents table, or cut at a line's end, exported 0 or fewer dashboards without a word."""
+    from crosscoder.analysis import read_latents_csv
+    from crosscoder.cli import main
+    from crosscoder.errors import AnalysisError
+
+    *_, analysed = artifacts
+    run = tmp_path / "run"
+    shutil.copytree(analysed, run)
+    table = run / "analysis" / "latents.csv"
+    lines = table.read_text().splitlines(keepends=True)
+    again = re.escape(f"(the file was cut short or edited); `crosscoder analyze {run}` writes it again")
+    table.write_text("".join(lines[:2]) + lines[2].split(",")[0])  # its index alone
+    with pytest.raises(AnalysisError, match=rf"{table}: line 3 ends before column 'frequency' {again}"):
+        read_latents_csv(table)
+    fields = lines[1].split(",")
+    table.write_text(lines[0] + ",".join([fields[0], "abc", *fields[2:]]))
+    with pytest.raises(AnalysisError, match=rf"{table}: line 2, column 'frequency': 'abc' is not a number {again}"):
+        read_latents_csv(table)
+    table.write_text("garbage\n")
+    with pytest.raises(AnalysisError, match=rf"{table}: not a latents table \(no column index, class\)"):
+        read_latents_csv(table)
+    table.write_text("".join(lines[:5]))
+    assert main(["export", str(run), "--format", "neuronpedia", "--data", str(analysed.parent / "shards")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"crosscoder: AnalysisError: {table}: 4 latents, the crosscoder has {len(lines) - 1} (the file was "
+                   f"cut short); `crosscoder analyze {run}` writes it again"], err
+
+
 def test_streamed_fve_equals_fve_of_all_analysed_tokens_at_once(artifacts):
     """The analysis streams batches; its FVE must be the one-shot FVE of the same tokens (the
     variance taken around each dimension's mean, not one scalar mean)."""
