@@ -34,6 +34,7 @@ import csv
 import hashlib
 import json
 import math
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,18 @@ class Analysis:
 
 
 TOP_FILE = "top_activations.npz"  # the top-n buffers, for dashboard.py
+
+
+def read_top_activations(run_dir: Path) -> dict[str, np.ndarray]:
+    """The analysis's top-n buffers (``values``, ``index``, ``tokens``, ``fingerprint``), read whole;
+    an AnalysisError naming the file where it is not the archive :func:`save` wrote."""
+    path = Path(run_dir) / "analysis" / TOP_FILE
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in ("values", "index", "tokens", "fingerprint")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise AnalysisError(f"{path}: not a readable top-activations archive ({type(error).__name__}: {error}); "
+                            f"`crosscoder analyze {run_dir}` writes it again") from None
 MOSTLY_SPECIAL = 0.5  # "fires mostly on special tokens": more than this share of a latent's firings
 
 

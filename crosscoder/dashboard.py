@@ -44,6 +44,7 @@ from .analysis import (
     context_window,
     read_latents_csv,
     read_summary,
+    read_top_activations,
     staleness,
 )
 from .metrics import decoder_norms
@@ -87,7 +88,7 @@ def export_dashboards(run_dir: str | Path, root: Root, out_dir: str | Path, cont
     if why := staleness(run_dir):  # its examples are another dictionary's
         raise AnalysisError(f"{analysis_dir} predates {run_dir / 'crosscoder'} ({why}): analyse the "
                             f"run again first (crosscoder analyze --run {run_dir})")
-    top = np.load(analysis_dir / TOP_FILE)
+    top = read_top_activations(run_dir)
     columns = read_latents_csv(analysis_dir / "latents.csv")
     manifest = read_manifest(root)
     if str(top["fingerprint"]) != manifest.fingerprint():

@@ -302,7 +302,8 @@ def test_a_summary_cut_short_beside_its_export_is_named_and_the_analysis_is_redo
 
 def test_a_latents_table_cut_short_or_edited_is_named_by_line_and_column(artifacts, tmp_path, capsys):
     """latents.csv cut short mid-line was a TypeError traceback from the Neuronpedia export; one that
-    is not a latents table, or cut at a line's end, exported 0 or fewer dashboards without a word."""
+    is not a latents table, or cut at a line's end, exported 0 or fewer dashboards without a word; the
+    top activations cut short, a BadZipFile traceback."""
     from crosscoder.analysis import read_latents_csv
     from crosscoder.cli import main
     from crosscoder.errors import AnalysisError
@@ -328,6 +329,14 @@ def test_a_latents_table_cut_short_or_edited_is_named_by_line_and_column(artifac
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"crosscoder: AnalysisError: {table}: 4 latents, the crosscoder has {len(lines) - 1} (the file was "
                    f"cut short); `crosscoder analyze {run}` writes it again"], err
+    # the top activations cut short (a zip without its directory): a BadZipFile traceback
+    table.write_text("".join(lines))
+    top = run / "analysis" / "top_activations.npz"
+    top.write_bytes(top.read_bytes()[:200])
+    assert main(["export", str(run), "--format", "neuronpedia", "--data", str(analysed.parent / "shards")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"crosscoder: AnalysisError: {top}: not a readable top-activations archive (BadZipFile: File is not "
+                   f"a zip file); `crosscoder analyze {run}` writes it again"], err
 
 
 def test_streamed_fve_equals_fve_of_all_analysed_tokens_at_once(artifacts):
