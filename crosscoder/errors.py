@@ -25,6 +25,11 @@ class AnalysisError(CrosscoderError, ValueError):
     which file or setting."""
 
 
+class ExportUnreadable(CrosscoderError, ValueError):
+    """A crosscoder export whose ``config.json`` or ``model.safetensors`` is not what an export
+    writes (cut short, edited); a run's own is written again from its last checkpoint."""
+
+
 def message_line(error: BaseException) -> str:
     """The first non-blank line of an error's message (its type's name where it has none): a
     library's error (a transformers OSError, a datasets failure) told inside one line of ours."""

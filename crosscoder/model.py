@@ -46,12 +46,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import precision
 from .collectives import LOCAL, Collectives
+from .errors import ExportUnreadable
 from .sparse_path import HINT_MARGIN, ExtraEntries, SparseCode, SparsePath
 from .sparsity import ACTIVATIONS, JumpReLU, batchtopk_mask, scores, threshold_mask, topk_mask
 
@@ -510,10 +511,18 @@ class CrossCoder(nn.Module):
         for p in (config_path, weights_path):
             if not p.is_file():
                 raise FileNotFoundError(f"not a crosscoder export: {p} is missing")
-        config = json.loads(config_path.read_text())
+        again = "a run's own export is written again from its last checkpoint by `crosscoder train RUN`"
+        try:
+            config = json.loads(config_path.read_text())
+        except ValueError as error:
+            raise ExportUnreadable(f"{config_path}: not an export's config ({error}); {again}") from None
         fields = {k: config[k] for k in ("sources", "widths", "latents", "arch", "activation", "k") if k in config}
         spec = CrossCoderSpec(**fields, norm_scale=config.get("norm_scale", []))
-        with safe_open(str(weights_path), framework="pt", device=str(torch.device(device))) as handle:
+        try:
+            weights = safe_open(str(weights_path), framework="pt", device=str(torch.device(device)))
+        except SafetensorError as error:
+            raise ExportUnreadable(f"{weights_path}: not readable weights ({error}); {again}") from None
+        with weights as handle:
             model = cls.from_tensors(spec, _FileTensors(handle), device=device)
         model.export_config = config
         return model

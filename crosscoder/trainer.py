@@ -38,6 +38,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
 from . import faults
 from .collectives import Collectives
@@ -209,18 +210,22 @@ class TrainResult:
     def is_finished(self, tc: TrainConfig, spec: CrossCoderSpec) -> bool:
         """Trained to ``tc.steps`` with this dictionary, and the export is there."""
         return (self.steps >= tc.steps and self.spec == asdict(spec) and self.export_dir is not None
-                and (self.export_dir / "model.safetensors").is_file() and _is_json(self.export_dir / "config.json"))
+                and _export_readable(self.export_dir))
 
 
 # ---------------------------------------------------------------------------------------------
 # the step's pieces
 
 
-def _is_json(path: Path) -> bool:
-    """``path`` holds a JSON object (an export's config.json cut short is not: the export is written again)."""
+def _export_readable(export: Path) -> bool:
+    """The export's ``config.json`` is a JSON object and its weights file's header reads (a file cut
+    short does not, nor an edited one): else a re-run writes the export again from the checkpoint."""
     try:
-        return isinstance(json.loads(path.read_text()), dict)
-    except (OSError, ValueError):
+        if not isinstance(json.loads((export / "config.json").read_text()), dict):
+            return False
+        with safe_open(str(export / "model.safetensors"), framework="pt"):
+            return True
+    except (OSError, ValueError, SafetensorError):
         return False
 
 

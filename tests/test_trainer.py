@@ -187,24 +187,29 @@ def test_a_resume_on_a_grown_harvest_keeps_the_scales_it_was_trained_with(tmp_pa
         train(cfg, run, data=str(data), progress=False)
 
 
-@pytest.mark.parametrize("cut", ["train_result.json", "crosscoder/config.json"])
+@pytest.mark.parametrize("cut", ["train_result.json", "crosscoder/config.json", "crosscoder/model.safetensors"])
 def test_a_training_record_or_export_config_cut_short_is_written_again_from_the_checkpoint(tmp_path, small_shards,
                                                                                           capsys, cut):
-    """A finished run whose train_result.json or export config.json is not JSON (a write cut short, an
-    edit): `crosscoder run` and `train` ended in a JSONDecodeError traceback. Both are derived from the
-    last checkpoint: reading them names the file and the command, and the re-run resumes at the
-    checkpoint's step and writes them again, the weights unchanged."""
+    """A finished run whose train_result.json or export config.json is not JSON, or whose export
+    weights are cut short (a write cut short, an edit): `crosscoder run` and `train` ended in a
+    JSONDecodeError or SafetensorError traceback. Each is derived from the last checkpoint: reading
+    it names the file and the command, and the re-run resumes at the checkpoint's step and writes it
+    again, the weights unchanged."""
     from crosscoder import pipeline
     from crosscoder.analysis import trained_steps_of
-    from crosscoder.errors import AnalysisError
+    from crosscoder.errors import AnalysisError, ExportUnreadable
     from crosscoder.trainer import TrainResult
 
     cfg, run = small_run_config(steps=6, checkpoint_every=6), tmp_path / "run"
     train(cfg, run, data=small_shards, progress=False)
     before = CrossCoder.from_pretrained(run / "crosscoder").state_dict()
     path = run / cut
-    path.write_text(path.read_text()[:40])
-    if cut == "train_result.json":
+    path.write_bytes(path.read_bytes()[:40 if path.suffix == ".json" else 1000])
+    if cut == "crosscoder/model.safetensors":
+        with pytest.raises(ExportUnreadable, match=rf"{path}: not readable weights \(.*\); a run's own export is "
+                                                   r"written again from its last checkpoint by `crosscoder train RUN`"):
+            CrossCoder.from_pretrained(run / "crosscoder")
+    elif cut == "train_result.json":
         with pytest.raises(RunDirError, match=rf"{path}: not a readable training record \(.*\); `crosscoder train "
                                               rf"{run}` writes it again from the last checkpoint"):
             TrainResult.read(run)
@@ -216,7 +221,7 @@ def test_a_training_record_or_export_config_cut_short_is_written_again_from_the_
     again = pipeline.train(pipeline.plan(cfg, run, small_shards), progress=False)  # as `crosscoder run` re-runs it
     assert again.steps == 6 and not again.losses
     assert f"resuming {run.absolute()} from step 6 of 6" in capsys.readouterr().out
-    assert isinstance(json.loads(path.read_text()), dict) and trained_steps_of(run / "crosscoder") == 6
+    assert trained_steps_of(run / "crosscoder") == 6 and TrainResult.read(run) is not None
     after = CrossCoder.from_pretrained(run / "crosscoder").state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)
 
