@@ -51,7 +51,7 @@ from .model import CrossCoder
 from .progress import progress_bar
 from .relocation import shards_locator
 from .shards import Manifest, ShardError, SourceInfo, check_compatible, iter_samples, read_manifest
-from .storage import Root, replace_text
+from .storage import Root, read_json_object, replace_text
 
 CLASSES = ("shared", "base_only", "chat_only", "dead")
 CSV_COLUMNS = ("index", "frequency", "mean_activation", "max_activation", "special_share", "rel_norm", "cosine",
@@ -545,13 +545,10 @@ def export_config(export: Path) -> dict:
     if not config.is_file():
         return {}
     try:
-        data = json.loads(config.read_text())
-        if not isinstance(data, dict):
-            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        return read_json_object(config)
     except ValueError as error:
         raise AnalysisError(f"{config}: not a readable export config ({error}); `crosscoder train {export.parent}` "
                             "writes the export again from the last checkpoint") from None
-    return data
 
 
 def trained_steps_of(export: Path) -> int | None:
@@ -580,14 +577,10 @@ def read_summary(run_dir: Path) -> dict:
     derived, and ``crosscoder analyze`` writes it again (``crosscoder run`` does so by itself)."""
     path = Path(run_dir) / "analysis" / "summary.json"
     try:
-        summary = json.loads(path.read_text())
-    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        return read_json_object(path)
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, another JSON value
         raise AnalysisError(f"{path}: not a readable analysis summary ({error}); `crosscoder analyze {run_dir}` "
                             "writes it again") from None
-    if not isinstance(summary, dict):
-        raise AnalysisError(f"{path}: not a readable analysis summary (a JSON {type(summary).__name__}, not an "
-                            f"object); `crosscoder analyze {run_dir}` writes it again")
-    return summary
 
 
 def staleness(run_dir: Path) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -264,6 +265,15 @@ def replace_text(path: Path, text: str) -> None:
     mine = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     mine.write_text(text)
     mine.replace(path)
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in ``path``; a ValueError saying what it is instead (not JSON: cut short or
+    edited; another JSON value), for the caller to name the file and what writes it again."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def absolute_url(url: str) -> str:

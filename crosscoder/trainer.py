@@ -65,7 +65,7 @@ from .progress import progress_bar, say
 from .relocation import RESULT_FILE
 from .shards import Manifest, ShardError, check_sizes, read_manifest
 from .sparsity import threshold_mask
-from .storage import open_root, replace_text
+from .storage import open_root, read_json_object, replace_text
 from .stream import SCALE_DRIFT, DataExhausted, PartitionBatch, PartitionedStream, Position, prefetch, scale_drift
 from .telemetry import TrainMetrics
 
@@ -193,9 +193,7 @@ class TrainResult:
         if not path.is_file():
             return None
         try:
-            data = json.loads(path.read_text())
-            if not isinstance(data, dict):
-                raise ValueError(f"a JSON {type(data).__name__}, not an object")
+            data = read_json_object(path)
         except ValueError as error:  # cut short, or edited: derived from the checkpoint, written again by training
             raise RunDirError(f"{path}: not a readable training record ({error}); `crosscoder train {run_dir}` "
                               "writes it again from the last checkpoint") from None
@@ -221,8 +219,7 @@ def _export_readable(export: Path) -> bool:
     """The export's ``config.json`` is a JSON object and its weights file's header reads (a file cut
     short does not, nor an edited one): else a re-run writes the export again from the checkpoint."""
     try:
-        if not isinstance(json.loads((export / "config.json").read_text()), dict):
-            return False
+        read_json_object(export / "config.json")
         with safe_open(str(export / "model.safetensors"), framework="pt"):
             return True
     except (OSError, ValueError, SafetensorError):
