@@ -369,6 +369,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_export_dashboards(args) -> int:
+    from .analysis import export_config
     from .dashboard import export_dashboards
     from .interop import ExportError
     from .relocation import locator
@@ -379,7 +380,7 @@ def cmd_export_dashboards(args) -> int:
     if not exported.is_file():
         raise ExportError(f"{exported.parent}: no crosscoder export; train the run first")
     cfg = load_config(run / "config.toml") if (run / "config.toml").is_file() else RunConfig()
-    recorded = cfg.analyze.data or cfg.train.data or json.loads(exported.read_text()).get("data")
+    recorded = cfg.analyze.data or cfg.train.data or export_config(exported.parent).get("data") or ""
     data = args.data or locator(run)(recorded)  # a run directory moved since: its shards where they are now
     if not data:
         raise ConfigError(f"{run}: no shard root recorded; pass --data ROOT (the analysed shards)")
