@@ -98,18 +98,29 @@ def batchtopk_entries(pre: Tensor, weights: Tensor, k: int, collectives: Collect
 def topk_entries(pre: Tensor, weights: Tensor, k: int, collectives: Collectives) -> Tensor | None:
     """Per-token TopK for one group as its kept entries (flat indices into pre [B, L], row-major),
     through the compiled kernels; None when they cannot run (then use :func:`topk_mask`). Same
-    result as ``topk_mask``: each rank's own top-k scores per row are its candidates."""
+    result as ``topk_mask``: each rank's own top-k scores per row are its candidates. One read of
+    ``pre`` gives them and the entries that reach this rank's k-th largest; the k-th largest over
+    every latent shard is at least that, so the kept entries are among those (on one rank: all)."""
     if not native.usable(pre):
         return None
-    local = native.row_topk_scores(pre, weights, min(k, pre.shape[-1]))
-    kth = collectives.kth_largest_rows(local, k)
-    return native.scores_at_least(pre, weights, kth.reshape(-1))[0]
+    local, flat, score = native.row_topk_entries(pre, weights, min(k, pre.shape[-1]))
+    kth = collectives.kth_largest_rows(local, k).reshape(-1)
+    return flat[score >= kth[flat // pre.shape[-1]]]
 
 
 def threshold_mask(pre: Tensor, threshold: Tensor) -> Tensor:
     """Inference rule of BatchTopK: a latent fires when its pre-activation exceeds its threshold (and
     0): one comparison with ``max(threshold, 0)``, one pass over ``[B, L]``."""
     return pre > threshold.clamp_min(0)
+
+
+def count_firing(pre: Tensor, threshold: Tensor) -> Tensor:
+    """How many entries :func:`threshold_mask` keeps (int64 scalar): through the compiled kernel on
+    CPU (one read of ``pre``, no mask) when both have one dtype, else ``count_nonzero`` of the mask."""
+    if pre.dtype == threshold.dtype and native.usable(pre, threshold):
+        count = native.count_above(pre.reshape(pre.shape[0], -1), threshold.reshape(-1))
+        return torch.tensor(count, dtype=torch.long)
+    return torch.count_nonzero(threshold_mask(pre, threshold))
 
 
 def _window(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:

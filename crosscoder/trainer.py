@@ -64,7 +64,7 @@ from .model import CrossCoder, CrossCoderSpec, ForwardOutput
 from .progress import progress_bar, say
 from .relocation import RESULT_FILE
 from .shards import Manifest, ShardError, check_sizes, read_manifest
-from .sparsity import threshold_mask
+from .sparsity import count_firing
 from .storage import open_root, read_json_object, replace_text
 from .stream import SCALE_DRIFT, DataExhausted, PartitionBatch, PartitionedStream, Position, prefetch, scale_drift
 from .telemetry import TrainMetrics
@@ -625,7 +625,8 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                             "epoch": batch.epoch}
                 if spec.activation == "batchtopk" and (done % tc.log_every == 0 or done == end):
                     # what encode() would keep with the running thresholds: the drift training cannot see
-                    fired = torch.count_nonzero(threshold_mask(out.pre.detach(), model.threshold)).to(torch.float64)
+                    fired = count_firing(out.pre.detach(), model.threshold).to(device=out.pre.device,
+                                                                                dtype=torch.float64)
                     metrics["inference_l0"] = float(collectives.data_sum(collectives.sum_count(fired))) / (
                         collectives.batch_tokens(x.shape[0]) * out.pre.shape[1])
                 elif spec.activation == "jumprelu":  # inference applies the thresholds training learns

@@ -12,7 +12,15 @@ from crosscoder import kernels, native
 from crosscoder.collectives import LOCAL
 from crosscoder.losses import LossWeights, auxk_selector, total_loss
 from crosscoder.model import CrossCoder, CrossCoderSpec
-from crosscoder.sparsity import batchtopk_entries, batchtopk_mask, scores, topk_mask
+from crosscoder.sparsity import (
+    batchtopk_entries,
+    batchtopk_mask,
+    count_firing,
+    scores,
+    threshold_mask,
+    topk_entries,
+    topk_mask,
+)
 
 pytestmark = pytest.mark.precision  # vector-ISA builds and bf16 sums: rerun as a baseline CPU (.ci/run)
 
@@ -159,10 +167,49 @@ def test_row_topk_then_per_row_thresholds_equal_topk_mask(dtype):
     local = native.row_topk_scores(pre, w, 7)
     ref = torch.topk(scores(pre.clone(), w), 7, dim=1).values
     assert torch.equal(local.sort(1, descending=True).values, ref)
-    flat, _ = native.scores_at_least(pre, w, local.min(1).values)
+    flat, score = native.scores_at_least(pre, w, local.min(1).values)
     mask = topk_mask(scores(pre.clone()[:, None], w[None]), 7, LOCAL)[:, 0]
     assert torch.equal(flat, mask.reshape(-1).nonzero().squeeze(1))
     assert int(mask[4].sum()) == 5
+    # both in one read: the same top k, entries and scores (ties at the k-th included: bf16 has many)
+    top, flat_once, score_once = native.row_topk_entries(pre, w, 7)
+    assert torch.equal(top.sort(1).values, local.sort(1).values)
+    assert torch.equal(flat_once, flat) and torch.equal(score_once, score)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_entries_over_two_latent_shards_equal_the_mask_of_the_whole_row(dtype):
+    """Each shard's entries reach its own k-th largest; the k-th over both shards is higher, and
+    the entries kept on each shard are the whole row's TopK entries in that shard's columns."""
+    gen = torch.Generator().manual_seed(5)
+    pre, w = torch.randn(31, 400, generator=gen).to(dtype), (torch.rand(400, generator=gen) + 0.5).to(dtype)
+    whole = topk_mask(scores(pre.clone()[:, None], w[None]), 9, LOCAL)[:, 0]
+    halves = [slice(0, 170), slice(170, 400)]
+    local = [native.row_topk_entries(pre[:, h], w[h], 9)[0] for h in halves]
+
+    class TwoLatentShards(type(LOCAL)):
+        def kth_largest_rows(self, values, k):  # as DistributedCollectives: over both shards' candidates
+            return super().kth_largest_rows(torch.cat(local, dim=1), k)
+
+    for h in halves:
+        flat = topk_entries(pre[:, h].contiguous(), w[h], 9, TwoLatentShards())
+        width = h.stop - h.start
+        assert torch.equal(flat, whole[:, h].reshape(-1).nonzero().squeeze(1)), width
+        assert len(flat) < len(native.row_topk_entries(pre[:, h], w[h], 9)[1])  # the other shard's k-th was higher
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_the_inference_l0_count_equals_the_masks_count(dtype, monkeypatch):
+    """count_firing (the logged inference L0) through the kernel: the entries above max(θ, 0),
+    NaN never firing, as threshold_mask's count; the kernel is the one that ran."""
+    gen = torch.Generator().manual_seed(11)
+    pre, threshold = torch.randn(37, 2, 501, generator=gen).to(dtype), (0.5 * torch.randn(2, 501, generator=gen)).to(dtype)
+    threshold[0, :4], pre[1, 0, 7], threshold[1, 3] = float("nan"), float("nan"), -0.0
+    calls = []
+    monkeypatch.setattr(native, "count_above", lambda *a, _f=native.count_above: calls.append(1) or _f(*a))
+    fired = count_firing(pre, threshold)
+    assert calls and fired.dtype == torch.long
+    assert int(fired) == int(torch.count_nonzero(threshold_mask(pre, threshold))) > 0
 
 
 @pytest.mark.parametrize("activation", ["batchtopk", "topk"])
@@ -173,9 +220,10 @@ def test_training_steps_through_the_compiled_kernels_equal_the_pytorch_path(monk
     dead = torch.zeros(1, 256, dtype=torch.bool)
     dead[0, ::3] = True
     calls = {"select": 0, "decode": 0, "decode_backward": 0, "sums": 0}
-    select = "scores_at_least" if activation == "batchtopk" else "row_topk_scores"
-    for name, key in ((select, "select"), ("decode_forward", "decode"), ("decode_backward", "decode_backward"),
-                      ("latent_sums", "sums")):
+    # the selections: BatchTopK's entries above the hint, each token's top k (TopK, and AuxK's search
+    # over the dead latents)
+    for name, key in (("scores_at_least", "select"), ("row_topk_entries", "select"), ("decode_forward", "decode"),
+                      ("decode_backward", "decode_backward"), ("latent_sums", "sums")):
         def counted(*args, _f=getattr(native, name), _k=key, **kwargs):
             calls[_k] += 1
             return _f(*args, **kwargs)
@@ -197,7 +245,7 @@ def test_training_steps_through_the_compiled_kernels_equal_the_pytorch_path(monk
 
     compiled = run(True)
     # every step, the first one too (BatchTopK then takes its hint from the rows' top k), and once
-    # more per step for AuxK's per-token search over the dead latents (row top k, then the entries)
+    # more per step for AuxK's per-token search over the dead latents (one read: row top k and entries)
     n_select = 6
     assert calls["select"] == n_select and calls["decode"] == calls["decode_backward"] == calls["sums"] == 3
     reference = run(False)

@@ -137,9 +137,82 @@ std::vector<torch::Tensor> scores_at_least(torch::Tensor pre, torch::Tensor w, t
   return out;
 }
 
-// Per row of relu(pre) * w [R, L]: its k largest scores, unordered [R, k] (k <= L). Each row is
-// scored into a buffer that stays in cache and partially sorted there (nth_element): one read of
-// pre, instead of a scored copy, a topk over it and its bookkeeping. NaN scores count as -inf.
+// One row's k largest scores of relu(pre) * w (k <= L), as RowTopK::find leaves them: the row is
+// scored into a buffer that stays in cache, each block of W scores with its maximum in the same
+// pass (vector code), and only the blocks whose maximum reaches a bound are searched (nth_element):
+// one read of pre, instead of a scored copy, a topk over it and its bookkeeping. NaN scores count
+// as -inf.
+template <typename scalar_t>
+struct RowTopK {
+  static constexpr int64_t W = 64;
+  const int64_t L, k, blocks;
+  std::vector<scalar_t> buf, block_max, bm, cand;
+
+  RowTopK(int64_t L_, int64_t k_) : L(L_), k(k_), blocks((L_ + W - 1) / W), buf(L_), block_max(blocks) {
+    cand.reserve(4 * k + W);
+  }
+
+  // Scores the row; leaves its k largest in cand[0, k) and returns the k-th largest.
+  scalar_t find(const scalar_t* row, const scalar_t* wp) {
+    const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t l0 = b * W, n = std::min(W, L - l0);
+      scalar_t* out_b = buf.data() + l0;
+      scalar_t part[16];  // 16 running maxima (one per lane), then their maximum
+      std::fill(part, part + 16, neg_inf);
+      int64_t j = 0;
+      for (; j + 16 <= n; j += 16)
+        for (int u = 0; u < 16; ++u) {
+          scalar_t s = score(row[l0 + j + u], wp[l0 + j + u]);
+          s = s == s ? s : neg_inf;
+          out_b[j + u] = s;
+          part[u] = s > part[u] ? s : part[u];
+        }
+      for (; j < n; ++j) {
+        const scalar_t s = score(row[l0 + j], wp[l0 + j]);
+        out_b[j] = s == s ? s : neg_inf;
+        part[0] = out_b[j] > part[0] ? out_b[j] : part[0];
+      }
+      scalar_t m = part[0];
+      for (int u = 1; u < 16; ++u) m = part[u] > m ? part[u] : m;
+      block_max[b] = m;
+    }
+    // the k-th largest value is at least the k-th largest block maximum (those are k values), so
+    // only the scores at or above that bound can be among the k largest
+    scalar_t bound = neg_inf;
+    if (blocks >= k) {
+      bm.assign(block_max.begin(), block_max.end());
+      std::nth_element(bm.begin(), bm.begin() + (k - 1), bm.end(), std::greater<scalar_t>());
+      bound = bm[k - 1];
+    }
+    cand.clear();
+    for (int64_t b = 0; b < blocks; ++b) {
+      if (block_max[b] < bound) continue;
+      const int64_t l0 = b * W, n = std::min(W, L - l0);
+      for (int64_t j = 0; j < n; ++j)
+        if (buf[l0 + j] >= bound) cand.push_back(buf[l0 + j]);
+    }
+    std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), std::greater<scalar_t>());
+    return cand[k - 1];
+  }
+
+  // After find: the columns whose score is >= kth and > 0, ascending, with their scores.
+  void at_least(scalar_t kth, int64_t offset, std::vector<int64_t>& idx, std::vector<scalar_t>& val) const {
+    for (int64_t b = 0; b < blocks; ++b) {
+      if (block_max[b] < kth || !(block_max[b] > scalar_t(0))) continue;
+      const int64_t l0 = b * W, n = std::min(W, L - l0);
+      for (int64_t j = 0; j < n; ++j) {
+        const scalar_t s = buf[l0 + j];
+        if (s >= kth && s > scalar_t(0)) {
+          idx.push_back(offset + l0 + j);
+          val.push_back(s);
+        }
+      }
+    }
+  }
+};
+
+// Per row of relu(pre) * w [R, L]: its k largest scores, unordered [R, k] (k <= L).
 torch::Tensor row_topk_scores(torch::Tensor pre, torch::Tensor w, int64_t k) {
   TORCH_CHECK(pre.dim() == 2 && w.dim() == 1 && pre.size(1) == w.size(0), "pre [R, L] and w [L] expected");
   TORCH_CHECK(pre.scalar_type() == w.scalar_type(), "pre and w must have one dtype");
@@ -150,53 +223,104 @@ torch::Tensor row_topk_scores(torch::Tensor pre, torch::Tensor w, int64_t k) {
     const scalar_t* p = pre.data_ptr<scalar_t>();
     const scalar_t* wp = w.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    constexpr int64_t W = 64;
-    const int64_t blocks = (L + W - 1) / W;
     at::parallel_for(0, R, 8, [&](int64_t lo, int64_t hi) {
-      std::vector<scalar_t> buf(L), block_max(blocks), cand;
-      cand.reserve(4 * k + W);
+      RowTopK<scalar_t> top(L, k);
       for (int64_t r = lo; r < hi; ++r) {
-        const scalar_t* row = p + r * L;
-        // scores and each block's maximum (vector code)
-        for (int64_t b = 0; b < blocks; ++b) {
-          const int64_t l0 = b * W, n = std::min(W, L - l0);
-          scalar_t* out_b = buf.data() + l0;
-          for (int64_t j = 0; j < n; ++j) {
-            const scalar_t s = score(row[l0 + j], wp[l0 + j]);
-            out_b[j] = s == s ? s : -std::numeric_limits<scalar_t>::infinity();
-          }
-          // 16 running maxima (one per lane), then their maximum
-          scalar_t part[16];
-          std::fill(part, part + 16, -std::numeric_limits<scalar_t>::infinity());
-          int64_t j = 0;
-          for (; j + 16 <= n; j += 16)
-            for (int u = 0; u < 16; ++u) part[u] = out_b[j + u] > part[u] ? out_b[j + u] : part[u];
-          for (; j < n; ++j) part[0] = out_b[j] > part[0] ? out_b[j] : part[0];
-          scalar_t m = part[0];
-          for (int u = 1; u < 16; ++u) m = part[u] > m ? part[u] : m;
-          block_max[b] = m;
-        }
-        // the k-th largest value is at least the k-th largest block maximum (those are k values),
-        // so only the scores at or above that bound can be among the k largest
-        scalar_t bound = -std::numeric_limits<scalar_t>::infinity();
-        if (blocks >= k) {
-          std::vector<scalar_t> bm(block_max);
-          std::nth_element(bm.begin(), bm.begin() + (k - 1), bm.end(), std::greater<scalar_t>());
-          bound = bm[k - 1];
-        }
-        cand.clear();
-        for (int64_t b = 0; b < blocks; ++b) {
-          if (block_max[b] < bound) continue;
-          const int64_t l0 = b * W, n = std::min(W, L - l0);
-          for (int64_t j = 0; j < n; ++j)
-            if (buf[l0 + j] >= bound) cand.push_back(buf[l0 + j]);
-        }
-        std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), std::greater<scalar_t>());
-        std::copy(cand.begin(), cand.begin() + k, op + r * k);
+        top.find(p + r * L, wp);
+        std::copy(top.cand.begin(), top.cand.begin() + k, op + r * k);
       }
     });
   });
   return out;
+}
+
+// Per row of relu(pre) * w [R, L]: its k largest scores [R, k] (unordered), and the entries that
+// reach the row's k-th largest and are > 0 (flat index int64 [M], score [M], row-major): what
+// row_topk_scores then scores_at_least with each row's k-th largest return, in one read of pre.
+// Over latent shards the k-th largest over all shards is at least this shard's, so the entries
+// that reach it are among these (sparsity.topk_entries keeps those).
+std::vector<torch::Tensor> row_topk_entries(torch::Tensor pre, torch::Tensor w, int64_t k) {
+  TORCH_CHECK(pre.dim() == 2 && w.dim() == 1 && pre.size(1) == w.size(0), "pre [R, L] and w [L] expected");
+  TORCH_CHECK(pre.scalar_type() == w.scalar_type(), "pre and w must have one dtype");
+  const int64_t R = pre.size(0), L = pre.size(1);
+  TORCH_CHECK(k >= 1 && k <= L, "need 1 <= k <= L");
+  const int64_t pieces = n_pieces(R);
+  auto top_k = torch::empty({R, k}, pre.options());
+  std::vector<torch::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pre.scalar_type(), "row_topk_entries", [&] {
+    const scalar_t* p = pre.data_ptr<scalar_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* op = top_k.data_ptr<scalar_t>();
+    std::vector<std::vector<int64_t>> idx(pieces);
+    std::vector<std::vector<scalar_t>> val(pieces);
+    at::parallel_for(0, pieces, 1, [&](int64_t lo, int64_t hi) {
+      RowTopK<scalar_t> top(L, k);
+      for (int64_t piece = lo; piece < hi; ++piece) {
+        const int64_t r0 = R * piece / pieces, r1 = R * (piece + 1) / pieces;
+        idx[piece].reserve((r1 - r0) * k);
+        val[piece].reserve((r1 - r0) * k);
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t kth = top.find(p + r * L, wp);
+          std::copy(top.cand.begin(), top.cand.begin() + k, op + r * k);
+          top.at_least(kth, r * L, idx[piece], val[piece]);
+        }
+      }
+    });
+    int64_t total = 0;
+    std::vector<int64_t> start(pieces);
+    for (int64_t i = 0; i < pieces; ++i) {
+      start[i] = total;
+      total += static_cast<int64_t>(idx[i].size());
+    }
+    auto flat = torch::empty({total}, pre.options().dtype(torch::kInt64));
+    auto scores = torch::empty({total}, pre.options());
+    int64_t* fp = flat.data_ptr<int64_t>();
+    scalar_t* sp = scores.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < pieces; ++i) {
+      std::copy(idx[i].begin(), idx[i].end(), fp + start[i]);
+      std::copy(val[i].begin(), val[i].end(), sp + start[i]);
+    }
+    out = {top_k, flat, scores};
+  });
+  return out;
+}
+
+// How many entries of pre [R, L] exceed max(thr[l], 0): BatchTopK's inference rule
+// (sparsity.threshold_mask) counted in one read of pre, without its [R, L] mask (a fresh 2048 x
+// 65536 bool tensor and a comparison pass cost 5-10x the read). A NaN threshold or entry counts as
+// not firing, as in PyTorch.
+int64_t count_above(torch::Tensor pre, torch::Tensor thr) {
+  TORCH_CHECK(pre.dim() == 2 && thr.dim() == 1 && pre.size(1) == thr.size(0), "pre [R, L] and thr [L] expected");
+  TORCH_CHECK(pre.scalar_type() == thr.scalar_type(), "pre and thr must have one dtype");
+  const int64_t R = pre.size(0), L = pre.size(1);
+  const int64_t pieces = n_pieces(R);
+  std::vector<int64_t> counts(pieces, 0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pre.scalar_type(), "count_above", [&] {
+    using op_t = at::opmath_type<scalar_t>;
+    const scalar_t* p = pre.data_ptr<scalar_t>();
+    const scalar_t* tp = thr.data_ptr<scalar_t>();
+    std::vector<op_t> floor(L);
+    for (int64_t l = 0; l < L; ++l) {
+      const op_t t = static_cast<op_t>(tp[l]);
+      floor[l] = t < op_t(0) ? op_t(0) : t;  // clamp_min(0), NaN kept
+    }
+    at::parallel_for(0, pieces, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t piece = lo; piece < hi; ++piece) {
+        const int64_t r0 = R * piece / pieces, r1 = R * (piece + 1) / pieces;
+        int64_t n = 0;
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* row = p + r * L;
+          int32_t in_row = 0;
+          for (int64_t l = 0; l < L; ++l) in_row += static_cast<op_t>(row[l]) > floor[l];
+          n += in_row;
+        }
+        counts[piece] = n;
+      }
+    });
+  });
+  int64_t total = 0;
+  for (int64_t n : counts) total += n;
+  return total;
 }
 
 // Per latent l < L: column l of the [D, L] result = sum over entries n with latent[n] == l of
@@ -379,6 +503,9 @@ torch::Tensor decode_backward(torch::Tensor grad, torch::Tensor row, torch::Tens
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scores_at_least", &scores_at_least, "entries of relu(pre)*w >= thr[row] and > 0 (flat index, score)");
   m.def("row_topk_scores", &row_topk_scores, "per row, the k largest of relu(pre)*w [R, k], unordered");
+  m.def("row_topk_entries", &row_topk_entries,
+        "per row, the k largest of relu(pre)*w [R, k], and the entries >= the row's k-th and > 0 (flat index, score)");
+  m.def("count_above", &count_above, "how many entries of pre [R, L] exceed max(thr[l], 0)");
   m.def("latent_sums", &latent_sums, "per-latent sums of coef * src[token], as columns of [D, L]",
         py::arg("src"), py::arg("token"), py::arg("latent"), py::arg("coef"), py::arg("L"), py::arg("out") = py::none());
   m.def("decode_forward", &decode_forward, "sparse decoder, latent by latent within pieces of rows (float, double)");
