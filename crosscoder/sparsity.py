@@ -119,7 +119,7 @@ def count_firing(pre: Tensor, threshold: Tensor) -> Tensor:
     CPU (one read of ``pre``, no mask) when both have one dtype, else ``count_nonzero`` of the mask."""
     if pre.dtype == threshold.dtype and native.usable(pre, threshold):
         count = native.count_above(pre.reshape(pre.shape[0], -1), threshold.reshape(-1))
-        return torch.tensor(count, dtype=torch.long)
+        return torch.tensor(count, dtype=torch.long, device=pre.device)
     return torch.count_nonzero(threshold_mask(pre, threshold))
 
 
