@@ -30,6 +30,32 @@ inline scalar_t score(scalar_t x, scalar_t w) {
   return static_cast<scalar_t>((x < scalar_t(0) ? scalar_t(0) : x) * w);
 }
 
+// The entries each piece of consecutive rows collected, concatenated in piece order, so row-major
+// overall: (flat index int64 [M], score [M]).
+template <typename scalar_t>
+std::vector<torch::Tensor> concatenated(const std::vector<std::vector<int64_t>>& idx,
+                                        const std::vector<std::vector<scalar_t>>& val,
+                                        const torch::TensorOptions& options) {
+  const int64_t pieces = static_cast<int64_t>(idx.size());
+  int64_t total = 0;
+  std::vector<int64_t> start(pieces);
+  for (int64_t i = 0; i < pieces; ++i) {
+    start[i] = total;
+    total += static_cast<int64_t>(idx[i].size());
+  }
+  auto flat = torch::empty({total}, options.dtype(torch::kInt64));
+  auto scores = torch::empty({total}, options);
+  int64_t* fp = flat.data_ptr<int64_t>();
+  scalar_t* sp = scores.data_ptr<scalar_t>();
+  at::parallel_for(0, pieces, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      std::copy(idx[i].begin(), idx[i].end(), fp + start[i]);
+      std::copy(val[i].begin(), val[i].end(), sp + start[i]);
+    }
+  });
+  return {flat, scores};
+}
+
 // Counting sort of the entries e0 .. e1 by latent (stable): the entries n of latent l are
 // order[offsets[l] .. offsets[l + 1]). One pass to count, one to place; O(N + L), no comparison sort.
 void sort_by_latent(const int64_t* lp, int64_t e0, int64_t e1, int64_t L, std::vector<int64_t>& offsets,
@@ -116,23 +142,7 @@ std::vector<torch::Tensor> scores_at_least(torch::Tensor pre, torch::Tensor w, t
         }
       }
     });
-    int64_t total = 0;
-    std::vector<int64_t> start(pieces);
-    for (int64_t i = 0; i < pieces; ++i) {
-      start[i] = total;
-      total += static_cast<int64_t>(idx[i].size());
-    }
-    auto flat = torch::empty({total}, pre.options().dtype(torch::kInt64));
-    auto scores = torch::empty({total}, pre.options());
-    int64_t* fp = flat.data_ptr<int64_t>();
-    scalar_t* sp = scores.data_ptr<scalar_t>();
-    at::parallel_for(0, pieces, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        std::copy(idx[i].begin(), idx[i].end(), fp + start[i]);
-        std::copy(val[i].begin(), val[i].end(), sp + start[i]);
-      }
-    });
-    out = {flat, scores};
+    out = concatenated(idx, val, pre.options());
   });
   return out;
 }
@@ -266,21 +276,8 @@ std::vector<torch::Tensor> row_topk_entries(torch::Tensor pre, torch::Tensor w, 
         }
       }
     });
-    int64_t total = 0;
-    std::vector<int64_t> start(pieces);
-    for (int64_t i = 0; i < pieces; ++i) {
-      start[i] = total;
-      total += static_cast<int64_t>(idx[i].size());
-    }
-    auto flat = torch::empty({total}, pre.options().dtype(torch::kInt64));
-    auto scores = torch::empty({total}, pre.options());
-    int64_t* fp = flat.data_ptr<int64_t>();
-    scalar_t* sp = scores.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < pieces; ++i) {
-      std::copy(idx[i].begin(), idx[i].end(), fp + start[i]);
-      std::copy(val[i].begin(), val[i].end(), sp + start[i]);
-    }
-    out = {top_k, flat, scores};
+    out = concatenated(idx, val, pre.options());
+    out.insert(out.begin(), top_k);
   });
   return out;
 }
