@@ -625,8 +625,7 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                             "epoch": batch.epoch}
                 if spec.activation == "batchtopk" and (done % tc.log_every == 0 or done == end):
                     # what encode() would keep with the running thresholds: the drift training cannot see
-                    fired = count_firing(out.pre.detach(), model.threshold).to(device=out.pre.device,
-                                                                                dtype=torch.float64)
+                    fired = count_firing(out.pre.detach(), model.threshold).to(torch.float64)
                     metrics["inference_l0"] = float(collectives.data_sum(collectives.sum_count(fired))) / (
                         collectives.batch_tokens(x.shape[0]) * out.pre.shape[1])
                 elif spec.activation == "jumprelu":  # inference applies the thresholds training learns
