@@ -158,7 +158,11 @@ class SparsePath:
         decoded = model.collectives.sum_partial(
             sparse_decode(value, torch.cat([token, extra_token + B]), all_latent, model.W_dec, rows, memory))
         code = SparseCode(token, group, latent, main, (pre.shape[0], pre.shape[1], pre.shape[2]))
-        return SparseStep(pre, code, kth, decoded[:B], decoded[B:] if extra is not None else None, among)
+        if rows == 2 * B:  # split, not sliced: the backward joins the two gradients in one copy, where each
+            own, extra_decoded = decoded.split(B)  # slice's filled a zeroed [2B, D] and added them
+        else:
+            own, extra_decoded = decoded, decoded[B:] if extra is not None else None
+        return SparseStep(pre, code, kth, own, extra_decoded, among)
 
     @staticmethod
     def dense_jumprelu(model: CrossCoder, x: Tensor, pre: Tensor) -> SparseStep:
