@@ -208,7 +208,10 @@ class SparsePath:
     def gather(model: CrossCoder, x: Tensor, pre: Tensor, token: Tensor, group: Tensor, latent: Tensor,
                memory: GradientMemory | None = None) -> Tensor:
         """``pre`` at the given entries, with gradient into ``W_enc``/``b_enc``."""
-        values = pre[token, group, latent].to(model.W_enc.dtype)  # pre may be fp32 (precision.py)
+        # by flat index: one gather, where indexing by three tensors took 27 ms against 17 for 655k
+        # entries of a 2048 x 65,536 pre (the main code's and AuxK's); pre may be fp32 (precision.py)
+        _, G, L = pre.shape
+        values = pre.reshape(-1)[(token * G + group) * L + latent].to(model.W_enc.dtype)
         return gather_pre(values, x, model.W_enc, model.b_enc, token, latent, memory)
 
     @staticmethod
