@@ -101,6 +101,22 @@ def test_initialisation_encoder_is_decoder_transpose_with_chosen_norms():
     assert torch.allclose(relative_decoder_norm(model.W_dec, model.spec.slices), torch.full((32,), 0.5))
 
 
+@pytest.mark.parametrize("widths", [(16, 16, 16), (16, 48)], ids=["one-width", "two-widths"])
+def test_decoder_norms_and_their_gradient_are_each_sources_columns(widths):
+    # sources of one width take one norm over W_dec as [L, S, d]: the same values and gradient as a
+    # norm per source's columns, source by source (a swapped reshape would mix the sources)
+    model = make(widths=widths, latents=32)
+    with torch.no_grad():
+        model.W_dec.normal_()
+    norms = model.decoder_norms()
+    per_source = torch.stack([model.W_dec[:, sl].norm(dim=1) for sl in model.spec.slices])
+    assert norms.shape == (len(widths), 32) and torch.equal(norms, per_source)
+    weights = torch.arange(norms.numel(), dtype=norms.dtype).view_as(norms)  # each (source, latent) its own weight
+    (grad,) = torch.autograd.grad((norms * weights).sum(), model.W_dec)
+    (expected,) = torch.autograd.grad((per_source * weights).sum(), model.W_dec)
+    assert torch.allclose(grad, expected, rtol=1e-6, atol=1e-7)
+
+
 def test_batchtopk_keeps_exactly_k_times_batch_in_training():
     model = make(act="batchtopk", k=5)
     with torch.no_grad():
