@@ -65,7 +65,16 @@ class StreamingFVE:
 def decoder_norms(W_dec: Tensor, slices: list[slice], per_dimension: bool = False) -> Tensor:
     """Each latent's decoder norm in each source: [L, S]; ``per_dimension`` divides each by √(the
     source's width). With activations normalised to ``E‖x_s‖ = √d_s``, a direction as strong in two
-    sources of different widths has norms in the ratio √(d_b/d_a), and equal norms per dimension."""
+    sources of different widths has norms in the ratio √(d_b/d_a), and equal norms per dimension.
+
+    Slices of one width that cover ``W_dec``'s columns in order (every source of a model diff): one
+    norm over ``W_dec`` as [L, S, d], the same values in half the time of a norm per slice, backward
+    included (at L = 64k, d = 256 × 2: 12 → 6 ms, with backward 187 → 88 ms)."""
+    widths = [sl.stop - sl.start for sl in slices]
+    if len(set(widths)) == 1 and slices == [slice(s * widths[0], (s + 1) * widths[0]) for s in range(len(slices))] \
+            and sum(widths) == W_dec.shape[1]:
+        norms = W_dec.reshape(W_dec.shape[0], len(slices), widths[0]).norm(dim=2)
+        return norms / widths[0] ** 0.5 if per_dimension else norms
     return torch.stack([W_dec[:, sl].norm(dim=1) / ((sl.stop - sl.start) ** 0.5 if per_dimension else 1)
                         for sl in slices], 1)
 

@@ -5,7 +5,7 @@ import torch
 
 from crosscoder.dead import DeadLatentTracker, dead_share
 from crosscoder.losses import LossWeights, alignment_loss, auxk_loss, auxk_selector, l1_penalty, total_loss
-from crosscoder.metrics import decoder_cosine, fve_per_source, relative_decoder_norm
+from crosscoder.metrics import decoder_cosine, decoder_norms, fve_per_source, relative_decoder_norm
 from crosscoder.model import CrossCoder, CrossCoderSpec, export_names, init_parameters
 from crosscoder.sparsity import Heaviside, JumpReLU
 
@@ -115,6 +115,12 @@ def test_decoder_norms_and_their_gradient_are_each_sources_columns(widths):
     (grad,) = torch.autograd.grad((norms * weights).sum(), model.W_dec)
     (expected,) = torch.autograd.grad((per_source * weights).sum(), model.W_dec)
     assert torch.allclose(grad, expected, rtol=1e-6, atol=1e-7)
+    # the analysis's form ([L, S], per dimension), and slices that do not cover W_dec in order
+    widths_ = torch.tensor(widths, dtype=norms.dtype)
+    assert torch.equal(decoder_norms(model.W_dec, model.spec.slices, per_dimension=True),
+                       (per_source / widths_[:, None] ** 0.5).t())
+    reversed_slices = model.spec.slices[::-1]
+    assert torch.equal(decoder_norms(model.W_dec, reversed_slices), per_source.flip(0).t())
 
 
 def test_batchtopk_keeps_exactly_k_times_batch_in_training():
