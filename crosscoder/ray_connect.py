@@ -366,6 +366,16 @@ def process_died(error: BaseException) -> bool:
     return isinstance(error, (ActorDiedError, WorkerCrashedError)) or "health check failed" in text
 
 
+# what gloo and NCCL raise in a collective whose peer's process ended: a consequence, not a cause
+LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+             "remote process exited or there was a network error")
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether a rank's error is its collective losing the connection to another rank's process."""
+    return any(marker in str(error) for marker in LOST_PEER)
+
+
 def memory_request(ray, wanted: float, count: int, key: str) -> float:
     """What each of ``count`` actors or workers asks Ray for: ``wanted`` bytes, or the cluster's share
     when it has less (said once), so the request schedules within a node instead of waiting forever."""

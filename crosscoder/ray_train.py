@@ -32,6 +32,7 @@ from .ray_connect import (
     code_fingerprint,
     connect,
     first_line,
+    lost_a_peer,
     memory_request,
     note_gpu_wait,
     process_died,
@@ -92,18 +93,29 @@ def train_worker(config: dict) -> None:
         pass  # the driver asked (Ctrl-C): every rank checkpointed at the same step
 
 
-def workers_failed(error: BaseException, max_failures: int, kept: Path | None) -> TrainingFailed:
+def workers_failed(error: BaseException, max_failures: int, kept: Path | None, workers: int) -> TrainingFailed:
     """Ray Train's error after the last restart it was allowed, in one line: the ranks whose process
-    died (the others' broken connections follow from it), else each failed rank's own error line."""
+    died (the others' broken connections follow from it), else each failed rank's own error line.
+    Ray Train reports the first poll that finds an error; on a busy host the survivors' broken
+    connections can be found before Ray has noticed the death, which then goes unreported: when
+    every reported error is a lost connection, the ranks of the ``workers`` not reported are named."""
     failures = sorted((getattr(error, "worker_failures", None) or {}).items())
     died = [rank for rank, cause in failures if process_died(cause)]
+    silent = sorted(set(range(workers)) - {rank for rank, _ in failures})
     if died:
-        said = f"the process of rank{'s' * (len(died) > 1)} {', '.join(map(str, died))} died: killed, out of " \
-               "memory or crashed"
+        said = f"the process of {_ranks(died)} died: killed, out of memory or crashed"
+    elif failures and silent and all(lost_a_peer(cause) for _, cause in failures):
+        which = "whose process" if len(silent) == 1 else "a process of which"
+        said = f"{_ranks([rank for rank, _ in failures])} lost {'its' if len(failures) == 1 else 'their'} " \
+               f"connection to {_ranks(silent)}, {which} most likely died: killed, out of memory or crashed"
     else:
         said = "; ".join(f"rank {rank}: {first_line(cause)[:200]}" for rank, cause in failures) or first_line(error)
     then = f"re-run the same command to resume from {kept.name}" if kept else "no checkpoint was complete yet"
     return TrainingFailed(f"the workers failed after train.max_failures = {max_failures} restarts ({said}); {then}")
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}"
 
 
 STOP_WAIT_S = 300.0  # how long the driver waits for the workers' checkpoint after a Ctrl-C
@@ -245,7 +257,7 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, data: str, progress: 
         error = failed
     if error:
         TrainResult.read(run_dir)  # a stop the workers recorded (a NaN, a corrupt shard) says it best
-        raise workers_failed(error, tc.max_failures, newest_checkpoint(run_dir)) from None
+        raise workers_failed(error, tc.max_failures, newest_checkpoint(run_dir), tc.workers) from None
     finished = TrainResult.read(run_dir)  # raises TrainingDiverged, ShardError, … when the ranks stopped
     if finished is None:
         raise RuntimeError(f"{run_dir}: the workers finished without writing {RESULT_FILE}")
