@@ -207,6 +207,7 @@ class CrossCoder(nn.Module):
         device: torch.device | str = "cpu",
         jump_threshold: float = 0.1,
         jump_bandwidth: float = 1e-3,
+        drawn: bool = True,
     ):
         """``collectives``: the reductions over latent shards and data ranks (collectives.py);
         ``sparse_kernels``: train acausal TopK/BatchTopK/JumpReLU through the active entries (sparse_path.py;
@@ -214,7 +215,9 @@ class CrossCoder(nn.Module):
         weight gradients' memory across steps (off for ZeRO-2/3); ``device``: where the weights live
         (drawn on the CPU whatever the device, so every device starts from the same dictionary;
         ``meta`` draws nothing); ``jump_threshold``, ``jump_bandwidth``: JumpReLU's initial threshold
-        and its straight-through estimators' kernel width (sparsity.py), in units of ``f``."""
+        and its straight-through estimators' kernel width (sparsity.py), in units of ``f``; ``drawn``:
+        False starts every weight at zero, for a resume whose checkpoint replaces them (the draw of the
+        whole dictionary on the host, seconds at a million latents, would be thrown away)."""
         super().__init__()
         self.spec = spec
         lo, hi = latent_range or (0, spec.latents)
@@ -224,6 +227,8 @@ class CrossCoder(nn.Module):
         n = hi - lo
         if torch.device(device).type == "meta":  # shapes only: from_tensors fills the weights
             W_dec = torch.empty(n, spec.width, device=device)
+        elif not drawn:
+            W_dec = torch.zeros(n, spec.width, device=device)
         else:
             W_dec = init_parameters(spec, seed, dec_init_norm, lo, hi, device)
         self.W_dec = nn.Parameter(W_dec)

@@ -517,7 +517,8 @@ def train(cfg: RunConfig, run_dir: str | Path, data: str | None = None, progress
                        latent_range=backend.latent_range(spec.latents), collectives=collectives,
                        sparse_kernels=use_sparse_kernels(tc, device.type),
                        gradient_memory=backend.keeps_whole_gradients, device=device,
-                       jump_threshold=tc.jumprelu_threshold, jump_bandwidth=tc.jumprelu_bandwidth)
+                       jump_threshold=tc.jumprelu_threshold, jump_bandwidth=tc.jumprelu_bandwidth,
+                       drawn=saved is None)
     partitions = tc.data_partitions or backend.data_parallel
     mine = [p for p in range(partitions) if p % backend.data_parallel == backend.data_rank]
     stream = PartitionedStream(root, manifest, tc.batch_size, partitions, mine, tc.shuffle_samples,

@@ -17,13 +17,18 @@ from .conftest import shards_with_an_inf, small_run_config
 
 @pytest.mark.parametrize("arch,act", [("acausal", "batchtopk"), ("aligned", "topk"), ("acausal", "relu"),
                                       ("aligned", "jumprelu")])
-def test_resume_reproduces_the_uninterrupted_trajectory(tmp_path, small_shards, arch, act, capsys):
+def test_resume_reproduces_the_uninterrupted_trajectory(tmp_path, small_shards, arch, act, capsys, monkeypatch):
     cfg = small_run_config(arch=arch, activation=act, steps=24, checkpoint_every=0, dead_tokens=600)
     full = train(cfg, tmp_path / "full", data=small_shards, progress=False)
     first = train(cfg, tmp_path / "cut", data=small_shards, progress=False, stop_after=9)
     assert first.export_dir is None and [p.name for p in local_checkpoints(tmp_path / "cut")] == ["step-9"]
     # 24 steps at lr 3e-3: too few for JumpReLU's thresholds to travel, which the run says
     assert ("jumprelu learns log θ" in capsys.readouterr().out) == (act == "jumprelu")
+
+    def drawn(*args, **kwargs):
+        raise AssertionError("a resume drew the initial dictionary, which its checkpoint replaces")
+
+    monkeypatch.setattr("crosscoder.model.init_parameters", drawn)  # the weights must all come from step-9
     second = train(cfg, tmp_path / "cut", data=small_shards, progress=False)
     out = capsys.readouterr().out
     assert f"train: resuming {(tmp_path / 'cut').absolute()} from step 9 of 24" in out
