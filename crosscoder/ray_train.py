@@ -101,13 +101,14 @@ def workers_failed(error: BaseException, max_failures: int, kept: Path | None, w
     every reported error is a lost connection, the ranks of the ``workers`` not reported are named."""
     failures = sorted((getattr(error, "worker_failures", None) or {}).items())
     died = [rank for rank, cause in failures if process_died(cause)]
-    silent = sorted(set(range(workers)) - {rank for rank, _ in failures})
+    reported = [rank for rank, _ in failures]
+    silent = [rank for rank in range(workers) if rank not in reported]
     if died:
         said = f"the process of {_ranks(died)} died: killed, out of memory or crashed"
     elif failures and silent and all(lost_a_peer(cause) for _, cause in failures):
         which = "whose process" if len(silent) == 1 else "a process of which"
-        said = f"{_ranks([rank for rank, _ in failures])} lost {'its' if len(failures) == 1 else 'their'} " \
-               f"connection to {_ranks(silent)}, {which} most likely died: killed, out of memory or crashed"
+        said = f"{_ranks(reported)} lost {'its' if len(reported) == 1 else 'their'} connection to " \
+               f"{_ranks(silent)}, {which} most likely died: killed, out of memory or crashed"
     else:
         said = "; ".join(f"rank {rank}: {first_line(cause)[:200]}" for rank, cause in failures) or first_line(error)
     then = f"re-run the same command to resume from {kept.name}" if kept else "no checkpoint was complete yet"
