@@ -326,11 +326,13 @@ def _start_own_ray(include_dashboard: bool | None = True, **init_kwargs) -> None
 def train_workers_started() -> int:
     """How many Ray Train workers the session's Ray has started so far, live or ended: a fit Ray Train
     retried starts its workers again, one more group per retry. Counted by Ray's state API (the
-    session's Ray has its dashboard), so a test checks "not retried" without timing the fit."""
+    session's Ray has its dashboard), so a test checks "not retried" without timing the fit. Asked at
+    the address this process is connected to: a parallel test worker's Ray runs beside it."""
+    import ray
     from ray.util.state import list_actors
 
-    return len(list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000,
-                           raise_on_missing_output=False))
+    return len(list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000,
+                           filters=[("class_name", "=", "RayTrainWorker")], raise_on_missing_output=False))
 
 
 DEMO_STEPS = 400  # the demo pair's training steps in tests (as in the embedded default)
