@@ -342,9 +342,11 @@ def test_a_shard_error_met_before_the_first_step_is_said_by_name_without_retries
     shutil.copytree(small_shards, data)
     manifest = json.loads((data / "manifest.json").read_text())
     (data / "manifest.json").write_text(json.dumps(manifest | {"shards": []}))
+    before = train_workers_started()
     with pytest.raises(ShardError, match=f"^{re.escape(str(data))}: the manifest lists no shards$"):
         train_distributed(config(workers=2, latent_parallel=1, max_failures=2), tmp_path / "run", str(data),
                           progress=False)
+    assert train_workers_started() - before == 2  # one group: not retried
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
